@@ -1,0 +1,174 @@
+"""The `micropatch` command: thin commands over the live engine."""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+from rich.table import Table
+
+from micropatch import live
+from micropatch.errors import MicropatchError, NotApplied
+from micropatch.patch.model import Patch
+from micropatch.patch.source import load_patch
+
+app = typer.Typer(
+    help="In-memory micropatching of running Linux x86-64 processes.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+PidOption = Annotated[
+    list[int] | None, typer.Option("--pid", "-p", help="Target process id (repeatable).")
+]
+AllOption = Annotated[bool, typer.Option("--all", help="Every process this concerns.")]
+RetriesOption = Annotated[
+    int,
+    typer.Option(help="How often to retry when a thread is executing code being changed."),
+]
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(1)
+
+
+def _load(path: Path) -> Patch:
+    try:
+        return load_patch(path)
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+
+
+def _targets(pids: list[int] | None, all_: bool, find_all: Callable[[], list[int]]) -> list[int]:
+    if bool(pids) == all_:
+        raise _fail("name the processes with --pid PID (repeatable), or use --all")
+    return find_all() if all_ else list(pids or [])
+
+
+def _run_each(
+    verb: str, pids: list[int], operation: Callable[[int], live.Outcome], *, skip_not_applied: bool = False
+) -> None:
+    """Run an operation on each pid: a line per pid, a progress bar for many, exit 1 on any failure."""
+    failures = 0
+    done = 0
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        console=err, transient=True, disable=len(pids) < 2,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task(verb, total=len(pids))
+        for pid in pids:
+            try:
+                outcome = operation(pid)
+            except NotApplied as e:
+                if not skip_not_applied:
+                    failures += 1
+                    err.print(f"[red]✗[/] pid {pid}: {e}", highlight=False)
+            except MicropatchError as e:
+                failures += 1
+                err.print(f"[red]✗[/] pid {pid}: {e}", highlight=False)
+            else:
+                done += 1
+                version = f" v{outcome.version}" if outcome.version is not None else ""
+                out.print(
+                    f"[green]✓[/] {outcome.action} {outcome.patch_id}{version} "
+                    f"({outcome.sites} site{'s' if outcome.sites != 1 else ''}) in pid {pid}; "
+                    f"paused {outcome.paused * 1e3:.2f} ms"
+                    + (f" after {outcome.attempts} attempts" if outcome.attempts > 1 else ""),
+                    highlight=False,
+                )
+            progress.advance(task)
+    if not pids:
+        out.print(f"no process to {verb}")
+    elif len(pids) > 1:
+        out.print(f"{verb}: {done} done, {failures} failed, {len(pids) - done - failures} skipped")
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+def apply(
+    patch_file: Annotated[Path, typer.Argument(help="Patch source (TOML).")],
+    pid: PidOption = None,
+    all_: AllOption = False,
+    retries: RetriesOption = live.engine.DEFAULT_RETRIES,
+) -> None:
+    """Apply a patch to running processes: every patchlet, or none."""
+    patch = _load(patch_file)
+    pids = _targets(pid, all_, lambda: live.pids_mapping(patch.target.module))
+    _run_each("apply", pids, lambda p: live.apply(patch, p, retries=retries))
+
+
+@app.command()
+def remove(
+    patch_id: Annotated[str, typer.Argument(help="Id of the applied patch.")],
+    pid: PidOption = None,
+    all_: AllOption = False,
+    retries: RetriesOption = live.engine.DEFAULT_RETRIES,
+) -> None:
+    """Remove an applied patch, restoring the original code."""
+    pids = _targets(pid, all_, live.patched_pids)
+    _run_each(
+        "remove", pids, lambda p: live.remove(patch_id, p, retries=retries), skip_not_applied=all_
+    )
+
+
+@app.command()
+def update(
+    patch_file: Annotated[Path, typer.Argument(help="Newer version of an applied patch.")],
+    pid: PidOption = None,
+    all_: AllOption = False,
+    retries: RetriesOption = live.engine.DEFAULT_RETRIES,
+) -> None:
+    """Replace an applied patch by another version of it, in one stop of each process."""
+    patch = _load(patch_file)
+    pids = _targets(pid, all_, live.patched_pids)
+    _run_each(
+        "update", pids, lambda p: live.update(patch, p, retries=retries), skip_not_applied=all_
+    )
+
+
+@app.command()
+def status(pid: PidOption = None) -> None:
+    """Show what is applied: to the given processes, or to every patched process."""
+    pids = pid or live.patched_pids()
+    table = Table("pid", "process", "module", "patch", "version", "sites", "since")
+    rows = 0
+    for p in pids:
+        try:
+            states = live.status(p)
+        except MicropatchError as e:
+            err.print(f"[red]✗[/] pid {p}: {e}", highlight=False)
+            continue
+        for s in states:
+            since = datetime.datetime.fromtimestamp(s.applied_at).strftime("%Y-%m-%d %H:%M:%S")
+            sites = ", ".join(f"{a:#x}" for a in s.sites)
+            table.add_row(str(s.pid), s.process, s.module, s.patch_id, str(s.version), sites, since)
+            rows += 1
+    if rows:
+        out.print(table)
+    else:
+        out.print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
+
+
+@app.command()
+def demo() -> None:
+    """Live demo: exploit a toy service, patch it live, see the exploit blocked, unpatch."""
+    from micropatch.demo.runner import run
+
+    try:
+        run(out)
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+
+
+def main() -> None:
+    app()

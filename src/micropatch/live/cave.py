@@ -1,0 +1,178 @@
+"""Caves: memory in the target, near a module, that holds its trampolines.
+
+A cave is a memfd named "micropatch" mapped private and read+execute within
+±2 GiB of its module (a `jmp rel32` reaches it), so anyone can see a patched
+process in /proc/PID/maps. We fill it through /proc/PID/mem (copy-on-write
+pages of the tracee), never by mapping it writable. Its first pages hold the
+registry.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+from micropatch.errors import CaveError, RemoteSyscallError
+from micropatch.live.module import CAVE_PREFIX, LoadedModule
+from micropatch.live.registry import REGISTRY_SIZE, Registry
+from micropatch.process.abi import (
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    MFD_CLOEXEC,
+    MFD_EXEC,
+    PAGE_SIZE,
+    PROT_EXEC,
+    PROT_READ,
+    RED_ZONE,
+    SYS_CLOSE,
+    SYS_FTRUNCATE,
+    SYS_MEMFD_CREATE,
+    SYS_MMAP,
+    SYS_MUNMAP,
+)
+from micropatch.process.maps import Mapping, mapping_at
+from micropatch.process.memory import Memory
+from micropatch.process.syscall import RemoteSyscalls
+
+CAVE_NAME = b"micropatch\x00"
+CAVE_SIZE = 64 * 1024
+REACH = 1 << 31
+ALIGN = 16
+MIN_ADDRESS = 0x10000  # vm.mmap_min_addr default
+
+
+@dataclass
+class Cave:
+    address: int
+    size: int
+    registry: Registry
+
+    def contains(self, address: int) -> bool:
+        return self.address <= address < self.address + self.size
+
+
+def read_caves(memory: Memory, mappings: list[Mapping]) -> list[Cave]:
+    """Every micropatch cave in a process, with its registry."""
+    caves = []
+    for m in mappings:
+        if not m.path.startswith(CAVE_PREFIX):
+            continue
+        head = memory.read(m.start, PAGE_SIZE)
+        registry = Registry.decode(head, lambda n, start=m.start: memory.read(start, n))
+        if registry is not None:
+            caves.append(Cave(m.start, m.size, registry))
+    return caves
+
+
+def cave_of(caves: list[Cave], module: LoadedModule) -> Cave | None:
+    return next((c for c in caves if c.registry.module_base == module.base), None)
+
+
+def candidate_addresses(mappings: list[Mapping], module: LoadedModule, size: int) -> list[int]:
+    """Free, page-aligned places from which every module byte is within a rel32 jump.
+
+    Below the module first: just above it is where a non-PIE program's heap grows.
+    """
+    lowest = max(MIN_ADDRESS, module.high - REACH + size)
+    highest = module.low + REACH - size
+    spans = sorted((m.start, m.end) for m in mappings)
+    gaps = []
+    previous_end = MIN_ADDRESS
+    for start, end in [*spans, (1 << 47, 1 << 47)]:
+        if start - previous_end >= size:
+            gaps.append((previous_end, start))
+        previous_end = max(previous_end, end)
+    below, above = [], []
+    for gap_start, gap_end in gaps:
+        if gap_end <= module.low:
+            top = min(gap_end, highest + size) - size
+            top -= top % PAGE_SIZE
+            if top >= max(gap_start, lowest):
+                below.append(top)
+        elif gap_start >= module.high:
+            low = max(gap_start, lowest)
+            low += -low % PAGE_SIZE
+            # Leave room for brk(): start a little above the gap's start.
+            low += 16 * PAGE_SIZE if low + 16 * PAGE_SIZE + size <= gap_end else 0
+            if low + size <= min(gap_end, highest + size):
+                above.append(low)
+    below.sort(key=lambda a: module.low - a)
+    above.sort(key=lambda a: a - module.high)
+    return below + above
+
+
+def map_cave(
+    syscalls: RemoteSyscalls, memory: Memory, mappings: list[Mapping], module: LoadedModule
+) -> int:
+    """Create the memfd and map it near the module; returns its address."""
+    candidates = candidate_addresses(mappings, module, CAVE_SIZE)
+    if not candidates:
+        raise CaveError(
+            f"no free address range within ±2 GiB of {module.path} in process {module.pid} "
+            "for a code cave"
+        )
+    fd = _memfd(syscalls, memory, mappings)
+    try:
+        syscalls.checked(SYS_FTRUNCATE, fd, CAVE_SIZE)
+        for hint in candidates[:8]:
+            result = syscalls(
+                SYS_MMAP, hint, CAVE_SIZE, PROT_READ | PROT_EXEC,
+                MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 0,
+            )  # fmt: skip
+            if result == hint:
+                return hint
+            if result > 0:  # an old kernel ignored MAP_FIXED_NOREPLACE and put it elsewhere
+                syscalls(SYS_MUNMAP, result, CAVE_SIZE)
+            elif result != -errno.EEXIST:  # EEXIST: something is there, try the next place
+                raise syscalls.error(SYS_MMAP, result)
+        raise CaveError(f"could not map a code cave near {module.path} in process {module.pid}")
+    finally:
+        syscalls(SYS_CLOSE, fd)
+
+
+def _memfd(syscalls: RemoteSyscalls, memory: Memory, mappings: list[Mapping]) -> int:
+    """memfd_create("micropatch") in the target; its name goes below the red zone for a moment."""
+    regs = syscalls.proc.regs(syscalls.tid)
+    scratch = (regs.rsp - RED_ZONE - 64) & ~0xF
+    stack = mapping_at(mappings, scratch)
+    if stack is None or stack.perms[:2] != "rw" or not stack.contains(scratch + len(CAVE_NAME)):
+        raise CaveError(
+            f"process {syscalls.proc.pid}: thread {syscalls.tid} has no writable stack below "
+            f"rsp={regs.rsp:#x} to pass the cave's name"
+        )
+    saved = memory.read(scratch, len(CAVE_NAME))
+    memory.write(scratch, CAVE_NAME)
+    try:
+        fd = syscalls(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC | MFD_EXEC)
+        if fd == -errno.EINVAL:  # kernels before 6.3 know no MFD_EXEC
+            fd = syscalls.checked(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
+        elif fd < 0:
+            raise syscalls.error(SYS_MEMFD_CREATE, fd)
+    finally:
+        memory.write(scratch, saved)
+    return fd
+
+
+def unmap_cave(syscalls: RemoteSyscalls, cave: Cave) -> None:
+    result = syscalls(SYS_MUNMAP, cave.address, cave.size)
+    if result != 0:
+        raise RemoteSyscallError(
+            f"munmap of the cave at {cave.address:#x} in process {syscalls.proc.pid} failed "
+            f"({result})"
+        )
+
+
+def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, size: int) -> int:
+    """First free, aligned slot of `size` bytes in the trampoline area of a cave."""
+    cursor = cave_address + REGISTRY_SIZE
+    for start, end in sorted(taken):
+        if start - cursor >= size:
+            return cursor
+        cursor = max(cursor, end + (-end % ALIGN))
+    if cave_address + cave_size - cursor >= size:
+        return cursor
+    raise CaveError(
+        f"the cave at {cave_address:#x} is full ({cave_size - REGISTRY_SIZE} bytes of "
+        "trampolines); remove unused patches first"
+    )
+

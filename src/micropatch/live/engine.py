@@ -1,0 +1,299 @@
+"""apply, remove, update: one transaction on one process each.
+
+Resolve and plan with the process running; then stop every thread, check
+that it is safe, prepare the cave, commit the site jumps and the registry,
+read everything back, and resume. If a thread is in the way, resume, wait a
+moment and try again; any error rolls back to the untouched state.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass
+
+from micropatch.errors import (
+    AlreadyApplied,
+    MicropatchError,
+    NotApplied,
+    OriginalBytesMismatch,
+    ProcessError,
+    UnsafeToPatch,
+)
+from micropatch.live.cave import (
+    CAVE_SIZE,
+    Cave,
+    allocate,
+    cave_of,
+    map_cave,
+    read_caves,
+    unmap_cave,
+)
+from micropatch.live.module import LoadedModule, find_module
+from micropatch.live.plan import PlannedSite, plan_patch
+from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
+from micropatch.live.transaction import Transaction
+from micropatch.patch.model import Patch
+from micropatch.process.maps import mapping_at, read_maps
+from micropatch.process.procfs import check_alive
+from micropatch.process.world import StoppedProcess, stop_world
+from micropatch.x86.trampoline import build_trampoline, site_jump
+
+DEFAULT_RETRIES = 20
+RETRY_DELAY = 0.002  # doubled after each unsafe attempt, capped below
+MAX_RETRY_DELAY = 0.05
+STACK_SCAN_LIMIT = 8 << 20
+TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
+
+
+@dataclass(frozen=True)
+class Outcome:
+    pid: int
+    patch_id: str
+    action: str  # "applied", "removed", "updated"
+    version: int | None
+    sites: int
+    attempts: int
+    paused: float  # seconds the target was stopped, in the successful attempt
+
+
+@dataclass(frozen=True)
+class _Change:
+    pid: int
+    add: Patch | None
+    remove: str | None
+
+
+class _Unsafe(Exception):
+    """A thread is in the way this time; try again after resuming it."""
+
+
+def apply(patch: Patch, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
+    """Apply every patchlet of `patch` to process `pid`, or none of them."""
+    return _run(_Change(pid, patch, None), retries)
+
+
+def remove(patch_id: str, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
+    """Restore the original code of every site of an applied patch."""
+    return _run(_Change(pid, None, patch_id), retries)
+
+
+def update(patch: Patch, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
+    """Replace the applied version of `patch.id` by this one, in one stop."""
+    return _run(_Change(pid, patch, patch.id), retries)
+
+
+def _run(change: _Change, retries: int) -> Outcome:
+    check_alive(change.pid)
+    module = planned = None
+    if change.add is not None:
+        module = find_module(change.pid, read_maps(change.pid), change.add.target)
+        planned = plan_patch(change.add, module)
+    delay = RETRY_DELAY
+    reason = ""
+    for attempt in range(1, retries + 2):
+        try:
+            start = time.perf_counter()
+            with stop_world(change.pid) as proc:
+                sites = _transact(proc, change, module, planned)
+            paused = time.perf_counter() - start
+        except _Unsafe as e:
+            reason = str(e)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_RETRY_DELAY)
+            continue
+        action = "applied" if change.remove is None else "removed" if change.add is None else "updated"
+        version = change.add.version if change.add else None
+        patch_id = change.add.id if change.add else str(change.remove)
+        return Outcome(change.pid, patch_id, action, version, sites, attempt, paused)
+    raise UnsafeToPatch(
+        f"process {change.pid}: not safe after {retries + 1} attempts: {reason}; "
+        "nothing was changed. The code is in constant use; try again, or with more --retries"
+    )
+
+
+def _transact(
+    proc: StoppedProcess,
+    change: _Change,
+    module: LoadedModule | None,
+    planned: list[PlannedSite] | None,
+) -> int:
+    mappings = read_maps(proc.pid)
+    caves = read_caves(proc.memory, mappings)
+    old_cave, old = _find_applied(caves, change.remove) if change.remove else (None, None)
+    if change.remove and old is None:
+        applied = ", ".join(f"{p.id} v{p.version}" for c in caves for p in c.registry.patches)
+        raise NotApplied(
+            f"patch {change.remove} is not applied to process {proc.pid} "
+            f"({proc.status.name}); applied there: {applied or 'none'}"
+        )
+    if change.add is not None and change.remove is None:
+        _, existing = _find_applied(caves, change.add.id)
+        if existing is not None:
+            raise AlreadyApplied(
+                f"patch {change.add.id} version {existing.version} is already applied to process "
+                f"{proc.pid}; use `micropatch update` to replace it"
+            )
+    if change.add is not None and old is not None and old.version == change.add.version:
+        raise AlreadyApplied(
+            f"patch {change.add.id} version {old.version} is already applied to process "
+            f"{proc.pid}; nothing to update"
+        )
+    _check_safety(proc, planned or [], old_cave, old)
+
+    tx = Transaction(proc, mappings)
+    try:
+        if old_cave is not None and old is not None:
+            _remove_sites(tx, old_cave, old)
+        count = len(old.sites) if old else 0
+        if change.add is not None and module is not None and planned is not None:
+            cave = cave_of(caves, module)
+            _add_sites(tx, caves, cave, module, change.add, planned)
+            count = len(planned)
+        elif old_cave is not None:
+            _store(tx, old_cave)
+        tx.verify()
+        for emptied in [c for c in caves if not c.registry.patches]:
+            unmap_cave(tx.syscalls, emptied)  # last: the one step we could not undo
+    except BaseException:
+        failures = tx.rollback()
+        if failures:
+            raise ProcessError(
+                f"process {proc.pid}: rollback failed ({failures[0]}); the process may be "
+                "half-patched, check `micropatch status`"
+            ) from None
+        raise
+    return count
+
+
+def _find_applied(caves: list[Cave], patch_id: str | None) -> tuple[Cave | None, AppliedPatch | None]:
+    for cave in caves:
+        found = cave.registry.find(patch_id) if patch_id else None
+        if found is not None:
+            return cave, found
+    return None, None
+
+
+def _check_safety(
+    proc: StoppedProcess,
+    planned: list[PlannedSite],
+    old_cave: Cave | None,
+    old: AppliedPatch | None,
+) -> None:
+    """Raise _Unsafe if a thread executes, or will return, into code we are about to change."""
+    interiors = [(p.site.address + 1, p.site.end, p.where) for p in planned]
+    freed = []
+    if old is not None:
+        interiors += [(s.address + 1, s.address + len(s.original), f"site {s.address:#x}") for s in old.sites]
+        freed = [(s.trampoline, s.trampoline + s.trampoline_size) for s in old.sites]
+    for tid, rip in proc.instruction_pointers().items():
+        for low, high, where in interiors:
+            if low <= rip < high:
+                raise _Unsafe(f"thread {tid} is executing inside {where} (rip={rip:#x})")
+        for low, high in freed:
+            if low <= rip < high:
+                raise _Unsafe(f"thread {tid} is executing in a trampoline of {old and old.id}")
+    if freed:
+        _check_stacks(proc, freed, old.id if old else "")
+
+
+def _check_stacks(proc: StoppedProcess, freed: list[tuple[int, int]], patch_id: str) -> None:
+    """No return address (or any word) on a thread's stack may point into freed trampolines."""
+    mappings = read_maps(proc.pid)
+    for tid in proc.threads:
+        rsp = proc.regs(tid).rsp
+        stack = mapping_at(mappings, rsp)
+        if stack is None:
+            continue
+        top = min(stack.end, rsp + STACK_SCAN_LIMIT)
+        start = rsp & ~7
+        data = proc.memory.read(start, top - start)
+        for (word,) in struct.iter_unpack("<Q", data[: len(data) & ~7]):
+            for low, high in freed:
+                if low <= word < high:
+                    raise _Unsafe(
+                        f"thread {tid} has a return address into a trampoline of {patch_id} "
+                        "on its stack"
+                    )
+
+
+def _remove_sites(tx: Transaction, cave: Cave, old: AppliedPatch) -> None:
+    for site in old.sites:
+        found = tx.memory.read(site.address, len(site.jump))
+        if found != site.jump:
+            raise OriginalBytesMismatch(
+                f"site {site.address:#x} of patch {old.id} in process {tx.proc.pid} holds "
+                f"{found.hex(' ')} instead of micropatch's jump {site.jump.hex(' ')}: another tool "
+                "has rewritten it; not removing"
+            )
+        tx.write(site.address, site.original)
+    cave.registry.patches.remove(old)
+
+
+def _add_sites(
+    tx: Transaction,
+    caves: list[Cave],
+    cave: Cave | None,
+    module: LoadedModule,
+    patch: Patch,
+    planned: list[PlannedSite],
+) -> None:
+    for p in planned:
+        found = tx.memory.read(p.site.address, p.site.length)
+        if found != p.site.original:
+            raise OriginalBytesMismatch(
+                f"patch {patch.id}, {p.where}: site {p.site.address:#x} in process {tx.proc.pid} "
+                f"holds {found.hex(' ')}, the module file has {p.site.original.hex(' ')}"
+                + _who_hooks(caves, p.site.address, p.site.end)
+            )
+    if cave is None:
+        address = map_cave(tx.syscalls, tx.memory, tx.mappings, module)
+        registry = Registry(
+            module_path=module.path,
+            module_base=module.base,
+            build_id=module.identity.build_id,
+            sha256=module.identity.sha256,
+            cave_size=CAVE_SIZE,
+        )
+        cave = Cave(address, CAVE_SIZE, registry)
+        caves.append(cave)
+        tx.on_rollback(lambda c=cave: unmap_cave(tx.syscalls, c))
+    taken = cave.registry.used_ranges()
+    applied_sites = []
+    for p in planned:
+        def build(at: int, p: PlannedSite = p) -> bytes:
+            return build_trampoline(
+                at, p.site, p.body_at, resume=p.resume, skip_red_zone=p.skip_red_zone
+            )
+
+        estimate = len(build(cave.address + cave.size // 2)) + TRAMPOLINE_SLACK
+        slot = allocate(taken, cave.address, cave.size, estimate)
+        code = build(slot)
+        if len(code) > estimate:
+            raise MicropatchError(f"{p.where}: trampoline grew from {estimate} to {len(code)} bytes")
+        taken.append((slot, slot + len(code)))
+        tx.write(slot, code)
+        jump = site_jump(p.site, slot)
+        applied_sites.append(
+            AppliedSite(p.index, p.site.address, p.site.original, jump, slot, len(code))
+        )
+    for s in applied_sites:
+        tx.write(s.address, s.jump)
+    cave.registry.patches.append(
+        AppliedPatch(patch.id, patch.version, patch.info.title or "", time.time(), applied_sites)
+    )
+    _store(tx, cave)
+
+
+def _store(tx: Transaction, cave: Cave) -> None:
+    if cave.registry.patches:
+        tx.write(cave.address, cave.registry.encode())
+
+
+def _who_hooks(caves: list[Cave], low: int, high: int) -> str:
+    for cave in caves:
+        for patch in cave.registry.patches:
+            for s in patch.sites:
+                if s.address < high and low < s.address + len(s.original):
+                    return f": patch {patch.id} v{patch.version} already patches {s.address:#x}"
+    return ": is another patch or tool (a debugger breakpoint, a hooking library) already hooking this function?"

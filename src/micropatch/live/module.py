@@ -1,0 +1,131 @@
+"""Find a patch's target module in a process and prove it is the right build.
+
+The identity is read from the file the process really maps
+(/proc/PID/map_files), never from a path: the file on disk may have been
+upgraded since (maps says "(deleted)") or live in another mount namespace.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from micropatch.elf.identity import ModuleIdentity, identify
+from micropatch.elf.image import ElfImage
+from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
+from micropatch.patch.model import Target
+from micropatch.process.maps import Mapping
+from micropatch.process.procfs import process_name
+
+CAVE_PREFIX = "/memfd:micropatch"
+
+
+@dataclass(frozen=True)
+class LoadedModule:
+    pid: int
+    path: str
+    base: int  # address of the module's file offset 0: module offset 0
+    mappings: tuple[Mapping, ...]
+    identity: ModuleIdentity
+    image: ElfImage
+
+    @property
+    def name(self) -> str:
+        return self.mappings[0].name
+
+    @property
+    def low(self) -> int:
+        return min(m.start for m in self.mappings)
+
+    @property
+    def high(self) -> int:
+        return max(m.end for m in self.mappings)
+
+    def address(self, offset: int) -> int:
+        return self.base + offset
+
+
+class _FileCache:
+    """Identity and parsed ELF per file, so `--all` hashes each file once."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[int, int, int, int], tuple[ModuleIdentity, ElfImage]] = {}
+
+    def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
+        st = os.fstat(file.fileno())
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        entry = self._entries.get(key)
+        if entry is None:
+            identity = identify(file)
+            file.seek(0)
+            entry = (identity, ElfImage.from_file(file))
+            self._entries[key] = entry
+        else:
+            file.close()
+        return entry
+
+
+_cache = _FileCache()
+
+
+def module_groups(mappings: list[Mapping], name: str) -> list[list[Mapping]]:
+    """The mappings of each distinct file named `name`, lowest address first."""
+    groups: dict[tuple[str, int, str], list[Mapping]] = {}
+    for m in mappings:
+        if m.inode and m.name == name and not m.path.startswith(CAVE_PREFIX):
+            groups.setdefault((m.dev, m.inode, m.file_path), []).append(m)
+    return [sorted(g, key=lambda m: m.start) for g in groups.values()]
+
+
+def _open_mapped_file(pid: int, first: Mapping) -> BinaryIO:
+    try:
+        return open(f"/proc/{pid}/map_files/{first.map_files_entry}", "rb")  # noqa: SIM115
+    except PermissionError:
+        pass  # map_files needs CAP_SYS_ADMIN; a path is fine if it is still the same file
+    except FileNotFoundError:
+        raise ModuleNotLoaded(f"process {pid} unmapped {first.file_path} meanwhile") from None
+    if not first.deleted:
+        try:
+            file = open(f"/proc/{pid}/root{first.file_path}", "rb")  # noqa: SIM115
+            if os.fstat(file.fileno()).st_ino == first.inode:
+                return file
+            file.close()
+        except OSError:
+            pass
+    raise TracePermissionDenied(
+        f"process {pid} maps {first.path}, which was replaced or deleted on disk since it was "
+        "loaded; reading the mapped copy (/proc/PID/map_files) needs root (CAP_SYS_ADMIN)"
+    )
+
+
+def find_module(pid: int, mappings: list[Mapping], target: Target) -> LoadedModule:
+    """The mapping of the patch's module in pid, checked against its identity."""
+    groups = module_groups(mappings, target.module)
+    if not groups:
+        names = sorted({m.name for m in mappings if m.inode})
+        close = difflib.get_close_matches(target.module, names, n=3)
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ModuleNotLoaded(
+            f"process {pid} ({process_name(pid)}) does not map {target.module}{hint}; "
+            "nothing was changed"
+        )
+    mismatches = []
+    for group in groups:
+        file = _open_mapped_file(pid, group[0])
+        identity, image = _cache.get(file)
+        problems = []
+        if target.build_id and identity.build_id != target.build_id.lower():
+            problems.append(f"build-id {identity.build_id or 'none'} (patch: {target.build_id})")
+        if target.sha256 and identity.sha256 != target.sha256.lower():
+            problems.append(f"sha256 {identity.sha256} (patch: {target.sha256})")
+        if not problems:
+            base = next((m.start for m in group if m.offset == 0), group[0].start)
+            return LoadedModule(pid, group[0].file_path, base, tuple(group), identity, image)
+        mismatches.append(f"{group[0].path} has " + " and ".join(problems))
+    raise ModuleMismatch(
+        f"process {pid} ({process_name(pid)}) maps another build of {target.module}: "
+        + "; ".join(mismatches)
+        + "; this patch is for a different version of the module, nothing was changed"
+    )

@@ -1,0 +1,88 @@
+"""Turn a patch into concrete sites in one loaded module, before anything is stopped.
+
+Everything that can fail without touching the process fails here: unknown
+symbols, offsets inside instructions, branches into a site, bytes that do
+not match, code that does not assemble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from iced_x86 import Mnemonic
+
+from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
+from micropatch.live.module import LoadedModule
+from micropatch.patch.assemble import assemble
+from micropatch.patch.model import Patch, Patchlet
+from micropatch.x86.decode import decode
+from micropatch.x86.site import Site, plan_site, site_unchecked
+from micropatch.x86.trampoline import writes_stack
+
+UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
+
+
+@dataclass(frozen=True)
+class PlannedSite:
+    index: int
+    where: str  # "patchlet[0] (check_len+0x4) in vuln", for messages
+    site: Site
+    resume: int | None  # None: run the displaced instructions and return after the site
+    body_at: Callable[[int], bytes]  # the patchlet body assembled at an address
+    skip_red_zone: bool
+
+
+def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
+    planned = [_plan_patchlet(patch, i, p, module) for i, p in enumerate(patch.patchlets)]
+    ordered = sorted(planned, key=lambda s: s.site.address)
+    for a, b in zip(ordered, ordered[1:], strict=False):
+        if b.site.address < a.site.end:
+            raise SiteError(
+                f"patch {patch.id}: {a.where} and {b.where} overlap "
+                f"({a.site.address:#x}-{a.site.end:#x} and {b.site.address:#x}); "
+                "one site per location"
+            )
+    return planned
+
+
+def _plan_patchlet(patch: Patch, index: int, patchlet: Patchlet, module: LoadedModule) -> PlannedSite:
+    where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
+    try:
+        image = module.image
+        offset = image.resolve(patchlet.at)
+        address = module.address(offset)
+        at_entry = False
+        if patchlet.check_branches:
+            start, end = image.function_at(offset)
+            site = plan_site(image.read(start, end - start), module.address(start), address)
+            at_entry = start == offset
+        else:
+            site = site_unchecked(image.read(offset, UNCHECKED_WINDOW), address)
+        if patchlet.expect is not None:
+            found = image.read(offset, len(patchlet.expect))
+            if found != patchlet.expect:
+                raise OriginalBytesMismatch(
+                    f"expected bytes {patchlet.expect.hex(' ')}, the module file has "
+                    f"{found.hex(' ')}: the patch was written for other code"
+                )
+        resume = None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
+
+        def resolve(reference: str) -> int:
+            return module.address(image.resolve(reference))
+
+        def body_at(at: int, code: str = patchlet.code) -> bytes:
+            return assemble(code, at, resolve)
+
+        # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
+        body = body_at(address)
+        skip_red_zone = not at_entry and writes_stack(body, address)
+        if skip_red_zone and any(i.mnemonic == Mnemonic.RET for i in decode(body, address)):
+            raise SiteError(
+                "the body writes to the stack, so it runs 128 bytes below rsp to spare a leaf "
+                "function's red zone, and it also returns with `ret`, which would then pop the "
+                "wrong address; return from a patchlet only at a function's entry"
+            )
+    except MicropatchError as e:
+        raise type(e)(f"patch {patch.id}, {where}: {e}") from None
+    return PlannedSite(index, where, site, resume, body_at, skip_red_zone)

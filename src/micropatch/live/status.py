@@ -1,0 +1,85 @@
+"""What is applied where, read from the registries in the processes themselves.
+
+Reading needs no stop: the registry is only ever written with every thread
+of the target stopped, and a torn read is simply retried.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from micropatch.errors import CaveError, MicropatchError
+from micropatch.live.cave import read_caves
+from micropatch.live.module import CAVE_PREFIX, module_groups
+from micropatch.process.maps import read_maps
+from micropatch.process.memory import Memory
+from micropatch.process.procfs import process_name
+
+READ_ATTEMPTS = 3
+
+
+@dataclass(frozen=True)
+class PatchState:
+    pid: int
+    process: str
+    module: str
+    patch_id: str
+    version: int
+    title: str
+    applied_at: float
+    sites: tuple[int, ...]
+    cave: int
+
+
+def status(pid: int) -> list[PatchState]:
+    """The patches applied to one process."""
+    for attempt in range(READ_ATTEMPTS):
+        mappings = read_maps(pid)
+        if not any(m.path.startswith(CAVE_PREFIX) for m in mappings):
+            return []
+        try:
+            with Memory(pid, writable=False) as memory:
+                caves = read_caves(memory, mappings)
+            break
+        except CaveError:
+            if attempt == READ_ATTEMPTS - 1:
+                raise
+    name = process_name(pid)
+    return [
+        PatchState(
+            pid, name, cave.registry.module_path, p.id, p.version, p.title, p.applied_at,
+            tuple(s.address for s in p.sites), cave.address,
+        )  # fmt: skip
+        for cave in caves
+        for p in cave.registry.patches
+    ]
+
+
+def _pids() -> list[int]:
+    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid())
+
+
+def patched_pids() -> list[int]:
+    """Processes that hold a micropatch cave."""
+    return [pid for pid in _pids() if _maps_contain(pid, CAVE_PREFIX)]
+
+
+def pids_mapping(module: str) -> list[int]:
+    """Processes that map a file with this base name (identity is checked on apply)."""
+    found = []
+    for pid in _pids():
+        try:
+            if module_groups(read_maps(pid), module):
+                found.append(pid)
+        except MicropatchError:
+            continue  # gone, or not ours to read
+    return found
+
+
+def _maps_contain(pid: int, needle: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return needle in f.read()
+    except OSError:
+        return False

@@ -1,0 +1,56 @@
+"""A journal of the changes made to one stopped process, undone on any failure.
+
+Every write records the bytes it replaces, every cave we map records how to
+unmap it; rollback replays the journal backwards, so a failure at any step
+leaves the target exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from micropatch.errors import MemoryAccessError
+from micropatch.process.maps import Mapping
+from micropatch.process.syscall import RemoteSyscalls
+from micropatch.process.world import StoppedProcess
+
+
+class Transaction:
+    def __init__(self, proc: StoppedProcess, mappings: list[Mapping]) -> None:
+        self.proc = proc
+        self.memory = proc.memory
+        self.mappings = mappings
+        self.syscalls = RemoteSyscalls(proc, mappings)
+        self._undo: list[Callable[[], None]] = []
+        self._written: list[tuple[int, bytes]] = []
+
+    def write(self, address: int, data: bytes) -> None:
+        old = self.memory.read(address, len(data))
+        self.memory.write(address, data)
+        self._undo.append(lambda: self.memory.write(address, old))
+        self._written.append((address, data))
+
+    def on_rollback(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def verify(self) -> None:
+        """Read back everything written; the kernel said yes, but check."""
+        for address, data in self._written:
+            found = self.memory.read(address, len(data))
+            if found != data:
+                raise MemoryAccessError(
+                    f"process {self.proc.pid}: read-back at {address:#x} found {found.hex(' ')}, "
+                    f"wrote {data.hex(' ')}"
+                )
+
+    def rollback(self) -> list[Exception]:
+        """Undo everything, newest first; returns what could not be undone."""
+        failures = []
+        for undo in reversed(self._undo):
+            try:
+                undo()
+            except Exception as e:  # keep undoing the rest whatever happens
+                failures.append(e)
+        self._undo.clear()
+        self._written.clear()
+        return failures

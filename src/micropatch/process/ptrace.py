@@ -1,0 +1,63 @@
+"""Thin ctypes binding of ptrace(2): raises OSError with the kernel's errno."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+from micropatch.process.abi import (
+    PTRACE_DETACH,
+    PTRACE_GETREGS,
+    PTRACE_INTERRUPT,
+    PTRACE_SEIZE,
+    PTRACE_SETREGS,
+    PTRACE_SINGLESTEP,
+    UserRegs,
+)
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_ptrace = _libc.ptrace
+_ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+_ptrace.restype = ctypes.c_long
+
+
+def _call(request: int, tid: int, addr: int | None = None, data: object = None) -> int:
+    ctypes.set_errno(0)
+    result: int = _ptrace(request, tid, addr, data)
+    if result == -1:
+        err = ctypes.get_errno()
+        if err:
+            raise OSError(err, os.strerror(err))
+    return result
+
+
+def seize(tid: int) -> None:
+    _call(PTRACE_SEIZE, tid, 0, 0)
+
+
+def interrupt(tid: int) -> None:
+    _call(PTRACE_INTERRUPT, tid, 0, 0)
+
+
+def detach(tid: int, signal: int = 0) -> None:
+    _call(PTRACE_DETACH, tid, 0, signal)
+
+
+def singlestep(tid: int) -> None:
+    _call(PTRACE_SINGLESTEP, tid, 0, 0)
+
+
+def get_regs(tid: int) -> UserRegs:
+    regs = UserRegs()
+    _call(PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def set_regs(tid: int, regs: UserRegs) -> None:
+    _call(PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def request(request: int, tid: int, addr: int, data: int) -> int:
+    """Any other request, for the rare callers that need one (seccomp filters)."""
+    return _call(request, tid, addr, data)

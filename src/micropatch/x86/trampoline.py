@@ -1,0 +1,121 @@
+"""Trampolines: patchlet code, then the displaced instructions, then the way back.
+
+Layout at ``address``::
+
+    [lea rsp,[rsp-128]]   if the body writes the stack: step over the red zone
+    body                  the patchlet, assembled where it will run
+    [lea rsp,[rsp+128]]
+    relocated site + jmp site.end     or     jmp resume
+
+``lea`` moves rsp without touching flags, which the patchlet and the displaced
+instructions may depend on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from iced_x86 import (
+    BlockEncoder,
+    Code,
+    Instruction,
+    InstructionInfoFactory,
+    MemoryOperand,
+    Mnemonic,
+    OpAccess,
+    Register,
+    Register_,
+    RegisterExt,
+)
+
+from micropatch.errors import SiteError
+from micropatch.x86.decode import decode, is_invalid
+from micropatch.x86.relocate import JUMP_LENGTH, jump, relocate
+from micropatch.x86.site import Site
+
+RED_ZONE = 128
+"""Bytes below rsp that a System V leaf function may use without moving rsp."""
+
+_INT3 = b"\xcc"
+_WRITES = frozenset(
+    {OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE}
+)
+_INFO = InstructionInfoFactory()
+_RSP_UPWARD = frozenset({Mnemonic.POP, Mnemonic.RET})
+
+
+def _move_rsp(delta: int) -> bytes:
+    encoder = BlockEncoder(64)
+    encoder.add(
+        Instruction.create_reg_mem(
+            Code.LEA_R64_M, Register.RSP, MemoryOperand(Register.RSP, displ=delta)
+        )
+    )
+    return encoder.encode(0)
+
+
+_SKIP_RED_ZONE = _move_rsp(-RED_ZONE)
+_RESTORE_RED_ZONE = _move_rsp(RED_ZONE)
+
+
+def site_jump(site: Site, trampoline_address: int) -> bytes:
+    """The bytes that replace the site: ``jmp trampoline``, then int3 to its end.
+
+    The int3 padding traps loudly if anything ever lands past the jump.
+    """
+    if site.length < JUMP_LENGTH:
+        raise SiteError(
+            f"site {site.address:#x} is {site.length} bytes long, too short for the "
+            f"{JUMP_LENGTH}-byte jump; plan it with min_length={JUMP_LENGTH}"
+        )
+    return jump(site.address, trampoline_address) + _INT3 * (site.length - JUMP_LENGTH)
+
+
+def build_trampoline(
+    address: int,
+    site: Site,
+    body_at: Callable[[int], bytes],
+    *,
+    resume: int | None,
+    skip_red_zone: bool,
+) -> bytes:
+    """Build the trampoline to be placed at ``address`` for ``site``.
+
+    ``body_at`` is given the address the patchlet body will start at and
+    returns it assembled for that address. With ``resume`` None the displaced
+    instructions run after the body and execution continues at ``site.end``;
+    otherwise they are skipped and execution continues at ``resume``.
+    """
+    head = _SKIP_RED_ZONE if skip_red_zone else b""
+    code = head + body_at(address + len(head))
+    if skip_red_zone:
+        code += _RESTORE_RED_ZONE
+    tail_address = address + len(code)
+    if resume is None:
+        return code + relocate(site.instructions, tail_address, return_to=site.end)
+    return code + jump(tail_address, resume)
+
+
+def writes_stack(code: bytes, address: int) -> bool:
+    """True if patchlet ``code`` (at ``address``) may write below rsp or move rsp down.
+
+    Such a body must step over the red zone first. Undecodable bytes count as
+    writing: the red zone is only left in place when that is proven safe.
+    """
+    for instruction in decode(code, address):
+        if is_invalid(instruction):
+            return True
+        if instruction.mnemonic in _RSP_UPWARD:
+            continue  # they move rsp up: nothing below the entry rsp is touched
+        info = _INFO.info(instruction)
+        for register in info.used_registers():
+            if _is_rsp(register.register) and register.access in _WRITES:
+                return True
+        for memory in info.used_memory():
+            if _is_rsp(memory.base) and memory.access in _WRITES:
+                return True
+    return False
+
+
+def _is_rsp(register: Register_) -> bool:
+    return register != Register.NONE and RegisterExt.full_register(register) == Register.RSP
