@@ -38,6 +38,10 @@ class SymbolNotFound(ElfError):
     """A symbol named by a patch does not exist in the module."""
 
 
+class AmbiguousSymbol(ElfError):
+    """A symbol name names several different addresses in the module (e.g. statics)."""
+
+
 class FunctionBoundsUnknown(ElfError):
     """Neither the symbol table nor .eh_frame says which function holds an offset."""
 

@@ -47,7 +47,7 @@ int main(void)
     while (fgets(line, sizeof line, stdin)) {
         line[strcspn(line, "\n")] = 0;
         if (strncmp(line, "name ", 5) == 0) {
-            session.is_admin = 0;
+            memset(&session, 0, sizeof session);
             int n = unhex(line + 5, buf, sizeof buf);
             int r = set_name(&session, buf, (unsigned)n);
             if (r < 0)

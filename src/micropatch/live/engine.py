@@ -18,6 +18,8 @@ from micropatch.errors import (
     NotApplied,
     OriginalBytesMismatch,
     ProcessError,
+    ProcessExited,
+    ProcessNotFound,
     UnsafeToPatch,
 )
 from micropatch.live.cave import (
@@ -36,7 +38,7 @@ from micropatch.live.transaction import Transaction
 from micropatch.patch.model import Patch
 from micropatch.process.maps import mapping_at, read_maps
 from micropatch.process.procfs import check_alive
-from micropatch.process.world import StoppedProcess, stop_world
+from micropatch.process.world import StoppedProcess, exists, stop_world
 from micropatch.x86.trampoline import build_trampoline, site_jump
 
 DEFAULT_RETRIES = 20
@@ -97,6 +99,8 @@ def _run(change: _Change, retries: int) -> Outcome:
             with stop_world(change.pid) as proc:
                 sites = _transact(proc, change, module, planned)
             paused = time.perf_counter() - start
+        except ProcessNotFound:
+            raise ProcessExited(f"process {change.pid} exited during the operation") from None
         except _Unsafe as e:
             reason = str(e)
             time.sleep(delay)
@@ -157,6 +161,8 @@ def _transact(
             unmap_cave(tx.syscalls, emptied)  # last: the one step we could not undo
     except BaseException:
         failures = tx.rollback()
+        if failures and not exists(proc.pid):
+            raise ProcessExited(f"process {proc.pid} exited during the operation") from None
         if failures:
             raise ProcessError(
                 f"process {proc.pid}: rollback failed ({failures[0]}); the process may be "

@@ -75,14 +75,7 @@ def _plan_patchlet(patch: Patch, index: int, patchlet: Patchlet, module: LoadedM
             return assemble(code, at, resolve)
 
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
-        body = body_at(address)
-        skip_red_zone = not at_entry and writes_stack(body, address)
-        if skip_red_zone and any(i.mnemonic == Mnemonic.RET for i in decode(body, address)):
-            raise SiteError(
-                "the body writes to the stack, so it runs 128 bytes below rsp to spare a leaf "
-                "function's red zone, and it also returns with `ret`, which would then pop the "
-                "wrong address; return from a patchlet only at a function's entry"
-            )
+        skip_red_zone = not at_entry and writes_stack(body_at(address), address)
     except MicropatchError as e:
         raise type(e)(f"patch {patch.id}, {where}: {e}") from None
     return PlannedSite(index, where, site, resume, body_at, skip_red_zone)

@@ -34,13 +34,21 @@ class Transaction:
         self._undo.append(undo)
 
     def verify(self) -> None:
-        """Read back everything written; the kernel said yes, but check."""
+        """Read back everything written; the kernel said yes, but check.
+
+        A later write may cover an earlier one (update restores a site, then
+        patches it again), so each range is compared with the final bytes.
+        """
+        final: dict[int, int] = {}
         for address, data in self._written:
+            final.update(zip(range(address, address + len(data)), data, strict=True))
+        for address, data in self._written:
+            wanted = bytes(final[a] for a in range(address, address + len(data)))
             found = self.memory.read(address, len(data))
-            if found != data:
+            if found != wanted:
                 raise MemoryAccessError(
                     f"process {self.proc.pid}: read-back at {address:#x} found {found.hex(' ')}, "
-                    f"wrote {data.hex(' ')}"
+                    f"wrote {wanted.hex(' ')}"
                 )
 
     def rollback(self) -> list[Exception]:

@@ -1,0 +1,301 @@
+"""pause: how long one live.apply / live.remove stops the target's threads.
+
+Against the bare cost of stopping and resuming the same threads in the same
+run (`with stop_world(pid): pass`, timed like the engine times
+Outcome.paused: perf_counter around the whole stop-the-world block), for
+targets of 1, 16 and 128 threads. Every round interleaves, on one target:
+
+    bare | apply spare (new cave) | apply compute (existing cave) | bare |
+    remove compute (cave kept) | remove spare (last: cave unmapped) | bare |
+    apply compute (new cave) | remove compute (last: cave unmapped)
+
+Both patches are empty patchlets (relocated displaced instructions and a jump
+back). `compute` is the function every spinning thread calls; `spare` is
+called by no one and only keeps a cave mapped. Aims (issue): apply ≤ 2x bare,
+median < 5 ms at 16 threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import patches, report
+from benchmarks.stats import ratio, summary
+from benchmarks.target import Target, build, build_command
+
+NAME = "pause"
+THREADS = (1, 16, 128)
+QUICK_THREADS = (1, 16)
+ROUNDS = 100
+QUICK_ROUNDS = 2
+BURN = 200  # multiplications between two calls of compute() in each spinning thread
+
+OPS = [
+    "bare",
+    "apply_new_cave",
+    "apply_existing_cave",
+    "remove_cave_kept",
+    "remove_last",
+    "apply_spare_new_cave",
+    "remove_spare_last",
+]
+
+
+def layout(threads: int) -> tuple[int, int]:
+    """(spinning threads besides main, blocked threads) for a process of `threads` threads.
+
+    The main thread spins too; one in eight threads is blocked in read().
+    """
+    blocked = threads // 8
+    return threads - 1 - blocked, blocked
+
+
+def bare(pid: int) -> float:
+    """Seconds to stop and resume every thread of pid, timed like Outcome.paused."""
+    from micropatch.process.world import stop_world  # imported before the clock starts
+
+    start = time.perf_counter()
+    with stop_world(pid):
+        pass
+    return time.perf_counter() - start
+
+
+class Run:
+    """Samples of one target: seconds paused per operation, attempts, errors."""
+
+    def __init__(self) -> None:
+        self.paused: dict[str, list[float]] = {op: [] for op in OPS}
+        self.wall: dict[str, list[float]] = {op: [] for op in OPS}
+        self.attempts: dict[str, list[int]] = {op: [] for op in OPS}
+        self.errors: list[str] = []
+
+    def bare(self, pid: int) -> None:
+        gc.collect()
+        self.paused["bare"].append(bare(pid))
+
+    def live(self, op: str, call: Callable[[], Any]) -> bool:
+        gc.collect()
+        start = time.perf_counter()
+        try:
+            outcome = call()
+        except Exception as e:  # record and go on: one failure must not hide the rest
+            self.errors.append(f"{op}: {type(e).__name__}: {e}")
+            return False
+        self.wall[op].append(time.perf_counter() - start)
+        self.paused[op].append(outcome.paused)
+        self.attempts[op].append(outcome.attempts)
+        return True
+
+
+def measure(
+    exe: Path, threads: int, rounds: int, patch_compute: Any, patch_spare: Any
+) -> dict[str, Any]:
+    spin, blocked = layout(threads)
+    run = Run()
+    with Target(exe, spin=spin, blocked=blocked, burn=BURN, mainspin=True) as target:
+        counted = target.threads()
+        pid = target.pid
+        if patch_compute is not None:
+            from micropatch import live
+
+        bare(pid)  # warm-up, not recorded: first-call costs of Python and the kernel
+        if patch_compute is not None:
+            _clean(pid, [])
+            for warm in (patch_compute, patch_spare):
+                live.apply(warm, pid)
+                live.remove(warm.id, pid)
+        gc.disable()
+        try:
+            for _ in range(rounds):
+                run.bare(pid)
+                if patch_compute is None:
+                    run.bare(pid)
+                    run.bare(pid)
+                    continue
+                spare_on = run.live("apply_spare_new_cave", lambda: live.apply(patch_spare, pid))
+                on = run.live(
+                    "apply_existing_cave" if spare_on else "apply_new_cave",
+                    lambda: live.apply(patch_compute, pid),
+                )
+                run.bare(pid)
+                if on:
+                    run.live(
+                        "remove_cave_kept" if spare_on else "remove_last",
+                        lambda: live.remove(patch_compute.id, pid),
+                    )
+                if spare_on:
+                    run.live("remove_spare_last", lambda: live.remove(patch_spare.id, pid))
+                run.bare(pid)
+                if run.live("apply_new_cave", lambda: live.apply(patch_compute, pid)):
+                    run.live("remove_last", lambda: live.remove(patch_compute.id, pid))
+                _clean(target.pid, [patch_compute.id, patch_spare.id])
+        finally:
+            gc.enable()
+        stats = target.stats() if target.alive() else {}
+        alive = target.alive()
+        exit_text = target.describe_exit()
+    return {
+        "threads": threads,
+        "threads_counted": counted,
+        "spinning": spin + 1,
+        "blocked": blocked,
+        "burn": BURN,
+        "rounds": rounds,
+        "seconds": {op: summary(v) for op, v in run.paused.items()},
+        "wall_seconds": {op: summary(v) for op, v in run.wall.items()},
+        "retried": {op: sum(1 for a in v if a > 1) for op, v in run.attempts.items()},
+        "max_attempts": {op: max(v, default=0) for op, v in run.attempts.items()},
+        "samples": run.paused,
+        "attempts": run.attempts,
+        "errors": run.errors,
+        "target_alive": alive,
+        "target_exit": exit_text,
+        "target_stats": stats,
+    }
+
+
+def _clean(pid: int, ids: list[str]) -> None:
+    """After a failed step: remove whatever of ours is still applied."""
+    from micropatch import live
+
+    for patch_id in ids:
+        with contextlib.suppress(Exception):
+            live.remove(patch_id, pid)
+
+
+def _cell(s: dict[str, float]) -> str:
+    if not s["n"]:
+        return "—"
+    return f"{report.ms(s['median'])} / {report.ms(s['p90'])}"
+
+
+def markdown(results: list[dict[str, Any]], engine_error: str | None) -> str:
+    lines = [
+        "Seconds every thread of the target is stopped, in ms, **median / p90**; "
+        "`bare` = `with stop_world(pid): pass`, the same threads stopped and resumed, "
+        "timed the same way, interleaved with the engine's operations on the same target. "
+        "Ratios are of medians. Spinning threads call `compute()` (the patched function) "
+        f"between runs of {BURN} multiplications; one thread in eight is blocked in `read()`.",
+        "",
+    ]
+    if engine_error:
+        lines += [
+            f"**The engine could not be imported** ({engine_error}): only `bare` was measured.",
+            "",
+        ]
+    lines += [
+        "| threads | bare | apply, new cave | apply, existing cave | remove, cave kept "
+        "| remove, last (unmaps cave) | apply/bare (new cave) | apply/bare (existing cave) "
+        "| remove/bare (cave kept) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        s = r["seconds"]
+        b = s["bare"]["median"]
+        lines.append(
+            f"| {r['threads']} | {_cell(s['bare'])} | {_cell(s['apply_new_cave'])} "
+            f"| {_cell(s['apply_existing_cave'])} | {_cell(s['remove_cave_kept'])} "
+            f"| {_cell(s['remove_last'])} "
+            f"| {_fmt_ratio(ratio(s['apply_new_cave']['median'], b))} "
+            f"| {_fmt_ratio(ratio(s['apply_existing_cave']['median'], b))} "
+            f"| {_fmt_ratio(ratio(s['remove_cave_kept']['median'], b))} |"
+        )
+    lines += ["", "Samples per cell, attempts and failures:", ""]
+    for r in results:
+        n = {op: r["seconds"][op]["n"] for op in OPS}
+        retried = {op: c for op, c in r["retried"].items() if c}
+        lines.append(
+            f"- {_threads(r['threads'])} ({r['threads_counted']} counted in /proc/PID/task: "
+            f"{r['spinning']} spinning, {r['blocked']} blocked), {r['rounds']} rounds: "
+            f"n = {n['bare']} bare, {n['apply_new_cave']} apply (new cave), "
+            f"{n['apply_existing_cave']} apply (existing cave), {n['remove_cave_kept']} remove "
+            f"(cave kept), {n['remove_last']} remove (last); "
+            f"operations that needed a retry (a thread in the way; `paused` counts the successful "
+            f"attempt only): {retried or 'none'}; errors: {len(r['errors'])}"
+            + (f" (first: `{r['errors'][0]}`)" if r["errors"] else "")
+            + f"; target afterwards: {'alive' if r['target_alive'] else r['target_exit']}, "
+            f"{r['target_stats'].get('bad', '?')} bad results."
+        )
+    lines += ["", "Aims (issue): apply ≤ 2x bare; median apply < 5 ms at 16 threads.", ""]
+    for r in results:
+        s = r["seconds"]
+        b = s["bare"]["median"]
+        for label, op in (("new cave", "apply_new_cave"), ("existing cave", "apply_existing_cave")):
+            q = ratio(s[op]["median"], b)
+            if not math.isnan(q):
+                lines.append(
+                    f"- {_threads(r['threads'])}, apply ({label}): {q:.2f}x bare — "
+                    f"{'met' if q <= 2 else 'NOT met'}"
+                    + (
+                        f"; median {report.ms(s[op]['median'])} ms — "
+                        f"{'met' if s[op]['median'] < 0.005 else 'NOT met'}"
+                        if r["threads"] == 16
+                        else ""
+                    )
+                )
+    return "\n".join(lines)
+
+
+def _threads(n: int) -> str:
+    return f"{n} thread{'' if n == 1 else 's'}"
+
+
+def _fmt_ratio(q: float) -> str:
+    return "—" if math.isnan(q) else f"{q:.2f}x"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = report.arguments(NAME, __doc__.splitlines()[0], argv)
+    parser.add_argument(
+        "--rounds", type=int, default=None, help=f"rounds per target (default {ROUNDS})"
+    )
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=None, help="thread counts (default 1 16 128)"
+    )
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    counts = args.threads or (QUICK_THREADS if args.quick else THREADS)
+    engine_error = patches.engine_error()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="micropatch-bench-") as tmp:
+        exe = build(Path(tmp))
+        patch_compute = patch_spare = None
+        if engine_error is None:
+            try:
+                bid = patches.build_id(exe)
+                patch_compute = patches.parse(
+                    patches.source("bench-pause", bid, "compute", patches.EMPTY)
+                )
+                patch_spare = patches.parse(
+                    patches.source("bench-pause-spare", bid, "spare", patches.EMPTY)
+                )
+            except Exception as e:
+                engine_error = f"{type(e).__name__}: {e}"
+                traceback.print_exc()
+        for threads in counts:
+            print(f"pause: {threads} threads, {rounds} rounds", file=sys.stderr)
+            results.append(measure(exe, threads, rounds, patch_compute, patch_spare))
+    md = markdown(results, engine_error)
+    data = {
+        "target": {"source": "benchmarks/targets/bench_target.c", "build": build_command()},
+        "engine_error": engine_error,
+        "results": results,
+    }
+    _json_path, md_path = report.write(
+        NAME, args, argv, "pause: threads stopped per operation", data, md
+    )
+    print(md_path.read_text())
+    return 1 if engine_error else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

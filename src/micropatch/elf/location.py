@@ -1,0 +1,52 @@
+"""The location syntax shared by patch sources and ELF lookups.
+
+A location names a module offset: `symbol`, `symbol+0x1a`, `symbol+26`, or a
+bare number `0x1234`. It is parsed here, once, so that a patch that validates
+can always be resolved against a module with the same rules.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from micropatch.errors import PatchFormatError
+
+_NUMBER = r"0[xX][0-9a-fA-F]+|[0-9]+"
+# C identifiers, C++ mangled names, versioned names (memcpy@@GLIBC_2.14) and
+# compiler-made local names (foo.cold, foo.part.0).
+_SYMBOL = r"[A-Za-z_.$][A-Za-z0-9_.$@]*"
+_LOCATION = re.compile(
+    rf"\s*(?:(?P<number>{_NUMBER})|(?P<symbol>{_SYMBOL})(?:\s*\+\s*(?P<addend>{_NUMBER}))?)\s*"
+)
+
+SYNTAX_HELP = "expected 'symbol', 'symbol+0xN' or '0xN' (a module offset)"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A symbol plus an addend, or (symbol None) a plain module offset."""
+
+    symbol: str | None
+    addend: int
+
+    def __str__(self) -> str:
+        if self.symbol is None:
+            return hex(self.addend)
+        return f"{self.symbol}+{self.addend:#x}" if self.addend else self.symbol
+
+
+def parse_location(text: str) -> Location:
+    """Parse a location; PatchFormatError if it is not one."""
+    match = _LOCATION.fullmatch(text)
+    if match is None:
+        raise PatchFormatError(f"{text!r} is not a location: {SYNTAX_HELP}")
+    if match["number"] is not None:
+        return Location(symbol=None, addend=_number(match["number"]))
+    addend = match["addend"]
+    return Location(symbol=match["symbol"], addend=_number(addend) if addend else 0)
+
+
+def _number(text: str) -> int:
+    # Not int(text, 0), which rejects decimal numbers with leading zeros.
+    return int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)

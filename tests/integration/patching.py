@@ -1,0 +1,60 @@
+"""Helpers for integration tests: patch sources for the targets, and the untouched check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from micropatch import live
+from micropatch.elf.identity import identify
+from micropatch.patch.model import Patch
+from micropatch.patch.source import parse_patch
+from micropatch.process.maps import read_maps
+from micropatch.process.memory import Memory
+from targets.harness import Targets
+
+
+def build_id(path: Path) -> str:
+    with open(path, "rb") as f:
+        found = identify(f).build_id
+    assert found
+    return found
+
+
+def patch_source(
+    module: Path,
+    patchlets: list[dict[str, object]],
+    *,
+    id: str = "test-fix",
+    version: int = 1,
+    build: str | None = None,
+) -> str:
+    """TOML text of a patch for `module`; patchlets as dicts of the [[patchlet]] fields."""
+    lines = [
+        "[patch]", f'id = "{id}"', f"version = {version}", f'title = "{id} v{version}"', "",
+        "[target]", f'module = "{module.name}"', f'build_id = "{build or build_id(module)}"', "",
+    ]  # fmt: skip
+    for p in patchlets:
+        lines.append("[[patchlet]]")
+        for key, value in p.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def make_patch(module: Path, patchlets: list[dict[str, object]], **kw: object) -> Patch:
+    return parse_patch(patch_source(module, patchlets, **kw), f"{module.name}.toml")  # type: ignore[arg-type]
+
+
+def assert_untouched(targets: Targets, name: str, pid: int, symbols: list[str], module: Path | None = None) -> None:
+    """No cave, no registry, and the code of each function identical to the file."""
+    maps = read_maps(pid)
+    assert not [m for m in maps if "micropatch" in m.path], "a cave is still mapped"
+    assert live.status(pid) == []
+    path = module or targets.path(name)
+    base = next(m.start for m in maps if m.inode and m.file_path == str(path.resolve()) and m.offset == 0)
+    with Memory(pid, writable=False) as memory:
+        for sym in symbols:
+            symbol = targets.symbol(path, sym)
+            expected = targets.code(path, sym)
+            assert memory.read(base + symbol.offset, len(expected)) == expected, sym

@@ -1,0 +1,261 @@
+"""Bad input of every kind: a specific, clear error, and an untouched, running target."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import threading
+import time
+
+import pytest
+
+from micropatch import live
+from micropatch.errors import (
+    AlreadyApplied,
+    AlreadyTraced,
+    BranchIntoSite,
+    ModuleMismatch,
+    ModuleNotLoaded,
+    NotApplied,
+    NotInstructionBoundary,
+    OriginalBytesMismatch,
+    ProcessExited,
+    ProcessNotFound,
+    RemoteSyscallError,
+    UnsafeToPatch,
+)
+
+from .patching import assert_untouched, make_patch, patch_source
+
+FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}
+
+
+def still_works(t, calls=(("call 65", "-2"), ("call 10", "10"))):
+    for line, want in calls:
+        assert t.cmd(line) == want
+
+
+def test_pid_that_does_not_exist(targets):
+    patch = make_patch(targets.vuln_pie, [FIX])
+    with pytest.raises(ProcessNotFound, match=r"no process with pid 999999999"):
+        live.apply(patch, 999_999_999)
+
+
+def test_process_exits_during_the_operation(targets, start):
+    """A thread parked inside the site keeps the engine retrying; the process dies meanwhile."""
+    t = start("spinner", "1")
+    assert t.cmd("park").startswith("parked") or True
+    stuck = t.cmd("stick")
+    assert stuck.startswith("stuck")
+    patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            live.apply(patch, t.pid, retries=100_000)
+        except BaseException as e:
+            errors.append(e)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    time.sleep(0.3)  # let it go through a few unsafe attempts
+    t.kill()
+    worker.join(timeout=30)
+    assert not worker.is_alive()
+    [error] = errors
+    assert isinstance(error, ProcessExited), repr(error)
+    assert f"process {t.pid}" in str(error)
+
+
+def test_thread_always_inside_the_site_gives_up_cleanly(targets, start):
+    t = start("spinner", "1")
+    t.cmd("stick")
+    patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
+    with pytest.raises(UnsafeToPatch, match=r"not safe after 4 attempts: thread \d+ is executing inside"):
+        live.apply(patch, t.pid, retries=3)
+    assert t.cmd("unstick") == "unstuck 1"
+    assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
+
+
+def test_process_already_traced(targets, start):
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    t = start("vuln_pie")
+    tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(t.pid)])
+    try:
+        deadline = time.monotonic() + 10
+        while "TracerPid:\t0" in open(f"/proc/{t.pid}/status").read():
+            assert time.monotonic() < deadline, "strace did not attach"
+            time.sleep(0.01)
+        patch = make_patch(targets.vuln_pie, [FIX])
+        with pytest.raises(AlreadyTraced, match=rf"already traced by pid {tracer.pid} \(strace\)"):
+            live.apply(patch, t.pid)
+    finally:
+        tracer.terminate()
+        tracer.wait()
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_module_with_another_build_id(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [FIX], build="00" * 20)
+    with pytest.raises(ModuleMismatch, match=r"another build of vuln_pie.*build-id [0-9a-f]{40} \(patch: 0{40}\)"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_module_with_another_hash(targets, start):
+    t = start("vuln_pie")
+    text = patch_source(targets.vuln_pie, [FIX]).replace("build_id = ", 'sha256 = "' + "ab" * 32 + '"\n#')
+    from micropatch.patch.source import parse_patch
+
+    with pytest.raises(ModuleMismatch, match=r"sha256 [0-9a-f]{64} \(patch: (ab){32}\)"):
+        live.apply(parse_patch(text), t.pid)
+    still_works(t)
+
+
+def test_module_not_loaded(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.libvuln, [FIX])
+    with pytest.raises(ModuleNotLoaded, match=rf"process {t.pid} \(vuln_pie\) does not map libvuln.so"):
+        live.apply(patch, t.pid)
+    still_works(t)
+
+
+def test_expected_bytes_do_not_match(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [{**FIX, "expect": "90 90 90 90 90"}])
+    with pytest.raises(OriginalBytesMismatch, match=r"expected bytes 90 90 90 90 90, the module file has 85 f6"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_bytes_in_memory_do_not_match(targets, start):
+    """Another patch already owns the site: the second one is refused, naming it."""
+    t = start("vuln_pie")
+    first = make_patch(targets.vuln_pie, [FIX], id="first")
+    second = make_patch(targets.vuln_pie, [FIX], id="second")
+    live.apply(first, t.pid)
+    with pytest.raises(OriginalBytesMismatch, match=r"holds e9 .* patch first v1 already patches"):
+        live.apply(second, t.pid)
+    assert [s.patch_id for s in live.status(t.pid)] == ["first"]
+    assert t.cmd("call 65") == "-1"
+    live.remove("first", t.pid)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_offset_not_an_instruction_boundary(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet+0x3", "code": "nop"}])
+    with pytest.raises(NotInstructionBoundary, match=r"inside the instruction at"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_branch_into_the_site(targets, start):
+    t = start("branchy")
+    patch = make_patch(targets.branchy, [{"at": "branchy", "code": "nop"}])
+    with pytest.raises(BranchIntoSite, match=r"jumps into|targets|branch"):
+        live.apply(patch, t.pid)
+    assert t.cmd("call 4") == "10"
+    assert_untouched(targets, "branchy", t.pid, ["branchy"])
+
+
+def test_seccomp_denies_mmap(targets, start):
+    t = start("seccomp")
+    assert t.cmd("trymmap") == "mmap EPERM"
+    patch = make_patch(targets.seccomp, [FIX])
+    with pytest.raises(RemoteSyscallError, match=r"seccomp filter .*(memfd_create|mmap)"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "seccomp", t.pid, ["copy_packet"])
+
+
+def test_remove_patch_not_applied(start):
+    t = start("vuln_pie")
+    with pytest.raises(NotApplied, match=rf"patch nothing-here is not applied to process {t.pid}"):
+        live.remove("nothing-here", t.pid)
+    still_works(t)
+
+
+def test_apply_twice(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [FIX])
+    live.apply(patch, t.pid)
+    with pytest.raises(AlreadyApplied, match="use `micropatch update`"):
+        live.apply(patch, t.pid)
+    with pytest.raises(AlreadyApplied, match="nothing to update"):
+        live.update(patch, t.pid)
+    live.remove(patch.id, t.pid)
+
+
+def test_update_of_patch_not_applied(targets, start):
+    t = start("vuln_pie")
+    with pytest.raises(NotApplied):
+        live.update(make_patch(targets.vuln_pie, [FIX], version=2), t.pid)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another user")
+def test_no_right_to_trace(targets, start):
+    """An unprivileged user cannot trace root's process: the error says why and what to do."""
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [FIX])
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        os.close(read_end)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            live.apply(patch, t.pid)
+            message = "applied!?"
+        except BaseException as e:
+            message = f"{type(e).__name__}: {e}"
+        os.write(write_end, message.encode())
+        os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode()
+    os.waitpid(child, 0)
+    assert message.startswith("TracePermissionDenied"), message
+    assert f"process {t.pid}" in message and "belongs to uid 0 and you are uid 65534" in message
+    assert "run micropatch as that user or as root" in message
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("this is [not toml", "TOML"),
+        ('[patch]\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""', "patch.id"),
+        ('[patch]\nid = "x"\nversion = 0\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""', "patch.version"),
+        ('[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\n[[patchlet]]\nat = "f"\ncode = ""', "target"),
+        ('[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n', "patchlet"),
+        ('[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""\nexpect = "zz"', "patchlet[0].expect"),
+        ('[patch]\nid = "x"\nversion = 1\ncolour = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""', "colour"),
+    ],
+)
+def test_malformed_patch_files(tmp_path, text, message):
+    source = tmp_path / "bad.toml"
+    source.write_text(text)
+    done = subprocess.run(
+        ["micropatch", "apply", str(source), "--pid", str(os.getpid())], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "error:" in done.stderr and message in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_code_that_does_not_assemble(targets):
+    """Caught when the patch is loaded, before any process is looked at."""
+    from micropatch.errors import PatchFormatError
+
+    with pytest.raises(PatchFormatError, match=r"patchlet\[0\]\.code: line 2"):
+        make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "nop\nmov eax, [[rbx\n"}])
