@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from targets.harness import Targets
+
 from micropatch import live
 from micropatch.elf.identity import identify
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
-from targets.harness import Targets
 
 
 def build_id(path: Path) -> str:
@@ -46,13 +47,17 @@ def make_patch(module: Path, patchlets: list[dict[str, object]], **kw: object) -
     return parse_patch(patch_source(module, patchlets, **kw), f"{module.name}.toml")  # type: ignore[arg-type]
 
 
-def assert_untouched(targets: Targets, name: str, pid: int, symbols: list[str], module: Path | None = None) -> None:
+def assert_untouched(
+    targets: Targets, name: str, pid: int, symbols: list[str], module: Path | None = None
+) -> None:
     """No cave, no registry, and the code of each function identical to the file."""
     maps = read_maps(pid)
     assert not [m for m in maps if "micropatch" in m.path], "a cave is still mapped"
     assert live.status(pid) == []
     path = module or targets.path(name)
-    base = next(m.start for m in maps if m.inode and m.file_path == str(path.resolve()) and m.offset == 0)
+    base = next(
+        m.start for m in maps if m.inode and m.file_path == str(path.resolve()) and m.offset == 0
+    )
     with Memory(pid, writable=False) as memory:
         for sym in symbols:
             symbol = targets.symbol(path, sym)

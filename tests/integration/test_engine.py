@@ -41,7 +41,9 @@ def test_apply_remove_pie_nopie_shared(targets, start, name):
 def test_fix_mid_function_jumps_to_error_path(targets, start):
     """The upstream-style fix: at the bound check, jump to the existing `return -1`."""
     t = start("vuln_pie")
-    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet+0x8", "code": "cmp esi, 64\njg {copy_packet+0xb6}"}])
+    patch = make_patch(
+        targets.vuln_pie, [{"at": "copy_packet+0x8", "code": "cmp esi, 64\njg {copy_packet+0xb6}"}]
+    )
     live.apply(patch, t.pid)
     assert (t.cmd("call 65"), t.cmd("call 64"), t.cmd("call 0")) == ("-1", "64", "0")
     live.remove(patch.id, t.pid)
@@ -51,7 +53,9 @@ def test_fix_mid_function_jumps_to_error_path(targets, start):
 def test_resume_elsewhere(targets, start):
     """`resume` sends execution to another module offset instead of after the site."""
     t = start("vuln_pie")
-    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "", "resume": "copy_packet+0xb6"}])
+    patch = make_patch(
+        targets.vuln_pie, [{"at": "copy_packet", "code": "", "resume": "copy_packet+0xb6"}]
+    )
     live.apply(patch, t.pid)
     assert t.cmd("call 10") == "-1"
     live.remove(patch.id, t.pid)
@@ -94,7 +98,11 @@ def assert_no_crash(t):
         # Two pushes below a leaf's red zone would clobber a[0..1] without the skip.
         ("0x7a", "push rax\npush rax\npop rax\npop rax", lambda n: 14 * n + 91),
         # A call into code that uses the stack, from the middle of the leaf.
-        ("0xdf", "push rcx\npush rax\ncall helper\npop rax\npop rcx\nadd rax, 1000\njmp done\nhelper:\npush rbx\npush rbx\npop rbx\npop rbx\nret\ndone:", lambda n: 14 * n + 1091),
+        (
+            "0xdf",
+            "push rcx\npush rax\ncall helper\npop rax\npop rcx\nadd rax, 1000\njmp done\nhelper:\npush rbx\npush rbx\npop rbx\npop rbx\nret\ndone:",
+            lambda n: 14 * n + 1091,
+        ),
     ],
 )
 def test_red_zone_leaf_with_pushes_and_calls(targets, start, offset, code, expected):
@@ -111,7 +119,12 @@ def test_red_zone_leaf_with_pushes_and_calls(targets, start, offset, code, expec
     ("function", "at", "code", "cases"),
     [
         # RIP-relative load + short je + call, all displaced in one 13-byte site
-        ("reloc_fn", "reloc_fn", "add edi, 1", {41: "-42", 42: str(3 * 43 + 1007), 5: str(3 * 6 + 1007)}),
+        (
+            "reloc_fn",
+            "reloc_fn",
+            "add edi, 1",
+            {41: "-42", 42: str(3 * 43 + 1007), 5: str(3 * 6 + 1007)},
+        ),
         ("reloc_rip_imm", "reloc_rip_imm", "add edi, 1", {5: str(6 + 2000)}),
         ("reloc_jcc", "reloc_jcc+2", "lea edi, [rdi+1]", {0: "-100", 3: str(5 * 4)}),
         ("reloc_call", "reloc_call", "add edi, 1", {4: str(3 * 5 + 7)}),
@@ -244,7 +257,8 @@ def test_detached_target_survives_sigterm(targets, start):
     t = start("vuln_pie")
     patch = make_patch(targets.vuln_pie, [FIX_AT_ENTRY])
     live.apply(patch, t.pid)
-    status = open(f"/proc/{t.pid}/status").read()
+    with open(f"/proc/{t.pid}/status") as f:
+        status = f.read()
     assert "TracerPid:\t0" in status
     os.kill(t.pid, signal.SIGTERM)
     assert t.proc.wait(timeout=5) == -signal.SIGTERM
@@ -266,3 +280,37 @@ def test_cli_round_trip(targets, start, tmp_path):
     removed = run("remove", "test-fix", "--pid", str(t.pid))
     assert removed.returncode == 0, removed.stderr
     assert t.cmd("call 65") == "-2"
+
+
+def test_thousands_of_threads(targets, start):
+    t = start("threads", "2000", "2", "idle")
+    assert int(t.cmd("tids").split()[-1]) >= 2000
+    patch = make_patch(targets.threads, [{"at": "compute", "code": "add edi, 1"}])
+    outcome = live.apply(patch, t.pid)
+    assert t.cmd("call 5") == str(2 * 6 + 1)
+    live.remove(patch.id, t.pid)
+    assert t.cmd("call 5") == str(2 * 5 + 1)
+    assert outcome.paused < 10
+
+
+def test_cli_all_processes(targets, start, tmp_path):
+    from .patching import patch_source
+
+    many = [start("vuln_pie") for _ in range(3)]
+    source = tmp_path / "fix.toml"
+    source.write_text(patch_source(targets.vuln_pie, [FIX_AT_ENTRY], id="fleet-fix"))
+
+    def run(*a):
+        return subprocess.run(["micropatch", *a], capture_output=True, text=True, timeout=120)
+
+    applied = run("apply", str(source), "--all")
+    assert applied.returncode == 0, applied.stderr
+    assert "apply: 3 done, 0 failed" in applied.stdout
+    assert all(t.cmd("call 65") == "-1" for t in many)
+    shown = run("status")
+    assert sum(str(t.pid) in shown.stdout for t in many) == 3
+    removed = run("remove", "fleet-fix", "--all")
+    assert removed.returncode == 0, removed.stderr
+    assert all(t.cmd("call 65") == "-2" for t in many)
+    nothing = run("apply", str(source))
+    assert nothing.returncode == 1 and "--pid PID" in nothing.stderr

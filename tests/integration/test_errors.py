@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -72,7 +73,9 @@ def test_thread_always_inside_the_site_gives_up_cleanly(targets, start):
     t = start("spinner", "1")
     t.cmd("stick")
     patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
-    with pytest.raises(UnsafeToPatch, match=r"not safe after 4 attempts: thread \d+ is executing inside"):
+    with pytest.raises(
+        UnsafeToPatch, match=r"not safe after 4 attempts: thread \d+ is executing inside"
+    ):
         live.apply(patch, t.pid, retries=3)
     assert t.cmd("unstick") == "unstuck 1"
     assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
@@ -85,7 +88,7 @@ def test_process_already_traced(targets, start):
     tracer = subprocess.Popen(["strace", "-qq", "-o", "/dev/null", "-p", str(t.pid)])
     try:
         deadline = time.monotonic() + 10
-        while "TracerPid:\t0" in open(f"/proc/{t.pid}/status").read():
+        while "TracerPid:\t0" in Path(f"/proc/{t.pid}/status").read_text():
             assert time.monotonic() < deadline, "strace did not attach"
             time.sleep(0.01)
         patch = make_patch(targets.vuln_pie, [FIX])
@@ -101,7 +104,9 @@ def test_process_already_traced(targets, start):
 def test_module_with_another_build_id(targets, start):
     t = start("vuln_pie")
     patch = make_patch(targets.vuln_pie, [FIX], build="00" * 20)
-    with pytest.raises(ModuleMismatch, match=r"another build of vuln_pie.*build-id [0-9a-f]{40} \(patch: 0{40}\)"):
+    with pytest.raises(
+        ModuleMismatch, match=r"another build of vuln_pie.*build-id [0-9a-f]{40} \(patch: 0{40}\)"
+    ):
         live.apply(patch, t.pid)
     still_works(t)
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
@@ -109,7 +114,9 @@ def test_module_with_another_build_id(targets, start):
 
 def test_module_with_another_hash(targets, start):
     t = start("vuln_pie")
-    text = patch_source(targets.vuln_pie, [FIX]).replace("build_id = ", 'sha256 = "' + "ab" * 32 + '"\n#')
+    text = patch_source(targets.vuln_pie, [FIX]).replace(
+        "build_id = ", 'sha256 = "' + "ab" * 32 + '"\n#'
+    )
     from micropatch.patch.source import parse_patch
 
     with pytest.raises(ModuleMismatch, match=r"sha256 [0-9a-f]{64} \(patch: (ab){32}\)"):
@@ -120,7 +127,9 @@ def test_module_with_another_hash(targets, start):
 def test_module_not_loaded(targets, start):
     t = start("vuln_pie")
     patch = make_patch(targets.libvuln, [FIX])
-    with pytest.raises(ModuleNotLoaded, match=rf"process {t.pid} \(vuln_pie\) does not map libvuln.so"):
+    with pytest.raises(
+        ModuleNotLoaded, match=rf"process {t.pid} \(vuln_pie\) does not map libvuln.so"
+    ):
         live.apply(patch, t.pid)
     still_works(t)
 
@@ -128,7 +137,9 @@ def test_module_not_loaded(targets, start):
 def test_expected_bytes_do_not_match(targets, start):
     t = start("vuln_pie")
     patch = make_patch(targets.vuln_pie, [{**FIX, "expect": "90 90 90 90 90"}])
-    with pytest.raises(OriginalBytesMismatch, match=r"expected bytes 90 90 90 90 90, the module file has 85 f6"):
+    with pytest.raises(
+        OriginalBytesMismatch, match=r"expected bytes 90 90 90 90 90, the module file has 85 f6"
+    ):
         live.apply(patch, t.pid)
     still_works(t)
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
@@ -234,19 +245,36 @@ def test_no_right_to_trace(targets, start):
     ("text", "message"),
     [
         ("this is [not toml", "TOML"),
-        ('[patch]\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""', "patch.id"),
-        ('[patch]\nid = "x"\nversion = 0\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""', "patch.version"),
-        ('[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\n[[patchlet]]\nat = "f"\ncode = ""', "target"),
+        (
+            '[patch]\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""',
+            "patch.id",
+        ),
+        (
+            '[patch]\nid = "x"\nversion = 0\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""',
+            "patch.version",
+        ),
+        (
+            '[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\n[[patchlet]]\nat = "f"\ncode = ""',
+            "target",
+        ),
         ('[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n', "patchlet"),
-        ('[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""\nexpect = "zz"', "patchlet[0].expect"),
-        ('[patch]\nid = "x"\nversion = 1\ncolour = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""', "colour"),
+        (
+            '[patch]\nid = "x"\nversion = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""\nexpect = "zz"',
+            "patchlet[0].expect",
+        ),
+        (
+            '[patch]\nid = "x"\nversion = 1\ncolour = 1\n[target]\nmodule = "x"\nbuild_id = "ab"\n[[patchlet]]\nat = "f"\ncode = ""',
+            "colour",
+        ),
     ],
 )
 def test_malformed_patch_files(tmp_path, text, message):
     source = tmp_path / "bad.toml"
     source.write_text(text)
     done = subprocess.run(
-        ["micropatch", "apply", str(source), "--pid", str(os.getpid())], capture_output=True, text=True
+        ["micropatch", "apply", str(source), "--pid", str(os.getpid())],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 1
     assert "error:" in done.stderr and message in done.stderr, done.stderr
@@ -259,3 +287,15 @@ def test_code_that_does_not_assemble(targets):
 
     with pytest.raises(PatchFormatError, match=r"patchlet\[0\]\.code: line 2"):
         make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "nop\nmov eax, [[rbx\n"}])
+
+
+def test_zombie_process(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [FIX])
+    t.proc.stdin.close()  # EOF: the target exits, and stays a zombie until reaped
+    deadline = time.monotonic() + 10
+    while "State:\tZ" not in Path(f"/proc/{t.pid}/status").read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    with pytest.raises(ProcessExited, match=rf"process {t.pid} \(vuln_pie\) is a zombie"):
+        live.apply(patch, t.pid)

@@ -54,9 +54,13 @@ def _targets(pids: list[int] | None, all_: bool, find_all: Callable[[], list[int
 
 
 def _run_each(
-    verb: str, pids: list[int], operation: Callable[[int], live.Outcome], *, skip_not_applied: bool = False
+    verb: str,
+    pids: list[int],
+    operation: Callable[[int], live.Outcome],
+    *,
+    skip_not_applied: bool = False,
 ) -> None:
-    """Run an operation on each pid: a line per pid, a progress bar for many, exit 1 on any failure."""
+    """Run an operation on each pid: a line each, a progress bar for many; exit 1 on failure."""
     failures = 0
     done = 0
     progress = Progress(

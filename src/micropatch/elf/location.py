@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from micropatch.errors import PatchFormatError
 
-_NUMBER = r"0[xX][0-9a-fA-F]+|[0-9]+"
+# No leading zeros: C and keystone read 010 as octal, so refuse to guess.
+_NUMBER = r"0[xX][0-9a-fA-F]+|0|[1-9][0-9]*"
 # C identifiers, C++ mangled names, versioned names (memcpy@@GLIBC_2.14) and
 # compiler-made local names (foo.cold, foo.part.0).
 _SYMBOL = r"[A-Za-z_.$][A-Za-z0-9_.$@]*"
@@ -42,11 +43,6 @@ def parse_location(text: str) -> Location:
     if match is None:
         raise PatchFormatError(f"{text!r} is not a location: {SYNTAX_HELP}")
     if match["number"] is not None:
-        return Location(symbol=None, addend=_number(match["number"]))
+        return Location(symbol=None, addend=int(match["number"], 0))
     addend = match["addend"]
-    return Location(symbol=match["symbol"], addend=_number(addend) if addend else 0)
-
-
-def _number(text: str) -> int:
-    # Not int(text, 0), which rejects decimal numbers with leading zeros.
-    return int(text, 16) if text[:2] in ("0x", "0X") else int(text, 10)
+    return Location(symbol=match["symbol"], addend=int(addend, 0) if addend else 0)

@@ -175,4 +175,3 @@ def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, si
         f"the cave at {cave_address:#x} is full ({cave_size - REGISTRY_SIZE} bytes of "
         "trampolines); remove unused patches first"
     )
-

@@ -8,6 +8,7 @@ moment and try again; any error rolls back to the untouched state.
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from dataclasses import dataclass
@@ -36,7 +37,8 @@ from micropatch.live.plan import PlannedSite, plan_patch
 from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
 from micropatch.live.transaction import Transaction
 from micropatch.patch.model import Patch
-from micropatch.process.maps import mapping_at, read_maps
+from micropatch.process.maps import Mapping, mapping_at, read_maps
+from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
 from micropatch.process.world import StoppedProcess, exists, stop_world
 from micropatch.x86.trampoline import build_trampoline, site_jump
@@ -91,14 +93,14 @@ def _run(change: _Change, retries: int) -> Outcome:
     if change.add is not None:
         module = find_module(change.pid, read_maps(change.pid), change.add.target)
         planned = plan_patch(change.add, module)
+        _prepare(change.pid, module, planned)
     delay = RETRY_DELAY
     reason = ""
     for attempt in range(1, retries + 2):
         try:
-            start = time.perf_counter()
             with stop_world(change.pid) as proc:
                 sites = _transact(proc, change, module, planned)
-            paused = time.perf_counter() - start
+            paused = proc.paused
         except ProcessNotFound:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
         except _Unsafe as e:
@@ -106,7 +108,9 @@ def _run(change: _Change, retries: int) -> Outcome:
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
             continue
-        action = "applied" if change.remove is None else "removed" if change.add is None else "updated"
+        action = (
+            "applied" if change.remove is None else "removed" if change.add is None else "updated"
+        )
         version = change.add.version if change.add else None
         patch_id = change.add.id if change.add else str(change.remove)
         return Outcome(change.pid, patch_id, action, version, sites, attempt, paused)
@@ -143,7 +147,7 @@ def _transact(
             f"patch {change.add.id} version {old.version} is already applied to process "
             f"{proc.pid}; nothing to update"
         )
-    _check_safety(proc, planned or [], old_cave, old)
+    _check_safety(proc, mappings, planned or [], old_cave, old)
 
     tx = Transaction(proc, mappings)
     try:
@@ -172,7 +176,9 @@ def _transact(
     return count
 
 
-def _find_applied(caves: list[Cave], patch_id: str | None) -> tuple[Cave | None, AppliedPatch | None]:
+def _find_applied(
+    caves: list[Cave], patch_id: str | None
+) -> tuple[Cave | None, AppliedPatch | None]:
     for cave in caves:
         found = cave.registry.find(patch_id) if patch_id else None
         if found is not None:
@@ -182,6 +188,7 @@ def _find_applied(caves: list[Cave], patch_id: str | None) -> tuple[Cave | None,
 
 def _check_safety(
     proc: StoppedProcess,
+    mappings: list[Mapping],
     planned: list[PlannedSite],
     old_cave: Cave | None,
     old: AppliedPatch | None,
@@ -190,7 +197,9 @@ def _check_safety(
     interiors = [(p.site.address + 1, p.site.end, p.where) for p in planned]
     freed = []
     if old is not None:
-        interiors += [(s.address + 1, s.address + len(s.original), f"site {s.address:#x}") for s in old.sites]
+        interiors += [
+            (s.address + 1, s.address + len(s.original), f"site {s.address:#x}") for s in old.sites
+        ]
         freed = [(s.trampoline, s.trampoline + s.trampoline_size) for s in old.sites]
     for tid, rip in proc.instruction_pointers().items():
         for low, high, where in interiors:
@@ -200,12 +209,13 @@ def _check_safety(
             if low <= rip < high:
                 raise _Unsafe(f"thread {tid} is executing in a trampoline of {old and old.id}")
     if freed:
-        _check_stacks(proc, freed, old.id if old else "")
+        _check_stacks(proc, mappings, freed, old.id if old else "")
 
 
-def _check_stacks(proc: StoppedProcess, freed: list[tuple[int, int]], patch_id: str) -> None:
+def _check_stacks(
+    proc: StoppedProcess, mappings: list[Mapping], freed: list[tuple[int, int]], patch_id: str
+) -> None:
     """No return address (or any word) on a thread's stack may point into freed trampolines."""
-    mappings = read_maps(proc.pid)
     for tid in proc.threads:
         rsp = proc.regs(tid).rsp
         stack = mapping_at(mappings, rsp)
@@ -261,23 +271,11 @@ def _add_sites(
             sha256=module.identity.sha256,
             cave_size=CAVE_SIZE,
         )
-        cave = Cave(address, CAVE_SIZE, registry)
+        cave = new_cave = Cave(address, CAVE_SIZE, registry)
         caves.append(cave)
-        tx.on_rollback(lambda c=cave: unmap_cave(tx.syscalls, c))
-    taken = cave.registry.used_ranges()
+        tx.on_rollback(lambda: unmap_cave(tx.syscalls, new_cave))
     applied_sites = []
-    for p in planned:
-        def build(at: int, p: PlannedSite = p) -> bytes:
-            return build_trampoline(
-                at, p.site, p.body_at, resume=p.resume, skip_red_zone=p.skip_red_zone
-            )
-
-        estimate = len(build(cave.address + cave.size // 2)) + TRAMPOLINE_SLACK
-        slot = allocate(taken, cave.address, cave.size, estimate)
-        code = build(slot)
-        if len(code) > estimate:
-            raise MicropatchError(f"{p.where}: trampoline grew from {estimate} to {len(code)} bytes")
-        taken.append((slot, slot + len(code)))
+    for p, slot, code in _layout(cave, planned):
         tx.write(slot, code)
         jump = site_jump(p.site, slot)
         applied_sites.append(
@@ -291,6 +289,39 @@ def _add_sites(
     _store(tx, cave)
 
 
+def _layout(cave: Cave, planned: list[PlannedSite]) -> list[tuple[PlannedSite, int, bytes]]:
+    """Where each trampoline goes in the cave, and its code assembled for that place."""
+    taken = cave.registry.used_ranges()
+    placed = []
+    for p in planned:
+
+        def build(at: int, p: PlannedSite = p) -> bytes:
+            return build_trampoline(
+                at, p.site, p.body_at, resume=p.resume, skip_red_zone=p.skip_red_zone
+            )
+
+        estimate = len(build(cave.address + cave.size // 2)) + TRAMPOLINE_SLACK
+        slot = allocate(taken, cave.address, cave.size, estimate)
+        code = build(slot)
+        if len(code) > estimate:
+            raise MicropatchError(
+                f"{p.where}: trampoline grew from {estimate} to {len(code)} bytes"
+            )
+        taken.append((slot, slot + len(code)))
+        placed.append((p, slot, code))
+    return placed
+
+
+def _prepare(pid: int, module: LoadedModule, planned: list[PlannedSite]) -> None:
+    """Lay the trampolines out once before stopping, so that their bodies are assembled
+    (and cached) while the process still runs; in the stop, the same layout is a cache hit."""
+    with Memory(pid, writable=False) as memory:
+        cave = cave_of(read_caves(memory, read_maps(pid)), module)
+    if cave is not None:
+        with contextlib.suppress(MicropatchError):  # the real layout will report it
+            _layout(cave, planned)
+
+
 def _store(tx: Transaction, cave: Cave) -> None:
     if cave.registry.patches:
         tx.write(cave.address, cave.registry.encode())
@@ -302,4 +333,7 @@ def _who_hooks(caves: list[Cave], low: int, high: int) -> str:
             for s in patch.sites:
                 if s.address < high and low < s.address + len(s.original):
                     return f": patch {patch.id} v{patch.version} already patches {s.address:#x}"
-    return ": is another patch or tool (a debugger breakpoint, a hooking library) already hooking this function?"
+    return (
+        ": is another patch or tool (a debugger breakpoint, a hooking library) already "
+        "hooking this function?"
+    )

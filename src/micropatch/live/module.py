@@ -81,7 +81,7 @@ def module_groups(mappings: list[Mapping], name: str) -> list[list[Mapping]]:
 
 def _open_mapped_file(pid: int, first: Mapping) -> BinaryIO:
     try:
-        return open(f"/proc/{pid}/map_files/{first.map_files_entry}", "rb")  # noqa: SIM115
+        return open(f"/proc/{pid}/map_files/{first.map_files_entry}", "rb")
     except PermissionError:
         pass  # map_files needs CAP_SYS_ADMIN; a path is fine if it is still the same file
     except FileNotFoundError:

@@ -7,16 +7,15 @@ not match, code that does not assemble.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
-
-from iced_x86 import Mnemonic
 
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
 from micropatch.live.module import LoadedModule
 from micropatch.patch.assemble import assemble
 from micropatch.patch.model import Patch, Patchlet
-from micropatch.x86.decode import decode
 from micropatch.x86.site import Site, plan_site, site_unchecked
 from micropatch.x86.trampoline import writes_stack
 
@@ -36,7 +35,7 @@ class PlannedSite:
 def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
     planned = [_plan_patchlet(patch, i, p, module) for i, p in enumerate(patch.patchlets)]
     ordered = sorted(planned, key=lambda s: s.site.address)
-    for a, b in zip(ordered, ordered[1:], strict=False):
+    for a, b in itertools.pairwise(ordered):
         if b.site.address < a.site.end:
             raise SiteError(
                 f"patch {patch.id}: {a.where} and {b.where} overlap "
@@ -46,7 +45,9 @@ def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
     return planned
 
 
-def _plan_patchlet(patch: Patch, index: int, patchlet: Patchlet, module: LoadedModule) -> PlannedSite:
+def _plan_patchlet(
+    patch: Patch, index: int, patchlet: Patchlet, module: LoadedModule
+) -> PlannedSite:
     where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
     try:
         image = module.image
@@ -58,7 +59,11 @@ def _plan_patchlet(patch: Patch, index: int, patchlet: Patchlet, module: LoadedM
             site = plan_site(image.read(start, end - start), module.address(start), address)
             at_entry = start == offset
         else:
-            site = site_unchecked(image.read(offset, UNCHECKED_WINDOW), address)
+            segment_end = max(
+                (s.offset + s.filesz for s in image.segments if s.offset <= offset), default=0
+            )
+            window = max(0, min(UNCHECKED_WINDOW, segment_end - offset))
+            site = site_unchecked(image.read(offset, window), address)
         if patchlet.expect is not None:
             found = image.read(offset, len(patchlet.expect))
             if found != patchlet.expect:
@@ -66,11 +71,14 @@ def _plan_patchlet(patch: Patch, index: int, patchlet: Patchlet, module: LoadedM
                     f"expected bytes {patchlet.expect.hex(' ')}, the module file has "
                     f"{found.hex(' ')}: the patch was written for other code"
                 )
-        resume = None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
+        resume = (
+            None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
+        )
 
         def resolve(reference: str) -> int:
             return module.address(image.resolve(reference))
 
+        @functools.lru_cache(maxsize=16)
         def body_at(at: int, code: str = patchlet.code) -> bytes:
             return assemble(code, at, resolve)
 

@@ -52,9 +52,7 @@ class Registry:
 
     def used_ranges(self) -> list[tuple[int, int]]:
         return sorted(
-            (s.trampoline, s.trampoline + s.trampoline_size)
-            for p in self.patches
-            for s in p.sites
+            (s.trampoline, s.trampoline + s.trampoline_size) for p in self.patches for s in p.sites
         )
 
     def encode(self) -> bytes:

@@ -48,9 +48,16 @@ def status(pid: int) -> list[PatchState]:
     name = process_name(pid)
     return [
         PatchState(
-            pid, name, cave.registry.module_path, p.id, p.version, p.title, p.applied_at,
-            tuple(s.address for s in p.sites), cave.address,
-        )  # fmt: skip
+            pid,
+            name,
+            cave.registry.module_path,
+            p.id,
+            p.version,
+            p.title,
+            p.applied_at,
+            tuple(s.address for s in p.sites),
+            cave.address,
+        )
         for cave in caves
         for p in cave.registry.patches
     ]

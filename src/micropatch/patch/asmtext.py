@@ -26,6 +26,7 @@ _TOKEN = re.compile(
     r"|(?P<name>[A-Za-z_.][A-Za-z0-9_.]*)"
     r"|(?P<punct>[\[\](),:+\-*{}]))"
 )
+_OCTAL = re.compile(r"0[0-9]+")
 _SIZES = frozenset(
     [
         "byte",
@@ -136,6 +137,11 @@ def syntax_problem(statement: str) -> str | None:
             return f"unexpected character {statement[pos:].lstrip()[0]!r}"
         kind = match.lastgroup
         assert kind is not None
+        if kind == "number" and _OCTAL.fullmatch(match.group(kind)):
+            return (
+                f"{match.group(kind)} has a leading zero, which keystone reads as octal; "
+                "write a decimal without it or a 0x hex number"
+            )
         tokens.append((kind, match.group(kind)))
         pos = match.end()
     try:

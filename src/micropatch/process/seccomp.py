@@ -57,7 +57,7 @@ class FilterUnreadable(Exception):
 
 def read_filters(tid: int) -> list[list[tuple[int, int, int, int]]]:
     """Every filter attached to a stopped thread, newest first, as (code, jt, jf, k)."""
-    filters = []
+    filters: list[list[tuple[int, int, int, int]]] = []
     index = 0
     while True:
         try:

@@ -7,6 +7,7 @@ another, so a stable rescan means the whole process is stopped.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -49,6 +50,13 @@ class StoppedProcess:
     status: ProcessStatus
     memory: Memory
     threads: dict[int, Thread] = field(default_factory=dict)
+    stopped_at: float = 0.0  # perf_counter() just before the first thread was seized
+    resumed_at: float = 0.0  # perf_counter() just after the last one was let go
+
+    @property
+    def paused(self) -> float:
+        """Seconds from the first seize to the last detach: what the target felt."""
+        return self.resumed_at - self.stopped_at
 
     def regs(self, tid: int) -> UserRegs:
         """Registers of a thread as they were when it stopped."""
@@ -87,6 +95,7 @@ class StoppedProcess:
                 if e.errno != errno.ESRCH:  # a thread that vanished needs no detach
                     raise
         self.threads.clear()
+        self.resumed_at = time.perf_counter()
         self.memory.close()
 
 
@@ -117,17 +126,17 @@ def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
             return None  # exited or killed
         if time.monotonic() > deadline:
             state = "?"
-            try:
+            with contextlib.suppress(ProcessError):
                 state = read_status(tid).state
-            except ProcessError:
-                pass
             raise ProcessError(
                 f"thread {tid} of process {pid} did not stop within {STOP_TIMEOUT:.0f} s "
                 f"(state {state}{': uninterruptible sleep, e.g. hung I/O' if state == 'D' else ''})"
                 "; nothing was changed, try again later"
             )
         time.sleep(delay)
-        delay = min(delay * 2, 0.005)
+        # Short polls: a runnable thread on a busy CPU stops within a time slice,
+        # and every millisecond we oversleep is a millisecond the others stay stopped.
+        delay = min(delay * 2, 0.0002)
 
 
 def _seize(pid: int, tid: int, status: ProcessStatus) -> bool:
@@ -159,6 +168,7 @@ def _seize(pid: int, tid: int, status: ProcessStatus) -> bool:
 def _stop_all(proc: StoppedProcess) -> None:
     pid = proc.pid
     deadline = time.monotonic() + STOP_TIMEOUT
+    proc.stopped_at = time.perf_counter()
     while True:
         fresh = [t for t in list_threads(pid) if t not in proc.threads]
         if not fresh:
@@ -205,4 +215,3 @@ def exists(pid: int) -> bool:
     except (ProcessNotFound, ProcessExited):
         return False
     return True
-

@@ -12,7 +12,6 @@ from micropatch.errors import PatchFormatError
         ("parse_packet", Location("parse_packet", 0)),
         ("parse_packet+0x12", Location("parse_packet", 0x12)),
         ("parse_packet+18", Location("parse_packet", 18)),
-        ("parse_packet+010", Location("parse_packet", 10)),
         (" parse_packet + 0X1a ", Location("parse_packet", 0x1A)),
         ("0x1234", Location(None, 0x1234)),
         ("4660", Location(None, 4660)),
@@ -26,7 +25,21 @@ def test_parse(text: str, expected: Location) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["", "+4", "foo+", "foo-4", "foo+0xZZ", "0x", "foo bar", "4foo", "foo+4+4", "{foo}"]
+    "text",
+    [
+        "",
+        "+4",
+        "foo+",
+        "foo-4",
+        "foo+0xZZ",
+        "0x",
+        "foo bar",
+        "4foo",
+        "foo+4+4",
+        "{foo}",
+        "foo+010",
+        "010",
+    ],
 )
 def test_reject(text: str) -> None:
     with pytest.raises(PatchFormatError, match="is not a location: expected 'symbol'"):

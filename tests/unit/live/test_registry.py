@@ -6,9 +6,17 @@ from micropatch.live.registry import REGISTRY_SIZE, AppliedPatch, AppliedSite, R
 
 
 def sample() -> Registry:
-    site = AppliedSite(0, 0x5555_0000_1234, b"\x55\x48\x89\xe5\x90", b"\xe9\x00\x00\x00\x00", 0x5555_1000_4000, 40)
-    return Registry("/usr/lib/libfoo.so", 0x5555_0000_0000, "ab12", "cd" * 32, 65536,
-                    [AppliedPatch("fix-1", 2, "a fix", 1700000000.5, [site])])
+    site = AppliedSite(
+        0, 0x5555_0000_1234, b"\x55\x48\x89\xe5\x90", b"\xe9\x00\x00\x00\x00", 0x5555_1000_4000, 40
+    )
+    return Registry(
+        "/usr/lib/libfoo.so",
+        0x5555_0000_0000,
+        "ab12",
+        "cd" * 32,
+        65536,
+        [AppliedPatch("fix-1", 2, "a fix", 1700000000.5, [site])],
+    )
 
 
 def test_round_trip() -> None:

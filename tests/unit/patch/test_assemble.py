@@ -145,6 +145,7 @@ def test_rip_relative_offset_belongs_in_braces() -> None:
         ("nop\nmov eax, [", r"line 2 \('mov eax, \['\): statement ends too early"),
         ("jne done\nret", r"line 1 \('jne done'\): unknown symbol 'done'.*\{done\}"),
         ("  mov eax, 1 + %", r"line 1 \('mov eax, 1 \+ %'\): unexpected character '%'"),
+        ("mov eax, [rbx + 010]", r"line 1 .*010 has a leading zero, which keystone reads as octal"),
         ("nop\n.align 16", r"line 2 .*directive \.align is not supported"),
         ("mov eax, 'é'", r"line 1 .*non-ASCII"),
         ("mov eax, ebx, ecx, edx, esi", r"line 1 .*invalid"),

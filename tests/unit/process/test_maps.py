@@ -4,7 +4,7 @@ SAMPLE = """\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1234                       /usr/bin/vuln
 55d0c0a01000-55d0c0a02000 r-xp 00001000 fe:01 1234                       /usr/bin/vuln
 7f0000000000-7f0000010000 r-xp 00000000 00:01 77                         /memfd:micropatch (deleted)
-7f0000100000-7f0000121000 rw-p 00000000 00:00 0 
+7f0000100000-7f0000121000 rw-p 00000000 00:00 0
 7ffc00000000-7ffc00021000 rw-p 00000000 00:00 0                          [stack]
 """
 
@@ -13,7 +13,12 @@ def test_parse_fields() -> None:
     maps = parse_maps(SAMPLE)
     assert len(maps) == 5
     exe = maps[1]
-    assert (exe.start, exe.end, exe.offset, exe.inode) == (0x55D0C0A01000, 0x55D0C0A02000, 0x1000, 1234)
+    assert (exe.start, exe.end, exe.offset, exe.inode) == (
+        0x55D0C0A01000,
+        0x55D0C0A02000,
+        0x1000,
+        1234,
+    )
     assert exe.executable and exe.readable and exe.name == "vuln" and not exe.deleted
 
 

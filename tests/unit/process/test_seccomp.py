@@ -57,6 +57,11 @@ def test_argument_checks() -> None:
 
 
 def test_unsigned_compare() -> None:
-    program = [(LD_ABS, 0, 0, 0), (JGE_K, 0, 1, 300), (RET_K, 0, 0, ERRNO | 1), (RET_K, 0, 0, SECCOMP_RET_ALLOW)]
+    program = [
+        (LD_ABS, 0, 0, 0),
+        (JGE_K, 0, 1, 300),
+        (RET_K, 0, 0, ERRNO | 1),
+        (RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
     assert not evaluate([program], 319, (), 0).allowed
     assert evaluate([program], SYS_MMAP, (), 0).allowed
