@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 
@@ -296,9 +297,12 @@ def test_thousands_of_threads(targets, start):
 def test_cli_all_processes(targets, start, tmp_path):
     from .patching import patch_source
 
-    many = [start("vuln_pie") for _ in range(3)]
+    # A name of its own, so that --all cannot meet another test run's processes.
+    program = tmp_path / f"vuln_all_{os.getpid()}"
+    shutil.copy(targets.vuln_pie, program)
+    many = [start(program) for _ in range(3)]
     source = tmp_path / "fix.toml"
-    source.write_text(patch_source(targets.vuln_pie, [FIX_AT_ENTRY], id="fleet-fix"))
+    source.write_text(patch_source(program, [FIX_AT_ENTRY], id="fleet-fix"))
 
     def run(*a):
         return subprocess.run(["micropatch", *a], capture_output=True, text=True, timeout=120)
