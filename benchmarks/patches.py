@@ -50,10 +50,9 @@ def parse(text: str) -> Any:
 def engine_error() -> str | None:
     """Why the engine cannot be used, or None if its public API imports."""
     try:
-        from micropatch.patch.source import load_patch, parse_patch  # noqa: F401
-
         from micropatch import live  # noqa: F401
         from micropatch.elf.identity import identify  # noqa: F401
+        from micropatch.patch.source import load_patch, parse_patch  # noqa: F401
     except ImportError as e:
         return f"{type(e).__name__}: {e}"
     return None

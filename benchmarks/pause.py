@@ -1,8 +1,8 @@
 """pause: how long one live.apply / live.remove stops the target's threads.
 
 Against the bare cost of stopping and resuming the same threads in the same
-run (`with stop_world(pid): pass`, timed like the engine times
-Outcome.paused: perf_counter around the whole stop-the-world block), for
+run (`with stop_world(pid): pass`, timed by the same clock as
+Outcome.paused: from the first thread seized to the last one let go), for
 targets of 1, 16 and 128 threads. Every round interleaves, on one target:
 
     bare | apply spare (new cave) | apply compute (existing cave) | bare |
@@ -60,13 +60,18 @@ def layout(threads: int) -> tuple[int, int]:
 
 
 def bare(pid: int) -> float:
-    """Seconds to stop and resume every thread of pid, timed like Outcome.paused."""
+    """Seconds to stop and resume every thread of pid, timed like Outcome.paused.
+
+    The engine's own clock (StoppedProcess.paused: first seize to last detach)
+    when it has one, else perf_counter around the block.
+    """
     from micropatch.process.world import stop_world  # imported before the clock starts
 
     start = time.perf_counter()
-    with stop_world(pid):
+    with stop_world(pid) as proc:
         pass
-    return time.perf_counter() - start
+    outer = time.perf_counter() - start
+    return float(getattr(proc, "paused", outer))
 
 
 class Run:
@@ -182,7 +187,8 @@ def markdown(results: list[dict[str, Any]], engine_error: str | None) -> str:
     lines = [
         "Seconds every thread of the target is stopped, in ms, **median / p90**; "
         "`bare` = `with stop_world(pid): pass`, the same threads stopped and resumed, "
-        "timed the same way, interleaved with the engine's operations on the same target. "
+        "timed by the same clock as `Outcome.paused` (first seize to last detach), "
+        "interleaved with the engine's operations on the same target. "
         "Ratios are of medians. Spinning threads call `compute()` (the patched function) "
         f"between runs of {BURN} multiplications; one thread in eight is blocked in `read()`.",
         "",

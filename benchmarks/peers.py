@@ -40,6 +40,7 @@ from benchmarks import patches, report
 from benchmarks.stats import ratio, summary
 from benchmarks.target import (
     Target,
+    TargetError,
     build,
     build_command,
     memfd_kib,
@@ -173,35 +174,49 @@ RUNNERS: dict[str, Callable[[Context, int], float]] = {
 
 
 def one(ctx: Context, tool: str) -> dict[str, Any]:
-    """One fresh target, one tool: seconds, memory deltas, patched or not."""
+    """One fresh target, one tool: seconds, memory deltas, patched or not, crashed or not."""
     with Target(ctx.exe, spin=SPIN, burn=BURN, mainspin=True) as target:
-        if target.call(5) != 11:
-            raise RuntimeError("bench_target: compute(5) != 11 before patching")
-        time.sleep(SETTLE)
-        before = target.rss()
-        mappings_before = memory_by_mapping(target.pid)
-        memfds_before = memfd_kib(target.pid)
         try:
-            seconds = RUNNERS[tool](ctx, target.pid)
-        except ToolFailed as e:
-            return {"error": str(e)}
-        except Exception as e:
-            return {"error": f"{type(e).__name__}: {e}"}
-        result = target.call(5)
-        time.sleep(SETTLE)
-        after = target.rss()
-        mappings_after = memory_by_mapping(target.pid)
-        memfds_after = memfd_kib(target.pid)
-        alive = target.alive()
-        for session in ctx.frida_sessions:
-            with contextlib.suppress(Exception):
-                session.detach()
-        ctx.frida_sessions.clear()
+            outcome = _measure(ctx, tool, target)
+        except (TargetError, OSError) as e:  # the target died: its /proc files are gone
+            outcome = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            for session in ctx.frida_sessions:
+                with contextlib.suppress(Exception):
+                    session.detach()
+            ctx.frida_sessions.clear()
+        if not target.alive() or "error" in outcome:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                target.proc.wait(timeout=0.5)
+        outcome["crashed"] = not target.alive()
+        if outcome["crashed"]:
+            outcome["target_exit"] = target.describe_exit()
+            outcome.setdefault("error", f"target {target.describe_exit()} after the tool")
+    return outcome
+
+
+def _measure(ctx: Context, tool: str, target: Target) -> dict[str, Any]:
+    if target.call(5) != 11:
+        raise RuntimeError("bench_target: compute(5) != 11 before patching")
+    time.sleep(SETTLE)
+    before = target.rss()
+    mappings_before = memory_by_mapping(target.pid)
+    memfds_before = memfd_kib(target.pid)
+    try:
+        seconds = RUNNERS[tool](ctx, target.pid)
+    except ToolFailed as e:
+        return {"error": str(e)}
+    except Exception as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+    result = target.call(5)
+    time.sleep(SETTLE)
+    after = target.rss()
+    mappings_after = memory_by_mapping(target.pid)
+    memfds_after = memfd_kib(target.pid)
     return {
         "seconds": seconds,
         "patched": result == 12,
         "result": result,
-        "alive": alive,
         "added_kib": {k: after.get(k, 0) - before.get(k, 0) for k in MEMORY_FIELDS},
         "rss_before_kib": before.get("Rss", 0),
         "memfd_added_kib": sum(memfds_after.values()) - sum(memfds_before.values()),
@@ -278,13 +293,13 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
         "(CLI process against CLI process, in-process against in-process).",
         "",
         "| tool | time (ms) | ÷ micropatch | Rss added (KiB) | Anonymous added (KiB) "
-        "| memfd pages added (KiB) | patched | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| memfd pages added (KiB) | patched | target crashed | errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, label in TOOLS.items():
         s = summaries[tool]
         if tool in ctx.unavailable:
-            lines.append(f"| {label} | not run | | | | | | {ctx.unavailable[tool]} |")
+            lines.append(f"| {label} | not run | | | | | | | {ctx.unavailable[tool]} |")
             continue
         t = s["seconds"]
         base = inproc if tool in ("micropatch_live", "frida_api") else cli
@@ -299,7 +314,7 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
         fmem = "—" if not memfd["n"] else f"{memfd['median']:.0f} ({memfd['max']:.0f})"
         lines.append(
             f"| {label} | {cell} | {qcell} | {mem} | {dmem} | {fmem} | {s['patched']}/{s['runs']} "
-            f"| {len(s['errors'])} |"
+            f"| {s['crashes']}/{s['runs']} | {len(s['errors'])} |"
         )
     errors = [(TOOLS[t], e) for t in TOOLS for e in summaries[t]["errors"][:1]]
     if errors:
@@ -393,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             "added_kib": {k: summary([s["added_kib"][k] for s in ok]) for k in MEMORY_FIELDS},
             "memfd_added_kib": summary([s["memfd_added_kib"] for s in ok]),
             "errors": [s["error"] for s in samples[tool] if "error" in s],
+            "crashes": sum(1 for s in samples[tool] if s.get("crashed")),
             "changed_mappings": ok[0]["changed_mappings"] if ok else None,
             "unavailable": ctx.unavailable.get(tool),
         }

@@ -170,6 +170,13 @@ def markdown(r: dict[str, Any] | None, error: str | None) -> str:
     if r["errors"]:
         lines += ["", "Failed operations (no change to the target is the engine's promise):", ""]
         lines += [f"- {k}: {n}x — first: `{r['first_errors'][k]}`" for k, n in r["errors"].items()]
+        if any("AlreadyTraced" in k for k in r["errors"]):
+            lines += [
+                "",
+                "AlreadyTraced: another process was tracing the target at that moment (its name "
+                "is in the message); micropatch refuses rather than waits, and the cycle tries "
+                "the operation again.",
+            ]
     lines += [
         "",
         "Aims (issue): 0 crashes — "

@@ -242,9 +242,14 @@ def test_retries_while_a_thread_sits_in_the_site(targets, start):
     outcome = live.apply(patch, t.pid, retries=500)
     assert outcome.attempts >= 1
     assert t.cmd("call 5") == str(3 * 5 + 4)
-    # The workers now live in the trampoline; removal waits until they are out of it.
-    t.cmd("park")
+    # The workers now live in the trampoline: those at a displaced instruction are moved
+    # back to the original one; removal only waits for those inside the patchlet body.
     live.remove(patch.id, t.pid, retries=500)
+    for _ in range(20):
+        live.apply(patch, t.pid, retries=500)
+        live.remove(patch.id, t.pid, retries=500)
+    t.cmd("sync")
+    assert t.cmd("stats").split()[-1] == "0"  # no bad results
     assert_no_crash(t)
 
 
@@ -318,3 +323,23 @@ def test_cli_all_processes(targets, start, tmp_path):
     assert all(t.cmd("call 65") == "-2" for t in many)
     nothing = run("apply", str(source))
     assert nothing.returncode == 1 and "--pid PID" in nothing.stderr
+
+
+def test_thread_in_a_restartable_syscall_inside_the_site_is_moved(targets, start):
+    """stuck_read is `xor eax,eax; syscall; ret`, and a thread is blocked in its read():
+    the kernel will restart the syscall in the site. Apply moves the thread to the
+    relocated copy (the syscall restarts there), remove moves it back; the read
+    completes normally either way."""
+    t = start("spinner", "1")
+    t.cmd("park")
+    assert t.cmd("stick").startswith("stuck")
+    patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
+    assert live.apply(patch, t.pid).attempts == 1
+    live.remove(patch.id, t.pid)  # the thread is still blocked, now in the trampoline copy
+    assert t.cmd("unstick") == "unstuck 1"
+    assert t.cmd("stick").startswith("stuck")
+    live.apply(patch, t.pid)
+    assert t.cmd("unstick") == "unstuck 1"  # the read completes in the relocated copy
+    live.remove(patch.id, t.pid)
+    assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
+    assert_no_crash(t)

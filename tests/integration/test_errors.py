@@ -30,6 +30,9 @@ from micropatch.errors import (
 from .patching import assert_untouched, make_patch, patch_source
 
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}
+# stuck_read's site with `resume` elsewhere has no relocated copy: a thread stopped
+# inside it cannot be moved, only waited for.
+UNMOVABLE = {"at": "stuck_read", "code": "nop", "resume": "hot"}
 
 
 def still_works(t, calls=(("call 65", "-2"), ("call 10", "10"))):
@@ -44,12 +47,11 @@ def test_pid_that_does_not_exist(targets):
 
 
 def test_process_exits_during_the_operation(targets, start):
-    """A thread parked inside the site keeps the engine retrying; the process dies meanwhile."""
+    """A thread parked inside a site that has no relocated copy keeps the engine retrying;
+    the process dies meanwhile."""
     t = start("spinner", "1")
-    assert t.cmd("park").startswith("parked") or True
-    stuck = t.cmd("stick")
-    assert stuck.startswith("stuck")
-    patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
+    assert t.cmd("stick").startswith("stuck")
+    patch = make_patch(targets.spinner, [UNMOVABLE])
     errors: list[BaseException] = []
 
     def run() -> None:
@@ -72,13 +74,25 @@ def test_process_exits_during_the_operation(targets, start):
 def test_thread_always_inside_the_site_gives_up_cleanly(targets, start):
     t = start("spinner", "1")
     t.cmd("stick")
-    patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
+    patch = make_patch(targets.spinner, [UNMOVABLE])
     with pytest.raises(
         UnsafeToPatch, match=r"not safe after 4 attempts: thread \d+ is executing inside"
     ):
         live.apply(patch, t.pid, retries=3)
     assert t.cmd("unstick") == "unstuck 1"
     assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
+
+
+def test_resume_inside_a_site_is_refused(targets, start):
+    from micropatch.errors import SiteError
+
+    t = start("vuln_pie")
+    patch = make_patch(
+        targets.vuln_pie, [{"at": "copy_packet", "code": "", "resume": "copy_packet+0x2"}]
+    )
+    with pytest.raises(SiteError, match=r"resume.*inside the site"):
+        live.apply(patch, t.pid)
+    still_works(t)
 
 
 def test_process_already_traced(targets, start):

@@ -9,7 +9,6 @@ moment and try again; any error rolls back to the untouched state.
 from __future__ import annotations
 
 import contextlib
-import struct
 import time
 from dataclasses import dataclass
 
@@ -35,18 +34,19 @@ from micropatch.live.cave import (
 from micropatch.live.module import LoadedModule, find_module
 from micropatch.live.plan import PlannedSite, plan_patch
 from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
+from micropatch.live.safety import Entering, Unsafe, into_copy, place_threads
 from micropatch.live.transaction import Transaction
 from micropatch.patch.model import Patch
-from micropatch.process.maps import Mapping, mapping_at, read_maps
+from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
 from micropatch.process.world import StoppedProcess, exists, stop_world
+from micropatch.x86.relocate import JUMP_LENGTH, relocated_addresses
 from micropatch.x86.trampoline import build_trampoline, site_jump
 
 DEFAULT_RETRIES = 20
 RETRY_DELAY = 0.002  # doubled after each unsafe attempt, capped below
 MAX_RETRY_DELAY = 0.05
-STACK_SCAN_LIMIT = 8 << 20
 TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
 
 
@@ -66,10 +66,6 @@ class _Change:
     pid: int
     add: Patch | None
     remove: str | None
-
-
-class _Unsafe(Exception):
-    """A thread is in the way this time; try again after resuming it."""
 
 
 def apply(patch: Patch, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
@@ -103,7 +99,7 @@ def _run(change: _Change, retries: int) -> Outcome:
             paused = proc.paused
         except ProcessNotFound:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
-        except _Unsafe as e:
+        except Unsafe as e:
             reason = str(e)
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
@@ -147,7 +143,10 @@ def _transact(
             f"patch {change.add.id} version {old.version} is already applied to process "
             f"{proc.pid}; nothing to update"
         )
-    _check_safety(proc, mappings, planned or [], old_cave, old)
+    entering = [Entering(p.site, p.resume is None, p.where) for p in planned or []]
+    placement = place_threads(
+        proc, mappings, entering, old.sites if old else [], str(change.remove)
+    )
 
     tx = Transaction(proc, mappings)
     try:
@@ -156,11 +155,17 @@ def _transact(
         count = len(old.sites) if old else 0
         if change.add is not None and module is not None and planned is not None:
             cave = cave_of(caves, module)
-            _add_sites(tx, caves, cave, module, change.add, planned)
+            tails = _add_sites(tx, caves, cave, module, change.add, planned)
+            for move in placement.pending:
+                placement.moves[move.tid] = into_copy(
+                    move, planned[move.index].site, tails[move.index]
+                )
             count = len(planned)
         elif old_cave is not None:
             _store(tx, old_cave)
         tx.verify()
+        for tid, rip in placement.moves.items():
+            _move(tx, tid, rip)
         for emptied in [c for c in caves if not c.registry.patches]:
             unmap_cave(tx.syscalls, emptied)  # last: the one step we could not undo
     except BaseException:
@@ -186,51 +191,11 @@ def _find_applied(
     return None, None
 
 
-def _check_safety(
-    proc: StoppedProcess,
-    mappings: list[Mapping],
-    planned: list[PlannedSite],
-    old_cave: Cave | None,
-    old: AppliedPatch | None,
-) -> None:
-    """Raise _Unsafe if a thread executes, or will return, into code we are about to change."""
-    interiors = [(p.site.address + 1, p.site.end, p.where) for p in planned]
-    freed = []
-    if old is not None:
-        interiors += [
-            (s.address + 1, s.address + len(s.original), f"site {s.address:#x}") for s in old.sites
-        ]
-        freed = [(s.trampoline, s.trampoline + s.trampoline_size) for s in old.sites]
-    for tid, rip in proc.instruction_pointers().items():
-        for low, high, where in interiors:
-            if low <= rip < high:
-                raise _Unsafe(f"thread {tid} is executing inside {where} (rip={rip:#x})")
-        for low, high in freed:
-            if low <= rip < high:
-                raise _Unsafe(f"thread {tid} is executing in a trampoline of {old and old.id}")
-    if freed:
-        _check_stacks(proc, mappings, freed, old.id if old else "")
-
-
-def _check_stacks(
-    proc: StoppedProcess, mappings: list[Mapping], freed: list[tuple[int, int]], patch_id: str
-) -> None:
-    """No return address (or any word) on a thread's stack may point into freed trampolines."""
-    for tid in proc.threads:
-        rsp = proc.regs(tid).rsp
-        stack = mapping_at(mappings, rsp)
-        if stack is None:
-            continue
-        top = min(stack.end, rsp + STACK_SCAN_LIMIT)
-        start = rsp & ~7
-        data = proc.memory.read(start, top - start)
-        for (word,) in struct.iter_unpack("<Q", data[: len(data) & ~7]):
-            for low, high in freed:
-                if low <= word < high:
-                    raise _Unsafe(
-                        f"thread {tid} has a return address into a trampoline of {patch_id} "
-                        "on its stack"
-                    )
+def _move(tx: Transaction, tid: int, rip: int) -> None:
+    """Move a stopped thread to the other copy of the instruction it was about to run."""
+    before = tx.proc.regs(tid).rip
+    tx.proc.move(tid, rip)
+    tx.on_rollback(lambda: tx.proc.move(tid, before))
 
 
 def _remove_sites(tx: Transaction, cave: Cave, old: AppliedPatch) -> None:
@@ -253,7 +218,8 @@ def _add_sites(
     module: LoadedModule,
     patch: Patch,
     planned: list[PlannedSite],
-) -> None:
+) -> list[int]:
+    """Write trampolines, jumps and registry; returns where each relocated copy starts."""
     for p in planned:
         found = tx.memory.read(p.site.address, p.site.length)
         if found != p.site.original:
@@ -278,8 +244,9 @@ def _add_sites(
     for p, slot, code in _layout(cave, planned):
         tx.write(slot, code)
         jump = site_jump(p.site, slot)
+        tail = _tail(p, slot, code)
         applied_sites.append(
-            AppliedSite(p.index, p.site.address, p.site.original, jump, slot, len(code))
+            AppliedSite(p.index, p.site.address, p.site.original, jump, slot, len(code), tail)
         )
     for s in applied_sites:
         tx.write(s.address, s.jump)
@@ -287,6 +254,19 @@ def _add_sites(
         AppliedPatch(patch.id, patch.version, patch.info.title or "", time.time(), applied_sites)
     )
     _store(tx, cave)
+    return [s.tail for s in applied_sites]
+
+
+def _tail(p: PlannedSite, slot: int, code: bytes) -> int:
+    """Where the relocated displaced instructions start in a trampoline; 0 if it has none."""
+    if p.resume is not None:
+        return 0
+    end = slot + len(code)
+    length = relocated_addresses(p.site.instructions, slot)[-1] - slot + JUMP_LENGTH
+    tail = end - length
+    if relocated_addresses(p.site.instructions, tail)[-1] + JUMP_LENGTH != end:
+        raise MicropatchError(f"{p.where}: cannot locate the relocated instructions")
+    return tail
 
 
 def _layout(cave: Cave, planned: list[PlannedSite]) -> list[tuple[PlannedSite, int, bytes]]:

@@ -34,6 +34,14 @@ class PlannedSite:
 
 def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
     planned = [_plan_patchlet(patch, i, p, module) for i, p in enumerate(patch.patchlets)]
+    for p in planned:
+        for other in planned:
+            if p.resume is not None and other.site.address < p.resume < other.site.end:
+                raise SiteError(
+                    f"patch {patch.id}, {p.where}: resume target {p.resume:#x} is inside the site "
+                    f"of {other.where} ({other.site.address:#x}-{other.site.end:#x}), which the "
+                    "jump overwrites"
+                )
     ordered = sorted(planned, key=lambda s: s.site.address)
     for a, b in itertools.pairwise(ordered):
         if b.site.address < a.site.end:

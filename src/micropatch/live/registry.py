@@ -27,6 +27,7 @@ class AppliedSite:
     jump: bytes  # what we wrote over the site
     trampoline: int
     trampoline_size: int
+    tail: int = 0  # where the relocated copy of the displaced instructions starts; 0: none
 
 
 @dataclass
@@ -103,6 +104,7 @@ class Registry:
                             jump=bytes.fromhex(s["jump"]),
                             trampoline=s["trampoline"],
                             trampoline_size=s["trampoline_size"],
+                            tail=s.get("tail", 0),
                         )
                         for s in p["sites"]
                     ],

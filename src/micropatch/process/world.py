@@ -70,6 +70,11 @@ class StoppedProcess:
         self.threads[tid].regs_dirty = True
         _checked(self.pid, lambda: ptrace.set_regs(tid, regs))
 
+    def move(self, tid: int, rip: int) -> None:
+        """Make a thread resume at another address (its other registers unchanged)."""
+        self.regs(tid).rip = rip
+        self.threads[tid].regs_dirty = True
+
     def current_regs(self, tid: int) -> UserRegs:
         return _checked(self.pid, lambda: ptrace.get_regs(tid))
 

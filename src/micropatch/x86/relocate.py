@@ -57,16 +57,32 @@ def relocate(instructions: Sequence[Instruction], new_address: int, *, return_to
     ``jmp``/``ret``, where it is unreachable, so the layout never depends on
     the instructions.
     """
-    code = bytearray()
+    code = b"".join(_encoded(instructions, new_address))
+    return code + jump(new_address + len(code), return_to)
+
+
+def relocated_addresses(instructions: Sequence[Instruction], new_address: int) -> list[int]:
+    """Where each instruction's copy starts when relocated to ``new_address``, then
+    where the jump back starts: the map that lets a stopped thread move between the
+    original instructions and their copy."""
+    addresses = [new_address]
+    for piece in _encoded(instructions, new_address):
+        addresses.append(addresses[-1] + len(piece))
+    return addresses
+
+
+def _encoded(instructions: Sequence[Instruction], new_address: int) -> list[bytes]:
+    pieces: list[bytes] = []
+    at = new_address
     for instruction in instructions:
-        at = new_address + len(code)
         if is_call(instruction):
-            code += _relocate_call(instruction, at)
+            piece = _relocate_call(instruction, at)
         else:
             _check_reach(instruction, at)
-            code += _encode(instruction, at, instruction)
-    code += jump(new_address + len(code), return_to)
-    return bytes(code)
+            piece = _encode(instruction, at, instruction)
+        pieces.append(piece)
+        at += len(piece)
+    return pieces
 
 
 def _relocate_call(call: Instruction, at: int) -> bytes:

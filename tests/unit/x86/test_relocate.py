@@ -191,3 +191,20 @@ def test_far_call_is_refused() -> None:
     displaced = decode(bytes.fromhex("ff18"), A)  # call far [rax]
     with pytest.raises(RelocationError, match="only near 64-bit calls can be relocated"):
         relocate(displaced, B, return_to=A + 2)
+
+
+def test_relocated_addresses_map_each_instruction() -> None:
+    from micropatch.x86.decode import decode
+    from micropatch.x86.relocate import relocate, relocated_addresses
+
+    original = 0x401000
+    ks_code = bytes.fromhex("85ff" "7404" "8d04bf")  # test edi,edi; je +4; lea eax,[rdi+rdi*4]
+    instructions = decode(ks_code, original)
+    new = 0x500000
+    starts = relocated_addresses(instructions, new)
+    assert len(starts) == len(instructions) + 1
+    code = relocate(instructions, new, return_to=original + len(ks_code))
+    copies = decode(code, new)
+    assert [c.ip for c in copies[: len(instructions)]] == starts[:-1]
+    assert starts[-1] == new + len(code) - 5  # the jump back
+    assert copies[1].near_branch_target == instructions[1].near_branch_target
