@@ -15,7 +15,9 @@ Every tool makes compute() of a running bench_target return 2x+2 instead of
   included.
 
 Tools run in a rotating order in each trial; one warm-up trial is not
-recorded. The patched result is checked after each tool. Memory added is the
+recorded. Afterwards the change is undone where the tool can (live.remove;
+detaching Frida's session reverts its hook) and the target is checked for
+life again. The patched result is checked after each tool. Memory added is the
 target's Rss (and Anonymous) from /proc/PID/smaps_rollup, 0.2 s after the
 tool finished, minus the same 0.2 s after start, before the tool. Aims
 (issue): faster than both peers, at most 8 KiB added.
@@ -72,6 +74,14 @@ TOOLS = {
     "gdb_cli": "gdb -batch -p (CLI process)",
     "frida_api": "Frida `Interceptor.replace` (Python API, in-process)",
     "frida_cli": "`frida -q --eternalize` (CLI process)",
+}
+
+
+# How each tool's change is undone after the measurement, where it can be.
+UNDO = {
+    "micropatch_cli": "live.remove",
+    "micropatch_live": "live.remove",
+    "frida_api": "detach (hook reverted)",
 }
 
 
@@ -174,25 +184,61 @@ RUNNERS: dict[str, Callable[[Context, int], float]] = {
 
 
 def one(ctx: Context, tool: str) -> dict[str, Any]:
-    """One fresh target, one tool: seconds, memory deltas, patched or not, crashed or not."""
+    """One fresh target, one tool: seconds, memory deltas, patched or not, crashed or not.
+
+    Then the change is undone where the tool can undo it (micropatch: live.remove;
+    Frida's API: detaching the session reverts the hook) and the target checked
+    again: a crash then is counted apart from one while patching.
+    """
     with Target(ctx.exe, spin=SPIN, burn=BURN, mainspin=True) as target:
         try:
             outcome = _measure(ctx, tool, target)
         except (TargetError, OSError) as e:  # the target died: its /proc files are gone
             outcome = {"error": f"{type(e).__name__}: {e}"}
-        finally:
-            for session in ctx.frida_sessions:
-                with contextlib.suppress(Exception):
-                    session.detach()
-            ctx.frida_sessions.clear()
-        if not target.alive() or "error" in outcome:
+        if "error" in outcome:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 target.proc.wait(timeout=0.5)
         outcome["crashed"] = not target.alive()
         if outcome["crashed"]:
             outcome["target_exit"] = target.describe_exit()
             outcome.setdefault("error", f"target {target.describe_exit()} after the tool")
+        undone = _undo(ctx, tool, target.pid, outcome)
+        if undone:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                target.proc.wait(timeout=SETTLE)
+            if not outcome["crashed"] and not target.alive():
+                outcome["crashed_at_undo"] = target.describe_exit()
+        if outcome["crashed"] or outcome.get("crashed_at_undo"):
+            outcome["kernel_log"] = kernel_log(target.pid)
     return outcome
+
+
+def _undo(ctx: Context, tool: str, pid: int, outcome: dict[str, Any]) -> bool:
+    """Undo the tool's change if it has a way to; True if something was undone."""
+    if ctx.frida_sessions:
+        for session in ctx.frida_sessions:
+            with contextlib.suppress(Exception):
+                session.detach()
+        ctx.frida_sessions.clear()
+        return True
+    if tool.startswith("micropatch") and not outcome["crashed"] and "error" not in outcome:
+        from micropatch import live
+
+        try:
+            live.remove(ctx.patch.id, pid)
+        except Exception as e:
+            outcome["undo_error"] = f"{type(e).__name__}: {e}"
+        return True
+    return False
+
+
+def kernel_log(pid: int) -> list[str]:
+    """The kernel's lines about a crashed target (segfault address, ip), if dmesg is readable."""
+    try:
+        out = subprocess.run(["dmesg"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if f"[{pid}]" in line][-5:]
 
 
 def _measure(ctx: Context, tool: str, target: Target) -> dict[str, Any]:
@@ -282,6 +328,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def _undo_crashes(tool: str, s: dict[str, Any]) -> str:
+    if tool not in UNDO:
+        return ""
+    return f" (+{s['crashes_at_undo']} at {UNDO[tool]})"
+
+
 def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
     cli = summaries["micropatch_cli"]["seconds"]["median"]
     inproc = summaries["micropatch_live"]["seconds"]["median"]
@@ -293,7 +345,7 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
         "(CLI process against CLI process, in-process against in-process).",
         "",
         "| tool | time (ms) | ÷ micropatch | Rss added (KiB) | Anonymous added (KiB) "
-        "| memfd pages added (KiB) | patched | target crashed | errors |",
+        "| memfd pages added (KiB) | patched | target died | errors |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for tool, label in TOOLS.items():
@@ -314,9 +366,14 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
         fmem = "—" if not memfd["n"] else f"{memfd['median']:.0f} ({memfd['max']:.0f})"
         lines.append(
             f"| {label} | {cell} | {qcell} | {mem} | {dmem} | {fmem} | {s['patched']}/{s['runs']} "
-            f"| {s['crashes']}/{s['runs']} | {len(s['errors'])} |"
+            f"| {s['crashes']}/{s['runs']}{_undo_crashes(tool, s)} | {len(s['errors'])} |"
         )
+    logs = [(TOOLS[t], line) for t in TOOLS for line in summaries[t]["kernel_log"][:3]]
+    if logs:
+        lines += ["", "Kernel log of crashed targets (first lines per tool):", ""]
+        lines += [f"- {label}: `{line}`" for label, line in logs]
     errors = [(TOOLS[t], e) for t in TOOLS for e in summaries[t]["errors"][:1]]
+    errors += [(TOOLS[t] + " (undo)", e) for t in TOOLS for e in summaries[t]["undo_errors"][:1]]
     if errors:
         lines += ["", "First error of each failing tool:", ""]
         lines += [f"- {label}: `{e}`" for label, e in errors]
@@ -355,6 +412,12 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
                     f"max {added['max']:.0f} KiB — {'met' if added['max'] <= 8 else 'NOT met'}"
                 )
     lines += [
+        "",
+        "Target died: killed by a signal, or exited by itself, while being patched or in the "
+        "0.2 s after; in parentheses, in the 0.2 s after the change was undone (micropatch: "
+        "`live.remove`; Frida's API: detaching the session, which reverts the hook; gdb and "
+        "the eternalized Frida CLI leave their change in place). A crashed trial's time and "
+        "memory are left out of the columns when it died before they were measured.",
         "",
         "Notes: Rss and Anonymous tell different parts. A page of code copied on write (the "
         "patched page of the module) is private memory that was already resident: Anonymous "
@@ -409,6 +472,9 @@ def main(argv: list[str] | None = None) -> int:
             "memfd_added_kib": summary([s["memfd_added_kib"] for s in ok]),
             "errors": [s["error"] for s in samples[tool] if "error" in s],
             "crashes": sum(1 for s in samples[tool] if s.get("crashed")),
+            "crashes_at_undo": sum(1 for s in samples[tool] if s.get("crashed_at_undo")),
+            "undo_errors": [s["undo_error"] for s in samples[tool] if "undo_error" in s],
+            "kernel_log": [line for s in samples[tool] for line in s.get("kernel_log", [])],
             "changed_mappings": ok[0]["changed_mappings"] if ok else None,
             "unavailable": ctx.unavailable.get(tool),
         }

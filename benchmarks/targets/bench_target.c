@@ -23,6 +23,7 @@
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <errno.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -135,6 +136,8 @@ static void reply(const char *fmt, ...)
     out[n++] = '\n';
     for (int off = 0; off < n;) {
         ssize_t w = write(1, out + off, (size_t)(n - off));
+        if (w < 0 && errno == EINTR)
+            continue;
         if (w <= 0)
             _exit(1);
         off += (int)w;
@@ -164,7 +167,10 @@ static int fill(void)
 {
     if (inlen == sizeof inbuf)
         inlen = 0; /* an absurdly long line: drop it */
-    ssize_t r = read(0, inbuf + inlen, sizeof inbuf - inlen);
+    ssize_t r;
+    do /* a tracer (ptrace, Frida's injector) may interrupt the read */
+        r = read(0, inbuf + inlen, sizeof inbuf - inlen);
+    while (r < 0 && errno == EINTR);
     if (r <= 0)
         return 0;
     inlen += (size_t)r;

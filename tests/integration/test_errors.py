@@ -313,3 +313,15 @@ def test_zombie_process(targets, start):
         time.sleep(0.01)
     with pytest.raises(ProcessExited, match=rf"process {t.pid} \(vuln_pie\) is a zombie"):
         live.apply(patch, t.pid)
+
+
+def test_body_that_moves_past_the_red_zone_cannot_jump_out(targets, start):
+    """rsp would be left 128 bytes off: refused before the process is touched."""
+    from micropatch.errors import SiteError
+
+    t = start("redzone")
+    patch = make_patch(targets.redzone, [{"at": "rz_sum+0x7a", "code": "push rax\npop rax\njmp {rz_sum}"}])
+    with pytest.raises(SiteError, match=r"leaves it before rsp is restored"):
+        live.apply(patch, t.pid)
+    assert t.cmd("call 5") == str(14 * 5 + 91)
+    assert_untouched(targets, "redzone", t.pid, ["rz_sum"])

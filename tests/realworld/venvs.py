@@ -1,6 +1,6 @@
 """Temporary virtual environments holding pinned releases from PyPI, for real-world tests.
 
-    from tests.realworld.venvs import venv_python
+    from .venvs import venv_python            # in a test module beside this one
 
     python = venv_python("pillow==12.1.0")      # Path to the venv's bin/python
     subprocess.run([python, "-c", "import PIL"])
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.metadata
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,7 @@ class _InstallFailed(Exception):
 def _create(requirements: tuple[str, ...]) -> Path:
     global _root
     if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix="micropatch-venvs-"))
+        _root = Path(tempfile.mkdtemp(prefix="realworld-venvs-"))
         atexit.register(shutil.rmtree, _root, ignore_errors=True)
     target = Path(tempfile.mkdtemp(prefix="venv-", dir=_root))
     fast = _pip_has_python_option()
@@ -84,7 +85,11 @@ def _create(requirements: tuple[str, ...]) -> Path:
         check=True, capture_output=True, timeout=120,
     )  # fmt: skip
     python = target / "bin" / "python"
-    pip = [sys.executable, "-m", "pip", "--python", str(python)] if fast else [str(python), "-m", "pip"]
+    pip = (
+        [sys.executable, "-m", "pip", "--python", str(python)]
+        if fast
+        else [str(python), "-m", "pip"]
+    )
     command = [
         *pip, "install", "--quiet", "--disable-pip-version-check", "--no-input",
         "--only-binary=:all:", "--timeout", "30", "--retries", "2", *requirements,
@@ -111,5 +116,5 @@ def _pip_has_python_option() -> bool:
         version = importlib.metadata.version("pip")
     except importlib.metadata.PackageNotFoundError:
         return False
-    major, minor = (int(part) for part in version.split(".")[:2])
-    return (major, minor) >= (22, 3)
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return found is not None and (int(found[1]), int(found[2])) >= (22, 3)

@@ -16,6 +16,7 @@ from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
 from micropatch.live.module import LoadedModule
 from micropatch.patch.assemble import assemble
 from micropatch.patch.model import Patch, Patchlet
+from micropatch.x86.decode import decode, format_instruction, near_branch_target
 from micropatch.x86.site import Site, plan_site, site_unchecked
 from micropatch.x86.trampoline import writes_stack
 
@@ -51,6 +52,19 @@ def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
                 "one site per location"
             )
     return planned
+
+
+def _refuse_exits(body: bytes, address: int) -> None:
+    """A body run 128 bytes below rsp must leave through its end, where rsp is restored."""
+    for instruction in decode(body, address):
+        target = near_branch_target(instruction)
+        if target is not None and not address <= target <= address + len(body):
+            raise SiteError(
+                f"the body writes the stack, so the engine runs it 128 bytes below rsp to spare "
+                f"the red zone of a leaf function, and `{format_instruction(instruction)}` leaves "
+                "it before rsp is restored; jump out only from a body that does not push or "
+                "call, or patch at the function's entry, where no red zone is live"
+            )
 
 
 def _plan_patchlet(
@@ -92,6 +106,8 @@ def _plan_patchlet(
 
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
         skip_red_zone = not at_entry and writes_stack(body_at(address), address)
+        if skip_red_zone:
+            _refuse_exits(body_at(address), address)
     except MicropatchError as e:
         raise type(e)(f"patch {patch.id}, {where}: {e}") from None
     return PlannedSite(index, where, site, resume, body_at, skip_red_zone)

@@ -13,7 +13,7 @@ import errno
 import os
 import signal
 
-from micropatch.errors import RemoteSyscallError
+from micropatch.errors import MicropatchError, RemoteSyscallError
 from micropatch.process import seccomp
 from micropatch.process.abi import SYSCALL_ARG_REGS, SYSCALL_INSN, SYSCALL_NAMES, signed64
 from micropatch.process.maps import Mapping
@@ -37,6 +37,21 @@ class RemoteSyscalls:
         return self._insn
 
     def _find_syscall_instruction(self) -> int:
+        """A `syscall` instruction, preferably in a page the process already has resident.
+
+        Threads stopped in a system call sit just after one: using it touches no new
+        page (reading the vDSO would add it to the target's resident memory).
+        """
+        for tid in sorted(self.proc.threads, key=lambda t: t != self.tid):
+            rip: int = self.proc.regs(tid).rip
+            try:
+                if (
+                    self.proc.memory.read(rip - len(SYSCALL_INSN), len(SYSCALL_INSN))
+                    == SYSCALL_INSN
+                ):
+                    return rip - len(SYSCALL_INSN)
+            except MicropatchError:
+                continue
         candidates = sorted(
             (m for m in self.mappings if m.executable and m.readable),
             key=lambda m: m.path != "[vdso]",
@@ -44,7 +59,7 @@ class RemoteSyscalls:
         for mapping in candidates:
             try:
                 code = self.proc.memory.read(mapping.start, min(mapping.size, 1 << 20))
-            except Exception:
+            except MicropatchError:
                 continue
             at = code.find(SYSCALL_INSN)
             if at >= 0:
