@@ -108,7 +108,7 @@ def markdown(result: dict[str, Any] | None, error: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = report.arguments(NAME, __doc__.splitlines()[0], argv)
     parser.add_argument("--rounds", type=int, default=None, help=f"default {ROUNDS}")
-    args = parser.parse_args(argv)
+    args = report.parse(parser, argv)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
     seconds = QUICK_TARGET_SECONDS if args.quick else TARGET_SECONDS
     error = patches.engine_error()

@@ -36,6 +36,9 @@ NAME = "pause"
 THREADS = (1, 16, 128)
 QUICK_THREADS = (1, 16)
 ROUNDS = 100
+MIN_ROUNDS = 10
+BUDGET = 45.0  # seconds per thread count, after which rounds stop (at least MIN_ROUNDS)
+QUICK_BUDGET = 4.0
 QUICK_ROUNDS = 2
 BURN = 200  # multiplications between two calls of compute() in each spinning thread
 
@@ -102,7 +105,7 @@ class Run:
 
 
 def measure(
-    exe: Path, threads: int, rounds: int, patch_compute: Any, patch_spare: Any
+    exe: Path, threads: int, rounds: int, budget: float, patch_compute: Any, patch_spare: Any
 ) -> dict[str, Any]:
     spin, blocked = layout(threads)
     run = Run()
@@ -120,7 +123,12 @@ def measure(
                 live.remove(warm.id, pid)
         gc.disable()
         try:
+            deadline = time.monotonic() + budget
+            done = 0
             for _ in range(rounds):
+                if done >= MIN_ROUNDS and time.monotonic() > deadline:
+                    break  # a busy machine: fewer rounds rather than an endless run
+                done += 1
                 run.bare(pid)
                 if patch_compute is None:
                     run.bare(pid)
@@ -154,7 +162,9 @@ def measure(
         "spinning": spin + 1,
         "blocked": blocked,
         "burn": BURN,
-        "rounds": rounds,
+        "rounds": done,
+        "rounds_requested": rounds,
+        "budget_seconds": budget,
         "seconds": {op: summary(v) for op, v in run.paused.items()},
         "wall_seconds": {op: summary(v) for op, v in run.wall.items()},
         "retried": {op: sum(1 for a in v if a > 1) for op, v in run.attempts.items()},
@@ -221,7 +231,8 @@ def markdown(results: list[dict[str, Any]], engine_error: str | None) -> str:
         retried = {op: c for op, c in r["retried"].items() if c}
         lines.append(
             f"- {_threads(r['threads'])} ({r['threads_counted']} counted in /proc/PID/task: "
-            f"{r['spinning']} spinning, {r['blocked']} blocked), {r['rounds']} rounds: "
+            f"{r['spinning']} spinning, {r['blocked']} blocked), {r['rounds']} rounds"
+            f"{'' if r['rounds'] == r['rounds_requested'] else ' (time budget reached)'}: "
             f"n = {n['bare']} bare, {n['apply_new_cave']} apply (new cave), "
             f"{n['apply_existing_cave']} apply (existing cave), {n['remove_cave_kept']} remove "
             f"(cave kept), {n['remove_last']} remove (last); "
@@ -267,8 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, nargs="+", default=None, help="thread counts (default 1 16 128)"
     )
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help=f"seconds per thread count after which rounds stop (default {BUDGET:.0f})",
+    )
+    args = report.parse(parser, argv)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
+    budget = args.budget or (QUICK_BUDGET if args.quick else BUDGET)
     counts = args.threads or (QUICK_THREADS if args.quick else THREADS)
     engine_error = patches.engine_error()
     results = []
@@ -289,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
         for threads in counts:
             print(f"pause: {threads} threads, {rounds} rounds", file=sys.stderr)
-            results.append(measure(exe, threads, rounds, patch_compute, patch_spare))
+            results.append(measure(exe, threads, rounds, budget, patch_compute, patch_spare))
     md = markdown(results, engine_error)
     data = {
         "target": {"source": "benchmarks/targets/bench_target.c", "build": build_command()},

@@ -32,6 +32,13 @@ def arguments(name: str, description: str, argv: list[str] | None) -> argparse.A
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse the options, and note how busy the machine is as the benchmark starts."""
+    args = parser.parse_args(argv)
+    args.load_at_start = load_average()
+    return args
+
+
 def out_dir(args: argparse.Namespace) -> Path:
     if args.out is not None:
         return Path(args.out)
@@ -82,7 +89,16 @@ def machine() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "python": platform.python_version(),
         "micropatch_commit": _git_commit(),
+        "load_average_at_end": load_average(),
     }
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: how busy the shared machine was."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "unknown"
 
 
 def now() -> str:
@@ -101,6 +117,8 @@ def write(
     directory = out_dir(args)
     directory.mkdir(parents=True, exist_ok=True)
     m = machine()
+    load_at_start = getattr(args, "load_at_start", None)
+    m["load_average_at_start"] = load_at_start
     meta: dict[str, Any] = {
         "benchmark": name,
         "command": command(name, argv),
@@ -115,6 +133,9 @@ def write(
         f"- command: `{meta['command']}`{QUICK_NOTE if args.quick else ''}\n"
         f"- machine: {m['nproc']} CPUs ({m['cpu']}), Linux {m['kernel']}, Python {m['python']}\n"
         f"- micropatch: {m['micropatch_commit']}\n"
+        f"- load average (1/5/15 min) at start: {load_at_start or '?'}, "
+        f"at end: {m['load_average_at_end']} (on {m['nproc']} CPUs; the targets' own "
+        "spinning threads count in it)\n"
         f"- date: {meta['date']}\n\n"
     )
     md_path = directory / f"{name}.md"

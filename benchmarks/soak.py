@@ -22,13 +22,14 @@ from typing import Any
 
 from benchmarks import patches, report
 from benchmarks.stats import summary
-from benchmarks.target import Target, build, build_command
+from benchmarks.target import Target, TargetError, build, build_command, diagnose
 
 NAME = "soak"
 CYCLES = 1000
 QUICK_CYCLES = 10
 THREADS = 16
 CHECK_EVERY = 100
+ANSWER_TIMEOUT = 20.0  # seconds the target's main thread may take to answer `call 5`
 
 
 def soak(exe: Path, patch: Any, cycles: int) -> dict[str, Any]:
@@ -42,6 +43,8 @@ def soak(exe: Path, patch: Any, cycles: int) -> dict[str, Any]:
     first_errors: dict[str, str] = {}
     effect_checks = {"patched_seen": 0, "unpatched_seen": 0, "wrong": 0}
     crash = None
+    hang: str | None = None
+    diagnosis: list[str] = []
     completed = 0
 
     def failed(op: str, e: Exception) -> None:
@@ -56,44 +59,56 @@ def soak(exe: Path, patch: Any, cycles: int) -> dict[str, Any]:
         start = time.perf_counter()
         for cycle in range(cycles):
             check = cycle % CHECK_EVERY == 0 or cycle == cycles - 1
-            if not applied:
-                try:
-                    out = live.apply(patch, pid)
-                    applied = True
-                    apply_paused.append(out.paused)
-                    apply_attempts.append(out.attempts)
-                except Exception as e:
-                    failed("apply", e)
-            if not target.alive():
-                crash = f"after apply, cycle {cycle}: {target.describe_exit()}"
+            try:
+                if not applied:
+                    try:
+                        out = live.apply(patch, pid)
+                        applied = True
+                        apply_paused.append(out.paused)
+                        apply_attempts.append(out.attempts)
+                    except Exception as e:
+                        failed("apply", e)
+                if not target.alive():
+                    crash = f"after apply, cycle {cycle}: {target.describe_exit()}"
+                    break
+                _effect(
+                    target.call(5, timeout=ANSWER_TIMEOUT), 12 if applied else 11, effect_checks
+                )
+                if applied:
+                    try:
+                        out = live.remove(patch.id, pid)
+                        applied = False
+                        remove_paused.append(out.paused)
+                        remove_attempts.append(out.attempts)
+                    except Exception as e:
+                        failed("remove", e)
+                if not target.alive():
+                    crash = f"after remove, cycle {cycle}: {target.describe_exit()}"
+                    break
+                _effect(
+                    target.call(5, timeout=ANSWER_TIMEOUT), 12 if applied else 11, effect_checks
+                )
+                completed = cycle + 1
+                if check:
+                    s = target.stats()
+                    print(f"soak: cycle {cycle + 1}/{cycles}: {s}", file=sys.stderr)
+                    gc.collect()
+            except TargetError as e:
+                if target.alive():
+                    hang = f"cycle {cycle}: {e}"
+                    diagnosis = diagnose(pid)
+                else:
+                    crash = f"cycle {cycle}: {target.describe_exit()}"
                 break
-            if check and applied:
-                _effect(target.call(5), 12, effect_checks)
+        elapsed = time.perf_counter() - start
+        stats = {}
+        if hang is None and target.alive():
+            stats = target.stats()
             if applied:
                 try:
-                    out = live.remove(patch.id, pid)
-                    applied = False
-                    remove_paused.append(out.paused)
-                    remove_attempts.append(out.attempts)
+                    live.remove(patch.id, pid)
                 except Exception as e:
-                    failed("remove", e)
-            if not target.alive():
-                crash = f"after remove, cycle {cycle}: {target.describe_exit()}"
-                break
-            if check and not applied:
-                _effect(target.call(5), 11, effect_checks)
-            completed = cycle + 1
-            if check:
-                s = target.stats()
-                print(f"soak: cycle {cycle + 1}/{cycles}: {s}", file=sys.stderr)
-                gc.collect()
-        elapsed = time.perf_counter() - start
-        stats = target.stats() if target.alive() else {}
-        if applied and target.alive():
-            try:
-                live.remove(patch.id, pid)
-            except Exception as e:
-                failed("final remove", e)
+                    failed("final remove", e)
         alive = target.alive()
     full = sum(1 for _ in zip(apply_paused, remove_paused, strict=False))
     return {
@@ -105,6 +120,8 @@ def soak(exe: Path, patch: Any, cycles: int) -> dict[str, Any]:
         "seconds": elapsed,
         "cycles_per_second": completed / elapsed if elapsed else 0.0,
         "crash": crash,
+        "hang": hang,
+        "hang_diagnosis": diagnosis,
         "target_alive_at_end": alive,
         "target_stats": stats,
         "wrong_results": stats.get("bad"),
@@ -145,6 +162,7 @@ def markdown(r: dict[str, Any] | None, error: str | None) -> str:
     pa, pr = r["paused_seconds"]["apply"], r["paused_seconds"]["remove"]
     at = r["attempts"]
     crashes = 0 if r["crash"] is None and r["target_alive_at_end"] else 1
+    hung = r.get("hang")
     lines = [
         f"{r['cycles_completed']} of {r['cycles_requested']} apply/remove cycles on a "
         f"{r['threads']}-thread target ({r['threads_counted']} in /proc/PID/task), every thread "
@@ -153,6 +171,8 @@ def markdown(r: dict[str, Any] | None, error: str | None) -> str:
         "| | value |",
         "|---|---:|",
         f"| crashes of the target | {crashes}{' — ' + r['crash'] if r['crash'] else ''} |",
+        f"| target stopped answering (main thread stuck) | {1 if hung else 0}"
+        f"{' — ' + hung if hung else ''} |",
         f"| wrong results (neither 2x+1 nor 2x+2) | {st.get('bad', '?')} "
         f"of {st.get('calls', 0):,} calls |",
         f"| calls that saw the unpatched / patched result | {st.get('old', 0):,} "
@@ -177,10 +197,14 @@ def markdown(r: dict[str, Any] | None, error: str | None) -> str:
                 "is in the message); micropatch refuses rather than waits, and the cycle tries "
                 "the operation again.",
             ]
+    if hung:
+        lines += ["", "State of the stuck target (threads, then gdb's backtraces):", "", "```"]
+        lines += r["hang_diagnosis"][:80]
+        lines += ["```"]
     lines += [
         "",
         "Aims (issue): 0 crashes — "
-        + ("met" if crashes == 0 else "NOT met")
+        + ("met" if crashes == 0 and not hung else "NOT met")
         + "; 0 wrong results — "
         + ("met" if st.get("bad") == 0 else "NOT met")
         + ".",
@@ -191,7 +215,7 @@ def markdown(r: dict[str, Any] | None, error: str | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = report.arguments(NAME, __doc__.splitlines()[0], argv)
     parser.add_argument("--cycles", type=int, default=None, help=f"default {CYCLES}")
-    args = parser.parse_args(argv)
+    args = report.parse(parser, argv)
     cycles = args.cycles or (QUICK_CYCLES if args.quick else CYCLES)
     error = patches.engine_error()
     result = None

@@ -116,6 +116,36 @@ def memory_added(before: dict[str, dict[str, int]], after: dict[str, dict[str, i
     return lines
 
 
+def diagnose(pid: int) -> list[str]:
+    """What a stuck process's threads are doing: state, system call, then gdb's backtraces."""
+    lines = []
+    try:
+        for tid in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"/proc/{pid}/task/{tid}/syscall") as f:
+                syscall = f.read().strip()
+            lines.append(f"thread {tid}: state {state}, syscall {syscall}")
+        with open(f"/proc/{pid}/status") as f:
+            lines += [line.strip() for line in f if line.startswith(("State", "TracerPid"))]
+    except OSError as e:
+        lines.append(f"/proc/{pid}: {e}")
+    gdb = ["gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off", "-p", str(pid)]
+    try:
+        out = subprocess.run(
+            [*gdb, "-ex", "thread apply all bt 6", "-ex", "x/4i $pc"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        skip = ("[New LWP", "warning:")
+        text = out.stdout + out.stderr
+        lines += [line for line in text.splitlines() if line.strip() and not line.startswith(skip)]
+    except (OSError, subprocess.SubprocessError) as e:
+        lines.append(f"gdb: {e}")
+    return lines
+
+
 class Target:
     """One running bench_target; see the C file for its arguments and commands."""
 
@@ -162,8 +192,8 @@ class Target:
             raise TargetError(f"target {self.proc.pid} is gone: {self.describe_exit()}") from None
         return self.read_line(timeout)
 
-    def call(self, x: int) -> int:
-        answer = self.ask(f"call {x}")
+    def call(self, x: int, timeout: float = 60) -> int:
+        answer = self.ask(f"call {x}", timeout=timeout)
         if not answer.startswith("result "):
             raise TargetError(f"call {x}: {answer!r}")
         return int(answer.split()[1])

@@ -27,6 +27,14 @@ class UnresolvedReference(MicropatchError):
     """A reference in patchlet code (symbol, offset) cannot be resolved."""
 
 
+class ArtifactError(MicropatchError):
+    """A built patch artifact (.mpatch) is malformed, corrupt or of an unknown format."""
+
+
+class SignatureError(MicropatchError):
+    """A key file is malformed, or an artifact lacks a valid signature by a trusted key."""
+
+
 # --- elf/ -------------------------------------------------------------------
 
 

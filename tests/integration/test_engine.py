@@ -277,7 +277,11 @@ def test_cli_round_trip(targets, start, tmp_path):
     source = tmp_path / "fix.toml"
     source.write_text(patch_source(targets.vuln_pie, [FIX_AT_ENTRY]))
     run = lambda *a: subprocess.run(["micropatch", *a], capture_output=True, text=True)  # noqa: E731
-    applied = run("apply", str(source), "--pid", str(t.pid))
+    assert run("keys", "generate", str(tmp_path / "dev")).returncode == 0
+    built = run("build", str(source), "--module", str(targets.vuln_pie), "--key", str(tmp_path / "dev.key"), "-o", str(tmp_path / "fix.mpatch"))  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    trust = ("--trust", str(tmp_path / "dev.pub"))
+    applied = run("apply", str(tmp_path / "fix.mpatch"), "--pid", str(t.pid), *trust)
     assert applied.returncode == 0, applied.stderr
     assert "applied test-fix v1" in applied.stdout
     assert t.cmd("call 65") == "-1"
@@ -312,7 +316,18 @@ def test_cli_all_processes(targets, start, tmp_path):
     def run(*a):
         return subprocess.run(["micropatch", *a], capture_output=True, text=True, timeout=120)
 
-    applied = run("apply", str(source), "--all")
+    assert run("keys", "generate", str(tmp_path / "fleet")).returncode == 0
+    artifact = tmp_path / "fleet-fix.mpatch"
+    built = run("build", str(source), "--module", str(program), "--key", str(tmp_path / "fleet.key"), "-o", str(artifact))  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    trust = {**os.environ, "MICROPATCH_TRUST_DIR": str(tmp_path)}  # holds fleet.pub
+    applied = subprocess.run(
+        ["micropatch", "apply", str(artifact), "--all"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=trust,
+    )
     assert applied.returncode == 0, applied.stderr
     assert "apply: 3 done, 0 failed" in applied.stdout
     assert all(t.cmd("call 65") == "-1" for t in many)
@@ -321,7 +336,7 @@ def test_cli_all_processes(targets, start, tmp_path):
     removed = run("remove", "fleet-fix", "--all")
     assert removed.returncode == 0, removed.stderr
     assert all(t.cmd("call 65") == "-2" for t in many)
-    nothing = run("apply", str(source))
+    nothing = run("apply", str(artifact), "--trust", str(tmp_path / "fleet.pub"))
     assert nothing.returncode == 1 and "--pid PID" in nothing.stderr
 
 

@@ -286,7 +286,7 @@ def test_malformed_patch_files(tmp_path, text, message):
     source = tmp_path / "bad.toml"
     source.write_text(text)
     done = subprocess.run(
-        ["micropatch", "apply", str(source), "--pid", str(os.getpid())],
+        ["micropatch", "apply", str(source), "--pid", str(os.getpid()), "--allow-unsigned"],
         capture_output=True,
         text=True,
     )

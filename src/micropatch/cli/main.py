@@ -13,9 +13,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from micropatch import live
+from micropatch.cli import authoring
 from micropatch.errors import MicropatchError, NotApplied
 from micropatch.patch.model import Patch
-from micropatch.patch.source import load_patch
 
 app = typer.Typer(
     help="In-memory micropatching of running Linux x86-64 processes.",
@@ -40,9 +40,9 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
-def _load(path: Path) -> Patch:
+def _load(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Patch:
     try:
-        return load_patch(path)
+        return authoring.patch_for_apply(path, trust, allow_unsigned)
     except MicropatchError as e:
         raise _fail(str(e)) from None
 
@@ -100,13 +100,18 @@ def _run_each(
 
 @app.command()
 def apply(
-    patch_file: Annotated[Path, typer.Argument(help="Patch source (TOML).")],
+    patch_file: Annotated[
+        Path,
+        typer.Argument(help="Signed artifact (.mpatch); a TOML source needs --allow-unsigned."),
+    ],
     pid: PidOption = None,
     all_: AllOption = False,
     retries: RetriesOption = live.engine.DEFAULT_RETRIES,
+    trust: authoring.TrustOption = None,
+    allow_unsigned: authoring.AllowUnsignedOption = False,
 ) -> None:
-    """Apply a patch to running processes: every patchlet, or none."""
-    patch = _load(patch_file)
+    """Apply a signed patch to running processes: every patchlet, or none."""
+    patch = _load(patch_file, trust, allow_unsigned)
     pids = _targets(pid, all_, lambda: live.pids_mapping(patch.target.module))
     _run_each("apply", pids, lambda p: live.apply(patch, p, retries=retries))
 
@@ -127,13 +132,21 @@ def remove(
 
 @app.command()
 def update(
-    patch_file: Annotated[Path, typer.Argument(help="Newer version of an applied patch.")],
+    patch_file: Annotated[
+        Path,
+        typer.Argument(
+            help="Signed artifact (.mpatch) of a newer version of an applied patch; a TOML "
+            "source needs --allow-unsigned."
+        ),
+    ],
     pid: PidOption = None,
     all_: AllOption = False,
     retries: RetriesOption = live.engine.DEFAULT_RETRIES,
+    trust: authoring.TrustOption = None,
+    allow_unsigned: authoring.AllowUnsignedOption = False,
 ) -> None:
     """Replace an applied patch by another version of it, in one stop of each process."""
-    patch = _load(patch_file)
+    patch = _load(patch_file, trust, allow_unsigned)
     pids = _targets(pid, all_, live.patched_pids)
     _run_each(
         "update", pids, lambda p: live.update(patch, p, retries=retries), skip_not_applied=all_
@@ -172,6 +185,9 @@ def demo() -> None:
         run(out)
     except MicropatchError as e:
         raise _fail(str(e)) from None
+
+
+authoring.register(app)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
 from micropatch.live.module import LoadedModule
 from micropatch.patch.assemble import assemble
+from micropatch.patch.body import body_kind, body_source
 from micropatch.patch.model import Patch, Patchlet
 from micropatch.x86.decode import decode, format_instruction, near_branch_target
 from micropatch.x86.site import Site, plan_site, site_unchecked
@@ -101,12 +102,13 @@ def _plan_patchlet(
             return module.address(image.resolve(reference))
 
         @functools.lru_cache(maxsize=16)
-        def body_at(at: int, code: str = patchlet.code) -> bytes:
+        def body_at(at: int, code: str = body_source(patchlet, at_entry=at_entry)) -> bytes:
             return assemble(code, at, resolve)
 
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
         skip_red_zone = not at_entry and writes_stack(body_at(address), address)
-        if skip_red_zone:
+        # Guard and C bodies restore rsp themselves before they jump out.
+        if skip_red_zone and body_kind(patchlet) == "code":
             _refuse_exits(body_at(address), address)
     except MicropatchError as e:
         raise type(e)(f"patch {patch.id}, {where}: {e}") from None

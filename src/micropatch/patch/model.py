@@ -1,35 +1,68 @@
-"""The validated patch model (format v0).
+"""The validated patch model (format v1; every v0 source is a valid v1 source).
 
 Validation here is everything that can be checked without the target module:
-field types, slugs, hex, location and reference syntax. Whatever passes is
-safe to hand to the ELF and assembly layers.
+field types, slugs, hex, CVE ids, location and reference syntax, and every
+patchlet body compiled (guards, C) and assembled at a placeholder address.
+Whatever passes is safe to hand to the ELF and assembly layers.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     StrictBool,
     StrictInt,
     StrictStr,
+    ValidationError,
     field_serializer,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import PatchFormatError
 from micropatch.patch.assemble import check, references
+from micropatch.patch.cbody import c_source, compile_c, jump_indexes, uses_blocked, uses_return
+from micropatch.patch.guard import guard_source, parse_then, parse_when
 
 RESUME_AFTER = "after"
+ARCHITECTURES = ("x86_64",)
 
 _SLUG = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
+_CVE = re.compile(r"CVE-\d{4}-\d{4,}")
+_ARCH_ALIASES = frozenset({"x86-64", "amd64", "x64", "X86_64", "AMD64"})
+# Stands for the blocked-event counter while a body is only being checked.
+_CHECK_COUNTER = 0x10000000
+_BODIES = ("code", "when", "c")
+_BODY_HELP = "give the patchlet's body as code (assembly), when + then (a guard) or c (C)"
+
+
+class FieldProblem(ValueError):
+    """A problem found by a whole-table check that belongs to one field; the
+    source reader names the field in the message (`patchlet[1].then: ...`)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _cve_id(value: str) -> str:
+    normalized = value.strip().upper()
+    if not _CVE.fullmatch(normalized):
+        raise ValueError(
+            f"{value!r} is not a CVE id: expected CVE-YYYY-NNNN (a year, then 4 or more digits)"
+        )
+    return normalized
 
 
 class _Model(BaseModel):
@@ -43,6 +76,16 @@ class PatchInfo(_Model):
     version: Annotated[StrictInt, Field(ge=1)]
     title: StrictStr | None = None
     description: StrictStr | None = None
+    cves: tuple[Annotated[StrictStr, AfterValidator(_cve_id)], ...] = ()
+    author: StrictStr | None = None
+
+    @field_validator("cves")
+    @classmethod
+    def _distinct_cves(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        repeated = sorted({cve for cve in value if value.count(cve) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return value
 
     @field_validator("id")
     @classmethod
@@ -61,6 +104,19 @@ class Target(_Model):
     module: StrictStr
     build_id: StrictStr | None = None
     sha256: StrictStr | None = None
+    arch: StrictStr = "x86_64"
+
+    @field_validator("arch")
+    @classmethod
+    def _supported_arch(cls, value: str) -> str:
+        if value in ARCHITECTURES:
+            return value
+        if value in _ARCH_ALIASES:
+            raise ValueError(f"write 'x86_64' (the name uname -m prints), not {value!r}")
+        raise ValueError(
+            f"{value!r} is not supported: micropatch patches x86-64 processes only "
+            '(arch = "x86_64")'
+        )
 
     @field_validator("module")
     @classmethod
@@ -104,11 +160,19 @@ class Target(_Model):
 
 
 class Patchlet(_Model):
-    """One `[[patchlet]]`: code inserted at one site."""
+    """One `[[patchlet]]`: a body inserted at one site.
+
+    The body is exactly one of `code` (assembly), `when` + `then` (a guard)
+    or `c` (a C function, with the locations it may jump to in `jumps`).
+    """
 
     at: StrictStr
     expect: bytes | None = None
-    code: StrictStr
+    code: StrictStr | None = None
+    when: StrictStr | None = None
+    then: StrictStr | None = None
+    c: StrictStr | None = None
+    jumps: tuple[StrictStr, ...] = ()
     resume: StrictStr = RESUME_AFTER
     check_branches: StrictBool = True
 
@@ -141,7 +205,9 @@ class Patchlet(_Model):
 
     @field_validator("code")
     @classmethod
-    def _code_assembles(cls, value: str) -> str:
+    def _code_assembles(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         try:
             for reference in references(value):
                 _check_location(reference, f"reference {{{reference}}}: ")
@@ -149,6 +215,123 @@ class Patchlet(_Model):
         except PatchFormatError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("when")
+    @classmethod
+    def _when_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            _as_value_error(parse_when, value)
+        return value
+
+    @field_validator("then")
+    @classmethod
+    def _then_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            _as_value_error(parse_then, value)
+        return value
+
+    @field_validator("c")
+    @classmethod
+    def _c_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            _as_value_error(compile_c, value)
+        return value
+
+    @field_validator("jumps")
+    @classmethod
+    def _jump_locations(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for index, location in enumerate(value):
+            _check_location(location, f"[{index}]: ")
+        return value
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _body_missing_too(cls, data: Any, handler: ModelWrapValidatorHandler[Patchlet]) -> Patchlet:
+        """When other fields are wrong and no body is given at all, say so as
+        well: a misspelt `cod` is then reported with what is missing."""
+        try:
+            return handler(data)
+        except ValidationError as exc:
+            if not isinstance(data, dict) or any(key in data for key in (*_BODIES, "then")):
+                raise
+            errors = [
+                InitErrorDetails(
+                    type=e["type"], loc=e["loc"], input=e["input"], ctx=e.get("ctx", {})
+                )
+                for e in exc.errors()
+            ]
+            missing = FieldProblem("code", f"required field is missing; {_BODY_HELP}")
+            errors.append(
+                InitErrorDetails(type="value_error", loc=(), input=data, ctx={"error": missing})
+            )
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+
+    @model_validator(mode="after")
+    def _one_body(self) -> Patchlet:
+        given = [name for name in _BODIES if getattr(self, name) is not None]
+        if not given:
+            if self.then is not None:
+                raise FieldProblem("when", f"required with then: the condition; {_BODY_HELP}")
+            raise FieldProblem("code", f"required field is missing; {_BODY_HELP}")
+        if len(given) > 1:
+            listed = f"{', '.join(given[:-1])} and {given[-1]}"
+            raise ValueError(
+                f"{listed} are {'both' if len(given) == 2 else 'all'} given, but a patchlet has "
+                "exactly one body: code (assembly), when + then (a guard), or c (C)"
+            )
+        if self.when is not None and self.then is None:
+            raise FieldProblem(
+                "then",
+                "required with when: what to do when the condition holds "
+                "('jump LOCATION', 'return VALUE' or 'return')",
+            )
+        if self.then is not None and self.when is None:
+            raise FieldProblem("then", "only for guards: give the condition in when")
+        if self.jumps and self.c is None:
+            raise FieldProblem(
+                "jumps",
+                "only for c bodies; in code write {location}, in a guard 'jump LOCATION'",
+            )
+        if self.when is not None and self.then is not None:
+            # Compiled as if at a function's entry: whether `return` is possible
+            # is known only from the module, when the patch is applied.
+            self._check_body(
+                "then",
+                lambda: guard_source(
+                    parse_when(self.when or ""),
+                    parse_then(self.then or ""),
+                    at_entry=True,
+                    counter=_CHECK_COUNTER,
+                ),
+            )
+        if self.c is not None:
+            for index in jump_indexes(self.c):
+                if index >= len(self.jumps):
+                    raise FieldProblem(
+                        "c",
+                        f"MP_JUMP({index}), but jumps lists {len(self.jumps)} "
+                        f"location{'' if len(self.jumps) == 1 else 's'} (indexes start at 0)",
+                    )
+            source = self.c
+            self._check_body(
+                "c",
+                lambda: c_source(
+                    compile_c(source),
+                    jumps=self.jumps,
+                    at_entry=True,
+                    returns=uses_return(source),
+                    blocked=uses_blocked(source),
+                    counter=_CHECK_COUNTER,
+                ),
+            )
+        return self
+
+    @staticmethod
+    def _check_body(field: str, generate: Callable[[], str]) -> None:
+        try:
+            check(generate())
+        except PatchFormatError as exc:
+            raise FieldProblem(field, str(exc)) from None
 
     @field_serializer("expect")
     def _expect_text(self, value: bytes | None) -> str | None:
@@ -190,6 +373,13 @@ class Patch(_Model):
                     "merge their code into one patchlet"
                 )
         return self
+
+
+def _as_value_error(parse: Callable[[str], object], value: str) -> None:
+    try:
+        parse(value)
+    except PatchFormatError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_location(value: str, context: str = "") -> str:

@@ -1,4 +1,4 @@
-"""Reading patch sources (TOML, format v0) into the validated model.
+"""Reading patch sources (TOML, format v1) into the validated model.
 
 Every failure becomes one PatchFormatError that names the source, the field
 (`patchlet[1].at`) and the problem in words a patch author can act on;
@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from micropatch.errors import PatchFormatError
-from micropatch.patch.model import Patch, PatchInfo, Patchlet, Target
+from micropatch.patch.model import FieldProblem, Patch, PatchInfo, Patchlet, Target
 
 _TOML_POSITION = re.compile(
     r"(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|(?P<end>end of document))\)"
@@ -104,9 +104,14 @@ def _problem(error: ErrorDetails) -> str:
     elif kind == "extra_forbidden":
         text = "unknown field" + _suggestion(loc)
     elif kind == "value_error":
-        text = str(ctx.get("error", error["msg"]))
+        cause = ctx.get("error")
+        text = str(cause if cause is not None else error["msg"])
+        if isinstance(cause, FieldProblem):
+            path = _path((*loc, cause.field))
     elif kind == "greater_than_equal":
         text = f"must be at least {ctx['ge']}, got {given!r}"
+    elif kind in ("tuple_type", "list_type") and loc[-1] != "patchlet":
+        text = f"must be an array of strings, got {_toml_type(given)}"
     elif kind in _EXPECTED:
         text = f"must be {_EXPECTED[kind]}, got {_toml_type(given)}"
     else:

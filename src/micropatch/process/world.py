@@ -31,6 +31,7 @@ from micropatch.process.procfs import (
 )
 
 STOP_TIMEOUT = 2.0
+LOOK_INTERVAL = 0.01  # how often a slow stop checks whether the thread is dying
 T = TypeVar("T")
 
 
@@ -120,6 +121,7 @@ def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
     us (and every other stopped thread) forever.
     """
     delay = 0.00002
+    next_look = time.monotonic() + LOOK_INTERVAL
     while True:
         try:
             waited, status = os.waitpid(tid, os.WNOHANG | WALL)
@@ -129,7 +131,13 @@ def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
             if os.WIFSTOPPED(status):
                 return os.WSTOPSIG(status) | ((status >> 16) << 8)
             return None  # exited or killed
-        if time.monotonic() > deadline:
+        now = time.monotonic()
+        if now > next_look:
+            # A thread that is exiting never enters a ptrace stop: do not wait for it.
+            next_look = now + LOOK_INTERVAL
+            if _dying(pid, tid):
+                raise ProcessExited(f"process {pid} exited during the operation")
+        if now > deadline:
             state = "?"
             with contextlib.suppress(ProcessError):
                 state = read_status(tid).state
@@ -142,6 +150,18 @@ def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
         # Short polls: a runnable thread on a busy CPU stops within a time slice,
         # and every millisecond we oversleep is a millisecond the others stay stopped.
         delay = min(delay * 2, 0.0002)
+
+
+def _dying(pid: int, tid: int) -> bool:
+    """True if the process or this thread is gone, a zombie, or being killed."""
+    try:
+        if read_status(pid).zombie or read_status(tid).zombie:
+            return True
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            pending = next((line for line in f if line.startswith("ShdPnd:")), "ShdPnd: 0")
+    except (ProcessError, OSError):
+        return True
+    return bool(int(pending.split()[1], 16) & (1 << (signal.SIGKILL - 1)))
 
 
 def _seize(pid: int, tid: int, status: ProcessStatus) -> bool:

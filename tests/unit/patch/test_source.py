@@ -133,7 +133,7 @@ MALFORMED = [
     (
         "unknown field",
         VALID.replace("title =", "titel ="),
-        r"patch\.titel: unknown field \(allowed: id, version, title, description\); "
+        r"patch\.titel: unknown field \(allowed: id, version, title, description, cves, author\); "
         r"did you mean 'title'\?",
     ),
     (

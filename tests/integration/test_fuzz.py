@@ -1,0 +1,50 @@
+"""A bounded atheris run over the source parser and the artifact loader, seeded with
+real inputs: only MicropatchError subclasses may escape (see fuzz/fuzz_inputs.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from micropatch.patch import artifact
+from micropatch.patch.signing import generate_key
+
+from .patching import patch_source
+
+pytest.importorskip("atheris")
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNS = 10_000
+
+
+def fuzz(target: str, corpus: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "fuzz" / "fuzz_inputs.py"), target, str(corpus),
+         f"-atheris_runs={RUNS}", "-max_len=4096"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    tail = "\n".join((done.stdout + done.stderr).splitlines()[-30:])
+    assert done.returncode == 0, tail
+    assert f"Done {RUNS}" in done.stderr or "Done" in done.stderr, tail
+
+
+def test_fuzz_source_parser(tmp_path):
+    corpus = tmp_path / "source"
+    corpus.mkdir()
+    for i, toml in enumerate(sorted((ROOT / "patches").glob("*/patch.toml"))):
+        (corpus / f"seed{i}").write_bytes(toml.read_bytes())
+    fuzz("source", corpus)
+
+
+def test_fuzz_artifact_loader(targets, tmp_path):
+    corpus = tmp_path / "artifact"
+    corpus.mkdir()
+    source = tmp_path / "fix.toml"
+    source.write_text(patch_source(targets.vuln_pie, [{"at": "copy_packet", "code": "nop"}]))
+    built = artifact.build(source, targets.vuln_pie)
+    (corpus / "unsigned").write_bytes(built.to_bytes())
+    (corpus / "signed").write_bytes(built.signed(generate_key("fuzz")).to_bytes())
+    fuzz("artifact", corpus)
