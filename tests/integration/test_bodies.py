@@ -11,6 +11,7 @@ import pytest
 
 from micropatch import live
 from micropatch.errors import PatchFormatError
+from micropatch.process.maps import read_maps
 
 from .patching import assert_untouched, make_patch
 
@@ -169,11 +170,30 @@ def test_return_mid_function_is_refused_untouched(targets, start, body):
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
 
 
-def test_blocked_is_refused_until_the_engine_has_counters(targets, start):
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"when": "esi > 64", "then": "blocked; return -1"},
+        {"code": "cmp esi, 64\njle ok\nlock inc qword ptr [rip + {@blocked}]\nmov eax, -1\nret\nok:"},
+        {"c": "#include <micropatch.h>\nmp_verdict patchlet(struct mp_regs *r) {\n"
+              "  if ((int)r->rsi > 64) return MP_BLOCKED(MP_RETURN(-1));\n  return MP_CONTINUE;\n}"},
+    ],
+    ids=["guard", "asm", "c"],
+)
+def test_blocked_events_are_counted(targets, start, body):
+    """Each blocked attempt increments the patchlet's counter in the cave's writable page."""
     t = start("vuln_pie")
-    patch = make_patch(
-        targets.vuln_pie, [{"at": "copy_packet", "when": "esi > 64", "then": "blocked; return -1"}]
-    )
-    with pytest.raises(PatchFormatError, match=r"then: 'blocked' needs a blocked-event counter"):
-        live.apply(patch, t.pid)
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", **body}])
+    live.apply(patch, t.pid)
+    [state] = live.status(t.pid)
+    assert state.blocked == 0
+    assert [t.cmd("call 65"), t.cmd("call 100"), t.cmd("call 10")] == ["-1", "-1", "10"]
+    [state] = live.status(t.pid)
+    assert state.blocked == 2
+    pages = [m for m in read_maps(t.pid) if "micropatch" in m.path]
+    assert sorted(m.perms for m in pages) == ["r-xp", "rw-p"], "W^X: code and counters apart"
+    live.remove(patch.id, t.pid)
+    assert t.cmd("call 65") == "-2"
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+

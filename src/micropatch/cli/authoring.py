@@ -402,7 +402,11 @@ def _planned_views(
     at = cave
     for p in planned:
         code = build_trampoline(
-            at, p.site, p.body_at, resume=p.resume, skip_red_zone=p.skip_red_zone
+            at,
+            p.site,
+            p.body_for(cave),  # a stand-in counter address
+            resume=p.resume,
+            skip_red_zone=p.skip_red_zone,
         )
         original = (originals or {}).get(p.index, p.site.original)
         views.append(

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from micropatch import live
-from micropatch.cli import authoring
+from micropatch.cli import authoring, dev
 from micropatch.errors import MicropatchError, NotApplied
 from micropatch.patch.model import Patch
 
@@ -153,12 +153,17 @@ def update(
     )
 
 
+STATUS_COLUMNS = ("pid", "process", "module", "patch", "version", "sites", "since", "blocked")
+
+
 @app.command()
 def status(pid: PidOption = None) -> None:
-    """Show what is applied: to the given processes, or to every patched process."""
+    """Show what is applied: to the given processes, or to every patched process.
+
+    On a terminal, a table; otherwise one tab-separated line per patch, for scripts.
+    """
     pids = pid or live.patched_pids()
-    table = Table("pid", "process", "module", "patch", "version", "sites", "since")
-    rows = 0
+    rows = []
     for p in pids:
         try:
             states = live.status(p)
@@ -167,13 +172,22 @@ def status(pid: PidOption = None) -> None:
             continue
         for s in states:
             since = datetime.datetime.fromtimestamp(s.applied_at).strftime("%Y-%m-%d %H:%M:%S")
-            sites = ", ".join(f"{a:#x}" for a in s.sites)
-            table.add_row(str(s.pid), s.process, s.module, s.patch_id, str(s.version), sites, since)
-            rows += 1
-    if rows:
+            sites = ",".join(f"{a:#x}" for a in s.sites)
+            blocked = "-" if s.blocked is None else str(s.blocked)
+            rows.append(
+                (str(s.pid), s.process, s.module, s.patch_id, str(s.version), sites, since, blocked)
+            )
+    if not rows:
+        out.print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
+    elif out.is_terminal:
+        table = Table(*STATUS_COLUMNS)
+        for row in rows:
+            table.add_row(*row)
         out.print(table)
     else:
-        out.print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
+        print("\t".join(STATUS_COLUMNS))
+        for row in rows:
+            print("\t".join(row))
 
 
 @app.command()
@@ -188,6 +202,7 @@ def demo() -> None:
 
 
 authoring.register(app)
+app.add_typer(dev.app, name="dev")
 
 
 def main() -> None:

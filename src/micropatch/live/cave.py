@@ -23,11 +23,13 @@ from micropatch.process.abi import (
     PAGE_SIZE,
     PROT_EXEC,
     PROT_READ,
+    PROT_WRITE,
     RED_ZONE,
     SYS_CLOSE,
     SYS_FTRUNCATE,
     SYS_MEMFD_CREATE,
     SYS_MMAP,
+    SYS_MPROTECT,
     SYS_MUNMAP,
 )
 from micropatch.process.maps import Mapping, mapping_at
@@ -36,6 +38,8 @@ from micropatch.process.syscall import RemoteSyscalls
 
 CAVE_NAME = b"micropatch\x00"
 CAVE_SIZE = 64 * 1024
+COUNTERS_SIZE = PAGE_SIZE  # the cave's last page: read+write, never executable
+COUNTER_SIZE = 8
 REACH = 1 << 31
 ALIGN = 16
 MIN_ADDRESS = 0x10000  # vm.mmap_min_addr default
@@ -60,7 +64,9 @@ def read_caves(memory: Memory, mappings: list[Mapping]) -> list[Cave]:
         head = memory.read(m.start, PAGE_SIZE)
         registry = Registry.decode(head, lambda n, start=m.start: memory.read(start, n))
         if registry is not None:
-            caves.append(Cave(m.start, m.size, registry))
+            # The mapping is split (code, then the writable counters page): the
+            # registry, not the first mapping, knows the cave's whole size.
+            caves.append(Cave(m.start, registry.cave_size, registry))
     return caves
 
 
@@ -120,6 +126,7 @@ def map_cave(
                 MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 0,
             )  # fmt: skip
             if result == hint:
+                _make_counters_writable(syscalls, hint)
                 return hint
             if result > 0:  # an old kernel ignored MAP_FIXED_NOREPLACE and put it elsewhere
                 syscalls(SYS_MUNMAP, result, CAVE_SIZE)
@@ -128,6 +135,16 @@ def map_cave(
         raise CaveError(f"could not map a code cave near {module.path} in process {module.pid}")
     finally:
         syscalls(SYS_CLOSE, fd)
+
+
+def _make_counters_writable(syscalls: RemoteSyscalls, cave: int) -> None:
+    """The last page holds blocked-event counters that patchlets increment: writable,
+    not executable, so no page of the cave is ever both (W^X)."""
+    counters = cave + CAVE_SIZE - COUNTERS_SIZE
+    result = syscalls(SYS_MPROTECT, counters, COUNTERS_SIZE, PROT_READ | PROT_WRITE)
+    if result != 0:
+        syscalls(SYS_MUNMAP, cave, CAVE_SIZE)
+        raise syscalls.error(SYS_MPROTECT, result)
 
 
 def _memfd(syscalls: RemoteSyscalls, memory: Memory, mappings: list[Mapping]) -> int:
@@ -162,8 +179,18 @@ def unmap_cave(syscalls: RemoteSyscalls, cave: Cave) -> None:
         )
 
 
+def allocate_counter(taken: list[int], cave: Cave) -> int:
+    """A free 8-byte counter slot in the cave's writable page."""
+    first = cave.address + cave.size - COUNTERS_SIZE
+    for slot in range(first, first + COUNTERS_SIZE, COUNTER_SIZE):
+        if slot not in taken:
+            return slot
+    raise CaveError(f"the cave at {cave.address:#x} has no free blocked-event counter left")
+
+
 def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, size: int) -> int:
-    """First free, aligned slot of `size` bytes in the trampoline area of a cave."""
+    """First free, aligned slot of `size` bytes in the trampoline area of a cave
+    (`cave_size` excludes the counters page)."""
     cursor = cave_address + REGISTRY_SIZE
     for start, end in sorted(taken):
         if start - cursor >= size:

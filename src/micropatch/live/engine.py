@@ -24,8 +24,11 @@ from micropatch.errors import (
 )
 from micropatch.live.cave import (
     CAVE_SIZE,
+    COUNTER_SIZE,
+    COUNTERS_SIZE,
     Cave,
     allocate,
+    allocate_counter,
     cave_of,
     map_cave,
     read_caves,
@@ -241,12 +244,16 @@ def _add_sites(
         caves.append(cave)
         tx.on_rollback(lambda: unmap_cave(tx.syscalls, new_cave))
     applied_sites = []
-    for p, slot, code in _layout(cave, planned):
+    for p, slot, code, counter in _layout(cave, planned):
         tx.write(slot, code)
+        if counter:
+            tx.write(counter, bytes(COUNTER_SIZE))  # a slot may have counted for an old patch
         jump = site_jump(p.site, slot)
         tail = _tail(p, slot, code)
         applied_sites.append(
-            AppliedSite(p.index, p.site.address, p.site.original, jump, slot, len(code), tail)
+            AppliedSite(
+                p.index, p.site.address, p.site.original, jump, slot, len(code), tail, counter
+            )
         )
     for s in applied_sites:
         tx.write(s.address, s.jump)
@@ -269,26 +276,35 @@ def _tail(p: PlannedSite, slot: int, code: bytes) -> int:
     return tail
 
 
-def _layout(cave: Cave, planned: list[PlannedSite]) -> list[tuple[PlannedSite, int, bytes]]:
-    """Where each trampoline goes in the cave, and its code assembled for that place."""
+def _layout(cave: Cave, planned: list[PlannedSite]) -> list[tuple[PlannedSite, int, bytes, int]]:
+    """Where each trampoline (and blocked-event counter, 0 if none) goes in the cave,
+    and the trampoline's code assembled for that place."""
     taken = cave.registry.used_ranges()
+    counters = cave.registry.used_counters()
+    code_size = cave.size - COUNTERS_SIZE
     placed = []
     for p in planned:
+        counter = allocate_counter(counters, cave) if p.needs_counter else 0
+        counters.append(counter)
 
-        def build(at: int, p: PlannedSite = p) -> bytes:
+        def build(at: int, p: PlannedSite = p, counter: int = counter) -> bytes:
             return build_trampoline(
-                at, p.site, p.body_at, resume=p.resume, skip_red_zone=p.skip_red_zone
+                at,
+                p.site,
+                p.body_for(counter),
+                resume=p.resume,
+                skip_red_zone=p.skip_red_zone,
             )
 
-        estimate = len(build(cave.address + cave.size // 2)) + TRAMPOLINE_SLACK
-        slot = allocate(taken, cave.address, cave.size, estimate)
+        estimate = len(build(cave.address + code_size // 2)) + TRAMPOLINE_SLACK
+        slot = allocate(taken, cave.address, code_size, estimate)
         code = build(slot)
         if len(code) > estimate:
             raise MicropatchError(
                 f"{p.where}: trampoline grew from {estimate} to {len(code)} bytes"
             )
         taken.append((slot, slot + len(code)))
-        placed.append((p, slot, code))
+        placed.append((p, slot, code, counter))
     return placed
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
 from micropatch.live.module import LoadedModule
-from micropatch.patch.assemble import assemble
-from micropatch.patch.body import body_kind, body_source
+from micropatch.patch.assemble import BLOCKED_REFERENCE, assemble
+from micropatch.patch.body import body_kind, body_source, needs_counter
 from micropatch.patch.model import Patch, Patchlet
 from micropatch.x86.decode import decode, format_instruction, near_branch_target
 from micropatch.x86.site import Site, plan_site, site_unchecked
@@ -30,8 +30,13 @@ class PlannedSite:
     where: str  # "patchlet[0] (check_len+0x4) in vuln", for messages
     site: Site
     resume: int | None  # None: run the displaced instructions and return after the site
-    body_at: Callable[[int], bytes]  # the patchlet body assembled at an address
+    body_at: Callable[[int, int], bytes]  # the body assembled at an address, with its counter
     skip_red_zone: bool
+    needs_counter: bool  # the body records blocked events
+
+    def body_for(self, counter: int) -> Callable[[int], bytes]:
+        """The body by address alone, its blocked-event counter at `counter`."""
+        return lambda at: self.body_at(at, counter)
 
 
 def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
@@ -98,18 +103,27 @@ def _plan_patchlet(
             None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
         )
 
-        def resolve(reference: str) -> int:
-            return module.address(image.resolve(reference))
+        counted = needs_counter(patchlet)
 
         @functools.lru_cache(maxsize=16)
-        def body_at(at: int, code: str = body_source(patchlet, at_entry=at_entry)) -> bytes:
+        def body_at(at: int, counter: int) -> bytes:
+            """The body assembled at `at`, recording blocked events at `counter`."""
+
+            def resolve(reference: str) -> int:
+                if reference == BLOCKED_REFERENCE:
+                    return counter
+                return module.address(image.resolve(reference))
+
+            code = body_source(patchlet, at_entry=at_entry, counter=counter if counted else None)
             return assemble(code, at, resolve)
 
+        # Checked with a stand-in counter address near the site; the engine places the real one.
+        body = body_at(address, address)
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
-        skip_red_zone = not at_entry and writes_stack(body_at(address), address)
+        skip_red_zone = not at_entry and writes_stack(body, address)
         # Guard and C bodies restore rsp themselves before they jump out.
         if skip_red_zone and body_kind(patchlet) == "code":
-            _refuse_exits(body_at(address), address)
+            _refuse_exits(body, address)
     except MicropatchError as e:
         raise type(e)(f"patch {patch.id}, {where}: {e}") from None
-    return PlannedSite(index, where, site, resume, body_at, skip_red_zone)
+    return PlannedSite(index, where, site, resume, body_at, skip_red_zone, counted)

@@ -28,6 +28,7 @@ class AppliedSite:
     trampoline: int
     trampoline_size: int
     tail: int = 0  # where the relocated copy of the displaced instructions starts; 0: none
+    counter: int = 0  # address of the patchlet's blocked-event counter; 0: none
 
 
 @dataclass
@@ -50,6 +51,9 @@ class Registry:
 
     def find(self, patch_id: str) -> AppliedPatch | None:
         return next((p for p in self.patches if p.id == patch_id), None)
+
+    def used_counters(self) -> list[int]:
+        return [s.counter for p in self.patches for s in p.sites if s.counter]
 
     def used_ranges(self) -> list[tuple[int, int]]:
         return sorted(
@@ -105,6 +109,7 @@ class Registry:
                             trampoline=s["trampoline"],
                             trampoline_size=s["trampoline_size"],
                             tail=s.get("tail", 0),
+                            counter=s.get("counter", 0),
                         )
                         for s in p["sites"]
                     ],

@@ -27,6 +27,7 @@ from micropatch.x86.site import Site
 _RESTARTING = frozenset({-512, -513, -514, -516})
 _SYSCALL_LENGTH = 2
 STACK_SCAN_LIMIT = 8 << 20
+MAX_STEP_OUT = 256  # single-steps to let a thread finish a patchlet body on removal
 
 
 class Unsafe(Exception):
@@ -75,8 +76,19 @@ def place_threads(
 ) -> Placement:
     """Decide, for every thread, that it may stay or where it must go; else raise Unsafe."""
     placement = Placement({}, [])
+    bodies = [_step_range(old) for old in leaving]
+
+    def in_body(address: int) -> bool:
+        return any(low <= address < high for low, high in bodies)
+
     for tid in proc.threads:
         regs = proc.regs(tid)
+        if in_body(regs.rip) and effective_rip(regs) == regs.rip:
+            # In a patchlet body, which has no original to move to: let the thread
+            # run it, alone. (Never one inside a system call: it may block.)
+            if not proc.step_out(tid, in_body, MAX_STEP_OUT):
+                raise Unsafe(f"thread {tid} stays in a patchlet body of {leaving_id}")
+            regs = proc.regs(tid)
         rip = regs.rip
         eff = effective_rip(regs)
         for old in leaving:
@@ -97,6 +109,21 @@ def place_threads(
     if leaving:
         _check_stacks(proc, mappings, leaving, leaving_id)
     return placement
+
+
+def _step_range(old: AppliedSite) -> tuple[int, int]:
+    """Where a thread is run forward rather than moved: the red-zone step, the body,
+    and the copy of the first displaced instruction.
+
+    A thread at that first copy has run the body; moved to the site's first byte, it
+    would run a body again if a patch were applied there before it executed anything.
+    One instruction further, it is moved strictly inside the site instead, where a new
+    patch moves it to its own copy, past its body.
+    """
+    if not old.tail:
+        return old.trampoline, old.trampoline + old.trampoline_size
+    copies = relocated_addresses(decode(old.original, old.address), old.tail)
+    return old.trampoline, copies[1]
 
 
 def _out_of_trampoline(tid: int, eff: int, old: AppliedSite, patch_id: str) -> int:

@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass
 
 from micropatch.errors import CaveError, MicropatchError
-from micropatch.live.cave import read_caves
+from micropatch.live.cave import COUNTER_SIZE, read_caves
 from micropatch.live.module import CAVE_PREFIX, module_groups
+from micropatch.live.registry import AppliedPatch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import process_name
@@ -30,6 +31,7 @@ class PatchState:
     applied_at: float
     sites: tuple[int, ...]
     cave: int
+    blocked: int | None  # exploit attempts its patchlets recorded; None: it records none
 
 
 def status(pid: int) -> list[PatchState]:
@@ -41,26 +43,35 @@ def status(pid: int) -> list[PatchState]:
         try:
             with Memory(pid, writable=False) as memory:
                 caves = read_caves(memory, mappings)
-            break
+                states = [
+                    PatchState(
+                        pid,
+                        process_name(pid),
+                        cave.registry.module_path,
+                        p.id,
+                        p.version,
+                        p.title,
+                        p.applied_at,
+                        tuple(s.address for s in p.sites),
+                        cave.address,
+                        _blocked(memory, p),
+                    )
+                    for cave in caves
+                    for p in cave.registry.patches
+                ]
+            return states
         except CaveError:
             if attempt == READ_ATTEMPTS - 1:
                 raise
-    name = process_name(pid)
-    return [
-        PatchState(
-            pid,
-            name,
-            cave.registry.module_path,
-            p.id,
-            p.version,
-            p.title,
-            p.applied_at,
-            tuple(s.address for s in p.sites),
-            cave.address,
-        )
-        for cave in caves
-        for p in cave.registry.patches
-    ]
+    return []
+
+
+def _blocked(memory: Memory, patch: AppliedPatch) -> int | None:
+    """The sum of the patch's blocked-event counters, read from the process."""
+    counters = [s.counter for s in patch.sites if s.counter]
+    if not counters:
+        return None
+    return sum(int.from_bytes(memory.read(c, COUNTER_SIZE), "little") for c in counters)
 
 
 def _pids() -> list[int]:

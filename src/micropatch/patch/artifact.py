@@ -577,7 +577,7 @@ def _check_trampoline(patch: Patch, planned: PlannedSite, cave: int) -> None:
         build_trampoline(
             cave,
             planned.site,
-            planned.body_at,
+            planned.body_for(cave),  # a stand-in: the engine places the real counter
             resume=planned.resume,
             skip_red_zone=planned.skip_red_zone,
         )

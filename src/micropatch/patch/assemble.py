@@ -61,6 +61,11 @@ _REFERENCE_USES = (
 )
 
 
+BLOCKED_REFERENCE = "@blocked"
+"""`{@blocked}` in assembly: the address of the patchlet's blocked-event counter, so
+`lock inc qword ptr [rip + {@blocked}]` records an exploit attempt in one instruction."""
+
+
 def references(code: str) -> list[str]:
     """The distinct `{location}` references in code, in order of first use."""
     found: dict[str, None] = {}

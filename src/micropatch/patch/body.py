@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Literal, TypeVar
 
 from micropatch.errors import PatchFormatError
+from micropatch.patch.assemble import BLOCKED_REFERENCE, references
 from micropatch.patch.cbody import c_source, compile_c, uses_blocked, uses_return
 from micropatch.patch.guard import guard_source, parse_then, parse_when
 
@@ -33,6 +34,18 @@ def body_kind(patchlet: Patchlet) -> BodyKind:
     if patchlet.c is not None:
         return "c"
     return "code"
+
+
+def needs_counter(patchlet: Patchlet) -> bool:
+    """Whether the body records blocked events, and so needs a counter in the cave."""
+    kind = body_kind(patchlet)
+    if kind == "guard":
+        assert patchlet.then is not None
+        return _field("then", parse_then, patchlet.then).blocked
+    if kind == "c":
+        assert patchlet.c is not None
+        return uses_blocked(patchlet.c)
+    return BLOCKED_REFERENCE in references(patchlet.code or "")
 
 
 def body_source(patchlet: Patchlet, *, at_entry: bool, counter: int | None = None) -> str:

@@ -30,7 +30,7 @@ from pydantic_core import InitErrorDetails
 
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import PatchFormatError
-from micropatch.patch.assemble import check, references
+from micropatch.patch.assemble import BLOCKED_REFERENCE, check, references
 from micropatch.patch.cbody import c_source, compile_c, jump_indexes, uses_blocked, uses_return
 from micropatch.patch.guard import guard_source, parse_then, parse_when
 
@@ -210,7 +210,8 @@ class Patchlet(_Model):
             return None
         try:
             for reference in references(value):
-                _check_location(reference, f"reference {{{reference}}}: ")
+                if reference != BLOCKED_REFERENCE:
+                    _check_location(reference, f"reference {{{reference}}}: ")
             check(value)
         except PatchFormatError as exc:
             raise ValueError(str(exc)) from None

@@ -16,6 +16,31 @@ PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 PTRACE_EVENT_STOP = 128
+# for spawning a traced program (process/launch.py)
+PTRACE_TRACEME = 0
+PTRACE_CONT = 7
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_LISTEN = 0x4208
+PTRACE_O_TRACECLONE = 0x8
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_EXITKILL = 0x100000
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_EXIT = 6
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_EVENT_EXEC = 4
+
+# auxiliary vector (include/uapi/linux/auxvec.h) and ELF dynamic section
+AT_NULL = 0
+AT_PHDR = 3
+AT_PHNUM = 5
+AT_ENTRY = 9
+PT_DYNAMIC = 2
+PT_PHDR = 6
+DT_NULL = 0
+DT_DEBUG = 21
+INT3 = b"\xcc"
+SYS_TGKILL = 234
 
 # waitpid
 WALL = 0x40000000  # __WALL: wait for threads (clone children) too
@@ -23,12 +48,14 @@ WALL = 0x40000000  # __WALL: wait for threads (clone children) too
 # system call numbers (arch/x86/entry/syscalls/syscall_64.tbl)
 SYS_CLOSE = 3
 SYS_MMAP = 9
+SYS_MPROTECT = 10
 SYS_MUNMAP = 11
 SYS_FTRUNCATE = 77
 SYS_MEMFD_CREATE = 319
 SYSCALL_NAMES = {
     SYS_CLOSE: "close",
     SYS_MMAP: "mmap",
+    SYS_MPROTECT: "mprotect",
     SYS_MUNMAP: "munmap",
     SYS_FTRUNCATE: "ftruncate",
     SYS_MEMFD_CREATE: "memfd_create",
@@ -37,6 +64,7 @@ SYSCALL_INSN = b"\x0f\x05"
 
 # mmap / memfd flags
 PROT_READ = 0x1
+PROT_WRITE = 0x2
 PROT_EXEC = 0x4
 MAP_PRIVATE = 0x02
 MAP_FIXED_NOREPLACE = 0x100000

@@ -7,12 +7,16 @@ import ctypes.util
 import os
 
 from micropatch.process.abi import (
+    PTRACE_CONT,
     PTRACE_DETACH,
+    PTRACE_GETEVENTMSG,
     PTRACE_GETREGS,
     PTRACE_INTERRUPT,
     PTRACE_SEIZE,
+    PTRACE_SETOPTIONS,
     PTRACE_SETREGS,
     PTRACE_SINGLESTEP,
+    PTRACE_TRACEME,
     UserRegs,
 )
 
@@ -61,3 +65,23 @@ def set_regs(tid: int, regs: UserRegs) -> None:
 def request(request: int, tid: int, addr: int, data: int) -> int:
     """Any other request, for the rare callers that need one (seccomp filters)."""
     return _call(request, tid, addr, data)
+
+
+def traceme() -> None:
+    """In a freshly forked child: make the parent its tracer (stops at the next exec)."""
+    _call(PTRACE_TRACEME, 0, 0, 0)
+
+
+def cont(tid: int, signal: int = 0) -> None:
+    _call(PTRACE_CONT, tid, 0, signal)
+
+
+def set_options(tid: int, options: int) -> None:
+    _call(PTRACE_SETOPTIONS, tid, 0, options)
+
+
+def event_message(tid: int) -> int:
+    """PTRACE_GETEVENTMSG: e.g. the new thread's id at a PTRACE_EVENT_CLONE stop."""
+    value = ctypes.c_ulong(0)
+    _call(PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(value))
+    return value.value

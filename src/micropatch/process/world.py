@@ -71,6 +71,21 @@ class StoppedProcess:
         self.threads[tid].regs_dirty = True
         _checked(self.pid, lambda: ptrace.set_regs(tid, regs))
 
+    def step_out(self, tid: int, inside: Callable[[int], bool], max_steps: int) -> bool:
+        """Single-step one thread, every other one staying stopped, until `inside(rip)`
+        is false; False if it is still inside after `max_steps`. The thread really runs
+        those instructions: its registers are what they became."""
+        for _ in range(max_steps):
+            sig = self.step(tid) & 0xFF
+            if sig != signal.SIGTRAP:
+                self.threads[tid].pending_signal = sig  # delivered on detach
+            regs = self.current_regs(tid)
+            self.threads[tid].saved_regs = regs
+            self.threads[tid].regs_dirty = False
+            if not inside(regs.rip):
+                return True
+        return False
+
     def move(self, tid: int, rip: int) -> None:
         """Make a thread resume at another address (its other registers unchanged)."""
         self.regs(tid).rip = rip

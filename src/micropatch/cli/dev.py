@@ -1,0 +1,106 @@
+"""`micropatch dev …`: the patch author's loop."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from micropatch.cli import authoring
+from micropatch.errors import MicropatchError
+from micropatch.live import devrun
+from micropatch.patch.model import Patch
+
+app = typer.Typer(help="Developer tools: run a program with a patch applied from its start.")
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _say(message: str) -> None:
+    err.print(f"[dim]micropatch:[/] {message}")
+
+
+@app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def run(
+    patch_file: Annotated[
+        Path,
+        typer.Argument(help="Signed artifact (.mpatch); a TOML source needs --allow-unsigned."),
+    ],
+    command: Annotated[list[str], typer.Argument(help="-- COMMAND ARGS…: the program to run.")],
+    trust: authoring.TrustOption = None,
+    allow_unsigned: authoring.AllowUnsignedOption = False,
+    no_patch: Annotated[
+        bool, typer.Option("--no-patch", help="Run the command without the patch, to compare.")
+    ] = False,
+    keep_going: Annotated[
+        bool,
+        typer.Option(
+            "--keep-going", help="If the patch cannot be applied, let the program run unpatched."
+        ),
+    ] = False,
+) -> None:
+    """Start COMMAND stopped before its first instruction, apply the patch to its
+    module (at entry, or when the dynamic linker loads it), run it, and report.
+
+    Exits with the command's exit status (128 + N if signal N killed it)."""
+    if not command:
+        _say("[red]error:[/] give the command to run after --")
+        raise typer.Exit(2)
+    patch: Patch | None = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the program's
+            patch = authoring.patch_for_apply(patch_file, trust, allow_unsigned)
+    except MicropatchError as e:
+        _say(f"[bold red]error:[/] {e}")
+        raise typer.Exit(1) from None
+    if no_patch:
+        _say(f"running {command[0]} without {patch.id} (--no-patch)")
+    try:
+        result = devrun.run(command, None if no_patch else patch, keep_going=keep_going, say=_say)
+    except MicropatchError as e:
+        _say(f"[bold red]error:[/] {e}; the program was killed")
+        raise typer.Exit(1) from None
+    _report(result, patch, no_patch)
+    raise typer.Exit(1 if result.killed else result.exit.status)
+
+
+def _report(result: devrun.DevRun, patch: Patch, no_patch: bool) -> None:
+    if result.error is not None:
+        action = "the program was killed" if result.killed else "it ran unpatched (--keep-going)"
+        _say(f"[bold red]error:[/] {patch.id} was not applied: {result.error}; {action}")
+    elif result.applied is not None:
+        a = result.applied
+        sites = ", ".join(f"{addr:#x}" for s in a.states for addr in s.sites) or "?"
+        _say(
+            f"[green]applied[/] {patch.id} v{patch.version} to {patch.target.module} {a.when}: "
+            f"{len(patch.patchlets)} patchlet{'s' if len(patch.patchlets) != 1 else ''} "
+            f"at {sites}; paused {a.outcome.paused * 1e3:.2f} ms"
+        )
+        for patch_id, blocked in result.blocked.items():
+            if blocked is not None:
+                _say(
+                    f"blocked: {blocked} exploit attempt{'s' if blocked != 1 else ''} ({patch_id})"
+                )
+    elif not no_patch and result.module is not None:
+        _say(
+            f"module {result.module} was never loaded; nothing was applied "
+            "(processes the program starts are not followed, only exec)"
+        )
+    exit_ = result.exit
+    if result.killed:
+        return
+    if exit_.signal is not None:
+        try:
+            name = signal.Signals(exit_.signal).name
+        except ValueError:
+            name = f"signal {exit_.signal}"
+        _say(f"the program was killed by {name} (exit status {exit_.status})")
+    else:
+        _say(f"the program exited with status {exit_.status}")
