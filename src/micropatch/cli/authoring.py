@@ -27,11 +27,11 @@ from micropatch import live
 from micropatch.errors import MicropatchError, SignatureError
 from micropatch.live.cave import read_caves
 from micropatch.live.module import LoadedModule, find_module
-from micropatch.live.plan import PlannedSite, plan_patch
 from micropatch.live.registry import AppliedPatch
 from micropatch.patch import artifact, signing
 from micropatch.patch.artifact import Artifact
 from micropatch.patch.model import Patch
+from micropatch.patch.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.patch.source import load_patch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
@@ -348,7 +348,7 @@ def _listing(
 
 @dataclass
 class _Context:
-    module: LoadedModule
+    module: ModuleView
     symbols: _Symbols
 
     def where(self, address: int) -> str | None:

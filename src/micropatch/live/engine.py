@@ -35,11 +35,11 @@ from micropatch.live.cave import (
     unmap_cave,
 )
 from micropatch.live.module import LoadedModule, find_module
-from micropatch.live.plan import PlannedSite, plan_patch
 from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
 from micropatch.live.safety import Entering, Unsafe, into_copy, place_threads
 from micropatch.live.transaction import Transaction
 from micropatch.patch.model import Patch
+from micropatch.patch.plan import PlannedSite, plan_patch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive

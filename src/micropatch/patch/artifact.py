@@ -40,9 +40,8 @@ from micropatch import __version__
 from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.elf.image import ElfImage
 from micropatch.errors import ArtifactError, ElfError, MicropatchError, ModuleMismatch
-from micropatch.live.module import LoadedModule
-from micropatch.live.plan import PlannedSite, plan_patch
 from micropatch.patch.model import Patch
+from micropatch.patch.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.patch.signing import (
     PrivateKey,
     PublicKey,
@@ -54,7 +53,6 @@ from micropatch.patch.signing import (
     verify_signatures,
 )
 from micropatch.patch.source import parse_patch
-from micropatch.process.maps import Mapping
 from micropatch.x86.trampoline import build_trampoline
 
 FORMAT = "micropatch-artifact"
@@ -463,7 +461,7 @@ def patch_of(artifact: Artifact) -> Patch:
 # --- building --------------------------------------------------------------------
 
 
-def open_module(path: str | Path) -> LoadedModule:
+def open_module(path: str | Path) -> FileModule:
     """A module file as if loaded: at PLACEHOLDER_BASE if it is position-independent,
     else at its own image base. No process is involved; `pid` is 0."""
     path = Path(path)
@@ -476,21 +474,39 @@ def open_module(path: str | Path) -> LoadedModule:
     return _file_module(path, identity, image)
 
 
-def _file_module(path: Path, identity: ModuleIdentity, image: ElfImage) -> LoadedModule:
+@dataclass(frozen=True)
+class FileModule:
+    """A module file placed at an address, as the planner sees a loaded one."""
+
+    path: str
+    base: int
+    identity: ModuleIdentity
+    image: ElfImage
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    @property
+    def high(self) -> int:
+        span = max(s.offset + s.memsz for s in self.image.segments)
+        return self.base + (span + _PAGE - 1) // _PAGE * _PAGE
+
+    def address(self, offset: int) -> int:
+        return self.base + offset
+
+
+def _file_module(path: Path, identity: ModuleIdentity, image: ElfImage) -> FileModule:
     base = PLACEHOLDER_BASE if image.is_pie_or_shared else image.image_base
-    span = max(s.offset + s.memsz for s in image.segments)
-    end = base + (span + _PAGE - 1) // _PAGE * _PAGE
-    # One mapping stands for the module's: the planner only asks for its name.
-    mapping = Mapping(base, end, "r-xp", 0, "00:00", 0, str(path))
-    return LoadedModule(0, str(path), base, (mapping,), identity, image)
+    return FileModule(str(path), base, identity, image)
 
 
-def placeholder_cave(module: LoadedModule) -> int:
+def placeholder_cave(module: ModuleView) -> int:
     """A page-aligned address just above the module, in reach of every site."""
     return (module.high + _CAVE_GAP + _PAGE - 1) // _PAGE * _PAGE
 
 
-def check_identity(patch: Patch, module: LoadedModule, source: str) -> None:
+def check_identity(patch: Patch, module: ModuleView, source: str) -> None:
     """ModuleMismatch unless the module file is the build the patch targets."""
     target, identity = patch.target, module.identity
     problems = []
@@ -585,7 +601,7 @@ def _check_trampoline(patch: Patch, planned: PlannedSite, cave: int) -> None:
         raise type(exc)(f"patch {patch.id}, {planned.where}: {exc}") from None
 
 
-def _facts(patch: Patch, planned: PlannedSite, module: LoadedModule) -> SiteFacts:
+def _facts(patch: Patch, planned: PlannedSite, module: ModuleView) -> SiteFacts:
     patchlet = patch.patchlets[planned.index]
     return SiteFacts(
         patchlet=planned.index,

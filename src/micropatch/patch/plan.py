@@ -1,4 +1,4 @@
-"""Turn a patch into concrete sites in one loaded module, before anything is stopped.
+"""Turn a patch into concrete sites in one module, before any process is touched.
 
 Everything that can fail without touching the process fails here: unknown
 symbols, offsets inside instructions, branches into a site, bytes that do
@@ -11,9 +11,11 @@ import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from micropatch.elf.identity import ModuleIdentity
+from micropatch.elf.image import ElfImage
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
-from micropatch.live.module import LoadedModule
 from micropatch.patch.assemble import BLOCKED_REFERENCE, assemble
 from micropatch.patch.body import body_kind, body_source, needs_counter
 from micropatch.patch.model import Patch, Patchlet
@@ -22,6 +24,26 @@ from micropatch.x86.site import Site, plan_site, site_unchecked
 from micropatch.x86.trampoline import writes_stack
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
+
+
+class ModuleView(Protocol):
+    """A module's parsed file and the address its offset 0 is (or would be) loaded at:
+    a module mapped in a process, or a file being built against."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def base(self) -> int: ...
+    @property
+    def high(self) -> int: ...
+    @property
+    def identity(self) -> ModuleIdentity: ...
+    @property
+    def image(self) -> ElfImage: ...
+
+    def address(self, offset: int) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +61,7 @@ class PlannedSite:
         return lambda at: self.body_at(at, counter)
 
 
-def plan_patch(patch: Patch, module: LoadedModule) -> list[PlannedSite]:
+def plan_patch(patch: Patch, module: ModuleView) -> list[PlannedSite]:
     planned = [_plan_patchlet(patch, i, p, module) for i, p in enumerate(patch.patchlets)]
     for p in planned:
         for other in planned:
@@ -74,7 +96,7 @@ def _refuse_exits(body: bytes, address: int) -> None:
 
 
 def _plan_patchlet(
-    patch: Patch, index: int, patchlet: Patchlet, module: LoadedModule
+    patch: Patch, index: int, patchlet: Patchlet, module: ModuleView
 ) -> PlannedSite:
     where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
     try:
