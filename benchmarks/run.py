@@ -6,9 +6,15 @@ import argparse
 import sys
 import time
 
-from benchmarks import overhead, pause, peers, soak
+from benchmarks import build, overhead, pause, peers, soak
 
-BENCHMARKS = {"pause": pause, "overhead": overhead, "peers": peers, "soak": soak}
+BENCHMARKS = {
+    "pause": pause,
+    "overhead": overhead,
+    "peers": peers,
+    "soak": soak,
+    "build": build,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

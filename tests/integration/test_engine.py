@@ -359,3 +359,16 @@ def test_thread_in_a_restartable_syscall_inside_the_site_is_moved(targets, start
     live.remove(patch.id, t.pid)
     assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
     assert_no_crash(t)
+
+
+def test_reference_to_another_modules_function(targets, start):
+    """`{libc.so.6!labs}` is resolved in the target process at apply time: the patchlet
+    makes the length positive with libc's labs() before copy_packet checks it."""
+    t = start("vuln_pie")
+    code = "push rdi\nmovsxd rdi, esi\nmov rax, {libc.so.6!labs}\ncall rax\nmov esi, eax\npop rdi"
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
+    assert t.cmd("call -3") == "-1"
+    live.apply(patch, t.pid)
+    assert (t.cmd("call -3"), t.cmd("call 10"), t.cmd("call -65")) == ("3", "10", "-2")
+    live.remove(patch.id, t.pid)
+    assert t.cmd("call -3") == "-1"

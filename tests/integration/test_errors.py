@@ -325,3 +325,26 @@ def test_body_that_moves_past_the_red_zone_cannot_jump_out(targets, start):
         live.apply(patch, t.pid)
     assert t.cmd("call 5") == str(14 * 5 + 91)
     assert_untouched(targets, "redzone", t.pid, ["rz_sum"])
+
+
+def test_reference_to_a_module_that_is_not_loaded(targets, start):
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libnothere.so.1!foo}"}])
+    with pytest.raises(
+        ModuleNotLoaded,
+        match=rf"reference \{{libnothere.so.1!foo\}}: process {t.pid} \(vuln_pie\) does not map libnothere.so.1",
+    ):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_reference_to_a_symbol_another_module_lacks(targets, start):
+    from micropatch.errors import SymbolNotFound
+
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libc.so.6!no_such_function}"}])
+    with pytest.raises(SymbolNotFound, match=r"no_such_function"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])

@@ -230,3 +230,17 @@ def test_fixed_release_gives_the_same_answer() -> None:
     ready, pocs = (json.loads(line) for line in answers.stdout.splitlines())
     assert pocs == [FIXED_RESULT, FIXED_RESULT]
     assert ready == {"ready": NORMAL}  # as 6.0.0
+
+
+@pytest.mark.parametrize("name", ["cve-2025-49796", "cve-2025-49794"])
+def test_dev_run_patches_the_interpreter_from_its_start(python: Path, name: str) -> None:
+    """`micropatch dev run` starts the interpreter, patches etree when Python dlopens it,
+    and the PoC gives 6.0.1's answer instead of a crash."""
+    done = subprocess.run(
+        ["micropatch", "dev", "run", str(PATCH), "--allow-unsigned", "--",
+         str(python), "-c", TRIGGER, str(POCS / f"{name}.sct"), str(POCS / f"{name}_0.xml")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+    assert f"after dlopen loaded {MODULE}" in done.stderr, done.stderr

@@ -41,7 +41,7 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[2]
 PATCH = REPO / "patches" / "pillow-CVE-2026-25990" / "patch.toml"
-POCS = Path("/work/shared/pocs/pillow-CVE-2026-25990")
+POCS = PATCH.parent / "pocs"  # copies of ../shared/pocs/pillow-CVE-2026-25990 (public test data)
 POC_NAMES = ["psd-oob-write.psd", "psd-oob-write-x.psd", "psd-oob-write-y.psd"]
 MODULE = "_imaging.cpython-311-x86_64-linux-gnu.so"
 
@@ -323,3 +323,17 @@ def test_fixed_release_answers_the_same() -> None:
     ).stdout.splitlines()  # fmt: skip
     assert answers[0] == "ready"
     assert json.loads(answers[1]) == SETIMAGE_FIXED
+
+
+@pytest.mark.parametrize("name", POC_NAMES)
+def test_dev_run_patches_the_interpreter_from_its_start(vulnerable: Path, name: str) -> None:
+    """`micropatch dev run` starts the interpreter, patches _imaging when Python dlopens
+    it, and the PoC ends in 12.1.1's clean error instead of a crash."""
+    done = subprocess.run(
+        ["micropatch", "dev", "run", str(PATCH), "--allow-unsigned", "--",
+         str(vulnerable), "-c", TRIGGER, str(POCS / name)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr  # Python's status for an uncaught exception
+    assert done.stderr.rstrip().splitlines()[-1] == ERROR or ERROR in done.stderr, done.stderr
+    assert f"after dlopen loaded {MODULE}" in done.stderr, done.stderr

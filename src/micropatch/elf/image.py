@@ -33,7 +33,13 @@ from micropatch.elf.header import (
 )
 from micropatch.elf.identity import build_id_from_bytes
 from micropatch.elf.location import parse_location
-from micropatch.errors import AmbiguousSymbol, ElfError, FunctionBoundsUnknown, SymbolNotFound
+from micropatch.errors import (
+    AmbiguousSymbol,
+    ElfError,
+    FunctionBoundsUnknown,
+    SymbolNotFound,
+    UnresolvedReference,
+)
 
 # What pyelftools raises on malformed or truncated input: besides its own
 # errors, it validates with assert and lets lookups, overflows and short
@@ -197,6 +203,11 @@ class ElfImage:
         """The module offset of a location: `symbol`, `symbol+0xN`, `symbol+N`
         or `0xN`; it must fall inside a loaded segment."""
         parsed = parse_location(location)
+        if parsed.module is not None:
+            raise UnresolvedReference(
+                f"{location!r} is in another module ({parsed.module}): it is resolved in each "
+                "process, not in this module's file"
+            )
         offset = parsed.addend
         if parsed.symbol is not None:
             offset += self.symbol(parsed.symbol).offset

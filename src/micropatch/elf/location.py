@@ -17,11 +17,17 @@ _NUMBER = r"0[xX][0-9a-fA-F]+|0|[1-9][0-9]*"
 # C identifiers, C++ mangled names, versioned names (memcpy@@GLIBC_2.14) and
 # compiler-made local names (foo.cold, foo.part.0).
 _SYMBOL = r"[A-Za-z_.$][A-Za-z0-9_.$@]*"
+# Another module's symbol: `libc.so.6!abort`, resolved in each process at apply time.
+_MODULE = r"[A-Za-z0-9_.+-]+"
 _LOCATION = re.compile(
-    rf"\s*(?:(?P<number>{_NUMBER})|(?P<symbol>{_SYMBOL})(?:\s*\+\s*(?P<addend>{_NUMBER}))?)\s*"
+    rf"\s*(?:(?P<number>{_NUMBER})|(?:(?P<module>{_MODULE})!)?(?P<symbol>{_SYMBOL})"
+    rf"(?:\s*\+\s*(?P<addend>{_NUMBER}))?)\s*"
 )
 
-SYNTAX_HELP = "expected 'symbol', 'symbol+0xN' or '0xN' (a module offset)"
+SYNTAX_HELP = (
+    "expected 'symbol', 'symbol+0xN', '0xN' (a module offset) or 'module!symbol' "
+    "(another module's symbol, e.g. 'libc.so.6!abort')"
+)
 
 
 @dataclass(frozen=True)
@@ -30,11 +36,13 @@ class Location:
 
     symbol: str | None
     addend: int
+    module: str | None = None  # another module, by file name; None: the patch's own
 
     def __str__(self) -> str:
         if self.symbol is None:
             return hex(self.addend)
-        return f"{self.symbol}+{self.addend:#x}" if self.addend else self.symbol
+        name = f"{self.module}!{self.symbol}" if self.module else self.symbol
+        return f"{name}+{self.addend:#x}" if self.addend else name
 
 
 def parse_location(text: str) -> Location:
@@ -45,4 +53,6 @@ def parse_location(text: str) -> Location:
     if match["number"] is not None:
         return Location(symbol=None, addend=int(match["number"], 0))
     addend = match["addend"]
-    return Location(symbol=match["symbol"], addend=int(addend, 0) if addend else 0)
+    return Location(
+        symbol=match["symbol"], addend=int(addend, 0) if addend else 0, module=match["module"]
+    )

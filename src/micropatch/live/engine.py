@@ -34,7 +34,7 @@ from micropatch.live.cave import (
     read_caves,
     unmap_cave,
 )
-from micropatch.live.module import LoadedModule, find_module
+from micropatch.live.module import LoadedModule, find_module, symbol_address
 from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
 from micropatch.live.safety import Entering, Unsafe, into_copy, place_threads
 from micropatch.live.transaction import Transaction
@@ -90,8 +90,11 @@ def _run(change: _Change, retries: int) -> Outcome:
     check_alive(change.pid)
     module = planned = None
     if change.add is not None:
-        module = find_module(change.pid, read_maps(change.pid), change.add.target)
-        planned = plan_patch(change.add, module)
+        mappings = read_maps(change.pid)
+        module = find_module(change.pid, mappings, change.add.target)
+        planned = plan_patch(
+            change.add, module, lambda location: symbol_address(change.pid, mappings, location)
+        )
         _prepare(change.pid, module, planned)
     delay = RETRY_DELAY
     reason = ""

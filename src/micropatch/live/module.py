@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.elf.image import ElfImage
+from micropatch.elf.location import Location
 from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
 from micropatch.patch.model import Target
 from micropatch.process.maps import Mapping
@@ -98,6 +99,22 @@ def _open_mapped_file(pid: int, first: Mapping) -> BinaryIO:
         f"process {pid} maps {first.path}, which was replaced or deleted on disk since it was "
         "loaded; reading the mapped copy (/proc/PID/map_files) needs root (CAP_SYS_ADMIN)"
     )
+
+
+def symbol_address(pid: int, mappings: list[Mapping], location: Location) -> int:
+    """Where another module's symbol (`libc.so.6!abort`) is in process pid."""
+    assert location.module is not None
+    groups = module_groups(mappings, location.module)
+    if not groups:
+        raise ModuleNotLoaded(
+            f"reference {{{location}}}: process {pid} ({process_name(pid)}) does not map "
+            f"{location.module}; nothing was changed"
+        )
+    first = groups[0][0]
+    _, image = _cache.get(_open_mapped_file(pid, first))
+    base = next((m.start for m in groups[0] if m.offset == 0), first.start)
+    symbol = f"{location.symbol}+{location.addend:#x}" if location.addend else str(location.symbol)
+    return base + image.resolve(symbol)
 
 
 def find_module(pid: int, mappings: list[Mapping], target: Target) -> LoadedModule:

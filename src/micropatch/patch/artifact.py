@@ -39,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from micropatch import __version__
 from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.elf.image import ElfImage
+from micropatch.elf.location import Location
 from micropatch.errors import ArtifactError, ElfError, MicropatchError, ModuleMismatch
 from micropatch.patch.model import Patch
 from micropatch.patch.plan import ModuleView, PlannedSite, plan_patch
@@ -501,6 +502,17 @@ def _file_module(path: Path, identity: ModuleIdentity, image: ElfImage) -> FileM
     return FileModule(str(path), base, identity, image)
 
 
+ELSEWHERE = 0x7FFF_F000_0000
+"""Stand-in for another module's symbol at build time: far from the module, as a
+shared library usually is from an executable, so that code which could only reach
+it with a rel32 (`call {libc.so.6!abort}`) fails here rather than in a process;
+`mov rax, {libc.so.6!abort}` then `call rax` reaches anything."""
+
+
+def _elsewhere(location: Location) -> int:
+    return ELSEWHERE + location.addend
+
+
 def placeholder_cave(module: ModuleView) -> int:
     """A page-aligned address just above the module, in reach of every site."""
     return (module.high + _CAVE_GAP + _PAGE - 1) // _PAGE * _PAGE
@@ -540,7 +552,7 @@ def build(
     text = data.decode("utf-8")  # parse_patch refused anything else
     module = open_module(module_file)
     check_identity(patch, module, str(source))
-    planned = plan_patch(patch, module)
+    planned = plan_patch(patch, module, _elsewhere)
     cave = placeholder_cave(module)
     for p in planned:
         _check_trampoline(patch, p, cave)

@@ -15,7 +15,8 @@ from typing import Protocol
 
 from micropatch.elf.identity import ModuleIdentity
 from micropatch.elf.image import ElfImage
-from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError
+from micropatch.elf.location import Location, parse_location
+from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
 from micropatch.patch.assemble import BLOCKED_REFERENCE, assemble
 from micropatch.patch.body import body_kind, body_source, needs_counter
 from micropatch.patch.model import Patch, Patchlet
@@ -61,8 +62,25 @@ class PlannedSite:
         return lambda at: self.body_at(at, counter)
 
 
-def plan_patch(patch: Patch, module: ModuleView) -> list[PlannedSite]:
-    planned = [_plan_patchlet(patch, i, p, module) for i, p in enumerate(patch.patchlets)]
+ExternalResolver = Callable[[Location], int]
+"""The address of another module's symbol (`libc.so.6!abort`) in the target process."""
+
+
+def _no_external(location: Location) -> int:
+    raise UnresolvedReference(
+        f"{location} is in another module, which is only resolved in a running process"
+    )
+
+
+def plan_patch(
+    patch: Patch, module: ModuleView, external: ExternalResolver = _no_external
+) -> list[PlannedSite]:
+    """Every patchlet's site, checked, and its body ready to assemble anywhere.
+
+    `external` resolves references into other modules: in a process, from its maps;
+    when building against a file, to a stand-in address.
+    """
+    planned = [_plan_patchlet(patch, i, p, module, external) for i, p in enumerate(patch.patchlets)]
     for p in planned:
         for other in planned:
             if p.resume is not None and other.site.address < p.resume < other.site.end:
@@ -96,7 +114,7 @@ def _refuse_exits(body: bytes, address: int) -> None:
 
 
 def _plan_patchlet(
-    patch: Patch, index: int, patchlet: Patchlet, module: ModuleView
+    patch: Patch, index: int, patchlet: Patchlet, module: ModuleView, external: ExternalResolver
 ) -> PlannedSite:
     where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
     try:
@@ -134,6 +152,9 @@ def _plan_patchlet(
             def resolve(reference: str) -> int:
                 if reference == BLOCKED_REFERENCE:
                     return counter
+                location = parse_location(reference)
+                if location.module is not None:
+                    return external(location)
                 return module.address(image.resolve(reference))
 
             code = body_source(patchlet, at_entry=at_entry, counter=counter if counted else None)

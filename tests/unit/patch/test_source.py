@@ -151,7 +151,7 @@ MALFORMED = [
         "bad at syntax",
         VALID.replace('"parse_packet+0x12"', '"parse_packet-0x12"'),
         r"patchlet\[0\]\.at: 'parse_packet-0x12' is not a location: expected 'symbol', "
-        r"'symbol\+0xN' or '0xN'",
+        r"'symbol\+0xN', '0xN' \(a module offset\) or 'module!symbol'",
     ),
     (
         "unterminated string",
