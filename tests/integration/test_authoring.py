@@ -285,3 +285,16 @@ def test_build_errors(targets, tmp_path, keys) -> None:
     assert not list(tmp_path.glob("*.mpatch"))
     done = micropatch("build", source, "--module", targets.vuln_pie, "--key", tmp_path / "no.key")
     assert done.returncode == 1 and "cannot read key file" in done.stderr
+
+
+def test_inspect_shows_blocked_attempts(targets, start, tmp_path, keys) -> None:
+    """Issue 3: `inspect --pid` says whether the patch is applied, and its blocked counters."""
+    t = start("vuln_pie")
+    guard = {"at": "copy_packet", "when": "esi > 64", "then": "blocked; return -1"}
+    built = build(tmp_path, targets.vuln_pie, [guard], keys / "dev.key")
+    assert micropatch("apply", built, "--pid", t.pid, "--trust", keys / "dev.pub").returncode == 0
+    assert [t.cmd("call 65"), t.cmd("call 99"), t.cmd("call 3")] == ["-1", "-1", "3"]
+    shown = micropatch("inspect", built, "--pid", t.pid)
+    assert shown.returncode == 0, shown.stderr
+    assert "blocked exploit attempts: 2" in shown.stdout, shown.stdout
+    assert micropatch("remove", "test-fix", "--pid", t.pid).returncode == 0

@@ -26,7 +26,7 @@ from rich.text import Text
 from micropatch import live
 from micropatch.errors import MicropatchError, SignatureError
 from micropatch.live.cave import read_caves
-from micropatch.live.module import LoadedModule, find_module
+from micropatch.live.module import LoadedModule, find_module, symbol_address
 from micropatch.live.registry import AppliedPatch
 from micropatch.patch import artifact, signing
 from micropatch.patch.artifact import Artifact
@@ -536,7 +536,7 @@ def _mapped_file(module: LoadedModule) -> str | None:
 def _process_views(patch: Patch, pid: int) -> list[_SiteView]:
     mappings = read_maps(pid)
     module = find_module(pid, mappings, patch.target)
-    planned = plan_patch(patch, module)
+    planned = plan_patch(patch, module, lambda location: symbol_address(pid, mappings, location))
     ctx = _Context(module, _Symbols(_mapped_file(module), module.image.image_base))
     states = [s for s in live.status(pid) if s.patch_id == patch.id]
     with Memory(pid, writable=False) as memory:
@@ -551,9 +551,11 @@ def _process_views(patch: Patch, pid: int) -> list[_SiteView]:
                 if state
                 else "?"
             )
+            blocked = state.blocked if state else None
             out.print(
                 f"[green]applied[/] to process {pid} since {since}, cave at "
-                f"{state.cave if state else 0:#x}",
+                f"{state.cave if state else 0:#x}"
+                + ("" if blocked is None else f"; blocked exploit attempts: {blocked}"),
                 highlight=False,
             )
             views = []
