@@ -298,3 +298,19 @@ def test_inspect_shows_blocked_attempts(targets, start, tmp_path, keys) -> None:
     assert shown.returncode == 0, shown.stderr
     assert "blocked exploit attempts: 2" in shown.stdout, shown.stdout
     assert micropatch("remove", "test-fix", "--pid", t.pid).returncode == 0
+
+
+def test_c_body_runs_as_built_without_a_compiler(targets, start, tmp_path, keys) -> None:
+    """The artifact carries the compiled C body: the applying host runs those signed
+    bytes and needs no compiler (CC points at one that always fails)."""
+    t = start("vuln_pie")
+    c = (
+        "#include <micropatch.h>\nmp_verdict patchlet(struct mp_regs *r) {\n"
+        "  if ((int)r->rsi > 64) return MP_RETURN(-1);\n  return MP_CONTINUE;\n}\n"
+    )
+    built = build(tmp_path, targets.vuln_pie, [{"at": "copy_packet", "c": c}], keys / "dev.key")
+    no_cc = {"CC": "/bin/false"}
+    applied = micropatch("apply", built, "--pid", t.pid, "--trust", keys / "dev.pub", env=no_cc)
+    assert applied.returncode == 0, applied.stderr
+    assert (t.cmd("call 65"), t.cmd("call 10")) == ("-1", "10")
+    assert micropatch("remove", "test-fix", "--pid", t.pid).returncode == 0

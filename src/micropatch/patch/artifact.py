@@ -29,6 +29,7 @@ import datetime
 import hashlib
 import json
 import os
+import tomllib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.elf.image import ElfImage
 from micropatch.elf.location import Location
 from micropatch.errors import ArtifactError, ElfError, MicropatchError, ModuleMismatch
+from micropatch.patch.cbody import CompiledC, compile_c, provide_compiled
 from micropatch.patch.model import Patch
 from micropatch.patch.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.patch.signing import (
@@ -161,11 +163,20 @@ class SiteFacts(_Strict):
     original: str  # those bytes in the module file, hex
     resume: int | None = Field(ge=0)  # module offset to continue at; None: after the site
     skip_red_zone: bool  # the trampoline steps over the 128-byte red zone first
+    # A C body as built (hex) and the offset of `patchlet` in it: the host that
+    # applies the artifact runs these signed bytes, and needs no compiler.
+    c_code: str | None = None
+    c_entry: int | None = Field(default=None, ge=0)
 
     @field_validator("original")
     @classmethod
     def _original(cls, value: str) -> str:
         return _hex(value)
+
+    @field_validator("c_code")
+    @classmethod
+    def _c_code(cls, value: str | None) -> str | None:
+        return None if value is None else _hex(value)
 
     @property
     def original_bytes(self) -> bytes:
@@ -418,6 +429,7 @@ def patch_of(artifact: Artifact) -> Patch:
             f"{artifact.name}: {problem}; the artifact is inconsistent, rebuild it"
         )
 
+    _provide_compiled_c(payload)
     patch = parse_patch(payload.patch.source, f"{artifact.name}: {payload.patch.source_name}")
     target, module = patch.target, payload.module
     if (patch.id, patch.version) != (payload.patch.id, payload.patch.version):
@@ -613,8 +625,24 @@ def _check_trampoline(patch: Patch, planned: PlannedSite, cave: int) -> None:
         raise type(exc)(f"patch {patch.id}, {planned.where}: {exc}") from None
 
 
+def _provide_compiled_c(payload: Payload) -> None:
+    """Hand the C bodies built and signed with the artifact to the body compiler, keyed
+    by their source text, before the source is parsed (parsing compiles C bodies)."""
+    try:
+        tables = tomllib.loads(payload.patch.source).get("patchlet", [])
+    except tomllib.TOMLDecodeError:
+        return  # parse_patch reports it
+    for site in payload.sites:
+        if site.c_code is None or site.c_entry is None or site.patchlet >= len(tables):
+            continue
+        source = tables[site.patchlet].get("c")
+        if isinstance(source, str):
+            provide_compiled(source, CompiledC(bytes.fromhex(site.c_code), site.c_entry))
+
+
 def _facts(patch: Patch, planned: PlannedSite, module: ModuleView) -> SiteFacts:
     patchlet = patch.patchlets[planned.index]
+    compiled = compile_c(patchlet.c) if patchlet.c is not None else None
     return SiteFacts(
         patchlet=planned.index,
         at=patchlet.at,
@@ -623,6 +651,8 @@ def _facts(patch: Patch, planned: PlannedSite, module: ModuleView) -> SiteFacts:
         original=planned.site.original.hex(),
         resume=None if planned.resume is None else planned.resume - module.base,
         skip_red_zone=planned.skip_red_zone,
+        c_code=compiled.text.hex() if compiled else None,
+        c_entry=compiled.entry if compiled else None,
     )
 
 
