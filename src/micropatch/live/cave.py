@@ -10,6 +10,7 @@ registry.
 from __future__ import annotations
 
 import errno
+import functools
 from dataclasses import dataclass
 
 from micropatch.errors import CaveError, RemoteSyscallError
@@ -62,7 +63,7 @@ def read_caves(memory: Memory, mappings: list[Mapping]) -> list[Cave]:
         if not m.path.startswith(CAVE_PREFIX):
             continue
         head = memory.read(m.start, PAGE_SIZE)
-        registry = Registry.decode(head, lambda n, start=m.start: memory.read(start, n))
+        registry = Registry.decode(head, functools.partial(memory.read, m.start))
         if registry is not None:
             # The mapping is split (code, then the writable counters page): the
             # registry, not the first mapping, knows the cave's whole size.

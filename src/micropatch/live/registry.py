@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 from micropatch.errors import CaveError
 
@@ -76,7 +76,9 @@ class Registry:
         return blob
 
     @classmethod
-    def decode(cls, head: bytes, read_more: Any = None) -> Registry | None:
+    def decode(
+        cls, head: bytes, read_more: Callable[[int], bytes] | None = None
+    ) -> Registry | None:
         """Parse a registry from the first bytes of a cave; None if it is not one of ours.
 
         `read_more(n)` returns the first n bytes when the JSON is longer than `head`.

@@ -162,13 +162,6 @@ Condition = Compare | Truth | Not | And | Or
 COMPARISONS = ("<", "<=", ">", ">=", "==", "!=")
 
 
-def operand_type(operand: Operand) -> IntType | None:
-    """The type an operand's bits are read as; None for a literal (exact)."""
-    if isinstance(operand, Literal):
-        return None
-    return operand.type
-
-
 def registers_used(condition: Condition) -> set[str]:
     """The 64-bit names of every register the condition reads."""
     found: set[str] = set()

@@ -102,9 +102,6 @@ class StoppedProcess:
             raise ProcessExited(f"process {self.pid} exited during the operation")
         return stop
 
-    def instruction_pointers(self) -> dict[int, int]:
-        return {tid: self.regs(tid).rip for tid in self.threads}
-
     def resume(self) -> None:
         """Restore any registers we changed and let every thread go."""
         for thread in self.threads.values():
