@@ -1,6 +1,6 @@
 """build: time to build and verify one patchlet, for each of the three body kinds.
 
-`micropatch build` (micropatch.patch.artifact.build) on the benchmark target:
+`micropatch build` (micropatch.trust.artifact.build) on the benchmark target:
 parse and validate the source (which compiles a C body with cc), identify the
 module file, plan the site (function bounds, branch check), assemble the body
 and the trampoline. The same fix is written three ways (assembly, a guard, C),
@@ -45,7 +45,7 @@ def source(build_id: str, kind: str, trial: int) -> str:
 
 
 def measure(exe: Path, directory: Path, trials: int) -> dict[str, Any]:
-    from micropatch.patch import artifact
+    from micropatch.build.artifact import build as build_artifact
 
     build_id = patches.build_id(exe)
     samples: dict[str, list[float]] = {kind: [] for kind in BODIES}
@@ -55,7 +55,7 @@ def measure(exe: Path, directory: Path, trials: int) -> dict[str, Any]:
             path = directory / f"{kind}-{trial}.toml"
             path.write_text(source(build_id, kind, trial))
             start = time.perf_counter()
-            artifact.build(path, exe)
+            build_artifact(path, exe)
             samples[kind].append(time.perf_counter() - start)
     return {
         kind: {"summary": summary(values), "samples": values} for kind, values in samples.items()
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind, r in result.items()
     ]
     markdown = (
-        f"Wall-clock time of `micropatch.patch.artifact.build` for a source with one "
+        f"Wall-clock time of `micropatch.trust.artifact.build` for a source with one "
         f"patchlet at `compute` of the benchmark target, {trials} trials per kind, "
         "interleaved; each trial's source differs by a comment, so nothing is cached. "
         "A C body includes running `cc`.\n\n"

@@ -17,8 +17,8 @@ import atheris
 
 with atheris.instrument_imports():
     from micropatch.errors import MicropatchError
-    from micropatch.patch import artifact
     from micropatch.patch.source import parse_patch
+    from micropatch.trust import artifact
 
 SEED_SOURCE = b"""[patch]
 id = "seed"

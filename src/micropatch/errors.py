@@ -9,7 +9,62 @@ from __future__ import annotations
 
 
 class MicropatchError(Exception):
-    """Root of every error micropatch raises on purpose."""
+    """Root of every error micropatch raises on purpose.
+
+    Besides its message, an error carries what it is about as fields, for the
+    programs that read them (the agent, the server): `pid`, `patch_id`,
+    `module` (a file name) and `offset` (a module offset), each None when it
+    does not apply or is not known where the error is raised. Layers above add
+    what they know with `within`, which keeps the exception, its type and its
+    cause chain.
+    """
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        pid: int | None = None,
+        patch_id: str | None = None,
+        module: str | None = None,
+        offset: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.patch_id = patch_id
+        self.module = module
+        self.offset = offset
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    def within(
+        self,
+        context: str = "",
+        *,
+        pid: int | None = None,
+        patch_id: str | None = None,
+        module: str | None = None,
+        offset: int | None = None,
+    ) -> MicropatchError:
+        """Prefix the message with `context` (`"patch fix-a, patchlet[0]: "`) and
+        fill the fields not yet known; returns self, to `raise` again."""
+        if context:
+            self.args = (f"{context}{self.message}", *self.args[1:])
+        self.pid = self.pid if self.pid is not None else pid
+        self.patch_id = self.patch_id if self.patch_id is not None else patch_id
+        self.module = self.module if self.module is not None else module
+        self.offset = self.offset if self.offset is not None else offset
+        return self
+
+    def fields(self) -> dict[str, object]:
+        """The error as data: its class, message and the fields that are set."""
+        data: dict[str, object] = {"error": type(self).__name__, "message": self.message}
+        for name in ("pid", "patch_id", "module", "offset"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        return data
 
 
 # --- patch/ -----------------------------------------------------------------
@@ -33,6 +88,10 @@ class ArtifactError(MicropatchError):
 
 class SignatureError(MicropatchError):
     """A key file is malformed, or an artifact lacks a valid signature by a trusted key."""
+
+
+class NotAdmitted(SignatureError):
+    """The admission policy refuses a patch file: a source, or unverifiable without keys."""
 
 
 # --- elf/ -------------------------------------------------------------------
@@ -133,6 +192,10 @@ class NotApplied(MicropatchError):
 
 class AlreadyApplied(MicropatchError):
     """The patch (this or another version) is already applied to the process."""
+
+
+class Downgrade(AlreadyApplied):
+    """An update would replace a patch by an older version of it."""
 
 
 class CaveError(MicropatchError):

@@ -9,10 +9,9 @@ from targets.harness import Targets
 
 from micropatch import live
 from micropatch.elf.identity import identify
-from micropatch.patch.model import Patch
-from micropatch.patch.source import parse_patch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
+from micropatch.trust.policy import Admitted, admit
 
 
 def build_id(path: Path) -> str:
@@ -43,8 +42,10 @@ def patch_source(
     return "\n".join(lines)
 
 
-def make_patch(module: Path, patchlets: list[dict[str, object]], **kw: object) -> Patch:
-    return parse_patch(patch_source(module, patchlets, **kw), f"{module.name}.toml")  # type: ignore[arg-type]
+def make_patch(module: Path, patchlets: list[dict[str, object]], **kw: object) -> Admitted:
+    """A development patch for `module`, admitted as an unsigned source."""
+    source = patch_source(module, patchlets, **kw)  # type: ignore[arg-type]
+    return admit(source.encode(), name=f"{module.name}.toml", keys=None, allow_unsigned=True)
 
 
 def assert_untouched(

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from micropatch.patch import artifact
-from micropatch.patch.artifact import canonical_json
-from micropatch.patch.signing import generate_key, load_private_key, write_key_pair
+from micropatch.build.artifact import build as build_artifact
+from micropatch.trust import artifact
+from micropatch.trust.artifact import canonical_json
+from micropatch.trust.keys import generate_key, load_private_key, write_key_pair
 
 from .patching import assert_untouched, patch_source
 
@@ -55,7 +56,7 @@ def build(
     source.write_text(patch_source(module, patchlets, **kw))
     out = tmp_path / name
     out.mkdir(exist_ok=True)
-    built = artifact.build(source, module)
+    built = build_artifact(source, module)
     if key is not None:
         built = built.signed(load_private_key(key))
     return built.write(out)
@@ -202,7 +203,7 @@ def test_expired_key(targets, tmp_path) -> None:
     private, public = write_key_pair(old, tmp_path / "old")
     source = tmp_path / "fix.toml"
     source.write_text(patch_source(targets.vuln_pie, [FIX]))
-    signed = artifact.build(source, targets.vuln_pie).signed(old, past).write(tmp_path)
+    signed = build_artifact(source, targets.vuln_pie).signed(old, past).write(tmp_path)
     done = micropatch("verify", signed, "--trust", public)
     assert done.returncode == 1
     assert (

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from micropatch.patch import artifact
-from micropatch.patch.signing import generate_key, load_private_key, write_key_pair
+from micropatch.build.artifact import build as build_artifact
+from micropatch.trust.keys import generate_key, load_private_key, write_key_pair
 
 from .patching import patch_source
 
@@ -106,7 +106,7 @@ def test_signed_artifact(targets, tmp_path) -> None:
     keys = tmp_path / "keys"
     keys.mkdir()
     write_key_pair(generate_key("dev", expires_days=30), keys / "dev")
-    built = artifact.build(source(tmp_path, targets.vuln_pie, [FIX]), targets.vuln_pie)
+    built = build_artifact(source(tmp_path, targets.vuln_pie, [FIX]), targets.vuln_pie)
     out = tmp_path / "built"
     out.mkdir()
     signed = built.signed(load_private_key(keys / "dev.key")).write(out)

@@ -146,7 +146,7 @@ def test_relocated_displaced_instructions(targets, start, function, at, code, ca
 
 def test_reloc_fn_site_covers_rip_load_jcc_and_call(targets):
     """The 13-byte site at reloc_fn holds all three kinds the issue names."""
-    from micropatch.x86.decode import decode, format_instruction
+    from micropatch.arch.x86_64.decode import decode, format_instruction
 
     code = targets.code("reloc", "reloc_fn", 13)
     texts = [format_instruction(i) for i in decode(code, 0)]

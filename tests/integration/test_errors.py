@@ -131,10 +131,12 @@ def test_module_with_another_hash(targets, start):
     text = patch_source(targets.vuln_pie, [FIX]).replace(
         "build_id = ", 'sha256 = "' + "ab" * 32 + '"\n#'
     )
-    from micropatch.patch.source import parse_patch
+    from micropatch.trust.policy import admit
 
-    with pytest.raises(ModuleMismatch, match=r"sha256 [0-9a-f]{64} \(patch: (ab){32}\)"):
-        live.apply(parse_patch(text), t.pid)
+    patch = admit(text.encode(), name="fix.toml", keys=None, allow_unsigned=True)
+    with pytest.raises(ModuleMismatch, match=r"sha256 [0-9a-f]{64} \(patch: (ab){32}\)") as e:
+        live.apply(patch, t.pid)
+    assert (e.value.pid, e.value.patch_id) == (t.pid, "test-fix")
     still_works(t)
 
 
@@ -295,12 +297,17 @@ def test_malformed_patch_files(tmp_path, text, message):
     assert "Traceback" not in done.stderr
 
 
-def test_code_that_does_not_assemble(targets):
-    """Caught when the patch is loaded, before any process is looked at."""
+def test_code_that_does_not_assemble(targets, start):
+    """Caught when the patch is planned, before the process is stopped; nothing changes."""
     from micropatch.errors import PatchFormatError
 
-    with pytest.raises(PatchFormatError, match=r"patchlet\[0\]\.code: line 2"):
-        make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "nop\nmov eax, [[rbx\n"}])
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "nop\nmov eax, [[rbx\n"}])
+    with pytest.raises(PatchFormatError, match=r"patchlet\[0\] \(copy_packet\).*: line 2") as e:
+        live.apply(patch, t.pid)
+    assert (e.value.pid, e.value.patch_id, e.value.module) == (t.pid, "test-fix", "vuln_pie")
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
 
 
 def test_zombie_process(targets, start):

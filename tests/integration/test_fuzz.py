@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from micropatch.patch import artifact
-from micropatch.patch.signing import generate_key
+from micropatch.build.artifact import build as build_artifact
+from micropatch.trust.keys import generate_key
 
 from .patching import patch_source
 
@@ -44,7 +44,7 @@ def test_fuzz_artifact_loader(targets, tmp_path):
     corpus.mkdir()
     source = tmp_path / "fix.toml"
     source.write_text(patch_source(targets.vuln_pie, [{"at": "copy_packet", "code": "nop"}]))
-    built = artifact.build(source, targets.vuln_pie)
+    built = build_artifact(source, targets.vuln_pie)
     (corpus / "unsigned").write_bytes(built.to_bytes())
     (corpus / "signed").write_bytes(built.signed(generate_key("fuzz")).to_bytes())
     fuzz("artifact", corpus)

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from micropatch import live
-from micropatch.patch import load_patch
+from micropatch.patch.source import load_patch
+from micropatch.trust.policy import admit
 
 from .venvs import site_packages, venv_python
 
@@ -197,7 +198,7 @@ def test_live_patch_makes_the_poc_harmless(interpreter: Interpreter) -> None:
     # The ordinary inputs exercise the patched code with element and attribute nodes.
     assert normal == NORMAL
 
-    patch = load_patch(PATCH)
+    patch = admit(PATCH.read_bytes(), name=str(PATCH), keys=None, allow_unsigned=True)
     started = time.perf_counter()
     outcome = live.apply(patch, interpreter.pid)
     took = time.perf_counter() - started
@@ -211,7 +212,7 @@ def test_live_patch_makes_the_poc_harmless(interpreter: Interpreter) -> None:
     assert interpreter.ask("poc cve-2025-49794") == FIXED_RESULT
     assert interpreter.ask("normal") == normal
 
-    removed = live.remove(patch.info.id, interpreter.pid)
+    removed = live.remove(patch.id, interpreter.pid)
     assert (removed.action, removed.sites) == ("removed", 2)
     assert interpreter.ask("normal") == normal
     assert interpreter.close() == 0

@@ -25,9 +25,9 @@ from pathlib import Path
 import pytest
 
 from micropatch import live
-from micropatch.patch import load_patch
 from micropatch.patch.model import Patch
 from micropatch.process.maps import read_maps
+from micropatch.trust.policy import Admitted, admit
 
 from .venvs import site_packages, venv_python
 
@@ -224,8 +224,8 @@ def _describe(code: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def patch() -> Patch:
-    return load_patch(PATCH)
+def patch() -> Admitted:
+    return admit(PATCH.read_bytes(), name=str(PATCH), keys=None, allow_unsigned=True)
 
 
 @pytest.fixture(scope="module")
@@ -234,9 +234,9 @@ def vulnerable(patch: Patch) -> Path:
     python = venv_python(VULNERABLE)
     module = site_packages(python) / "PIL" / MODULE
     digest = hashlib.sha256(module.read_bytes()).hexdigest()
-    assert digest == patch.target.sha256, (
+    assert digest == patch.patch.target.sha256, (
         f"pip installed a different build of {VULNERABLE} ({module}: sha256 {digest}); "
-        f"the patch is for {patch.target.sha256}"
+        f"the patch is for {patch.patch.target.sha256}"
     )
     return python
 

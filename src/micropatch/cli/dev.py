@@ -6,15 +6,17 @@ import contextlib
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 
-from micropatch.cli import authoring
+from micropatch.cli.options import AllowUnsignedOption, TrustOption
 from micropatch.errors import MicropatchError
-from micropatch.live import devrun
-from micropatch.patch.model import Patch
+
+if TYPE_CHECKING:
+    from micropatch.live import devrun
+    from micropatch.trust.policy import Admitted
 
 app = typer.Typer(help="Developer tools: run a program with a patch applied from its start.")
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -34,8 +36,8 @@ def run(
         typer.Argument(help="Signed artifact (.mpatch); a TOML source needs --allow-unsigned."),
     ],
     command: Annotated[list[str], typer.Argument(help="-- COMMAND ARGS…: the program to run.")],
-    trust: authoring.TrustOption = None,
-    allow_unsigned: authoring.AllowUnsignedOption = False,
+    trust: TrustOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
     no_patch: Annotated[
         bool, typer.Option("--no-patch", help="Run the command without the patch, to compare.")
     ] = False,
@@ -53,25 +55,30 @@ def run(
     if not command:
         _say("[red]error:[/] give the command to run after --")
         raise typer.Exit(2)
-    patch: Patch | None = None
+    from micropatch.cli.admission import load_for_apply
+    from micropatch.live import devrun
+
     try:
         with contextlib.redirect_stdout(sys.stderr):  # stdout is the program's
-            patch = authoring.patch_for_apply(patch_file, trust, allow_unsigned)
+            admitted = load_for_apply(patch_file, trust, allow_unsigned)
     except MicropatchError as e:
         _say(f"[bold red]error:[/] {e}")
         raise typer.Exit(1) from None
     if no_patch:
-        _say(f"running {command[0]} without {patch.id} (--no-patch)")
+        _say(f"running {command[0]} without {admitted.id} (--no-patch)")
     try:
-        result = devrun.run(command, None if no_patch else patch, keep_going=keep_going, say=_say)
+        result = devrun.run(
+            command, None if no_patch else admitted, keep_going=keep_going, say=_say
+        )
     except MicropatchError as e:
         _say(f"[bold red]error:[/] {e}; the program was killed")
         raise typer.Exit(1) from None
-    _report(result, patch, no_patch)
+    _report(result, admitted, no_patch)
     raise typer.Exit(1 if result.killed else result.exit.status)
 
 
-def _report(result: devrun.DevRun, patch: Patch, no_patch: bool) -> None:
+def _report(result: devrun.DevRun, admitted: Admitted, no_patch: bool) -> None:
+    patch = admitted.patch
     if result.error is not None:
         action = "the program was killed" if result.killed else "it ran unpatched (--keep-going)"
         _say(f"[bold red]error:[/] {patch.id} was not applied: {result.error}; {action}")

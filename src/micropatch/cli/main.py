@@ -1,55 +1,78 @@
-"""The `micropatch` command: thin commands over the live engine."""
+"""The `micropatch` command: thin commands over the layers below.
+
+Each command imports what it uses when it runs (`status` never loads the
+assembler), so the command starts fast; see benchmarks/peers.py, `startup`.
+"""
 
 from __future__ import annotations
 
-import datetime
+import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table
 
-from micropatch import live
 from micropatch.cli import authoring, dev
+from micropatch.cli.options import (
+    AllOption,
+    AllowUnsignedOption,
+    PidOption,
+    RetriesOption,
+    TrustOption,
+    err,
+    fail,
+    out,
+)
 from micropatch.errors import MicropatchError, NotApplied
-from micropatch.patch.model import Patch
+
+if TYPE_CHECKING:
+    from micropatch import live
+    from micropatch.trust.policy import Admitted
 
 app = typer.Typer(
     help="In-memory micropatching of running Linux x86-64 processes.",
     no_args_is_help=True,
     add_completion=False,
 )
-out = Console()
-err = Console(stderr=True)
-
-PidOption = Annotated[
-    list[int] | None, typer.Option("--pid", "-p", help="Target process id (repeatable).")
-]
-AllOption = Annotated[bool, typer.Option("--all", help="Every process this concerns.")]
-RetriesOption = Annotated[
-    int,
-    typer.Option(help="How often to retry when a thread is executing code being changed."),
-]
 
 
-def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    return typer.Exit(1)
+@app.callback()
+def _options(
+    verbose: Annotated[
+        int,
+        typer.Option(
+            "--verbose",
+            "-v",
+            count=True,
+            help="Log what the engine does: -v each operation, -vv every stop, write, "
+            "move, retry and rollback.",
+        ),
+    ] = 0,
+) -> None:
+    if verbose:
+        logging.basicConfig(
+            level=logging.DEBUG if verbose > 1 else logging.INFO,
+            format="%(asctime)s %(name)s: %(message)s",
+        )
 
 
-def _load(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Patch:
+def _load(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Admitted:
+    from micropatch.cli.admission import load_for_apply
+
     try:
-        return authoring.patch_for_apply(path, trust, allow_unsigned)
+        return load_for_apply(path, trust, allow_unsigned)
     except MicropatchError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
+
+
+def _retries(retries: int | None) -> dict[str, Any]:
+    return {} if retries is None else {"retries": retries}
 
 
 def _targets(pids: list[int] | None, all_: bool, find_all: Callable[[], list[int]]) -> list[int]:
     if bool(pids) == all_:
-        raise _fail("name the processes with --pid PID (repeatable), or use --all")
+        raise fail("name the processes with --pid PID (repeatable), or use --all")
     return find_all() if all_ else list(pids or [])
 
 
@@ -63,6 +86,8 @@ def _run_each(
     """Run an operation on each pid: a line each, a progress bar for many; exit 1 on failure."""
     failures = 0
     done = 0
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         console=err, transient=True, disable=len(pids) < 2,
@@ -75,10 +100,10 @@ def _run_each(
             except NotApplied as e:
                 if not skip_not_applied:
                     failures += 1
-                    err.print(f"[red]✗[/] pid {pid}: {e}", highlight=False)
+                    err.print(f"[red]✗[/] pid {pid}: {e}")
             except MicropatchError as e:
                 failures += 1
-                err.print(f"[red]✗[/] pid {pid}: {e}", highlight=False)
+                err.print(f"[red]✗[/] pid {pid}: {e}")
             else:
                 done += 1
                 version = f" v{outcome.version}" if outcome.version is not None else ""
@@ -87,7 +112,6 @@ def _run_each(
                     f"({outcome.sites} site{'s' if outcome.sites != 1 else ''}) in pid {pid}; "
                     f"paused {outcome.paused * 1e3:.2f} ms"
                     + (f" after {outcome.attempts} attempts" if outcome.attempts > 1 else ""),
-                    highlight=False,
                 )
             progress.advance(task)
     if not pids:
@@ -106,14 +130,20 @@ def apply(
     ],
     pid: PidOption = None,
     all_: AllOption = False,
-    retries: RetriesOption = live.engine.DEFAULT_RETRIES,
-    trust: authoring.TrustOption = None,
-    allow_unsigned: authoring.AllowUnsignedOption = False,
+    retries: RetriesOption = None,
+    trust: TrustOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
 ) -> None:
     """Apply a signed patch to running processes: every patchlet, or none."""
+    from micropatch import live
+    from micropatch.live.module import ModuleCache
+
     patch = _load(patch_file, trust, allow_unsigned)
-    pids = _targets(pid, all_, lambda: live.pids_mapping(patch.target.module))
-    _run_each("apply", pids, lambda p: live.apply(patch, p, retries=retries))
+    pids = _targets(pid, all_, lambda: live.pids_mapping(patch.patch.target.module))
+    modules = ModuleCache()
+    _run_each(
+        "apply", pids, lambda p: live.apply(patch, p, modules=modules, **_retries(retries))
+    )
 
 
 @app.command()
@@ -121,12 +151,17 @@ def remove(
     patch_id: Annotated[str, typer.Argument(help="Id of the applied patch.")],
     pid: PidOption = None,
     all_: AllOption = False,
-    retries: RetriesOption = live.engine.DEFAULT_RETRIES,
+    retries: RetriesOption = None,
 ) -> None:
     """Remove an applied patch, restoring the original code."""
+    from micropatch import live
+
     pids = _targets(pid, all_, live.patched_pids)
     _run_each(
-        "remove", pids, lambda p: live.remove(patch_id, p, retries=retries), skip_not_applied=all_
+        "remove",
+        pids,
+        lambda p: live.remove(patch_id, p, **_retries(retries)),
+        skip_not_applied=all_,
     )
 
 
@@ -141,15 +176,22 @@ def update(
     ],
     pid: PidOption = None,
     all_: AllOption = False,
-    retries: RetriesOption = live.engine.DEFAULT_RETRIES,
-    trust: authoring.TrustOption = None,
-    allow_unsigned: authoring.AllowUnsignedOption = False,
+    retries: RetriesOption = None,
+    trust: TrustOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
 ) -> None:
-    """Replace an applied patch by another version of it, in one stop of each process."""
+    """Replace an applied patch by a newer version of it, in one stop of each process."""
+    from micropatch import live
+    from micropatch.live.module import ModuleCache
+
     patch = _load(patch_file, trust, allow_unsigned)
     pids = _targets(pid, all_, live.patched_pids)
+    modules = ModuleCache()
     _run_each(
-        "update", pids, lambda p: live.update(patch, p, retries=retries), skip_not_applied=all_
+        "update",
+        pids,
+        lambda p: live.update(patch, p, modules=modules, **_retries(retries)),
+        skip_not_applied=all_,
     )
 
 
@@ -162,13 +204,17 @@ def status(pid: PidOption = None) -> None:
 
     On a terminal, a table; otherwise one tab-separated line per patch, for scripts.
     """
-    pids = pid or live.patched_pids()
+    import datetime
+
+    from micropatch.live.states import patched_pids, status
+
+    pids = pid or patched_pids()
     rows = []
     for p in pids:
         try:
-            states = live.status(p)
+            states = status(p)
         except MicropatchError as e:
-            err.print(f"[red]✗[/] pid {p}: {e}", highlight=False)
+            err.print(f"[red]✗[/] pid {p}: {e}")
             continue
         for s in states:
             since = datetime.datetime.fromtimestamp(s.applied_at).strftime("%Y-%m-%d %H:%M:%S")
@@ -180,6 +226,8 @@ def status(pid: PidOption = None) -> None:
     if not rows:
         out.print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
     elif out.is_terminal:
+        from rich.table import Table
+
         table = Table(*STATUS_COLUMNS)
         for row in rows:
             table.add_row(*row)
@@ -198,7 +246,7 @@ def demo() -> None:
     try:
         run(out)
     except MicropatchError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
 
 
 authoring.register(app)

@@ -21,7 +21,7 @@ from rich.syntax import Syntax
 from micropatch import live
 from micropatch.elf.identity import identify
 from micropatch.errors import MicropatchError
-from micropatch.patch.source import parse_patch
+from micropatch.trust.policy import admit
 
 PATCH_TEMPLATE = '''\
 [patch]
@@ -100,7 +100,10 @@ def run(console: Console) -> None:
         with program.open("rb") as f:
             build_id = identify(f).build_id
         source = PATCH_TEMPLATE.format(build_id=build_id)
-        patch = parse_patch(source, "demo-set-name-bound.toml")
+        # The demo's patch is written here, not signed: admitted as a development source.
+        patch = admit(
+            source.encode(), name="demo-set-name-bound.toml", keys=None, allow_unsigned=True
+        )
 
         console.rule("[bold]1. A running service with an overflow bug")
         service = _Service(program)

@@ -27,7 +27,6 @@ PF_X = 1
 PF_W = 2
 PF_R = 4
 
-PAGE_SIZE = 4096
 PN_XNUM = 0xFFFF
 
 EHDR_SIZE = 64

@@ -23,9 +23,9 @@ from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
 from elftools.elf.sections import SymbolTableSection
 
+from micropatch.arch.x86_64.constants import PAGE_SIZE
 from micropatch.elf.header import (
     ET_DYN,
-    PAGE_SIZE,
     PF_X,
     PT_LOAD,
     parse_header,

@@ -13,25 +13,27 @@ import errno
 import functools
 from dataclasses import dataclass
 
-from micropatch.errors import CaveError, RemoteSyscallError
-from micropatch.live.module import CAVE_PREFIX, LoadedModule
-from micropatch.live.registry import REGISTRY_SIZE, Registry
-from micropatch.process.abi import (
-    MAP_FIXED_NOREPLACE,
-    MAP_PRIVATE,
-    MFD_CLOEXEC,
-    MFD_EXEC,
-    PAGE_SIZE,
-    PROT_EXEC,
-    PROT_READ,
-    PROT_WRITE,
-    RED_ZONE,
+from micropatch.arch.x86_64.abi import (
     SYS_CLOSE,
     SYS_FTRUNCATE,
     SYS_MEMFD_CREATE,
     SYS_MMAP,
     SYS_MPROTECT,
     SYS_MUNMAP,
+)
+from micropatch.arch.x86_64.constants import JUMP_REACH as REACH
+from micropatch.arch.x86_64.constants import PAGE_SIZE, RED_ZONE
+from micropatch.errors import CaveError, RemoteSyscallError
+from micropatch.live.module import CAVE_PREFIX, LoadedModule
+from micropatch.live.registry import REGISTRY_SIZE, Registry
+from micropatch.process.linux import (
+    MAP_FIXED_NOREPLACE,
+    MAP_PRIVATE,
+    MFD_CLOEXEC,
+    MFD_EXEC,
+    PROT_EXEC,
+    PROT_READ,
+    PROT_WRITE,
 )
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.memory import Memory
@@ -41,7 +43,7 @@ CAVE_NAME = b"micropatch\x00"
 CAVE_SIZE = 64 * 1024
 COUNTERS_SIZE = PAGE_SIZE  # the cave's last page: read+write, never executable
 COUNTER_SIZE = 8
-REACH = 1 << 31
+
 ALIGN = 16
 MIN_ADDRESS = 0x10000  # vm.mmap_min_addr default
 

@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 from micropatch.errors import MicropatchError
 from micropatch.live.engine import Outcome, apply
 from micropatch.live.module import module_groups
-from micropatch.live.status import PatchState, status
-from micropatch.patch.model import Patch
+from micropatch.live.states import PatchState, status
 from micropatch.process import ptrace
-from micropatch.process.abi import (
+from micropatch.process.launch import Breakpoint, Exit, Launched, spawn
+from micropatch.process.linux import (
     PTRACE_EVENT_EXIT,
     PTRACE_EVENT_STOP,
     PTRACE_LISTEN,
@@ -33,8 +33,8 @@ from micropatch.process.abi import (
     PTRACE_SEIZE,
     WALL,
 )
-from micropatch.process.launch import Breakpoint, Exit, Launched, spawn
 from micropatch.process.maps import read_maps
+from micropatch.trust.policy import Admitted
 
 AT_ENTRY_WHEN = "at entry"
 
@@ -58,7 +58,7 @@ class DevRun:
 
 def run(
     argv: list[str],
-    patch: Patch | None,
+    patch: Admitted | None,
     *,
     keep_going: bool = False,
     say: Callable[[str], None] = lambda _: None,
@@ -72,7 +72,7 @@ def run(
 
 
 def _run(
-    argv: list[str], patch: Patch | None, keep_going: bool, say: Callable[[str], None]
+    argv: list[str], patch: Admitted | None, keep_going: bool, say: Callable[[str], None]
 ) -> DevRun:
     program = spawn(argv)
     if program.exit is not None:
@@ -80,7 +80,7 @@ def _run(
     if patch is None:
         ptrace.detach(program.pid)
         return DevRun(program.wait())
-    module = patch.target.module
+    module = patch.patch.target.module
     result = DevRun(Exit(None, None), module)
     try:
         stopped, when, at = _until_loaded(program, module, say)

@@ -12,8 +12,11 @@ import contextlib
 import time
 from dataclasses import dataclass
 
+from micropatch.arch import TrampolineLayout
+from micropatch.build.plan import PlannedSite, plan_patch
 from micropatch.errors import (
     AlreadyApplied,
+    Downgrade,
     MicropatchError,
     NotApplied,
     OriginalBytesMismatch,
@@ -34,18 +37,15 @@ from micropatch.live.cave import (
     read_caves,
     unmap_cave,
 )
-from micropatch.live.module import LoadedModule, find_module, symbol_address
+from micropatch.live.module import LoadedModule, ModuleCache, find_module, symbol_address
 from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
 from micropatch.live.safety import Entering, Unsafe, into_copy, place_threads
 from micropatch.live.transaction import Transaction
-from micropatch.patch.model import Patch
-from micropatch.patch.plan import PlannedSite, plan_patch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
 from micropatch.process.world import StoppedProcess, exists, stop_world
-from micropatch.x86.relocate import JUMP_LENGTH, relocated_addresses
-from micropatch.x86.trampoline import build_trampoline, site_jump
+from micropatch.trust.policy import Admitted
 
 DEFAULT_RETRIES = 20
 RETRY_DELAY = 0.002  # doubled after each unsafe attempt, capped below
@@ -62,18 +62,28 @@ class Outcome:
     sites: int
     attempts: int
     paused: float  # seconds the target was stopped, in the successful attempt
+    moved: int = 0  # threads moved between a site and its relocated copy, in that attempt
 
 
 @dataclass(frozen=True)
 class _Change:
     pid: int
-    add: Patch | None
+    add: Admitted | None
     remove: str | None
+    modules: ModuleCache | None = None
 
 
-def apply(patch: Patch, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
-    """Apply every patchlet of `patch` to process `pid`, or none of them."""
-    return _run(_Change(pid, patch, None), retries)
+def apply(
+    patch: Admitted,
+    pid: int,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    modules: ModuleCache | None = None,
+) -> Outcome:
+    """Apply every patchlet of `patch` to process `pid`, or none of them.
+
+    `modules`: a cache of parsed module files to share between calls (`--all`)."""
+    return _run(_Change(pid, patch, None, modules), retries)
 
 
 def remove(patch_id: str, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
@@ -81,19 +91,38 @@ def remove(patch_id: str, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcom
     return _run(_Change(pid, None, patch_id), retries)
 
 
-def update(patch: Patch, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
-    """Replace the applied version of `patch.id` by this one, in one stop."""
-    return _run(_Change(pid, patch, patch.id), retries)
+def update(
+    patch: Admitted,
+    pid: int,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    modules: ModuleCache | None = None,
+) -> Outcome:
+    """Replace the applied version of `patch.id` by this newer one, in one stop."""
+    return _run(_Change(pid, patch, patch.id, modules), retries)
 
 
 def _run(change: _Change, retries: int) -> Outcome:
+    patch_id = change.add.id if change.add else change.remove
+    try:
+        return _attempts(change, retries)
+    except MicropatchError as e:
+        e.within(pid=change.pid, patch_id=patch_id)
+        raise
+
+
+def _attempts(change: _Change, retries: int) -> Outcome:
     check_alive(change.pid)
     module = planned = None
     if change.add is not None:
         mappings = read_maps(change.pid)
-        module = find_module(change.pid, mappings, change.add.target)
+        modules = change.modules or ModuleCache()
+        module = find_module(change.pid, mappings, change.add.patch.target, modules)
         planned = plan_patch(
-            change.add, module, lambda location: symbol_address(change.pid, mappings, location)
+            change.add.patch,
+            module,
+            change.add.toolchain,
+            lambda location: symbol_address(change.pid, mappings, location, modules),
         )
         _prepare(change.pid, module, planned)
     delay = RETRY_DELAY
@@ -101,7 +130,7 @@ def _run(change: _Change, retries: int) -> Outcome:
     for attempt in range(1, retries + 2):
         try:
             with stop_world(change.pid) as proc:
-                sites = _transact(proc, change, module, planned)
+                sites, moved = _transact(proc, change, module, planned)
             paused = proc.paused
         except ProcessNotFound:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
@@ -115,7 +144,7 @@ def _run(change: _Change, retries: int) -> Outcome:
         )
         version = change.add.version if change.add else None
         patch_id = change.add.id if change.add else str(change.remove)
-        return Outcome(change.pid, patch_id, action, version, sites, attempt, paused)
+        return Outcome(change.pid, patch_id, action, version, sites, attempt, paused, moved)
     raise UnsafeToPatch(
         f"process {change.pid}: not safe after {retries + 1} attempts: {reason}; "
         "nothing was changed. The code is in constant use; try again, or with more --retries"
@@ -127,7 +156,8 @@ def _transact(
     change: _Change,
     module: LoadedModule | None,
     planned: list[PlannedSite] | None,
-) -> int:
+) -> tuple[int, int]:
+    """Returns the number of sites now patched and the number of threads moved."""
     mappings = read_maps(proc.pid)
     caves = read_caves(proc.memory, mappings)
     old_cave, old = _find_applied(caves, change.remove) if change.remove else (None, None)
@@ -149,6 +179,12 @@ def _transact(
             f"patch {change.add.id} version {old.version} is already applied to process "
             f"{proc.pid}; nothing to update"
         )
+    if change.add is not None and old is not None and old.version > change.add.version:
+        raise Downgrade(
+            f"patch {change.add.id} version {old.version} is applied to process {proc.pid}, "
+            f"newer than version {change.add.version}: update refuses a downgrade; to go "
+            f"back, `micropatch remove {change.add.id}` then apply the older version"
+        )
     entering = [Entering(p.site, p.resume is None, p.where) for p in planned or []]
     placement = place_threads(
         proc, mappings, entering, old.sites if old else [], str(change.remove)
@@ -161,11 +197,9 @@ def _transact(
         count = len(old.sites) if old else 0
         if change.add is not None and module is not None and planned is not None:
             cave = cave_of(caves, module)
-            tails = _add_sites(tx, caves, cave, module, change.add, planned)
+            layouts = _add_sites(tx, caves, cave, module, change.add, planned)
             for move in placement.pending:
-                placement.moves[move.tid] = into_copy(
-                    move, planned[move.index].site, tails[move.index]
-                )
+                placement.moves[move.tid] = into_copy(move, layouts[move.index])
             count = len(planned)
         elif old_cave is not None:
             _store(tx, old_cave)
@@ -184,7 +218,7 @@ def _transact(
                 "half-patched, check `micropatch status`"
             ) from None
         raise
-    return count
+    return count, len(placement.moves)
 
 
 def _find_applied(
@@ -222,10 +256,11 @@ def _add_sites(
     caves: list[Cave],
     cave: Cave | None,
     module: LoadedModule,
-    patch: Patch,
+    admitted: Admitted,
     planned: list[PlannedSite],
-) -> list[int]:
-    """Write trampolines, jumps and registry; returns where each relocated copy starts."""
+) -> list[TrampolineLayout]:
+    """Write trampolines, jumps and registry; returns each trampoline's layout."""
+    patch = admitted.patch
     for p in planned:
         found = tx.memory.read(p.site.address, p.site.length)
         if found != p.site.original:
@@ -247,15 +282,26 @@ def _add_sites(
         caves.append(cave)
         tx.on_rollback(lambda: unmap_cave(tx.syscalls, new_cave))
     applied_sites = []
-    for p, slot, code, counter in _layout(cave, planned):
-        tx.write(slot, code)
+    layouts = []
+    for p, layout, counter in _layout(cave, planned):
+        tx.write(layout.address, layout.code)
         if counter:
             tx.write(counter, bytes(COUNTER_SIZE))  # a slot may have counted for an old patch
-        jump = site_jump(p.site, slot)
-        tail = _tail(p, slot, code)
+        jump = p.arch.site_jump(p.site, layout.address)
+        layouts.append(layout)
         applied_sites.append(
             AppliedSite(
-                p.index, p.site.address, p.site.original, jump, slot, len(code), tail, counter
+                p.index,
+                p.site.address,
+                p.site.original,
+                jump,
+                layout.address,
+                layout.size,
+                layout.tail,
+                counter,
+                list(layout.copies),
+                list(layout.body),
+                list(p.site.starts),
             )
         )
     for s in applied_sites:
@@ -264,24 +310,14 @@ def _add_sites(
         AppliedPatch(patch.id, patch.version, patch.info.title or "", time.time(), applied_sites)
     )
     _store(tx, cave)
-    return [s.tail for s in applied_sites]
+    return layouts
 
 
-def _tail(p: PlannedSite, slot: int, code: bytes) -> int:
-    """Where the relocated displaced instructions start in a trampoline; 0 if it has none."""
-    if p.resume is not None:
-        return 0
-    end = slot + len(code)
-    length = relocated_addresses(p.site.instructions, slot)[-1] - slot + JUMP_LENGTH
-    tail = end - length
-    if relocated_addresses(p.site.instructions, tail)[-1] + JUMP_LENGTH != end:
-        raise MicropatchError(f"{p.where}: cannot locate the relocated instructions")
-    return tail
-
-
-def _layout(cave: Cave, planned: list[PlannedSite]) -> list[tuple[PlannedSite, int, bytes, int]]:
+def _layout(
+    cave: Cave, planned: list[PlannedSite]
+) -> list[tuple[PlannedSite, TrampolineLayout, int]]:
     """Where each trampoline (and blocked-event counter, 0 if none) goes in the cave,
-    and the trampoline's code assembled for that place."""
+    and the trampoline laid out for that place."""
     taken = cave.registry.used_ranges()
     counters = cave.registry.used_counters()
     code_size = cave.size - COUNTERS_SIZE
@@ -290,24 +326,15 @@ def _layout(cave: Cave, planned: list[PlannedSite]) -> list[tuple[PlannedSite, i
         counter = allocate_counter(counters, cave) if p.needs_counter else 0
         counters.append(counter)
 
-        def build(at: int, p: PlannedSite = p, counter: int = counter) -> bytes:
-            return build_trampoline(
-                at,
-                p.site,
-                p.body_for(counter),
-                resume=p.resume,
-                skip_red_zone=p.skip_red_zone,
-            )
-
-        estimate = len(build(cave.address + code_size // 2)) + TRAMPOLINE_SLACK
+        estimate = p.trampoline(cave.address + code_size // 2, counter).size + TRAMPOLINE_SLACK
         slot = allocate(taken, cave.address, code_size, estimate)
-        code = build(slot)
-        if len(code) > estimate:
+        layout = p.trampoline(slot, counter)
+        if layout.size > estimate:
             raise MicropatchError(
-                f"{p.where}: trampoline grew from {estimate} to {len(code)} bytes"
+                f"{p.where}: trampoline grew from {estimate} to {layout.size} bytes"
             )
-        taken.append((slot, slot + len(code)))
-        placed.append((p, slot, code, counter))
+        taken.append((slot, layout.end))
+        placed.append((p, layout, counter))
     return placed
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -48,27 +49,31 @@ class LoadedModule:
         return self.base + offset
 
 
-class _FileCache:
-    """Identity and parsed ELF per file, so `--all` hashes each file once."""
+class ModuleCache:
+    """Identity and parsed ELF per file, so that `--all` or an agent hashes and
+    parses each file once. Owned by the caller, bounded: the least recently used
+    entry (which holds the whole file) goes first."""
 
-    def __init__(self) -> None:
-        self._entries: dict[tuple[int, int, int, int], tuple[ModuleIdentity, ElfImage]] = {}
+    def __init__(self, max_entries: int = 8) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, int, int, int], tuple[ModuleIdentity, ElfImage]]
+        self._entries = OrderedDict()
 
     def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
-        st = os.fstat(file.fileno())
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-        entry = self._entries.get(key)
-        if entry is None:
+        with file:
+            st = os.fstat(file.fileno())
+            key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                return entry
             identity = identify(file)
             file.seek(0)
             entry = (identity, ElfImage.from_file(file))
-            self._entries[key] = entry
-        else:
-            file.close()
+        self._entries[key] = entry
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
         return entry
-
-
-_cache = _FileCache()
 
 
 def module_groups(mappings: list[Mapping], name: str) -> list[list[Mapping]]:
@@ -101,7 +106,9 @@ def _open_mapped_file(pid: int, first: Mapping) -> BinaryIO:
     )
 
 
-def symbol_address(pid: int, mappings: list[Mapping], location: Location) -> int:
+def symbol_address(
+    pid: int, mappings: list[Mapping], location: Location, cache: ModuleCache | None = None
+) -> int:
     """Where another module's symbol (`libc.so.6!abort`) is in process pid."""
     assert location.module is not None
     groups = module_groups(mappings, location.module)
@@ -111,14 +118,17 @@ def symbol_address(pid: int, mappings: list[Mapping], location: Location) -> int
             f"{location.module}; nothing was changed"
         )
     first = groups[0][0]
-    _, image = _cache.get(_open_mapped_file(pid, first))
+    _, image = (cache or ModuleCache(1)).get(_open_mapped_file(pid, first))
     base = next((m.start for m in groups[0] if m.offset == 0), first.start)
     symbol = f"{location.symbol}+{location.addend:#x}" if location.addend else str(location.symbol)
     return base + image.resolve(symbol)
 
 
-def find_module(pid: int, mappings: list[Mapping], target: Target) -> LoadedModule:
+def find_module(
+    pid: int, mappings: list[Mapping], target: Target, cache: ModuleCache | None = None
+) -> LoadedModule:
     """The mapping of the patch's module in pid, checked against its identity."""
+    cache = cache or ModuleCache(1)
     groups = module_groups(mappings, target.module)
     if not groups:
         names = sorted({m.name for m in mappings if m.inode})
@@ -131,7 +141,7 @@ def find_module(pid: int, mappings: list[Mapping], target: Target) -> LoadedModu
     mismatches = []
     for group in groups:
         file = _open_mapped_file(pid, group[0])
-        identity, image = _cache.get(file)
+        identity, image = cache.get(file)
         problems = []
         if target.build_id and identity.build_id != target.build_id.lower():
             problems.append(f"build-id {identity.build_id or 'none'} (patch: {target.build_id})")

@@ -29,6 +29,11 @@ class AppliedSite:
     trampoline_size: int
     tail: int = 0  # where the relocated copy of the displaced instructions starts; 0: none
     counter: int = 0  # address of the patchlet's blocked-event counter; 0: none
+    # The trampoline's layout: where each displaced instruction's copy starts, then
+    # the jump back (empty: resumes elsewhere); the body's [start, end).
+    copies: list[int] = field(default_factory=list)
+    body: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)  # each displaced instruction's address
 
 
 @dataclass
@@ -112,6 +117,9 @@ class Registry:
                             trampoline_size=s["trampoline_size"],
                             tail=s.get("tail", 0),
                             counter=s.get("counter", 0),
+                            copies=list(s.get("copies", [])),
+                            body=list(s.get("body", [])),
+                            starts=list(s.get("starts", [])),
                         )
                         for s in p["sites"]
                     ],

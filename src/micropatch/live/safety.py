@@ -14,13 +14,11 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from micropatch.arch import Site, TrampolineLayout
+from micropatch.arch.x86_64.abi import UserRegs, signed64
 from micropatch.live.registry import AppliedSite
-from micropatch.process.abi import UserRegs, signed64
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.world import StoppedProcess
-from micropatch.x86.decode import decode
-from micropatch.x86.relocate import relocated_addresses
-from micropatch.x86.site import Site
 
 # -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK: on
 # resume the kernel moves rip back over the 2-byte `syscall` to run it again.
@@ -99,7 +97,7 @@ def place_threads(
                 raise Unsafe(f"thread {tid} is executing inside site {old.address:#x}")
         for index, new in enumerate(entering):
             if new.site.address < eff < new.site.end:
-                starts = [i.ip for i in new.site.instructions]
+                starts = list(new.site.starts)
                 if not new.movable or eff not in starts:
                     raise Unsafe(f"thread {tid} is executing inside {new.where} (rip={eff:#x})")
                 placement.moves.pop(tid, None)
@@ -120,25 +118,22 @@ def _step_range(old: AppliedSite) -> tuple[int, int]:
     One instruction further, it is moved strictly inside the site instead, where a new
     patch moves it to its own copy, past its body.
     """
-    if not old.tail:
+    if not old.copies:
         return old.trampoline, old.trampoline + old.trampoline_size
-    copies = relocated_addresses(decode(old.original, old.address), old.tail)
-    return old.trampoline, copies[1]
+    return old.trampoline, old.copies[1]
 
 
 def _out_of_trampoline(tid: int, eff: int, old: AppliedSite, patch_id: str) -> int:
     """The original address matching a thread's place in a relocated copy."""
-    if old.tail:
-        originals = decode(old.original, old.address)
-        copies = relocated_addresses(originals, old.tail)
-        if eff in copies:
-            return [*(i.ip for i in originals), old.address + len(old.original)][copies.index(eff)]
+    if old.copies and eff in old.copies:
+        originals = [*old.starts, old.address + len(old.original)]
+        return originals[old.copies.index(eff)]
     raise Unsafe(f"thread {tid} is executing in a trampoline of {patch_id} (rip={eff:#x})")
 
 
-def into_copy(move: PendingMove, site: Site, tail: int) -> int:
-    """The new rip of a pending move, now that the relocated copy is at `tail`."""
-    return relocated_addresses(site.instructions, tail)[move.instruction] + move.delta
+def into_copy(move: PendingMove, layout: TrampolineLayout) -> int:
+    """The new rip of a pending move, now that the trampoline is laid out."""
+    return layout.copies[move.instruction] + move.delta
 
 
 def _check_stacks(

@@ -264,3 +264,18 @@ class _Statement:
 
     def _at_end(self) -> bool:
         return self._pos >= len(self._tokens)
+
+
+BLOCKED_REFERENCE = "@blocked"
+"""`{@blocked}` in assembly: the address of the patchlet's blocked-event counter, so
+`lock inc qword ptr [rip + {@blocked}]` records an exploit attempt in one instruction."""
+
+
+def references(code: str) -> list[str]:
+    """The distinct `{location}` references in code, in order of first use."""
+    found: dict[str, None] = {}
+    for line in parse_code(code):
+        for piece in line.pieces:
+            if isinstance(piece, Reference):
+                found.setdefault(piece.location, None)
+    return list(found)

@@ -1,16 +1,18 @@
 """The validated patch model (format v1; every v0 source is a valid v1 source).
 
-Validation here is everything that can be checked without the target module:
-field types, slugs, hex, CVE ids, location and reference syntax, and every
-patchlet body compiled (guards, C) and assembled at a placeholder address.
-Whatever passes is safe to hand to the ELF and assembly layers.
+Validation here is everything that can be checked without the target module
+and without compiling: field types, slugs, hex, CVE ids, location and
+reference syntax, guard syntax, C jump indexes. Compiling and assembling the
+bodies is the toolchain's (`micropatch.bodies.Toolchain.check`), which `build`
+runs: validating a model never runs `cc` or the assembler, so a long-lived
+agent or server can validate untrusted input cheaply and safely.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,9 +32,9 @@ from pydantic_core import InitErrorDetails
 
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import PatchFormatError
-from micropatch.patch.assemble import BLOCKED_REFERENCE, check, references
-from micropatch.patch.cbody import c_source, compile_c, jump_indexes, uses_blocked, uses_return
-from micropatch.patch.guard import guard_source, parse_then, parse_when
+from micropatch.patch.asmtext import BLOCKED_REFERENCE, references
+from micropatch.patch.ctext import jump_indexes, uses_blocked
+from micropatch.patch.guard import parse_then, parse_when
 
 RESUME_AFTER = "after"
 ARCHITECTURES = ("x86_64",)
@@ -41,10 +43,10 @@ _SLUG = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _CVE = re.compile(r"CVE-\d{4}-\d{4,}")
 _ARCH_ALIASES = frozenset({"x86-64", "amd64", "x64", "X86_64", "AMD64"})
-# Stands for the blocked-event counter while a body is only being checked.
-_CHECK_COUNTER = 0x10000000
 _BODIES = ("code", "when", "c")
 _BODY_HELP = "give the patchlet's body as code (assembly), when + then (a guard) or c (C)"
+
+BodyKind = Literal["code", "guard", "c"]
 
 
 class FieldProblem(ValueError):
@@ -205,14 +207,13 @@ class Patchlet(_Model):
 
     @field_validator("code")
     @classmethod
-    def _code_assembles(cls, value: str | None) -> str | None:
+    def _code_references(cls, value: str | None) -> str | None:
         if value is None:
             return None
         try:
             for reference in references(value):
                 if reference != BLOCKED_REFERENCE:
                     _check_location(reference, f"reference {{{reference}}}: ")
-            check(value)
         except PatchFormatError as exc:
             raise ValueError(str(exc)) from None
         return value
@@ -229,13 +230,6 @@ class Patchlet(_Model):
     def _then_parses(cls, value: str | None) -> str | None:
         if value is not None:
             _as_value_error(parse_then, value)
-        return value
-
-    @field_validator("c")
-    @classmethod
-    def _c_compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            _as_value_error(compile_c, value)
         return value
 
     @field_validator("jumps")
@@ -293,18 +287,6 @@ class Patchlet(_Model):
                 "jumps",
                 "only for c bodies; in code write {location}, in a guard 'jump LOCATION'",
             )
-        if self.when is not None and self.then is not None:
-            # Compiled as if at a function's entry: whether `return` is possible
-            # is known only from the module, when the patch is applied.
-            self._check_body(
-                "then",
-                lambda: guard_source(
-                    parse_when(self.when or ""),
-                    parse_then(self.then or ""),
-                    at_entry=True,
-                    counter=_CHECK_COUNTER,
-                ),
-            )
         if self.c is not None:
             for index in jump_indexes(self.c):
                 if index >= len(self.jumps):
@@ -313,26 +295,25 @@ class Patchlet(_Model):
                         f"MP_JUMP({index}), but jumps lists {len(self.jumps)} "
                         f"location{'' if len(self.jumps) == 1 else 's'} (indexes start at 0)",
                     )
-            source = self.c
-            self._check_body(
-                "c",
-                lambda: c_source(
-                    compile_c(source),
-                    jumps=self.jumps,
-                    at_entry=True,
-                    returns=uses_return(source),
-                    blocked=uses_blocked(source),
-                    counter=_CHECK_COUNTER,
-                ),
-            )
         return self
 
-    @staticmethod
-    def _check_body(field: str, generate: Callable[[], str]) -> None:
-        try:
-            check(generate())
-        except PatchFormatError as exc:
-            raise FieldProblem(field, str(exc)) from None
+    @property
+    def kind(self) -> BodyKind:
+        """Which of the three forms the body is written in."""
+        if self.when is not None:
+            return "guard"
+        if self.c is not None:
+            return "c"
+        return "code"
+
+    @property
+    def counts_blocked(self) -> bool:
+        """Whether the body records blocked events, and so needs a counter in the cave."""
+        if self.then is not None:
+            return parse_then(self.then).blocked
+        if self.c is not None:
+            return uses_blocked(self.c)
+        return BLOCKED_REFERENCE in references(self.code or "")
 
     @field_serializer("expect")
     def _expect_text(self, value: bytes | None) -> str | None:

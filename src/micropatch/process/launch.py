@@ -23,16 +23,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from micropatch.arch.x86_64.abi import SYS_TGKILL
+from micropatch.arch.x86_64.constants import INT3
 from micropatch.errors import ProcessError
 from micropatch.process import ptrace
-from micropatch.process.abi import (
+from micropatch.process.linux import (
     AT_ENTRY,
     AT_NULL,
     AT_PHDR,
     AT_PHNUM,
     DT_DEBUG,
     DT_NULL,
-    INT3,
     PT_DYNAMIC,
     PT_PHDR,
     PTRACE_EVENT_CLONE,
@@ -40,7 +41,6 @@ from micropatch.process.abi import (
     PTRACE_O_EXITKILL,
     PTRACE_O_TRACECLONE,
     PTRACE_O_TRACEEXEC,
-    SYS_TGKILL,
     WALL,
 )
 from micropatch.process.memory import Memory

@@ -6,7 +6,8 @@ import ctypes
 import ctypes.util
 import os
 
-from micropatch.process.abi import (
+from micropatch.arch.x86_64.abi import UserRegs
+from micropatch.process.linux import (
     PTRACE_CONT,
     PTRACE_DETACH,
     PTRACE_GETEVENTMSG,
@@ -17,7 +18,6 @@ from micropatch.process.abi import (
     PTRACE_SETREGS,
     PTRACE_SINGLESTEP,
     PTRACE_TRACEME,
-    UserRegs,
 )
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -13,9 +13,9 @@ import errno
 import struct
 from dataclasses import dataclass
 
+from micropatch.arch.x86_64.abi import AUDIT_ARCH as AUDIT_ARCH_X86_64
 from micropatch.process import ptrace
-from micropatch.process.abi import (
-    AUDIT_ARCH_X86_64,
+from micropatch.process.linux import (
     PTRACE_SECCOMP_GET_FILTER,
     SECCOMP_RET_ACTION_FULL,
     SECCOMP_RET_ALLOW,

@@ -13,9 +13,10 @@ import errno
 import os
 import signal
 
+from micropatch.arch.x86_64.abi import SYSCALL_ARG_REGS, SYSCALL_NAMES, signed64
+from micropatch.arch.x86_64.constants import SYSCALL_INSN
 from micropatch.errors import MicropatchError, RemoteSyscallError
 from micropatch.process import seccomp
-from micropatch.process.abi import SYSCALL_ARG_REGS, SYSCALL_INSN, SYSCALL_NAMES, signed64
 from micropatch.process.maps import Mapping
 from micropatch.process.world import StoppedProcess
 

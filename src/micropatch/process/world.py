@@ -17,9 +17,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from micropatch.arch.x86_64.abi import UserRegs
 from micropatch.errors import AlreadyTraced, ProcessError, ProcessExited, ProcessNotFound
 from micropatch.process import ptrace
-from micropatch.process.abi import PTRACE_EVENT_STOP, WALL, UserRegs
+from micropatch.process.linux import PTRACE_EVENT_STOP, WALL
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import (
     ProcessStatus,

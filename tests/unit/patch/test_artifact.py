@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from micropatch.build.artifact import build
 from micropatch.elf.identity import identify
 from micropatch.errors import (
     ArtifactError,
@@ -25,9 +26,9 @@ from micropatch.errors import (
     SignatureError,
     SymbolNotFound,
 )
-from micropatch.patch import artifact
-from micropatch.patch.artifact import Artifact, build, canonical_json, loads, patch_of
-from micropatch.patch.signing import generate_key
+from micropatch.trust import artifact
+from micropatch.trust.artifact import Artifact, canonical_json, loads, patch_of
+from micropatch.trust.keys import generate_key
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}

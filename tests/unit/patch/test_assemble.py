@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from iced_x86 import Code, Decoder, Instruction, Mnemonic
 from keystone import KS_ARCH_X86, KS_MODE_64, Ks
 
+from micropatch.bodies.assemble import assemble, check
 from micropatch.errors import AssemblyError, SymbolNotFound
-from micropatch.patch.assemble import assemble, check, references
+from micropatch.patch.asmtext import references
 
 MODULE = 0x7F12_3400_0000
 CAVE = 0x7F12_3456_0000
@@ -174,7 +175,7 @@ def test_keystone_hangs_are_refused_before_keystone() -> None:
     script = textwrap.dedent(
         f"""
         from micropatch.errors import AssemblyError
-        from micropatch.patch.assemble import assemble
+        from micropatch.bodies.assemble import assemble
         for code in {inputs!r}:
             try:
                 assemble(code, 0x1000, lambda _: 0)

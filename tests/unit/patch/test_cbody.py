@@ -6,23 +6,16 @@ import re
 
 import pytest
 
-from micropatch.patch.assemble import assemble
-from micropatch.patch.cbody import (
-    ARITHMETIC_FLAGS,
-    HEADER,
-    REGS,
-    CCompileError,
-    c_source,
-    compile_c,
-    jump_indexes,
-    provide_compiled,
-    uses_blocked,
-    uses_return,
-)
-from micropatch.x86.trampoline import writes_stack
+from micropatch.arch.x86_64.trampoline import writes_stack
+from micropatch.bodies.assemble import assemble
+from micropatch.bodies.cbody import HEADER, CCompileError, CompiledC
+from micropatch.bodies.cwrapper import ARITHMETIC_FLAGS, REGS, c_source
+from micropatch.bodies.toolchain import Toolchain
+from micropatch.patch.ctext import jump_indexes, uses_blocked, uses_return
 
-from ..x86.emulator import PAGE, REGISTERS, run
+from ..arch.emulator import PAGE, REGISTERS, run
 
+compile_c = Toolchain().compile_c
 CODE = 0x100000
 TARGETS = (0x200000, 0x210000)
 RETURN_ADDRESS = 0x300000
@@ -260,7 +253,9 @@ def test_no_compiler(monkeypatch: pytest.MonkeyPatch) -> None:
         CCompileError,
         match=r"no C compiler: '/nonexistent/cc' was not found; install gcc or clang, or set \$CC",
     ):
-        compile_c("mp_verdict patchlet(struct mp_regs *r) { (void)r; return MP_CONTINUE; }")
+        Toolchain().compile_c(
+            "mp_verdict patchlet(struct mp_regs *r) { (void)r; return MP_CONTINUE; }"
+        )
 
 
 def test_return_refused_mid_function() -> None:
@@ -280,5 +275,16 @@ def test_provided_code_needs_no_compiler(monkeypatch: pytest.MonkeyPatch) -> Non
     source = "mp_verdict patchlet(struct mp_regs *r) { r->rax = 7; return MP_CONTINUE; }"
     built = compile_c(source)
     monkeypatch.setenv("CC", "/nonexistent/cc")
-    provide_compiled(source, built)
-    assert compile_c(source) == built
+    signed = Toolchain.signed({source: built})
+    assert signed.compile_c(source) == built
+    other = "mp_verdict patchlet(struct mp_regs *r) { r->rax = 8; return MP_CONTINUE; }"
+    with pytest.raises(CCompileError, match="runs only signed code"):
+        signed.compile_c(other)
+
+
+def test_toolchains_do_not_share_state() -> None:
+    """Code one toolchain was given (from an unverified artifact, say) never reaches another."""
+    source = "mp_verdict patchlet(struct mp_regs *r) { r->rax = 9; return MP_CONTINUE; }"
+    fake = Toolchain.signed({source: CompiledC(b"\xcc", 0)})
+    assert fake.compile_c(source).text == b"\xcc"
+    assert Toolchain().compile_c(source).text != b"\xcc"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from micropatch.patch import assemble, parse_patch, references
-from micropatch.patch.body import body_kind, body_source
-from micropatch.patch.cbody import HEADER, REGS
+from micropatch.bodies.assemble import assemble
+from micropatch.bodies.cbody import HEADER
+from micropatch.bodies.cwrapper import REGS
+from micropatch.bodies.toolchain import Toolchain
+from micropatch.patch.asmtext import references
+from micropatch.patch.source import parse_patch
 
 DOC = (Path(__file__).parents[3] / "docs" / "patch-format.md").read_text()
 
@@ -41,9 +44,9 @@ def test_every_toml_example_parses() -> None:
     kinds = set()
     for block in blocks[1:]:
         patch = parse_patch(header + block, "patch-format.md")
-        kinds |= {body_kind(p) for p in patch.patchlets}
+        kinds |= {p.kind for p in patch.patchlets}
         for patchlet in patch.patchlets:
-            body_source(patchlet, at_entry=True)
+            Toolchain().body_source(patchlet, at_entry=True)
     assert kinds == {"guard", "c"}
 
 

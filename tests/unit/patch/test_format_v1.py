@@ -6,10 +6,10 @@ import re
 
 import pytest
 
+from micropatch.bodies.assemble import assemble
+from micropatch.bodies.cbody import CCompileError
+from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import PatchFormatError
-from micropatch.patch.assemble import assemble
-from micropatch.patch.body import body_kind, body_source
-from micropatch.patch.cbody import CCompileError
 from micropatch.patch.guard import GuardError
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
@@ -64,7 +64,7 @@ def test_v1_source() -> None:
         None,
         None,
     )
-    assert [body_kind(p) for p in patch.patchlets] == ["guard", "code", "c"]
+    assert [p.kind for p in patch.patchlets] == ["guard", "code", "c"]
     assert c.jumps == ("copy_packet+0xb6", "copy_packet_error")
     data = patch.model_dump(by_alias=True, mode="json")
     assert Patch.model_validate(data) == patch
@@ -202,17 +202,6 @@ MALFORMED = [
         r"patchlet\[0\]\.then: 'jump _setimage-4': jump '_setimage-4' is not a location",
     ),
     (
-        "c does not compile",
-        _replace("return MP_CONTINUE;", "return MP_CONTINUE"),
-        r"patchlet\[2\]\.c: does not compile \(cc\):\n    patchlet\.c: In function 'patchlet':\n"
-        r"    patchlet\.c:\d+:\d+: error: expected ';' before '}' token",
-    ),
-    (
-        "c uses data",
-        _replace("mp_verdict patchlet", "int hits;\nmp_verdict patchlet"),
-        r"patchlet\[2\]\.c: defines `hits` in \.bss, which is writable",
-    ),
-    (
         "c not a string",
         _replace('c = """', 'c = 1\nx = """'),
         r"patchlet\[2\]\.c: must be a string, got the integer 1",
@@ -233,23 +222,23 @@ def test_malformed(source: str, expected: str) -> None:
 
 def test_body_source_per_kind() -> None:
     guard, code, c = parse_patch(V1).patchlets
-    assert body_source(code, at_entry=False) == code.code
-    source = body_source(guard, at_entry=False)
+    assert Toolchain().body_source(code, at_entry=False) == code.code
+    source = Toolchain().body_source(guard, at_entry=False)
     assert "jmp {_setimage+0x1a4}" in source and "pushfq" in source
     machine = assemble(source, 0x7F00_0000_0000, lambda _: 0x7F00_0000_1000)
     assert machine.startswith(b"\x9c")  # pushfq
-    source = body_source(c, at_entry=True, counter=0x1000)
+    source = Toolchain().body_source(c, at_entry=True, counter=0x1000)
     assert "call mp_c_entry" in source and "jmp {copy_packet_error}" in source
 
 
 def test_body_source_errors_name_the_field() -> None:
     patch = parse_patch(_replace('"jump _setimage+0x1a4"', '"return -1"'))
     with pytest.raises(GuardError, match=r"^then: 'return' is only possible at a function's entry"):
-        body_source(patch.patchlets[0], at_entry=False)
-    body_source(patch.patchlets[0], at_entry=True)
+        Toolchain().body_source(patch.patchlets[0], at_entry=False)
+    Toolchain().body_source(patch.patchlets[0], at_entry=True)
     c = patch.patchlets[2]
     with pytest.raises(CCompileError, match=r"^c: MP_BLOCKED needs a blocked-event counter"):
-        body_source(c, at_entry=True)
+        Toolchain().body_source(c, at_entry=True)
 
 
 def test_v0_sources_still_parse() -> None:
@@ -258,3 +247,30 @@ def test_v0_sources_still_parse() -> None:
     v0 = v0[: v0.index("[[patchlet]]")] + v0[v0.index('[[patchlet]]\nat = "check_len"') :]
     patch = parse_patch(v0)
     assert [p.code for p in patch.patchlets] == ["cmp esi, 64\n"]
+
+
+# Bodies are compiled by the toolchain (as `build` does), never when a source is
+# validated: parsing succeeds, and the toolchain names the patchlet and the problem.
+BODY_ERRORS = [
+    (
+        "c does not compile",
+        _replace("return MP_CONTINUE;", "return MP_CONTINUE"),
+        r"patchlet\[2\] \(.*?\): c: does not compile \(cc\):\n    patchlet\.c: In function 'patchlet':\n"
+        r"    patchlet\.c:\d+:\d+: error: expected ';' before '}' token",
+    ),
+    (
+        "c uses data",
+        _replace("mp_verdict patchlet", "int hits;\nmp_verdict patchlet"),
+        r"patchlet\[2\] \(.*?\): c: defines `hits` in \.bss, which is writable",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"), [m[1:] for m in BODY_ERRORS], ids=[m[0] for m in BODY_ERRORS]
+)
+def test_body_errors_found_by_the_toolchain(source: str, expected: str) -> None:
+    patch = parse_patch(source, "v1.toml")
+    with pytest.raises(PatchFormatError) as err:
+        Toolchain().check(patch)
+    assert re.search(expected, str(err.value)), str(err.value)

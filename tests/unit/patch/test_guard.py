@@ -13,9 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from micropatch.arch.x86_64.trampoline import writes_stack
+from micropatch.bodies.assemble import assemble
+from micropatch.bodies.guard import guard_source
+from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import PatchFormatError
-from micropatch.patch.assemble import assemble
-from micropatch.patch.body import body_source
 from micropatch.patch.guard import (
     TYPES,
     Action,
@@ -33,14 +35,12 @@ from micropatch.patch.guard import (
     Register,
     Return,
     Truth,
-    guard_source,
     parse_then,
     parse_when,
 )
 from micropatch.patch.source import parse_patch
-from micropatch.x86.trampoline import writes_stack
 
-from ..x86.emulator import PAGE, REGISTERS, run
+from ..arch.emulator import PAGE, REGISTERS, run
 
 # --- parsing ------------------------------------------------------------------
 
@@ -495,4 +495,4 @@ def test_random_guards_raise_only_patch_format_errors(when: str, then: str) -> N
     for at_entry in (True, False):
         # Only `return` away from an entry, and `blocked`, are refused here.
         with contextlib.suppress(GuardError):
-            assemble(body_source(patch.patchlets[0], at_entry=at_entry), CODE, lambda _: TARGET)
+            assemble(Toolchain().body_source(patch.patchlets[0], at_entry=at_entry), CODE, lambda _: TARGET)

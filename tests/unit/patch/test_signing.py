@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 
 from micropatch.errors import MicropatchError, SignatureError
-from micropatch.patch import signing
-from micropatch.patch.signing import (
+from micropatch.trust import keys as signing
+from micropatch.trust.keys import (
     Signature,
     generate_key,
     load_private_key,
     load_public_key,
     trusted_keys,
-    verify_signatures,
     write_key_pair,
 )
+from micropatch.trust.signatures import verify_signatures
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 MESSAGE = b'{"some":"canonical payload"}'

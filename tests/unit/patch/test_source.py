@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import PatchFormatError
 from micropatch.patch.model import Patch, PatchInfo, Patchlet, Target
 from micropatch.patch.source import load_patch, parse_patch
@@ -167,11 +168,6 @@ MALFORMED = [
         "bad reference",
         VALID.replace("{parse_packet_error}", "{parse packet error}"),
         r"patchlet\[0\]\.code: reference \{parse packet error\}: 'parse packet error' is not",
-    ),
-    (
-        "bad assembly",
-        VALID.replace("cmp edx, 64", "cmpq edx, 64"),
-        r"patchlet\[0\]\.code: line 1 \('cmpq edx, 64 .*'\): invalid mnemonic",
     ),
     (
         "unmatched brace",
@@ -355,3 +351,24 @@ def test_one_bad_field_raises_only_patch_format_error(
         parse_patch(_toml(document))
     except PatchFormatError as exc:
         assert str(exc).startswith("<string>: ")
+
+
+# Bodies are compiled by the toolchain (as `build` does), never when a source is
+# validated: parsing succeeds, and the toolchain names the patchlet and the problem.
+BODY_ERRORS = [
+    (
+        "bad assembly",
+        VALID.replace("cmp edx, 64", "cmpq edx, 64"),
+        r"patchlet\[0\] \(.*?\): line 1 \('cmpq edx, 64 .*'\): invalid mnemonic",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"), [m[1:] for m in BODY_ERRORS], ids=[m[0] for m in BODY_ERRORS]
+)
+def test_body_errors_found_by_the_toolchain(source: str, expected: str) -> None:
+    patch = parse_patch(source, "demo.toml")
+    with pytest.raises(PatchFormatError) as err:
+        Toolchain().check(patch)
+    assert re.search(expected, str(err.value)), str(err.value)

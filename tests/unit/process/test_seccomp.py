@@ -2,7 +2,9 @@
 
 import errno
 
-from micropatch.process.abi import AUDIT_ARCH_X86_64, SECCOMP_RET_ALLOW, SYS_MMAP, SYS_MUNMAP
+from micropatch.arch.x86_64.abi import AUDIT_ARCH as AUDIT_ARCH_X86_64
+from micropatch.arch.x86_64.abi import SYS_MMAP, SYS_MUNMAP
+from micropatch.process.linux import SECCOMP_RET_ALLOW
 from micropatch.process.seccomp import evaluate
 
 LD_ABS = 0x20

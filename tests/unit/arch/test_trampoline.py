@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from micropatch.arch.x86_64.constants import RED_ZONE
+from micropatch.arch.x86_64.decode import decode, format_instruction
+from micropatch.arch.x86_64.relocate import jump, relocate
+from micropatch.arch.x86_64.site import Site, site_unchecked
+from micropatch.arch.x86_64.trampoline import build_trampoline, site_jump, writes_stack
 from micropatch.errors import SiteError
-from micropatch.x86 import (
-    RED_ZONE,
-    Site,
-    build_trampoline,
-    decode,
-    format_instruction,
-    jump,
-    relocate,
-    site_jump,
-    site_unchecked,
-    writes_stack,
-)
 
 from .emulator import PAGE, asm, run
 
@@ -77,16 +70,25 @@ def test_site_jump_needs_five_bytes() -> None:
 def test_trampoline_runs_body_then_relocated_site_then_returns() -> None:
     _, site = function_site()
     body = Body("inc rbx")
-    code = build_trampoline(T, site, body, resume=None, skip_red_zone=False)
+    layout = build_trampoline(T, site, body, resume=None, skip_red_zone=False)
     assert body.addresses == [T]
+    code = layout.code
     assert code == asm("inc rbx", T) + relocate(site.instructions, T + 3, return_to=site.end)
+    # The layout says where each part is, so no caller re-derives it.
+    assert layout.body == (T, T + 3)
+    assert layout.copies[0] == layout.tail == T + 3
+    assert len(layout.copies) == len(site.instructions) + 1
+    assert layout.end == T + len(code)
+    assert [layout.part(a) for a in (T, T + 3, layout.copies[-1])] == ["body", "displaced", "back"]
 
 
 def test_trampoline_steps_over_the_red_zone_only_when_asked() -> None:
     _, site = function_site()
     body = Body("push rbx; pop rbx")
-    code = build_trampoline(T, site, body, resume=None, skip_red_zone=True)
+    layout = build_trampoline(T, site, body, resume=None, skip_red_zone=True)
+    code = layout.code
     assert body.addresses == [T + 5]
+    assert layout.body == (T + 5, T + 7)
     assert text(code, T) == [
         STEP_OVER,
         "push rbx",
@@ -95,14 +97,18 @@ def test_trampoline_steps_over_the_red_zone_only_when_asked() -> None:
         "mov rax,[rsp-8]",
         f"jmp {site.end:#x}",
     ]
-    plain = build_trampoline(T, site, Body("push rbx; pop rbx"), resume=None, skip_red_zone=False)
+    plain = build_trampoline(
+        T, site, Body("push rbx; pop rbx"), resume=None, skip_red_zone=False
+    ).code
     assert STEP_OVER not in text(plain, T) and STEP_BACK not in text(plain, T)
 
 
 def test_trampoline_with_resume_skips_the_displaced_instructions() -> None:
     _, site = function_site()
     resume = F + 0x100
-    code = build_trampoline(T, site, Body("xor eax, eax"), resume=resume, skip_red_zone=True)
+    layout = build_trampoline(T, site, Body("xor eax, eax"), resume=resume, skip_red_zone=True)
+    assert layout.copies == () and layout.tail == 0
+    code = layout.code
     assert text(code, T) == [STEP_OVER, "xor eax,eax", STEP_BACK, f"jmp {resume:#x}"]
 
 
@@ -115,7 +121,7 @@ def test_red_zone_survives_a_pushing_patchlet_only_when_skipped(
     code, site = function_site()
     trampoline = build_trampoline(
         T, site, Body("push rbx; pop rbx"), resume=None, skip_red_zone=skip_red_zone
-    )
+    ).code
     patched = code[:SITE_OFFSET] + site_jump(site, T) + code[site.end - F :]
     memory = {
         F: patched.ljust(PAGE, b"\xcc"),

@@ -21,18 +21,17 @@ from iced_x86 import (
     RegisterExt,
 )
 
+from micropatch.arch.x86_64.constants import JUMP_LENGTH, JUMP_REACH
+from micropatch.arch.x86_64.decode import format_instruction, is_call, near_branch_target
 from micropatch.errors import RelocationError
-from micropatch.x86.decode import format_instruction, is_call, near_branch_target
 
 _JMP_REL32 = b"\xe9"
 _JMP_RIP_INDIRECT = b"\xff\x25\x00\x00\x00\x00"  # jmp [rip+0]; the 8-byte target follows
-JUMP_LENGTH = 5
-"""Bytes of the ``jmp rel32`` that :func:`jump` makes: the least a site can be."""
 # A relocated instruction's rel32 is measured from less than 16 bytes past its
 # start (an instruction is at most 15 bytes, a rewritten loop 10), so checking
 # reach from the start with this margin is exact enough, and it keeps
 # BlockEncoder from silently falling back to absolute forms.
-_REACH = 2**31 - 32
+_REACH = JUMP_REACH - 32
 _MASK64 = 2**64 - 1
 
 

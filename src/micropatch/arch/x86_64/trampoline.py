@@ -28,15 +28,14 @@ from iced_x86 import (
     RegisterExt,
 )
 
+from micropatch.arch.base import Site as BaseSite
+from micropatch.arch.base import TrampolineLayout
+from micropatch.arch.x86_64.constants import INT3, JUMP_LENGTH, RED_ZONE
+from micropatch.arch.x86_64.decode import decode, is_invalid
+from micropatch.arch.x86_64.relocate import jump, relocate, relocated_addresses
+from micropatch.arch.x86_64.site import Site
 from micropatch.errors import SiteError
-from micropatch.x86.decode import decode, is_invalid
-from micropatch.x86.relocate import JUMP_LENGTH, jump, relocate
-from micropatch.x86.site import Site
 
-RED_ZONE = 128
-"""Bytes below rsp that a System V leaf function may use without moving rsp."""
-
-_INT3 = b"\xcc"
 _WRITES = frozenset(
     {OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE}
 )
@@ -58,7 +57,7 @@ _SKIP_RED_ZONE = _move_rsp(-RED_ZONE)
 _RESTORE_RED_ZONE = _move_rsp(RED_ZONE)
 
 
-def site_jump(site: Site, trampoline_address: int) -> bytes:
+def site_jump(site: BaseSite, trampoline_address: int) -> bytes:
     """The bytes that replace the site: ``jmp trampoline``, then int3 to its end.
 
     The int3 padding traps loudly if anything ever lands past the jump.
@@ -68,17 +67,17 @@ def site_jump(site: Site, trampoline_address: int) -> bytes:
             f"site {site.address:#x} is {site.length} bytes long, too short for the "
             f"{JUMP_LENGTH}-byte jump; plan it with min_length={JUMP_LENGTH}"
         )
-    return jump(site.address, trampoline_address) + _INT3 * (site.length - JUMP_LENGTH)
+    return jump(site.address, trampoline_address) + INT3 * (site.length - JUMP_LENGTH)
 
 
 def build_trampoline(
     address: int,
-    site: Site,
+    site: BaseSite,
     body_at: Callable[[int], bytes],
     *,
     resume: int | None,
     skip_red_zone: bool,
-) -> bytes:
+) -> TrampolineLayout:
     """Build the trampoline to be placed at ``address`` for ``site``.
 
     ``body_at`` is given the address the patchlet body will start at and
@@ -86,14 +85,21 @@ def build_trampoline(
     instructions run after the body and execution continues at ``site.end``;
     otherwise they are skipped and execution continues at ``resume``.
     """
+    assert isinstance(site, Site), "an x86-64 trampoline needs an x86-64 site"
     head = _SKIP_RED_ZONE if skip_red_zone else b""
-    code = head + body_at(address + len(head))
+    body_start = address + len(head)
+    code = head + body_at(body_start)
+    body_end = address + len(code)
     if skip_red_zone:
         code += _RESTORE_RED_ZONE
     tail_address = address + len(code)
     if resume is None:
-        return code + relocate(site.instructions, tail_address, return_to=site.end)
-    return code + jump(tail_address, resume)
+        code += relocate(site.instructions, tail_address, return_to=site.end)
+        copies = tuple(relocated_addresses(site.instructions, tail_address))
+    else:
+        code += jump(tail_address, resume)
+        copies = ()
+    return TrampolineLayout(address, code, (body_start, body_end), copies, skip_red_zone)
 
 
 def writes_stack(code: bytes, address: int) -> bool:

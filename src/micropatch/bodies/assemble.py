@@ -61,21 +61,6 @@ _REFERENCE_USES = (
 )
 
 
-BLOCKED_REFERENCE = "@blocked"
-"""`{@blocked}` in assembly: the address of the patchlet's blocked-event counter, so
-`lock inc qword ptr [rip + {@blocked}]` records an exploit attempt in one instruction."""
-
-
-def references(code: str) -> list[str]:
-    """The distinct `{location}` references in code, in order of first use."""
-    found: dict[str, None] = {}
-    for line in parse_code(code):
-        for piece in line.pieces:
-            if isinstance(piece, Reference):
-                found.setdefault(piece.location, None)
-    return list(found)
-
-
 def check(code: str) -> None:
     """Assemble code with every reference standing for a placeholder address,
     so that mistakes surface when a patch is loaded, not when it is applied."""

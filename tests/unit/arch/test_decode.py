@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from micropatch.x86 import decode, format_instruction
+from micropatch.arch.x86_64.decode import decode, format_instruction
 
 from .emulator import asm
 

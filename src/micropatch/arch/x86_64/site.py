@@ -14,14 +14,14 @@ from dataclasses import dataclass
 
 from iced_x86 import Instruction, MemorySizeExt
 
-from micropatch.errors import BranchIntoSite, NotInstructionBoundary, SiteError
-from micropatch.x86.decode import (
+from micropatch.arch.x86_64.decode import (
     decode,
     format_instruction,
     is_call,
     is_invalid,
     near_branch_target,
 )
+from micropatch.errors import BranchIntoSite, NotInstructionBoundary, SiteError
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,11 @@ class Site:
     def end(self) -> int:
         """Address of the first byte after the site, where execution resumes."""
         return self.address + self.length
+
+    @property
+    def starts(self) -> tuple[int, ...]:
+        """Where each displaced instruction starts."""
+        return tuple(instruction.ip for instruction in self.instructions)
 
 
 def plan_site(

@@ -13,16 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from micropatch import arch
+from micropatch.arch import Architecture, Site, TrampolineLayout
+from micropatch.bodies.toolchain import Toolchain
 from micropatch.elf.identity import ModuleIdentity
 from micropatch.elf.image import ElfImage
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
-from micropatch.patch.assemble import BLOCKED_REFERENCE, assemble
-from micropatch.patch.body import body_kind, body_source, needs_counter
+from micropatch.patch.asmtext import BLOCKED_REFERENCE
 from micropatch.patch.model import Patch, Patchlet
-from micropatch.x86.decode import decode, format_instruction, near_branch_target
-from micropatch.x86.site import Site, plan_site, site_unchecked
-from micropatch.x86.trampoline import writes_stack
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
 
@@ -49,6 +48,7 @@ class ModuleView(Protocol):
 
 @dataclass(frozen=True)
 class PlannedSite:
+    arch: Architecture
     index: int
     where: str  # "patchlet[0] (check_len+0x4) in vuln", for messages
     site: Site
@@ -60,6 +60,16 @@ class PlannedSite:
     def body_for(self, counter: int) -> Callable[[int], bytes]:
         """The body by address alone, its blocked-event counter at `counter`."""
         return lambda at: self.body_at(at, counter)
+
+    def trampoline(self, address: int, counter: int) -> TrampolineLayout:
+        """The trampoline laid out at `address`, its blocked-event counter at `counter`."""
+        return self.arch.build_trampoline(
+            address,
+            self.site,
+            self.body_for(counter),
+            resume=self.resume,
+            skip_red_zone=self.skip_red_zone,
+        )
 
 
 ExternalResolver = Callable[[Location], int]
@@ -73,14 +83,22 @@ def _no_external(location: Location) -> int:
 
 
 def plan_patch(
-    patch: Patch, module: ModuleView, external: ExternalResolver = _no_external
+    patch: Patch,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver = _no_external,
 ) -> list[PlannedSite]:
     """Every patchlet's site, checked, and its body ready to assemble anywhere.
 
-    `external` resolves references into other modules: in a process, from its maps;
-    when building against a file, to a stand-in address.
+    `toolchain` compiles the bodies (for a signed artifact: one holding the signed
+    C code). `external` resolves references into other modules: in a process, from
+    its maps; when building against a file, to a stand-in address.
     """
-    planned = [_plan_patchlet(patch, i, p, module, external) for i, p in enumerate(patch.patchlets)]
+    machine = arch.get(patch.target.arch)
+    planned = [
+        _plan_patchlet(machine, toolchain, patch, i, p, module, external)
+        for i, p in enumerate(patch.patchlets)
+    ]
     for p in planned:
         for other in planned:
             if p.resume is not None and other.site.address < p.resume < other.site.end:
@@ -100,21 +118,25 @@ def plan_patch(
     return planned
 
 
-def _refuse_exits(body: bytes, address: int) -> None:
-    """A body run 128 bytes below rsp must leave through its end, where rsp is restored."""
-    for instruction in decode(body, address):
-        target = near_branch_target(instruction)
-        if target is not None and not address <= target <= address + len(body):
-            raise SiteError(
-                f"the body writes the stack, so the engine runs it 128 bytes below rsp to spare "
-                f"the red zone of a leaf function, and `{format_instruction(instruction)}` leaves "
-                "it before rsp is restored; jump out only from a body that does not push or "
-                "call, or patch at the function's entry, where no red zone is live"
-            )
+def _refuse_exits(machine: Architecture, body: bytes, address: int) -> None:
+    """A body run below the red zone must leave through its end, where rsp is restored."""
+    for text in machine.exits(body, address):
+        raise SiteError(
+            f"the body writes the stack, so the engine runs it {machine.RED_ZONE} bytes below "
+            f"rsp to spare the red zone of a leaf function, and `{text}` leaves it before rsp "
+            "is restored; jump out only from a body that does not push or call, or patch at "
+            "the function's entry, where no red zone is live"
+        )
 
 
 def _plan_patchlet(
-    patch: Patch, index: int, patchlet: Patchlet, module: ModuleView, external: ExternalResolver
+    machine: Architecture,
+    toolchain: Toolchain,
+    patch: Patch,
+    index: int,
+    patchlet: Patchlet,
+    module: ModuleView,
+    external: ExternalResolver,
 ) -> PlannedSite:
     where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
     try:
@@ -124,14 +146,16 @@ def _plan_patchlet(
         at_entry = False
         if patchlet.check_branches:
             start, end = image.function_at(offset)
-            site = plan_site(image.read(start, end - start), module.address(start), address)
+            site = machine.plan_site(
+                image.read(start, end - start), module.address(start), address
+            )
             at_entry = start == offset
         else:
             segment_end = max(
                 (s.offset + s.filesz for s in image.segments if s.offset <= offset), default=0
             )
             window = max(0, min(UNCHECKED_WINDOW, segment_end - offset))
-            site = site_unchecked(image.read(offset, window), address)
+            site = machine.site_unchecked(image.read(offset, window), address)
         if patchlet.expect is not None:
             found = image.read(offset, len(patchlet.expect))
             if found != patchlet.expect:
@@ -143,7 +167,7 @@ def _plan_patchlet(
             None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
         )
 
-        counted = needs_counter(patchlet)
+        counted = patchlet.counts_blocked
 
         @functools.lru_cache(maxsize=16)
         def body_at(at: int, counter: int) -> bytes:
@@ -157,16 +181,19 @@ def _plan_patchlet(
                     return external(location)
                 return module.address(image.resolve(reference))
 
-            code = body_source(patchlet, at_entry=at_entry, counter=counter if counted else None)
-            return assemble(code, at, resolve)
+            code = toolchain.body_source(
+                patchlet, at_entry=at_entry, counter=counter if counted else None
+            )
+            return toolchain.assemble(code, at, resolve)
 
         # Checked with a stand-in counter address near the site; the engine places the real one.
         body = body_at(address, address)
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
-        skip_red_zone = not at_entry and writes_stack(body, address)
+        skip_red_zone = not at_entry and machine.writes_stack(body, address)
         # Guard and C bodies restore rsp themselves before they jump out.
-        if skip_red_zone and body_kind(patchlet) == "code":
-            _refuse_exits(body, address)
+        if skip_red_zone and patchlet.kind == "code":
+            _refuse_exits(machine, body, address)
     except MicropatchError as e:
-        raise type(e)(f"patch {patch.id}, {where}: {e}") from None
-    return PlannedSite(index, where, site, resume, body_at, skip_red_zone, counted)
+        e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
+        raise
+    return PlannedSite(machine, index, where, site, resume, body_at, skip_red_zone, counted)

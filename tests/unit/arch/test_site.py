@@ -6,8 +6,9 @@ import re
 
 import pytest
 
+from micropatch.arch.x86_64.decode import format_instruction
+from micropatch.arch.x86_64.site import Site, plan_site, site_unchecked
 from micropatch.errors import BranchIntoSite, NotInstructionBoundary, SiteError
-from micropatch.x86 import Site, format_instruction, plan_site, site_unchecked
 
 from .emulator import asm
 

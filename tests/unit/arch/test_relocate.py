@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from iced_x86 import Code, Instruction
 
+from micropatch.arch.x86_64.decode import decode, format_instruction
+from micropatch.arch.x86_64.relocate import jump, relocate
 from micropatch.errors import RelocationError
-from micropatch.x86 import decode, format_instruction, jump, relocate
 
 from .emulator import PAGE, Outcome, asm, run
 
@@ -194,8 +195,8 @@ def test_far_call_is_refused() -> None:
 
 
 def test_relocated_addresses_map_each_instruction() -> None:
-    from micropatch.x86.decode import decode
-    from micropatch.x86.relocate import relocate, relocated_addresses
+    from micropatch.arch.x86_64.decode import decode
+    from micropatch.arch.x86_64.relocate import relocate, relocated_addresses
 
     original = 0x401000
     ks_code = bytes.fromhex("85ff" "7404" "8d04bf")  # test edi,edi; je +4; lea eax,[rdi+rdi*4]

@@ -4,7 +4,7 @@ A key pair is two small JSON files: `NAME.key` (private, mode 0600) and
 `NAME.pub` (public, what verifiers trust). A key is known by its key id, the
 SHA-256 of its raw 32-byte public key in hex, so a signature names the key
 that made it and a verifier never has to guess. What is signed is the
-caller's business (see `micropatch.patch.artifact`); every signature here is
+caller's business (see `micropatch.trust.artifact`); every signature here is
 made over `SIGNATURE_CONTEXT + message`, so that a micropatch key signing
 something else can never produce a valid artifact signature by accident.
 
@@ -18,7 +18,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from micropatch.errors import SignatureError
+from micropatch.trust.paths import DEFAULT_TRUST_DIR, TRUST_DIR_VARIABLE
 
 ALGORITHM = "ed25519"
 KEY_FORMAT = "micropatch-key"
@@ -35,8 +36,6 @@ KEY_FORMAT_VERSION = 1
 PUBLIC_SUFFIX = ".pub"
 PRIVATE_SUFFIX = ".key"
 SIGNATURE_CONTEXT = b"micropatch-artifact-signature-v1\x00"
-DEFAULT_TRUST_DIR = "/etc/micropatch/trusted"
-TRUST_DIR_VARIABLE = "MICROPATCH_TRUST_DIR"
 
 _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
@@ -149,7 +148,7 @@ class PrivateKey:
         if self.public.expired(now):
             raise SignatureError(
                 f"{self.public.path or self.public.name}: {self.public.describe()} expired on "
-                f"{_expiry(self.public)}; generate a new key (micropatch keys generate) and "
+                f"{expiry_text(self.public)}; generate a new key (micropatch keys generate) and "
                 "distribute its .pub to the verifiers"
             )
         sig = Ed25519PrivateKey.from_private_bytes(self.seed).sign(SIGNATURE_CONTEXT + message)
@@ -320,10 +319,6 @@ def _time_field(document: dict[str, Any], field: str, path: str) -> datetime.dat
         ) from None
 
 
-def _expiry(key: PublicKey) -> str:
-    return "never" if key.expires is None else format_time(key.expires)
-
-
 def trusted_keys(files: Sequence[str | Path] = ()) -> list[PublicKey]:
     """The keys to trust: each of `files` (a `.pub` file, or a directory of them),
     or else every `.pub` file in $MICROPATCH_TRUST_DIR (default /etc/micropatch/trusted).
@@ -354,54 +349,6 @@ def _key_files(path: Path) -> list[Path]:
     return [path]
 
 
-@dataclass(frozen=True)
-class Verification:
-    """The trusted keys whose signatures hold, and what was wrong with the others."""
-
-    signers: tuple[PublicKey, ...]
-    ignored: tuple[str, ...]
-
-
-def verify_signatures(
-    what: str,
-    message: bytes,
-    signatures: Iterable[Signature],
-    trusted: Iterable[PublicKey],
-    now: datetime.datetime | None = None,
-) -> Verification:
-    """Check that at least one of `signatures` over `message` is by a key in `trusted`
-    that has not expired. `what` names the signed file in messages.
-
-    Raises SignatureError listing, for every signature, why it does not count.
-    """
-    now = now or utc_now()
-    keys = {k.keyid: k for k in trusted}
-    signers: list[PublicKey] = []
-    problems: list[str] = []
-    signatures = list(signatures)
-    if not signatures:
-        raise SignatureError(
-            f"{what}: is not signed; sign it with `micropatch sign {what} --key KEY.key` "
-            "(or build it with --key)"
-        )
-    for signature in signatures:
-        key = keys.get(signature.keyid)
-        if key is None:
-            problems.append(f"signed by key {signature.keyid[:16]}…, which is not trusted")
-        elif key.expired(now):
-            problems.append(f"signed by {key.describe()}, which expired on {_expiry(key)}")
-        elif not key.verify(signature.sig, message):
-            problems.append(
-                f"the signature by {key.describe()} does not match the content: the artifact "
-                "was modified after it was signed, or the signature is corrupt"
-            )
-        elif key not in signers:
-            signers.append(key)
-    if not signers:
-        trusted_ids = ", ".join(f"{k.name} ({k.keyid[:16]}…)" for k in keys.values()) or "none"
-        raise SignatureError(
-            f"{what}: no valid signature by a trusted key: "
-            + "; ".join(problems)
-            + f" (trusted: {trusted_ids})"
-        )
-    return Verification(tuple(signers), tuple(problems))
+def expiry_text(key: PublicKey) -> str:
+    """When the key expires, for messages: a UTC time or "never"."""
+    return "never" if key.expires is None else format_time(key.expires)

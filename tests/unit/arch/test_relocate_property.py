@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from iced_x86 import Code, Encoder, Instruction, MemoryOperand, Register
 
-from micropatch.x86 import decode, relocate
+from micropatch.arch.x86_64.decode import decode
+from micropatch.arch.x86_64.relocate import relocate
 
 from .emulator import PAGE, REGISTERS, Outcome, run
 

@@ -1,0 +1,82 @@
+"""The layers of docs/architecture.md: data flows down, no package imports one above it.
+
+Read from the source (every `import`, at module level or inside a function), so
+a lazy import that reaches up is caught as well as an eager one.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+import micropatch
+
+ROOT = Path(micropatch.__file__).parent
+
+# Each package may import those of a lower rank, and its own. Equal ranks are
+# independent of each other.
+RANK = {
+    "errors": 0,
+    "arch": 1,
+    "elf": 2,
+    "patch": 3,
+    "bodies": 4,
+    "trust": 5,
+    "build": 6,
+    "process": 6,
+    "live": 7,
+    "tools": 8,
+    "agent": 8,
+    "server": 8,
+    "demo": 9,
+    "cli": 10,
+}
+
+
+def _package(path: Path) -> str:
+    relative = path.relative_to(ROOT)
+    return relative.parts[0].removesuffix(".py") if relative.parts else ""
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "micropatch" and len(parts) > 1:
+                found.append((node.lineno, parts[1]))
+    return found
+
+
+SOURCES = sorted(p for p in ROOT.rglob("*.py") if _package(p) not in ("", "__init__"))
+
+
+def test_every_package_has_a_rank() -> None:
+    packages = {_package(p) for p in SOURCES}
+    assert packages <= set(RANK), f"give these a rank: {sorted(packages - set(RANK))}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
+def test_no_import_reaches_up(path: Path) -> None:
+    own = _package(path)
+    upward = [
+        f"line {line}: micropatch.{target}"
+        for line, target in _imports(path)
+        if target in RANK and target != own and RANK[target] >= RANK[own]
+    ]
+    assert not upward, f"{own}/ (rank {RANK[own]}) imports a layer at or above it: {upward}"
+
+
+def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
+    """The test can fail: an import of live/ from patch/ is found."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("def f():\n    from micropatch.live import engine\n")
+    assert (2, "live") in _imports(bad)
