@@ -62,6 +62,7 @@ class Outcome:
     sites: int
     attempts: int
     paused: float  # seconds the target was stopped, in the successful attempt
+    moved: int = 0  # threads moved between a site and its relocated copy, in that attempt
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def _run(change: _Change, retries: int) -> Outcome:
     for attempt in range(1, retries + 2):
         try:
             with stop_world(change.pid) as proc:
-                sites = _transact(proc, change, module, planned)
+                sites, moved = _transact(proc, change, module, planned)
             paused = proc.paused
         except ProcessNotFound:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
@@ -115,7 +116,7 @@ def _run(change: _Change, retries: int) -> Outcome:
         )
         version = change.add.version if change.add else None
         patch_id = change.add.id if change.add else str(change.remove)
-        return Outcome(change.pid, patch_id, action, version, sites, attempt, paused)
+        return Outcome(change.pid, patch_id, action, version, sites, attempt, paused, moved)
     raise UnsafeToPatch(
         f"process {change.pid}: not safe after {retries + 1} attempts: {reason}; "
         "nothing was changed. The code is in constant use; try again, or with more --retries"
@@ -127,7 +128,8 @@ def _transact(
     change: _Change,
     module: LoadedModule | None,
     planned: list[PlannedSite] | None,
-) -> int:
+) -> tuple[int, int]:
+    """Returns the number of sites now patched and the number of threads moved."""
     mappings = read_maps(proc.pid)
     caves = read_caves(proc.memory, mappings)
     old_cave, old = _find_applied(caves, change.remove) if change.remove else (None, None)
@@ -184,7 +186,7 @@ def _transact(
                 "half-patched, check `micropatch status`"
             ) from None
         raise
-    return count
+    return count, len(placement.moves)
 
 
 def _find_applied(
