@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import pytest
 
@@ -189,7 +190,9 @@ def test_two_patchlets_atomically(targets, start):
     assert (t.cmd("a 5"), t.cmd("b 5")) == ("1005", str(7 * 5 - 3))
 
 
-def test_second_patchlet_invalid_nothing_applied(targets, start):
+def test_second_patchlet_invalid_is_refused_at_plan_time(targets, start):
+    """The error is found while planning, before the process is stopped: nothing is
+    written, so there is nothing to roll back (test_rollback.py covers rollback)."""
     from micropatch.errors import NotInstructionBoundary
 
     t = start("twofuncs")
@@ -236,21 +239,55 @@ def test_two_patches_share_a_cave_and_leave_nothing(targets, start):
     assert_untouched(targets, "twofuncs", t.pid, ["check_a", "check_b"])
 
 
-def test_retries_while_a_thread_sits_in_the_site(targets, start):
-    """Workers spend most time inside `hot`'s site; the engine retries until it is safe."""
+def test_workers_inside_the_site_are_moved_not_waited_for(targets, start):
+    """Workers spend most time inside `hot`'s site (at its pauses, whole instructions of
+    a site with a relocated copy): the engine moves them to the copy on apply and back
+    on remove instead of waiting. Over 21 applies and 21 removes with 4 workers, some
+    stop must find a worker there (one stop in 20 finds none, spinner.c); without the
+    moves, a worker would resume in the middle of the jump."""
     t = start("spinner", "4")
     patch = make_patch(targets.spinner, [{"at": "hot", "code": "add edi, 1"}])
-    outcome = live.apply(patch, t.pid, retries=500)
-    assert outcome.attempts >= 1
-    assert t.cmd("call 5") == str(3 * 5 + 4)
-    # The workers now live in the trampoline: those at a displaced instruction are moved
-    # back to the original one; removal only waits for those inside the patchlet body.
-    live.remove(patch.id, t.pid, retries=500)
-    for _ in range(20):
-        live.apply(patch, t.pid, retries=500)
-        live.remove(patch.id, t.pid, retries=500)
+    outcomes = []
+    for _ in range(21):
+        outcomes.append(live.apply(patch, t.pid, retries=500))
+        if len(outcomes) == 1:
+            assert t.cmd("call 5") == str(3 * 5 + 4)
+        outcomes.append(live.remove(patch.id, t.pid, retries=500))
+    assert sum(o.moved for o in outcomes[::2]) > 0, outcomes  # applies: into the copy
+    assert sum(o.moved for o in outcomes[1::2]) > 0, outcomes  # removes: back out of it
     t.cmd("sync")
-    assert t.cmd("stats").split()[-1] == "0"  # no bad results
+    stats = _stats(t)
+    assert stats["bad"] == 0 and stats["new"] > 0, stats
+    assert_no_crash(t)
+
+
+def test_retries_while_a_thread_sits_in_the_site(targets, start, monkeypatch):
+    """A thread blocked in stuck_read sits inside a site that has no relocated copy
+    (`resume` elsewhere): the first attempt must give up, resume the process and wait;
+    the thread leaves during that wait (we unstick it from the engine's retry delay,
+    not with a sleep), and the second attempt applies the patch."""
+    from types import SimpleNamespace
+
+    from micropatch.live import engine
+
+    t = start("spinner", "1")
+    assert t.cmd("park") == "parked 1"
+    assert t.cmd("stick").startswith("stuck")
+    waits = []
+
+    def wait_then_unstick(seconds):
+        waits.append(seconds)
+        if len(waits) == 1:
+            assert t.cmd("unstick") == "unstuck 1"
+
+    monkeypatch.setattr(engine, "time", SimpleNamespace(sleep=wait_then_unstick, time=time.time))
+    patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop", "resume": "hot"}])
+    outcome = live.apply(patch, t.pid, retries=5)
+    assert (outcome.attempts, len(waits), outcome.moved) == (2, 1, 0)
+    assert [s.patch_id for s in live.status(t.pid)] == [patch.id]
+    live.remove(patch.id, t.pid)
+    assert t.cmd("stick").startswith("stuck") and t.cmd("unstick") == "unstuck 1"
+    assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
     assert_no_crash(t)
 
 
@@ -350,8 +387,10 @@ def test_thread_in_a_restartable_syscall_inside_the_site_is_moved(targets, start
     t.cmd("park")
     assert t.cmd("stick").startswith("stuck")
     patch = make_patch(targets.spinner, [{"at": "stuck_read", "code": "nop"}])
-    assert live.apply(patch, t.pid).attempts == 1
-    live.remove(patch.id, t.pid)  # the thread is still blocked, now in the trampoline copy
+    applied = live.apply(patch, t.pid)
+    assert (applied.attempts, applied.moved) == (1, 1)
+    # the thread is still blocked, now in the trampoline copy: moved back
+    assert live.remove(patch.id, t.pid).moved == 1
     assert t.cmd("unstick") == "unstuck 1"
     assert t.cmd("stick").startswith("stuck")
     live.apply(patch, t.pid)
