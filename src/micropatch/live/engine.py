@@ -9,6 +9,7 @@ moment and try again; any error rolls back to the untouched state.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -46,6 +47,8 @@ from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
 from micropatch.process.world import StoppedProcess, exists, stop_world
 from micropatch.trust.policy import Admitted
+
+log = logging.getLogger(__name__)
 
 DEFAULT_RETRIES = 20
 RETRY_DELAY = 0.002  # doubled after each unsafe attempt, capped below
@@ -136,6 +139,13 @@ def _attempts(change: _Change, retries: int) -> Outcome:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
         except Unsafe as e:
             reason = str(e)
+            log.debug(
+                "process %d: attempt %d unsafe (%s); retry in %.0f ms",
+                change.pid,
+                attempt,
+                reason,
+                delay * 1e3,
+            )
             time.sleep(delay)
             delay = min(delay * 2, MAX_RETRY_DELAY)
             continue
@@ -144,6 +154,10 @@ def _attempts(change: _Change, retries: int) -> Outcome:
         )
         version = change.add.version if change.add else None
         patch_id = change.add.id if change.add else str(change.remove)
+        log.info(
+            "process %d: %s %s (%d sites, %d attempts, %d threads moved, paused %.3f ms)",
+            change.pid, action, patch_id, sites, attempt, moved, paused * 1e3,
+        )  # fmt: skip
         return Outcome(change.pid, patch_id, action, version, sites, attempt, paused, moved)
     raise UnsafeToPatch(
         f"process {change.pid}: not safe after {retries + 1} attempts: {reason}; "

@@ -7,12 +7,15 @@ leaves the target exactly as it was.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from micropatch.errors import MemoryAccessError
 from micropatch.process.maps import Mapping
 from micropatch.process.syscall import RemoteSyscalls
 from micropatch.process.world import StoppedProcess
+
+log = logging.getLogger(__name__)
 
 
 class Transaction:
@@ -26,6 +29,7 @@ class Transaction:
 
     def write(self, address: int, data: bytes) -> None:
         old = self.memory.read(address, len(data))
+        log.debug("process %d: write %d bytes at %#x", self.proc.pid, len(data), address)
         self.memory.write(address, data)
         self._undo.append(lambda: self.memory.write(address, old))
         self._written.append((address, data))
@@ -54,6 +58,7 @@ class Transaction:
     def rollback(self) -> list[Exception]:
         """Undo everything, newest first; returns what could not be undone."""
         failures = []
+        log.debug("process %d: rolling back %d changes", self.proc.pid, len(self._undo))
         for undo in reversed(self._undo):
             try:
                 undo()

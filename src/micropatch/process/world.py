@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import signal
 import time
@@ -30,6 +31,8 @@ from micropatch.process.procfs import (
     process_name,
     read_status,
 )
+
+log = logging.getLogger(__name__)
 
 STOP_TIMEOUT = 2.0
 LOOK_INTERVAL = 0.01  # how often a slow stop checks whether the thread is dying
@@ -89,6 +92,9 @@ class StoppedProcess:
 
     def move(self, tid: int, rip: int) -> None:
         """Make a thread resume at another address (its other registers unchanged)."""
+        log.debug(
+            "process %d: thread %d moves from %#x to %#x", self.pid, tid, self.regs(tid).rip, rip
+        )
         self.regs(tid).rip = rip
         self.threads[tid].regs_dirty = True
 
@@ -113,6 +119,12 @@ class StoppedProcess:
             except OSError as e:
                 if e.errno != errno.ESRCH:  # a thread that vanished needs no detach
                     raise
+        log.debug(
+            "process %d: resumed %d threads after %.3f ms",
+            self.pid,
+            len(self.threads),
+            (time.perf_counter() - self.stopped_at) * 1e3,
+        )
         self.threads.clear()
         self.resumed_at = time.perf_counter()
         self.memory.close()
@@ -227,6 +239,12 @@ def _stop_all(proc: StoppedProcess) -> None:
                 proc.threads[tid].pending_signal = sig
     if not proc.threads:
         raise ProcessExited(f"process {pid} exited during the operation")
+    log.debug(
+        "process %d: stopped %d threads in %.3f ms",
+        pid,
+        len(proc.threads),
+        (time.perf_counter() - proc.stopped_at) * 1e3,
+    )
 
 
 @contextmanager
