@@ -10,23 +10,20 @@ except at a function's entry.
 from __future__ import annotations
 
 from micropatch.arch.x86_64.constants import RED_ZONE
-from micropatch.patch.guard import (
+from micropatch.patch.guard import Action, GuardError, Jump, Return
+from micropatch.patch.guardtree import (
     REGISTERS_64,
     TYPES,
-    Action,
     And,
     Compare,
     Condition,
-    GuardError,
     IntType,
-    Jump,
     Literal,
     Memory,
     Not,
     Operand,
     Or,
     Register,
-    Return,
     Truth,
     register_name,
     registers_used,

@@ -18,25 +18,20 @@ from micropatch.bodies.assemble import assemble
 from micropatch.bodies.guard import guard_source
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import PatchFormatError
-from micropatch.patch.guard import (
+from micropatch.patch.guard import Action, GuardError, Jump, Return, parse_then, parse_when
+from micropatch.patch.guardtree import (
     TYPES,
-    Action,
     And,
     Cast,
     Compare,
     Condition,
-    GuardError,
-    Jump,
     Literal,
     Memory,
     Not,
     Operand,
     Or,
     Register,
-    Return,
     Truth,
-    parse_then,
-    parse_when,
 )
 from micropatch.patch.source import parse_patch
 
