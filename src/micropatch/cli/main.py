@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
 from micropatch import live
-from micropatch.cli import authoring, dev
+from micropatch.cli import authoring, dev, tools
 from micropatch.errors import MicropatchError, NotApplied
 from micropatch.patch.model import Patch
 
@@ -203,6 +203,7 @@ def demo() -> None:
 
 authoring.register(app)
 app.add_typer(dev.app, name="dev")
+tools.register(app)
 
 
 def main() -> None:
