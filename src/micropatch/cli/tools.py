@@ -1,4 +1,4 @@
-"""Author tools: `micropatch explore …`.
+"""Author tools: `micropatch explore …` and `micropatch diff`.
 
 Imports of the tools (iced-x86, pyelftools) happen inside the commands, so the
 rest of the CLI does not pay for them.
@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from micropatch.tools.diff.match import Change, DiffResult
     from micropatch.tools.explore import Line, Shown
 
 explore_app = typer.Typer(
@@ -199,6 +200,66 @@ def xref(
         print(f"  {f.label:<40} {f.start:#10x}  at {r.ip:#x}  {what}")
 
 
+def diff(
+    old: Annotated[Path, typer.Argument(help="The vulnerable build of the module.")],
+    new: Annotated[Path, typer.Argument(help="The fixed build of the same module.")],
+    show: Annotated[
+        str | None,
+        typer.Option("--show", help="Side-by-side diff of one function: a name or an OLD offset."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="List at most this many changed functions.")] = 30,
+    as_json: JsonOption = False,
+) -> None:
+    """Match the functions of two builds and rank those whose code changed,
+    small changes first (the usual shape of a security fix)."""
+    from micropatch.errors import MicropatchError
+    from micropatch.tools.diff.match import diff_modules
+    from micropatch.tools.diff.sidebyside import side_by_side
+    from micropatch.tools.module import ModuleIndex
+
+    try:
+        result = diff_modules(ModuleIndex.open(old), ModuleIndex.open(new))
+        if show is not None:
+            rows = side_by_side(result, show)
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    if show is not None:
+        if as_json:
+            _dump([row.as_json() for row in rows])
+        else:
+            for row in rows:
+                print(row.render())
+        return
+    if as_json:
+        _dump([change.as_json() for change in result.changes])
+        return
+    _print_diff(result, limit)
+
+
+def _print_diff(result: DiffResult, limit: int) -> None:
+    methods = ", ".join(f"{n} by {how}" for how, n in result.methods.items())
+    print(
+        f"{result.matched} functions matched ({methods}); "
+        f"{len(result.changes)} changed, {len(result.only_old)} only in old, "
+        f"{len(result.only_new)} only in new"
+    )
+    print(f"{'rank':>4} {'old':>10} {'new':>10} {'sim':>5} {'+/-':>7}  name (matched by)")
+    for rank, change in enumerate(result.changes[:limit], 1):
+        print(_change_line(rank, change))
+    if len(result.changes) > limit:
+        print(f"… {len(result.changes) - limit} more (--limit)")
+
+
+def _change_line(rank: int, change: Change) -> str:
+    name = change.name or f"fn_{change.old.start:x}"
+    delta = f"+{change.added}/-{change.removed}"
+    return (
+        f"{rank:4d} {change.old.start:#10x} {change.new.start:#10x} {change.similarity:5.3f} "
+        f"{delta:>7}  {name} ({change.method})"
+    )
+
+
 def register(app: typer.Typer) -> None:
-    """Add `explore` to the `micropatch` app."""
+    """Add `explore` and `diff` to the `micropatch` app."""
     app.add_typer(explore_app, name="explore")
+    app.command()(diff)

@@ -6,7 +6,9 @@ from here, so moving the architecture code is a change to this file alone.
 
 from __future__ import annotations
 
-from iced_x86 import FlowControl, Instruction, OpKind, Register
+from typing import cast
+
+from iced_x86 import Code, FlowControl, Instruction, Mnemonic, OpKind, Register, RegisterExt
 
 from micropatch.x86.decode import decode, format_instruction, is_call, near_branch_target
 from micropatch.x86.site import Site, plan_site
@@ -20,6 +22,7 @@ __all__ = [
     "immediates",
     "is_call",
     "is_conditional",
+    "is_padding",
     "near_branch_target",
     "plan_site",
     "summarise",
@@ -38,6 +41,28 @@ _IMMEDIATES = frozenset(
         OpKind.IMMEDIATE32TO64,
     }
 )
+
+
+def _register_classes() -> dict[int, object]:
+    """Registers a compiler allocates freely (callee-saved, r10/r11, vectors) map to
+    their class and size; the ABI's argument, return and stack registers stay."""
+    free = {Register.RBX, Register.RBP, Register.R10, Register.R11}
+    free |= {Register.R12, Register.R13, Register.R14, Register.R15}
+    classes: dict[int, object] = {}
+    for name in dir(Register):
+        value = getattr(Register, name)
+        if not isinstance(value, int) or name.startswith("_"):
+            continue
+        register = cast("Register.Register", value)
+        if RegisterExt.is_gpr(register) and RegisterExt.full_register(register) in free:
+            classes[register] = ("g", RegisterExt.size(register))
+        elif RegisterExt.is_vector_register(register):
+            classes[register] = ("v", RegisterExt.size(register))
+    return classes
+
+
+# Read-only after import.
+_REGISTER_CLASS = _register_classes()
 _SIGN_EXTENDED = frozenset({OpKind.IMMEDIATE8TO64, OpKind.IMMEDIATE32TO64})
 _SIGNED_64 = 1 << 64
 _ENDS_FLOW = frozenset(
@@ -77,37 +102,52 @@ def ends_flow(instruction: Instruction) -> bool:
     return instruction.flow_control in _ENDS_FLOW
 
 
+def is_padding(instruction: Instruction) -> bool:
+    """True for the no-ops compilers put between blocks for alignment."""
+    return instruction.mnemonic == Mnemonic.NOP or instruction.code == Code.XCHG_R16_AX
+
+
 def summarise(
     instruction: Instruction, small: int
 ) -> tuple[tuple[object, ...], int | None, list[int]]:
     """One pass over the operands: (shape, near branch target, immediates).
 
     The shape is the instruction stripped of what moves between builds:
-    registers stay; immediates stay if their magnitude is below `small`;
-    memory operands keep base, index, scale and a small displacement. Branch
-    targets and RIP-relative addresses are left out: the caller adds what
-    they refer to (a string, an import), which survives a rebuild.
+    registers a compiler allocates freely become their class (ABI registers
+    stay); immediates stay if their magnitude is below `small`; memory
+    operands keep base, index and scale, and a small displacement unless it
+    is into the stack frame. Branch targets and RIP-relative addresses are
+    left out: the caller adds what they refer to (a string, an import), which
+    survives a rebuild.
     """
+    classes = _REGISTER_CLASS
     parts: list[object] = [instruction.mnemonic]
     target = None
     values = []
     for operand in range(instruction.op_count):
         kind = instruction.op_kind(operand)
         if kind == OpKind.REGISTER:
-            parts.append(instruction.op_register(operand))
+            register = instruction.op_register(operand)
+            parts.append(classes.get(register, register))
         elif kind == OpKind.MEMORY:
-            if instruction.memory_base == Register.RIP:
+            base = instruction.memory_base
+            if base == Register.RIP:
                 parts.append("m")
             else:
                 displacement = instruction.memory_displacement
                 if displacement >= 1 << 63:
                     displacement -= _SIGNED_64
+                index = instruction.memory_index
                 parts.append(
                     (
-                        instruction.memory_base,
-                        instruction.memory_index,
+                        classes.get(base, base),
+                        classes.get(index, index),
                         instruction.memory_index_scale,
-                        displacement if -small < displacement < small else "d",
+                        "s"
+                        if base == Register.RSP
+                        else displacement
+                        if -small < displacement < small
+                        else "d",
                     )
                 )
         elif kind in _IMMEDIATES:

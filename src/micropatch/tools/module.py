@@ -25,6 +25,7 @@ from micropatch.tools.insn import (
     ends_flow,
     is_call,
     is_conditional,
+    is_padding,
     summarise,
 )
 
@@ -40,7 +41,7 @@ CALL_KINDS = frozenset({"call", "tailcall", "import"})
 
 # Immediates and displacements below this stay in the normalised form of an
 # instruction; larger ones are mostly addresses and sizes that move.
-SMALL_CONSTANT = 0x10000
+SMALL_CONSTANT = 0x1000
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class Analysis:
     """The facts of one function the tools need, from one sweep of its code.
 
     `tokens` holds one hash per instruction of its normalised form (see
-    `insn.shape`), with the referenced string or import name folded in.
+    `insn.summarise`), with the referenced string or import name folded in;
+    alignment padding (nops) has none.
     """
 
     function: Function
@@ -78,6 +80,11 @@ class Analysis:
     def callees(self) -> list[int]:
         """Offsets of the local functions this one calls or tail-calls, in order."""
         return [r.target for r in self.references if r.kind in ("call", "tailcall")]
+
+    @property
+    def code_references(self) -> list[int]:
+        """`callees`, and the local code whose address is taken (callbacks), in order."""
+        return [r.target for r in self.references if r.kind in ("call", "tailcall", "function")]
 
     @property
     def calls(self) -> list[Reference]:
@@ -293,14 +300,15 @@ class ModuleIndex:
                     extra = (kind, name) if kind in ("string", "import", "import-data") else kind
                 else:
                     references.append(Reference(ip, "constant", value, None))
-            tokens.append(hash((form, extra)))
+            if not is_padding(ins):
+                tokens.append(hash((form, extra)))
             if ends_flow(ins) and ins.next_ip < function.end:
                 targets.add(ins.next_ip)
         return Analysis(
             function=function,
             references=tuple(references),
             branch_targets=frozenset(targets),
-            instructions=len(tokens),
+            instructions=len(tokens),  # padding aside
             blocks=1 + len(targets) + conditionals,
             tokens=tuple(tokens),
             mnemonics=mnemonics,
