@@ -6,9 +6,12 @@ from here, so moving the architecture code is a change to this file alone.
 
 from __future__ import annotations
 
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from iced_x86 import Code, FlowControl, Instruction, Mnemonic, OpKind, Register, RegisterExt
+
+if TYPE_CHECKING:
+    from iced_x86._iced_x86_py import Register as RegisterValue
 
 from micropatch.x86.decode import decode, format_instruction, is_call, near_branch_target
 from micropatch.x86.site import Site, plan_site
@@ -53,7 +56,7 @@ def _register_classes() -> dict[int, object]:
         value = getattr(Register, name)
         if not isinstance(value, int) or name.startswith("_"):
             continue
-        register = cast("Register.Register", value)
+        register = cast("RegisterValue", value)
         if RegisterExt.is_gpr(register) and RegisterExt.full_register(register) in free:
             classes[register] = ("g", RegisterExt.size(register))
         elif RegisterExt.is_vector_register(register):
