@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from benchmarks import build, overhead, pause, peers, soak
+from benchmarks import build, diff, overhead, pause, peers, soak
 
 BENCHMARKS = {
     "pause": pause,
@@ -14,6 +14,7 @@ BENCHMARKS = {
     "peers": peers,
     "soak": soak,
     "build": build,
+    "diff": diff,
 }
 
 

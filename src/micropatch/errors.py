@@ -200,3 +200,10 @@ class Downgrade(AlreadyApplied):
 
 class CaveError(MicropatchError):
     """No cave could be placed within reach of the module, or its registry is corrupt."""
+
+
+# --- tools/ -----------------------------------------------------------------
+
+
+class ToolError(MicropatchError):
+    """An author tool (explore, diff) was asked something it cannot answer."""

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from micropatch.cli import authoring, dev
+from micropatch.cli import authoring, dev, tools
 from micropatch.cli.options import (
     AllOption,
     AllowUnsignedOption,
@@ -251,6 +251,7 @@ def demo() -> None:
 
 authoring.register(app)
 app.add_typer(dev.app, name="dev")
+tools.register(app)
 
 
 def main() -> None:

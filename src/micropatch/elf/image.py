@@ -252,6 +252,30 @@ class ElfImage:
             "file-backed bytes of one loaded segment"
         )
 
+    def read_upto(self, offset: int, size: int) -> bytes:
+        """Up to `size` file bytes at a module offset, cut at the end of the
+        segment's file-backed part; empty if the offset is not file-backed."""
+        for seg in self.segments:
+            if seg.offset <= offset < seg.offset + seg.filesz:
+                start = seg.file_offset + offset - seg.offset
+                stop = seg.file_offset + min(offset + size, seg.offset + seg.filesz) - seg.offset
+                return self._data[start:stop]
+        return b""
+
+    def function_symbols(self) -> list[Symbol]:
+        """Every sized function symbol, those of .symtab first, then .dynsym's
+        (a symbol in both appears twice)."""
+        return [symbol for table in self._tables for symbol in table.functions]
+
+    def fde_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) module offsets of every .eh_frame FDE, in file order."""
+        return list(self._fde_ranges)
+
+    @property
+    def elffile(self) -> ELFFile:
+        """The pyelftools view of the file, for the other elf/ readers."""
+        return self._elf
+
     @cached_property
     def _tables(self) -> tuple[_SymbolTable, ...]:
         tables = []

@@ -1,0 +1,1 @@
+"""Author tools: explore a module (functions, references, sites) and diff two builds."""

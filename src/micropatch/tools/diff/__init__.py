@@ -1,0 +1,1 @@
+"""`diff`: match the functions of two builds of a module and rank what changed."""

@@ -1,0 +1,292 @@
+"""Matching the functions of two builds, then ranking the matched ones that changed.
+
+The stages follow BinDiff and Diaphora, cheapest and surest first, each only
+over what is still unmatched:
+
+1. symbol names (several functions of one name, like two statics, pair by likeness);
+2. identical normalised code, where that code is unique on both sides;
+3. the set of strings and imports used, where that set is unique on both sides;
+4. the call graph: the unmatched callees (and callers) of a matched pair pair up
+   when they are alone, or in the same order and alike;
+5. fuzzy likeness, only between functions of similar size (a sorted window,
+   never all pairs), best pairs first; then the call graph again.
+
+A matched pair whose normalised code differs is a change. Changes are ranked
+with the small edits of confidently matched functions first, the usual shape
+of a security fix: a check (a block, a call) added to an otherwise identical
+function, before edits of operands only (a constant, a register).
+"""
+
+from __future__ import annotations
+
+import bisect
+import difflib
+import logging
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
+from micropatch.tools.functions import Function
+from micropatch.tools.module import ModuleIndex
+
+log = logging.getLogger(__name__)
+
+FUZZY_THRESHOLD = 0.55
+FUZZY_WINDOW = 40  # candidates either side in size order
+SIZE_SLACK = 0.35  # a fuzzy candidate's size may differ by this fraction
+# Methods by confidence: a fuzzy match that differs is as likely a wrong match as a change.
+CONFIDENCE = {"name": 0, "exact": 0, "anchors": 0, "callgraph": 1, "fuzzy": 2}
+
+
+@dataclass(frozen=True)
+class Change:
+    """A matched function whose code changed; `added`/`removed` count instructions.
+
+    `structural` if the change adds or removes blocks, calls or imports used,
+    not only operands (a constant, a register, an instruction reordered).
+    """
+
+    old: Function
+    new: Function
+    method: str
+    similarity: float
+    added: int
+    removed: int
+    structural: bool
+
+    @property
+    def name(self) -> str | None:
+        return self.old.name or self.new.name
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "old_offset": self.old.start,
+            "new_offset": self.new.start,
+            "name": self.name,
+            "similarity": round(self.similarity, 4),
+            "old_end": self.old.end,
+            "new_end": self.new.end,
+            "method": self.method,
+            "added": self.added,
+            "removed": self.removed,
+            "structural": self.structural,
+        }
+
+
+@dataclass
+class DiffResult:
+    """The pairs (old start -> new start), how each was matched, and the ranked changes."""
+
+    old: ModuleIndex
+    new: ModuleIndex
+    pairs: dict[int, int]
+    how: dict[int, str]
+    profiles_old: dict[int, Profile]
+    profiles_new: dict[int, Profile]
+    changes: list[Change] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        return len(self.pairs)
+
+    @property
+    def methods(self) -> Counter[str]:
+        return Counter(self.how.values())
+
+    @property
+    def only_old(self) -> list[Function]:
+        return [p.function for s, p in self.profiles_old.items() if s not in self.pairs]
+
+    @property
+    def only_new(self) -> list[Function]:
+        taken = set(self.pairs.values())
+        return [p.function for s, p in self.profiles_new.items() if s not in taken]
+
+
+def diff_modules(old: ModuleIndex, new: ModuleIndex) -> DiffResult:
+    """Match the functions of `old` and `new` and rank the changed ones."""
+    result = DiffResult(
+        old=old,
+        new=new,
+        pairs={},
+        how={},
+        profiles_old={a.function.start: profile(a) for a in old.analyses() if a.valid},
+        profiles_new={a.function.start: profile(a) for a in new.analyses() if a.valid},
+    )
+    matcher = _Matcher(result)
+    matcher.by_name()
+    matcher.by_unique(lambda p: p.exact if p.size >= 3 else None, "exact")
+    matcher.by_unique(lambda p: hash((p.strings, p.anchors)) if p.strings else None, "anchors")
+    matcher.by_callgraph()
+    matcher.by_unique(lambda p: p.exact, "exact")
+    matcher.by_fuzzy()
+    matcher.by_callgraph()
+    log.info("matched %d functions: %s", result.matched, dict(result.methods))
+    result.changes = _rank(result)
+    return result
+
+
+class _Matcher:
+    def __init__(self, result: DiffResult) -> None:
+        self.result = result
+        self.old = result.profiles_old
+        self.new = result.profiles_new
+        self.taken: set[int] = set()
+        self.callers_old = _callers(self.old.values())
+        self.callers_new = _callers(self.new.values())
+
+    def pair(self, a: int, b: int, how: str) -> bool:
+        if a in self.result.pairs or b in self.taken:
+            return False
+        self.result.pairs[a] = b
+        self.result.how[a] = how
+        self.taken.add(b)
+        return True
+
+    def free_old(self) -> list[Profile]:
+        return [p for s, p in self.old.items() if s not in self.result.pairs]
+
+    def free_new(self) -> list[Profile]:
+        return [p for s, p in self.new.items() if s not in self.taken]
+
+    def by_name(self) -> None:
+        groups_old = _group(self.old.values(), lambda p: p.function.name)
+        groups_new = _group(self.new.values(), lambda p: p.function.name)
+        for name, olds in groups_old.items():
+            news = groups_new.get(name)
+            if not news:
+                continue
+            if len(olds) == len(news) == 1:
+                self.pair(olds[0].function.start, news[0].function.start, "name")
+            else:
+                self._greedy(olds, news, bag_similarity, "name", 0.0)
+
+    def by_unique(self, key: Callable[[Profile], int | None], how: str) -> None:
+        groups_old = _group(self.free_old(), key)
+        groups_new = _group(self.free_new(), key)
+        for value, olds in groups_old.items():
+            news = groups_new.get(value)
+            if news and len(olds) == len(news) == 1:
+                self.pair(olds[0].function.start, news[0].function.start, how)
+
+    def by_callgraph(self) -> None:
+        queue = list(self.result.pairs.items())
+        while queue:
+            a, b = queue.pop()
+            for olds, news in (
+                (self.old[a].callees, self.new[b].callees),
+                (self.callers_old.get(a, ()), self.callers_new.get(b, ())),
+            ):
+                paired = self.result.pairs
+                free_old = [self.old[s] for s in olds if s in self.old and s not in paired]
+                free_new = [self.new[s] for s in news if s in self.new and s not in self.taken]
+                if not free_old or not free_new:
+                    continue
+                if len(free_old) == len(free_new) == 1:
+                    # alone at the same place in the graph: weak likeness is enough
+                    candidates = [(free_old[0], free_new[0])]
+                    floor = 0.2
+                elif len(free_old) == len(free_new):
+                    candidates = list(zip(free_old, free_new, strict=True))
+                    floor = 0.5
+                else:
+                    self._greedy(free_old, free_new, fuzzy_score, "callgraph", 0.6, queue)
+                    continue
+                for x, y in candidates:
+                    close = _sizes_close(x, y) and fuzzy_score(x, y) >= floor
+                    if close and self.pair(x.function.start, y.function.start, "callgraph"):
+                        queue.append((x.function.start, y.function.start))
+
+    def by_fuzzy(self) -> None:
+        news = sorted(self.free_new(), key=lambda p: p.size)
+        sizes = [p.size for p in news]
+        scored = []
+        for a in self.free_old():
+            if a.size < 4:
+                continue
+            at = bisect.bisect_left(sizes, a.size)
+            for b in news[max(0, at - FUZZY_WINDOW) : at + FUZZY_WINDOW]:
+                if _sizes_close(a, b):
+                    score = fuzzy_score(a, b)
+                    if score >= FUZZY_THRESHOLD:
+                        scored.append((score, a.function.start, b.function.start))
+        scored.sort(reverse=True)
+        for _, x, y in scored:
+            self.pair(x, y, "fuzzy")
+
+    def _greedy(
+        self,
+        olds: list[Profile],
+        news: list[Profile],
+        score: Callable[[Profile, Profile], float],
+        how: str,
+        floor: float,
+        queue: list[tuple[int, int]] | None = None,
+    ) -> None:
+        scored = sorted(
+            ((score(a, b), a.function.start, b.function.start) for a in olds for b in news),
+            reverse=True,
+        )
+        for value, x, y in scored:
+            if value >= floor and self.pair(x, y, how) and queue is not None:
+                queue.append((x, y))
+
+
+def _rank(result: DiffResult) -> list[Change]:
+    changes = []
+    for a, b in result.pairs.items():
+        old, new = result.profiles_old[a], result.profiles_new[b]
+        if old.exact == new.exact:
+            continue
+        matcher = difflib.SequenceMatcher(None, old.tokens, new.tokens, autojunk=False)
+        added = removed = 0
+        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+            if tag != "equal":
+                removed += i2 - i1
+                added += j2 - j1
+        structural = (
+            old.blocks != new.blocks
+            or old.anchors - old.strings != new.anchors - new.strings
+            or [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
+        )
+        ratio = matcher.ratio()
+        changes.append(
+            Change(old.function, new.function, result.how[a], ratio, added, removed, structural)
+        )
+    changes.sort(key=_rank_key)
+    return changes
+
+
+def _rank_key(change: Change) -> tuple[int, bool, int, float]:
+    # Surely matched first, changes of structure before changes of operands only,
+    # then the smallest edit, then the most similar.
+    return (
+        CONFIDENCE[change.method],
+        not change.structural,
+        change.added + change.removed,
+        -change.similarity,
+    )
+
+
+def _group(
+    profiles: Iterable[Profile], key: Callable[[Profile], object]
+) -> dict[object, list[Profile]]:
+    groups: dict[object, list[Profile]] = defaultdict(list)
+    for p in profiles:
+        value = key(p)
+        if value is not None:
+            groups[value].append(p)
+    return groups
+
+
+def _callers(profiles: Iterable[Profile]) -> dict[int, list[int]]:
+    callers: dict[int, list[int]] = defaultdict(list)
+    for p in profiles:
+        for callee in p.callees:
+            callers[callee].append(p.function.start)
+    return callers
+
+
+def _sizes_close(a: Profile, b: Profile) -> bool:
+    return abs(a.size - b.size) <= SIZE_SLACK * max(a.size, b.size) + 2

@@ -1,0 +1,72 @@
+"""diff on tests/targets/diffpair.c built without and with its one-line fix,
+at -O0 and -O2, stripped: the fixed parser ranks first."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from micropatch.cli.main import app
+from micropatch.errors import MicropatchError
+from micropatch.tools.diff.match import diff_modules
+from micropatch.tools.diff.sidebyside import side_by_side
+from micropatch.tools.module import ModuleIndex
+
+from .conftest import Build
+
+PARSERS = ("parse_kind", "parse_flags", "parse_name", "parse_value", "parse_note", "parse_tag")
+
+
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_fixed_function_ranks_first(diff_pairs: dict[str, tuple[Build, Build]], level: str) -> None:
+    old, new = diff_pairs[level]
+    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    assert result.changes, "the fix must show as a change"
+    first = result.changes[0]
+    assert (first.old.start, first.old.end) == old.offset("parse_name")
+    assert (first.new.start, first.new.end) == new.offset("parse_name")
+    assert first.name is None  # stripped: matched by structure
+    assert 0.0 < first.similarity < 1.0 and first.added > first.removed
+    # The look-alike parsers are matched to themselves and unchanged.
+    for name in PARSERS:
+        assert result.pairs[old.offset(name)[0]] == new.offset(name)[0], name
+
+
+def test_side_by_side_shows_the_added_check(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
+    old, new = diff_pairs["O2"]
+    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    rows = side_by_side(result, hex(old.offset("parse_name")[0]))
+    added = [row for row in rows if row.tag == "+"]
+    assert added and all(row.old_offset is None for row in added)
+    assert any(row.new_text.startswith(("cmp", "j")) for row in added)
+    assert any(row.tag == "=" for row in rows)  # context around the change
+    with pytest.raises(MicropatchError, match="no symbol 'no_such_function'"):
+        side_by_side(result, "no_such_function")
+
+
+def test_identical_builds_have_no_changes(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
+    old, _ = diff_pairs["O0"]
+    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(old.path))
+    assert result.changes == [] and not result.only_old and not result.only_new
+
+
+def test_cli_json_and_show(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
+    old, new = diff_pairs["O2"]
+    runner = CliRunner()
+    done = runner.invoke(app, ["diff", str(old.path), str(new.path), "--json"])
+    assert done.exit_code == 0, done.output
+    ranked = json.loads(done.stdout)
+    assert ranked[0]["old_offset"] == old.offset("parse_name")[0]
+    assert ranked[0]["new_offset"] == new.offset("parse_name")[0]
+    for item in ranked:
+        assert isinstance(item["old_offset"], int) and isinstance(item["new_offset"], int)
+        assert item["name"] is None or isinstance(item["name"], str)
+        assert 0.0 <= item["similarity"] <= 1.0
+    text = runner.invoke(app, ["diff", str(old.path), str(new.path)])
+    assert text.exit_code == 0 and f"{old.offset('parse_name')[0]:#x}" in text.stdout
+    shown = runner.invoke(
+        app, ["diff", str(old.path), str(new.path), "--show", hex(old.offset("parse_name")[0])]
+    )
+    assert shown.exit_code == 0 and " + " in shown.stdout
