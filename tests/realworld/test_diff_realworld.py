@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 
 from micropatch.tools.diff.match import DiffResult, diff_modules
-from micropatch.tools.module import ModuleIndex
 
-from .wheels import wheel_member
+from .wheels import module_index
 
 pytestmark = pytest.mark.realworld
 
@@ -18,9 +17,7 @@ TOP = 5
 
 
 def _diff(old: str, new: str, member: str) -> DiffResult:
-    return diff_modules(
-        ModuleIndex.open(wheel_member(old, member)), ModuleIndex.open(wheel_member(new, member))
-    )
+    return diff_modules(module_index(old, member), module_index(new, member))
 
 
 def _rank(result: DiffResult, old_offset: int) -> int:

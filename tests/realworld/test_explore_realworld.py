@@ -14,7 +14,7 @@ from micropatch.tools.explore import list_entries, show
 from micropatch.tools.module import ModuleIndex
 from micropatch.tools.xref import xref
 
-from .wheels import wheel_member
+from .wheels import module_index, wheel_member
 
 pytestmark = pytest.mark.realworld
 
@@ -28,7 +28,7 @@ def _module(requirement: str, member: str, patch: str) -> tuple[ModuleIndex, dic
     path = wheel_member(requirement, member)
     if hashlib.sha256(path.read_bytes()).hexdigest() != source["target"]["sha256"]:
         pytest.skip(f"pip picked another build of {requirement} than the patch's")
-    return ModuleIndex.open(path), source
+    return module_index(requirement, member), source
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ calling test is skipped with pip's last error line.
 from __future__ import annotations
 
 import atexit
+import functools
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from micropatch.tools.module import ModuleIndex
 
 DOWNLOAD_TIMEOUT = 180.0
 
@@ -48,6 +51,17 @@ def wheel_member(requirement: str, member: str) -> Path:
             with zipfile.ZipFile(wheel) as archive:
                 archive.extract(member, wheel.parent / "unpacked")
         return target
+
+
+@functools.cache
+def _index(path: Path) -> ModuleIndex:
+    return ModuleIndex.open(path)
+
+
+def module_index(requirement: str, member: str) -> ModuleIndex:
+    """`wheel_member`, opened as a ModuleIndex shared by the whole session, so its
+    analyses are computed once for the explore and the diff tests."""
+    return _index(wheel_member(requirement, member))
 
 
 class _DownloadFailed(Exception):

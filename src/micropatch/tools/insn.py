@@ -22,7 +22,6 @@ __all__ = [
     "decode",
     "ends_flow",
     "format_instruction",
-    "immediates",
     "is_call",
     "is_conditional",
     "is_padding",
@@ -77,22 +76,6 @@ _ENDS_FLOW = frozenset(
         FlowControl.INTERRUPT,
     }
 )
-
-
-def immediates(instruction: Instruction) -> list[int]:
-    """The immediate operands of an instruction, sign-extended ones as negative ints."""
-    return [
-        _immediate(instruction, operand)
-        for operand in range(instruction.op_count)
-        if instruction.op_kind(operand) in _IMMEDIATES
-    ]
-
-
-def _immediate(instruction: Instruction, operand: int) -> int:
-    value: int = instruction.immediate(operand)
-    if instruction.op_kind(operand) in _SIGN_EXTENDED and value >= 1 << 63:
-        value -= _SIGNED_64
-    return value
 
 
 def is_conditional(instruction: Instruction) -> bool:

@@ -87,11 +87,6 @@ class Analysis:
         return [r.target for r in self.references if r.kind in ("call", "tailcall", "function")]
 
     @property
-    def calls(self) -> list[Reference]:
-        """Calls and tail calls, to local and imported functions, in order."""
-        return [r for r in self.references if r.kind in CALL_KINDS]
-
-    @property
     def strings(self) -> list[str]:
         return [r.name for r in self.references if r.kind == "string" and r.name is not None]
 
@@ -231,15 +226,6 @@ class ModuleIndex:
             for a in self.analyses()
             for r in a.references
             if r.kind in ("call", "tailcall") and r.target == start
-        ]
-
-    def import_callers(self, name: str) -> list[tuple[Function, int]]:
-        """(function, call site) of every call or jump to the imported function `name`."""
-        return [
-            (a.function, r.ip)
-            for a in self.analyses()
-            for r in a.references
-            if r.kind == "import" and r.name == name
         ]
 
     def _classify(self, address: int) -> tuple[RefKind, str | None]:
