@@ -15,6 +15,12 @@ Every tool makes compute() of a running bench_target return 2x+2 instead of
 - the `frida` CLI (`frida -p PID -l SCRIPT -q --eternalize`), process start
   included.
 
+Startup (issue 6): `micropatch status --pid PID` on an idle target (no spinning
+thread; nothing applied), a subprocess, timed STARTUP_RUNS times after one
+warm-up, next to `gdb -batch -p PID` attaching and detaching with no command.
+Both read the target and change nothing: this is the fixed cost of a command.
+Aim: status at most 150 ms median on an idle machine.
+
 Tools run in a rotating order in each trial; one warm-up trial is not
 recorded. Afterwards the change is undone where the tool can (live.remove;
 detaching Frida's session reverts its hook) and the target is checked for
@@ -61,6 +67,9 @@ SETTLE = 0.2
 MEMORY_FIELDS = ("Rss", "Pss", "Anonymous", "Private_Dirty")
 IMPORT_CLI = "import micropatch.cli.main"
 FRIDA_TIMEOUT = 60
+STARTUP_RUNS = 20
+QUICK_STARTUP_RUNS = 5
+STARTUP_AIM = 0.150
 
 FRIDA_SCRIPT = """\
 const m = Process.getModuleByName('bench_target');
@@ -75,6 +84,12 @@ TOOLS = {
     "gdb_cli": "gdb -batch -p (CLI process)",
     "frida_api": "Frida `Interceptor.replace` (Python API, in-process)",
     "frida_cli": "`frida -q --eternalize` (CLI process)",
+}
+
+
+STARTUP = {
+    "micropatch_status": "`micropatch status --pid` (CLI process)",
+    "gdb_attach": "gdb -batch -p, attach and detach only (CLI process)",
 }
 
 
@@ -94,7 +109,7 @@ class ToolFailed(Exception):
 class Context:
     exe: Path
     workdir: Path
-    patch: Any = None  # parsed patch, for live.apply
+    patch: Any = None  # admitted patch, for live.apply
     patch_path: Path | None = None
     jump: bytes = b""
     unavailable: dict[str, str] = field(default_factory=dict)
@@ -112,11 +127,16 @@ def _run(argv: list[str], timeout: float = 120) -> float:
     return elapsed
 
 
-def micropatch_cli(ctx: Context, pid: int) -> float:
+def _micropatch() -> list[str]:
     exe = shutil.which("micropatch")
-    argv = [exe] if exe else [sys.executable, "-m", "micropatch.cli.main"]
+    return [exe] if exe else [sys.executable, "-m", "micropatch.cli.main"]
+
+
+def micropatch_cli(ctx: Context, pid: int) -> float:
     # A TOML source needs --allow-unsigned: signing is not what is measured here.
-    return _run([*argv, "apply", str(ctx.patch_path), "--pid", str(pid), "--allow-unsigned"])
+    return _run(
+        [*_micropatch(), "apply", str(ctx.patch_path), "--pid", str(pid), "--allow-unsigned"]
+    )
 
 
 def micropatch_live(ctx: Context, pid: int) -> float:
@@ -127,21 +147,47 @@ def micropatch_live(ctx: Context, pid: int) -> float:
     return time.perf_counter() - start
 
 
+GDB = ["gdb", "-nx", "-batch", "-iex", "set debuginfod enabled off"]
+
+
 def gdb_cli(ctx: Context, pid: int) -> float:
     values = ", ".join(f"{b:#04x}" for b in ctx.jump)
-    return _run(
-        [
-            "gdb",
-            "-nx",
-            "-batch",
-            "-iex",
-            "set debuginfod enabled off",
-            "-p",
-            str(pid),
-            "-ex",
-            f"set {{unsigned char[{len(ctx.jump)}]}}compute = {{{values}}}",
-        ]
-    )
+    set_jump = f"set {{unsigned char[{len(ctx.jump)}]}}compute = {{{values}}}"
+    return _run([*GDB, "-p", str(pid), "-ex", set_jump])
+
+
+def startup(ctx: Context, runs: int) -> dict[str, Any]:
+    """Seconds of each STARTUP command on one idle target, alternating, after a warm-up."""
+    commands = {
+        "micropatch_status": lambda pid: [*_micropatch(), "status", "--pid", str(pid)],
+        "gdb_attach": lambda pid: [*GDB, "-p", str(pid)],
+    }
+    times: dict[str, list[float]] = {k: [] for k in STARTUP}
+    errors: dict[str, list[str]] = {k: [] for k in STARTUP}
+    with Target(ctx.exe, spin=0, mainspin=False) as target:
+        for run in range(1 + runs):
+            for name in STARTUP:
+                if name == "gdb_attach" and shutil.which("gdb") is None:
+                    continue
+                print(f"peers: startup {run}/{runs} {name}", file=sys.stderr)
+                try:
+                    seconds = _run(commands[name](target.pid))
+                except (ToolFailed, OSError, subprocess.SubprocessError) as e:
+                    errors[name].append(str(e))
+                    continue
+                if run:
+                    times[name].append(seconds)
+        if not target.alive():
+            errors["micropatch_status"].append(f"target {target.describe_exit()}")
+    return {
+        name: {
+            "label": label,
+            "seconds": summary(times[name]),
+            "samples": times[name],
+            "errors": errors[name],
+        }
+        for name, label in STARTUP.items()
+    }
 
 
 def frida_api(ctx: Context, pid: int) -> float:
@@ -304,7 +350,13 @@ def setup(ctx: Context) -> None:
             )
             ctx.patch_path = ctx.workdir / "bench-peers.toml"
             ctx.patch_path.write_text(text)
-            ctx.patch = patches.parse(text)
+            # live.apply takes a patch the trust policy admitted: here, the unsigned
+            # source, as `micropatch apply --allow-unsigned` admits it.
+            from micropatch.trust.policy import admit
+
+            ctx.patch = admit(
+                text.encode(), name=ctx.patch_path.name, keys=None, allow_unsigned=True
+            )
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -394,6 +446,7 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
             f"imports, no patching), timed in the same trials: {report.ms(imports['median'])} / "
             f"{report.ms(imports['p90'])} ms.",
         ]
+    lines += _startup_markdown(summaries["startup"])
     lines += ["", "Mappings whose memory changed (first trial of each tool):", ""]
     for tool, label in TOOLS.items():
         changed = summaries[tool]["changed_mappings"]
@@ -440,6 +493,38 @@ def markdown(summaries: dict[str, Any], ctx: Context, trials: int) -> str:
     return "\n".join(lines)
 
 
+def _startup_markdown(startup: dict[str, Any]) -> list[str]:
+    runs = max(s["seconds"]["n"] for s in startup.values())
+    lines = [
+        "",
+        f"Startup: a command that attaches and changes nothing, on one idle target (no spinning "
+        f"thread), median / p90 / min of {runs} runs after a warm-up, alternating:",
+        "",
+        "| startup | time (ms) | ÷ micropatch | errors |",
+        "|---|---:|---:|---:|",
+    ]
+    base = startup["micropatch_status"]["seconds"]["median"]
+    for s in startup.values():
+        t = s["seconds"]
+        cell = (
+            "—"
+            if not t["n"]
+            else (f"{report.ms(t['median'])} / {report.ms(t['p90'])} / {report.ms(t['min'])}")
+        )
+        q = ratio(t["median"], base)
+        qcell = "—" if q != q else f"{q:.2f}x"
+        lines.append(f"| {s['label']} | {cell} | {qcell} | {len(s['errors'])} |")
+    status = startup["micropatch_status"]["seconds"]["median"]
+    if status == status:
+        verdict = "met" if status <= STARTUP_AIM else "NOT met"
+        lines += [
+            "",
+            f"- `micropatch status --pid` median {report.ms(status)} ms, aim "
+            f"≤ {STARTUP_AIM * 1e3:.0f} ms on an idle machine — {verdict}",
+        ]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = report.arguments(NAME, __doc__.splitlines()[0], argv)
     parser.add_argument(
@@ -469,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = reference_import()
             if trial >= warmup and seconds is not None:
                 reference.append(seconds)
+        startup_runs = QUICK_STARTUP_RUNS if args.quick else STARTUP_RUNS
+        startup_results = startup(ctx, startup_runs)
     _stop_frida()
     summaries: dict[str, Any] = {}
     for tool in TOOLS:
@@ -489,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             "unavailable": ctx.unavailable.get(tool),
         }
     summaries["reference_import"] = summary(reference)
+    summaries["startup"] = startup_results
     md = markdown(summaries, ctx, trials)
     data = {
         "target": {
@@ -524,6 +612,7 @@ def main(argv: list[str] | None = None) -> int:
     # A peer that fails or crashes the target is a result; micropatch failing is not.
     ours = [t for t in tools if t.startswith("micropatch")]
     failed = any(summaries[t]["unavailable"] or summaries[t]["errors"] for t in ours)
+    failed = failed or bool(startup_results["micropatch_status"]["errors"])
     return 1 if failed else 0
 
 

@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
-from micropatch.cli.options import AllowUnsignedOption, TrustOption
+from micropatch.cli.options import AllowUnsignedOption, TrustOption, err
 from micropatch.errors import MicropatchError
 
 if TYPE_CHECKING:
@@ -19,7 +18,6 @@ if TYPE_CHECKING:
     from micropatch.trust.policy import Admitted
 
 app = typer.Typer(help="Developer tools: run a program with a patch applied from its start.")
-err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 
 def _say(message: str) -> None:

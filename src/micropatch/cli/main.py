@@ -6,7 +6,6 @@ assembler), so the command starts fast; see benchmarks/peers.py, `startup`.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -23,6 +22,8 @@ from micropatch.cli.options import (
     err,
     fail,
     out,
+    stderr_console,
+    stdout_console,
 )
 from micropatch.errors import MicropatchError, NotApplied
 
@@ -51,6 +52,8 @@ def _options(
     ] = 0,
 ) -> None:
     if verbose:
+        import logging
+
         logging.basicConfig(
             level=logging.DEBUG if verbose > 1 else logging.INFO,
             format="%(asctime)s %(name)s: %(message)s",
@@ -90,7 +93,7 @@ def _run_each(
 
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        console=err, transient=True, disable=len(pids) < 2,
+        console=stderr_console(), transient=True, disable=len(pids) < 2,
     )  # fmt: skip
     with progress:
         task = progress.add_task(verb, total=len(pids))
@@ -141,9 +144,7 @@ def apply(
     patch = _load(patch_file, trust, allow_unsigned)
     pids = _targets(pid, all_, lambda: live.pids_mapping(patch.patch.target.module))
     modules = ModuleCache()
-    _run_each(
-        "apply", pids, lambda p: live.apply(patch, p, modules=modules, **_retries(retries))
-    )
+    _run_each("apply", pids, lambda p: live.apply(patch, p, modules=modules, **_retries(retries)))
 
 
 @app.command()
@@ -224,7 +225,8 @@ def status(pid: PidOption = None) -> None:
                 (str(s.pid), s.process, s.module, s.patch_id, str(s.version), sites, since, blocked)
             )
     if not rows:
-        out.print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
+        # Plain text, no markup: print() writes what out.print would, without loading rich.
+        print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
     elif out.is_terminal:
         from rich.table import Table
 
@@ -244,7 +246,7 @@ def demo() -> None:
     from micropatch.demo.runner import run
 
     try:
-        run(out)
+        run(stdout_console())
     except MicropatchError as e:
         raise fail(str(e)) from None
 

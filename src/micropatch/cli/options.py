@@ -7,16 +7,65 @@ when it runs, so `micropatch status` starts fast.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from types import TracebackType
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-from rich.console import Console
 
 from micropatch.trust.paths import DEFAULT_TRUST_DIR, TRUST_DIR_VARIABLE
 
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+class _LazyConsole:
+    """A rich Console made on first use: importing rich.console costs ~40 ms,
+    which a command that prints nothing through rich (`status` piped, or with
+    nothing applied) need not pay."""
+
+    def __init__(self, **options: Any) -> None:
+        self._options = options
+        self._console: Console | None = None
+
+    def get(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(**self._options)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.get(), name)
+
+    # `with console:` looks these up on the type, not through __getattr__.
+    def __enter__(self) -> Console:
+        return self.get().__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.get().__exit__(exc_type, exc_value, traceback)
+
+
 # soft_wrap: never hard-wrap messages at the terminal width, and never when piped.
-out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True, soft_wrap=True, highlight=False)
+_out = _LazyConsole(soft_wrap=True, highlight=False)
+_err = _LazyConsole(stderr=True, soft_wrap=True, highlight=False)
+out = cast("Console", _out)
+err = cast("Console", _err)
+
+
+def stdout_console() -> Console:
+    """The real Console behind `out`, for rich objects that take a console."""
+    return _out.get()
+
+
+def stderr_console() -> Console:
+    """The real Console behind `err`, for rich objects that take a console."""
+    return _err.get()
+
 
 TrustOption = Annotated[
     list[Path] | None,
