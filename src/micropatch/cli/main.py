@@ -222,7 +222,7 @@ def status(pid: PidOption = None) -> None:
             sites = ",".join(f"{a:#x}" for a in s.sites)
             blocked = "-" if s.blocked is None else str(s.blocked)
             rows.append(
-                (str(s.pid), s.process, s.module, s.patch_id, str(s.version), sites, since, blocked)
+                (str(s.pid), s.process, s.module, s.patch_id, _version(s), sites, since, blocked)
             )
     if not rows:
         # Plain text, no markup: print() writes what out.print would, without loading rich.
@@ -238,6 +238,35 @@ def status(pid: PidOption = None) -> None:
         print("\t".join(STATUS_COLUMNS))
         for row in rows:
             print("\t".join(row))
+
+
+def _version(state: live.PatchState) -> str:
+    if state.state == "applied":
+        return str(state.version)
+    return f"{state.version} ({state.state}: interrupted; `micropatch repair --pid {state.pid}`)"
+
+
+@app.command()
+def repair(pid: PidOption = None, all_: AllOption = False) -> None:
+    """Complete or roll back an operation whose patcher was killed midway.
+
+    Every apply, remove and update does this first by itself; `status` shows
+    such a process with the patch's state (applying, removing)."""
+    from micropatch import live
+
+    pids = _targets(pid, all_, live.patched_pids)
+    failures = 0
+    for p in pids:
+        try:
+            done = live.repair(p)
+        except MicropatchError as e:
+            failures += 1
+            err.print(f"[red]✗[/] pid {p}: {e}")
+            continue
+        for line in done or ["nothing to repair"]:
+            out.print(f"pid {p}: {line}")
+    if failures:
+        raise typer.Exit(1)
 
 
 @app.command()

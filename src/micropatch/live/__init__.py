@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from micropatch.live.engine import Outcome as Outcome
     from micropatch.live.engine import apply as apply
     from micropatch.live.engine import remove as remove
+    from micropatch.live.engine import repair as repair
     from micropatch.live.engine import update as update
     from micropatch.live.states import PatchState as PatchState
     from micropatch.live.states import patched_pids as patched_pids
@@ -23,6 +24,7 @@ _WHERE = {
     "Outcome": "engine",
     "apply": "engine",
     "remove": "engine",
+    "repair": "engine",
     "update": "engine",
     "PatchState": "states",
     "patched_pids": "states",
@@ -37,6 +39,7 @@ __all__ = [
     "patched_pids",
     "pids_mapping",
     "remove",
+    "repair",
     "status",
     "update",
 ]

@@ -10,7 +10,7 @@ registry.
 from __future__ import annotations
 
 import errno
-import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from micropatch.arch.x86_64.abi import (
@@ -24,6 +24,7 @@ from micropatch.arch.x86_64.abi import (
 from micropatch.arch.x86_64.constants import JUMP_REACH as REACH
 from micropatch.arch.x86_64.constants import PAGE_SIZE, RED_ZONE
 from micropatch.errors import CaveError, RemoteSyscallError
+from micropatch.faults import checkpoint
 from micropatch.live.module import CAVE_PREFIX, LoadedModule
 from micropatch.live.registry import REGISTRY_SIZE, Registry
 from micropatch.process.linux import (
@@ -37,7 +38,7 @@ from micropatch.process.linux import (
 )
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.memory import Memory
-from micropatch.process.syscall import RemoteSyscalls
+from micropatch.process.syscall import FRAME_SIZE, RemoteSyscalls
 
 CAVE_NAME = b"micropatch\x00"
 CAVE_SIZE = 64 * 1024
@@ -62,15 +63,32 @@ def read_caves(memory: Memory, mappings: list[Mapping]) -> list[Cave]:
     """Every micropatch cave in a process, with its registry."""
     caves = []
     for m in mappings:
-        if not m.path.startswith(CAVE_PREFIX):
-            continue
-        head = memory.read(m.start, PAGE_SIZE)
-        registry = Registry.decode(head, functools.partial(memory.read, m.start))
+        if not m.path.startswith(CAVE_PREFIX) or m.offset != 0:
+            continue  # offset 0 of the memfd: the cave's start (the counters page follows)
+        registry = Registry.read(_reader(memory, m.start))
         if registry is not None:
             # The mapping is split (code, then the writable counters page): the
             # registry, not the first mapping, knows the cave's whole size.
             caves.append(Cave(m.start, registry.cave_size, registry))
     return caves
+
+
+def orphan_caves(memory: Memory, mappings: list[Mapping], caves: list[Cave]) -> list[int]:
+    """Caves mapped by a patcher that died before recording anything in them: no
+    registry was ever written, so nothing in the process refers to them."""
+    orphans: list[int] = []
+    for m in mappings:
+        if not m.path.startswith(CAVE_PREFIX) or m.offset != 0:
+            continue
+        if any(c.contains(m.start) for c in caves):
+            continue
+        if Registry.read(_reader(memory, m.start)) is None:
+            orphans.append(m.start)
+    return orphans
+
+
+def _reader(memory: Memory, start: int) -> Callable[[int, int], bytes]:
+    return lambda offset, size: memory.read(start + offset, size)
 
 
 def cave_of(caves: list[Cave], module: LoadedModule) -> Cave | None:
@@ -121,6 +139,7 @@ def map_cave(
             "for a code cave"
         )
     fd = _memfd(syscalls, memory, mappings)
+    checkpoint("memfd-created")
     try:
         syscalls.checked(SYS_FTRUNCATE, fd, CAVE_SIZE)
         for hint in candidates[:8]:
@@ -129,6 +148,7 @@ def map_cave(
                 MAP_PRIVATE | MAP_FIXED_NOREPLACE, fd, 0,
             )  # fmt: skip
             if result == hint:
+                checkpoint("cave-mapped")
                 _make_counters_writable(syscalls, hint)
                 return hint
             if result > 0:  # an old kernel ignored MAP_FIXED_NOREPLACE and put it elsewhere
@@ -153,7 +173,8 @@ def _make_counters_writable(syscalls: RemoteSyscalls, cave: int) -> None:
 def _memfd(syscalls: RemoteSyscalls, memory: Memory, mappings: list[Mapping]) -> int:
     """memfd_create("micropatch") in the target; its name goes below the red zone for a moment."""
     regs = syscalls.proc.regs(syscalls.tid)
-    scratch = (regs.rsp - RED_ZONE - 64) & ~0xF
+    # Below the red zone and below the frame of the remote call (process.syscall).
+    scratch = (regs.rsp - RED_ZONE - FRAME_SIZE - 64) & ~0xF
     stack = mapping_at(mappings, scratch)
     if stack is None or stack.perms[:2] != "rw" or not stack.contains(scratch + len(CAVE_NAME)):
         raise CaveError(

@@ -13,34 +13,24 @@ import logging
 import time
 from dataclasses import dataclass
 
-from micropatch.arch import TrampolineLayout
 from micropatch.build.plan import PlannedSite, plan_patch
 from micropatch.errors import (
     AlreadyApplied,
     Downgrade,
     MicropatchError,
     NotApplied,
-    OriginalBytesMismatch,
     ProcessError,
     ProcessExited,
     ProcessNotFound,
     UnsafeToPatch,
 )
-from micropatch.live.cave import (
-    CAVE_SIZE,
-    COUNTER_SIZE,
-    COUNTERS_SIZE,
-    Cave,
-    allocate,
-    allocate_counter,
-    cave_of,
-    map_cave,
-    read_caves,
-    unmap_cave,
-)
+from micropatch.faults import checkpoint
+from micropatch.live import commit
+from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.module import LoadedModule, ModuleCache, find_module, symbol_address
-from micropatch.live.registry import AppliedPatch, AppliedSite, Registry
-from micropatch.live.safety import Entering, Unsafe, into_copy, place_threads
+from micropatch.live.recovery import recover
+from micropatch.live.registry import APPLIED, REMOVING, AppliedPatch
+from micropatch.live.safety import Entering, Unsafe, place_threads
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
@@ -53,7 +43,6 @@ log = logging.getLogger(__name__)
 DEFAULT_RETRIES = 20
 RETRY_DELAY = 0.002  # doubled after each unsafe attempt, capped below
 MAX_RETRY_DELAY = 0.05
-TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
 
 
 @dataclass(frozen=True)
@@ -103,6 +92,17 @@ def update(
 ) -> Outcome:
     """Replace the applied version of `patch.id` by this newer one, in one stop."""
     return _run(_Change(pid, patch, patch.id, modules), retries)
+
+
+def repair(pid: int) -> list[str]:
+    """Complete or roll back whatever a killed patcher left in process `pid`
+    (every other operation does this first, too); what was done."""
+    check_alive(pid)
+    try:
+        with stop_world(pid) as proc:
+            return recover(proc, read_maps(pid))
+    except ProcessNotFound:
+        raise ProcessExited(f"process {pid} exited during the operation") from None
 
 
 def _run(change: _Change, retries: int) -> Outcome:
@@ -173,8 +173,70 @@ def _transact(
 ) -> tuple[int, int]:
     """Returns the number of sites now patched and the number of threads moved."""
     mappings = read_maps(proc.pid)
+    if recover(proc, mappings):
+        mappings = read_maps(proc.pid)
+    checkpoint("stopped")
     caves = read_caves(proc.memory, mappings)
     old_cave, old = _find_applied(caves, change.remove) if change.remove else (None, None)
+    _check(proc, change, caves, old)
+    placement = place_threads(
+        proc, [Entering(p.site, p.resume is None, p.where) for p in planned or []]
+    )
+    tx = Transaction(proc, mappings)
+    try:
+        if change.add is not None and module is not None and planned is not None:
+            patch = change.add.patch
+            commit.check_originals(tx, caves, patch, planned, old)
+            cave = cave_of(caves, module) or commit.new_cave(tx, caves, module)
+            checkpoint("cave-ready")
+            new, layouts = commit.write_trampolines(tx, cave, patch, planned)
+            cave.registry.patches.append(new)
+            if old is not None and old_cave is not None:
+                old.state = REMOVING
+                if old_cave is not cave:
+                    commit.store(tx, old_cave)
+            commit.store(tx, cave)
+            checkpoint("intent-recorded")
+            commit.move_threads(tx, placement.pending, layouts)
+            if old is not None and old_cave is not None:
+                commit.restore_sites(tx, old)
+                old_cave.registry.retire(old)
+            commit.write_jumps(tx, new)
+            new.state = APPLIED
+            if old_cave is not None and old_cave is not cave:
+                commit.store(tx, old_cave)
+            commit.store(tx, cave)
+            count = len(new.sites)
+        else:
+            assert old is not None and old_cave is not None
+            old.state = REMOVING
+            commit.store(tx, old_cave)
+            checkpoint("intent-recorded")
+            commit.restore_sites(tx, old)
+            old_cave.registry.retire(old)
+            commit.store(tx, old_cave)
+            count = len(old.sites)
+        checkpoint("committed")
+        commit.reclaim(tx, caves)  # verifies every write; unmaps an emptied cave last
+    except BaseException:
+        failures = tx.rollback()
+        if failures and not exists(proc.pid):
+            raise ProcessExited(f"process {proc.pid} exited during the operation") from None
+        if failures:
+            raise ProcessError(
+                f"process {proc.pid}: rollback failed ({failures[0]}); the process may be "
+                "half-patched, check `micropatch status`"
+            ) from None
+        raise
+    finally:
+        tx.close()
+    return count, len(placement.pending)
+
+
+def _check(
+    proc: StoppedProcess, change: _Change, caves: list[Cave], old: AppliedPatch | None
+) -> None:
+    """Refuse what makes no sense, from the registry read inside the stop."""
     if change.remove and old is None:
         applied = ", ".join(f"{p.id} v{p.version}" for c in caves for p in c.registry.patches)
         raise NotApplied(
@@ -199,40 +261,6 @@ def _transact(
             f"newer than version {change.add.version}: update refuses a downgrade; to go "
             f"back, `micropatch remove {change.add.id}` then apply the older version"
         )
-    entering = [Entering(p.site, p.resume is None, p.where) for p in planned or []]
-    placement = place_threads(
-        proc, mappings, entering, old.sites if old else [], str(change.remove)
-    )
-
-    tx = Transaction(proc, mappings)
-    try:
-        if old_cave is not None and old is not None:
-            _remove_sites(tx, old_cave, old)
-        count = len(old.sites) if old else 0
-        if change.add is not None and module is not None and planned is not None:
-            cave = cave_of(caves, module)
-            layouts = _add_sites(tx, caves, cave, module, change.add, planned)
-            for move in placement.pending:
-                placement.moves[move.tid] = into_copy(move, layouts[move.index])
-            count = len(planned)
-        elif old_cave is not None:
-            _store(tx, old_cave)
-        tx.verify()
-        for tid, rip in placement.moves.items():
-            _move(tx, tid, rip)
-        for emptied in [c for c in caves if not c.registry.patches]:
-            unmap_cave(tx.syscalls, emptied)  # last: the one step we could not undo
-    except BaseException:
-        failures = tx.rollback()
-        if failures and not exists(proc.pid):
-            raise ProcessExited(f"process {proc.pid} exited during the operation") from None
-        if failures:
-            raise ProcessError(
-                f"process {proc.pid}: rollback failed ({failures[0]}); the process may be "
-                "half-patched, check `micropatch status`"
-            ) from None
-        raise
-    return count, len(placement.moves)
 
 
 def _find_applied(
@@ -245,113 +273,6 @@ def _find_applied(
     return None, None
 
 
-def _move(tx: Transaction, tid: int, rip: int) -> None:
-    """Move a stopped thread to the other copy of the instruction it was about to run."""
-    before = tx.proc.regs(tid).rip
-    tx.proc.move(tid, rip)
-    tx.on_rollback(lambda: tx.proc.move(tid, before))
-
-
-def _remove_sites(tx: Transaction, cave: Cave, old: AppliedPatch) -> None:
-    for site in old.sites:
-        found = tx.memory.read(site.address, len(site.jump))
-        if found != site.jump:
-            raise OriginalBytesMismatch(
-                f"site {site.address:#x} of patch {old.id} in process {tx.proc.pid} holds "
-                f"{found.hex(' ')} instead of micropatch's jump {site.jump.hex(' ')}: another tool "
-                "has rewritten it; not removing"
-            )
-        tx.write(site.address, site.original)
-    cave.registry.patches.remove(old)
-
-
-def _add_sites(
-    tx: Transaction,
-    caves: list[Cave],
-    cave: Cave | None,
-    module: LoadedModule,
-    admitted: Admitted,
-    planned: list[PlannedSite],
-) -> list[TrampolineLayout]:
-    """Write trampolines, jumps and registry; returns each trampoline's layout."""
-    patch = admitted.patch
-    for p in planned:
-        found = tx.memory.read(p.site.address, p.site.length)
-        if found != p.site.original:
-            raise OriginalBytesMismatch(
-                f"patch {patch.id}, {p.where}: site {p.site.address:#x} in process {tx.proc.pid} "
-                f"holds {found.hex(' ')}, the module file has {p.site.original.hex(' ')}"
-                + _who_hooks(caves, p.site.address, p.site.end)
-            )
-    if cave is None:
-        address = map_cave(tx.syscalls, tx.memory, tx.mappings, module)
-        registry = Registry(
-            module_path=module.path,
-            module_base=module.base,
-            build_id=module.identity.build_id,
-            sha256=module.identity.sha256,
-            cave_size=CAVE_SIZE,
-        )
-        cave = new_cave = Cave(address, CAVE_SIZE, registry)
-        caves.append(cave)
-        tx.on_rollback(lambda: unmap_cave(tx.syscalls, new_cave))
-    applied_sites = []
-    layouts = []
-    for p, layout, counter in _layout(cave, planned):
-        tx.write(layout.address, layout.code)
-        if counter:
-            tx.write(counter, bytes(COUNTER_SIZE))  # a slot may have counted for an old patch
-        jump = p.arch.site_jump(p.site, layout.address)
-        layouts.append(layout)
-        applied_sites.append(
-            AppliedSite(
-                p.index,
-                p.site.address,
-                p.site.original,
-                jump,
-                layout.address,
-                layout.size,
-                layout.tail,
-                counter,
-                list(layout.copies),
-                list(layout.body),
-                list(p.site.starts),
-            )
-        )
-    for s in applied_sites:
-        tx.write(s.address, s.jump)
-    cave.registry.patches.append(
-        AppliedPatch(patch.id, patch.version, patch.info.title or "", time.time(), applied_sites)
-    )
-    _store(tx, cave)
-    return layouts
-
-
-def _layout(
-    cave: Cave, planned: list[PlannedSite]
-) -> list[tuple[PlannedSite, TrampolineLayout, int]]:
-    """Where each trampoline (and blocked-event counter, 0 if none) goes in the cave,
-    and the trampoline laid out for that place."""
-    taken = cave.registry.used_ranges()
-    counters = cave.registry.used_counters()
-    code_size = cave.size - COUNTERS_SIZE
-    placed = []
-    for p in planned:
-        counter = allocate_counter(counters, cave) if p.needs_counter else 0
-        counters.append(counter)
-
-        estimate = p.trampoline(cave.address + code_size // 2, counter).size + TRAMPOLINE_SLACK
-        slot = allocate(taken, cave.address, code_size, estimate)
-        layout = p.trampoline(slot, counter)
-        if layout.size > estimate:
-            raise MicropatchError(
-                f"{p.where}: trampoline grew from {estimate} to {layout.size} bytes"
-            )
-        taken.append((slot, layout.end))
-        placed.append((p, layout, counter))
-    return placed
-
-
 def _prepare(pid: int, module: LoadedModule, planned: list[PlannedSite]) -> None:
     """Lay the trampolines out once before stopping, so that their bodies are assembled
     (and cached) while the process still runs; in the stop, the same layout is a cache hit."""
@@ -359,21 +280,6 @@ def _prepare(pid: int, module: LoadedModule, planned: list[PlannedSite]) -> None
         cave = cave_of(read_caves(memory, read_maps(pid)), module)
     if cave is not None:
         with contextlib.suppress(MicropatchError):  # the real layout will report it
-            _layout(cave, planned)
+            commit.layout_all(cave, planned)
 
 
-def _store(tx: Transaction, cave: Cave) -> None:
-    if cave.registry.patches:
-        tx.write(cave.address, cave.registry.encode())
-
-
-def _who_hooks(caves: list[Cave], low: int, high: int) -> str:
-    for cave in caves:
-        for patch in cave.registry.patches:
-            for s in patch.sites:
-                if s.address < high and low < s.address + len(s.original):
-                    return f": patch {patch.id} v{patch.version} already patches {s.address:#x}"
-    return (
-        ": is another patch or tool (a debugger breakpoint, a hooking library) already "
-        "hooking this function?"
-    )

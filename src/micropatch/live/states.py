@@ -32,6 +32,7 @@ class PatchState:
     sites: tuple[int, ...]
     cave: int
     blocked: int | None  # exploit attempts its patchlets recorded; None: it records none
+    state: str = "applied"  # "applying"/"removing": a patcher was killed midway (repair)
 
 
 def status(pid: int) -> list[PatchState]:
@@ -55,6 +56,7 @@ def status(pid: int) -> list[PatchState]:
                         tuple(s.address for s in p.sites),
                         cave.address,
                         _blocked(memory, p),
+                        p.state,
                     )
                     for cave in caves
                     for p in cave.registry.patches

@@ -55,6 +55,11 @@ class Transaction:
                     f"wrote {wanted.hex(' ')}"
                 )
 
+    def close(self) -> None:
+        """End of the transaction, after commit or rollback: put back what the remote
+        system calls borrowed (their stub's padding)."""
+        self.syscalls.close()
+
     def rollback(self) -> list[Exception]:
         """Undo everything, newest first; returns what could not be undone."""
         failures = []

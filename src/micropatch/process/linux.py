@@ -30,6 +30,8 @@ PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXIT = 6
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_EVENT_EXEC = 4
+PTRACE_SYSCALL = 24
+PTRACE_O_TRACESYSGOOD = 0x1
 
 # auxiliary vector (include/uapi/linux/auxvec.h) and ELF dynamic section
 AT_NULL = 0

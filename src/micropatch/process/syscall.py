@@ -1,73 +1,119 @@
-"""System calls made by a stopped thread of the target on our behalf.
+"""System calls made by a stopped thread of the target on our behalf, crash-safe.
 
-We borrow one thread: save its registers, point it at a `syscall`
-instruction that already exists in the process (the vDSO has one), set
-`orig_rax` to -1 so the kernel does not restart a system call the thread was
-blocked in, single-step over the instruction, read the result, and put every
-register back. The interrupted system call then restarts normally on resume.
+We borrow one thread. The danger is the patcher dying (SIGKILL, OOM) while the
+thread holds borrowed registers: the kernel detaches it as it is, and it runs
+on from wherever we pointed it. So the thread is never pointed anywhere it
+could not finish on its own:
+
+- a small stub is written into executable padding no code reaches
+  (`process.stub`): `syscall`, then pop every general register and the flags
+  from a frame on the thread's stack, then `ret 128`;
+- the frame, written below the thread's red zone, holds the thread's
+  *continuation*: the registers it resumes with. For a thread stopped in user
+  space they are its registers; for one interrupted in a restartable system
+  call (read() on a socket, say) they re-execute that call, exactly as the
+  kernel's restart would (`rip - 2`, `rax = orig_rax`);
+- the thread is set to the stub with the call's arguments and `orig_rax = -1`
+  (no kernel restart), and driven with PTRACE_SYSCALL to the call's entry and
+  exit stops: no single-step, so no trap flag is ever left armed;
+- after the exit stop the thread gets its continuation registers, which
+  resume correctly whatever happens next (and whatever the kernel's restart
+  logic would no longer do from a syscall-exit stop).
+
+If the patcher dies at any instant, the thread makes the call (or already
+made it), restores its continuation from the frame, and runs on unharmed.
+What the orphaned call did (a mapping, an fd) is found and cleaned up by the
+next transaction (`live.recovery`).
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
+import struct
 
-from micropatch.arch.x86_64.abi import SYSCALL_ARG_REGS, SYSCALL_NAMES, signed64
-from micropatch.arch.x86_64.constants import SYSCALL_INSN
-from micropatch.errors import MicropatchError, RemoteSyscallError
-from micropatch.process import seccomp
-from micropatch.process.maps import Mapping
-from micropatch.process.world import StoppedProcess
+from micropatch.arch.x86_64.abi import SYSCALL_ARG_REGS, SYSCALL_NAMES, UserRegs, signed64
+from micropatch.arch.x86_64.constants import RED_ZONE
+from micropatch.errors import ProcessExited, RemoteSyscallError
+from micropatch.faults import checkpoint
+from micropatch.process import ptrace, seccomp
+from micropatch.process.linux import PTRACE_O_TRACESYSGOOD, PTRACE_SYSCALL
+from micropatch.process.maps import Mapping, mapping_at
+from micropatch.process.stub import slack
+from micropatch.process.world import StoppedProcess, wait_stop
 
-MAX_STEPS = 8  # single-steps interrupted by incoming signals before we give up
+log = logging.getLogger(__name__)
+
+# syscall; pop r15..rdi in user_regs_struct order; popfq; ret 0x80
+STUB = bytes.fromhex(
+    "0f05" "415f" "415e" "415d" "415c" "5d" "5b" "415b" "415a" "4159" "4158"
+    "58" "59" "5a" "5e" "5f" "9d" "c28000"
+)  # fmt: skip
+_FRAME_REGS = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+    "rax", "rcx", "rdx", "rsi", "rdi", "eflags", "rip",
+)  # fmt: skip
+FRAME_SIZE = 8 * len(_FRAME_REGS)
+_SYSCALL_LENGTH = 2
+_NR_RESTART_SYSCALL = 219
+# -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND: the kernel would run the call
+# again; -ERESTART_RESTARTBLOCK: it would run restart_syscall.
+_RESTART_SAME = frozenset({-512, -513, -514})
+_RESTART_BLOCK = -516
+_SYSCALL_STOP = signal.SIGTRAP | 0x80
+MAX_SIGNALS = 16  # signals that may interrupt one remote call before we give up
+
+
+def continuation(regs: UserRegs) -> UserRegs:
+    """The registers that resume a stopped thread correctly from user space,
+    without relying on the kernel's system call restart."""
+    c = regs.copy()
+    if signed64(regs.orig_rax) >= 0:
+        result = signed64(regs.rax)
+        if result in _RESTART_SAME:
+            c.rip -= _SYSCALL_LENGTH
+            c.rax = regs.orig_rax
+        elif result == _RESTART_BLOCK:
+            c.rip -= _SYSCALL_LENGTH
+            c.rax = _NR_RESTART_SYSCALL
+    c.orig_rax = (1 << 64) - 1
+    return c
 
 
 class RemoteSyscalls:
+    """System calls in a stopped process, made by one borrowed thread."""
+
     def __init__(self, proc: StoppedProcess, mappings: list[Mapping]) -> None:
         self.proc = proc
         self.mappings = mappings
-        self.tid = proc.pid if proc.pid in proc.threads else min(proc.threads)
-        self._insn: int | None = None
+        self.tid = _choose_thread(proc)
+        self._stub: int | None = None
+        self._stub_original = b""
         self._filters: list[list[tuple[int, int, int, int]]] | None = None
 
     @property
     def instruction(self) -> int:
-        if self._insn is None:
-            self._insn = self._find_syscall_instruction()
-        return self._insn
+        """Where the stub's `syscall` instruction is (written on first use)."""
+        if self._stub is None:
+            at = slack(self.proc.memory, self.mappings, len(STUB))
+            if at is None:
+                raise RemoteSyscallError(
+                    f"process {self.proc.pid}: no executable padding to hold micropatch's "
+                    "system call stub in any mapped module; nothing was changed"
+                )
+            self._stub_original = self.proc.memory.read(at, len(STUB))
+            self.proc.memory.write(at, STUB)
+            self._stub = at
+            log.debug("process %d: syscall stub at %#x", self.proc.pid, at)
+        return self._stub
 
-    def _find_syscall_instruction(self) -> int:
-        """A `syscall` instruction, preferably in a page the process already has resident.
-
-        Threads stopped in a system call sit just after one: using it touches no new
-        page (reading the vDSO would add it to the target's resident memory).
-        """
-        for tid in sorted(self.proc.threads, key=lambda t: t != self.tid):
-            rip: int = self.proc.regs(tid).rip
-            try:
-                if (
-                    self.proc.memory.read(rip - len(SYSCALL_INSN), len(SYSCALL_INSN))
-                    == SYSCALL_INSN
-                ):
-                    return rip - len(SYSCALL_INSN)
-            except MicropatchError:
-                continue
-        candidates = sorted(
-            (m for m in self.mappings if m.executable and m.readable),
-            key=lambda m: m.path != "[vdso]",
-        )
-        for mapping in candidates:
-            try:
-                code = self.proc.memory.read(mapping.start, min(mapping.size, 1 << 20))
-            except MicropatchError:
-                continue
-            at = code.find(SYSCALL_INSN)
-            if at >= 0:
-                return mapping.start + at
-        raise RemoteSyscallError(
-            f"process {self.proc.pid}: no readable `syscall` instruction found (no vDSO, no libc)"
-        )
+    def close(self) -> None:
+        """Put the padding back: no borrowed thread is in the stub any more."""
+        if self._stub is not None:
+            self.proc.memory.write(self._stub, self._stub_original)
+            self._stub = None
 
     def check_seccomp(self, nr: int, args: tuple[int, ...]) -> None:
         """Refuse a call the target's seccomp policy would punish, before making it."""
@@ -97,27 +143,61 @@ class RemoteSyscalls:
         """Make the call; returns the raw result (negative errno on failure)."""
         self.check_seccomp(nr, args)
         proc, tid = self.proc, self.tid
-        saved = proc.regs(tid)
-        regs = saved.copy()
+        thread = proc.threads[tid]
+        resume_with = continuation(proc.regs(tid))
+        # `ret 128` after the pops lands rsp exactly where it was: the red zone
+        # between the frame and rsp is never touched.
+        frame = resume_with.rsp - RED_ZONE - FRAME_SIZE
+        stack = mapping_at(self.mappings, resume_with.rsp)
+        if stack is None or frame < stack.start:
+            raise RemoteSyscallError(
+                f"process {proc.pid}: thread {tid}'s stack has no room below its red zone "
+                "for micropatch's system call frame; nothing was changed"
+            )
+        values = [getattr(resume_with, name) for name in _FRAME_REGS]
+        proc.memory.write(frame, struct.pack(f"<{len(values)}Q", *values))
+        regs = resume_with.copy()
+        regs.rip = self.instruction
+        regs.rsp = frame
         regs.rax = nr
         regs.orig_rax = (1 << 64) - 1
-        regs.rip = self.instruction
         for name, value in zip(SYSCALL_ARG_REGS, args, strict=False):
             setattr(regs, name, value & ((1 << 64) - 1))
+        # From here on, a patcher that dies leaves a thread that makes the call,
+        # restores `resume_with` from the frame and runs on.
         proc.set_regs(tid, regs)
-        done = self.instruction + len(SYSCALL_INSN)
-        for _ in range(MAX_STEPS):
-            sig = proc.step(tid) & 0xFF
-            after = proc.current_regs(tid)
-            if after.rip == done:
-                proc.set_regs(tid, saved)
-                return signed64(after.rax)
-            if sig != signal.SIGTRAP:
-                # A signal arrived before the instruction ran: keep it for later, step again.
-                proc.threads[tid].pending_signal = sig
-        proc.set_regs(tid, saved)
+        checkpoint("syscall-borrowed")
+        try:
+            ptrace.set_options(tid, PTRACE_O_TRACESYSGOOD)
+            self._until_syscall_stop(tid)  # entry
+            checkpoint("syscall-entered")
+            self._until_syscall_stop(tid)  # exit
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ProcessExited(f"process {proc.pid} exited during the operation") from e
+            raise RemoteSyscallError(f"ptrace on thread {tid} failed: {e.strerror}") from e
+        result = signed64(ptrace.get_regs(tid).rax)
+        # Resume from the continuation, not from the original stop registers: from a
+        # syscall-exit stop the kernel would not restart an interrupted call.
+        proc.set_regs(tid, resume_with)
+        thread.saved_regs = resume_with
+        thread.regs_dirty = True
+        return result
+
+    def _until_syscall_stop(self, tid: int) -> None:
+        for _ in range(MAX_SIGNALS):
+            ptrace.request(PTRACE_SYSCALL, tid, 0, 0)
+            stop = wait_stop(self.proc.pid, tid)
+            if stop is None:
+                raise ProcessExited(f"process {self.proc.pid} exited during the operation")
+            sig = stop & 0xFF
+            if sig == _SYSCALL_STOP:
+                return
+            if sig not in (signal.SIGTRAP, signal.SIGSTOP) or stop >> 8:
+                # A signal arrived first: give it back when the thread is let go.
+                self.proc.threads[tid].pending_signal = sig
         raise RemoteSyscallError(
-            f"process {self.proc.pid}: thread {tid} never completed the remote system call"
+            f"process {self.proc.pid}: thread {tid} never reached the remote system call"
         )
 
     def checked(self, nr: int, *args: int) -> int:
@@ -138,3 +218,9 @@ class RemoteSyscalls:
             f"{errno.errorcode.get(err, str(err))} ({os.strerror(err)}){hint}; "
             "nothing was changed"
         )
+
+
+def _choose_thread(proc: StoppedProcess) -> int:
+    """The main thread if it holds no intercepted signal, else the first that holds none."""
+    return min(proc.threads, key=lambda t: (proc.threads[t].pending_signal != 0, t != proc.pid))
+

@@ -75,40 +75,6 @@ class StoppedProcess:
         self.threads[tid].regs_dirty = True
         _checked(self.pid, lambda: ptrace.set_regs(tid, regs))
 
-    def step_out(self, tid: int, inside: Callable[[int], bool], max_steps: int) -> bool:
-        """Single-step one thread, every other one staying stopped, until `inside(rip)`
-        is false; False if it is still inside after `max_steps`. The thread really runs
-        those instructions: its registers are what they became."""
-        for _ in range(max_steps):
-            sig = self.step(tid) & 0xFF
-            if sig != signal.SIGTRAP:
-                self.threads[tid].pending_signal = sig  # delivered on detach
-            regs = self.current_regs(tid)
-            self.threads[tid].saved_regs = regs
-            self.threads[tid].regs_dirty = False
-            if not inside(regs.rip):
-                return True
-        return False
-
-    def move(self, tid: int, rip: int) -> None:
-        """Make a thread resume at another address (its other registers unchanged)."""
-        log.debug(
-            "process %d: thread %d moves from %#x to %#x", self.pid, tid, self.regs(tid).rip, rip
-        )
-        self.regs(tid).rip = rip
-        self.threads[tid].regs_dirty = True
-
-    def current_regs(self, tid: int) -> UserRegs:
-        return _checked(self.pid, lambda: ptrace.get_regs(tid))
-
-    def step(self, tid: int) -> int:
-        """Single-step a thread; returns the signal of the stop that follows."""
-        _checked(self.pid, lambda: ptrace.singlestep(tid))
-        stop = _wait_stop(self.pid, tid, time.monotonic() + STOP_TIMEOUT)
-        if stop is None:
-            raise ProcessExited(f"process {self.pid} exited during the operation")
-        return stop
-
     def resume(self) -> None:
         """Restore any registers we changed and let every thread go."""
         for thread in self.threads.values():
@@ -175,6 +141,12 @@ def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
         # Short polls: a runnable thread on a busy CPU stops within a time slice,
         # and every millisecond we oversleep is a millisecond the others stay stopped.
         delay = min(delay * 2, 0.0002)
+
+
+def wait_stop(pid: int, tid: int, timeout: float = STOP_TIMEOUT) -> int | None:
+    """Wait until a thread we resumed stops again; its stop status (signal, and
+    event in the high byte), or None if it exited."""
+    return _wait_stop(pid, tid, time.monotonic() + timeout)
 
 
 def _dying(pid: int, tid: int) -> bool:

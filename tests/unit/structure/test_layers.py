@@ -19,6 +19,7 @@ ROOT = Path(micropatch.__file__).parent
 # independent of each other.
 RANK = {
     "errors": 0,
+    "faults": 0,
     "arch": 1,
     "elf": 2,
     "patch": 3,
