@@ -1,16 +1,19 @@
 """Rollback of a transaction that fails after it has written, at every write and step.
 
-`live/engine.py` `_transact` writes through `Transaction.write` (trampolines,
-counters, site jumps, registry), then verifies, moves threads and unmaps emptied
-caves. Here the real operation runs on a real target with two patchlets, and our
-own code fails it right after its Nth write (the write itself happens), or at the
-verify, move or unmap step: the error must propagate and the target must be left
-exactly as it was, and a following normal operation must succeed.
+`live/engine.py` `_transact` writes through `Transaction.write` in the order of
+`live/commit.py` (apply: trampolines, registry `applying`, thread moves, jumps,
+registry `applied`; remove: registry `removing`, original bytes, registry with the
+patch retired), then `commit.reclaim` frees retired trampolines no thread is in
+(one more registry write), verifies, and unmaps an emptied cave last. Here the
+real operation runs on a real target with two patchlets, and our own code fails
+it right after its Nth write (the write itself happens), or at the verify, move
+or unmap step: the error must propagate and the target must be left exactly as
+it was, and a following normal operation must succeed.
 
 The positions are listed per scenario so that each is its own test id; the
-`test_positions_cover_every_step` tests count the writes and steps of the real
-operation with counting wrappers, so a change in the engine's writes fails there
-rather than leaving positions untested.
+`test_positions_cover_every_step` tests record the writes (by what they write)
+and steps of the real operation in order, so a change in the engine's order
+fails there rather than leaving positions untested.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ import pytest
 from targets.harness import Target, Targets
 
 from micropatch import live
-from micropatch.live import engine
+from micropatch.live import commit
+from micropatch.live.cave import read_caves
+from micropatch.live.module import CAVE_PREFIX
+from micropatch.live.registry import REGISTRY_SIZE
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
@@ -52,73 +58,90 @@ def spin(targets: Targets):
     return make_patch(targets.spinner, at, id="spin-fix")
 
 
-def stuck(t: Target) -> None:
+def stuck(t: Target) -> int:
+    """Park the workers and block a thread in stuck_read; its tid."""
     assert t.cmd("park") == "parked 1"
-    assert t.cmd("stick").startswith("stuck")
+    answer = t.cmd("stick")
+    assert answer.startswith("stuck "), answer
+    return int(answer.split()[1])
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
     program: tuple[str, ...]
-    setup: Callable[[Targets, Target], None]
+    setup: Callable[[Targets, Target], object]
     op: Callable[[Targets, int], live.Outcome]
     probes: tuple[str, ...]  # commands whose answers the failed operation must not change
     after: tuple[str, ...]  # their answers once the operation succeeds
-    writes: int  # Transaction.write calls of the operation
-    steps: tuple[str, ...]  # later steps that happen: verify, move, unmap
+    # What the real operation does, in order: writes of a "trampoline", "counter",
+    # "registry" slot or "site" (jump or original bytes), and the steps "move" (one
+    # thread), "verify", "unmap".
+    events: tuple[str, ...]
 
     @property
     def functions(self) -> list[str]:
         return ["stuck_read", "hot"] if self.program[0] == "spinner" else ["check_a", "check_b"]
 
 
+WRITES = ("trampoline", "counter", "registry", "site")
 TWO = ("a 5", "b 5")
+T, R, S = "trampoline", "registry", "site"
 SCENARIOS = [
-    # trampoline, trampoline, jump, jump, registry; no cave before
+    # trampolines, registry `applying`, jumps one by one, registry `applied`; no cave before
     Scenario(
         "apply-new-cave", ("twofuncs",), lambda tg, t: None,
-        lambda tg, pid: live.apply(two(tg), pid), TWO, ("1006", "39"), 5, ("verify",),
+        lambda tg, pid: live.apply(two(tg), pid), TWO, ("1006", "39"),
+        (T, T, R, S, S, R, "verify"),
     ),
     # the same writes into the cave of another patch
     Scenario(
         "apply-existing-cave", ("twofuncs",), lambda tg, t: live.apply(base(tg), t.pid),
-        lambda tg, pid: live.apply(two(tg), pid), TWO, ("1006", "47"), 5, ("verify",),
+        lambda tg, pid: live.apply(two(tg), pid), TWO, ("1006", "47"),
+        (T, T, R, S, S, R, "verify"),
     ),
-    # restore two sites, then trampoline, trampoline, jump, jump, registry
+    # new trampolines, registry (old `removing`, new `applying`), two sites restored,
+    # two jumps, registry (old retired); reclaim frees the old trampolines: registry
     Scenario(
         "update", ("twofuncs",), lambda tg, t: live.apply(two(tg), t.pid),
-        lambda tg, pid: live.update(two(tg, "add edi, 2", 2), pid), TWO, ("1007", "46"), 7,
-        ("verify",),
+        lambda tg, pid: live.update(two(tg, "add edi, 2", 2), pid), TWO, ("1007", "46"),
+        (T, T, R, S, S, S, S, R, R, "verify"),
     ),
-    # restore two sites; the cave is emptied: no registry write, unmapped last
+    # registry `removing`, two sites restored, registry (retired); reclaim frees the
+    # trampolines and, the cave being empty, writes no registry and unmaps it last
     Scenario(
         "remove-last", ("twofuncs",), lambda tg, t: live.apply(two(tg), t.pid),
-        lambda tg, pid: live.remove("test-fix", pid), TWO, ("1005", "32"), 2, ("verify", "unmap"),
+        lambda tg, pid: live.remove("test-fix", pid), TWO, ("1005", "32"),
+        (R, S, S, R, "verify", "unmap"),
     ),
-    # restore two sites, registry (the other patch stays)
+    # the same, and reclaim writes the registry again (the other patch stays)
     Scenario(
         "remove-shared", ("twofuncs",),
         lambda tg, t: (live.apply(base(tg), t.pid), live.apply(two(tg), t.pid)),
-        lambda tg, pid: live.remove("test-fix", pid), TWO, ("1005", "40"), 3, ("verify",),
+        lambda tg, pid: live.remove("test-fix", pid), TWO, ("1005", "40"),
+        (R, S, S, R, R, "verify"),
     ),
-    # a thread blocked in stuck_read is moved into the relocated copy after verify
+    # a thread blocked in stuck_read is moved into the relocated copy before the jumps
     Scenario(
         "apply-moving-a-thread", ("spinner", "1"), lambda tg, t: stuck(t),
-        lambda tg, pid: live.apply(spin(tg), pid), ("call 5",), ("19",), 5, ("verify", "move"),
+        lambda tg, pid: live.apply(spin(tg), pid), ("call 5",), ("19",),
+        (T, T, R, "move", S, S, R, "verify"),
     ),
-    # ... and back out of it on removal
+    # removal moves no thread: the one in stuck_read's copy stays there, and reclaim
+    # keeps that retired trampoline (registry) and so the cave
     Scenario(
-        "remove-moving-a-thread", ("spinner", "1"),
+        "remove-thread-in-copy", ("spinner", "1"),
         lambda tg, t: (stuck(t), live.apply(spin(tg), t.pid)),
-        lambda tg, pid: live.remove("spin-fix", pid), ("call 5",), ("16",), 2,
-        ("verify", "move", "unmap"),
+        lambda tg, pid: live.remove("spin-fix", pid), ("call 5",), ("16",),
+        (R, S, S, R, R, "verify"),
     ),
 ]  # fmt: skip
 
 
 def positions(s: Scenario) -> list[str]:
-    return [f"write{n}" for n in range(1, s.writes + 1)] + list(s.steps)
+    writes = sum(e in WRITES for e in s.events)
+    steps = [e for e in s.events if e not in WRITES]
+    return [f"write{n}" for n in range(1, writes + 1)] + steps
 
 
 CASES = [pytest.param(s, p, id=f"{s.name}-{p}") for s in SCENARIOS for p in positions(s)]
@@ -127,7 +150,7 @@ CASES = [pytest.param(s, p, id=f"{s.name}-{p}") for s in SCENARIOS for p in posi
 @contextmanager
 def injected(position: str) -> Iterator[None]:
     """Fail the next operation at `position`: after the Nth real write ("writeN"),
-    after the real read-back ("verify") or first thread move ("move"), or just before
+    after the real read-back ("verify") or thread moves ("move"), or just before
     the cave is unmapped ("unmap", the one step that cannot be undone)."""
     with pytest.MonkeyPatch.context() as mp:
         if position.startswith("write"):
@@ -152,43 +175,73 @@ def injected(position: str) -> Iterator[None]:
 
             mp.setattr(Transaction, "verify", verify)
         elif position == "move":
-            real_move = engine._move
+            real_move = commit.move_threads
 
-            def move(tx: Transaction, tid: int, rip: int) -> None:
-                real_move(tx, tid, rip)
-                raise InjectedFault(position)
+            def move(tx: Transaction, pending: list, layouts: list) -> None:
+                real_move(tx, pending, layouts)
+                if pending:  # fail only where a thread really moved
+                    raise InjectedFault(position)
 
-            mp.setattr(engine, "_move", move)
+            mp.setattr(commit, "move_threads", move)
         else:
             assert position == "unmap"
+            real_unmap = commit.unmap_cave
+            failed = False
 
             def unmap(*args: object) -> None:
+                nonlocal failed
+                if failed:  # only the first: a rollback may unmap for real
+                    real_unmap(*args)  # type: ignore[arg-type]
+                    return
+                failed = True
                 raise InjectedFault(position)
 
-            mp.setattr(engine, "unmap_cave", unmap)
+            mp.setattr(commit, "unmap_cave", unmap)
         yield
 
 
+def written(pid: int, address: int) -> str:
+    """What a write at `address` is: in a cave, its registry, a trampoline or a
+    counter (the cave's last page); outside, a site."""
+    for m in read_maps(pid):
+        if m.path.startswith(CAVE_PREFIX) and m.start <= address < m.end:
+            cave = m.start - m.offset
+            if address - cave < REGISTRY_SIZE:
+                return "registry"
+            return "counter" if "w" in m.perms else "trampoline"
+    return "site"
+
+
 @contextmanager
-def counted() -> Iterator[dict[str, int]]:
-    """Count the writes and later steps of the operations run inside, letting them all happen."""
-    counts = {"writes": 0, "verify": 0, "move": 0, "unmap": 0}
+def recorded() -> Iterator[list[str]]:
+    """Record the writes and later steps of the operations run inside, in order,
+    letting them all happen."""
+    events: list[str] = []
     real_write, real_verify = Transaction.write, Transaction.verify
-    real_move, real_unmap = engine._move, engine.unmap_cave
+    real_move, real_unmap = commit.move_threads, commit.unmap_cave
 
-    def counting(key: str, real: Callable[..., None]) -> Callable[..., None]:
-        def wrapper(*args: object) -> None:
-            counts[key] += 1
-            real(*args)
+    def write(self: Transaction, address: int, data: bytes) -> None:
+        events.append(written(self.proc.pid, address))
+        real_write(self, address, data)
 
-        return wrapper
+    def verify(self: Transaction) -> None:
+        events.append("verify")
+        real_verify(self)
+
+    def move(tx: Transaction, pending: list, layouts: list) -> None:
+        events.extend("move" for _ in pending)
+        real_move(tx, pending, layouts)
+
+    def unmap(*args: object) -> None:
+        events.append("unmap")
+        real_unmap(*args)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Transaction, "write", counting("writes", real_write))
-        mp.setattr(Transaction, "verify", counting("verify", real_verify))
-        mp.setattr(engine, "_move", counting("move", real_move))
-        mp.setattr(engine, "unmap_cave", counting("unmap", real_unmap))
-        yield counts
+        mp.setattr(Transaction, "write", write)
+        mp.setattr(Transaction, "verify", verify)
+        mp.setattr(commit, "move_threads", move)
+        mp.setattr(commit, "unmap_cave", unmap)
+        yield events
 
 
 @dataclass(frozen=True)
@@ -255,21 +308,82 @@ def finish(targets: Targets, t: Target, s: Scenario) -> None:
     """Remove whatever is applied: the functions are the file's again; the target works."""
     for patch in live.status(t.pid):
         live.remove(patch.patch_id, t.pid)
-    assert_untouched(targets, s.program[0], t.pid, s.functions)
     if s.program[0] == "spinner":
+        # The stuck thread still runs in stuck_read's retired copy: the cave stays.
+        assert caves(t.pid), "the retired trampoline of the stuck thread was freed"
         assert t.cmd("unstick") == "unstuck 1"  # the blocked read completes normally
+        reclaim(targets, t)
+    assert_untouched(targets, s.program[0], t.pid, s.functions)
     assert t.cmd("quit") == "bye"
+
+
+def caves(pid: int) -> list[str]:
+    return [m.path for m in read_maps(pid) if m.path.startswith(CAVE_PREFIX)]
+
+
+def reclaim(targets: Targets, t: Target) -> None:
+    """The next operations free the retired trampolines no thread is in any more."""
+    assert live.apply(spin(targets), t.pid).moved == 0
+    live.remove("spin-fix", t.pid)
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=lambda s: s.name)
 def test_positions_cover_every_step(targets, start, scenario):
-    """The real operation makes exactly the writes and steps the positions above fail."""
+    """The real operation makes exactly the writes and steps the positions above fail,
+    in the order the scenario lists them."""
     t = start(*scenario.program)
     scenario.setup(targets, t)
-    with counted() as counts:
+    with recorded() as events:
         scenario.op(targets, t.pid)
-    steps = tuple(k for k in ("verify", "move", "unmap") if counts[k])
-    assert (counts["writes"], steps) == (scenario.writes, scenario.steps), counts
-    assert all(counts[k] == 1 for k in steps), counts
+    assert tuple(events) == scenario.events
     assert tuple(t.cmd(c) for c in scenario.probes) == scenario.after
     finish(targets, t, scenario)
+
+
+def pc(pid: int, tid: int) -> int:
+    """The user-space pc of a thread blocked in a system call (/proc/PID/task/TID/syscall)."""
+    fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    assert fields[0] == "0", fields  # read
+    return int(fields[-1], 16)
+
+
+def test_removal_leaves_a_thread_running_in_its_retired_trampoline(targets, start):
+    """Removal moves no thread: one blocked in the relocated copy stays there, its
+    trampoline retired and kept; its read completes and returns through the copy into
+    the restored function; the next operation frees the trampoline and the cave."""
+    t = start("spinner", "1")
+    tid = stuck(t)
+    original = pc(t.pid, tid)
+    assert live.apply(spin(targets), t.pid).moved == 1
+    copied = pc(t.pid, tid)
+    maps = read_maps(t.pid)
+    [cave] = [m for m in maps if m.path.startswith(CAVE_PREFIX) and m.contains(copied)]
+
+    outcome = live.remove("spin-fix", t.pid)
+
+    assert (outcome.action, outcome.moved) == ("removed", 0)
+    assert pc(t.pid, tid) == copied  # not moved back to `original`
+    assert live.status(t.pid) == []
+    with Memory(t.pid, writable=False) as memory:
+        [registry] = [c.registry for c in read_caves(memory, read_maps(t.pid))]
+    assert registry.patches == []
+    [kept] = registry.retired  # stuck_read's trampoline; hot's is freed
+    assert kept.trampoline <= copied < kept.trampoline + kept.size
+    assert cave.start <= kept.trampoline < cave.end
+    assert_untouched_code(targets, t.pid)  # the functions are the file's again
+    assert t.cmd("call 5") == "16"
+    assert t.cmd("unstick") == "unstuck 1"  # read returned 1 through the retired copy
+    assert original != copied
+    reclaim(targets, t)
+    assert_untouched(targets, "spinner", t.pid, ["stuck_read", "hot"])
+    assert t.cmd("quit") == "bye"
+
+
+def assert_untouched_code(targets: Targets, pid: int) -> None:
+    path = targets.path("spinner")
+    maps = read_maps(pid)
+    load = next(m.start for m in maps if m.file_path == str(path.resolve()) and m.offset == 0)
+    with Memory(pid, writable=False) as memory:
+        for name in ("stuck_read", "hot"):
+            expected = targets.code(path, name)
+            assert memory.read(load + targets.symbol(path, name).offset, len(expected)) == expected

@@ -17,7 +17,13 @@ from micropatch.live.cave import (
     allocate_counter,
     candidate_addresses,
 )
-from micropatch.live.registry import REGISTRY_SIZE, AppliedPatch, AppliedSite, Registry
+from micropatch.live.registry import (
+    REGISTRY_SIZE,
+    AppliedPatch,
+    AppliedSite,
+    Registry,
+    Retired,
+)
 from micropatch.process.maps import Mapping
 
 BASE = 0x7F00_0000_0000
@@ -63,10 +69,11 @@ def test_counters_are_in_the_last_page() -> None:
         allocate_counter(every, cave)
 
 
-def test_registry_used_ranges_and_counters_span_every_patch() -> None:
-    def site(trampoline: int, size: int, counter: int = 0) -> AppliedSite:
-        return AppliedSite(0, 0x1000, b"\x90" * 5, b"\xe9" + bytes(4), trampoline, size, 0, counter)
+def site(trampoline: int, size: int, counter: int = 0) -> AppliedSite:
+    return AppliedSite(0, 0x1000, b"\x90" * 5, b"\xe9" + bytes(4), trampoline, size, 0, counter)
 
+
+def test_registry_used_ranges_and_counters_span_every_patch() -> None:
     registry = Registry("/m", 0, None, "", CAVE_SIZE)
     registry.patches = [
         AppliedPatch("b", 1, "", 0.0, [site(FIRST + 64, 10, FIRST + 5), site(FIRST, 20)]),
@@ -79,6 +86,27 @@ def test_registry_used_ranges_and_counters_span_every_patch() -> None:
     ]
     assert registry.used_counters() == [FIRST + 5, FIRST + 7]
     assert allocate(registry.used_ranges(), BASE, CODE, 12) == FIRST + 48
+
+
+def test_retired_trampolines_and_counters_are_never_reused() -> None:
+    """A thread may still run in a removed patch's trampoline, or increment its counter:
+    until reclaimed, a retired slot is as taken as a live one."""
+    page = BASE + CAVE_SIZE - COUNTERS_SIZE
+    cave = Cave(BASE, CAVE_SIZE, Registry("/m", 0, None, "", CAVE_SIZE))
+    registry = cave.registry
+    registry.patches = [AppliedPatch("a", 1, "", 0.0, [site(FIRST + 64, 16, page + 8)])]
+    registry.retired = [Retired(FIRST, 40, page), Retired(FIRST + 48, 8)]
+    assert registry.used_ranges() == [
+        (FIRST, FIRST + 40),
+        (FIRST + 48, FIRST + 56),
+        (FIRST + 64, FIRST + 80),
+    ]
+    assert registry.used_counters() == [page + 8, page]
+    assert allocate(registry.used_ranges(), BASE, CODE, 8) == FIRST + 80
+    assert allocate_counter(registry.used_counters(), cave) == page + 2 * COUNTER_SIZE
+    registry.retired = []  # reclaimed: the slots are free again
+    assert allocate(registry.used_ranges(), BASE, CODE, 40) == FIRST
+    assert allocate_counter(registry.used_counters(), cave) == page
 
 
 def mapping(start: int, end: int) -> Mapping:

@@ -6,7 +6,6 @@ A fake stopped process holds registers and memory; the decisions are the real on
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
 
 import pytest
 
@@ -14,16 +13,18 @@ from micropatch.arch import TrampolineLayout
 from micropatch.arch.x86_64.abi import UserRegs
 from micropatch.arch.x86_64.relocate import relocated_addresses
 from micropatch.arch.x86_64.site import plan_site
-from micropatch.live.registry import AppliedSite
 from micropatch.live.safety import (
+    STACK_SCAN_LIMIT,
     Entering,
     PendingMove,
     Unsafe,
     effective_rip,
+    in_use,
     into_copy,
     place_threads,
 )
 from micropatch.process.maps import Mapping
+from micropatch.process.syscall import continuation
 
 HOT = 0x401000  # mov eax,edi; pause; pause | lea; ret  (tests/targets/spinner_asm.S)
 HOT_SITE = plan_site(bytes.fromhex("89f8f390f3908d444001c3"), HOT, HOT)
@@ -31,6 +32,8 @@ READ = 0x402000  # xor eax,eax; syscall; ret
 READ_SITE = plan_site(bytes.fromhex("31c00f05c3"), READ, READ)
 TRAMPOLINE = 0x7000_0000
 TAIL = TRAMPOLINE + 0x40  # the relocated copy of HOT's site: +0, +2, +4, jump back at +6
+RETIRED = (TRAMPOLINE, TRAMPOLINE + 0x48)  # a removed patch's trampoline for HOT
+OTHER = (TRAMPOLINE + 0x50, TRAMPOLINE + 0x90)  # another retired one
 ERESTARTSYS = (1 << 64) - 512
 STACK = Mapping(0x7FFF_0000_0000, 0x7FFF_0000_1000, "rw-p", 0, "00:00", 0, "[stack]")
 
@@ -44,60 +47,41 @@ def regs(rip: int, rax: int = 0, orig_rax: int = (1 << 64) - 1, rsp: int = 0) ->
 class FakeMemory:
     def __init__(self, base: int, data: bytes) -> None:
         self.base, self.data = base, data
+        self.reads: list[tuple[int, int]] = []
 
     def read(self, address: int, size: int) -> bytes:
+        self.reads.append((address, size))
+        assert self.base <= address and address + size <= self.base + len(self.data)
         return self.data[address - self.base : address - self.base + size]
 
 
 class FakeProc:
-    """The parts of StoppedProcess that place_threads uses."""
+    """The parts of StoppedProcess that place_threads and in_use use: registers, memory."""
 
-    def __init__(
-        self,
-        threads: dict[int, UserRegs],
-        stack: bytes = b"",
-        step: Callable[[int], UserRegs | None] | None = None,
-    ) -> None:
+    def __init__(self, threads: dict[int, UserRegs], stack: bytes = b"") -> None:
         self.threads = threads
         self.memory = FakeMemory(STACK.start, stack.ljust(STACK.size, b"\0"))
-        self._step = step
-        self.stepped: list[int] = []
 
     def regs(self, tid: int) -> UserRegs:
         return self.threads[tid]
 
-    def step_out(self, tid: int, inside: Callable[[int], bool], max_steps: int) -> bool:
-        self.stepped.append(tid)
-        after = self._step(tid) if self._step else None
-        if after is None:
-            return False
-        self.threads[tid] = after
-        return not inside(after.rip)
+
+def place(proc: FakeProc, *entering: Entering) -> list[PendingMove]:
+    return place_threads(proc, list(entering)).pending  # type: ignore[arg-type]
 
 
-def place(proc: FakeProc, entering=(), leaving=(), mappings=()):
-    return place_threads(proc, list(mappings), list(entering), list(leaving), "fix-1")  # type: ignore[arg-type]
+def used(proc: FakeProc, *ranges: tuple[int, int]) -> set[int]:
+    return in_use(proc, [STACK], list(ranges))  # type: ignore[arg-type]
 
 
 ENTER_HOT = Entering(HOT_SITE, True, "patchlet[0] at hot")
+ENTER_READ = Entering(READ_SITE, True, "patchlet[1] at stuck_read")
+
+
 def layout(site, tail: int) -> TrampolineLayout:
     """A trampoline whose relocated copy of `site` starts at `tail` (the body before it)."""
     copies = tuple(relocated_addresses(site.instructions, tail))
     return TrampolineLayout(TRAMPOLINE, b"", (TRAMPOLINE, tail), copies, False)
-
-
-HOT_APPLIED = AppliedSite(
-    0,
-    HOT,
-    HOT_SITE.original,
-    b"\xe9" + bytes(4) + b"\xcc",
-    TRAMPOLINE,
-    0x48,
-    TAIL,
-    copies=list(layout(HOT_SITE, TAIL).copies),
-    body=[TRAMPOLINE, TAIL],
-    starts=list(HOT_SITE.starts),
-)
 
 
 def test_effective_rip_steps_back_over_a_syscall_the_kernel_will_restart() -> None:
@@ -107,24 +91,40 @@ def test_effective_rip_steps_back_over_a_syscall_the_kernel_will_restart() -> No
 
 
 def test_threads_outside_or_at_the_first_byte_stay() -> None:
-    proc = FakeProc({1: regs(HOT), 2: regs(HOT + 6), 3: regs(0x1234)})
-    placement = place(proc, [ENTER_HOT])
-    assert (placement.moves, placement.pending) == ({}, [])
+    proc = FakeProc({1: regs(HOT), 2: regs(HOT + 6), 3: regs(0x1234), 4: regs(HOT - 1)})
+    assert place(proc, ENTER_HOT) == []
 
 
 def test_thread_at_a_displaced_instruction_is_moved_into_the_copy() -> None:
-    placement = place(FakeProc({7: regs(HOT + 4)}), [ENTER_HOT])
-    assert placement.moves == {}
-    assert placement.pending == [PendingMove(7, 0, 2, 0)]
-    assert into_copy(placement.pending[0], layout(HOT_SITE, TAIL)) == TAIL + 4
+    thread = regs(HOT + 4)
+    [move] = place(FakeProc({7: thread}), ENTER_HOT)
+    assert move == PendingMove(7, 0, 2)  # the second pause
+    assert into_copy(move, layout(HOT_SITE, TAIL), thread) == TAIL + 4
 
 
-def test_thread_in_a_restarting_syscall_keeps_its_offset_in_the_copy() -> None:
-    enter = Entering(READ_SITE, True, "patchlet[1] at stuck_read")
-    placement = place(FakeProc({9: regs(READ + 4, ERESTARTSYS, orig_rax=0)}), [ENTER_HOT, enter])
-    [move] = placement.pending
-    assert move == PendingMove(9, 1, 1, 2)  # the syscall instruction, rip 2 bytes past it
-    assert into_copy(move, layout(READ_SITE, 0x9000)) == 0x9000 + 2 + 2
+def test_thread_in_a_restarting_syscall_goes_to_the_copy_of_its_syscall() -> None:
+    stopped = regs(READ + 4, ERESTARTSYS, orig_rax=0)
+    [move] = place(FakeProc({9: stopped}), ENTER_HOT, ENTER_READ)
+    assert move == PendingMove(9, 1, 1)  # site 1, the syscall instruction
+    copy = layout(READ_SITE, 0x9000)
+    assert copy.copies[1] == 0x9000 + 2
+    # Still in the kernel's restart: rip stays 2 bytes past the syscall, in the copy,
+    # so that the kernel's rewind lands on the copied syscall.
+    assert into_copy(move, copy, stopped) == 0x9000 + 2 + 2
+    # Borrowed for a remote system call, the thread resumes from its continuation,
+    # which already re-executes the call: rip is the copied syscall itself.
+    borrowed = continuation(stopped)
+    assert (borrowed.rip, borrowed.rax) == (READ + 2, 0)
+    assert into_copy(move, copy, borrowed) == 0x9000 + 2
+
+
+def test_thread_whose_syscall_completed_goes_to_the_copy_of_the_next_instruction() -> None:
+    """rax = 1 (the read returned): no restart, rip is the `ret` and so is its copy."""
+    thread = regs(READ + 4, 1, orig_rax=0)
+    [move] = place(FakeProc({9: thread}), ENTER_READ)
+    assert move == PendingMove(9, 0, 2)
+    copy = layout(READ_SITE, 0x9000)
+    assert into_copy(move, copy, thread) == copy.copies[2] == 0x9000 + 4
 
 
 @pytest.mark.parametrize(
@@ -137,60 +137,72 @@ def test_thread_inside_a_site_it_cannot_be_moved_from_is_unsafe(rip: int, movabl
     with pytest.raises(
         Unsafe, match=rf"thread 5 is executing inside patchlet\[0\] at hot \(rip={rip:#x}\)"
     ):
-        place(FakeProc({5: regs(rip)}), [enter])
+        place(FakeProc({1: regs(0x1234), 5: regs(rip)}), enter)
 
 
-@pytest.mark.parametrize(
-    ("copy", "original"), [(TAIL + 2, HOT + 2), (TAIL + 4, HOT + 4), (TAIL + 6, HOT + 6)]
-)
-def test_removal_moves_threads_from_the_copy_back_to_the_original(copy: int, original: int) -> None:
-    placement = place(FakeProc({3: regs(copy)}), leaving=[HOT_APPLIED])
-    assert placement.moves == {3: original} and placement.pending == []
+def test_one_unsafe_thread_makes_the_whole_placement_unsafe() -> None:
+    proc = FakeProc({1: regs(HOT + 2), 2: regs(HOT + 3)})
+    with pytest.raises(Unsafe, match="thread 2"):
+        place(proc, ENTER_HOT)
 
 
-def test_removal_runs_a_thread_out_of_the_body_then_moves_it() -> None:
-    proc = FakeProc({3: regs(TRAMPOLINE + 8)}, step=lambda tid: regs(TAIL + 2))
-    assert place(proc, leaving=[HOT_APPLIED]).moves == {3: HOT + 2}
-    assert proc.stepped == [3]
+def test_removal_moves_no_thread_wherever_it_is() -> None:
+    """Removal passes no entering site: a thread in the old trampoline's body or
+    relocated copy, or at the restored site, stays; the trampoline is kept instead."""
+    proc = FakeProc({1: regs(TRAMPOLINE + 8), 2: regs(TAIL + 2), 3: regs(HOT + 2), 4: regs(0x1234)})
+    assert place(proc) == []
+    assert used(proc, RETIRED) == {0}
 
 
-def test_removal_is_unsafe_while_a_thread_stays_in_the_body() -> None:
-    proc = FakeProc({3: regs(TRAMPOLINE + 8)})
-    with pytest.raises(Unsafe, match="thread 3 stays in a patchlet body of fix-1"):
-        place(proc, leaving=[HOT_APPLIED])
+def test_update_leaves_a_thread_in_the_old_copy_and_keeps_the_old_trampoline() -> None:
+    """A thread in the old patch's copy is not in the new patch's site: it stays, and
+    the old trampoline, retired, stays in use while it is there."""
+    proc = FakeProc({6: regs(TAIL + 2), 7: regs(HOT + 2)})
+    [move] = place(proc, ENTER_HOT)
+    assert move == PendingMove(7, 0, 1)  # only the thread in the site itself
+    assert used(proc, RETIRED, OTHER) == {0}
 
 
-def test_a_thread_in_a_system_call_in_the_body_is_never_stepped() -> None:
-    proc = FakeProc(
-        {3: regs(TRAMPOLINE + 10, ERESTARTSYS, orig_rax=0)}, step=lambda tid: regs(TAIL)
-    )
-    with pytest.raises(
-        Unsafe, match=r"thread 3 is executing in a trampoline of fix-1 \(rip=0x70000008\)"
-    ):
-        place(proc, leaving=[HOT_APPLIED])
-    assert proc.stepped == []
+def test_in_use_by_instruction_pointer() -> None:
+    proc = FakeProc({1: regs(OTHER[0]), 2: regs(RETIRED[1]), 3: regs(0x1234)})
+    assert used(proc, RETIRED, OTHER) == {1}  # the end of a range is outside it
+    assert used(proc) == set()
 
 
-def test_removal_is_unsafe_for_a_thread_inside_the_patched_site() -> None:
-    with pytest.raises(Unsafe, match=rf"thread 4 is executing inside site {HOT:#x}"):
-        place(FakeProc({4: regs(HOT + 2)}), leaving=[HOT_APPLIED])
+def test_in_use_by_a_syscall_the_kernel_will_restart_in_the_range() -> None:
+    """A syscall as the last instruction: rip is just past the range, but the kernel
+    rewinds into it."""
+    end = RETIRED[1]
+    assert used(FakeProc({1: regs(end, ERESTARTSYS, orig_rax=0)}), RETIRED) == {0}
+    assert used(FakeProc({1: regs(end, 0, orig_rax=0)}), RETIRED) == set()
 
 
-def test_removal_is_unsafe_with_a_return_address_into_the_trampoline() -> None:
+def test_in_use_by_a_word_on_the_stack_at_or_above_rsp() -> None:
     rsp = STACK.start + 0x100
-    words = struct.pack("<4Q", 0, 0x1234, TRAMPOLINE + 0x20, 0)
+    words = struct.pack("<4Q", 0x1234, OTHER[0] + 8, 0, RETIRED[1])
     stack = bytes(0x100) + words
-    with pytest.raises(Unsafe, match="thread 2 has a return address into a trampoline of fix-1"):
-        place(FakeProc({2: regs(0x1234, rsp=rsp)}, stack), leaving=[HOT_APPLIED], mappings=[STACK])
+    assert used(FakeProc({2: regs(0x1234, rsp=rsp)}, stack), RETIRED, OTHER) == {1}
     # The same word below rsp (already popped) does not count.
-    clean = place(
-        FakeProc({2: regs(0x1234, rsp=rsp + 32)}, stack), leaving=[HOT_APPLIED], mappings=[STACK]
-    )
-    assert clean.moves == {}
+    assert used(FakeProc({2: regs(0x1234, rsp=rsp + 16)}, stack), RETIRED, OTHER) == set()
+    # A return address at the very top of the stack counts.
+    top = bytes(STACK.size - 8) + struct.pack("<Q", RETIRED[0] + 0x20)
+    assert used(FakeProc({2: regs(0x1234, rsp=rsp)}, top), RETIRED, OTHER) == {0}
 
 
-def test_update_moves_a_thread_from_the_old_copy_into_the_new_one() -> None:
-    """A thread in the old copy maps back to the original instruction, which the new
-    patch displaces too: the pending move into the new copy wins."""
-    placement = place(FakeProc({6: regs(TAIL + 2)}), [ENTER_HOT], [HOT_APPLIED])
-    assert placement.moves == {} and placement.pending == [PendingMove(6, 0, 1, 0)]
+def test_in_use_reads_only_the_thread_s_own_stack() -> None:
+    """The scan stops at the end of the mapping holding rsp; a thread whose rsp is in
+    no mapping (a corrupt or foreign stack) counts by its instruction pointer only."""
+    rsp = STACK.end - 16
+    proc = FakeProc({2: regs(0x1234, rsp=rsp)})
+    assert used(proc, RETIRED) == set()
+    assert proc.memory.reads == [(rsp, 16)]
+    lost = FakeProc({3: regs(RETIRED[0], rsp=0x10)})
+    assert used(lost, RETIRED) == {0} and lost.memory.reads == []
+
+
+def test_in_use_scans_a_bounded_stack() -> None:
+    huge = Mapping(0x1000_0000, 0x1000_0000 + 4 * STACK_SCAN_LIMIT, "rw-p", 0, "00:00", 0, "")
+    proc = FakeProc({1: regs(0x1234, rsp=huge.start)})
+    proc.memory = FakeMemory(huge.start, bytes(huge.size))
+    assert in_use(proc, [huge], [RETIRED]) == set()  # type: ignore[arg-type]
+    assert proc.memory.reads == [(huge.start, STACK_SCAN_LIMIT)]
