@@ -108,7 +108,13 @@ def update(
 def _run(change: _Change, retries: int) -> Outcome:
     patch_id = change.add.id if change.add else change.remove
     try:
-        return _attempts(change, retries)
+        # --- issue 7: operations queue. One operation per process at a time: wait for
+        # the lock of this pid (live/lock.py) instead of meeting a stopped process.
+        from micropatch.live.lock import queued
+
+        with queued(change.pid):
+            return _attempts(change, retries)
+        # --- end of the queue hook
     except MicropatchError as e:
         e.within(pid=change.pid, patch_id=patch_id)
         raise
