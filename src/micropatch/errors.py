@@ -172,6 +172,10 @@ class TracePermissionDenied(ProcessError):
     """The kernel refuses to let us trace the process."""
 
 
+class SelectionError(MicropatchError):
+    """A filter of a fleet command (`--all --user ...`) cannot be understood."""
+
+
 class RemoteSyscallError(ProcessError):
     """A system call made on behalf of the target failed or was refused."""
 

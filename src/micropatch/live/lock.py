@@ -68,12 +68,15 @@ _waiting: ContextVar[Waiting | None] = ContextVar("micropatch_lock_waiting", def
 
 @contextlib.contextmanager
 def waiting(
-    timeout: float = DEFAULT_TIMEOUT,
+    timeout: float | None = None,
     on_wait: Callable[[str], None] | None = None,
     directory: Path | None = None,
 ) -> Iterator[None]:
-    """Within the block, operations on a busy process wait this way (see `Waiting`)."""
-    token = _waiting.set(Waiting(timeout, on_wait, directory))
+    """Within the block, operations on a busy process wait this way (see `Waiting`;
+    timeout None: the default, 30 s)."""
+    token = _waiting.set(
+        Waiting(DEFAULT_TIMEOUT if timeout is None else timeout, on_wait, directory)
+    )
     try:
         yield
     finally:

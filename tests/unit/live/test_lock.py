@@ -69,9 +69,13 @@ def test_waiter_goes_when_the_holder_is_done(tmp_path: Path) -> None:
 
 def test_waiting_block_sets_the_timeout_for_queued(tmp_path: Path) -> None:
     me = os.getpid()
-    with lock.hold(me, directory=tmp_path), lock.waiting(timeout=0.1, directory=tmp_path):
-        with pytest.raises(Busy), lock.queued(me):
-            pass
+    with (
+        lock.hold(me, directory=tmp_path),
+        lock.waiting(timeout=0.1, directory=tmp_path),
+        pytest.raises(Busy),
+        lock.queued(me),
+    ):
+        pass
     with lock.queued(me):  # outside the block: the defaults again
         pass
 
@@ -104,8 +108,9 @@ def test_lock_directory_others_can_write_is_refused(tmp_path: Path) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with pytest.raises(LockError, match="writable by it alone"), lock.hold(
-        os.getpid(), directory=shared
+    with (
+        pytest.raises(LockError, match="writable by it alone"),
+        lock.hold(os.getpid(), directory=shared),
     ):
         pass
     made = tmp_path / "made"
