@@ -1,0 +1,124 @@
+"""Build an artifact: a patch compiled and verified against its module file.
+
+`build` compiles every patchlet of a source against the module file, with no
+process involved, and records what it proved: the module's identity, and per
+patchlet its module offset, the site's length and original bytes, whether
+the trampoline steps over the red zone, and the compiled C code. The format
+itself is `micropatch.trust.artifact`'s.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from micropatch import __version__
+from micropatch.bodies.toolchain import Toolchain
+from micropatch.build.module import check_identity, elsewhere, open_module, placeholder_cave
+from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
+from micropatch.errors import ArtifactError, MicropatchError
+from micropatch.patch.model import Patch
+from micropatch.patch.source import parse_patch
+from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, make
+from micropatch.trust.keys import format_time, utc_now
+from micropatch.trust.payload import BuilderFacts, ModuleFacts, PatchFacts, Payload, SiteFacts
+
+
+def build(
+    source: str | Path,
+    module_file: str | Path,
+    *,
+    toolchain: Toolchain | None = None,
+    now: datetime.datetime | None = None,
+) -> Artifact:
+    """Compile and verify every patchlet of the source against the module file;
+    the unsigned artifact (sign it with `Artifact.signed`). `toolchain`
+    compiles the bodies (default: a new one with $CC or `cc`).
+
+    Raises what the checks raise (PatchFormatError, ElfError, ModuleMismatch,
+    SiteError, AssemblyError, ...), each naming the patchlet and the problem.
+    """
+    source = Path(source)
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{source}: cannot read patch source: {exc.strerror}") from None
+    patch = parse_patch(data, str(source))
+    text = data.decode("utf-8")  # parse_patch refused anything else
+    toolchain = toolchain or Toolchain()
+    toolchain.check(patch)
+    module = open_module(module_file)
+    check_identity(patch, module, str(source))
+    planned = plan_patch(patch, module, toolchain, elsewhere)
+    cave = placeholder_cave(module)
+    for p in planned:
+        _check_trampoline(patch, p, cave)
+    sites = [_facts(toolchain, patch, p, module) for p in planned]
+    filled = patch.model_copy(
+        update={
+            "patchlets": tuple(
+                pl.model_copy(update={"expect": bytes.fromhex(s.original)})
+                for pl, s in zip(patch.patchlets, sites, strict=True)
+            )
+        }
+    )
+    moment = now or _build_time()
+    payload = Payload(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        patch=PatchFacts(
+            id=patch.id,
+            version=patch.version,
+            title=patch.info.title,
+            source_name=source.name,
+            source=text,
+            model=filled.model_dump(mode="json", by_alias=True),
+        ),
+        module=ModuleFacts(
+            name=patch.target.module,
+            file=Path(module_file).name,
+            build_id=module.identity.build_id,
+            sha256=module.identity.sha256,
+            pie=module.image.is_pie_or_shared,
+        ),
+        sites=sites,
+        builder=BuilderFacts(name="micropatch", version=__version__, built_at=format_time(moment)),
+    )
+    return make(payload, str(source))
+
+
+def _build_time() -> datetime.datetime:
+    # Reproducible builds: the same inputs and SOURCE_DATE_EPOCH give the same id.
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch and epoch.isdigit():
+        return datetime.datetime.fromtimestamp(int(epoch), datetime.UTC)
+    return utc_now()
+
+
+def _check_trampoline(patch: Patch, planned: PlannedSite, cave: int) -> None:
+    """Build the trampoline once at a placeholder: relocating the displaced
+    instructions must work before any process sees the patch."""
+    try:
+        planned.trampoline(cave, cave)  # a stand-in counter: the engine places the real one
+    except MicropatchError as exc:
+        exc.within(f"patch {patch.id}, {planned.where}: ", patch_id=patch.id)
+        raise
+
+
+def _facts(
+    toolchain: Toolchain, patch: Patch, planned: PlannedSite, module: ModuleView
+) -> SiteFacts:
+    patchlet = patch.patchlets[planned.index]
+    compiled = toolchain.compile_c(patchlet.c) if patchlet.c is not None else None
+    return SiteFacts(
+        patchlet=planned.index,
+        at=patchlet.at,
+        offset=planned.site.address - module.base,
+        length=planned.site.length,
+        original=planned.site.original.hex(),
+        resume=None if planned.resume is None else planned.resume - module.base,
+        skip_red_zone=planned.skip_red_zone,
+        c_code=compiled.text.hex() if compiled else None,
+        c_entry=compiled.entry if compiled else None,
+    )
