@@ -118,14 +118,26 @@ def plan_patch(
     return planned
 
 
-def _refuse_exits(machine: Architecture, body: bytes, address: int) -> None:
-    """A body run below the red zone must leave through its end, where rsp is restored."""
+def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> None:
+    """A code body run below the red zone must leave through its end, where rsp is
+    restored, and must not name the stack by rsp, whose value it does not share
+    with the function."""
     for text in machine.exits(body, address):
         raise SiteError(
-            f"the body writes the stack, so the engine runs it {machine.RED_ZONE} bytes below "
-            f"rsp to spare the red zone of a leaf function, and `{text}` leaves it before rsp "
-            "is restored; jump out only from a body that does not push or call, or patch at "
-            "the function's entry, where no red zone is live"
+            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
+            f"it {machine.RED_ZONE} bytes below rsp to spare the red zone of a leaf function, "
+            f"and `{text}` leaves it before rsp is restored; jump out only from a body that "
+            "does not push or call, or patch at the function's entry, where no red zone is live"
+        )
+    for text in machine.stack_operands(body, address):
+        raise SiteError(
+            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
+            f"it with rsp lowered by {machine.RED_ZONE} bytes to spare the red zone of a leaf "
+            f"function: `{text}` would not address what it says in the function (its "
+            f"[rsp+N] is the body's [rsp+N+{machine.RED_ZONE:#x}] at entry, and moves with "
+            "every push); rsp-relative operands are refused in such a body. Read or write the "
+            "function's stack from a body that does not push, call or store below rsp (it runs "
+            "at the function's rsp), or patch at the function's entry"
         )
 
 
@@ -146,9 +158,7 @@ def _plan_patchlet(
         at_entry = False
         if patchlet.check_branches:
             start, end = image.function_at(offset)
-            site = machine.plan_site(
-                image.read(start, end - start), module.address(start), address
-            )
+            site = machine.plan_site(image.read(start, end - start), module.address(start), address)
             at_entry = start == offset
         else:
             segment_end = max(
@@ -190,9 +200,9 @@ def _plan_patchlet(
         body = body_at(address, address)
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
         skip_red_zone = not at_entry and machine.writes_stack(body, address)
-        # Guard and C bodies restore rsp themselves before they jump out.
+        # Guard and C bodies adjust their rsp operands and restore rsp before they jump out.
         if skip_red_zone and patchlet.kind == "code":
-            _refuse_exits(machine, body, address)
+            _refuse_below_red_zone(machine, body, address)
     except MicropatchError as e:
         e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
         raise

@@ -147,6 +147,14 @@ def test_red_zone_and_resume_are_recorded(targets, tmp_path) -> None:
     assert site.resume == targets.symbol(targets.vuln_pie, "copy_packet").offset + 8
 
 
+def test_a_body_writing_only_the_functions_frame_runs_at_its_rsp(targets, tmp_path) -> None:
+    """[rsp+N] with N >= 0 is the function's frame: no step over the red zone, so
+    the body's [rsp+N] is the function's [rsp+N]."""
+    text = source(targets.redzone, [{"at": "rz_sum+0x7a", "code": "mov qword ptr [rsp+8], rax"}])
+    [site] = build(write_source(tmp_path, text), targets.redzone).payload.sites
+    assert not site.skip_red_zone
+
+
 def test_non_pie_and_shared_objects(targets, tmp_path) -> None:
     for module in (targets.vuln_nopie, targets.libvuln):
         art = build(write_source(tmp_path, source(module, [FIX])), module)
