@@ -20,7 +20,7 @@ from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.errors import ArtifactError, MicropatchError
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
-from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, make
+from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, full_expect, make
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import BuilderFacts, ModuleFacts, PatchFacts, Payload, SiteFacts
 
@@ -58,7 +58,7 @@ def build(
     filled = patch.model_copy(
         update={
             "patchlets": tuple(
-                pl.model_copy(update={"expect": bytes.fromhex(s.original)})
+                pl.model_copy(update={"expect": full_expect(pl.expect, s.original_bytes)})
                 for pl, s in zip(patch.patchlets, sites, strict=True)
             )
         }

@@ -56,6 +56,9 @@ class PlannedSite:
     body_at: Callable[[int, int], bytes]  # the body assembled at an address, with its counter
     skip_red_zone: bool
     needs_counter: bool  # the body records blocked events
+    # The bytes checked at the site: its original bytes, or the patchlet's `expect`
+    # where it covers more (up to `resume`, say). Compare all of them in a process.
+    expect: bytes
 
     def body_for(self, counter: int) -> Callable[[int], bytes]:
         """The body by address alone, its blocked-event counter at `counter`."""
@@ -206,4 +209,9 @@ def _plan_patchlet(
     except MicropatchError as e:
         e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
         raise
-    return PlannedSite(machine, index, where, site, resume, body_at, skip_red_zone, counted)
+    expect = site.original
+    if patchlet.expect is not None and len(patchlet.expect) > site.length:
+        expect = patchlet.expect
+    return PlannedSite(
+        machine, index, where, site, resume, body_at, skip_red_zone, counted, expect
+    )

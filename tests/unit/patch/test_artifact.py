@@ -135,6 +135,22 @@ def test_expected_bytes_are_filled_in(built: Artifact) -> None:
     assert patch.target.build_id == built.payload.module.build_id
 
 
+def test_expect_longer_than_the_site_is_checked_and_kept(targets, tmp_path) -> None:
+    """`expect` up to `resume` (past the 8-byte site): every byte is checked at
+    build, and the artifact keeps them all for apply, instead of being rejected
+    by its own `patch_of` ("rebuild it")."""
+    code = targets.code(targets.vuln_pie, "copy_packet", 12)
+    fix = {"at": "copy_packet", "code": "", "resume": "copy_packet+12", "expect": code.hex(" ")}
+    art = build(write_source(tmp_path, source(targets.vuln_pie, [fix])), targets.vuln_pie)
+    assert art.payload.sites[0].length == 8
+    assert patch_of(art).patchlets[0].expect == code
+    assert patch_of(loads(art.to_bytes(), "fix.mpatch")).patchlets[0].expect == code
+    wrong = code[:10] + bytes([code[10] ^ 0xFF]) + code[11:]
+    bad = {**fix, "expect": wrong.hex(" ")}
+    with pytest.raises(OriginalBytesMismatch, match=r"the module file has"):
+        build(write_source(tmp_path, source(targets.vuln_pie, [bad])), targets.vuln_pie)
+
+
 def test_red_zone_and_resume_are_recorded(targets, tmp_path) -> None:
     text = source(
         targets.redzone,
