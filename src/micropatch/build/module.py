@@ -46,6 +46,10 @@ class FileModule:
     image: ElfImage
 
     @property
+    def pid(self) -> int:
+        return 0  # no process: addresses are placeholders
+
+    @property
     def name(self) -> str:
         return Path(self.path).name
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,10 @@ class ModuleView(Protocol):
     """A module's parsed file and the address its offset 0 is (or would be) loaded at:
     a module mapped in a process, or a file being built against."""
 
+    @property
+    def pid(self) -> int:
+        """The process the module is mapped in; 0 for a file built against."""
+        ...
     @property
     def name(self) -> str: ...
     @property
@@ -98,6 +103,39 @@ def plan_patch(
     its maps; when building against a file, to a stand-in address.
     """
     machine = arch.get(patch.target.arch)
+    try:
+        return _plan(machine, patch, module, toolchain, external)
+    except MicropatchError as e:
+        # The architecture speaks in addresses; authors write module offsets.
+        e.args = (in_offsets(e.message, module), *e.args[1:])
+        raise
+
+
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]+\b")
+
+
+def in_offsets(message: str, module: ModuleView) -> str:
+    """`message` with every address inside `module` written as a module offset,
+    followed by the absolute address in parentheses when the module is mapped in
+    a process (against a file, the address is a placeholder of no use)."""
+
+    def offset(match: re.Match[str]) -> str:
+        address = int(match.group(), 16)
+        if not module.base <= address < module.high:
+            return match.group()
+        text = f"{address - module.base:#x}"
+        return f"{text} ({address:#x})" if module.pid else text
+
+    return _ADDRESS.sub(offset, message)
+
+
+def _plan(
+    machine: Architecture,
+    patch: Patch,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver,
+) -> list[PlannedSite]:
     planned = [
         _plan_patchlet(machine, toolchain, patch, i, p, module, external)
         for i, p in enumerate(patch.patchlets)

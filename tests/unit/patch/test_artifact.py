@@ -226,6 +226,17 @@ def test_patchlet_problems_name_the_patchlet(targets, tmp_path, patchlet, error,
     assert "patch unit-fix, patchlet[0]" in str(info.value)
 
 
+def test_build_errors_speak_in_module_offsets(targets, tmp_path) -> None:
+    """Not the placeholder address the file is planned at (0x7f00...)."""
+    start = targets.symbol(targets.vuln_pie, "copy_packet").offset
+    path = write_source(tmp_path, source(targets.vuln_pie, [{"at": "copy_packet+1", "code": ""}]))
+    with pytest.raises(NotInstructionBoundary) as info:
+        build(path, targets.vuln_pie)
+    message = str(info.value)
+    assert f"site {start + 1:#x} is inside the instruction at {start:#x}" in message
+    assert "0x7f" not in message
+
+
 def test_branch_into_site(targets, tmp_path) -> None:
     from targets.harness import SITES
 
