@@ -237,6 +237,21 @@ def test_build_errors_speak_in_module_offsets(targets, tmp_path) -> None:
     assert "0x7f" not in message
 
 
+def test_module_named_through_a_symbolic_link(targets, tmp_path) -> None:
+    """Like Debian's /usr/bin/redis-server -> redis-check-rdb: processes map the
+    target's name, so a patch for the link's name would never match one."""
+    from micropatch.errors import ModuleError
+
+    link = tmp_path / "server-link"
+    link.symlink_to(targets.vuln_pie)
+    path = write_source(tmp_path, source(targets.vuln_pie, [FIX], name="server-link"))
+    with pytest.raises(ModuleError, match=r"symbolic link to .*vuln_pie: processes that run it map vuln_pie.*module = \"vuln_pie\""):
+        build(path, link)
+    # Named for the file it links to: built, and recorded under that name.
+    art = build(write_source(tmp_path, source(targets.vuln_pie, [FIX])), link)
+    assert (art.payload.module.name, art.payload.module.file) == ("vuln_pie", "vuln_pie")
+
+
 def test_branch_into_site(targets, tmp_path) -> None:
     from targets.harness import SITES
 
