@@ -188,12 +188,17 @@ def update(
     patch = _load(patch_file, trust, allow_unsigned)
     pids = _targets(pid, all_, live.patched_pids)
     modules = ModuleCache()
-    _run_each(
-        "update",
-        pids,
-        lambda p: live.update(patch, p, modules=modules, **_retries(retries)),
-        skip_not_applied=all_,
-    )
+
+    def update_one(p: int) -> live.Outcome:
+        try:
+            return live.update(patch, p, modules=modules, **_retries(retries))
+        except NotApplied as e:
+            e.within(pid=p).hint(
+                f"; to patch it for the first time, use `micropatch apply {patch_file} --pid {p}`"
+            )
+            raise
+
+    _run_each("update", pids, update_one, skip_not_applied=all_)
 
 
 STATUS_COLUMNS = ("pid", "process", "module", "patch", "version", "sites", "since", "blocked")
@@ -211,10 +216,12 @@ def status(pid: PidOption = None) -> None:
 
     pids = pid or patched_pids()
     rows = []
+    unread = []
     for p in pids:
         try:
             states = status(p)
         except MicropatchError as e:
+            unread.append(p)
             err.print(f"[red]✗[/] pid {p}: {e}")
             continue
         for s in states:
@@ -224,20 +231,23 @@ def status(pid: PidOption = None) -> None:
             rows.append(
                 (str(s.pid), s.process, s.module, s.patch_id, str(s.version), sites, since, blocked)
             )
-    if not rows:
+    read = [p for p in pids if p not in unread]
+    if not rows and (read or not pid):
         # Plain text, no markup: print() writes what out.print would, without loading rich.
-        print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
-    elif out.is_terminal:
+        print("no micropatch applied" + (f" to pid {', '.join(map(str, read))}" if pid else ""))
+    elif rows and out.is_terminal:
         from rich.table import Table
 
         table = Table(*STATUS_COLUMNS)
         for row in rows:
             table.add_row(*row)
         out.print(table)
-    else:
+    elif rows:
         print("\t".join(STATUS_COLUMNS))
         for row in rows:
             print("\t".join(row))
+    if pid and unread:
+        raise typer.Exit(1)  # a process named on the command line could not be read
 
 
 @app.command()
