@@ -57,6 +57,12 @@ class MicropatchError(Exception):
         self.offset = self.offset if self.offset is not None else offset
         return self
 
+    def hint(self, advice: str) -> MicropatchError:
+        """Append what to do (`"; apply it first: ..."`) to the message, as a layer
+        above knows it; returns self, to `raise` again."""
+        self.args = (f"{self.message}{advice}", *self.args[1:])
+        return self
+
     def fields(self) -> dict[str, object]:
         """The error as data: its class, message and the fields that are set."""
         data: dict[str, object] = {"error": type(self).__name__, "message": self.message}

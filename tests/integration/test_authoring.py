@@ -315,3 +315,41 @@ def test_c_body_runs_as_built_without_a_compiler(targets, start, tmp_path, keys)
     assert applied.returncode == 0, applied.stderr
     assert (t.cmd("call 65"), t.cmd("call 10")) == ("-1", "10")
     assert micropatch("remove", "test-fix", "--pid", t.pid).returncode == 0
+
+
+def test_status_of_a_pid_that_cannot_be_read_fails(tmp_path) -> None:
+    """One line on stderr and exit 1; not also 'no micropatch applied' and exit 0."""
+    done = micropatch("status", "--pid", 999999999)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert "pid 999999999" in line and "does not exist" in line
+
+
+def test_piped_errors_stay_on_one_line(targets, tmp_path) -> None:
+    """Not hard-wrapped at 80 columns with trailing spaces when stderr is a pipe."""
+    text = patch_source(targets.vuln_pie, [FIX], build="00" * 20)
+    path = tmp_path / "fix.toml"
+    path.write_text(text)
+    done = subprocess.run(
+        ["micropatch", "build", str(path), "-m", str(targets.vuln_pie)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert len(line) > 120 and line.startswith("error:") and "build against the exact" in line
+    assert line == line.rstrip()
+
+
+def test_update_of_a_patch_not_applied_suggests_apply(targets, start, tmp_path) -> None:
+    t = start("vuln_pie")
+    path = tmp_path / "fix.toml"
+    path.write_text(patch_source(targets.vuln_pie, [FIX]))
+    done = micropatch("update", path, "--pid", t.pid, "--allow-unsigned")
+    assert done.returncode == 1
+    assert f"use `micropatch apply {path} --pid {t.pid}`" in done.stderr
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])

@@ -338,7 +338,13 @@ def update(
     modules = ModuleCache()
 
     def operation(p: int) -> live.Outcome:
-        return live.update(patch, p, modules=modules, **_retries(retries))
+        try:
+            return live.update(patch, p, modules=modules, **_retries(retries))
+        except NotApplied as e:
+            e.within(pid=p).hint(
+                f"; to patch it for the first time, use `micropatch apply {patch_file} --pid {p}`"
+            )
+            raise
 
     if filters is None:
         _run_each("update", list(pid or []), operation, lock_timeout=lock_timeout)
@@ -364,10 +370,12 @@ def status(pid: PidOption = None) -> None:
 
     pids = pid or patched_pids()
     rows = []
+    unread = []
     for p in pids:
         try:
             states = status(p)
         except MicropatchError as e:
+            unread.append(p)
             err.print(f"[red]✗[/] pid {p}: {e}")
             continue
         for s in states:
@@ -377,20 +385,23 @@ def status(pid: PidOption = None) -> None:
             rows.append(
                 (str(s.pid), s.process, s.module, s.patch_id, _version(s), sites, since, blocked)
             )
-    if not rows:
+    read = [p for p in pids if p not in unread]
+    if not rows and (read or not pid):
         # Plain text, no markup: print() writes what out.print would, without loading rich.
-        print("no micropatch applied" + (f" to pid {', '.join(map(str, pids))}" if pid else ""))
-    elif out.is_terminal:
+        print("no micropatch applied" + (f" to pid {', '.join(map(str, read))}" if pid else ""))
+    elif rows and out.is_terminal:
         from rich.table import Table
 
         table = Table(*STATUS_COLUMNS)
         for row in rows:
             table.add_row(*row)
         out.print(table)
-    else:
+    elif rows:
         print("\t".join(STATUS_COLUMNS))
         for row in rows:
             print("\t".join(row))
+    if pid and unread:
+        raise typer.Exit(1)  # a process named on the command line could not be read
 
 
 def _version(state: live.PatchState) -> str:

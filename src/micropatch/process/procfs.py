@@ -123,7 +123,12 @@ def permission_denied(pid: int, what: str) -> TracePermissionDenied:
         )
     if scope == 3:
         reasons.append("Yama ptrace_scope is 3: ptrace is disabled until reboot")
-    if not reasons:
+    if not reasons and me == 0:
+        reasons.append(
+            "refused to root: this process lacks CAP_SYS_PTRACE (a container?), or the target "
+            "is protected by a security module or lives in another PID or user namespace"
+        )
+    elif not reasons:
         reasons.append(
             "the process may be non-dumpable (setuid, prctl PR_SET_DUMPABLE 0) or protected "
             "by a security module; run as root with CAP_SYS_PTRACE"

@@ -8,7 +8,12 @@ it through `micropatch.arch.get("x86_64")`.
 from micropatch.arch.x86_64.constants import JUMP_LENGTH, JUMP_REACH, NAME, PAGE_SIZE, RED_ZONE
 from micropatch.arch.x86_64.listing import exits, instruction_starts, listing
 from micropatch.arch.x86_64.site import Site, plan_site, site_unchecked
-from micropatch.arch.x86_64.trampoline import build_trampoline, site_jump, writes_stack
+from micropatch.arch.x86_64.trampoline import (
+    build_trampoline,
+    site_jump,
+    stack_operands,
+    writes_stack,
+)
 
 __all__ = [
     "JUMP_LENGTH",
@@ -24,5 +29,6 @@ __all__ = [
     "plan_site",
     "site_jump",
     "site_unchecked",
+    "stack_operands",
     "writes_stack",
 ]
