@@ -353,3 +353,23 @@ def test_update_of_a_patch_not_applied_suggests_apply(targets, start, tmp_path) 
     assert done.returncode == 1
     assert f"use `micropatch apply {path} --pid {t.pid}`" in done.stderr
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_inspect_labels_counter_body_and_displaced_code(targets, start, tmp_path) -> None:
+    """The blocked-event counter reads as a data page, not a write into code; the
+    trampoline column says which instructions are the body and which the displaced
+    copy; the same against the module file and in the process."""
+    t = start("vuln_pie")
+    source = tmp_path / "guard.toml"
+    guard = {"at": "copy_packet", "when": "esi > 64", "then": "blocked; return -1"}
+    source.write_text(patch_source(targets.vuln_pie, [guard]))
+    views = [micropatch("inspect", source, "--module", targets.vuln_pie)]
+    assert micropatch("apply", source, "--pid", t.pid, "--allow-unsigned").returncode == 0
+    views.append(micropatch("inspect", source, "--pid", t.pid))
+    for done in views:
+        assert done.returncode == 0, done.stderr
+        text = done.stdout
+        counted = [line for line in text.splitlines() if "blocked-event counter" in line]
+        assert counted and all("lock inc" in line or "mov" in line for line in counted), text
+        assert "body" in text and "displaced" in text and "back" in text, text
+    micropatch("remove", "test-fix", "--pid", t.pid)
