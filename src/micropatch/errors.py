@@ -57,6 +57,12 @@ class MicropatchError(Exception):
         self.offset = self.offset if self.offset is not None else offset
         return self
 
+    def hint(self, advice: str) -> MicropatchError:
+        """Append what to do (`"; apply it first: ..."`) to the message, as a layer
+        above knows it; returns self, to `raise` again."""
+        self.args = (f"{self.message}{advice}", *self.args[1:])
+        return self
+
     def fields(self) -> dict[str, object]:
         """The error as data: its class, message and the fields that are set."""
         data: dict[str, object] = {"error": type(self).__name__, "message": self.message}
@@ -151,8 +157,29 @@ class AlreadyTraced(ProcessError):
     """Another tracer (a debugger, strace) already controls the process."""
 
 
+class Busy(ProcessError):
+    """Another micropatch operation on the same process held its lock past the timeout.
+
+    `holder` is the pid of the micropatch process holding it, when it said so."""
+
+    def __init__(
+        self,
+        message: str = "",
+        *,
+        holder: int | None = None,
+        pid: int | None = None,
+        patch_id: str | None = None,
+    ) -> None:
+        super().__init__(message, pid=pid, patch_id=patch_id)
+        self.holder = holder
+
+
 class TracePermissionDenied(ProcessError):
     """The kernel refuses to let us trace the process."""
+
+
+class SelectionError(MicropatchError):
+    """A filter of a fleet command (`--all --user ...`) cannot be understood."""
 
 
 class RemoteSyscallError(ProcessError):
@@ -196,6 +223,10 @@ class AlreadyApplied(MicropatchError):
 
 class Downgrade(AlreadyApplied):
     """An update would replace a patch by an older version of it."""
+
+
+class LockError(MicropatchError):
+    """The per-process lock directory or file cannot be used (see `live/lock.py`)."""
 
 
 class CaveError(MicropatchError):

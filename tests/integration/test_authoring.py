@@ -315,3 +315,61 @@ def test_c_body_runs_as_built_without_a_compiler(targets, start, tmp_path, keys)
     assert applied.returncode == 0, applied.stderr
     assert (t.cmd("call 65"), t.cmd("call 10")) == ("-1", "10")
     assert micropatch("remove", "test-fix", "--pid", t.pid).returncode == 0
+
+
+def test_status_of_a_pid_that_cannot_be_read_fails(tmp_path) -> None:
+    """One line on stderr and exit 1; not also 'no micropatch applied' and exit 0."""
+    done = micropatch("status", "--pid", 999999999)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    [line] = done.stderr.splitlines()
+    assert "pid 999999999" in line and "does not exist" in line
+
+
+def test_piped_errors_stay_on_one_line(targets, tmp_path) -> None:
+    """Not hard-wrapped at 80 columns with trailing spaces when stderr is a pipe."""
+    text = patch_source(targets.vuln_pie, [FIX], build="00" * 20)
+    path = tmp_path / "fix.toml"
+    path.write_text(text)
+    done = subprocess.run(
+        ["micropatch", "build", str(path), "-m", str(targets.vuln_pie)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "COLUMNS"},
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert len(line) > 120 and line.startswith("error:") and "build against the exact" in line
+    assert line == line.rstrip()
+
+
+def test_update_of_a_patch_not_applied_suggests_apply(targets, start, tmp_path) -> None:
+    t = start("vuln_pie")
+    path = tmp_path / "fix.toml"
+    path.write_text(patch_source(targets.vuln_pie, [FIX]))
+    done = micropatch("update", path, "--pid", t.pid, "--allow-unsigned")
+    assert done.returncode == 1
+    assert f"use `micropatch apply {path} --pid {t.pid}`" in done.stderr
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_inspect_labels_counter_body_and_displaced_code(targets, start, tmp_path) -> None:
+    """The blocked-event counter reads as a data page, not a write into code; the
+    trampoline column says which instructions are the body and which the displaced
+    copy; the same against the module file and in the process."""
+    t = start("vuln_pie")
+    source = tmp_path / "guard.toml"
+    guard = {"at": "copy_packet", "when": "esi > 64", "then": "blocked; return -1"}
+    source.write_text(patch_source(targets.vuln_pie, [guard]))
+    views = [micropatch("inspect", source, "--module", targets.vuln_pie)]
+    assert micropatch("apply", source, "--pid", t.pid, "--allow-unsigned").returncode == 0
+    views.append(micropatch("inspect", source, "--pid", t.pid))
+    for done in views:
+        assert done.returncode == 0, done.stderr
+        text = done.stdout
+        counted = [line for line in text.splitlines() if "blocked-event counter" in line]
+        assert counted and all("lock inc" in line or "mov" in line for line in counted), text
+        assert "body" in text and "displaced" in text and "back" in text, text
+    micropatch("remove", "test-fix", "--pid", t.pid)

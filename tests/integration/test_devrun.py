@@ -165,3 +165,61 @@ def test_module_mismatch_kills_unless_keep_going(targets, tmp_path) -> None:
     )
     assert going.returncode == 0
     assert answers(going) == ["-2", "10", "bye"] and "ran unpatched" in going.stderr
+
+
+def _start_dev_run(tmp_path: Path, program: Path, *extra: str) -> subprocess.Popen[str]:
+    source = tmp_path / "fix.toml"
+    source.write_text(patch_source(program, [FIX]))
+    return subprocess.Popen(
+        ["micropatch", "dev", "run", source, "--allow-unsigned", *extra, "--", program],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _child_pid(dev: subprocess.Popen[str]) -> int:
+    assert dev.stdout is not None
+    line = dev.stdout.readline()  # the program's `ready PID`, through dev run's stdout
+    assert line.startswith("ready"), line
+    return int(line.split()[1])
+
+
+def _gone(pid: int, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state in ("Z", "X"):
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("extra", [(), ("--no-patch",)], ids=["patched", "no-patch"])
+def test_killed_dev_run_takes_its_program_along(targets, tmp_path, extra):
+    """SIGKILL of `dev run` must not leave the program running, re-parented."""
+    import signal
+
+    dev = _start_dev_run(tmp_path, targets.vuln_pie, *extra)
+    child = _child_pid(dev)
+    dev.send_signal(signal.SIGKILL)
+    dev.wait(timeout=10)
+    assert _gone(child), f"program {child} survived dev run"
+
+
+def test_sigint_goes_to_the_program_and_dev_run_reports_it(targets, tmp_path):
+    """SIGINT sent to `dev run` (not only ^C to the terminal's group) stops the
+    program; dev run ends with the program's status, 128 + SIGINT."""
+    import signal
+
+    dev = _start_dev_run(tmp_path, targets.vuln_pie, "--no-patch")
+    child = _child_pid(dev)
+    dev.send_signal(signal.SIGINT)
+    assert dev.wait(timeout=10) == 128 + signal.SIGINT
+    assert _gone(child)

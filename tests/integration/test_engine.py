@@ -106,6 +106,14 @@ def assert_no_crash(t):
             "push rcx\npush rax\ncall helper\npop rax\npop rcx\nadd rax, 1000\njmp done\nhelper:\npush rbx\npush rbx\npop rbx\npop rbx\nret\ndone:",
             lambda n: 14 * n + 1091,
         ),
+        # A direct call out of the body (it returns): rax += rz_sum(2000000), whose
+        # own pass through the site (rdi = n + 13 there) skips the call.
+        (
+            "0xdf",
+            "cmp rdi, 1000000\njae done\npush rcx\npush rax\nmov edi, 2000000\ncall {rz_sum}\n"
+            "mov rcx, rax\npop rax\nadd rax, rcx\npop rcx\ndone:",
+            lambda n: 14 * n + 91 + 14 * 2000000 + 91,
+        ),
     ],
 )
 def test_red_zone_leaf_with_pushes_and_calls(targets, start, offset, code, expected):

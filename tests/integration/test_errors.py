@@ -334,6 +334,26 @@ def test_body_that_moves_past_the_red_zone_cannot_jump_out(targets, start):
     assert_untouched(targets, "redzone", t.pid, ["rz_sum"])
 
 
+@pytest.mark.parametrize(
+    "code",
+    [
+        # Meant as a[13] = rax; run 128 bytes down it wrote [rsp-0x90] instead, silently.
+        "mov qword ptr [rsp-0x10], rax",
+        "push rax\nmov rax, qword ptr [rsp+8]\npop rax",
+    ],
+)
+def test_body_below_the_red_zone_cannot_name_the_stack_by_rsp(targets, start, code):
+    """Its rsp is not the function's: refused at planning, with what to write instead."""
+    from micropatch.errors import SiteError
+
+    t = start("redzone")
+    patch = make_patch(targets.redzone, [{"at": "rz_sum+0x7a", "code": code}])
+    with pytest.raises(SiteError, match=r"rsp lowered by 128 bytes.*is the body's \[rsp\+N\+0x80\]"):
+        live.apply(patch, t.pid)
+    assert t.cmd("call 5") == str(14 * 5 + 91)
+    assert_untouched(targets, "redzone", t.pid, ["rz_sum"])
+
+
 def test_reference_to_a_module_that_is_not_loaded(targets, start):
     t = start("vuln_pie")
     patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libnothere.so.1!foo}"}])

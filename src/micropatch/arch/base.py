@@ -95,9 +95,7 @@ class Architecture(Protocol):
     JUMP_LENGTH: int
     JUMP_REACH: int
 
-    def plan_site(
-        self, function_code: bytes, function_address: int, site_address: int
-    ) -> Site: ...
+    def plan_site(self, function_code: bytes, function_address: int, site_address: int) -> Site: ...
 
     def site_unchecked(self, code: bytes, address: int) -> Site: ...
 
@@ -116,7 +114,13 @@ class Architecture(Protocol):
     def writes_stack(self, code: bytes, address: int) -> bool: ...
 
     def exits(self, code: bytes, address: int) -> list[str]:
-        """The instructions of `code` that branch outside it, as text."""
+        """The instructions of `code` that jump outside it, as text (a call returns:
+        it is not an exit)."""
+        ...
+
+    def stack_operands(self, code: bytes, address: int) -> list[str]:
+        """The instructions of `code` with an explicit stack-pointer-relative memory
+        operand, as text."""
         ...
 
     def instruction_starts(self, code: bytes, address: int) -> list[int]: ...

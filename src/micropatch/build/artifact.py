@@ -17,10 +17,10 @@ from micropatch import __version__
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.build.module import check_identity, elsewhere, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
-from micropatch.errors import ArtifactError, MicropatchError
+from micropatch.errors import ArtifactError, MicropatchError, ModuleError
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
-from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, make
+from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, full_expect, make
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import BuilderFacts, ModuleFacts, PatchFacts, Payload, SiteFacts
 
@@ -48,6 +48,7 @@ def build(
     text = data.decode("utf-8")  # parse_patch refused anything else
     toolchain = toolchain or Toolchain()
     toolchain.check(patch)
+    _check_name(patch, Path(module_file))
     module = open_module(module_file)
     check_identity(patch, module, str(source))
     planned = plan_patch(patch, module, toolchain, elsewhere)
@@ -58,7 +59,7 @@ def build(
     filled = patch.model_copy(
         update={
             "patchlets": tuple(
-                pl.model_copy(update={"expect": bytes.fromhex(s.original)})
+                pl.model_copy(update={"expect": full_expect(pl.expect, s.original_bytes)})
                 for pl, s in zip(patch.patchlets, sites, strict=True)
             )
         }
@@ -77,7 +78,7 @@ def build(
         ),
         module=ModuleFacts(
             name=patch.target.module,
-            file=Path(module_file).name,
+            file=module.name,  # the file itself, symbolic links resolved
             build_id=module.identity.build_id,
             sha256=module.identity.sha256,
             pie=module.image.is_pie_or_shared,
@@ -86,6 +87,21 @@ def build(
         builder=BuilderFacts(name="micropatch", version=__version__, built_at=format_time(moment)),
     )
     return make(payload, str(source))
+
+
+def _check_name(patch: Patch, given: Path) -> None:
+    """Refuse a module named through a symbolic link whose name the patch targets:
+    processes map the file the link points to, under that file's name, so the
+    patch would never match one."""
+    real = given.resolve()
+    wanted = patch.target.module
+    if given.name == wanted and real.name != wanted:
+        raise ModuleError(
+            f"{given} is a symbolic link to {real}: processes that run it map "
+            f"{real.name}, never {wanted}, so a patch for module {wanted!r} would match none; "
+            f'set [target] module = "{real.name}" and build against {real}',
+            module=wanted,
+        )
 
 
 def _build_time() -> datetime.datetime:

@@ -25,8 +25,9 @@ _CAVE_GAP = 1 << 20
 
 def open_module(path: str | Path) -> FileModule:
     """A module file as if loaded: at PLACEHOLDER_BASE if it is position-independent,
-    else at its own image base. No process is involved; `pid` is 0."""
-    path = Path(path)
+    else at its own image base. No process is involved; `pid` is 0. Symbolic links
+    are resolved: `name` is the name processes map."""
+    path = Path(path).resolve()  # a link's target: the file, and name, processes map
     try:
         with open(path, "rb") as f:
             identity = identify(f)
@@ -44,6 +45,10 @@ class FileModule:
     base: int
     identity: ModuleIdentity
     image: ElfImage
+
+    @property
+    def pid(self) -> int:
+        return 0  # no process: addresses are placeholders
 
     @property
     def name(self) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -30,6 +31,10 @@ class ModuleView(Protocol):
     """A module's parsed file and the address its offset 0 is (or would be) loaded at:
     a module mapped in a process, or a file being built against."""
 
+    @property
+    def pid(self) -> int:
+        """The process the module is mapped in; 0 for a file built against."""
+        ...
     @property
     def name(self) -> str: ...
     @property
@@ -56,6 +61,9 @@ class PlannedSite:
     body_at: Callable[[int, int], bytes]  # the body assembled at an address, with its counter
     skip_red_zone: bool
     needs_counter: bool  # the body records blocked events
+    # The bytes checked at the site: its original bytes, or the patchlet's `expect`
+    # where it covers more (up to `resume`, say). Compare all of them in a process.
+    expect: bytes
 
     def body_for(self, counter: int) -> Callable[[int], bytes]:
         """The body by address alone, its blocked-event counter at `counter`."""
@@ -95,6 +103,39 @@ def plan_patch(
     its maps; when building against a file, to a stand-in address.
     """
     machine = arch.get(patch.target.arch)
+    try:
+        return _plan(machine, patch, module, toolchain, external)
+    except MicropatchError as e:
+        # The architecture speaks in addresses; authors write module offsets.
+        e.args = (in_offsets(e.message, module), *e.args[1:])
+        raise
+
+
+_ADDRESS = re.compile(r"\b0x[0-9a-fA-F]+\b")
+
+
+def in_offsets(message: str, module: ModuleView) -> str:
+    """`message` with every address inside `module` written as a module offset,
+    followed by the absolute address in parentheses when the module is mapped in
+    a process (against a file, the address is a placeholder of no use)."""
+
+    def offset(match: re.Match[str]) -> str:
+        address = int(match.group(), 16)
+        if not module.base <= address < module.high:
+            return match.group()
+        text = f"{address - module.base:#x}"
+        return f"{text} ({address:#x})" if module.pid else text
+
+    return _ADDRESS.sub(offset, message)
+
+
+def _plan(
+    machine: Architecture,
+    patch: Patch,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver,
+) -> list[PlannedSite]:
     planned = [
         _plan_patchlet(machine, toolchain, patch, i, p, module, external)
         for i, p in enumerate(patch.patchlets)
@@ -118,14 +159,26 @@ def plan_patch(
     return planned
 
 
-def _refuse_exits(machine: Architecture, body: bytes, address: int) -> None:
-    """A body run below the red zone must leave through its end, where rsp is restored."""
+def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> None:
+    """A code body run below the red zone must leave through its end, where rsp is
+    restored, and must not name the stack by rsp, whose value it does not share
+    with the function."""
     for text in machine.exits(body, address):
         raise SiteError(
-            f"the body writes the stack, so the engine runs it {machine.RED_ZONE} bytes below "
-            f"rsp to spare the red zone of a leaf function, and `{text}` leaves it before rsp "
-            "is restored; jump out only from a body that does not push or call, or patch at "
-            "the function's entry, where no red zone is live"
+            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
+            f"it {machine.RED_ZONE} bytes below rsp to spare the red zone of a leaf function, "
+            f"and `{text}` leaves it before rsp is restored; jump out only from a body that "
+            "does not push or call, or patch at the function's entry, where no red zone is live"
+        )
+    for text in machine.stack_operands(body, address):
+        raise SiteError(
+            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
+            f"it with rsp lowered by {machine.RED_ZONE} bytes to spare the red zone of a leaf "
+            f"function: `{text}` would not address what it says in the function (its "
+            f"[rsp+N] is the body's [rsp+N+{machine.RED_ZONE:#x}] at entry, and moves with "
+            "every push); rsp-relative operands are refused in such a body. Read or write the "
+            "function's stack from a body that does not push, call or store below rsp (it runs "
+            "at the function's rsp), or patch at the function's entry"
         )
 
 
@@ -146,9 +199,7 @@ def _plan_patchlet(
         at_entry = False
         if patchlet.check_branches:
             start, end = image.function_at(offset)
-            site = machine.plan_site(
-                image.read(start, end - start), module.address(start), address
-            )
+            site = machine.plan_site(image.read(start, end - start), module.address(start), address)
             at_entry = start == offset
         else:
             segment_end = max(
@@ -190,10 +241,15 @@ def _plan_patchlet(
         body = body_at(address, address)
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
         skip_red_zone = not at_entry and machine.writes_stack(body, address)
-        # Guard and C bodies restore rsp themselves before they jump out.
+        # Guard and C bodies adjust their rsp operands and restore rsp before they jump out.
         if skip_red_zone and patchlet.kind == "code":
-            _refuse_exits(machine, body, address)
+            _refuse_below_red_zone(machine, body, address)
     except MicropatchError as e:
         e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
         raise
-    return PlannedSite(machine, index, where, site, resume, body_at, skip_red_zone, counted)
+    expect = site.original
+    if patchlet.expect is not None and len(patchlet.expect) > site.length:
+        expect = patchlet.expect
+    return PlannedSite(
+        machine, index, where, site, resume, body_at, skip_red_zone, counted, expect
+    )

@@ -48,10 +48,12 @@ def build(
         raise fail(str(e)) from None
     p = built.payload
     if p.module.file != p.module.name:
+        link = f" (a link to {module.resolve()})" if module.is_symlink() else ""
         warn(
-            f"{module} is named {p.module.file}, the patch targets {p.module.name}: only "
+            f"{module}{link} is named {p.module.file}, the patch targets {p.module.name}: only "
             "processes that map a file named "
-            f"{p.module.name} (with this identity) can receive it"
+            f"{p.module.name} (with this identity) can receive it; processes that run "
+            f"{module} map {p.module.file}"
         )
     table = Table("patchlet", "at", "offset", "site", "original bytes", "red zone", "resume")
     for s in p.sites:

@@ -104,3 +104,39 @@ def fail(message: str) -> typer.Exit:
 
 def warn(message: str) -> None:
     err.print(f"[bold yellow]warning:[/] {message}")
+LockTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--lock-timeout",
+        min=0,
+        help="Seconds to wait for another micropatch operation on the same process "
+        "(default 30).",
+    ),
+]
+ExeOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--exe", help="With --all: only processes whose executable path matches this glob."
+    ),
+]
+UserOption = Annotated[
+    list[str] | None,
+    typer.Option("--user", help="With --all: only processes of this user (name or uid)."),
+]
+UnitOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--unit",
+        help="With --all: only processes in this systemd unit (glob; `nginx` = nginx.service).",
+    ),
+]
+CgroupOption = Annotated[
+    list[str] | None,
+    typer.Option("--cgroup", help="With --all: only processes whose cgroup path matches."),
+]
+DryRunOption = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run", help="With --all: list the processes it would touch, and touch none."
+    ),
+]

@@ -1,16 +1,6 @@
-"""ELF modules as files: identity, symbols, function bounds, bytes by module offset."""
+"""ELF modules as files: identity (`elf.identity`), symbols and function bounds
+(`elf.image`), locations (`elf.location`), headers (`elf.header`).
 
-from micropatch.elf.identity import ModuleIdentity, build_id_from_bytes, identify
-from micropatch.elf.image import ElfImage, LoadSegment, Symbol
-from micropatch.elf.location import Location, parse_location
-
-__all__ = [
-    "ElfImage",
-    "LoadSegment",
-    "Location",
-    "ModuleIdentity",
-    "Symbol",
-    "build_id_from_bytes",
-    "identify",
-    "parse_location",
-]
+Import the submodule you need: `identity` and `header` are light, `image`
+loads pyelftools.
+"""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from micropatch.arch.x86_64.abi import (
     SYS_CLOSE,
@@ -25,7 +26,7 @@ from micropatch.arch.x86_64.constants import JUMP_REACH as REACH
 from micropatch.arch.x86_64.constants import PAGE_SIZE, RED_ZONE
 from micropatch.errors import CaveError, RemoteSyscallError
 from micropatch.faults import checkpoint
-from micropatch.live.module import CAVE_PREFIX, LoadedModule
+from micropatch.live.module import CAVE_PREFIX
 from micropatch.live.registry import REGISTRY_SIZE, Registry
 from micropatch.process.linux import (
     MAP_FIXED_NOREPLACE,
@@ -38,7 +39,11 @@ from micropatch.process.linux import (
 )
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.memory import Memory
-from micropatch.process.syscall import FRAME_SIZE, RemoteSyscalls
+from micropatch.process.syscall import FRAME_SIZE
+
+if TYPE_CHECKING:
+    from micropatch.live.module import LoadedModule
+    from micropatch.process.syscall import RemoteSyscalls
 
 CAVE_NAME = b"micropatch\x00"
 CAVE_SIZE = 64 * 1024

@@ -63,8 +63,9 @@ def check_originals(
     """Every site holds the module file's bytes (or, where the patch being replaced
     has a site, its jump): nothing else hooks it."""
     for p in planned:
-        found = tx.memory.read(p.site.address, p.site.length)
-        expected = bytearray(p.site.original)
+        # `expect` may reach past the site (up to `resume`): all of it must match.
+        found = tx.memory.read(p.site.address, len(p.expect))
+        expected = bytearray(p.expect)
         for old in replacing.sites if replacing else []:
             for i, byte in enumerate(old.jump):
                 if 0 <= old.address + i - p.site.address < len(expected):
@@ -72,7 +73,7 @@ def check_originals(
         if found != expected:
             raise OriginalBytesMismatch(
                 f"patch {patch.id}, {p.where}: site {p.site.address:#x} in process {tx.proc.pid} "
-                f"holds {found.hex(' ')}, the module file has {p.site.original.hex(' ')}"
+                f"holds {found.hex(' ')}, the patch expects {p.expect.hex(' ')}"
                 + _who_hooks(caves, p.site.address, p.site.end)
             )
 

@@ -63,18 +63,35 @@ def run(
     keep_going: bool = False,
     say: Callable[[str], None] = lambda _: None,
 ) -> DevRun:
-    """Run argv to its end, with `patch` applied as early as possible."""
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C is the program's
+    """Run argv to its end, with `patch` applied as early as possible.
+
+    SIGINT and SIGTERM sent to us go to the program (^C from a terminal reaches it
+    directly too): we wait for it to end and report its status; SIGKILL of us
+    kills it (PR_SET_PDEATHSIG, PTRACE_O_EXITKILL)."""
+    child: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        for pid in child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return _run(argv, patch, keep_going, say)
+        return _run(argv, patch, keep_going, say, child)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run(
-    argv: list[str], patch: Admitted | None, keep_going: bool, say: Callable[[str], None]
+    argv: list[str],
+    patch: Admitted | None,
+    keep_going: bool,
+    say: Callable[[str], None],
+    child: list[int],
 ) -> DevRun:
     program = spawn(argv)
+    child.append(program.pid)
     if program.exit is not None:
         return DevRun(program.exit)
     if patch is None:

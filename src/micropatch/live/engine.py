@@ -27,6 +27,7 @@ from micropatch.errors import (
 from micropatch.faults import checkpoint
 from micropatch.live import commit
 from micropatch.live.cave import Cave, cave_of, read_caves
+from micropatch.live.lock import queued
 from micropatch.live.module import LoadedModule, ModuleCache, find_module, symbol_address
 from micropatch.live.recovery import recover
 from micropatch.live.registry import APPLIED, REMOVING, AppliedPatch
@@ -99,7 +100,7 @@ def repair(pid: int) -> list[str]:
     (every other operation does this first, too); what was done."""
     check_alive(pid)
     try:
-        with stop_world(pid) as proc:
+        with queued(pid), stop_world(pid) as proc:
             return recover(proc, read_maps(pid))
     except ProcessNotFound:
         raise ProcessExited(f"process {pid} exited during the operation") from None
@@ -108,7 +109,10 @@ def repair(pid: int) -> list[str]:
 def _run(change: _Change, retries: int) -> Outcome:
     patch_id = change.add.id if change.add else change.remove
     try:
-        return _attempts(change, retries)
+        # One operation per process at a time: wait for the lock of this pid
+        # (live/lock.py) rather than meet a process another operation has stopped.
+        with queued(change.pid):
+            return _attempts(change, retries)
     except MicropatchError as e:
         e.within(pid=change.pid, patch_id=patch_id)
         raise

@@ -11,15 +11,17 @@ import difflib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from micropatch.elf.identity import ModuleIdentity, identify
-from micropatch.elf.image import ElfImage
-from micropatch.elf.location import Location
 from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
-from micropatch.patch.model import Target
 from micropatch.process.maps import Mapping
 from micropatch.process.procfs import process_name
+
+if TYPE_CHECKING:  # at run time only the functions that parse a module load pyelftools
+    from micropatch.elf.image import ElfImage
+    from micropatch.elf.location import Location
+    from micropatch.patch.model import Target
 
 CAVE_PREFIX = "/memfd:micropatch"
 
@@ -67,6 +69,8 @@ class ModuleCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
+            from micropatch.elf.image import ElfImage
+
             identity = identify(file)
             file.seek(0)
             entry = (identity, ElfImage.from_file(file))

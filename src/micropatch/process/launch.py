@@ -322,9 +322,14 @@ def _wait_group_stop(pid: int) -> None:
 
 def spawn(argv: list[str]) -> Launched:
     """Start argv stopped at its exec: every DT_NEEDED library not yet loaded."""
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: never return into the caller's code
         try:
+            # Killed with us, even untraced (--no-patch): never an orphan left running.
+            ptrace.die_with_parent()
+            if os.getppid() != parent:  # the parent died before the line above
+                os._exit(127)
             ptrace.traceme()
             os.execvp(argv[0], argv)
         except OSError as e:

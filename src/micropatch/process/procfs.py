@@ -66,6 +66,19 @@ def check_alive(pid: int) -> ProcessStatus:
     return status
 
 
+def start_time(pid: int) -> int:
+    """When the process started, in clock ticks after boot (/proc/PID/stat field 22).
+
+    With the pid, it names a process for good: a pid is reused, the pair is not."""
+    return parse_start_time(read_proc_text(pid, "stat"))
+
+
+def parse_start_time(stat: str) -> int:
+    # Field 2 (comm) is in parentheses and may hold spaces and ')': split after the last ')'.
+    # What follows starts at field 3, so field 22 is index 19.
+    return int(stat[stat.rindex(")") + 1 :].split()[19])
+
+
 def list_threads(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
@@ -110,7 +123,12 @@ def permission_denied(pid: int, what: str) -> TracePermissionDenied:
         )
     if scope == 3:
         reasons.append("Yama ptrace_scope is 3: ptrace is disabled until reboot")
-    if not reasons:
+    if not reasons and me == 0:
+        reasons.append(
+            "refused to root: this process lacks CAP_SYS_PTRACE (a container?), or the target "
+            "is protected by a security module or lives in another PID or user namespace"
+        )
+    elif not reasons:
         reasons.append(
             "the process may be non-dumpable (setuid, prctl PR_SET_DUMPABLE 0) or protected "
             "by a security module; run as root with CAP_SYS_PTRACE"

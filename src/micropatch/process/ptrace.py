@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import signal
 
 from micropatch.arch.x86_64.abi import UserRegs
 from micropatch.process.linux import (
@@ -65,6 +66,16 @@ def set_regs(tid: int, regs: UserRegs) -> None:
 def request(request: int, tid: int, addr: int, data: int) -> int:
     """Any other request, for the rare callers that need one (seccomp filters)."""
     return _call(request, tid, addr, data)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills us when our parent exits."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def traceme() -> None:

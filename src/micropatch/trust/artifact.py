@@ -242,10 +242,23 @@ def verify(
     return verify_signatures(artifact.name, artifact.canonical, artifact.signatures, trusted, now)
 
 
+def full_expect(given: bytes | None, original: bytes) -> bytes | None:
+    """The bytes to expect at a site: the site's original bytes, or the author's
+    `expect` where it covers more (up to `resume`, say), which `build` checked
+    against the module file; None if the two disagree where both speak."""
+    if given is None:
+        return original
+    common = min(len(given), len(original))
+    if given[:common] != original[:common]:
+        return None
+    return given if len(given) > len(original) else original
+
+
 def patch_of(artifact: Artifact) -> Patch:
     """The patch to apply: parsed from the payload's source, checked against the
     recorded module identity and sites, with every site's expected bytes set to
-    the original bytes that `build` verified."""
+    the original bytes that `build` verified (or the source's `expect`, where it
+    covers more than the site: `build` verified those too)."""
     payload = artifact.payload
 
     def bad(problem: str) -> ArtifactError:
@@ -284,11 +297,12 @@ def patch_of(artifact: Artifact) -> Patch:
                 f"patchlet[{site.patchlet}] is at {patchlet.at!r} in its source, but its site "
                 f"was recorded for {site.at!r}"
             )
-        expect = site.original_bytes
-        if patchlet.expect is not None and not expect.startswith(patchlet.expect):
+        expect = full_expect(patchlet.expect, site.original_bytes)
+        if expect is None:
+            assert patchlet.expect is not None
             raise bad(
                 f"patchlet[{site.patchlet}] expects {patchlet.expect.hex(' ')}, but the site "
-                f"recorded holds {expect.hex(' ')}"
+                f"recorded holds {site.original_bytes.hex(' ')}"
             )
         patchlets.append(patchlet.model_copy(update={"expect": expect}))
     return patch.model_copy(update={"patchlets": tuple(patchlets)})

@@ -8,7 +8,12 @@ from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.arch.x86_64.decode import decode, format_instruction
 from micropatch.arch.x86_64.relocate import jump, relocate
 from micropatch.arch.x86_64.site import Site, site_unchecked
-from micropatch.arch.x86_64.trampoline import build_trampoline, site_jump, writes_stack
+from micropatch.arch.x86_64.trampoline import (
+    build_trampoline,
+    site_jump,
+    stack_operands,
+    writes_stack,
+)
 from micropatch.errors import SiteError
 
 from .emulator import PAGE, asm, run
@@ -148,7 +153,7 @@ def test_red_zone_survives_a_pushing_patchlet_only_when_skipped(
         "sub rsp, 8",
         "and rsp, -16",
         "mov qword ptr [rsp-8], rax",
-        "mov dword ptr [rsp+8], eax",
+        "mov qword ptr [rsp+rcx*8], rax",
         "movaps xmmword ptr [rsp-32], xmm0",
         "nop; nop; push rbx",
     ],
@@ -161,6 +166,8 @@ def test_writes_stack(source: str) -> None:
     "source",
     [
         "mov rax, qword ptr [rsp+8]",
+        "mov dword ptr [rsp+8], eax",  # the function's own frame, above rsp
+        "mov qword ptr [rsp], rax",
         "lea rax, [rsp-8]",
         "mov rax, rsp",
         "mov qword ptr [rbp-8], rax",
@@ -176,3 +183,16 @@ def test_does_not_write_stack(source: str) -> None:
 
 def test_undecodable_body_counts_as_writing_the_stack() -> None:
     assert writes_stack(asm("nop", T) + b"\x06", T)
+
+
+def test_stack_operands_lists_explicit_rsp_memory_only() -> None:
+    code = asm(
+        "push rax; mov rax, qword ptr [rsp+8]; lea rbx, [rsp+0x80]; mov rcx, rsp; "
+        "mov qword ptr [rsp+rbx], rax; call 0x1000; pop rax",
+        T,
+    )
+    assert stack_operands(code, T) == [
+        "mov rax,[rsp+8]",
+        "lea rbx,[rsp+0x80]",
+        "mov [rsp+rbx],rax",
+    ]

@@ -135,6 +135,22 @@ def test_expected_bytes_are_filled_in(built: Artifact) -> None:
     assert patch.target.build_id == built.payload.module.build_id
 
 
+def test_expect_longer_than_the_site_is_checked_and_kept(targets, tmp_path) -> None:
+    """`expect` up to `resume` (past the 8-byte site): every byte is checked at
+    build, and the artifact keeps them all for apply, instead of being rejected
+    by its own `patch_of` ("rebuild it")."""
+    code = targets.code(targets.vuln_pie, "copy_packet", 12)
+    fix = {"at": "copy_packet", "code": "", "resume": "copy_packet+12", "expect": code.hex(" ")}
+    art = build(write_source(tmp_path, source(targets.vuln_pie, [fix])), targets.vuln_pie)
+    assert art.payload.sites[0].length == 8
+    assert patch_of(art).patchlets[0].expect == code
+    assert patch_of(loads(art.to_bytes(), "fix.mpatch")).patchlets[0].expect == code
+    wrong = code[:10] + bytes([code[10] ^ 0xFF]) + code[11:]
+    bad = {**fix, "expect": wrong.hex(" ")}
+    with pytest.raises(OriginalBytesMismatch, match=r"the module file has"):
+        build(write_source(tmp_path, source(targets.vuln_pie, [bad])), targets.vuln_pie)
+
+
 def test_red_zone_and_resume_are_recorded(targets, tmp_path) -> None:
     text = source(
         targets.redzone,
@@ -145,6 +161,14 @@ def test_red_zone_and_resume_are_recorded(targets, tmp_path) -> None:
     text = source(targets.vuln_pie, [{"at": "copy_packet", "code": "", "resume": "copy_packet+8"}])
     [site] = build(write_source(tmp_path, text), targets.vuln_pie).payload.sites
     assert site.resume == targets.symbol(targets.vuln_pie, "copy_packet").offset + 8
+
+
+def test_a_body_writing_only_the_functions_frame_runs_at_its_rsp(targets, tmp_path) -> None:
+    """[rsp+N] with N >= 0 is the function's frame: no step over the red zone, so
+    the body's [rsp+N] is the function's [rsp+N]."""
+    text = source(targets.redzone, [{"at": "rz_sum+0x7a", "code": "mov qword ptr [rsp+8], rax"}])
+    [site] = build(write_source(tmp_path, text), targets.redzone).payload.sites
+    assert not site.skip_red_zone
 
 
 def test_non_pie_and_shared_objects(targets, tmp_path) -> None:
@@ -200,6 +224,32 @@ def test_patchlet_problems_name_the_patchlet(targets, tmp_path, patchlet, error,
     with pytest.raises(error, match=message) as info:
         build(path, targets.vuln_pie)
     assert "patch unit-fix, patchlet[0]" in str(info.value)
+
+
+def test_build_errors_speak_in_module_offsets(targets, tmp_path) -> None:
+    """Not the placeholder address the file is planned at (0x7f00...)."""
+    start = targets.symbol(targets.vuln_pie, "copy_packet").offset
+    path = write_source(tmp_path, source(targets.vuln_pie, [{"at": "copy_packet+1", "code": ""}]))
+    with pytest.raises(NotInstructionBoundary) as info:
+        build(path, targets.vuln_pie)
+    message = str(info.value)
+    assert f"site {start + 1:#x} is inside the instruction at {start:#x}" in message
+    assert "0x7f" not in message
+
+
+def test_module_named_through_a_symbolic_link(targets, tmp_path) -> None:
+    """Like Debian's /usr/bin/redis-server -> redis-check-rdb: processes map the
+    target's name, so a patch for the link's name would never match one."""
+    from micropatch.errors import ModuleError
+
+    link = tmp_path / "server-link"
+    link.symlink_to(targets.vuln_pie)
+    path = write_source(tmp_path, source(targets.vuln_pie, [FIX], name="server-link"))
+    with pytest.raises(ModuleError, match=r"symbolic link to .*vuln_pie: processes that run it map vuln_pie.*module = \"vuln_pie\""):
+        build(path, link)
+    # Named for the file it links to: built, and recorded under that name.
+    art = build(write_source(tmp_path, source(targets.vuln_pie, [FIX])), link)
+    assert (art.payload.module.name, art.payload.module.file) == ("vuln_pie", "vuln_pie")
 
 
 def test_branch_into_site(targets, tmp_path) -> None:

@@ -23,15 +23,17 @@ from iced_x86 import (
     MemoryOperand,
     Mnemonic,
     OpAccess,
+    OpKind,
     Register,
     Register_,
     RegisterExt,
+    UsedMemory,
 )
 
 from micropatch.arch.base import Site as BaseSite
 from micropatch.arch.base import TrampolineLayout
 from micropatch.arch.x86_64.constants import INT3, JUMP_LENGTH, RED_ZONE
-from micropatch.arch.x86_64.decode import decode, is_invalid
+from micropatch.arch.x86_64.decode import decode, format_instruction, is_invalid
 from micropatch.arch.x86_64.relocate import jump, relocate, relocated_addresses
 from micropatch.arch.x86_64.site import Site
 from micropatch.errors import SiteError
@@ -106,7 +108,10 @@ def writes_stack(code: bytes, address: int) -> bool:
     """True if patchlet ``code`` (at ``address``) may write below rsp or move rsp down.
 
     Such a body must step over the red zone first. Undecodable bytes count as
-    writing: the red zone is only left in place when that is proven safe.
+    writing: the red zone is only left in place when that is proven safe. A
+    write at ``[rsp+N]`` (N >= 0, no index) writes the function's own frame,
+    above rsp, and does not count: such a body runs at the function's rsp, so
+    its ``[rsp+N]`` is the function's.
     """
     for instruction in decode(code, address):
         if is_invalid(instruction):
@@ -118,9 +123,36 @@ def writes_stack(code: bytes, address: int) -> bool:
             if _is_rsp(register.register) and register.access in _WRITES:
                 return True
         for memory in info.used_memory():
-            if _is_rsp(memory.base) and memory.access in _WRITES:
+            if _is_rsp(memory.base) and memory.access in _WRITES and not _above_rsp(memory):
                 return True
     return False
+
+
+def _above_rsp(memory: UsedMemory) -> bool:
+    """True if an rsp-based operand is at rsp or above it whatever the registers hold."""
+    displacement = (
+        memory.displacement - (1 << 64) if memory.displacement >> 63 else memory.displacement
+    )
+    return memory.index == Register.NONE and displacement >= 0
+
+
+def stack_operands(code: bytes, address: int) -> list[str]:
+    """The instructions of ``code`` with an explicit rsp-relative memory operand, as text.
+
+    In a body run below the red zone such an operand is 128 bytes (plus any
+    pushes) off from what the same text means in the function; the planner
+    refuses them there. Pushes, pops, calls and returns use rsp implicitly and
+    are not listed.
+    """
+    found = []
+    for instruction in decode(code, address):
+        for operand in range(instruction.op_count):
+            if instruction.op_kind(operand) == OpKind.MEMORY and (
+                _is_rsp(instruction.memory_base) or _is_rsp(instruction.memory_index)
+            ):
+                found.append(format_instruction(instruction))
+                break
+    return found
 
 
 def _is_rsp(register: Register_) -> bool:

@@ -6,7 +6,12 @@ from __future__ import annotations
 from iced_x86 import OpKind
 
 from micropatch.arch.base import Listed
-from micropatch.arch.x86_64.decode import decode, format_instruction, near_branch_target
+from micropatch.arch.x86_64.decode import (
+    decode,
+    format_instruction,
+    is_call,
+    near_branch_target,
+)
 
 
 def listing(code: bytes, address: int) -> list[Listed]:
@@ -27,9 +32,15 @@ def listing(code: bytes, address: int) -> list[Listed]:
 
 
 def exits(code: bytes, address: int) -> list[str]:
-    """The instructions of `code` that branch outside it (its end included as inside)."""
+    """The instructions of `code` that jump outside it (its end included as inside).
+
+    A call is not an exit: it returns to the instruction after it, with rsp as
+    it was before the call.
+    """
     found = []
     for instruction in decode(code, address):
+        if is_call(instruction):
+            continue
         target = near_branch_target(instruction)
         if target is not None and not address <= target <= address + len(code):
             found.append(format_instruction(instruction))
