@@ -1,0 +1,87 @@
+"""Stop timeouts: a thread that cannot stop (a vfork parent, in killable sleep until
+its child leaves) makes the attempt fail cleanly, retried within --retries."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from micropatch.errors import StopTimeout
+from micropatch.process.procfs import read_status
+from micropatch.process.world import stop_world
+
+VFORKER = r"""
+#include <stdio.h>
+#include <unistd.h>
+
+__attribute__((noinline)) int work(int n) {
+    int s = 0;
+    for (int i = 0; i < n; i++) s += (i * i) ^ n;
+    return s;
+}
+
+int main(void) {
+    char c;
+    if (vfork() == 0) {  /* the parent sleeps (state D) until this child exits */
+        (void)!write(1, "ready\n", 6);
+        (void)!read(0, &c, 1);
+        _exit(0);
+    }
+    printf("alive %d\n", work(3));
+    fflush(stdout);
+    (void)!read(0, &c, 1);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def vforker(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("stop")
+    (out / "vforker.c").write_text(VFORKER)
+    exe = out / "vforker"
+    subprocess.run(["cc", "-O2", "-Wl,--build-id=sha1", "-o", exe, out / "vforker.c"], check=True)
+    return exe
+
+
+@pytest.fixture
+def stuck(vforker: Path) -> Iterator[subprocess.Popen[str]]:
+    """A process whose only thread is in uninterruptible sleep; `release` it with a byte."""
+    proc = subprocess.Popen([vforker], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == "ready\n"
+    assert read_status(proc.pid).state == "D"
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_stop_timeout_is_an_option_and_names_the_thread(stuck: subprocess.Popen[str]) -> None:
+    with (
+        pytest.raises(
+            StopTimeout,
+            match=rf"thread {stuck.pid} of process {stuck.pid} did not stop within 0.2 s "
+            r"\(state D: uninterruptible sleep.*nothing was changed.*--stop-timeout",
+        ),
+        stop_world(stuck.pid, timeout=0.2),
+    ):
+        pass
+
+
+def test_a_thread_left_seized_is_taken_back_by_the_next_stop(
+    stuck: subprocess.Popen[str],
+) -> None:
+    with pytest.raises(StopTimeout), stop_world(stuck.pid, timeout=0.1):
+        pass
+    # It could not be detached while asleep; woken, it stops, still ours ...
+    assert stuck.stdin is not None
+    stuck.stdin.write("x")
+    stuck.stdin.flush()
+    with stop_world(stuck.pid, timeout=2) as proc:  # ... and a retry finds it again,
+        assert list(proc.threads) == [stuck.pid]
+    assert stuck.stdout is not None
+    assert stuck.stdout.readline() == "alive 12\n"  # lets it go for good,
+    assert read_status(stuck.pid).tracer_pid == 0  # and nothing traces it any more.
