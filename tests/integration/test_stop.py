@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from micropatch import live
 from micropatch.errors import StopTimeout
 from micropatch.process.procfs import read_status
 from micropatch.process.world import stop_world
+
+from .patching import make_patch
 
 VFORKER = r"""
 #include <stdio.h>
@@ -85,3 +88,24 @@ def test_a_thread_left_seized_is_taken_back_by_the_next_stop(
     assert stuck.stdout is not None
     assert stuck.stdout.readline() == "alive 12\n"  # lets it go for good,
     assert read_status(stuck.pid).tracer_pid == 0  # and nothing traces it any more.
+
+
+def test_apply_retries_a_stop_timeout_then_gives_up_untouched(
+    vforker: Path, stuck: subprocess.Popen[str]
+) -> None:
+    patch = make_patch(vforker, [{"at": "work", "code": "nop"}])
+    with pytest.raises(
+        StopTimeout, match=r"gave up after 3 attempts; in the last, thread \d+ .* within 0.05 s"
+    ) as caught:
+        live.apply(patch, stuck.pid, retries=2, stop_timeout=0.05)
+    assert caught.value.pid == stuck.pid and caught.value.patch_id == "test-fix"
+    assert live.status(stuck.pid) == []
+    assert "micropatch" not in Path(f"/proc/{stuck.pid}/maps").read_text()
+    # Once the thread can stop, the same operation succeeds, taking back the thread
+    # the failed attempts left seized, and lets it go.
+    assert stuck.stdin is not None and stuck.stdout is not None
+    stuck.stdin.write("x")
+    stuck.stdin.flush()
+    assert live.apply(patch, stuck.pid, stop_timeout=2).action == "applied"
+    assert stuck.stdout.readline() == "alive 12\n"
+    assert read_status(stuck.pid).tracer_pid == 0

@@ -18,6 +18,7 @@ from micropatch.cli.options import (
     AllowUnsignedOption,
     PidOption,
     RetriesOption,
+    StopTimeoutOption,
     TrustOption,
     err,
     fail,
@@ -69,8 +70,10 @@ def _load(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Admitte
         raise fail(str(e)) from None
 
 
-def _retries(retries: int | None) -> dict[str, Any]:
-    return {} if retries is None else {"retries": retries}
+def _retries(retries: int | None, stop_timeout: float | None) -> dict[str, Any]:
+    """The engine's keyword arguments for the options given; its defaults for the others."""
+    given = {"retries": retries, "stop_timeout": stop_timeout}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _targets(pids: list[int] | None, all_: bool, find_all: Callable[[], list[int]]) -> list[int]:
@@ -134,6 +137,7 @@ def apply(
     pid: PidOption = None,
     all_: AllOption = False,
     retries: RetriesOption = None,
+    stop_timeout: StopTimeoutOption = None,
     trust: TrustOption = None,
     allow_unsigned: AllowUnsignedOption = False,
 ) -> None:
@@ -144,7 +148,8 @@ def apply(
     patch = _load(patch_file, trust, allow_unsigned)
     pids = _targets(pid, all_, lambda: live.pids_mapping(patch.patch.target.module))
     modules = ModuleCache()
-    _run_each("apply", pids, lambda p: live.apply(patch, p, modules=modules, **_retries(retries)))
+    tuning = _retries(retries, stop_timeout)
+    _run_each("apply", pids, lambda p: live.apply(patch, p, modules=modules, **tuning))
 
 
 @app.command()
@@ -153,6 +158,7 @@ def remove(
     pid: PidOption = None,
     all_: AllOption = False,
     retries: RetriesOption = None,
+    stop_timeout: StopTimeoutOption = None,
 ) -> None:
     """Remove an applied patch, restoring the original code."""
     from micropatch import live
@@ -161,7 +167,7 @@ def remove(
     _run_each(
         "remove",
         pids,
-        lambda p: live.remove(patch_id, p, **_retries(retries)),
+        lambda p: live.remove(patch_id, p, **_retries(retries, stop_timeout)),
         skip_not_applied=all_,
     )
 
@@ -178,6 +184,7 @@ def update(
     pid: PidOption = None,
     all_: AllOption = False,
     retries: RetriesOption = None,
+    stop_timeout: StopTimeoutOption = None,
     trust: TrustOption = None,
     allow_unsigned: AllowUnsignedOption = False,
 ) -> None:
@@ -191,7 +198,7 @@ def update(
     _run_each(
         "update",
         pids,
-        lambda p: live.update(patch, p, modules=modules, **_retries(retries)),
+        lambda p: live.update(patch, p, modules=modules, **_retries(retries, stop_timeout)),
         skip_not_applied=all_,
     )
 
