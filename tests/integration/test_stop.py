@@ -109,3 +109,26 @@ def test_apply_retries_a_stop_timeout_then_gives_up_untouched(
     assert live.apply(patch, stuck.pid, stop_timeout=2).action == "applied"
     assert stuck.stdout.readline() == "alive 12\n"
     assert read_status(stuck.pid).tracer_pid == 0
+
+
+def test_cli_stop_timeout(stuck: subprocess.Popen[str]) -> None:
+    done = subprocess.run(
+        [
+            "micropatch",
+            "remove",
+            "test-fix",
+            "--pid",
+            str(stuck.pid),
+            "--stop-timeout",
+            "0.05",
+            "--retries",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "gave up after 2 attempts; in the last, thread" in done.stderr
+    assert "did not stop within 0.05 s" in " ".join(done.stderr.split())
+    # The command has exited, and with it the tracer: nothing holds the thread.
+    assert read_status(stuck.pid).tracer_pid == 0
