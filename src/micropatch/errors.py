@@ -153,6 +153,11 @@ class ProcessExited(ProcessError):
     """The process exited (or became a zombie) during the operation."""
 
 
+class StopTimeout(ProcessError):
+    """A thread did not enter a ptrace stop in time (busy machine, uninterruptible sleep);
+    nothing was changed, and the operation may be retried."""
+
+
 class AlreadyTraced(ProcessError):
     """Another tracer (a debugger, strace) already controls the process."""
 

@@ -22,6 +22,7 @@ from micropatch.cli.options import (
     LockTimeoutOption,
     PidOption,
     RetriesOption,
+    StopTimeoutOption,
     TrustOption,
     UnitOption,
     UserOption,
@@ -77,8 +78,10 @@ def _load(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Admitte
         raise fail(str(e)) from None
 
 
-def _retries(retries: int | None) -> dict[str, Any]:
-    return {} if retries is None else {"retries": retries}
+def _retries(retries: int | None, stop_timeout: float | None) -> dict[str, Any]:
+    """The engine's keyword arguments for the options given; its defaults for the others."""
+    given = {"retries": retries, "stop_timeout": stop_timeout}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def _scope(
@@ -249,6 +252,7 @@ def apply(
     dry_run: DryRunOption = False,
     retries: RetriesOption = None,
     lock_timeout: LockTimeoutOption = None,
+    stop_timeout: StopTimeoutOption = None,
     trust: TrustOption = None,
     allow_unsigned: AllowUnsignedOption = False,
 ) -> None:
@@ -263,7 +267,7 @@ def apply(
     modules = ModuleCache()
 
     def operation(p: int) -> live.Outcome:
-        return live.apply(patch, p, modules=modules, **_retries(retries))
+        return live.apply(patch, p, modules=modules, **_retries(retries, stop_timeout))
 
     if filters is None:
         _run_each("apply", list(pid or []), operation, lock_timeout=lock_timeout)
@@ -286,6 +290,7 @@ def remove(
     dry_run: DryRunOption = False,
     retries: RetriesOption = None,
     lock_timeout: LockTimeoutOption = None,
+    stop_timeout: StopTimeoutOption = None,
 ) -> None:
     """Remove an applied patch, restoring the original code.
 
@@ -295,7 +300,7 @@ def remove(
     filters = _scope(pid, all_, exe, user, unit, cgroup, dry_run)
 
     def operation(p: int) -> live.Outcome:
-        return live.remove(patch_id, p, **_retries(retries))
+        return live.remove(patch_id, p, **_retries(retries, stop_timeout))
 
     if filters is None:
         _run_each("remove", list(pid or []), operation, lock_timeout=lock_timeout)
@@ -324,6 +329,7 @@ def update(
     dry_run: DryRunOption = False,
     retries: RetriesOption = None,
     lock_timeout: LockTimeoutOption = None,
+    stop_timeout: StopTimeoutOption = None,
     trust: TrustOption = None,
     allow_unsigned: AllowUnsignedOption = False,
 ) -> None:
@@ -339,7 +345,7 @@ def update(
 
     def operation(p: int) -> live.Outcome:
         try:
-            return live.update(patch, p, modules=modules, **_retries(retries))
+            return live.update(patch, p, modules=modules, **_retries(retries, stop_timeout))
         except NotApplied as e:
             e.within(pid=p).hint(
                 f"; to patch it for the first time, use `micropatch apply {patch_file} --pid {p}`"

@@ -91,7 +91,19 @@ AllOption = Annotated[bool, typer.Option("--all", help="Every process this conce
 RetriesOption = Annotated[
     int | None,
     typer.Option(
-        help="How often to retry when a thread is executing code being changed (default 20)."
+        help="How often to retry when a thread is executing code being changed, or does not "
+        "stop within --stop-timeout (default 20)."
+    ),
+]
+
+StopTimeoutOption = Annotated[
+    float | None,
+    typer.Option(
+        "--stop-timeout",
+        min=0.001,
+        metavar="SECONDS",
+        help="How long every thread may take to stop before the attempt is abandoned "
+        "(untouched) and retried within --retries (default 2).",
     ),
 ]
 

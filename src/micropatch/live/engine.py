@@ -22,6 +22,7 @@ from micropatch.errors import (
     ProcessError,
     ProcessExited,
     ProcessNotFound,
+    StopTimeout,
     UnsafeToPatch,
 )
 from micropatch.faults import checkpoint
@@ -36,7 +37,7 @@ from micropatch.live.transaction import Transaction
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
-from micropatch.process.world import StoppedProcess, exists, stop_world
+from micropatch.process.world import STOP_TIMEOUT, StoppedProcess, exists, stop_world
 from micropatch.trust.policy import Admitted
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class _Change:
     add: Admitted | None
     remove: str | None
     modules: ModuleCache | None = None
+    stop_timeout: float = STOP_TIMEOUT
 
 
 def apply(
@@ -72,16 +74,25 @@ def apply(
     *,
     retries: int = DEFAULT_RETRIES,
     modules: ModuleCache | None = None,
+    stop_timeout: float = STOP_TIMEOUT,
 ) -> Outcome:
     """Apply every patchlet of `patch` to process `pid`, or none of them.
 
-    `modules`: a cache of parsed module files to share between calls (`--all`)."""
-    return _run(_Change(pid, patch, None, modules), retries)
+    `modules`: a cache of parsed module files to share between calls (`--all`).
+    `stop_timeout`: seconds every thread may take to stop; an attempt in which one
+    does not is retried like one in which a thread is in the way (`retries`)."""
+    return _run(_Change(pid, patch, None, modules, stop_timeout), retries)
 
 
-def remove(patch_id: str, pid: int, *, retries: int = DEFAULT_RETRIES) -> Outcome:
+def remove(
+    patch_id: str,
+    pid: int,
+    *,
+    retries: int = DEFAULT_RETRIES,
+    stop_timeout: float = STOP_TIMEOUT,
+) -> Outcome:
     """Restore the original code of every site of an applied patch."""
-    return _run(_Change(pid, None, patch_id), retries)
+    return _run(_Change(pid, None, patch_id, stop_timeout=stop_timeout), retries)
 
 
 def update(
@@ -90,9 +101,10 @@ def update(
     *,
     retries: int = DEFAULT_RETRIES,
     modules: ModuleCache | None = None,
+    stop_timeout: float = STOP_TIMEOUT,
 ) -> Outcome:
     """Replace the applied version of `patch.id` by this newer one, in one stop."""
-    return _run(_Change(pid, patch, patch.id, modules), retries)
+    return _run(_Change(pid, patch, patch.id, modules, stop_timeout), retries)
 
 
 def repair(pid: int) -> list[str]:
@@ -134,15 +146,17 @@ def _attempts(change: _Change, retries: int) -> Outcome:
         _prepare(change.pid, module, planned)
     delay = RETRY_DELAY
     reason = ""
+    timeout: StopTimeout | None = None
     for attempt in range(1, retries + 2):
         try:
-            with stop_world(change.pid) as proc:
+            with stop_world(change.pid, timeout=change.stop_timeout) as proc:
                 sites, moved = _transact(proc, change, module, planned)
             paused = proc.paused
         except ProcessNotFound:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
-        except Unsafe as e:
+        except (Unsafe, StopTimeout) as e:
             reason = str(e)
+            timeout = e if isinstance(e, StopTimeout) else None
             log.debug(
                 "process %d: attempt %d unsafe (%s); retry in %.0f ms",
                 change.pid,
@@ -163,6 +177,8 @@ def _attempts(change: _Change, retries: int) -> Outcome:
             change.pid, action, patch_id, sites, attempt, moved, paused * 1e3,
         )  # fmt: skip
         return Outcome(change.pid, patch_id, action, version, sites, attempt, paused, moved)
+    if timeout is not None:
+        raise timeout.within(f"gave up after {retries + 1} attempts; in the last, ")
     raise UnsafeToPatch(
         f"process {change.pid}: not safe after {retries + 1} attempts: {reason}; "
         "nothing was changed. The code is in constant use; try again, or with more --retries"

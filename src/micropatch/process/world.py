@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,10 +20,17 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from micropatch.arch.x86_64.abi import UserRegs
-from micropatch.errors import AlreadyTraced, ProcessError, ProcessExited, ProcessNotFound
+from micropatch.errors import (
+    AlreadyTraced,
+    ProcessError,
+    ProcessExited,
+    ProcessNotFound,
+    StopTimeout,
+)
 from micropatch.process import ptrace
 from micropatch.process.linux import PTRACE_EVENT_STOP, WALL
 from micropatch.process.memory import Memory
+from micropatch.process.priority import realtime
 from micropatch.process.procfs import (
     ProcessStatus,
     check_alive,
@@ -34,8 +42,16 @@ from micropatch.process.procfs import (
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 2.0
+STOP_TIMEOUT = 2.0  # default seconds for every thread to stop (and for each single step)
 LOOK_INTERVAL = 0.01  # how often a slow stop checks whether the thread is dying
+# Between two looks at a thread that has not stopped yet we sleep, from FIRST_SLEEP
+# doubling up to MAX_SLEEP: never a busy loop (see process/priority.py), and at most
+# MAX_SLEEP of oversleep once the thread has stopped.
+FIRST_SLEEP = 0.00002
+MAX_SLEEP = 0.0005
+# After the others are let go, how long a thread that never stopped gets to stop so that
+# it can be detached (the kernel detaches only stopped tracees); see StoppedProcess.resume.
+LET_GO_GRACE = 0.1
 T = TypeVar("T")
 
 
@@ -45,6 +61,7 @@ class Thread:
     pending_signal: int = 0  # a signal we intercepted, given back on detach
     saved_regs: UserRegs | None = None  # registers at stop time, restored before detach
     regs_dirty: bool = False
+    stopped: bool = False  # seen in a ptrace stop: only then can it be detached
 
 
 @dataclass
@@ -55,6 +72,7 @@ class StoppedProcess:
     status: ProcessStatus
     memory: Memory
     threads: dict[int, Thread] = field(default_factory=dict)
+    timeout: float = STOP_TIMEOUT  # seconds a thread may take to stop
     stopped_at: float = 0.0  # perf_counter() just before the first thread was seized
     resumed_at: float = 0.0  # perf_counter() just after the last one was let go
 
@@ -76,8 +94,19 @@ class StoppedProcess:
         _checked(self.pid, lambda: ptrace.set_regs(tid, regs))
 
     def resume(self) -> None:
-        """Restore any registers we changed and let every thread go."""
+        """Restore any registers we changed and let every thread go.
+
+        A thread seized but never seen stopped (the stop timed out) cannot be
+        detached until it stops: it gets LET_GO_GRACE, after the others are
+        gone. Failing that it stays seized by this thread, and enters a ptrace
+        stop whenever it leaves its sleep; the next stop_world from this thread
+        takes it back (`_seize`), and this thread's exit lets it go.
+        """
+        stragglers = []
         for thread in self.threads.values():
+            if not thread.stopped:
+                stragglers.append(thread.tid)
+                continue
             try:
                 if thread.regs_dirty and thread.saved_regs is not None:
                     ptrace.set_regs(thread.tid, thread.saved_regs)
@@ -85,15 +114,41 @@ class StoppedProcess:
             except OSError as e:
                 if e.errno != errno.ESRCH:  # a thread that vanished needs no detach
                     raise
+        self.resumed_at = time.perf_counter()
+        for tid in stragglers:
+            _let_go(self.pid, tid, min(self.timeout, LET_GO_GRACE))
         log.debug(
             "process %d: resumed %d threads after %.3f ms",
             self.pid,
             len(self.threads),
-            (time.perf_counter() - self.stopped_at) * 1e3,
+            (self.resumed_at - self.stopped_at) * 1e3,
         )
         self.threads.clear()
-        self.resumed_at = time.perf_counter()
         self.memory.close()
+
+
+def _let_go(pid: int, tid: int, grace: float) -> None:
+    """Detach a thread that was seized and interrupted but had not stopped, if it stops
+    within `grace` seconds."""
+    try:
+        stop = _wait_stop(pid, tid, time.monotonic() + grace, grace)
+        if stop is not None:
+            sig, event = stop & 0xFF, stop >> 8
+            held = sig if event != PTRACE_EVENT_STOP and sig != signal.SIGTRAP else 0
+            ptrace.detach(tid, held)
+        return
+    except (StopTimeout, ProcessExited):
+        pass
+    except OSError as e:
+        if e.errno == errno.ESRCH:
+            return
+        raise
+    log.warning(
+        "process %d: thread %d never stopped; it stays seized by this thread (and stops "
+        "when it wakes) until the next operation on the process or the end of this one",
+        pid,
+        tid,
+    )
 
 
 def _checked(pid: int, op: Callable[[], T]) -> T:
@@ -105,13 +160,16 @@ def _checked(pid: int, op: Callable[[], T]) -> T:
         raise ProcessError(f"ptrace on process {pid} failed: {e.strerror}") from None
 
 
-def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
+def _wait_stop(pid: int, tid: int, deadline: float, timeout: float) -> int | None:
     """Wait until tid stops; return its stop signal, or None if it exited.
 
     Polls with WNOHANG so a thread stuck in uninterruptible sleep cannot hang
-    us (and every other stopped thread) forever.
+    us (and every other stopped thread) forever; sleeps between polls, so a
+    real-time patcher leaves the CPU to the threads it waits for. (A blocking
+    waitpid has no timeout, and SIGCHLD cannot be relied on in a host process
+    with other threads.)
     """
-    delay = 0.00002
+    delay = FIRST_SLEEP
     next_look = time.monotonic() + LOOK_INTERVAL
     while True:
         try:
@@ -132,21 +190,23 @@ def _wait_stop(pid: int, tid: int, deadline: float) -> int | None:
             state = "?"
             with contextlib.suppress(ProcessError):
                 state = read_status(tid).state
-            raise ProcessError(
-                f"thread {tid} of process {pid} did not stop within {STOP_TIMEOUT:.0f} s "
+            raise StopTimeout(
+                f"thread {tid} of process {pid} did not stop within {timeout:g} s "
                 f"(state {state}{': uninterruptible sleep, e.g. hung I/O' if state == 'D' else ''})"
-                "; nothing was changed, try again later"
+                "; nothing was changed. Try again later, or allow longer with --stop-timeout",
+                pid=pid,
             )
         time.sleep(delay)
-        # Short polls: a runnable thread on a busy CPU stops within a time slice,
-        # and every millisecond we oversleep is a millisecond the others stay stopped.
-        delay = min(delay * 2, 0.0002)
+        # Short sleeps first: a thread running on another CPU stops within microseconds;
+        # one waiting for a CPU takes a time slice, and there a few hundred microseconds
+        # of oversleep matter less than waking up, at real-time priority, for nothing.
+        delay = min(delay * 2, MAX_SLEEP)
 
 
 def wait_stop(pid: int, tid: int, timeout: float = STOP_TIMEOUT) -> int | None:
     """Wait until a thread we resumed stops again; its stop status (signal, and
     event in the high byte), or None if it exited."""
-    return _wait_stop(pid, tid, time.monotonic() + timeout)
+    return _wait_stop(pid, tid, time.monotonic() + timeout, timeout)
 
 
 def _dying(pid: int, tid: int) -> bool:
@@ -168,7 +228,11 @@ def _seize(pid: int, tid: int, status: ProcessStatus) -> bool:
     except OSError as e:
         if e.errno == errno.ESRCH:
             return False
-        if e.errno == errno.EPERM:
+        if e.errno != errno.EPERM:
+            raise ProcessError(
+                f"cannot trace thread {tid} of process {pid}: {e.strerror}"
+            ) from None
+        if not _ours(tid):
             tracer = read_status(pid).tracer_pid if tid == pid else status.tracer_pid
             if tracer:
                 raise AlreadyTraced(
@@ -177,7 +241,9 @@ def _seize(pid: int, tid: int, status: ProcessStatus) -> bool:
                     "detach the debugger or strace, then try again"
                 ) from None
             raise permission_denied(pid, f"cannot trace process {pid} ({status.name})") from None
-        raise ProcessError(f"cannot trace thread {tid} of process {pid}: {e.strerror}") from None
+        # Seized by an earlier stop of ours in which it never stopped (see
+        # StoppedProcess.resume): ours already; interrupt it again and wait for it.
+        log.debug("process %d: thread %d still seized from an earlier stop", pid, tid)
     try:
         ptrace.interrupt(tid)
     except OSError as e:
@@ -187,21 +253,26 @@ def _seize(pid: int, tid: int, status: ProcessStatus) -> bool:
     return True
 
 
+def _ours(tid: int) -> bool:
+    """True if the calling thread is tid's tracer."""
+    with contextlib.suppress(ProcessError):
+        return read_status(tid).tracer_pid == threading.get_native_id()
+    return False
+
+
 def _stop_all(proc: StoppedProcess) -> None:
     pid = proc.pid
-    deadline = time.monotonic() + STOP_TIMEOUT
+    fresh = list_threads(pid)  # before the clock: nothing is stopped yet
+    deadline = time.monotonic() + proc.timeout
     proc.stopped_at = time.perf_counter()
-    while True:
-        fresh = [t for t in list_threads(pid) if t not in proc.threads]
-        if not fresh:
-            break
+    while fresh:
         seized = []
         for tid in fresh:
             if _seize(pid, tid, proc.status):
                 proc.threads[tid] = Thread(tid)
                 seized.append(tid)
         for tid in seized:
-            stop = _wait_stop(pid, tid, deadline)
+            stop = _wait_stop(pid, tid, deadline, proc.timeout)
             if stop is None:
                 del proc.threads[tid]
                 continue
@@ -209,6 +280,8 @@ def _stop_all(proc: StoppedProcess) -> None:
             if event != PTRACE_EVENT_STOP and sig != signal.SIGTRAP:
                 # A signal arrived before our interrupt: hold it, deliver it on detach.
                 proc.threads[tid].pending_signal = sig
+            proc.threads[tid].stopped = True
+        fresh = [t for t in list_threads(pid) if t not in proc.threads]
     if not proc.threads:
         raise ProcessExited(f"process {pid} exited during the operation")
     log.debug(
@@ -220,21 +293,31 @@ def _stop_all(proc: StoppedProcess) -> None:
 
 
 @contextmanager
-def stop_world(pid: int) -> Iterator[StoppedProcess]:
-    """Stop every thread of pid; resume them all when the block ends, whatever happens."""
+def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedProcess]:
+    """Stop every thread of pid; resume them all when the block ends, whatever happens.
+
+    `timeout`: seconds every thread may take to stop (StopTimeout otherwise,
+    with the process untouched), and each single step inside the block. From
+    the first seize to the last detach the calling thread runs at real-time
+    priority where permitted (`process.priority.realtime`), so that a busy
+    machine does not stretch the stop.
+    """
+    if timeout <= 0:
+        raise ValueError(f"stop timeout must be positive, not {timeout}")
     status = check_alive(pid)
-    if status.tracer_pid:
+    if status.tracer_pid and status.tracer_pid != threading.get_native_id():
         raise AlreadyTraced(
             f"process {pid} ({status.name}) is already traced by pid {status.tracer_pid} "
             f"({process_name(status.tracer_pid)}): only one tracer at a time is possible; "
             "detach the debugger or strace, then try again"
         )
-    proc = StoppedProcess(pid=pid, status=status, memory=Memory(pid))
-    try:
-        _stop_all(proc)
-        yield proc
-    finally:
-        proc.resume()
+    proc = StoppedProcess(pid=pid, status=status, memory=Memory(pid), timeout=timeout)
+    with realtime():
+        try:
+            _stop_all(proc)
+            yield proc
+        finally:
+            proc.resume()
 
 
 def exists(pid: int) -> bool:
