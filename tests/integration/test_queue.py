@@ -29,17 +29,25 @@ def _cli(*args: str) -> subprocess.Popen[str]:
 
 
 def _wait_for(proc: subprocess.Popen[str], text: str, timeout: float = 30) -> str:
-    """Read proc's stderr until a line holds `text`; returns that line."""
+    """Read proc's stderr until a line holds `text`; returns that line.
+
+    Reads the pipe's descriptor directly: a buffered readline after select() can
+    leave the awaited line in Python's buffer, where select() never sees it."""
     assert proc.stderr is not None
+    fd = proc.stderr.fileno()
     deadline = time.monotonic() + timeout
+    seen = b""
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stderr], [], [], deadline - time.monotonic())
-        if ready:
-            line = proc.stderr.readline()
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            continue
+        chunk = os.read(fd, 65536)
+        assert chunk, f"stderr closed before {text!r}; exit {proc.wait()}: {seen!r}"
+        seen += chunk
+        for line in seen.decode(errors="replace").splitlines():
             if text in line:
                 return line
-            assert line, f"stderr closed before {text!r}; exit {proc.wait()}"
-    pytest.fail(f"no {text!r} on stderr within {timeout} s")
+    pytest.fail(f"no {text!r} on stderr within {timeout} s: {seen!r}")
 
 
 def test_two_applies_at_once_both_succeed_in_turn(targets, start, tmp_path):

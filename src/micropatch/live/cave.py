@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from micropatch.arch.x86_64.abi import (
+    FRAME_SIZE,
     SYS_CLOSE,
     SYS_FTRUNCATE,
     SYS_MEMFD_CREATE,
@@ -39,7 +40,6 @@ from micropatch.process.linux import (
 )
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.memory import Memory
-from micropatch.process.syscall import FRAME_SIZE
 
 if TYPE_CHECKING:
     from micropatch.live.module import LoadedModule

@@ -113,7 +113,7 @@ def repair(pid: int) -> list[str]:
     check_alive(pid)
     try:
         with queued(pid), stop_world(pid) as proc:
-            return recover(proc, read_maps(pid))
+            return recover(proc, read_maps(pid), retired=True)
     except ProcessNotFound:
         raise ProcessExited(f"process {pid} exited during the operation") from None
 

@@ -41,18 +41,27 @@ log = logging.getLogger(__name__)
 MEMFD_LINK = "/memfd:micropatch (deleted)"
 
 
-def needs_recovery(proc: StoppedProcess, mappings: list[Mapping]) -> bool:
+def needs_recovery(
+    proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False
+) -> bool:
+    """Whether anything is left to resolve (with `retired`, trampolines to free too)."""
     caves = read_caves(proc.memory, mappings)
     return bool(
         any(p.state != APPLIED for c in caves for p in c.registry.patches)
+        or (retired and any(c.registry.retired for c in caves))
         or orphan_caves(proc.memory, mappings, caves)
         or leaked_fds(proc.pid)
     )
 
 
-def recover(proc: StoppedProcess, mappings: list[Mapping]) -> list[str]:
-    """Bring the process to a consistent state; what was done, for the log and events."""
-    if not needs_recovery(proc, mappings):
+def recover(
+    proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False
+) -> list[str]:
+    """Bring the process to a consistent state; what was done, for the log and events.
+
+    `retired`: also free retired trampolines no thread uses any more (and unmap a
+    cave left empty); every operation does that at its end anyway."""
+    if not needs_recovery(proc, mappings, retired=retired):
         return []
     done: list[str] = []
     changed: list[int] = []
@@ -86,7 +95,11 @@ def recover(proc: StoppedProcess, mappings: list[Mapping]) -> list[str]:
         for orphan in orphan_caves(proc.memory, mappings, caves):
             tx.syscalls(SYS_MUNMAP, orphan, CAVE_SIZE)
             done.append(f"unmapped an unrecorded cave at {orphan:#x}")
+        before = sum(len(c.registry.retired) for c in caves)
         reclaim(tx, caves)
+        freed = before - sum(len(c.registry.retired) for c in caves)
+        if freed:
+            done.append(f"freed {freed} retired trampoline{'s' if freed != 1 else ''}")
     except BaseException:
         tx.rollback()
         raise

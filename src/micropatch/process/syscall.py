@@ -34,7 +34,15 @@ import os
 import signal
 import struct
 
-from micropatch.arch.x86_64.abi import SYSCALL_ARG_REGS, SYSCALL_NAMES, UserRegs, signed64
+from micropatch.arch.x86_64.abi import (
+    FRAME_REGS,
+    FRAME_SIZE,
+    STUB,
+    SYSCALL_ARG_REGS,
+    SYSCALL_NAMES,
+    UserRegs,
+    signed64,
+)
 from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.errors import ProcessExited, RemoteSyscallError
 from micropatch.faults import checkpoint
@@ -46,16 +54,6 @@ from micropatch.process.world import StoppedProcess, wait_stop
 
 log = logging.getLogger(__name__)
 
-# syscall; pop r15..rdi in user_regs_struct order; popfq; ret 0x80
-STUB = bytes.fromhex(
-    "0f05" "415f" "415e" "415d" "415c" "5d" "5b" "415b" "415a" "4159" "4158"
-    "58" "59" "5a" "5e" "5f" "9d" "c28000"
-)  # fmt: skip
-_FRAME_REGS = (
-    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
-    "rax", "rcx", "rdx", "rsi", "rdi", "eflags", "rip",
-)  # fmt: skip
-FRAME_SIZE = 8 * len(_FRAME_REGS)
 _SYSCALL_LENGTH = 2
 _NR_RESTART_SYSCALL = 219
 # -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND: the kernel would run the call
@@ -154,7 +152,7 @@ class RemoteSyscalls:
                 f"process {proc.pid}: thread {tid}'s stack has no room below its red zone "
                 "for micropatch's system call frame; nothing was changed"
             )
-        values = [getattr(resume_with, name) for name in _FRAME_REGS]
+        values = [getattr(resume_with, name) for name in FRAME_REGS]
         proc.memory.write(frame, struct.pack(f"<{len(values)}Q", *values))
         regs = resume_with.copy()
         regs.rip = self.instruction

@@ -59,7 +59,9 @@ T = TypeVar("T")
 class Thread:
     tid: int
     pending_signal: int = 0  # a signal we intercepted, given back on detach
-    saved_regs: UserRegs | None = None  # registers at stop time, restored before detach
+    # Registers at stop time, then as the engine decided they resume (a move into a
+    # relocated copy, a borrowed thread's continuation): written back before detach.
+    saved_regs: UserRegs | None = None
     regs_dirty: bool = False
     stopped: bool = False  # seen in a ptrace stop: only then can it be detached
 

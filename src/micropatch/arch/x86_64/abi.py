@@ -24,6 +24,19 @@ SYSCALL_NAMES = {
 }
 
 
+# The crash-safe remote system call (process/syscall.py): `syscall`, then pop
+# r15..rdi in user_regs_struct order and the flags from a frame, then `ret 0x80`.
+STUB = bytes.fromhex(
+    "0f05" "415f" "415e" "415d" "415c" "5d" "5b" "415b" "415a" "4159" "4158"
+    "58" "59" "5a" "5e" "5f" "9d" "c28000"
+)  # fmt: skip
+FRAME_REGS = (
+    "r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8",
+    "rax", "rcx", "rdx", "rsi", "rdi", "eflags", "rip",
+)  # fmt: skip
+FRAME_SIZE = 8 * len(FRAME_REGS)
+
+
 class UserRegs(ctypes.Structure):
     """struct user_regs_struct from <sys/user.h>, in kernel order."""
 
