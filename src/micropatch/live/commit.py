@@ -168,15 +168,19 @@ def restore_sites(tx: Transaction, patch: AppliedPatch) -> None:
         checkpoint(f"site-{index}-restored")
 
 
-def reclaim(tx: Transaction, caves: list[Cave]) -> None:
+def reclaim(tx: Transaction, caves: list[Cave], *, everything: bool = False) -> None:
     """Free retired trampolines no thread can be in any more; unmap caves left empty.
 
-    The unmap comes last: it is the one step the journal cannot undo.
+    Proving a trampoline free means scanning every thread's stack, so it is done
+    only where it pays: a cave left without patches (to unmap it), one whose
+    retired trampolines take more than a quarter of its code area, or
+    `everything` (repair). The unmap comes last: the one step the journal cannot undo.
     """
     emptied = []
     for cave in caves:
         retired = cave.registry.retired
-        if retired:
+        crowded = sum(r.size for r in retired) * 4 > cave.size
+        if retired and (everything or crowded or not cave.registry.patches):
             busy = in_use(
                 tx.proc, tx.mappings, [(r.trampoline, r.trampoline + r.size) for r in retired]
             )

@@ -30,7 +30,7 @@ from micropatch.live import commit
 from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.lock import queued
 from micropatch.live.module import LoadedModule, ModuleCache, find_module, symbol_address
-from micropatch.live.recovery import recover
+from micropatch.live.recovery import leftovers, recover
 from micropatch.live.registry import APPLIED, REMOVING, AppliedPatch
 from micropatch.live.safety import Entering, Unsafe, place_threads
 from micropatch.live.transaction import Transaction
@@ -144,13 +144,16 @@ def _attempts(change: _Change, retries: int) -> Outcome:
             lambda location: symbol_address(change.pid, mappings, location, modules),
         )
         _prepare(change.pid, module, planned)
+    # Read before the stop (the lock keeps it true): most processes have nothing to
+    # recover, and they should not pay for looking while stopped.
+    dirty = leftovers(change.pid)
     delay = RETRY_DELAY
     reason = ""
     timeout: StopTimeout | None = None
     for attempt in range(1, retries + 2):
         try:
             with stop_world(change.pid, timeout=change.stop_timeout) as proc:
-                sites, moved = _transact(proc, change, module, planned)
+                sites, moved = _transact(proc, change, module, planned, dirty)
             paused = proc.paused
         except ProcessNotFound:
             raise ProcessExited(f"process {change.pid} exited during the operation") from None
@@ -190,10 +193,12 @@ def _transact(
     change: _Change,
     module: LoadedModule | None,
     planned: list[PlannedSite] | None,
+    dirty: bool = True,
 ) -> tuple[int, int]:
-    """Returns the number of sites now patched and the number of threads moved."""
+    """Returns the number of sites now patched and the number of threads moved.
+    `dirty`: a killed patcher may have left something to recover first."""
     mappings = read_maps(proc.pid)
-    if recover(proc, mappings):
+    if dirty and recover(proc, mappings):
         mappings = read_maps(proc.pid)
     checkpoint("stopped")
     caves = read_caves(proc.memory, mappings)

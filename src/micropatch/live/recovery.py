@@ -31,6 +31,7 @@ import zlib
 from micropatch.arch.x86_64.abi import SYS_CLOSE, SYS_MUNMAP
 from micropatch.live.cave import CAVE_SIZE, orphan_caves, read_caves
 from micropatch.live.commit import reclaim, store
+from micropatch.live.module import CAVE_PREFIX
 from micropatch.live.registry import APPLIED, APPLYING, REMOVING, AppliedPatch
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import Mapping
@@ -96,7 +97,7 @@ def recover(
             tx.syscalls(SYS_MUNMAP, orphan, CAVE_SIZE)
             done.append(f"unmapped an unrecorded cave at {orphan:#x}")
         before = sum(len(c.registry.retired) for c in caves)
-        reclaim(tx, caves)
+        reclaim(tx, caves, everything=retired)
         freed = before - sum(len(c.registry.retired) for c in caves)
         if freed:
             done.append(f"freed {freed} retired trampoline{'s' if freed != 1 else ''}")
@@ -124,6 +125,28 @@ def _can_complete(tx: Transaction, patch: AppliedPatch) -> bool:
         if tx.memory.read(site.address, len(site.jump)) not in (site.original, site.jump):
             return False
     return True
+
+
+def leftovers(pid: int) -> bool:
+    """Whether a killed patcher left anything in the process, read without stopping it.
+
+    Sound while the caller holds the process's lock (`live.lock`): no other
+    operation can be changing the registries, so what is read is what the stop
+    will find; the stop checks again anyway before it changes anything."""
+    from micropatch.process.maps import read_maps
+    from micropatch.process.memory import Memory
+
+    mappings = read_maps(pid)
+    if leaked_fds(pid):
+        return True
+    if not any(m.path.startswith(CAVE_PREFIX) for m in mappings):
+        return False
+    with Memory(pid, writable=False) as memory:
+        caves = read_caves(memory, mappings)
+        return bool(
+            any(p.state != APPLIED for c in caves for p in c.registry.patches)
+            or orphan_caves(memory, mappings, caves)
+        )
 
 
 def leaked_fds(pid: int) -> list[int]:

@@ -217,9 +217,10 @@ def cave_with(patches: int, retired: list[tuple[int, int]]) -> Cave:
 
 
 def reclaim(tx: Transaction, caves: list[Cave], mp: pytest.MonkeyPatch) -> list[str]:
-    """Run commit.reclaim; its verify and unmap steps, in order."""
+    """Run commit.reclaim, scanning every cave (as repair does); its verify and
+    unmap steps, in order."""
     steps = watch(tx, mp)
-    commit.reclaim(tx, caves)
+    commit.reclaim(tx, caves, everything=True)
     return steps
 
 
@@ -298,7 +299,7 @@ def test_reclaim_does_not_unmap_when_the_read_back_fails(monkeypatch) -> None:
     memory.regions[CAVE][0] = 0  # the write did not land
     steps = watch(tx, monkeypatch)
     with pytest.raises(MemoryAccessError, match="read-back at 0x100000 found 00, wrote 01"):
-        commit.reclaim(tx, [cave_with(0, [A])])
+        commit.reclaim(tx, [cave_with(0, [A])], everything=True)
     assert steps == ["verify"]
 
 
@@ -307,3 +308,15 @@ def test_reclaim_with_no_retired_trampoline_only_verifies(monkeypatch) -> None:
     tx = Transaction(FakeProc(memory, {42: A[0]}), [STACK])  # type: ignore[arg-type]
     cave = cave_with(2, [])
     assert reclaim(tx, [cave], monkeypatch) == ["verify"] and memory.log == []
+
+
+def test_reclaim_leaves_retired_trampolines_of_a_cave_in_use_for_later(monkeypatch) -> None:
+    """Freeing means scanning every stack: not done while the cave still has patches
+    and its retired trampolines are few; the registry is not rewritten."""
+    memory = Regions()
+    tx = Transaction(FakeProc(memory, {42: 0x1234}), [STACK])  # type: ignore[arg-type]
+    cave = cave_with(1, [A, B])
+    steps = watch(tx, monkeypatch)
+    commit.reclaim(tx, [cave])
+    assert steps == ["verify"]
+    assert cave.registry.retired != [] and stored(memory) is None
