@@ -85,7 +85,7 @@ def _state(pid: int) -> int | None:
     return versions[0] if versions else None
 
 
-def run(exe: Path, tmp: Path, rounds: int, seed: int) -> dict[str, Any]:
+def run(exe: Path, tmp: Path, rounds: int, seed: int, budget: float) -> dict[str, Any]:
     from micropatch import live
     from micropatch.elf.identity import identify
     from micropatch.errors import MicropatchError
@@ -112,9 +112,12 @@ def run(exe: Path, tmp: Path, rounds: int, seed: int) -> dict[str, Any]:
     }
     problems: list[str] = []
     cli = [os.path.join(os.path.dirname(sys.executable), "micropatch")]
+    deadline = time.monotonic() + budget
     with Target(exe, spin=THREADS - 1, burn=200) as target:
         pid = target.pid
         for index in range(rounds):
+            if time.monotonic() > deadline:
+                break
             counts["rounds"] += 1
             version = _state(pid)
             if version is None:
@@ -175,16 +178,21 @@ def run(exe: Path, tmp: Path, rounds: int, seed: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = report.arguments(NAME, __doc__.splitlines()[0], argv)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--budget", type=float, default=3600.0, help="stop after this many seconds (default 3600)"
+    )
     args = report.parse(parser, argv)
     rounds = QUICK_ROUNDS if args.quick else ROUNDS
     with tempfile.TemporaryDirectory(prefix="micropatch-chaos-") as tmp:
         exe = build(Path(tmp))
-        result = run(exe, Path(tmp), rounds, args.seed)
+        result = run(exe, Path(tmp), rounds, args.seed, args.budget)
     c = result["counts"]
     rows = "\n".join(f"| {key.replace('_', ' ')} | {value} |" for key, value in c.items())
+    done = c["rounds"]
+    budget_note = "" if done == rounds else f" (of {rounds} planned: the time budget ran out)"
     markdown = (
-        f"{rounds} rounds on a {THREADS}-thread target (every thread calling the patched "
-        "function): each round starts `micropatch apply`, `update` or `remove` (in turn), "
+        f"{done} rounds{budget_note} on a {THREADS}-thread target (every thread calling "
+        "the patched function): each round starts `micropatch apply`, `update` or `remove` (in turn), "
         "waits until a target thread is in a tracing stop, waits 0-4 ms more, and kills "
         "the CLI with SIGKILL; then checks the target and runs `live.repair` (the first "
         "step of every next command) in the benchmark's process. Aims: 0 deaths, 0 "
