@@ -191,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     done = c["rounds"]
     budget_note = "" if done == rounds else f" (of {rounds} planned: the time budget ran out)"
     markdown = (
-        f"{done} rounds{budget_note} on a {THREADS}-thread target (every thread calling "
-        "the patched function): each round starts `micropatch apply`, `update` or `remove` (in turn), "
-        "waits until a target thread is in a tracing stop, waits 0-4 ms more, and kills "
-        "the CLI with SIGKILL; then checks the target and runs `live.repair` (the first "
-        "step of every next command) in the benchmark's process. Aims: 0 deaths, 0 "
-        "inconsistent states, 0 failed next commands.\n\n| | count |\n|---|---:|\n" + rows + "\n"
+        f"{done} rounds{budget_note} on a {THREADS}-thread target (every thread "
+        "calling the patched function): each round starts `micropatch apply`, "
+        "`update` or `remove` (in turn), waits until a target thread is in a tracing "
+        "stop, waits 0-4 ms more, and kills the CLI with SIGKILL; then checks the "
+        "target and runs `live.repair` (the first step of every next command) in the "
+        "benchmark's process. Aims: 0 deaths, 0 inconsistent states, 0 failed next "
+        "commands.\n\n| | count |\n|---|---:|\n" + rows + "\n"
     )
     if result["problems"]:
         markdown += "\nFirst problems:\n\n" + "\n".join(f"- {p}" for p in result["problems"])
