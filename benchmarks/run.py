@@ -6,13 +6,14 @@ import argparse
 import sys
 import time
 
-from benchmarks import build, diff, overhead, pause, peers, soak
+from benchmarks import build, chaos, diff, overhead, pause, peers, soak
 
 BENCHMARKS = {
     "pause": pause,
     "overhead": overhead,
     "peers": peers,
     "soak": soak,
+    "chaos": chaos,
     "build": build,
     "diff": diff,
 }
