@@ -27,6 +27,7 @@ from keystone import (
     KsError,
 )
 
+from micropatch.arch.x86_64.decode import IMMEDIATE_KINDS
 from micropatch.errors import AssemblyError
 from micropatch.patch.asmtext import Line, Reference, parse_code, syntax_problem
 
@@ -41,19 +42,6 @@ _CHECK_ADDRESS = 0x10000000
 # be found in the output; far from any displacement a person would write.
 _RIP_MARKER = 0x3A5E0000
 _RIP_MARKER_STEP = 0x10
-_IMMEDIATE_KINDS = frozenset(
-    {
-        OpKind.IMMEDIATE8,
-        OpKind.IMMEDIATE8_2ND,
-        OpKind.IMMEDIATE16,
-        OpKind.IMMEDIATE32,
-        OpKind.IMMEDIATE64,
-        OpKind.IMMEDIATE8TO16,
-        OpKind.IMMEDIATE8TO32,
-        OpKind.IMMEDIATE8TO64,
-        OpKind.IMMEDIATE32TO64,
-    }
-)
 _BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
 _REFERENCE_USES = (
     "use a reference as a branch target (jmp/call/jcc {x}), a 64-bit immediate "
@@ -264,7 +252,7 @@ def _operand_values(machine: bytes, address: int) -> Counter[int]:
             kind = instruction.op_kind(operand)
             if kind in _BRANCH_KINDS:
                 present[instruction.near_branch_target] += 1
-            elif kind in _IMMEDIATE_KINDS:
+            elif kind in IMMEDIATE_KINDS:
                 present[instruction.immediate(operand)] += 1
             elif kind == OpKind.MEMORY:
                 present[instruction.memory_displacement] += 1

@@ -33,6 +33,7 @@ from micropatch.live.cave import CAVE_SIZE, orphan_caves, read_caves
 from micropatch.live.commit import reclaim, store
 from micropatch.live.module import CAVE_PREFIX
 from micropatch.live.registry import APPLIED, APPLYING, REMOVING, AppliedPatch
+from micropatch.live.safety import thread_inside
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import Mapping
 from micropatch.process.world import StoppedProcess
@@ -118,13 +119,21 @@ def _restore(tx: Transaction, patch: AppliedPatch) -> None:
 
 
 def _can_complete(tx: Transaction, patch: AppliedPatch) -> bool:
+    """Roll forward only if every trampoline is intact, every site holds its original
+    bytes or its jump, and no thread has since stopped inside a site still to be
+    jumped (the process ran after the kill; rolling back needs no such check, since
+    no thread can be inside a jump past its first byte)."""
+    unjumped = []
     for site in patch.sites:
         code = tx.memory.read(site.trampoline, site.trampoline_size)
         if not site.code_hash or f"{zlib.crc32(code):08x}" != site.code_hash:
             return False
-        if tx.memory.read(site.address, len(site.jump)) not in (site.original, site.jump):
+        found = tx.memory.read(site.address, len(site.jump))
+        if found not in (site.original, site.jump):
             return False
-    return True
+        if found == site.original:
+            unjumped.append((site.address, site.address + len(site.original)))
+    return thread_inside(tx.proc, unjumped) is None
 
 
 def leftovers(pid: int) -> bool:

@@ -79,6 +79,16 @@ def place_threads(proc: StoppedProcess, entering: list[Entering]) -> Placement:
     return placement
 
 
+def thread_inside(proc: StoppedProcess, spans: list[tuple[int, int]]) -> int | None:
+    """A thread that would resume strictly inside one of the spans (a site about to
+    receive its jump), or None. Its first byte is fine: the jump starts there."""
+    for tid in proc.threads:
+        eff = effective_rip(proc.regs(tid))
+        if any(low < eff < high for low, high in spans):
+            return tid
+    return None
+
+
 def in_use(
     proc: StoppedProcess, mappings: list[Mapping], ranges: list[tuple[int, int]]
 ) -> set[int]:

@@ -164,22 +164,24 @@ class RemoteSyscalls:
         # From here on, a patcher that dies leaves a thread that makes the call,
         # restores `resume_with` from the frame and runs on.
         proc.set_regs(tid, regs)
+        # From now on, resume from the continuation, not from the original stop
+        # registers: out of a syscall stop the kernel would not restart an
+        # interrupted call. Recorded first, so that even a failure below leaves
+        # the thread to resume correctly at detach.
+        thread.saved_regs = resume_with
+        thread.regs_dirty = True
         checkpoint("syscall-borrowed")
         try:
             ptrace.set_options(tid, PTRACE_O_TRACESYSGOOD)
             self._until_syscall_stop(tid)  # entry
             checkpoint("syscall-entered")
             self._until_syscall_stop(tid)  # exit
+            result = signed64(ptrace.get_regs(tid).rax)
+            ptrace.set_regs(tid, resume_with)
         except OSError as e:
             if e.errno == errno.ESRCH:
                 raise ProcessExited(f"process {proc.pid} exited during the operation") from e
             raise RemoteSyscallError(f"ptrace on thread {tid} failed: {e.strerror}") from e
-        result = signed64(ptrace.get_regs(tid).rax)
-        # Resume from the continuation, not from the original stop registers: from a
-        # syscall-exit stop the kernel would not restart an interrupted call.
-        proc.set_regs(tid, resume_with)
-        thread.saved_regs = resume_with
-        thread.regs_dirty = True
         return result
 
     def _until_syscall_stop(self, tid: int) -> None:

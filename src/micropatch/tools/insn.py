@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, cast
 
 from iced_x86 import Code, FlowControl, Instruction, Mnemonic, OpKind, Register, RegisterExt
 
+from micropatch.arch.x86_64.decode import IMMEDIATE_KINDS
+
 if TYPE_CHECKING:
     from iced_x86._iced_x86_py import Register as RegisterValue
 
@@ -30,19 +32,6 @@ __all__ = [
     "summarise",
 ]
 
-_IMMEDIATES = frozenset(
-    {
-        OpKind.IMMEDIATE8,
-        OpKind.IMMEDIATE8_2ND,
-        OpKind.IMMEDIATE16,
-        OpKind.IMMEDIATE32,
-        OpKind.IMMEDIATE64,
-        OpKind.IMMEDIATE8TO16,
-        OpKind.IMMEDIATE8TO32,
-        OpKind.IMMEDIATE8TO64,
-        OpKind.IMMEDIATE32TO64,
-    }
-)
 
 
 def _register_classes() -> dict[int, object]:
@@ -136,7 +125,7 @@ def summarise(
                         else "d",
                     )
                 )
-        elif kind in _IMMEDIATES:
+        elif kind in IMMEDIATE_KINDS:
             value = instruction.immediate(operand)
             if kind in _SIGN_EXTENDED and value >= 1 << 63:
                 value -= _SIGNED_64

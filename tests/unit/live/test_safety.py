@@ -22,6 +22,7 @@ from micropatch.live.safety import (
     in_use,
     into_copy,
     place_threads,
+    thread_inside,
 )
 from micropatch.process.maps import Mapping
 from micropatch.process.syscall import continuation
@@ -206,3 +207,13 @@ def test_in_use_scans_a_bounded_stack() -> None:
     proc.memory = FakeMemory(huge.start, bytes(huge.size))
     assert in_use(proc, [huge], [RETIRED]) == set()  # type: ignore[arg-type]
     assert proc.memory.reads == [(huge.start, STACK_SCAN_LIMIT)]
+
+
+def test_thread_inside_a_site_about_to_be_jumped_is_found() -> None:
+    """Recovery rolls an interrupted apply forward only if no thread has since stopped
+    strictly inside a site still holding its original bytes (effective rip counts)."""
+    site = (HOT, HOT + 6)
+    assert thread_inside(FakeProc({1: regs(HOT), 2: regs(HOT + 6)}), [site]) is None  # type: ignore[arg-type]
+    assert thread_inside(FakeProc({1: regs(HOT), 7: regs(HOT + 4)}), [site]) == 7  # type: ignore[arg-type]
+    restarting = regs(HOT + 6, ERESTARTSYS, orig_rax=0)  # resumes at HOT + 4
+    assert thread_inside(FakeProc({9: restarting}), [site]) == 9  # type: ignore[arg-type]

@@ -10,6 +10,21 @@ from iced_x86 import Code, Decoder, Formatter, FormatterSyntax, Instruction, OpK
 
 _BITNESS = 64
 
+IMMEDIATE_KINDS = frozenset(
+    {
+        OpKind.IMMEDIATE8,
+        OpKind.IMMEDIATE8_2ND,
+        OpKind.IMMEDIATE16,
+        OpKind.IMMEDIATE32,
+        OpKind.IMMEDIATE64,
+        OpKind.IMMEDIATE8TO16,
+        OpKind.IMMEDIATE8TO32,
+        OpKind.IMMEDIATE8TO64,
+        OpKind.IMMEDIATE32TO64,
+    }
+)
+"""Every operand kind that is an immediate."""
+
 
 def _make_formatter() -> Formatter:
     formatter = Formatter(FormatterSyntax.INTEL)
