@@ -28,6 +28,7 @@ next transaction (`live.recovery`).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -44,7 +45,7 @@ from micropatch.arch.x86_64.abi import (
     signed64,
 )
 from micropatch.arch.x86_64.constants import RED_ZONE
-from micropatch.errors import ProcessExited, RemoteSyscallError
+from micropatch.errors import MicropatchError, ProcessExited, RemoteSyscallError
 from micropatch.faults import checkpoint
 from micropatch.process import ptrace, seccomp
 from micropatch.process.linux import PTRACE_O_TRACESYSGOOD, PTRACE_SYSCALL
@@ -110,8 +111,11 @@ class RemoteSyscalls:
     def close(self) -> None:
         """Put the padding back: no borrowed thread is in the stub any more."""
         if self._stub is not None:
-            self.proc.memory.write(self._stub, self._stub_original)
-            self._stub = None
+            stub, self._stub = self._stub, None
+            # Left in place if the process is gone: inert padding, nothing runs it; and
+            # never an error that would hide the one that ended the transaction.
+            with contextlib.suppress(MicropatchError):
+                self.proc.memory.write(stub, self._stub_original)
 
     def check_seccomp(self, nr: int, args: tuple[int, ...]) -> None:
         """Refuse a call the target's seccomp policy would punish, before making it."""
