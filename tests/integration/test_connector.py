@@ -266,3 +266,24 @@ def test_without_cap_net_admin_the_error_says_so(crasher: Path, tmp_path: Path) 
     assert result.stdout.startswith(("OK", "ERR")), result.stderr
     if result.stdout.startswith("ERR"):
         assert "CAP_NET_ADMIN" in result.stdout
+
+
+def test_a_real_crash_reaches_the_tracker_through_carried(crasher: Path) -> None:
+    """Exit timestamps are CLOCK_MONOTONIC (time.monotonic_ns), which Carried compares."""
+    from micropatch.agent.crashes import Carried, CrashTracker, on_exit
+
+    carried, tracker = Carried(), CrashTracker(limit=2, window=60)
+    disabled: list[str] = []
+    with ExitWatcher() as watcher:
+        for _ in range(2):
+            before = time.monotonic_ns()
+            proc = subprocess.Popen([str(crasher), "abrt"])
+            carried.set(proc.pid, str(crasher), ["fix-1"], since_ns=before)
+            leader = _exits_of(watcher, proc.pid)[-1]
+            proc.wait(10)
+            assert before <= leader.timestamp_ns <= time.monotonic_ns()
+            crash = on_exit(carried, leader)
+            assert crash is not None and crash.signal == signal.SIGABRT
+            disabled += tracker.record(crash.exe, crash.patches, time.time())
+    assert disabled == ["fix-1"]
+    assert len(carried) == 0
