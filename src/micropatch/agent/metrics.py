@@ -24,10 +24,11 @@ process_*                                 (agent's own CPU, RSS, fds)
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -38,6 +39,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,40 @@ class _EventLike(Protocol):
     def data(self) -> dict[str, object]: ...
 
 
-class Metrics:
-    """The agent's metrics; `record` is an EventSink, `start` opens the endpoint."""
+class _Refresh:
+    """Calls `Metrics.update(snapshot())` when scraped, before the gauges are read.
 
-    def __init__(self) -> None:
+    Registered first: the registry collects in registration order. Emits nothing.
+    """
+
+    def __init__(self, metrics: Metrics, snapshot: Callable[[], Mapping[str, Any]]) -> None:
+        self._metrics = metrics
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        try:
+            self._metrics.update(self._snapshot())
+        except Exception:  # a scrape never fails because status did
+            log.exception("metrics: reading the agent's status failed")
+        return []
+
+
+class Metrics:
+    """The agent's metrics; `record` is an EventSink, `start` opens the endpoint.
+
+    ``snapshot``, if given, is called on every scrape (the agent's
+    ``snapshot()``: ``{"patches": [{"state": ...}, ...], "processes": [...]}``)
+    to refresh the gauges; otherwise the agent calls `update` or the setters.
+    """
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, Any]] | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if snapshot is not None:
+            r.register(_Refresh(self, snapshot))
         self.patches = Gauge(
             "micropatch_patches", "Patches in the store, by state.", ["state"], registry=r
         )
@@ -121,6 +151,20 @@ class Metrics:
         for state in {*PATCH_STATES, *counts}:
             self.patches.labels(state).set(counts.get(state, 0))
 
+    def update(self, snapshot: Mapping[str, Any]) -> None:
+        """Gauges from the agent's status: patches by state, processes covered."""
+        patches = snapshot.get("patches")
+        if isinstance(patches, list):
+            counts: dict[str, int] = {}
+            for patch in patches:
+                if isinstance(patch, Mapping):
+                    state = str(patch.get("state", "unknown"))
+                    counts[state] = counts.get(state, 0) + 1
+            self.set_patches(counts)
+        processes = snapshot.get("processes")
+        if isinstance(processes, list | dict):
+            self.set_covered(len(processes))
+
     def set_covered(self, processes: int) -> None:
         self.processes_covered.set(processes)
 
@@ -153,18 +197,30 @@ class Metrics:
 
     # -- endpoint -----------------------------------------------------------
 
-    def start(self, port: int) -> int:
-        """Serve /metrics on 127.0.0.1:port (0: any free port); returns the port."""
+    def start(self, port: int, address: str = ADDRESS) -> int:
+        """Serve /metrics on address:port (0: any free port); returns the port.
+
+        Only a loopback address is accepted (127.0.0.0/8, ::1): anything else
+        is a ValueError."""
         if self._server is not None:
             raise RuntimeError(f"the metrics endpoint already runs on port {self.port}")
         try:
-            server, thread = start_http_server(port, addr=ADDRESS, registry=self.registry)
+            loopback = ipaddress.ip_address(address).is_loopback
+        except ValueError:
+            loopback = False
+        if not loopback:
+            raise ValueError(
+                f"metrics_address {address!r} is not a loopback address: the endpoint "
+                "serves on 127.0.0.1 (or ::1) only; put a proxy in front to expose it"
+            )
+        try:
+            server, thread = start_http_server(port, addr=address, registry=self.registry)
         except OSError as e:
-            e.add_note(f"metrics endpoint on {ADDRESS}:{port}: is the port taken?")
+            e.add_note(f"metrics endpoint on {address}:{port}: is the port taken?")
             raise
         self._server, self._thread = server, thread
         self.port = int(server.server_port)
-        log.info("metrics on http://%s:%d/metrics", ADDRESS, self.port)
+        log.info("metrics on http://%s:%d/metrics", address, self.port)
         return self.port
 
     def stop(self) -> None:

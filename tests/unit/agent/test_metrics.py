@@ -136,3 +136,41 @@ def test_a_taken_port_says_so(metrics: Metrics) -> None:
         with pytest.raises(OSError) as info:
             metrics.start(port)
     assert any("is the port taken" in note for note in info.value.__notes__)
+
+
+def test_a_snapshot_refreshes_the_gauges_at_each_scrape() -> None:
+    status = {
+        "patches": [{"state": "enabled"}, {"state": "enabled"}, {"state": "disabled"}],
+        "processes": [{"pid": 1}, {"pid": 2}],
+    }
+    metrics = Metrics(lambda: status)
+    try:
+        port = metrics.start(0)
+        s = _scrape(port)
+        assert s[("micropatch_patches", (("state", "enabled"),))] == 2
+        assert s[("micropatch_processes_covered", ())] == 2
+        status["patches"] = [{"state": "disabled"}]
+        status["processes"] = []
+        s = _scrape(port)
+        assert s[("micropatch_patches", (("state", "enabled"),))] == 0
+        assert s[("micropatch_patches", (("state", "disabled"),))] == 1
+        assert s[("micropatch_processes_covered", ())] == 0
+    finally:
+        metrics.stop()
+
+
+def test_a_failing_snapshot_does_not_fail_the_scrape() -> None:
+    def broken() -> dict[str, object]:
+        raise RuntimeError("status broke")
+
+    metrics = Metrics(broken)
+    try:
+        assert ("micropatch_processes_covered", ()) in _scrape(metrics.start(0))
+    finally:
+        metrics.stop()
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "192.0.2.1", "localhost"])
+def test_only_loopback_addresses(metrics: Metrics, address: str) -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        metrics.start(0, address)
