@@ -287,3 +287,34 @@ def test_a_real_crash_reaches_the_tracker_through_carried(crasher: Path) -> None
             disabled += tracker.record(crash.exe, crash.patches, time.time())
     assert disabled == ["fix-1"]
     assert len(carried) == 0
+
+
+def test_the_exit_thread_calls_back_for_process_exits_only(crasher: Path) -> None:
+    import threading
+
+    from micropatch.agent.crashes import ExitThread
+
+    seen: list[ExitEvent] = []
+    arrived = threading.Condition()
+
+    def on_exit(event: ExitEvent) -> None:
+        with arrived:
+            seen.append(event)  # every process exit on the host; filtered below
+            arrived.notify_all()
+
+    part = ExitThread(on_exit)
+    part.start()
+    try:
+        pids = set()
+        for mode in ("thread", "segv"):
+            proc = subprocess.Popen([str(crasher), mode])
+            pids.add(proc.pid)
+            proc.wait(10)
+        with arrived:
+            assert arrived.wait_for(lambda: pids <= {e.tgid for e in seen}, timeout=10), seen
+            ours = [e for e in seen if e.tgid in pids]
+    finally:
+        part.stop()
+        part.stop()
+    assert len(ours) == 2  # the crashing thread's own exit is not a process exit
+    assert all(e.process_exit and e.signal == signal.SIGSEGV for e in ours)

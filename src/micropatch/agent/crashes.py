@@ -15,14 +15,17 @@ Pure bookkeeping, no kernel: the agent feeds it `process.connector` events.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from micropatch.process.connector import ExitEvent
+from micropatch.process.connector import ExitEvent, ExitWatcher, Overrun
+
+log = logging.getLogger(__name__)
 
 
 class CrashTracker:
@@ -218,3 +221,53 @@ def on_exit(carried: Carried, event: ExitEvent) -> Crash | None:
     if entry is None or not event.crashed or event.signal is None:
         return None
     return Crash(event.pid, entry.exe, entry.patches, event.signal, event.core_dumped)
+
+
+class ExitThread:
+    """The agent's part that follows process exits: a thread reading the proc
+    connector, calling ``on_exit(event)`` for every process exit (thread-group
+    leaders only) and ``on_overrun()`` when the kernel dropped events (rescan).
+
+    `start` subscribes in the calling thread, so a `ConnectorError` (no
+    privilege, a container) reaches the agent, which can run on without crash
+    auto-disable. A callback that raises is logged; the thread goes on.
+    """
+
+    def __init__(
+        self,
+        on_exit: Callable[[ExitEvent], None],
+        on_overrun: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_exit = on_exit
+        self._on_overrun = on_overrun
+        self._watcher: ExitWatcher | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._watcher = ExitWatcher(("exit",)).open()
+        self._thread = threading.Thread(target=self._run, name="exits", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Unsubscribe and end the thread (idempotent)."""
+        watcher, thread = self._watcher, self._thread
+        self._watcher = self._thread = None
+        if watcher is not None:
+            watcher.close()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+    def _run(self) -> None:
+        watcher = self._watcher
+        assert watcher is not None
+        for event in watcher:
+            try:
+                if isinstance(event, Overrun):
+                    if self._on_overrun is not None:
+                        self._on_overrun()
+                elif isinstance(event, ExitEvent) and event.process_exit:
+                    self._on_exit(event)
+            except Exception:
+                log.exception("exit watcher: handling %s failed", event)
