@@ -408,7 +408,8 @@ class ExitWatcher:
         self.close()
 
     def __del__(self) -> None:
-        if self._sock is not None and not self._reading:
+        # getattr: __init__ may have raised before setting them.
+        if getattr(self, "_sock", None) is not None and not getattr(self, "_reading", True):
             with contextlib.suppress(Exception):
                 self.close()
 
