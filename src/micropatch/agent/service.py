@@ -363,10 +363,15 @@ class Agent:
     def snapshot(self) -> dict[str, Any]:
         """`agent status`: patches, their state, processes covered, blocked counts."""
         view = self.view()
-        covered = self.reconciler.covered()
+        stored_patches = self.store.patches()
+        # Processes that carry a patch of the store (others may carry patches applied by hand).
+        covered = {
+            pid: c for pid, c in self.reconciler.covered().items()
+            if any(patch_id in stored_patches for patch_id in c.patches)
+        }  # fmt: skip
         auto = self.state.auto_disabled()
         patches = []
-        for stored in sorted(self.store.patches().values(), key=lambda s: s.id):
+        for stored in sorted(stored_patches.values(), key=lambda s: s.id):
             carriers = [c for c in covered.values() if stored.id in c.patches]
             patches.append({
                 "id": stored.id, "version": stored.version,
