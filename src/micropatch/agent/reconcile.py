@@ -123,6 +123,12 @@ class Reconciler:
                 c.patches.pop(event.patch_id, None)
                 c.blocked.pop(event.patch_id, None)
 
+    def get(self, pid: int) -> Covered | None:
+        """What is known of one process (a copy), or None."""
+        with self._lock:
+            c = self._covered.get(pid)
+            return Covered(c.pid, c.start, c.exe, dict(c.patches), dict(c.blocked)) if c else None
+
     def forget(self, pid: int) -> Covered | None:
         with self._lock:
             return self._covered.pop(pid, None)

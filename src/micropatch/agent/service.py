@@ -127,7 +127,6 @@ class Agent:
         self._parts: list[Part] = []
         self._view: PolicyView | None = None
         self._wake = threading.Event()
-        self._pending: set[int] | None = None  # pids to reconcile; None: all
         self._stopping = threading.Event()
         self._worker: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -202,7 +201,7 @@ class Agent:
     def carried(self, pid: int) -> tuple[str | None, list[str]]:
         """The executable of process pid and the patch ids it carried when last seen
         (kept up to date by every applied/updated/removed event)."""
-        c = self.reconciler.covered().get(pid)
+        c = self.reconciler.get(pid)
         return (c.exe, sorted(c.patches)) if c else (None, [])
 
     def on_exit(self, pid: int, exit_signal: int | None) -> None:
@@ -217,7 +216,10 @@ class Agent:
         """A patched process died of a crash signal: a "crashed" event, and, through
         the crash tracker, auto-disable for (patch, exe) at the limit."""
         patches = sorted(patches)
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
         self.report(Event(
             "crashed", time.time(), pid, exe, message=f"pid {pid} ({exe}) died of {name} "
             f"carrying {', '.join(patches)}", data={"signal": sig, "patches": patches},
@@ -286,13 +288,8 @@ class Agent:
             self._worker.join(timeout=60)
         self.events.close()
 
-    def wake(self, pids: Iterable[int] | None = None) -> None:
-        """Reconcile soon: these processes, or all."""
-        with self._lock:
-            if pids is None:
-                self._pending = None
-            elif self._pending is not None or not self._wake.is_set():
-                self._pending = (self._pending or set()) | set(pids)
+    def wake(self) -> None:
+        """Reconcile every running process soon (a change, SIGHUP, `rescan`)."""
         self._wake.set()
 
     def _work(self) -> None:
@@ -317,14 +314,9 @@ class Agent:
                     woke = True
                 due = time.monotonic() - last_full >= self.config.rescan_interval
                 if woke or due:
-                    with self._lock:
-                        pids, self._pending = self._pending, None
-                        self._wake.clear()
-                    if due:
-                        pids = None
-                    self._pass(pids)
-                    if pids is None:
-                        last_full = time.monotonic()
+                    self._wake.clear()
+                    self._pass(None)
+                    last_full = time.monotonic()
                 else:
                     self.reconciler.poll_blocked()
             except Exception:
