@@ -86,7 +86,12 @@ class ControlServer:
         self._prepare_dir()
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                self.path.unlink()  # a dead agent's socket (a live one would own the lock)
+                if _answers(self.path):
+                    raise AgentError(
+                        f"another agent already answers on {self.path}; stop it first "
+                        "(two agents would undo each other's work)"
+                    )
+                self.path.unlink()  # a dead agent's socket
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # never a moment with a wider mode than 0600
         try:
@@ -227,6 +232,16 @@ class ControlServer:
                 if (event.time, event.kind, event.pid, event.patch_id) in sent:
                     continue  # recorded between follow() and the query: already sent
                 _send(stream, {"event": event.to_json()})
+
+
+def _answers(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+        return True
 
 
 def _filter(args: dict[str, Any]) -> EventFilter:

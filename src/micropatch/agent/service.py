@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from micropatch.agent.config import AgentConfig
 from micropatch.agent.db import Database
@@ -56,6 +56,10 @@ from micropatch.patch.model import Target
 from micropatch.process.select import ProcessInfo
 from micropatch.trust.policy import Admitted
 
+if TYPE_CHECKING:
+    from micropatch.elf.identity import ModuleIdentity
+    from micropatch.elf.image import ElfImage
+
 log = logging.getLogger(__name__)
 
 # Signals of which a patched process's death counts against its patches (issue 8.6).
@@ -76,6 +80,20 @@ class CrashRecorder(Protocol):
     """agent.crashes.CrashTracker's shape."""
 
     def record(self, exe: str, patches: Iterable[str], now: float) -> list[str]: ...
+
+
+class SharedModuleCache(ModuleCache):
+    """The agent's one ModuleCache, shared by its threads (reconcile, the socket's
+    operations, new processes): one lookup at a time. A file is hashed and parsed
+    once per version, so the lock is held long only the first time a file is seen."""
+
+    def __init__(self, max_entries: int = 8) -> None:
+        super().__init__(max_entries)
+        self._lock = threading.Lock()
+
+    def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
+        with self._lock:
+            return super().get(file)
 
 
 def sd_notify(state: str) -> bool:
@@ -110,7 +128,7 @@ class Agent:
         self.report: EventSink = self.events.record
         self.store = ArtifactStore(paths, self.report)
         self.state = PolicyState(self.db)
-        self.modules = ModuleCache(config.max_modules)  # the one cache of the agent
+        self.modules = SharedModuleCache(config.max_modules)  # the one cache of the agent
         self.ops_lock = threading.RLock()
         self.reconciler = Reconciler(
             self.store, self.state, self.report, modules=self.modules,
@@ -295,6 +313,8 @@ class Agent:
     def _work(self) -> None:
         try:
             self._pass(None)
+        except Exception:
+            log.exception("first pass")  # the agent still serves, and the next pass retries
         finally:
             self.ready.set()
         self.report(Event(

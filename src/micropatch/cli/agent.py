@@ -79,8 +79,12 @@ def run(
         agent = Agent(settings, AgentPaths(state_dir, socket, trust_dir))
     except MicropatchError as e:
         raise fail(str(e)) from None
-    agent.run()
-    agent.close()
+    try:
+        agent.run()
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    finally:
+        agent.close()
 
 
 @app.command()
