@@ -263,6 +263,25 @@ def test_blocked_attempts_become_events(targets, start, tmp_path, keys, agent):
         follower.wait()
 
 
+def test_a_failure_is_one_failed_event_with_the_error_fields(targets, start, tmp_path, keys, agent):  # fmt: skip
+    """A seccomp filter that denies mmap: the apply fails cleanly, is reported once,
+    and the pass goes on (another process is patched)."""
+    denied, fine = start("seccomp"), start("vuln_pie")
+    agent.start()
+    assert agent.cli("add", signed(tmp_path, targets.seccomp, [FIX], keys, id="sec-fix")).returncode == 0  # fmt: skip
+    assert agent.cli("add", signed(tmp_path, targets.vuln_pie, [FIX], keys)).returncode == 0
+    wait_for(lambda: applied(fine.pid) == [("agent-fix", 1)], what="the other process patched")
+    [failed] = wait_for(lambda: kinds(agent.events(), "failed"), what="a failed event")
+    assert (failed["pid"], failed["patch_id"], failed["version"]) == (denied.pid, "sec-fix", 1)
+    assert failed["data"]["error"] == "RemoteSyscallError" and failed["data"]["op"] == "apply"
+    assert failed["data"]["pid"] == denied.pid and "seccomp" in failed["message"]
+    passes = agent.status()["passes"]
+    agent.client.call("rescan")
+    wait_for(lambda: agent.status()["passes"] > passes, what="another pass")
+    assert len(kinds(agent.events(), "failed")) == 1  # retried, not reported again
+    assert_untouched(targets, "seccomp", denied.pid, ["copy_packet"])
+
+
 def test_agent_killed_and_restarted_neither_patches_twice_nor_forgets(targets, start, tmp_path, keys, agent):  # fmt: skip
     a = start("vuln_pie")
     agent.start()
@@ -393,6 +412,12 @@ def test_cli_apply_remove_status_go_through_the_agent(targets, start, tmp_path, 
     agent.client.call("rescan")
     wait_for(lambda: applied(third.pid) == [("agent-fix", 1)], what="a later pass")
     assert applied(t.pid) == [] and applied(other.pid) == [("agent-fix", 1)]
+    # --all through the agent: the carriers of an older version, found by the agent.
+    v2 = signed(tmp_path, targets.vuln_pie, [FIX_V2], keys, version=2)
+    done = micropatch("update", v2, "--all", "--exe", f"{targets.vuln_pie.parent}/*", env=env)
+    assert done.returncode == 0, done.stderr
+    assert "update: 2 done, 0 failed, 0 skipped, 0 gone" in done.stdout
+    assert applied(other.pid) == applied(third.pid) == [("agent-fix", 2)]
     # Errors come back as the engine's, with the exit status of a direct run.
     again = micropatch("remove", "agent-fix", "--pid", t.pid, env=env)
     assert again.returncode == 1 and "is not applied to process" in again.stderr

@@ -98,6 +98,9 @@ class Reconciler:
         self.lock_timeout = lock_timeout
         self._covered: dict[int, Covered] = {}
         self._lock = threading.Lock()
+        # The last failure of each (pid, patch id, version, op): the same error on the
+        # next pass is retried but not reported again (one event, not one a minute).
+        self._failed: dict[tuple[int, str, int | None, str], str] = {}
 
     # --- what the agent knows ---------------------------------------------------
 
@@ -160,6 +163,8 @@ class Reconciler:
                 for pid, c in list(self._covered.items()):
                     if not alive(pid, c.start):
                         del self._covered[pid]
+                live_pids = set(all_pids())
+                self._failed = {k: v for k, v in self._failed.items() if k[0] in live_pids}
         return result
 
     def poll_blocked(self) -> None:
@@ -288,6 +293,11 @@ class Reconciler:
             return False  # rejected by recheck, with its event
         except MicropatchError as e:
             result.failed += 1
+            key = (info.pid, stored.id, stored.version, op)
+            if self._failed.get(key) == str(e):
+                log.debug("process %d: %s again: %s", info.pid, op, e)
+                return False
+            self._failed[key] = str(e)
             fields = e.fields()
             self.report(Event(
                 "failed", time.time(), info.pid, info.exe, stored.id,
@@ -295,6 +305,7 @@ class Reconciler:
                 f"{op} {stored.id} in pid {info.pid}: {e}", {"op": op, **fields},
             ))  # fmt: skip
             return False
+        self._failed.pop((info.pid, stored.id, stored.version, op), None)
         kind = {"apply": "applied", "update": "updated", "remove": "removed"}[op]
         setattr(result, kind, getattr(result, kind) + 1)
         version = old_version if op == "remove" else stored.version

@@ -140,6 +140,7 @@ class Agent:
         self.started = time.time()
         self.ready = threading.Event()
         self.generation = 0
+        self.passes = 0  # full passes over the running processes completed
         self._changed = threading.Event()
         self._change_callbacks: list[Callable[[], None]] = []
         self._parts: list[Part] = []
@@ -346,6 +347,7 @@ class Agent:
         started = time.monotonic()
         result = self.reconciler.run_pass(pids)
         self.reconciler.poll_blocked()
+        self.passes += 1
         log.info("pass over %d processes in %.3f s: %s", result.seen,
                  time.monotonic() - started, result)  # fmt: skip
 
@@ -401,6 +403,7 @@ class Agent:
             "pid": os.getpid(),
             "started": self.started,
             "generation": self.generation,
+            "passes": self.passes,
             "default_state": self.config.default_state,
             "state_dir": str(self.paths.state_dir),
             "trust_dir": str(self.paths.trust_dir),
