@@ -68,6 +68,7 @@ class ArtifactStore:
         self._lock = threading.RLock()
         self._patches: dict[str, Stored] = {}
         self._seen: dict[str, tuple[int, int]] = {}  # file name -> (size, mtime_ns)
+        self._keys: tuple[tuple[tuple[str, int, int], ...], tuple[PublicKey, ...]] | None = None
 
     # --- keys ---------------------------------------------------------------
 
@@ -75,16 +76,22 @@ class ArtifactStore:
         """The keys trusted now: every readable *.pub of the trust directory. A key
         file that cannot be loaded is left out (trusting less is the safe side), and
         said in an event."""
-        keys = []
         try:
             files = sorted(self.paths.trust_dir.glob("*.pub"))
+            seen = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
         except OSError:
-            files = []
+            files, seen = [], ()
+        with self._lock:
+            if self._keys is not None and self._keys[0] == seen:
+                return list(self._keys[1])  # the same files as last time: no re-parse
+        keys = []
         for path in files:
             try:
                 keys.append(load_public_key(path))
             except MicropatchError as e:
                 self._report(Event("agent", time.time(), message=f"ignored key file: {e}"))
+        with self._lock:
+            self._keys = (seen, tuple(keys))
         return keys
 
     def admit_bytes(self, data: bytes, name: str) -> Admitted:
