@@ -243,3 +243,23 @@ class CaveError(MicropatchError):
 
 class ToolError(MicropatchError):
     """An author tool (explore, diff) was asked something it cannot answer."""
+
+
+# --- agent/ -----------------------------------------------------------------
+
+
+class AgentError(MicropatchError):
+    """The host agent refused a request, or cannot do what it was asked."""
+
+
+class ConfigError(AgentError):
+    """The agent's configuration file cannot be read or has an invalid value."""
+
+
+class UnknownPatch(AgentError):
+    """No patch with that id is in the agent's store."""
+
+
+class ControlError(AgentError):
+    """The agent's control socket cannot be reached, or refused the request
+    (a peer that is not root, a write verb from the read-only group, a bad request)."""

@@ -6,12 +6,13 @@ assembler), so the command starts fast; see benchmarks/peers.py, `startup`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli import authoring, dev, running, tools
+from micropatch.cli import agent, authoring, dev, routing, running, tools
 from micropatch.cli.options import (
     AllOption,
     AllowUnsignedOption,
@@ -85,11 +86,17 @@ def apply(
 ) -> None:
     """Apply a signed patch to running processes: every patchlet, or none.
 
-    --all: every process that maps the patch's module and does not carry the patch yet."""
+    --all: every process that maps the patch's module and does not carry the patch yet.
+    Through the host agent when one runs (docs/agent.md)."""
+    filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
+    client = routing.agent(direct=bool(trust or allow_unsigned or dry_run))
+    if client is not None:
+        arguments = _remote(pid, all_, exe, user, unit, cgroup, retries, stop_timeout, lock_timeout)
+        routing.run(client, "apply", arguments, artifact=patch_file)
+        return
     from micropatch import live
     from micropatch.live.module import ModuleCache
 
-    filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
     patch = running.load(patch_file, trust, allow_unsigned)
     modules = ModuleCache()
 
@@ -121,10 +128,16 @@ def remove(
 ) -> None:
     """Remove an applied patch, restoring the original code.
 
-    --all: every process that carries the patch, found without stopping any."""
+    --all: every process that carries the patch, found without stopping any.
+    Through the host agent when one runs (docs/agent.md)."""
+    filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
+    client = routing.agent(direct=dry_run)
+    if client is not None:
+        arguments = _remote(pid, all_, exe, user, unit, cgroup, retries, stop_timeout, lock_timeout)
+        routing.run(client, "remove", {**arguments, "patch_id": patch_id})
+        return
     from micropatch import live
 
-    filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
 
     def operation(p: int) -> live.Outcome:
         return live.remove(patch_id, p, **running.tuning(retries, stop_timeout))
@@ -162,11 +175,17 @@ def update(
 ) -> None:
     """Replace an applied patch by a newer version of it, in one stop of each process.
 
-    --all: every process that carries an older version, found without stopping any."""
+    --all: every process that carries an older version, found without stopping any.
+    Through the host agent when one runs (docs/agent.md)."""
+    filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
+    client = routing.agent(direct=bool(trust or allow_unsigned or dry_run))
+    if client is not None:
+        arguments = _remote(pid, all_, exe, user, unit, cgroup, retries, stop_timeout, lock_timeout)
+        routing.run(client, "update", arguments, artifact=patch_file)
+        return
     from micropatch import live
     from micropatch.live.module import ModuleCache
 
-    filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
     patch = running.load(patch_file, trust, allow_unsigned)
     modules = ModuleCache()
 
@@ -188,6 +207,27 @@ def update(
     running.run_fleet("update", selection, operation, dry_run=dry_run, lock_timeout=lock_timeout)
 
 
+def _remote(
+    pid: list[int] | None,
+    all_: bool,
+    exe: list[str] | None,
+    user: list[str] | None,
+    unit: list[str] | None,
+    cgroup: list[str] | None,
+    retries: int | None,
+    stop_timeout: float | None,
+    lock_timeout: float | None,
+) -> dict[str, object]:
+    """The request arguments of apply/remove/update for the agent."""
+    return {
+        "pids": list(pid or []),
+        "filters": routing.filters(all_, exe, user, unit, cgroup),
+        "retries": retries,
+        "stop_timeout": stop_timeout,
+        "lock_timeout": lock_timeout,
+    }
+
+
 STATUS_COLUMNS = ("pid", "process", "module", "patch", "version", "sites", "since", "blocked")
 
 
@@ -196,28 +236,38 @@ def status(pid: PidOption = None) -> None:
     """Show what is applied: to the given processes, or to every patched process.
 
     On a terminal, a table; otherwise one tab-separated line per patch, for scripts.
+    Read through the host agent when one runs.
     """
     import datetime
 
-    from micropatch.live.states import patched_pids, status
+    client = routing.agent()
+    if client is not None:
+        found, unread_fields = routing.status(client, pid)
+        states: list[live.PatchState | _State] = [_State(**s) for s in found]
+        unread = [p for p, _ in unread_fields]
+        for p, fields in unread_fields:
+            err.print(f"[red]✗[/] pid {p}: {fields.get('message', '')}")
+        pids = pid or sorted({s.pid for s in states} | set(unread))
+    else:
+        from micropatch.live.states import patched_pids
+        from micropatch.live.states import status as read_status
 
-    pids = pid or patched_pids()
+        pids = pid or patched_pids()
+        states, unread = [], []
+        for p in pids:
+            try:
+                states += read_status(p)
+            except MicropatchError as e:
+                unread.append(p)
+                err.print(f"[red]✗[/] pid {p}: {e}")
     rows = []
-    unread = []
-    for p in pids:
-        try:
-            states = status(p)
-        except MicropatchError as e:
-            unread.append(p)
-            err.print(f"[red]✗[/] pid {p}: {e}")
-            continue
-        for s in states:
-            since = datetime.datetime.fromtimestamp(s.applied_at).strftime("%Y-%m-%d %H:%M:%S")
-            sites = ",".join(f"{a:#x}" for a in s.sites)
-            blocked = "-" if s.blocked is None else str(s.blocked)
-            rows.append(
-                (str(s.pid), s.process, s.module, s.patch_id, _version(s), sites, since, blocked)
-            )
+    for s in states:
+        since = datetime.datetime.fromtimestamp(s.applied_at).strftime("%Y-%m-%d %H:%M:%S")
+        sites = ",".join(f"{a:#x}" for a in s.sites)
+        blocked = "-" if s.blocked is None else str(s.blocked)
+        rows.append(
+            (str(s.pid), s.process, s.module, s.patch_id, _version(s), sites, since, blocked)
+        )
     read = [p for p in pids if p not in unread]
     if not rows and (read or not pid):
         # Plain text, no markup: print() writes what out.print would, without loading rich.
@@ -237,7 +287,24 @@ def status(pid: PidOption = None) -> None:
         raise typer.Exit(1)  # a process named on the command line could not be read
 
 
-def _version(state: live.PatchState) -> str:
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """A live.PatchState as the agent sends it (without importing live.states)."""
+
+    pid: int
+    process: str
+    module: str
+    patch_id: str
+    version: int
+    title: str
+    applied_at: float
+    sites: list[int]
+    cave: int
+    blocked: int | None
+    state: str = "applied"
+
+
+def _version(state: live.PatchState | _State) -> str:
     if state.state == "applied":
         return str(state.version)
     return f"{state.version} ({state.state}: interrupted; `micropatch repair --pid {state.pid}`)"
@@ -281,6 +348,7 @@ def demo() -> None:
 
 authoring.register(app)
 app.add_typer(dev.app, name="dev")
+app.add_typer(agent.app, name="agent")
 tools.register(app)
 
 

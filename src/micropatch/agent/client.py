@@ -1,0 +1,151 @@
+"""Talk to a running agent over its control socket.
+
+Light on purpose: the standard library and micropatch.errors only (no pydantic,
+pyelftools, iced, keystone or cryptography), so `micropatch status` through the
+agent starts as fast as the interpreter. See control.py for the protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from micropatch import errors
+from micropatch.agent.paths import default_socket
+from micropatch.errors import ControlError, MicropatchError
+
+CONNECT_TIMEOUT = 2.0
+
+
+def error_from(fields: dict[str, Any]) -> MicropatchError:
+    """The error the agent raised, as the same class where we know it."""
+    name = str(fields.get("error", "AgentError"))
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MicropatchError)):
+        cls = errors.AgentError
+    e = cls.__new__(cls)
+    MicropatchError.__init__(
+        e, str(fields.get("message", "")),
+        pid=fields.get("pid"), patch_id=fields.get("patch_id"),
+        module=fields.get("module"), offset=fields.get("offset"),
+    )  # fmt: skip
+    if "holder" in fields or cls is errors.Busy:
+        e.holder = fields.get("holder")  # type: ignore[attr-defined]
+    return e
+
+
+class AgentClient:
+    """One request per connection: `call(op, **arguments)` → the result."""
+
+    def __init__(self, path: str | Path | None = None, *, timeout: float | None = None) -> None:
+        self.path = str(path or default_socket())
+        self.timeout = timeout  # None: wait as long as the agent works (an apply may queue)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            sock.connect(self.path)
+        except PermissionError:
+            sock.close()
+            raise ControlError(
+                f"permission denied: cannot connect to the agent's socket {self.path}; it "
+                "answers root (and its read-only group, if configured)"
+            ) from None
+        except OSError as e:
+            sock.close()
+            raise ControlError(
+                f"no agent answers on {self.path} ({e.strerror or e}); start it with "
+                "`micropatch agent run` or `systemctl start micropatch-agent`"
+            ) from None
+        sock.settimeout(self.timeout)
+        return sock
+
+    def _request(self, op: str, arguments: dict[str, Any]) -> tuple[socket.socket, Any]:
+        sock = self._connect()
+        try:
+            sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
+            stream = sock.makefile("rb")
+        except OSError as e:
+            sock.close()
+            raise ControlError(f"agent at {self.path}: {e}") from None
+        return sock, stream
+
+    def call(self, op: str, **arguments: Any) -> Any:
+        sock, stream = self._request(op, arguments)
+        with sock, stream:
+            return _result(_read(stream, self.path))
+
+    def stream(self, op: str, **arguments: Any) -> Iterator[dict[str, Any]]:
+        """A streaming request (events with follow): the first response's items, then
+        each message as it comes, until the agent stops or the caller stops iterating."""
+        sock, stream = self._request(op, arguments)
+        with sock, stream:
+            yield from ({"event": item} for item in _result(_read(stream, self.path)))
+            while True:
+                message = _read(stream, self.path, eof_ok=True)
+                if message is None:
+                    return
+                if "event" in message:
+                    yield message
+
+    # --- the verbs ----------------------------------------------------------------
+
+    def ping(self) -> dict[str, Any]:
+        return dict(self.call("ping"))
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.call("status"))
+
+    def add(self, path: str | Path, state: str | None = None) -> dict[str, Any]:
+        return dict(self.call("add", **artifact_arguments(path), state=state))
+
+    def events(self, *, follow: bool = False, **filters: Any) -> Any:
+        if follow:
+            return self.stream("events", follow=True, **filters)
+        return self.call("events", **filters)
+
+
+def artifact_arguments(path: str | Path) -> dict[str, str]:
+    """An artifact file as request arguments: its bytes (the agent may not see our
+    /tmp) and its name for messages."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise errors.ArtifactError(f"{path}: cannot read: {e.strerror}") from e
+    return {"artifact": base64.b64encode(data).decode("ascii"), "name": str(path)}
+
+
+def running(path: str | Path | None = None) -> AgentClient | None:
+    """A client of the agent if one answers on the socket (else None, quickly: a
+    socket file with nobody behind it refuses at once)."""
+    client = AgentClient(path)
+    if not Path(client.path).exists():
+        return None
+    with contextlib.suppress(ControlError, OSError):
+        client._connect().close()
+        return client
+    return None
+
+
+def _read(stream: Any, path: str, *, eof_ok: bool = False) -> Any:
+    try:
+        line = stream.readline()
+    except OSError as e:
+        raise ControlError(f"agent at {path}: {e}") from None
+    if not line:
+        if eof_ok:
+            return None
+        raise ControlError(f"the agent at {path} closed the connection without an answer")
+    return json.loads(line)
+
+
+def _result(message: dict[str, Any]) -> Any:
+    if message.get("ok"):
+        return message.get("result")
+    raise error_from(message.get("error") or {})

@@ -1,0 +1,167 @@
+"""`micropatch agent install` / `uninstall`: the systemd unit, the default
+configuration and the directories, under a root directory (`/`, or a temporary
+one in tests)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from micropatch.agent.paths import (
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TRUST_DIR,
+    UNIT_DIR,
+    UNIT_NAME,
+)
+
+UNIT_TEMPLATE = """\
+# Written by `micropatch agent install`; `micropatch agent uninstall` removes it.
+[Unit]
+Description=micropatch host agent: keeps every process patched by policy
+Documentation=https://github.com/micropatch/micropatch/blob/main/docs/agent.md
+After=local-fs.target
+# Start before the services it protects, so that they start patched.
+Before=multi-user.target
+
+[Service]
+Type=notify
+NotifyAccess=main
+ExecStart={exec_start}
+ExecReload=/bin/kill -HUP $MAINPID
+Restart=on-failure
+RestartSec=2
+# A stop leaves every process patched: the registries in them remember.
+KillMode=mixed
+TimeoutStopSec=30
+# It must ptrace (CAP_SYS_PTRACE), read /proc/PID/map_files and mark filesystems with
+# fanotify (CAP_SYS_ADMIN), read every process's files (CAP_DAC_READ_SEARCH), own its
+# socket for a read-only group (CAP_CHOWN), and read exits (proc connector, netlink).
+CapabilityBoundingSet=CAP_SYS_PTRACE CAP_SYS_ADMIN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH
+CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_KILL CAP_SYS_RESOURCE CAP_NET_ADMIN
+NoNewPrivileges=yes
+# No private mounts (PrivateTmp, ProtectHome, ProtectSystem=strict): fanotify marks
+# and the identity of mapped files must see the host's own mount table.
+ProtectSystem=full
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectClock=yes
+ProtectHostname=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+SystemCallArchitectures=native
+RestrictAddressFamilies=AF_UNIX AF_NETLINK AF_INET AF_INET6
+UMask=0077
+OOMScoreAdjust=-500
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+@dataclass
+class Installed:
+    """What install wrote (or found already there, which it never overwrites)."""
+
+    written: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def entry_point() -> str:
+    """The absolute path of the `micropatch` command running now."""
+    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if argv0 is not None and argv0.name == "micropatch" and argv0.exists():
+        return str(argv0.resolve())
+    found = shutil.which("micropatch") or str(Path(sys.executable).with_name("micropatch"))
+    return str(Path(found).resolve())
+
+
+def unit_text(
+    command: str,
+    *,
+    state_dir: str = DEFAULT_STATE_DIR,
+    socket: str = DEFAULT_SOCKET,
+    trust_dir: str = DEFAULT_TRUST_DIR,
+    config: str = DEFAULT_CONFIG,
+) -> str:
+    exec_start = shlex.join([
+        command, "agent", "run", "--state-dir", state_dir, "--socket", socket,
+        "--trust-dir", trust_dir, "--config", config,
+    ])  # fmt: skip
+    return UNIT_TEMPLATE.format(exec_start=exec_start)
+
+
+def systemd_running(root: Path) -> bool:
+    return root == Path("/") and Path("/run/systemd/system").is_dir()
+
+
+def install(root: Path = Path("/"), *, command: str | None = None) -> Installed:
+    """Write the unit (replacing an older one), the default configuration (only if
+    absent), the state and trust directories; reload systemd if it runs."""
+    from micropatch.agent.config import default_config_text
+
+    done = Installed()
+    unit = _under(root, UNIT_DIR) / UNIT_NAME
+    unit.parent.mkdir(parents=True, exist_ok=True)
+    _write(unit, unit_text(command or entry_point()), 0o644)
+    done.written.append(unit)
+    config = _under(root, DEFAULT_CONFIG)
+    config.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if config.exists():
+        done.kept.append(config)
+    else:
+        _write(config, default_config_text(), 0o644)
+        done.written.append(config)
+    for directory, mode in ((DEFAULT_STATE_DIR, 0o700), (DEFAULT_TRUST_DIR, 0o755)):
+        path = _under(root, directory)
+        if path.is_dir():
+            done.kept.append(path)
+        else:
+            path.mkdir(mode=mode, parents=True)
+            done.written.append(path)
+    if systemd_running(root):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+        done.notes.append("systemd reloaded; start it with `systemctl enable --now "
+                          f"{UNIT_NAME}`")  # fmt: skip
+    else:
+        done.notes.append("systemd is not running here: start the agent with "
+                          "`micropatch agent run`")  # fmt: skip
+    return done
+
+
+def uninstall(root: Path = Path("/")) -> Installed:
+    """Stop and disable the service if systemd runs, remove the unit. The state
+    directory, configuration and trusted keys stay (and the processes stay patched;
+    `micropatch remove ID --all` takes patches off)."""
+    done = Installed()
+    unit = _under(root, UNIT_DIR) / UNIT_NAME
+    if systemd_running(root):
+        subprocess.run(["systemctl", "disable", "--now", UNIT_NAME], check=False)
+    if unit.exists():
+        unit.unlink()
+        done.written.append(unit)
+    if systemd_running(root):
+        subprocess.run(["systemctl", "daemon-reload"], check=False)
+    for kept in (DEFAULT_STATE_DIR, DEFAULT_CONFIG, DEFAULT_TRUST_DIR):
+        if _under(root, kept).exists():
+            done.kept.append(_under(root, kept))
+    return done
+
+
+def _under(root: Path, absolute: str) -> Path:
+    return root / absolute.lstrip("/")
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)

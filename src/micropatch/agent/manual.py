@@ -1,0 +1,114 @@
+"""`micropatch apply|remove|update|status` through a running agent.
+
+The client sends the artifact's bytes (the agent may see another /tmp); the
+agent admits them with its own trust directory, runs the operation with its
+module cache, and answers one result per process. A successful apply or remove
+of a process pins that decision for the process's lifetime, so the agent's
+reconciliation does not undo what an operator just did.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+from micropatch import live
+from micropatch.agent.events import Event
+from micropatch.errors import AgentError, MicropatchError
+from micropatch.live.lock import waiting
+from micropatch.process.procfs import start_time
+from micropatch.process.select import Filters, read_info
+
+if TYPE_CHECKING:
+    from micropatch.agent.service import Agent
+    from micropatch.live.fleet import Selection
+
+VERBS = ("apply", "remove", "update")
+
+
+def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
+    """One of apply, remove, update on the processes named (`pids`) or selected
+    (`filters`: exe, user, unit, cgroup lists, as `--all` takes them)."""
+    from micropatch.live import fleet
+
+    if verb not in VERBS:
+        raise AgentError(f"unknown verb {verb}")
+    tuning = {k: args[k] for k in ("retries", "stop_timeout") if args.get(k) is not None}
+    answer: dict[str, Any] = {"results": [], "skipped": 0, "gone": 0, "unreadable": []}
+    admitted = None
+    if verb == "remove":
+        patch_id = str(args["patch_id"])
+    else:
+        data, name = agent.decode_artifact(args)
+        admitted = agent.store.admit_bytes(data, name)
+        patch_id = admitted.id
+        if admitted.verification is not None and admitted.artifact is not None:
+            p = admitted.artifact.payload
+            signers = ", ".join(k.describe() for k in admitted.verification.signers)
+            answer["verified"] = (
+                f"verified {name}: {p.patch.id} v{p.patch.version} for {p.module.name}, "
+                f"signed by {signers} (by the agent)"
+            )
+        answer["warnings"] = list(admitted.warnings)
+    filters = args.get("filters")
+    if filters is None:
+        pids = [int(p) for p in args.get("pids") or []]
+    else:
+        f = Filters.of(filters.get("exe") or (), filters.get("user") or (),
+                       filters.get("unit") or (), filters.get("cgroup") or ())  # fmt: skip
+        selection: Selection
+        if verb == "apply":
+            assert admitted is not None
+            selection = fleet.for_apply(admitted.patch.target.module, patch_id, f)
+        elif verb == "remove":
+            selection = fleet.for_remove(patch_id, f)
+        else:
+            assert admitted is not None
+            selection = fleet.for_update(patch_id, admitted.version, f)
+        pids = [c.pid for c in selection.targets]
+        answer["skipped"] = len(selection.skipped)
+        answer["gone"] = selection.gone
+        answer["unreadable"] = [[pid, e.fields()] for pid, e in selection.unreadable]
+    lock_timeout = args.get("lock_timeout")
+    for pid in pids:
+        try:
+            with agent.ops_lock, waiting(agent.config.lock_timeout if lock_timeout is None
+                                         else float(lock_timeout)):  # fmt: skip
+                if verb == "remove":
+                    outcome = live.remove(patch_id, pid, **tuning)
+                elif verb == "apply":
+                    assert admitted is not None
+                    outcome = live.apply(admitted, pid, modules=agent.modules, **tuning)
+                else:
+                    assert admitted is not None
+                    outcome = live.update(admitted, pid, modules=agent.modules, **tuning)
+        except MicropatchError as e:
+            answer["results"].append({"pid": pid, "error": e.fields()})
+            continue
+        answer["results"].append({"pid": pid, "outcome": asdict(outcome)})
+        try:
+            agent.state.pin(pid, start_time(pid), patch_id, verb != "remove")
+            exe = read_info(pid).exe
+        except MicropatchError:
+            exe = None
+        agent.report(Event(
+            outcome.action, time.time(), pid, exe, patch_id, outcome.version,
+            admitted.patch.target.module if admitted else None,
+            f"{outcome.action} {patch_id} in pid {pid} by the operator "
+            f"(`micropatch {verb}`); paused {outcome.paused * 1e3:.2f} ms",
+            {"sites": outcome.sites, "when": "operator"},
+        ))  # fmt: skip
+    return answer
+
+
+def status(args: dict[str, Any]) -> dict[str, Any]:
+    """What is applied to the processes named, or to every patched process."""
+    pids = [int(p) for p in args.get("pids") or []] or live.patched_pids()
+    rows, unread = [], []
+    for pid in pids:
+        try:
+            rows += [asdict(s) for s in live.status(pid)]
+        except MicropatchError as e:
+            unread.append([pid, e.fields()])
+    return {"states": rows, "unread": unread}

@@ -1,0 +1,497 @@
+"""The Agent: store, policy, events, running processes and the control socket,
+composed; threads; sd_notify; and where the other parts plug in.
+
+Threads: the main thread waits for SIGTERM/SIGINT; the worker reconciles
+(at start, on every change, every `rescan_interval`) and reads blocked
+counters and the store directory every `blocked_interval`; the control server
+answers each connection in a thread of its own. Every operation on a process
+holds `ops_lock`, so the agent never has two of its own on the host at once
+(the per-process lock of live/lock.py still orders it against the CLI).
+
+Plug points for the parts built beside this one (one line each):
+- new processes (agent/newproc.py): `_plug_new_processes` attaches a
+  `NewProcesses(agent, agent.report, modules=agent.modules, hold_limit=...)`;
+  the Agent is its `Catalog` (`wanted`, `watched`, `changed`), and
+  `on_change(newproc.remark)` re-marks files on every policy/store change.
+- crashes (agent/crashes.py, process/connector.py): `_plug_crashes` sets
+  `agent.crash_tracker` and attaches the exit watcher, which calls
+  `agent.on_exit(pid, exit_signal)` for every process exit.
+- metrics (agent/metrics.py): `_plug_metrics` attaches it; `add_sink` gives
+  it every event, `snapshot()` the gauges.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
+
+from micropatch.agent.config import AgentConfig
+from micropatch.agent.db import Database
+from micropatch.agent.events import Event, EventFilter, EventLog, EventSink
+from micropatch.agent.paths import AgentPaths
+from micropatch.agent.policy import (
+    DISABLED,
+    ENABLED,
+    Exclusion,
+    PolicyView,
+    exclusion,
+    matches,
+    reasons_against,
+    wants,
+)
+from micropatch.agent.reconcile import Reconciler
+from micropatch.agent.store import ArtifactStore, PolicyState, Stored
+from micropatch.errors import AgentError, MicropatchError, UnknownPatch
+from micropatch.live.module import ModuleCache
+from micropatch.patch.model import Target
+from micropatch.process.select import ProcessInfo
+from micropatch.trust.policy import Admitted
+
+if TYPE_CHECKING:
+    from micropatch.elf.identity import ModuleIdentity
+    from micropatch.elf.image import ElfImage
+
+log = logging.getLogger(__name__)
+
+# Signals of which a patched process's death counts against its patches (issue 8.6).
+CRASH_SIGNALS = frozenset(
+    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
+)
+
+
+class Part(Protocol):
+    """Something the agent starts after its store is loaded and stops first."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+class CrashRecorder(Protocol):
+    """agent.crashes.CrashTracker's shape."""
+
+    def record(self, exe: str, patches: Iterable[str], now: float) -> list[str]: ...
+
+
+class SharedModuleCache(ModuleCache):
+    """The agent's one ModuleCache, shared by its threads (reconcile, the socket's
+    operations, new processes): one lookup at a time. A file is hashed and parsed
+    once per version, so the lock is held long only the first time a file is seen."""
+
+    def __init__(self, max_entries: int = 8) -> None:
+        super().__init__(max_entries)
+        self._lock = threading.Lock()
+
+    def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
+        with self._lock:
+            return super().get(file)
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) how we are: a datagram to $NOTIFY_SOCKET. False
+    when not run by systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return False
+    if address.startswith("@"):
+        address = "\0" + address[1:]  # abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as e:
+        log.warning("sd_notify %s: %s", state, e)
+        return False
+    return True
+
+
+class Agent:
+    """The host agent. `run()` in the foreground, or `start()` / `stop()`."""
+
+    def __init__(
+        self, config: AgentConfig, paths: AgentPaths, *, stream: Any = None
+    ) -> None:
+        self.config = config
+        self.paths = paths
+        paths.create()
+        self.db = Database(paths.database)
+        self.events = EventLog(self.db, stream)
+        self.report: EventSink = self.events.record
+        self.store = ArtifactStore(paths, self.report)
+        self.state = PolicyState(self.db)
+        self.modules = SharedModuleCache(config.max_modules)  # the one cache of the agent
+        self.ops_lock = threading.RLock()
+        self.reconciler = Reconciler(
+            self.store, self.state, self.report, modules=self.modules,
+            ops_lock=self.ops_lock, lock_timeout=config.lock_timeout,
+        )  # fmt: skip
+        self.events.add_sink(self.reconciler.note)
+        self.crash_tracker: CrashRecorder | None = None
+        self.new_processes: Any = None  # NEWPROC's NewProcesses, when plugged (its stats)
+        self.started = time.time()
+        self.ready = threading.Event()
+        self.generation = 0
+        self.passes = 0  # full passes over the running processes completed
+        self._changed = threading.Event()
+        self._change_callbacks: list[Callable[[], None]] = []
+        self._parts: list[Part] = []
+        self._view: PolicyView | None = None
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._worker: threading.Thread | None = None
+        self._lock = threading.Lock()
+        from micropatch.agent.control import ControlServer
+
+        self.control = ControlServer(self, paths.socket, read_only_group=config.read_only_group)
+
+    # --- Catalog (what NEWPROC asks) ----------------------------------------------
+
+    def wanted(self, info: ProcessInfo, module: Any) -> list[Admitted]:
+        """Enabled, non-excluded admitted patches whose target identity is this module
+        file, for this process. `module`: anything with `.identity` (a ModuleFile),
+        or an identity itself (`build_id`, `sha256`). Each is re-verified against
+        the keys trusted now before it is returned (the check before each apply)."""
+        identity = getattr(module, "identity", module)
+        view = self.view()
+        found = []
+        for stored in self.store.patches().values():
+            if not matches(stored.admitted.patch.target, identity):
+                continue
+            if not wants(stored.id, info, view):
+                continue
+            try:
+                found.append(self.store.recheck(stored.id))
+            except MicropatchError:
+                continue  # rejected, with its event
+        return found
+
+    def watched(self) -> list[Target]:
+        """The targets of every enabled patch (NEWPROC marks the matching files)."""
+        view = self.view()
+        return [
+            s.admitted.patch.target for s in self.store.patches().values() if view.enabled(s.id)
+        ]
+
+    def changed(self) -> threading.Event:
+        """Set on every policy or store change (`generation` counts them); the reader
+        clears it. Callbacks given to `on_change` are called as well."""
+        return self._changed
+
+    def view(self) -> PolicyView:
+        """The policy now (cached until the next change)."""
+        with self._lock:
+            if self._view is None:
+                self._view = self.state.view()
+            return self._view
+
+    # --- plug points ------------------------------------------------------------
+
+    def attach(self, part: Part) -> None:
+        """Start `part` with the agent (after the store is loaded), stop it first."""
+        self._parts.append(part)
+
+    def on_change(self, callback: Callable[[], None]) -> None:
+        """Call `callback` (quickly; from the thread that made the change) after
+        every policy or store change."""
+        self._change_callbacks.append(callback)
+
+    def add_sink(self, sink: EventSink) -> None:
+        """Give `sink` every event from now on (metrics, crash bookkeeping)."""
+        self.events.add_sink(sink)
+
+    def _plug_new_processes(self) -> None:
+        """NEWPROC: patch new processes at exec and library load (config.new_processes)."""
+
+    def _plug_crashes(self) -> None:
+        """CRASH: set self.crash_tracker and attach the exit watcher (→ self.on_exit)."""
+
+    def _plug_metrics(self) -> None:
+        """CRASH: the Prometheus endpoint when config.metrics_port is set."""
+
+    def carried(self, pid: int) -> tuple[str | None, list[str]]:
+        """The executable of process pid and the patch ids it carried when last seen
+        (kept up to date by every applied/updated/removed event)."""
+        c = self.reconciler.get(pid)
+        return (c.exe, sorted(c.patches)) if c else (None, [])
+
+    def on_exit(self, pid: int, exit_signal: int | None) -> None:
+        """A process exited (the exit watcher calls this); a crash signal makes it a
+        crash of the patches it carried."""
+        exe, patches = self.carried(pid)
+        self.reconciler.forget(pid)
+        if exit_signal in CRASH_SIGNALS and exe and patches:
+            self.on_crash(pid, exe, int(exit_signal), patches)
+
+    def on_crash(self, pid: int, exe: str, sig: int, patches: Iterable[str]) -> None:
+        """A patched process died of a crash signal: a "crashed" event, and, through
+        the crash tracker, auto-disable for (patch, exe) at the limit."""
+        patches = sorted(patches)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        self.report(Event(
+            "crashed", time.time(), pid, exe, message=f"pid {pid} ({exe}) died of {name} "
+            f"carrying {', '.join(patches)}", data={"signal": sig, "patches": patches},
+        ))  # fmt: skip
+        if self.crash_tracker is None:
+            return
+        for patch_id in self.crash_tracker.record(exe, patches, time.time()):
+            self.auto_disable(
+                patch_id, exe,
+                f"{self.config.crash_limit} crashes within {self.config.crash_window:g} s",
+            )  # fmt: skip
+
+    def auto_disable(self, patch_id: str, exe: str, reason: str) -> None:
+        """Disable a patch for one executable, live, with a "disabled" event."""
+        if not self.state.auto_disable(patch_id, exe, reason):
+            return
+        stored = self.store.get(patch_id)
+        self.report(Event(
+            "disabled", time.time(), exe=exe, patch_id=patch_id,
+            version=stored.version if stored else None,
+            message=f"{patch_id} auto-disabled for {exe}: {reason}",
+            data={"auto": True, "reason": reason},
+        ))  # fmt: skip
+        self._policy_changed()
+
+    # --- life -----------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the store, listen, start the parts and the worker (which makes the
+        first pass, then says READY)."""
+        self._sync_store()
+        self.control.start()
+        self._plug_new_processes()
+        self._plug_crashes()
+        self._plug_metrics()
+        for part in self._parts:
+            part.start()
+        self._worker = threading.Thread(target=self._work, name="reconcile", daemon=True)
+        self._worker.start()
+
+    def run(self) -> None:
+        """Run in the foreground until SIGTERM or SIGINT: processes stay patched (the
+        registries in them remember), and a restarted agent picks up from there."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        signal.signal(signal.SIGHUP, lambda *_: self.wake())
+        self.start()
+        try:
+            while not self._stopping.wait(3600):
+                pass
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        sd_notify("STOPPING=1")
+        self.report(Event("agent", time.time(), pid=os.getpid(), message="stopping"))
+        self._wake.set()
+        self.control.stop()
+        for part in reversed(self._parts):
+            try:
+                part.stop()
+            except Exception:
+                log.exception("stopping %r", part)
+        if self._worker is not None:
+            self._worker.join(timeout=60)
+        self.events.close()
+
+    def wake(self) -> None:
+        """Reconcile every running process soon (a change, SIGHUP, `rescan`)."""
+        self._wake.set()
+
+    def _work(self) -> None:
+        try:
+            self._pass(None)
+        except Exception:
+            log.exception("first pass")  # the agent still serves, and the next pass retries
+        finally:
+            self.ready.set()
+        self.report(Event(
+            "agent", time.time(), pid=os.getpid(),
+            message=f"ready: {len(self.store.patches())} patches, "
+            f"{len(self.reconciler.covered())} processes covered",
+        ))  # fmt: skip
+        patches = len(self.store.patches())
+        sd_notify(f"READY=1\nSTATUS=watching {patches} patches\nMAINPID={os.getpid()}")
+        last_full = time.monotonic()
+        while not self._stopping.is_set():
+            woke = self._wake.wait(self.config.blocked_interval)
+            if self._stopping.is_set():
+                break
+            try:
+                if self._sync_store():
+                    woke = True
+                due = time.monotonic() - last_full >= self.config.rescan_interval
+                if woke or due:
+                    self._wake.clear()
+                    self._pass(None)
+                    last_full = time.monotonic()
+                else:
+                    self.reconciler.poll_blocked()
+            except Exception:
+                log.exception("reconcile loop")
+
+    def _pass(self, pids: Iterable[int] | None) -> None:
+        started = time.monotonic()
+        result = self.reconciler.run_pass(pids)
+        self.reconciler.poll_blocked()
+        self.passes += 1
+        log.info("pass over %d processes in %.3f s: %s", result.seen,
+                 time.monotonic() - started, result)  # fmt: skip
+
+    def _sync_store(self) -> bool:
+        if not self.store.sync():
+            return False
+        for patch_id in self.store.patches():
+            self.state.ensure(patch_id, self.config.default_state)
+        self._policy_changed(wake=False)
+        return True
+
+    def _policy_changed(self, *, wake: bool = True) -> None:
+        with self._lock:
+            self._view = None
+            self.generation += 1
+        self._changed.set()
+        for callback in list(self._change_callbacks):
+            try:
+                callback()
+            except Exception:
+                log.exception("change callback %r", callback)
+        if wake:
+            self.wake()
+
+    # --- requests (the control socket's verbs) ------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """`agent status`: patches, their state, processes covered, blocked counts."""
+        view = self.view()
+        stored_patches = self.store.patches()
+        # Processes that carry a patch of the store (others may carry patches applied by hand).
+        covered = {
+            pid: c for pid, c in self.reconciler.covered().items()
+            if any(patch_id in stored_patches for patch_id in c.patches)
+        }  # fmt: skip
+        auto = self.state.auto_disabled()
+        patches = []
+        for stored in sorted(stored_patches.values(), key=lambda s: s.id):
+            carriers = [c for c in covered.values() if stored.id in c.patches]
+            patches.append({
+                "id": stored.id, "version": stored.version,
+                "title": stored.admitted.patch.info.title,
+                "module": stored.admitted.patch.target.module,
+                "state": view.states.get(stored.id, self.config.default_state),
+                "file": stored.path.name,
+                "processes": len(carriers),
+                "blocked": sum(c.blocked.get(stored.id, 0) for c in carriers),
+                "auto_disabled": [{"exe": e, "since": t, "reason": r}
+                                  for p, e, t, r in auto if p == stored.id],
+            })  # fmt: skip
+        return {
+            "ready": self.ready.is_set(),
+            "pid": os.getpid(),
+            "started": self.started,
+            "generation": self.generation,
+            "passes": self.passes,
+            "default_state": self.config.default_state,
+            "state_dir": str(self.paths.state_dir),
+            "trust_dir": str(self.paths.trust_dir),
+            "patches": patches,
+            "exclusions": [asdict(e) for e in view.exclusions],
+            "processes": [
+                {"pid": c.pid, "exe": c.exe, "patches": c.patches, "blocked": c.blocked}
+                for c in sorted(covered.values(), key=lambda c: c.pid)
+            ],
+            "new_processes": dict(getattr(self.new_processes, "stats", None) or {}) or None,
+        }
+
+    def add(self, data: bytes, name: str, state: str | None = None) -> dict[str, Any]:
+        """`agent add`: admit, store, set the state (default_state for a new patch),
+        reconcile live (a newer version updates the processes that carry the old)."""
+        stored, replaced = self.store.add(data, name)
+        if state is not None:
+            self.state.set_state(stored.id, state)
+        current = self.state.ensure(stored.id, self.config.default_state)
+        self.report(Event(
+            "agent", time.time(), patch_id=stored.id, version=stored.version,
+            module=stored.admitted.patch.target.module,
+            message=f"added {stored.path.name} ({current})"
+            + (f", replacing version {replaced.version}" if replaced else ""),
+        ))  # fmt: skip
+        self._policy_changed()
+        return {
+            "id": stored.id, "version": stored.version, "state": current,
+            "file": stored.path.name, "replaced": replaced.version if replaced else None,
+            "warnings": list(stored.admitted.warnings),
+        }  # fmt: skip
+
+    def set_enabled(self, patch_id: str, enabled: bool) -> dict[str, Any]:
+        stored = self._stored(patch_id)
+        state = ENABLED if enabled else DISABLED
+        self.state.set_state(patch_id, state)
+        self.report(Event(
+            "agent" if enabled else "disabled", time.time(), patch_id=patch_id,
+            version=stored.version, message=f"{patch_id} {state} by the operator",
+        ))  # fmt: skip
+        self._policy_changed()
+        return {"id": patch_id, "state": state}
+
+    def exclude(self, kind: str, value: str, patch_id: str | None, remove: bool) -> dict[str, Any]:
+        if patch_id:
+            self._stored(patch_id)
+        e = exclusion(kind, value, patch_id)
+        done = self.state.unexclude(e) if remove else self.state.exclude(e)
+        if not done:
+            raise AgentError(
+                f"no exclusion {e.describe()}" if remove else f"already excluded: {e.describe()}"
+            )
+        self.report(Event(
+            "agent", time.time(), patch_id=patch_id,
+            message=f"{'removed exclusion' if remove else 'excluded'} {e.describe()}",
+            data={"kind": e.kind, "pattern": e.pattern},
+        ))  # fmt: skip
+        self._policy_changed()
+        return {"exclusion": asdict(e), "removed": remove}
+
+    def _stored(self, patch_id: str) -> Stored:
+        stored = self.store.get(patch_id)
+        if stored is None:
+            known = ", ".join(sorted(self.store.patches())) or "none"
+            raise UnknownPatch(
+                f"no patch {patch_id} in the agent's store (known: {known}); "
+                "add it with `micropatch agent add ARTIFACT.mpatch`",
+                patch_id=patch_id,
+            )
+        return stored
+
+    def why(self, info: ProcessInfo, patch_id: str) -> list[str]:
+        """Why a patch is not on a process (for messages)."""
+        return reasons_against(patch_id, info, self.view())
+
+    def events_since(self, filt: EventFilter, limit: int | None) -> list[Event]:
+        return self.events.query(filt, limit)
+
+    def decode_artifact(self, args: dict[str, Any]) -> tuple[bytes, str]:
+        try:
+            data = base64.b64decode(args["artifact"], validate=True)
+            return data, str(args.get("name", "<artifact>"))
+        except (KeyError, ValueError, TypeError) as e:
+            raise AgentError(f"bad request: artifact must be base64 bytes ({e})") from None
+
+    def exclusion_list(self) -> list[Exclusion]:
+        return list(self.view().exclusions)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.db.close()

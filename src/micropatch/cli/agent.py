@@ -1,0 +1,277 @@
+"""`micropatch agent ...`: run the host agent, install it, and talk to it.
+
+Thin: the verbs that talk to a running agent import only agent/client.py (no
+engine, no crypto); `run` imports the agent itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from micropatch.agent.paths import (
+    DEFAULT_CONFIG,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TRUST_DIR,
+    SOCKET_VARIABLE,
+)
+from micropatch.cli.options import fail, out
+from micropatch.errors import MicropatchError
+
+if TYPE_CHECKING:
+    from micropatch.agent.client import AgentClient
+
+app = typer.Typer(
+    help="The host agent: keeps every running and new process patched by policy.",
+    no_args_is_help=True,
+)
+
+SocketOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--socket",
+        help=f"The agent's control socket (default ${SOCKET_VARIABLE}, else {DEFAULT_SOCKET}).",
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
+
+
+def _client(socket: Path | None) -> AgentClient:
+    from micropatch.agent.client import AgentClient
+
+    return AgentClient(socket)
+
+
+def _call(socket: Path | None, op: str, **arguments: Any) -> Any:
+    try:
+        return _client(socket).call(op, **arguments)
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+
+
+@app.command()
+def run(
+    state_dir: Annotated[Path, typer.Option(help="Store and database.")] = Path(DEFAULT_STATE_DIR),
+    socket: Annotated[Path, typer.Option(help="Control socket.")] = Path(DEFAULT_SOCKET),
+    trust_dir: Annotated[Path, typer.Option(help="Trusted keys (*.pub).")] = Path(
+        DEFAULT_TRUST_DIR
+    ),
+    config: Annotated[Path, typer.Option(help="Configuration (TOML); absent: defaults.")] = Path(
+        DEFAULT_CONFIG
+    ),
+) -> None:
+    """Run the agent in the foreground (systemd Type=notify, or a terminal).
+
+    Events go to stdout as JSON lines (journald keeps them) and to the history."""
+    import logging
+
+    from micropatch.agent.config import load_config
+    from micropatch.agent.paths import AgentPaths
+    from micropatch.agent.service import Agent
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_config(config)
+        agent = Agent(settings, AgentPaths(state_dir, socket, trust_dir))
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    try:
+        agent.run()
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    finally:
+        agent.close()
+
+
+@app.command()
+def install(
+    root: Annotated[
+        Path, typer.Option(help="Install under this directory instead of / (tests, images).")
+    ] = Path("/"),
+) -> None:
+    """Write the systemd unit, the default configuration and the directories."""
+    from micropatch.agent.install import install as do_install
+
+    done = do_install(root)
+    for path in done.written:
+        out.print(f"[green]✓[/] wrote {path}")
+    for path in done.kept:
+        out.print(f"· kept {path}")
+    for note in done.notes:
+        out.print(note)
+
+
+@app.command()
+def uninstall(
+    root: Annotated[Path, typer.Option(help="Uninstall from under this directory.")] = Path("/"),
+) -> None:
+    """Remove the systemd unit (stopping the service); the state, configuration and
+    keys stay, and so do the patches in running processes."""
+    from micropatch.agent.install import uninstall as do_uninstall
+
+    done = do_uninstall(root)
+    for path in done.written:
+        out.print(f"[green]✓[/] removed {path}")
+    for path in done.kept:
+        out.print(f"· kept {path}")
+
+
+PATCH_COLUMNS = ("patch", "version", "state", "module", "processes", "blocked", "auto-disabled")
+
+
+@app.command()
+def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
+    """Patches, their state, processes covered and blocked counts."""
+    snapshot = _call(socket, "status")
+    if json_:
+        print(json.dumps(snapshot, indent=2))
+        return
+    rows = [
+        (p["id"], str(p["version"]), p["state"], p["module"], str(p["processes"]),
+         str(p["blocked"]), ",".join(a["exe"] for a in p["auto_disabled"]) or "-")
+        for p in snapshot["patches"]
+    ]  # fmt: skip
+    exclusions = [
+        f"--{e['kind']} {e['pattern']}" + (f" --patch {e['patch_id']}" if e["patch_id"] else "")
+        for e in snapshot["exclusions"]
+    ]
+    covered = len(snapshot["processes"])
+    summary = (
+        f"agent pid {snapshot['pid']}{'' if snapshot['ready'] else ' (starting)'}: "
+        f"{len(rows)} patch{'es' if len(rows) != 1 else ''}, {covered} process"
+        f"{'es' if covered != 1 else ''} covered, new patches {snapshot['default_state']}"
+    )
+    if out.is_terminal:
+        from rich.markup import escape
+        from rich.table import Table
+
+        out.print(escape(summary))
+        if rows:
+            table = Table(*PATCH_COLUMNS)
+            for row in rows:
+                table.add_row(*map(escape, row))
+            out.print(table)
+        for e in exclusions:
+            out.print(f"excluded: {escape(e)}")
+        return
+    print("\t".join(PATCH_COLUMNS))
+    for row in rows:
+        print("\t".join(row))
+    for e in exclusions:
+        print(f"# excluded: {e}")
+    print(f"# {summary}")
+
+
+@app.command()
+def add(
+    artifact: Annotated[Path, typer.Argument(help="Signed artifact (.mpatch).")],
+    enabled: Annotated[
+        bool | None,
+        typer.Option("--enabled/--disabled", help="State of the patch (default: default_state)."),
+    ] = None,
+    socket: SocketOption = None,
+) -> None:
+    """Add a signed patch to the agent's store: running processes get it live (a newer
+    version of a stored patch replaces it, updating them)."""
+    from micropatch.agent.client import artifact_arguments
+
+    try:
+        arguments = artifact_arguments(artifact)
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    state = None if enabled is None else "enabled" if enabled else "disabled"
+    done = _call(socket, "add", **arguments, state=state)
+    replaced = f", replacing version {done['replaced']}" if done["replaced"] else ""
+    out.print(f"[green]✓[/] added {done['id']} v{done['version']} ({done['state']}){replaced}")
+
+
+@app.command()
+def enable(
+    patch_id: Annotated[str, typer.Argument(help="Id of a stored patch.")],
+    socket: SocketOption = None,
+) -> None:
+    """Enable a patch: every matching process gets it, live (and its crash
+    auto-disables are lifted)."""
+    _call(socket, "enable", patch_id=patch_id)
+    out.print(f"[green]✓[/] {patch_id} enabled")
+
+
+@app.command()
+def disable(
+    patch_id: Annotated[str, typer.Argument(help="Id of a stored patch.")],
+    socket: SocketOption = None,
+) -> None:
+    """Disable a patch: it is removed from every process, live."""
+    _call(socket, "disable", patch_id=patch_id)
+    out.print(f"[green]✓[/] {patch_id} disabled")
+
+
+@app.command()
+def exclude(
+    exe: Annotated[str | None, typer.Option("--exe", help="Executable path glob.")] = None,
+    unit: Annotated[
+        str | None, typer.Option("--unit", help="systemd unit (glob; `nginx` = nginx.service).")
+    ] = None,
+    user: Annotated[str | None, typer.Option("--user", help="User name or uid.")] = None,
+    patch: Annotated[
+        str | None, typer.Option("--patch", help="Only this patch (default: every patch).")
+    ] = None,
+    remove: Annotated[
+        bool, typer.Option("--remove", help="Remove this exclusion instead of adding it.")
+    ] = False,
+    socket: SocketOption = None,
+) -> None:
+    """Keep patches (one, or all) off some processes, live; --remove lifts it."""
+    given = [(k, v) for k, v in (("exe", exe), ("unit", unit), ("user", user)) if v]
+    if len(given) != 1:
+        raise fail("give exactly one of --exe GLOB, --unit NAME, --user NAME")
+    kind, value = given[0]
+    done = _call(socket, "unexclude" if remove else "exclude", kind=kind, value=value,
+                 patch_id=patch)  # fmt: skip
+    e = done["exclusion"]
+    what = f"--{e['kind']} {e['pattern']}" + (f" --patch {e['patch_id']}" if e["patch_id"] else "")
+    out.print(f"[green]✓[/] {'removed exclusion' if remove else 'excluded'} {what}")
+
+
+@app.command()
+def events(
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Wait for new events.")] = False,
+    json_: JsonOption = False,
+    kind: Annotated[
+        list[str] | None, typer.Option("--kind", help="Only events of this kind (repeatable).")
+    ] = None,
+    patch: Annotated[str | None, typer.Option("--patch", help="Only this patch.")] = None,
+    pid: Annotated[int | None, typer.Option("--pid", help="Only this process.")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="The last N events of the history.")] = 100,
+    socket: SocketOption = None,
+) -> None:
+    """The agent's events: applied, removed, updated, failed, blocked, crashed,
+    disabled, rejected, skipped, agent."""
+    filters = {"kinds": kind or [], "patch_id": patch, "pid": pid, "limit": limit}
+    try:
+        client = _client(socket)
+        if follow:
+            for message in client.stream("events", follow=True, **filters):
+                _show_event(message["event"], json_)
+        else:
+            for event in client.call("events", **filters):
+                _show_event(event, json_)
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def _show_event(event: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(event), flush=True)
+        return
+    import time
+
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+    where = f" pid {event['pid']}" if event.get("pid") is not None else ""
+    print(f"{when} {event['kind']:<8}{where} {event.get('message', '')}", flush=True)
