@@ -35,6 +35,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from micropatch.agent.config import AgentConfig
+from micropatch.agent.crashes import CrashTracker, ExitThread
 from micropatch.agent.db import Database
 from micropatch.agent.events import Event, EventFilter, EventLog, EventSink
 from micropatch.agent.paths import AgentPaths
@@ -53,20 +54,16 @@ from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, MicropatchError, UnknownPatch
 from micropatch.live.module import ModuleCache
 from micropatch.patch.model import Target
+from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
 from micropatch.process.select import ProcessInfo
 from micropatch.trust.policy import Admitted
 
 if TYPE_CHECKING:
+    from micropatch.agent.metrics import Metrics
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
 
 log = logging.getLogger(__name__)
-
-# Signals of which a patched process's death counts against its patches (issue 8.6).
-CRASH_SIGNALS = frozenset(
-    {signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGABRT, signal.SIGTRAP}
-)
-
 
 class Part(Protocol):
     """Something the agent starts after its store is loaded and stops first."""
@@ -76,10 +73,21 @@ class Part(Protocol):
     def stop(self) -> None: ...
 
 
-class CrashRecorder(Protocol):
-    """agent.crashes.CrashTracker's shape."""
+class _Stoppable(Protocol):
+    def stop(self) -> None: ...
 
-    def record(self, exe: str, patches: Iterable[str], now: float) -> list[str]: ...
+
+class _Started:
+    """A part already started when plugged (to fail early); the agent only stops it."""
+
+    def __init__(self, part: _Stoppable) -> None:
+        self.part = part
+
+    def start(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.part.stop()
 
 
 class SharedModuleCache(ModuleCache):
@@ -135,7 +143,8 @@ class Agent:
             ops_lock=self.ops_lock, lock_timeout=config.lock_timeout,
         )  # fmt: skip
         self.events.add_sink(self.reconciler.note)
-        self.crash_tracker: CrashRecorder | None = None
+        self.crash_tracker: CrashTracker | None = None  # set by _plug_crashes
+        self.metrics: Metrics | None = None  # set by _plug_metrics
         self.new_processes: Any = None  # NEWPROC's NewProcesses, when plugged (its stats)
         self.started = time.time()
         self.ready = threading.Event()
@@ -212,10 +221,37 @@ class Agent:
         """NEWPROC: patch new processes at exec and library load (config.new_processes)."""
 
     def _plug_crashes(self) -> None:
-        """CRASH: set self.crash_tracker and attach the exit watcher (→ self.on_exit)."""
+        """Crash auto-disable: count crashes per (patch, executable), fed by the proc
+        connector's exit events (process/connector.py). Without the connector (an
+        old kernel, a container) the agent runs on without it, and says so."""
+        self.crash_tracker = CrashTracker(self.config.crash_limit, self.config.crash_window)
+        exits = ExitThread(on_exit=lambda ev: self.on_exit(ev.pid, ev.signal), on_overrun=self.wake)
+        try:
+            exits.start()
+        except ConnectorError as e:
+            self.report(Event(
+                "agent", time.time(), pid=os.getpid(),
+                message=f"crash auto-disable is off: the proc connector is unavailable ({e})",
+            ))  # fmt: skip
+            return
+        self._parts.append(_Started(exits))
 
     def _plug_metrics(self) -> None:
-        """CRASH: the Prometheus endpoint when config.metrics_port is set."""
+        """The Prometheus endpoint, only when config.metrics_port is set."""
+        if self.config.metrics_port is None:
+            return
+        from micropatch.agent.metrics import Metrics
+
+        metrics = Metrics(snapshot=self.snapshot)
+        self.metrics = metrics
+        self.add_sink(metrics.record)
+        port = metrics.start(self.config.metrics_port, self.config.metrics_address)
+        self.report(Event(
+            "agent", time.time(), pid=os.getpid(),
+            message=f"metrics on http://{self.config.metrics_address}:{port}/metrics",
+            data={"metrics_port": port},
+        ))  # fmt: skip
+        self._parts.append(_Started(metrics))
 
     def carried(self, pid: int) -> tuple[str | None, list[str]]:
         """The executable of process pid and the patch ids it carried when last seen
@@ -440,6 +476,8 @@ class Agent:
         stored = self._stored(patch_id)
         state = ENABLED if enabled else DISABLED
         self.state.set_state(patch_id, state)
+        if enabled and self.crash_tracker is not None:
+            self.crash_tracker.reset(patch_id)  # a fresh start: old crashes no longer count
         self.report(Event(
             "agent" if enabled else "disabled", time.time(), patch_id=patch_id,
             version=stored.version, message=f"{patch_id} {state} by the operator",

@@ -14,6 +14,7 @@ import pytest
 from integration.patching import patch_source
 
 from micropatch.agent.config import AgentConfig
+from micropatch.agent.crashes import CrashTracker
 from micropatch.agent.events import Event
 from micropatch.agent.paths import AgentPaths
 from micropatch.agent.service import Agent, sd_notify
@@ -23,17 +24,6 @@ from micropatch.process.select import read_info
 from micropatch.trust.keys import generate_key, write_key_pair
 
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}
-
-
-class Tracker:
-    """CrashTracker's shape: at the limit on the second crash."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, list[str]]] = []
-
-    def record(self, exe, patches, now):
-        self.calls.append((exe, list(patches)))
-        return list(patches) if len(self.calls) >= 2 else []
 
 
 @pytest.fixture
@@ -51,7 +41,7 @@ def kinds(agent: Agent) -> list[str]:
 def test_crashes_count_against_the_patches_carried_and_auto_disable(agent):
     changes: list[int] = []
     agent.on_change(lambda: changes.append(agent.generation))
-    agent.crash_tracker = Tracker()
+    agent.crash_tracker = CrashTracker(2, 600)
     me = os.getpid()
     agent.report(Event("applied", time.time(), me, "/bin/x", "fix", 1, "x"))
     assert agent.carried(me) == ("/bin/x", ["fix"])
