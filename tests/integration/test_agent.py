@@ -454,3 +454,85 @@ def test_install_writes_a_unit_systemd_accepts(tmp_path):
         assert not problems, verified.stderr
     removed = micropatch("agent", "uninstall", "--root", tmp_path)
     assert removed.returncode == 0 and not unit.exists() and config.exists()
+
+
+# A faulty patch: `call 1000` executes ud2 (SIGILL) inside the patchlet.
+FAULTY = {"at": "copy_packet", "code": "cmp esi, 1000\njne ok\nud2\nok:"}
+
+
+def test_a_patch_that_crashes_its_process_is_auto_disabled_for_that_executable(targets, start, tmp_path, keys):  # fmt: skip
+    """Issue 8.6: crashes (proc connector exit events, the signal that killed the
+    process) count against the patches the process carried; at crash_limit within
+    crash_window the patch is disabled for that executable, live, with an event."""
+    a = AgentProcess(tmp_path, tmp_path / "agent.sock", "crash_limit = 2\nrescan_interval = 0.5\n")
+    a.start()
+    try:
+        assert a.cli("add", signed(tmp_path, targets.vuln_pie, [FAULTY], keys)).returncode == 0
+        bystander = start("vuln_pie")  # carries the patch, never crashes
+        wait_for(lambda: applied(bystander.pid) == [("agent-fix", 1)], what="bystander patched")
+        crashed = []
+        for _ in range(2):
+            t = start("vuln_pie")
+            wait_for(lambda t=t: applied(t.pid) == [("agent-fix", 1)], what="target patched")
+            assert t.cmd("call 3") == "3"
+            t.send("call 1000")
+            assert t.proc.wait(timeout=10) == -signal.SIGILL
+            crashed.append(t.pid)
+        wait_for(lambda: kinds(a.events(), "disabled"), what="auto-disable")
+        events = a.events()
+        assert [e["pid"] for e in kinds(events, "crashed")] == crashed
+        assert all(e["data"]["signal"] == signal.SIGILL for e in kinds(events, "crashed"))
+        [disabled] = kinds(events, "disabled")
+        assert disabled["patch_id"] == "agent-fix" and disabled["exe"] == str(targets.vuln_pie)
+        assert disabled["data"]["auto"] is True
+        # Live: the bystander (same executable) loses the patch, a newcomer never gets it.
+        wait_for(lambda: applied(bystander.pid) == [], what="removed from the bystander")
+        assert bystander.cmd("call 1000") == "-2"  # unpatched, alive
+        newcomer = start("vuln_pie")
+        time.sleep(1.5)  # three rescans
+        assert applied(newcomer.pid) == []
+        [patch] = a.status()["patches"]
+        assert [d["exe"] for d in patch["auto_disabled"]] == [str(targets.vuln_pie)]
+        # Enabling again clears it (and the crash count): patched again.
+        assert a.cli("enable", "agent-fix").returncode == 0
+        wait_for(lambda: applied(newcomer.pid) == [("agent-fix", 1)], what="enabled again")
+    finally:
+        a.stop(signal.SIGKILL)
+
+
+def test_metrics_endpoint_on_localhost(targets, start, tmp_path, keys):
+    """Issue 8.7: opt-in Prometheus endpoint, loopback only, fed by the agent."""
+    import socket as sockets
+    import urllib.request
+
+    with sockets.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    a = AgentProcess(tmp_path, tmp_path / "agent.sock", f"metrics_port = {port}\nblocked_interval = 0.2\n")  # fmt: skip
+    t = start("vuln_pie")
+    a.start()
+    try:
+        assert a.cli("add", signed(tmp_path, targets.vuln_pie, [GUARD], keys)).returncode == 0
+        wait_for(lambda: applied(t.pid) == [("agent-fix", 1)], what="applied")
+        assert t.cmd("call 65") == "-1"
+        wait_for(lambda: kinds(a.events(), "blocked"), what="blocked event")
+
+        def scrape() -> dict[str, float]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                lines = r.read().decode().splitlines()
+            return {
+                k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in lines if ln and ln[0] != "#")
+            }
+
+        m = scrape()
+        assert m['micropatch_patches{state="enabled"}'] == 1
+        assert m["micropatch_processes_covered"] >= 1
+        assert m['micropatch_blocked_total{patch="agent-fix"}'] == 1
+        assert m['micropatch_events_total{kind="applied"}'] >= 1
+        # Bound to loopback only: not reachable on another address of this host.
+        addresses = {ai[4][0] for ai in sockets.getaddrinfo(sockets.gethostname(), None, sockets.AF_INET)}  # fmt: skip
+        for address in addresses - {"127.0.0.1", "127.0.1.1"}:
+            with pytest.raises(OSError), sockets.create_connection((address, port), timeout=2):
+                pass
+    finally:
+        a.stop(signal.SIGKILL)
