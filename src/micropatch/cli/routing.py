@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from micropatch.cli.answers import describe
 from micropatch.cli.options import err, fail, out, warn
 from micropatch.errors import MicropatchError
 
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
     from micropatch.agent.client import AgentClient
 
 NO_AGENT_VARIABLE = "MICROPATCH_NO_AGENT"
-GONE = ("ProcessNotFound", "ProcessExited")
-SKIPPED = ("NotApplied", "AlreadyApplied", "Downgrade")
 
 
 def agent(*, direct: bool = False) -> AgentClient | None:
@@ -64,46 +63,16 @@ def run(
         answer = client.call(verb, **arguments)
     except MicropatchError as e:
         raise fail(str(e)) from None
-    if answer.get("verified"):
-        out.print(f"[green]✓[/] {escape(answer['verified'])}")
-    for warning in answer.get("warnings") or []:
-        warn(warning)
-    fleet = arguments.get("filters") is not None
-    done = 0
-    failures = len(answer["unreadable"])
-    skipped, gone = answer["skipped"], answer["gone"]
-    for pid, fields in answer["unreadable"]:
-        err.print(f"[red]✗[/] pid {pid}: cannot read its patches: {escape(fields['message'])}")
-    for result in answer["results"]:
-        pid = result["pid"]
-        if "error" in result:
-            error = result["error"]
-            message = escape(str(error.get("message", "")))
-            if fleet and error.get("error") in GONE:
-                gone += 1
-                err.print(f"[dim]· pid {pid}: gone ({message})[/]")
-            elif fleet and error.get("error") in SKIPPED:
-                skipped += 1
-                err.print(f"[dim]· pid {pid}: skipped ({message})[/]")
-            else:
-                failures += 1
-                err.print(f"[red]✗[/] pid {pid}: {message}")
-            continue
-        o = result["outcome"]
-        done += 1
-        version = f" v{o['version']}" if o["version"] is not None else ""
-        out.print(
-            f"[green]✓[/] {o['action']} {o['patch_id']}{version} "
-            f"({o['sites']} site{'s' if o['sites'] != 1 else ''}) in pid {pid}; "
-            f"paused {o['paused'] * 1e3:.2f} ms"
-            + (f" after {o['attempts']} attempts" if o["attempts"] > 1 else "")
-            + " (through the agent)"
-        )
-    if not answer["results"] and not fleet:
-        out.print(f"no process to {verb}")
-    if fleet or len(answer["results"]) > 1:
-        out.print(f"{verb}: {done} done, {failures} failed, {skipped} skipped, {gone} gone")
-    if failures:
+    report = describe(verb, answer, fleet=arguments.get("filters") is not None)
+    for line in report.lines:
+        text = escape(line.text)
+        if line.kind == "warning":
+            warn(line.text)
+        elif line.to_stderr:
+            err.print(f"[red]✗[/] {text}" if line.kind == "failed" else f"[dim]· {text}[/]")
+        else:
+            out.print(f"[green]✓[/] {text}" if line.kind == "ok" else text)
+    if report.failed:
         raise typer.Exit(1)
 
 
