@@ -7,17 +7,28 @@ agent starts as fast as the interpreter. See control.py for the protocol.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import contextlib
 import json
+import os
 import socket
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from micropatch import errors
-from micropatch.agent.paths import default_socket
 from micropatch.errors import ControlError, MicropatchError
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Any
+
+DEFAULT_SOCKET = "/run/micropatch/agent.sock"
+SOCKET_VARIABLE = "MICROPATCH_AGENT_SOCKET"  # where the CLI looks for a running agent
+
+
+def default_socket() -> str:
+    """The socket the CLI talks to: $MICROPATCH_AGENT_SOCKET, else the default."""
+    return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
 CONNECT_TIMEOUT = 2.0
 
@@ -115,17 +126,18 @@ def artifact_arguments(path: str | Path) -> dict[str, str]:
     """An artifact file as request arguments: its bytes (the agent may not see our
     /tmp) and its name for messages."""
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
         raise errors.ArtifactError(f"{path}: cannot read: {e.strerror}") from e
-    return {"artifact": base64.b64encode(data).decode("ascii"), "name": str(path)}
+    return {"artifact": binascii.b2a_base64(data, newline=False).decode("ascii"), "name": str(path)}
 
 
 def running(path: str | Path | None = None) -> AgentClient | None:
     """A client of the agent if one answers on the socket (else None, quickly: a
     socket file with nobody behind it refuses at once)."""
     client = AgentClient(path)
-    if not Path(client.path).exists():
+    if not os.path.exists(client.path):
         return None
     with contextlib.suppress(ControlError, OSError):
         client._connect().close()

@@ -1,21 +1,20 @@
 """Where the agent keeps things, by default and for one running instance.
 
-Light on purpose (standard library only): the client and the CLI name these
-defaults in their help without loading the agent.
+Light on purpose (standard library only): the CLI names these defaults in its
+help without loading the agent. The socket's default lives with the client
+(agent/client.py), which must not pay even for this module.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from micropatch.agent.client import DEFAULT_SOCKET, SOCKET_VARIABLE, default_socket
 from micropatch.trust.paths import DEFAULT_TRUST_DIR
 
 DEFAULT_STATE_DIR = "/var/lib/micropatch"
-DEFAULT_SOCKET = "/run/micropatch/agent.sock"
 DEFAULT_CONFIG = "/etc/micropatch/agent.toml"
-SOCKET_VARIABLE = "MICROPATCH_AGENT_SOCKET"  # where the CLI looks for a running agent
 UNIT_NAME = "micropatch-agent.service"
 UNIT_DIR = "/etc/systemd/system"
 
@@ -30,11 +29,6 @@ __all__ = [
     "AgentPaths",
     "default_socket",
 ]
-
-
-def default_socket() -> str:
-    """The socket the CLI talks to: $MICROPATCH_AGENT_SOCKET, else the default."""
-    return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,16 @@ same thing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Any
 
 GONE = ("ProcessNotFound", "ProcessExited")
 SKIPPED = ("NotApplied", "AlreadyApplied", "Downgrade")
 
 
-@dataclass(frozen=True)
-class Line:
+class Line(NamedTuple):
     kind: str  # "ok" | "failed" | "skipped" | "warning" | "summary": style and stream
     text: str
 
@@ -24,8 +25,7 @@ class Line:
         return self.kind in ("failed", "skipped", "warning")
 
 
-@dataclass(frozen=True)
-class Report:
+class Report(NamedTuple):
     lines: list[Line]
     failed: bool
 
