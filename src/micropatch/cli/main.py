@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli import agent, authoring, dev, routing, running, tools
+from micropatch.cli import agent, answers, authoring, dev, routing, running, tools
 from micropatch.cli.options import (
     AllOption,
     AllowUnsignedOption,
@@ -244,6 +244,10 @@ def status(pid: PidOption = None) -> None:
     if client is not None:
         found, unread_fields = routing.status(client, pid)
         states: list[live.PatchState | _State] = [_State(**s) for s in found]
+        # A process that exits between the scan and the read is no error, unless named.
+        unread_fields = [
+            (p, f) for p, f in unread_fields if pid or f.get("error") not in answers.GONE
+        ]
         unread = [p for p, _ in unread_fields]
         for p, fields in unread_fields:
             err.print(f"[red]✗[/] pid {p}: {fields.get('message', '')}")
@@ -258,6 +262,8 @@ def status(pid: PidOption = None) -> None:
             try:
                 states += read_status(p)
             except MicropatchError as e:
+                if not pid and type(e).__name__ in answers.GONE:
+                    continue  # exited since the scan
                 unread.append(p)
                 err.print(f"[red]✗[/] pid {p}: {e}")
     rows = []
