@@ -243,3 +243,20 @@ class CaveError(MicropatchError):
 
 class ToolError(MicropatchError):
     """An author tool (explore, diff) was asked something it cannot answer."""
+
+
+# --- server/ ----------------------------------------------------------------
+
+
+class ServerError(MicropatchError):
+    """The fleet server cannot do what was asked: bad configuration, storage, or request."""
+
+
+class RepositoryError(ServerError):
+    """The TUF repository cannot be created or changed: missing keys, bad layout, a
+    threshold that cannot be met."""
+
+
+class UpdateError(MicropatchError):
+    """A client of the TUF repository refused what it was served (rollback, freeze,
+    mix-and-match, tampered target) or could not reach it."""

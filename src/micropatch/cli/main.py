@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli import authoring, dev, running, tools
+from micropatch.cli import authoring, dev, running, server, tools
 from micropatch.cli.options import (
     AllOption,
     AllowUnsignedOption,
@@ -282,6 +282,7 @@ def demo() -> None:
 authoring.register(app)
 app.add_typer(dev.app, name="dev")
 tools.register(app)
+server.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,99 @@
+"""Fixtures of the server tests: a small module, signed artifacts for it, a repository."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from micropatch.trust.keys import PrivateKey, generate_key
+
+MODULE_C = """
+int check(int n) {
+    int r = n;
+    if (n > 64)
+        r = -2;
+    return r * 3 + 1;
+}
+"""
+
+MakeArtifact = Callable[..., bytes]
+
+
+@pytest.fixture(scope="session")
+def module(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """libcheck.so: one function, `check`, built with the machine's cc."""
+    out = tmp_path_factory.mktemp("module")
+    (out / "check.c").write_text(MODULE_C)
+    subprocess.run(
+        ["cc", "-O0", "-fPIC", "-shared", "-Wl,--build-id", "-o", str(out / "libcheck.so"),
+         str(out / "check.c")],
+        check=True,
+    )  # fmt: skip
+    return out / "libcheck.so"
+
+
+@pytest.fixture(scope="session")
+def signing_key() -> PrivateKey:
+    """The patch-signing key the hosts trust."""
+    return generate_key("patches")
+
+
+@pytest.fixture(scope="session")
+def make_artifact(
+    module: Path, signing_key: PrivateKey, tmp_path_factory: pytest.TempPathFactory
+) -> MakeArtifact:
+    """`make_artifact(id="fix", version=1, key=signing_key)` → the bytes of a signed artifact."""
+    from micropatch.build.artifact import build
+    from micropatch.elf.identity import identify
+
+    with open(module, "rb") as f:
+        build_id = identify(f).build_id
+    out = tmp_path_factory.mktemp("artifacts")
+    made: dict[tuple[str, int, str], bytes] = {}
+
+    def make(id: str = "fix", version: int = 1, key: PrivateKey | None = None) -> bytes:
+        key = key or signing_key
+        cached = made.get((id, version, key.public.keyid))
+        if cached is not None:
+            return cached
+        source = out / f"{id}-{version}.toml"
+        source.write_text(
+            f'[patch]\nid = "{id}"\nversion = {version}\ntitle = "{id} v{version}"\n\n'
+            f'[target]\nmodule = "{module.name}"\nbuild_id = "{build_id}"\n\n'
+            '[[patchlet]]\nat = "check"\ncode = "nop"\n'
+        )
+        data = build(source, module).signed(key).to_bytes()
+        made[(id, version, key.public.keyid)] = data
+        return data
+
+    return make
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
+    """`served(directory)` → the URL of a static HTTP server of that directory on
+    127.0.0.1 (any web server would do: the repository is static files)."""
+    import functools
+    import http.server
+    import threading
+
+    servers: list[http.server.ThreadingHTTPServer] = []
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    def serve(directory: Path) -> str:
+        handler = functools.partial(Quiet, directory=str(directory))
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield serve
+    for s in servers:
+        s.shutdown()
+        s.server_close()
