@@ -253,3 +253,123 @@ def publish(
     print(f"published {body['patch_id']} v{body['version']} as {body['target']}")
 
 
+
+
+# --- server ----------------------------------------------------------------------------
+
+
+def _database(data_dir: Path, database: str | None):  # type: ignore[no-untyped-def]
+    from micropatch.server.database import Database, database_url
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    return Database(database_url(data_dir, database))
+
+
+@server_app.command("run")
+def server_run(
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    listen: Annotated[str, typer.Option(help="HOST:PORT to serve the API on.")] = "127.0.0.1:8600",
+    database: DatabaseOption = None,
+    checkin_interval: Annotated[
+        int, typer.Option(help="Seconds between an agent's check-ins.", min=5)
+    ] = 60,
+    repository_url: Annotated[
+        str | None,
+        typer.Option(
+            help="The URL agents fetch the TUF repository from (a web server or CDN serving "
+            "DATA_DIR/repository/public); default: this server's /repository."
+        ),
+    ] = None,
+) -> None:
+    """Serve the fleet API (migrating the database first)."""
+    import logging
+
+    import uvicorn
+
+    from micropatch.errors import MicropatchError
+    from micropatch.server.app import Settings, create_app
+
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise _fail(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8600")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    settings = Settings(
+        data_dir=data_dir,
+        database=database,
+        checkin_interval=checkin_interval,
+        repository_url=repository_url,
+    )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        app = create_app(settings)
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="info")
+
+
+@server_app.command("migrate")
+def server_migrate(
+    data_dir: DataDirOption = DEFAULT_DATA_DIR, database: DatabaseOption = None
+) -> None:
+    """Bring the database to the newest schema (`server run` does it by itself)."""
+    from micropatch.errors import MicropatchError
+    from micropatch.server.database import current_revision
+
+    try:
+        db = _database(data_dir, database)
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    print(f"database at revision {current_revision(db.engine)}")
+
+
+@admin_app.command("create-user")
+def admin_create_user(
+    name: Annotated[str, typer.Argument(help="The user name.")],
+    role: Annotated[str, typer.Option(help="admin, operator or auditor.")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read a login password from stdin.")
+    ] = False,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    database: DatabaseOption = None,
+) -> None:
+    """Create a user; prints an API token for it (shown once)."""
+    from micropatch.errors import MicropatchError
+    from micropatch.server import fleet
+    from micropatch.server.auth import Passwords
+
+    password = sys.stdin.readline().rstrip("\n") if password_stdin else None
+    if password_stdin and len(password or "") < 8:
+        raise _fail("the password must be at least 8 characters")
+    try:
+        db = _database(data_dir, database)
+        with db.session() as session:
+            user, token = fleet.create_user(session, Passwords(), name, role, password, "cli")
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    print(f"created {user.role} {user.name}; API token (shown once):", file=sys.stderr)
+    print(token)
+
+
+@admin_app.command("enrollment-token")
+def admin_enrollment_token(
+    group: Annotated[str, typer.Option(help="The group enrolled hosts join.")] = "/",
+    expires: Annotated[
+        float | None, typer.Option(help="Hours until the token expires (default: never).")
+    ] = None,
+    data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    database: DatabaseOption = None,
+) -> None:
+    """A one-time enrollment token for one host: `micropatch agent enroll URL --token TOKEN`."""
+    from micropatch.errors import MicropatchError
+    from micropatch.server import fleet
+
+    try:
+        db = _database(data_dir, database)
+        with db.session() as session:
+            token, g, _ = fleet.create_enrollment_token(
+                session, group, None if expires is None else expires * 3600, "cli"
+            )
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    print(f"one-time enrollment token for group {g.path} (shown once):", file=sys.stderr)
+    print(token)
