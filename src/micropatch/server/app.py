@@ -78,6 +78,69 @@ _STATUS = {
 }
 
 
+
+# --- dependencies: a session per request, and who is asking -------------------------------
+
+
+def _db(request: Request) -> Iterator[Session]:
+    # Committed before the response is sent (scope="function"): a client that saw
+    # a success can read what it wrote.
+    server: Server = request.app.state.server
+    with server.database.session() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(_db, scope="function")]
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _principal(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None:
+        raise HTTPException(
+            401, "missing credentials: send Authorization: Bearer TOKEN",
+            headers={"WWW-Authenticate": "Bearer"},
+        )  # fmt: skip
+    try:
+        return fleet.authenticate(session, credentials.credentials)
+    except fleet.Unauthorized as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def _role(allowed: frozenset[str]) -> Callable[[Principal], Principal]:
+    def check(who: Annotated[Principal, Depends(_principal)]) -> Principal:
+        if who.kind != "user" or who.role not in allowed:
+            raise HTTPException(
+                403, f"{who.actor} may not do this (needs the role {' or '.join(sorted(allowed))})"
+            )
+        return who
+
+    return check
+
+
+Anyone = Annotated[Principal, Depends(_principal)]
+Reader = Annotated[Principal, Depends(_role(READ))]
+Publisher = Annotated[Principal, Depends(_role(PUBLISH))]
+AuditReader = Annotated[Principal, Depends(_role(ADMIN | {"auditor"}))]
+Administrator = Annotated[Principal, Depends(_role(ADMIN))]
+
+
+def host_access(who: Principal, host_id: int) -> None:
+    """A host reads only its own data; users with a role read every host's."""
+    if who.kind == "host":
+        if who.id != host_id:
+            raise HTTPException(403, f"{who.actor} may read only its own data")
+    elif who.role not in READ:
+        raise HTTPException(403, f"{who.actor} may not read hosts")
+
+
+def this_host(who: Principal) -> None:
+    if who.kind != "host":
+        raise HTTPException(403, "only an enrolled host checks in (a host credential)")
+
+
 def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     """The API of a server with these settings (the database is migrated first)."""
     server = server or Server(settings)
@@ -102,61 +165,10 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         description="Enrollment, check-in, publishing, groups and policies (docs/server.md).",
     )
     app.state.server = server
-    bearer = HTTPBearer(auto_error=False)
-
     @app.exception_handler(ServerError)
     async def _server_error(_request: Request, exc: ServerError) -> JSONResponse:
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 400)
         return JSONResponse({"detail": str(exc)}, status_code=status)
-
-    def db() -> Iterator[Session]:
-        with server.database.session() as session:
-            yield session
-
-    SessionDep = Annotated[Session, Depends(db)]
-
-    def principal(
-        session: SessionDep,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-    ) -> Principal:
-        if credentials is None:
-            raise HTTPException(
-                401, "missing credentials: send Authorization: Bearer TOKEN",
-                headers={"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
-        try:
-            return fleet.authenticate(session, credentials.credentials)
-        except fleet.Unauthorized as exc:
-            raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
-
-    def role(allowed: frozenset[str]) -> Callable[[Principal], Principal]:
-        def check(who: Annotated[Principal, Depends(principal)]) -> Principal:
-            if who.kind != "user" or who.role not in allowed:
-                raise HTTPException(
-                    403,
-                    f"{who.actor} may not do this (needs the role "
-                    f"{' or '.join(sorted(allowed))})",
-                )
-            return who
-
-        return check
-
-    Reader = Annotated[Principal, Depends(role(READ))]
-    Publisher = Annotated[Principal, Depends(role(PUBLISH))]
-    AuditReader = Annotated[Principal, Depends(role(ADMIN | {"auditor"}))]
-    Administrator = Annotated[Principal, Depends(role(ADMIN))]
-    Anyone = Annotated[Principal, Depends(principal)]
-
-    def host_access(who: Principal, host_id: int) -> None:
-        if who.kind == "host":
-            if who.id != host_id:
-                raise HTTPException(403, f"{who.actor} may read only its own data")
-        elif who.role not in READ:
-            raise HTTPException(403, f"{who.actor} may not read hosts")
-
-    def this_host(who: Principal) -> None:
-        if who.kind != "host":
-            raise HTTPException(403, "only an enrolled host checks in (a host credential)")
 
     api = "/api/v1"
 

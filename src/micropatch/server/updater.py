@@ -183,7 +183,9 @@ def _reason(exc: BaseException) -> str | None:
             "metadata older than, or inconsistent with, what this client trusts (a rollback "
             "or mix-and-match attack)"
         )
-    if isinstance(exc, tuf_errors.LengthOrHashMismatchError):
+    if isinstance(
+        exc, tuf_errors.LengthOrHashMismatchError | tuf_errors.DownloadLengthMismatchError
+    ):
         return (
             "a file does not have the length or hash the signed metadata lists (a tampered "
             "artifact, or mix-and-match metadata)"

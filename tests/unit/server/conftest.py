@@ -54,19 +54,21 @@ def make_artifact(
     out = tmp_path_factory.mktemp("artifacts")
     made: dict[tuple[str, int, str], bytes] = {}
 
-    def make(id: str = "fix", version: int = 1, key: PrivateKey | None = None) -> bytes:
+    def make(
+        id: str = "fix", version: int = 1, key: PrivateKey | None = None, code: str = "nop"
+    ) -> bytes:
         key = key or signing_key
-        cached = made.get((id, version, key.public.keyid))
+        cached = made.get((id, version, key.public.keyid + code))
         if cached is not None:
             return cached
-        source = out / f"{id}-{version}.toml"
+        source = out / f"{id}-{version}-{len(made)}.toml"
         source.write_text(
             f'[patch]\nid = "{id}"\nversion = {version}\ntitle = "{id} v{version}"\n\n'
             f'[target]\nmodule = "{module.name}"\nbuild_id = "{build_id}"\n\n'
-            '[[patchlet]]\nat = "check"\ncode = "nop"\n'
+            f'[[patchlet]]\nat = "check"\ncode = "{code}"\n'
         )
         data = build(source, module).signed(key).to_bytes()
-        made[(id, version, key.public.keyid)] = data
+        made[(id, version, key.public.keyid + code)] = data
         return data
 
     return make
@@ -97,3 +99,60 @@ def served(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
     for s in servers:
         s.shutdown()
         s.server_close()
+
+
+class Api:
+    """A server on a fresh data directory, with a TestClient and a user of each role."""
+
+    def __init__(self, data_dir: Path, signing_key: PrivateKey) -> None:
+        from fastapi.testclient import TestClient
+
+        from micropatch.server import fleet
+        from micropatch.server.app import Server, Settings, create_app
+        from micropatch.server.repository import Repository
+
+        Repository.init(
+            data_dir / "repository",
+            offline_dir=data_dir / "offline",
+            root_keys=1,
+            root_threshold=1,
+            targets_keys=[signing_key],
+            online_targets=True,
+        )
+        self.settings = Settings(data_dir=data_dir, repository_url="http://repo.invalid/r")
+        self.server = Server(self.settings)
+        self.app = create_app(self.settings, server=self.server)
+        self.client = TestClient(self.app)
+        self.tokens: dict[str, str] = {}
+        with self.server.database.session() as session:
+            for role in ("admin", "operator", "auditor"):
+                _, self.tokens[role] = fleet.create_user(
+                    session, self.server.passwords, role, role, None, "test"
+                )
+
+    def auth(self, who: str | None) -> dict[str, str]:
+        return {} if who is None else {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    def enroll(self, name: str, group: str = "/") -> tuple[int, str]:
+        """A host enrolled through the API; its id and credential (also in tokens[name])."""
+        r = self.client.post(
+            "/api/v1/enrollment-tokens", json={"group": group}, headers=self.auth("admin")
+        )
+        assert r.status_code == 201, r.text
+        r = self.client.post(
+            "/api/v1/enroll", json={"token": r.json()["token"], "hostname": name}
+        )
+        assert r.status_code == 201, r.text
+        self.tokens[name] = r.json()["credential"]
+        return r.json()["host_id"], r.json()["credential"]
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.database.dispose()
+
+
+@pytest.fixture
+def api(tmp_path: Path, signing_key: PrivateKey) -> Iterator[Api]:
+    a = Api(tmp_path / "data", signing_key)
+    yield a
+    a.close()

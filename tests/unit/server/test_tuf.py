@@ -177,11 +177,18 @@ def test_arbitrary_artifact_is_refused(
 ) -> None:
     name = publish(repo, make_artifact("fix-a", 1), signing_key)
     [file] = list(repo.targets_dir.glob(f"*.{name}"))
+    good = file.read_bytes()
+    url = served(repo.public)
     # Another validly signed artifact, swapped in under the published name.
     file.write_bytes(make_artifact("fix-a", 2))
-    updater = client(repo, served(repo.public), tmp_path, signing_key)
     with pytest.raises(UpdateError, match="tampered artifact"):
-        updater.fetch(name)
+        client(repo, url, tmp_path / "a", signing_key).fetch(name)
+    # The same length, one byte changed.
+    file.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    with pytest.raises(UpdateError, match="tampered artifact"):
+        client(repo, url, tmp_path / "b", signing_key).fetch(name)
+    file.write_bytes(good)
+    assert client(repo, url, tmp_path / "c", signing_key).fetch(name).id == "fix-a"
 
 
 def test_artifact_signed_by_an_untrusted_key_is_refused(
