@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
@@ -91,6 +92,7 @@ def _db(request: Request) -> Iterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(_db, scope="function")]
+HostId = Annotated[int, PathParam(ge=1, le=s.INT_MAX)]
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -360,12 +362,12 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         return [fleet.host_out(session, h) for h in session.scalars(query)]
 
     @app.get(f"{api}/hosts/{{host_id}}", tags=["hosts"], response_model=s.HostOut)
-    def get_host(host_id: int, who: Anyone, session: SessionDep) -> s.HostOut:
+    def get_host(host_id: HostId, who: Anyone, session: SessionDep) -> s.HostOut:
         host_access(who, host_id)
         return fleet.host_out(session, fleet.host(session, host_id), detail=True)
 
     @app.get(f"{api}/hosts/{{host_id}}/policy", tags=["hosts"], response_model=s.HostPolicyOut)
-    def get_host_policy(host_id: int, who: Anyone, session: SessionDep) -> s.HostPolicyOut:
+    def get_host_policy(host_id: HostId, who: Anyone, session: SessionDep) -> s.HostPolicyOut:
         """The host's effective policy: each relevant patch's state and which group
         decided it."""
         host_access(who, host_id)
@@ -379,7 +381,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
 
     @app.put(f"{api}/hosts/{{host_id}}/group", tags=["hosts"], response_model=s.HostOut)
     def move_host(
-        host_id: int, body: s.HostGroupIn, who: Administrator, session: SessionDep
+        host_id: HostId, body: s.HostGroupIn, who: Administrator, session: SessionDep
     ) -> s.HostOut:
         host = fleet.host(session, host_id)
         fleet.move_host(session, host, body.group, who.actor)
@@ -391,7 +393,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     def events(
         who: Anyone,
         session: SessionDep,
-        host_id: int | None = None,
+        host_id: Annotated[int | None, Query(ge=1, le=s.INT_MAX)] = None,
         kind: str | None = None,
         patch_id: str | None = None,
         since: float | None = None,

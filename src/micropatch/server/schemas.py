@@ -18,6 +18,7 @@ EventKind = Literal[
     "skipped", "agent",
 ]  # fmt: skip
 Name = Field(min_length=1, max_length=255)
+INT_MAX = 2**31 - 1  # the columns are 32-bit integers (PostgreSQL's integer)
 
 
 class _In(BaseModel):
@@ -94,12 +95,12 @@ class ModuleIn(_In):
 
 class AppliedIn(_In):
     patch_id: str = Field(min_length=1, max_length=128)
-    version: int = Field(ge=0)
+    version: int = Field(ge=0, le=INT_MAX)
     state: str = Field(default="applied", max_length=16)
 
 
 class ProcessIn(_In):
-    pid: int = Field(ge=1)
+    pid: int = Field(ge=1, le=INT_MAX)
     exe: str | None = Field(default=None, max_length=1024)
     unit: str | None = Field(default=None, max_length=255)
     user: str | None = Field(default=None, max_length=64)
@@ -109,10 +110,10 @@ class ProcessIn(_In):
 class EventIn(_In):
     kind: EventKind
     time: float
-    pid: int | None = None
+    pid: int | None = Field(default=None, ge=1, le=INT_MAX)
     exe: str | None = Field(default=None, max_length=1024)
     patch_id: str | None = Field(default=None, max_length=128)
-    version: int | None = None
+    version: int | None = Field(default=None, ge=0, le=INT_MAX)
     module: str | None = Field(default=None, max_length=255)
     message: str = Field(default="", max_length=4096)
     data: dict[str, Any] = Field(default_factory=dict)
@@ -210,7 +211,9 @@ class PatchOut(BaseModel):
 
 
 class RevokeIn(_In):
-    version: int | None = Field(default=None, description="one version; none: every version")
+    version: int | None = Field(
+        default=None, ge=0, le=INT_MAX, description="one version; none: every version"
+    )
 
 
 class ExclusionIn(_In):
