@@ -27,6 +27,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
+from sqlalchemy.exc import DataError
 from sqlalchemy.orm import Session
 
 from micropatch import __version__
@@ -167,6 +168,14 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         description="Enrollment, check-in, publishing, groups and policies (docs/server.md).",
     )
     app.state.server = server
+    @app.exception_handler(DataError)
+    async def _data_error(_request: Request, exc: DataError) -> JSONResponse:
+        # A value the database cannot store or compare (PostgreSQL: a NUL in a query
+        # parameter, an out-of-range number): the request's fault, not the server's.
+        return JSONResponse(
+            {"detail": f"a value cannot be used: {exc.orig or exc}"}, status_code=422
+        )
+
     @app.exception_handler(ServerError)
     async def _server_error(_request: Request, exc: ServerError) -> JSONResponse:
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 400)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Role = Literal["admin", "operator", "auditor"]
 State = Literal["enabled", "disabled"]
@@ -23,6 +23,24 @@ INT_MAX = 2**31 - 1  # the columns are 32-bit integers (PostgreSQL's integer)
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="after")
+    def _no_nul(self) -> Any:
+        # PostgreSQL's text cannot hold NUL; no name, path or message needs one.
+        for name, value in self:
+            if name != "data" and _has_nul(value):
+                raise ValueError(f"{name}: must not contain NUL characters")
+        return self
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 # --- users and tokens --------------------------------------------------------------

@@ -101,6 +101,25 @@ def served(tmp_path: Path) -> Iterator[Callable[[Path], str]]:
         s.server_close()
 
 
+def fresh_postgres() -> str | None:
+    """$MICROPATCH_TEST_POSTGRES (postgresql://…) with every table dropped, or None:
+    the server tests then run against PostgreSQL instead of SQLite."""
+    import os
+
+    url = os.environ.get("MICROPATCH_TEST_POSTGRES")
+    if not url:
+        return None
+    from micropatch.server.database import database_url, make_engine
+    from micropatch.server.models import Base
+
+    engine = make_engine(database_url(".", url))
+    with engine.begin() as connection:
+        Base.metadata.drop_all(connection)
+        connection.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    engine.dispose()
+    return url
+
+
 class Api:
     """A server on a fresh data directory, with a TestClient and a user of each role."""
 
@@ -119,7 +138,9 @@ class Api:
             targets_keys=[signing_key],
             online_targets=True,
         )
-        self.settings = Settings(data_dir=data_dir, repository_url="http://repo.invalid/r")
+        self.settings = Settings(
+            data_dir=data_dir, database=fresh_postgres(), repository_url="http://repo.invalid/r"
+        )
         self.server = Server(self.settings)
         self.app = create_app(self.settings, server=self.server)
         self.client = TestClient(self.app)

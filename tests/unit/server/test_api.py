@@ -202,3 +202,18 @@ def test_repository_is_served(api: Api) -> None:
     r = api.client.get("/repository/metadata/timestamp.json")
     assert r.status_code == 200 and r.json()["signed"]["_type"] == "timestamp"
     assert api.client.get("/repository/../online/timestamp.key").status_code == 404
+
+
+def test_values_no_database_can_hold(api: Api) -> None:
+    # Found by schemathesis: huge integers (SQLite) and NUL characters (PostgreSQL)
+    # are the client's mistake, answered with a 4xx, never a server error.
+    host_id, _ = api.enroll("h")
+    r = api.client.post("/api/v1/checkin", headers=api.auth("h"), json={
+        "processes": [{"pid": 1, "patches": [{"patch_id": "x", "version": 2**63}]}],
+    })  # fmt: skip
+    assert r.status_code == 422
+    r = api.client.post("/api/v1/checkin", json={"hostname": "a\x00b"}, headers=api.auth("h"))
+    assert r.status_code == 422 and "NUL" in r.text
+    assert api.client.get(f"/api/v1/hosts/{2**63}", headers=api.auth("admin")).status_code == 422
+    for url in ("/api/v1/patches/a%00b", "/api/v1/events?kind=a%00b"):
+        assert api.client.get(url, headers=api.auth("admin")).status_code in (404, 422, 200)
