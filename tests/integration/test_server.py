@@ -13,11 +13,29 @@ from pathlib import Path
 
 import httpx
 import pytest
-from unit.server.conftest import make_artifact, module, signing_key  # noqa: F401 (fixtures)
+from unit.server.conftest import (  # noqa: F401 (fixtures)
+    fresh_postgres,
+    make_artifact,
+    module,
+    signing_key,
+)
 
 from micropatch.server.updater import PatchUpdater
 from micropatch.trust.artifact import loads
 from micropatch.trust.keys import PrivateKey, write_key_pair
+
+# With $MICROPATCH_TEST_POSTGRES, every command below uses that PostgreSQL database
+# (`--database` through its environment variable) instead of SQLite.
+ENV: dict[str, str] = {}
+
+
+@pytest.fixture(autouse=True)
+def database() -> Iterator[None]:
+    url = fresh_postgres()
+    if url:
+        ENV["MICROPATCH_SERVER_DATABASE"] = url
+    yield
+    ENV.clear()
 
 
 def micropatch(*args: object, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -27,7 +45,7 @@ def micropatch(*args: object, stdin: str | None = None) -> subprocess.CompletedP
         text=True,
         input=stdin,
         timeout=120,
-        env={**os.environ, "COLUMNS": "250"},
+        env={**os.environ, "COLUMNS": "250", **ENV},
     )
     assert "Traceback" not in done.stderr, done.stderr
     return done
@@ -66,7 +84,7 @@ def server(data_dir: Path) -> Iterator[str]:
     process = subprocess.Popen(
         ["micropatch", "server", "run", "--data-dir", data_dir,
          "--listen", f"127.0.0.1:{port}", "--checkin-interval", "30"],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV},
     )  # fmt: skip
     assert process.stderr is not None
     seen = []

@@ -207,7 +207,7 @@ def test_repository_is_served(api: Api) -> None:
 def test_values_no_database_can_hold(api: Api) -> None:
     # Found by schemathesis: huge integers (SQLite) and NUL characters (PostgreSQL)
     # are the client's mistake, answered with a 4xx, never a server error.
-    host_id, _ = api.enroll("h")
+    _host_id, _ = api.enroll("h")
     r = api.client.post("/api/v1/checkin", headers=api.auth("h"), json={
         "processes": [{"pid": 1, "patches": [{"patch_id": "x", "version": 2**63}]}],
     })  # fmt: skip
