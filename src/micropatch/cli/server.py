@@ -89,6 +89,14 @@ def repo_init(
             "its API (see docs/server.md for what this trades away).",
         ),
     ] = False,
+    trust: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--trust",
+            help="A patch-signing public key (.pub): artifacts published to this repository "
+            "must be signed by one of these; repeatable. Default: the targets keys.",
+        ),
+    ] = None,
     expires: Annotated[
         list[str] | None,
         typer.Option(help="ROLE=DAYS, how long a role's metadata stays valid; repeatable."),
@@ -97,7 +105,7 @@ def repo_init(
     """The key ceremony: create a repository, its root keys (offline), targets keys,
     and the online snapshot and timestamp keys."""
     from micropatch.errors import MicropatchError
-    from micropatch.server.repository import Repository, load_keys
+    from micropatch.server.repository import Repository, load_keys, load_public
 
     expiry = {}
     for item in expires or []:
@@ -114,6 +122,7 @@ def repo_init(
             targets_keys=load_keys(targets_key or []),
             targets_threshold=targets_threshold,
             online_targets=online_targets,
+            trusted=[load_public(p) for p in trust or []],
             expiry=expiry,
         )
     except MicropatchError as e:

@@ -157,6 +157,7 @@ class Repository:
         targets_keys: Sequence[PrivateKey] = (),
         targets_threshold: int = 1,
         online_targets: bool = False,
+        trusted: Sequence[PublicKey] = (),
         expiry: dict[str, int] | None = None,
         now: datetime.datetime | None = None,
     ) -> Ceremony:
@@ -167,6 +168,8 @@ class Repository:
 
         `online_targets`: also copy the targets keys into DIR/online, so the server can
         publish through its API (docs/server.md says what that trades away).
+        `trusted`: the patch-signing keys an uploaded artifact must be signed by
+        (DIR/trusted; default: the targets keys).
         """
         directory = Path(directory)
         offline = Path(offline_dir) if offline_dir is not None else directory / "offline-keys"
@@ -209,9 +212,9 @@ class Repository:
             targets = [(key, Path(key.public.path)) for key in targets_keys]
         else:
             targets = [new_key("targets", offline)]
-        for key, _ in targets:
-            (directory / TRUSTED / f"{key.public.name}-{key.public.keyid[:12]}.pub").write_text(
-                json.dumps(key.public.to_json(), indent=2) + "\n"
+        for public in trusted or [key.public for key, _ in targets]:
+            (directory / TRUSTED / f"{public.name}-{public.keyid[:12]}.pub").write_text(
+                json.dumps(public.to_json(), indent=2) + "\n"
             )
         snapshot_key, snapshot_path = new_key("snapshot", directory / ONLINE)
         timestamp_key, timestamp_path = new_key("timestamp", directory / ONLINE)

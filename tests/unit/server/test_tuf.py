@@ -258,3 +258,21 @@ def test_init_checks(tmp_path: Path) -> None:
     assert repo.targets().signed.version == 2
     later = utc_now() + datetime.timedelta(hours=20)  # timestamp (1 day) past half its life
     assert repo.refresh(later) == ["timestamp"]
+
+
+def test_dedicated_online_targets_key(
+    tmp_path: Path, signing_key: PrivateKey, make_artifact: MakeArtifact
+) -> None:
+    """Patch-signing keys offline: uploads are checked against them (--trust), the
+    server signs targets with a key of its own."""
+    Repository.init(
+        tmp_path / "r", root_keys=1, root_threshold=1, online_targets=True,
+        trusted=[signing_key.public],
+    )  # fmt: skip
+    repo = Repository(tmp_path / "r")
+    assert [k.keyid for k in repo.trusted_keys()] == [signing_key.public.keyid]
+    [online] = repo.online_targets_keys()
+    assert online.public.keyid != signing_key.public.keyid
+    data = make_artifact("fix-a", 1)
+    repo.add_target(loads(data).file_name, data, custom=custom_of(data))
+    assert list(repo.target_files()) == [loads(data).file_name]
