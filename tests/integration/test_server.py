@@ -196,3 +196,42 @@ def test_repo_commands(tmp_path: Path, make_artifact, signing_key: PrivateKey) -
     assert micropatch("repo", "list", repo).stdout == ""
     done = micropatch("repo", "refresh-timestamp", repo, "--force")
     assert done.returncode == 0 and "snapshot, timestamp" in done.stdout
+
+
+def test_concurrent_enrollment_and_checkins(data_dir: Path, server: str) -> None:
+    """Eight hosts race for one enrollment token: one wins. Then eight hosts check in at
+    once, repeatedly: every check-in succeeds (SQLite takes turns, PostgreSQL too)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    token = micropatch("server", "admin", "enrollment-token", "--data-dir", data_dir).stdout
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(
+            lambda i: httpx.post(f"{server}/api/v1/enroll",
+                                 json={"token": token.strip(), "hostname": f"r{i}"}, timeout=60),
+            range(8),
+        ))  # fmt: skip
+    assert sorted(r.status_code for r in answers) == [201] + [401] * 7, [r.text for r in answers]
+
+    admin = micropatch("server", "admin", "create-user", "root", "--role", "admin",
+                       "--data-dir", data_dir).stdout.strip()  # fmt: skip
+    credentials = []
+    for i in range(8):
+        r = httpx.post(f"{server}/api/v1/enrollment-tokens", json={},
+                       headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+        r = httpx.post(f"{server}/api/v1/enroll",
+                       json={"token": r.json()["token"], "hostname": f"h{i}"})  # fmt: skip
+        credentials.append(r.json()["credential"])
+
+    def check_in(i: int) -> int:
+        body = {
+            "modules": [{"name": f"lib{n}.so", "build_id": f"{i:02x}{n:02x}" * 10}
+                        for n in range(50)],
+            "events": [{"kind": "blocked", "time": float(n), "pid": 100 + n} for n in range(20)],
+        }  # fmt: skip
+        r = httpx.post(f"{server}/api/v1/checkin", json=body, timeout=60,
+                       headers={"Authorization": f"Bearer {credentials[i % 8]}"})  # fmt: skip
+        return r.status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(check_in, range(64)))
+    assert statuses == [200] * 64

@@ -292,18 +292,13 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
             }
         },
     )
-    async def publish(request: Request, who: Publisher) -> JSONResponse:
+    def publish(
+        data: Annotated[bytes, Depends(_artifact_body)], who: Publisher, session: SessionDep
+    ) -> JSONResponse:
         """Publish a signed artifact: checked (no compiler runs), recorded, added to the
         TUF targets. The same artifact again: 200 and no change."""
-        data = await _body(request, MAX_ARTIFACT)
-        from starlette.concurrency import run_in_threadpool
-
-        def work() -> tuple[s.PatchOut, bool]:
-            with server.database.session() as session:
-                row, created = fleet.publish(session, server.repository, data, who.actor)
-                return fleet.patch_out(session, row), created
-
-        out, created = await run_in_threadpool(work)
+        row, created = fleet.publish(session, server.repository, data, who.actor)
+        out = fleet.patch_out(session, row)
         return JSONResponse(out.model_dump(mode="json"), status_code=201 if created else 200)
 
     @app.post(
@@ -460,13 +455,14 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     return app
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _artifact_body(request: Request) -> bytes:
+    """The request's body, read up to the largest artifact size."""
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"an artifact is at most {limit >> 20} MiB")
+        if size > MAX_ARTIFACT:
+            raise HTTPException(413, f"an artifact is at most {MAX_ARTIFACT >> 20} MiB")
         chunks.append(chunk)
     return b"".join(chunks)
 

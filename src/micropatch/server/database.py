@@ -46,14 +46,23 @@ def make_engine(url: str) -> Engine:
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise ServerError(f"database {_safe(url)}: {exc}") from None
     if url.startswith("sqlite"):
+        # Every transaction takes SQLite's write lock when it begins (BEGIN IMMEDIATE),
+        # waiting up to the timeout for it: with deferred transactions, two requests
+        # that read and then write (two check-ins, two hosts racing for one enrollment
+        # token) can fail with "database is locked" instead of taking turns.
 
         @event.listens_for(engine, "connect")
         def _pragmas(connection: Any, _record: Any) -> None:
+            connection.isolation_level = None  # the driver's own BEGIN off: ours below
             cursor = connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 

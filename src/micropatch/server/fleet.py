@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select
+from sqlalchemy import delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from micropatch.errors import MicropatchError, ServerError
@@ -228,18 +228,22 @@ def create_enrollment_token(
 
 def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
     """A new host from a one-time token; returns it with its credential (shown once)."""
-    token = session.scalar(
-        select(m.EnrollmentToken)
-        .where(m.EnrollmentToken.token_hash == secret_hash(request.token))
-        .with_for_update()
-    )
+    digest = secret_hash(request.token)
+    token = session.scalar(select(m.EnrollmentToken).where(m.EnrollmentToken.token_hash == digest))
     now = time.time()
     if token is None or not request.token.startswith(ENROLL_PREFIX):
         raise Unauthorized("unknown enrollment token")
-    if token.used is not None:
-        raise Unauthorized("this enrollment token was already used: ask for a new one")
     if token.expires is not None and token.expires <= now:
         raise Unauthorized("this enrollment token has expired: ask for a new one")
+    # Used up in one statement: of two hosts racing with one token, one wins.
+    taken = session.execute(
+        update(m.EnrollmentToken)
+        .where(m.EnrollmentToken.id == token.id, m.EnrollmentToken.used.is_(None))
+        .values(used=now)
+        .execution_options(synchronize_session=False)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        raise Unauthorized("this enrollment token was already used: ask for a new one")
     credential = new_secret(HOST_PREFIX)
     host = m.Host(
         name=request.hostname,
@@ -252,7 +256,7 @@ def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
     )
     session.add(host)
     session.flush()
-    token.used, token.host_id = now, host.id
+    token.host_id = host.id
     audit(session, f"host:{host.id}", "host.enroll", f"host:{host.id}",
           hostname=request.hostname, group=token.group.path)  # fmt: skip
     return host, credential
