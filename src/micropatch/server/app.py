@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -60,9 +60,10 @@ class Server:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # The repository first: a data directory without one fails before a database
+        # is created in it.
+        self.repository = Repository(settings.data_dir / REPOSITORY_DIR)
         self.database = Database(database_url(settings.data_dir, settings.database))
-        repo_dir = settings.data_dir / REPOSITORY_DIR
-        self.repository = Repository(repo_dir)
         self.passwords = Passwords()
 
     def repository_url(self, request: Request) -> str:
@@ -479,7 +480,3 @@ def _keep_fresh(server: Server, stop: threading.Event) -> None:
         if stop.wait(server.settings.refresh_every):
             return
 
-
-def describe(app: FastAPI) -> dict[str, Any]:
-    """The OpenAPI schema (for docs and fuzzing)."""
-    return app.openapi()

@@ -217,3 +217,12 @@ def test_values_no_database_can_hold(api: Api) -> None:
     assert api.client.get(f"/api/v1/hosts/{2**63}", headers=api.auth("admin")).status_code == 422
     for url in ("/api/v1/patches/a%00b", "/api/v1/events?kind=a%00b"):
         assert api.client.get(url, headers=api.auth("admin")).status_code in (404, 422, 200)
+
+
+def test_publish_without_an_online_targets_key(api: Api, make_artifact: MakeArtifact) -> None:
+    for key in api.server.repository.online_dir.glob("targets-*"):
+        key.unlink()
+    r = api.client.post("/api/v1/patches", content=make_artifact("fix-a", 1),
+                        headers=api.auth("operator"))  # fmt: skip
+    assert r.status_code == 409 and "targets role needs 1 signature" in r.json()["detail"]
+    assert api.client.get("/api/v1/patches", headers=api.auth("operator")).json() == []
