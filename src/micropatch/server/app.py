@@ -24,10 +24,11 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
-from sqlalchemy.exc import DataError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from micropatch import __version__
@@ -175,6 +176,20 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         # parameter, an out-of-range number): the request's fault, not the server's.
         return JSONResponse(
             {"detail": f"a value cannot be used: {exc.orig or exc}"}, status_code=422
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Without the offending input: it may be huge, or not JSON (NaN) at all.
+        errors = [{k: e[k] for k in ("type", "loc", "msg") if k in e} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, status_code=422)
+
+    @app.exception_handler(IntegrityError)
+    async def _integrity_error(_request: Request, exc: IntegrityError) -> JSONResponse:
+        # Two requests raced to create the same thing (a group, a user, a version):
+        # the loser is told, as if it had come second.
+        return JSONResponse(
+            {"detail": "conflicts with a change made at the same time; retry"}, status_code=409
         )
 
     @app.exception_handler(ServerError)

@@ -76,7 +76,9 @@ class UserCreated(UserOut):
 
 class EnrollmentTokenIn(_In):
     group: str = Field(default="/", max_length=255)
-    expires_in: float | None = Field(default=None, gt=0, description="seconds; none: never")
+    expires_in: float | None = Field(
+        default=None, gt=0, allow_inf_nan=False, description="seconds; none: never"
+    )
 
 
 class EnrollmentTokenOut(BaseModel):
@@ -127,7 +129,7 @@ class ProcessIn(_In):
 
 class EventIn(_In):
     kind: EventKind
-    time: float
+    time: float = Field(allow_inf_nan=False)
     pid: int | None = Field(default=None, ge=1, le=INT_MAX)
     exe: str | None = Field(default=None, max_length=1024)
     patch_id: str | None = Field(default=None, max_length=128)

@@ -212,6 +212,8 @@ def test_values_no_database_can_hold(api: Api) -> None:
         "processes": [{"pid": 1, "patches": [{"patch_id": "x", "version": 2**63}]}],
     })  # fmt: skip
     assert r.status_code == 422
+    r = api.client.post("/api/v1/checkin", headers=api.auth("h") | {"Content-Type": "application/json"}, content=b'{"events": [{"kind": "agent", "time": NaN}]}')
+    assert r.status_code == 422
     r = api.client.post("/api/v1/checkin", json={"hostname": "a\x00b"}, headers=api.auth("h"))
     assert r.status_code == 422 and "NUL" in r.text
     assert api.client.get(f"/api/v1/hosts/{2**63}", headers=api.auth("admin")).status_code == 422
