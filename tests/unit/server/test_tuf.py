@@ -93,6 +93,9 @@ def test_rollback_of_timestamp_and_snapshot_is_refused(
     with pytest.raises(UpdateError, match="rollback") as caught:
         updater.refresh()
     assert "timestamp" in str(caught.value)
+    # A restarted client remembers what it trusted: its cache, not its memory.
+    with pytest.raises(UpdateError, match="rollback"):
+        client(repo, updater.url, tmp_path, signing_key).refresh()
 
     # A timestamp that names an older snapshot than the client has seen.
     (repo.metadata_dir / "timestamp.json").write_bytes(new_timestamp)
