@@ -407,6 +407,12 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         fleet.move_host(session, host, body.group, who.actor)
         return fleet.host_out(session, host)
 
+    @app.delete(f"{api}/hosts/{{host_id}}", tags=["hosts"], status_code=204)
+    def delete_host(host_id: HostId, who: Administrator, session: SessionDep) -> None:
+        """Forget a host (decommissioned, or its credential leaked): its credential stops
+        working; it must enroll again with a new token."""
+        fleet.delete_host(session, fleet.host(session, host_id), who.actor)
+
     # --- events and audit -------------------------------------------------------------
 
     @app.get(f"{api}/events", tags=["events"], response_model=list[s.EventOut])

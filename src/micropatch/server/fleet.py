@@ -398,6 +398,13 @@ def move_host(session: Session, h: m.Host, group_path: str, actor: str) -> None:
     audit(session, actor, "host.move", f"host:{h.id}", before=before, after=g.path)
 
 
+def delete_host(session: Session, h: m.Host, actor: str) -> None:
+    """Forget a host: its credential stops working at once, its inventory and events go
+    (the audit log keeps that it was deleted, and by whom)."""
+    audit(session, actor, "host.delete", f"host:{h.id}", name=h.name, group=h.group.path)
+    session.delete(h)
+
+
 # --- patches ------------------------------------------------------------------------
 
 

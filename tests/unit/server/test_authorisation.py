@@ -38,6 +38,7 @@ ENDPOINTS: list[Endpoint] = [
     ("GET", "/api/v1/hosts/{host}", None, ALL_USERS | {"host"}),
     ("GET", "/api/v1/hosts/{host}/policy", None, ALL_USERS | {"host"}),
     ("PUT", "/api/v1/hosts/{host}/group", {"group": "/"}, ADMIN),
+    ("DELETE", "/api/v1/hosts/{deletable-host}", None, ADMIN),
     ("GET", "/api/v1/events", None, ALL_USERS | {"host"}),
     ("GET", "/api/v1/audit", None, {"admin", "auditor"}),
 ]
@@ -64,11 +65,16 @@ def test_matrix(world: tuple[Api, int, Callable[..., bytes]], endpoint: Endpoint
             api.client.post("/api/v1/patches", content=make_artifact(patch, 1),
                             headers=api.auth("admin"))  # fmt: skip
             url = url.replace("{revocable}", patch)
+        if "{deletable-host}" in url:
+            deletable, _ = api.enroll(f"gone{n}")
+            url = url.replace("{deletable-host}", str(deletable))
         if "{deletable}" in url:
             group = f"/d{n}"
             api.client.post("/api/v1/groups", json={"path": group}, headers=api.auth("admin"))
             url = url.replace("{deletable}", group.lstrip("/"))
         kw: dict[str, Any] = {"headers": api.auth(None if caller == "anonymous" else caller)}
+        if caller == "host" and "{deletable-host}" in path:
+            kw["headers"] = api.auth(f"gone{n}")  # even a host may not delete itself
         if isinstance(body, bytes):
             kw["content"] = make_artifact(f"fix-p{n}", 1)
         elif callable(body):
@@ -115,6 +121,20 @@ def test_a_host_sees_only_its_own_data(api: Api) -> None:
     assert api.client.get(f"/api/v1/hosts/{mine}", headers=me).status_code == 200
     # A check-in with its credential always lands on its own host.
     assert api.client.post("/api/v1/checkin", json={}, headers=me).json()["host_id"] == mine
+
+
+def test_a_deleted_host_is_locked_out(api: Api) -> None:
+    host_id, _ = api.enroll("old")
+    api.client.post("/api/v1/checkin", headers=api.auth("old"), json={
+        "modules": [{"name": "a.so", "sha256": "0" * 64}],
+        "events": [{"kind": "agent", "time": 1.0}],
+    })  # fmt: skip
+    r = api.client.delete(f"/api/v1/hosts/{host_id}", headers=api.auth("admin"))
+    assert r.status_code == 204
+    assert api.client.post("/api/v1/checkin", json={}, headers=api.auth("old")).status_code == 401
+    assert api.client.get("/api/v1/events", headers=api.auth("admin")).json() == []
+    audit = api.client.get("/api/v1/audit", headers=api.auth("admin")).json()
+    assert audit[0]["action"] == "host.delete" and audit[0]["subject"] == f"host:{host_id}"
 
 
 def test_bad_credentials(api: Api) -> None:
