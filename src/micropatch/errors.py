@@ -263,3 +263,20 @@ class UnknownPatch(AgentError):
 class ControlError(AgentError):
     """The agent's control socket cannot be reached, or refused the request
     (a peer that is not root, a write verb from the read-only group, a bad request)."""
+
+
+# --- server/ ----------------------------------------------------------------
+
+
+class ServerError(MicropatchError):
+    """The fleet server cannot do what was asked: bad configuration, storage, or request."""
+
+
+class RepositoryError(ServerError):
+    """The TUF repository cannot be created or changed: missing keys, bad layout, a
+    threshold that cannot be met."""
+
+
+class UpdateError(MicropatchError):
+    """A client of the TUF repository refused what it was served (rollback, freeze,
+    mix-and-match, tampered target) or could not reach it."""

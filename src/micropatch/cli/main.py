@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli import agent, answers, authoring, dev, routing, running, tools
+from micropatch.cli import agent, answers, authoring, dev, routing, running, server, tools
 from micropatch.cli.options import (
     AllOption,
     AllowUnsignedOption,
@@ -356,6 +356,7 @@ authoring.register(app)
 app.add_typer(dev.app, name="dev")
 app.add_typer(agent.app, name="agent")
 tools.register(app)
+server.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,125 @@
+"""The database: an engine for a URL, migrated to the newest schema with Alembic.
+
+SQLite in the data directory by default; any SQLAlchemy URL otherwise
+(`postgresql://…` is driven by psycopg 3).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from micropatch.errors import ServerError
+
+log = logging.getLogger(__name__)
+MIGRATIONS = Path(__file__).parent / "migrations"
+DATABASE_FILE = "server.db"
+
+
+def database_url(data_dir: str | Path, database: str | None = None) -> str:
+    """The URL to use: `database` (postgresql:// means psycopg 3), else SQLite in `data_dir`."""
+    if not database:
+        return f"sqlite:///{Path(data_dir).resolve() / DATABASE_FILE}"
+    for plain in ("postgresql://", "postgres://"):
+        if database.startswith(plain):
+            return "postgresql+psycopg://" + database.removeprefix(plain)
+    return database
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for `url`; SQLite gets foreign keys, WAL and a busy timeout, so the
+    API's worker threads and a CLI command can share the file."""
+    options: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        options["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    else:
+        options["pool_pre_ping"] = True
+    try:
+        engine = create_engine(url, **options)
+    except (SQLAlchemyError, ImportError, ValueError) as exc:
+        raise ServerError(f"database {_safe(url)}: {exc}") from None
+    if url.startswith("sqlite"):
+        # Every transaction takes SQLite's write lock when it begins (BEGIN IMMEDIATE),
+        # waiting up to the timeout for it: with deferred transactions, two requests
+        # that read and then write (two check-ins, two hosts racing for one enrollment
+        # token) can fail with "database is locked" instead of taking turns.
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(connection: Any, _record: Any) -> None:
+            connection.isolation_level = None  # the driver's own BEGIN off: ours below
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(connection: Any) -> None:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine
+
+
+def migrate(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to `revision` (default: the newest) with the migrations in
+    server/migrations; a new database is created from nothing."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    try:
+        with engine.begin() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, revision)
+    except SQLAlchemyError as exc:
+        raise ServerError(f"database {_safe(str(engine.url))}: migration failed: {exc}") from None
+    log.info("database %s at revision %s", _safe(str(engine.url)), revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()
+
+
+def tables(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+class Database:
+    """An engine and its sessions. `session()` is a unit of work: committed at the end,
+    rolled back on an exception."""
+
+    def __init__(self, url: str, *, migrate_now: bool = True) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        if migrate_now:
+            migrate(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _safe(url: str) -> str:
+    """A URL without its password, for messages."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<database>"

@@ -1,0 +1,515 @@
+"""What the server does, on a database session: users, enrollment, check-in, groups
+and policies, publishing and revocation, the audit log.
+
+The API (`server.app`) and the CLI (`server admin …`) both call these; each
+raises `ServerError` subclasses below, which the API turns into HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from micropatch.errors import MicropatchError, ServerError
+from micropatch.server import models as m
+from micropatch.server import policy as p
+from micropatch.server import schemas as s
+from micropatch.server.auth import (
+    ENROLL_PREFIX,
+    HOST_PREFIX,
+    USER_PREFIX,
+    Passwords,
+    Principal,
+    new_secret,
+    secret_hash,
+)
+
+log = logging.getLogger(__name__)
+
+
+class NotFound(ServerError):
+    """The thing named does not exist (HTTP 404)."""
+
+
+class Conflict(ServerError):
+    """The request contradicts the stored state (HTTP 409)."""
+
+
+class Invalid(ServerError):
+    """The request is well formed but not acceptable (HTTP 422)."""
+
+
+class Unauthorized(ServerError):
+    """A secret is missing, unknown, expired or used up (HTTP 401)."""
+
+
+def audit(
+    session: Session, actor: str, action: str, subject: str, **details: Any
+) -> None:
+    session.add(
+        m.AuditEntry(time=time.time(), actor=actor, action=action, subject=subject,
+                     details=details)
+    )  # fmt: skip
+
+
+# --- users, tokens ------------------------------------------------------------------
+
+
+def create_user(
+    session: Session,
+    passwords: Passwords,
+    name: str,
+    role: str,
+    password: str | None,
+    actor: str,
+) -> tuple[m.User, str]:
+    """A new user and an API token for it (returned once)."""
+    if role not in m.ROLES:
+        raise Invalid(f"role {role!r}: must be one of {', '.join(m.ROLES)}")
+    if session.scalar(select(m.User).where(m.User.name == name)) is not None:
+        raise Conflict(f"user {name!r} already exists")
+    user = m.User(
+        name=name,
+        role=role,
+        password_hash=passwords.hash(password) if password else None,
+        created=time.time(),
+    )
+    session.add(user)
+    session.flush()
+    token = issue_token(session, user, "created with the user")
+    audit(session, actor, "user.create", f"user:{name}", role=role)
+    return user, token
+
+
+def issue_token(session: Session, user: m.User, label: str, ttl: float | None = None) -> str:
+    token = new_secret(USER_PREFIX)
+    now = time.time()
+    session.add(
+        m.ApiToken(user_id=user.id, token_hash=secret_hash(token), label=label, created=now,
+                   expires=None if ttl is None else now + ttl)
+    )  # fmt: skip
+    return token
+
+
+def login(session: Session, passwords: Passwords, name: str, password: str) -> tuple[m.User, str]:
+    user = session.scalar(select(m.User).where(m.User.name == name))
+    if user is None or not passwords.verify(user.password_hash, password):
+        raise Unauthorized("wrong user name or password")
+    token = issue_token(session, user, "login", ttl=12 * 3600)
+    audit(session, f"user:{name}", "user.login", f"user:{name}")
+    return user, token
+
+
+def authenticate(session: Session, secret: str) -> Principal:
+    """The user or host a bearer secret belongs to; Unauthorized otherwise."""
+    digest = secret_hash(secret)
+    if secret.startswith(USER_PREFIX):
+        token = session.scalar(select(m.ApiToken).where(m.ApiToken.token_hash == digest))
+        if token is not None and (token.expires is None or token.expires > time.time()):
+            return Principal("user", token.user.id, token.user.name, token.user.role)
+    elif secret.startswith(HOST_PREFIX):
+        host = session.scalar(select(m.Host).where(m.Host.credential_hash == digest))
+        if host is not None:
+            return Principal("host", host.id, host.name)
+    raise Unauthorized("unknown or expired credentials")
+
+
+# --- groups -------------------------------------------------------------------------
+
+
+def group(session: Session, path: str) -> m.Group:
+    path = p.normalise_path(path)
+    found = session.scalar(select(m.Group).where(m.Group.path == path))
+    if found is None:
+        raise NotFound(f"no group {path!r}")
+    return found
+
+
+def create_group(session: Session, path: str, default_state: str | None, actor: str) -> m.Group:
+    path = p.normalise_path(path)
+    if session.scalar(select(m.Group).where(m.Group.path == path)) is not None:
+        raise Conflict(f"group {path!r} already exists")
+    parent_path = p.parent_of(path)
+    if parent_path is None:
+        raise Conflict("the root group / always exists")
+    parent = group(session, parent_path)
+    created = m.Group(path=path, parent_id=parent.id, default_state=default_state)
+    session.add(created)
+    session.flush()
+    audit(session, actor, "group.create", f"group:{path}", default_state=default_state)
+    return created
+
+
+def delete_group(session: Session, path: str, actor: str) -> None:
+    found = group(session, path)
+    if found.path == "/":
+        raise Conflict("the root group / cannot be deleted")
+    if session.scalar(select(func.count()).where(m.Group.parent_id == found.id)):
+        raise Conflict(f"group {found.path!r} has subgroups: delete them first")
+    if session.scalar(select(func.count()).where(m.Host.group_id == found.id)):
+        raise Conflict(f"group {found.path!r} has hosts: move them to another group first")
+    session.execute(delete(m.EnrollmentToken).where(m.EnrollmentToken.group_id == found.id))
+    session.delete(found)
+    audit(session, actor, "group.delete", f"group:{found.path}")
+
+
+def set_policy(session: Session, path: str, policy: s.PolicyIn, actor: str) -> m.Group:
+    """Replace what the group sets: default state, per-patch states, exclusions."""
+    found = group(session, path)
+    found.default_state = policy.default_state
+    found.patch_states = [
+        m.GroupPatchState(patch_id=pid, state=state)
+        for pid, state in sorted(policy.patches.items())
+    ]
+    found.exclusions = [
+        m.Exclusion(kind=e.kind, value=e.value, patch_id=e.patch_id) for e in policy.exclusions
+    ]
+    audit(session, actor, "policy.set", f"group:{found.path}", **policy.model_dump())
+    return found
+
+
+def group_out(session: Session, g: m.Group) -> s.GroupOut:
+    hosts = session.scalar(select(func.count()).where(m.Host.group_id == g.id)) or 0
+    return s.GroupOut(
+        path=g.path,
+        parent=p.parent_of(g.path),
+        default_state=g.default_state,
+        patches={x.patch_id: x.state for x in g.patch_states},
+        exclusions=[
+            s.ExclusionIn(kind=e.kind, value=e.value, patch_id=e.patch_id)  # type: ignore[arg-type]
+            for e in g.exclusions
+        ],
+        hosts=hosts,
+    )
+
+
+def effective_policy(session: Session, path: str) -> p.Effective:
+    """The policy of group `path`, inherited from the root down."""
+    chain = []
+    for ancestor in p.ancestors(path):
+        g = group(session, ancestor)
+        chain.append(
+            p.GroupPolicy(
+                path=g.path,
+                default_state=g.default_state,
+                patches={x.patch_id: x.state for x in g.patch_states},
+                exclusions=tuple(p.Exclusion(e.kind, e.value, e.patch_id) for e in g.exclusions),
+            )
+        )
+    return p.effective(chain)
+
+
+def policy_out(effective: p.Effective, patch_ids: Sequence[str] = ()) -> s.EffectivePolicy:
+    return s.EffectivePolicy.model_validate(effective.explain(patch_ids))
+
+
+# --- hosts: enrollment and check-in -------------------------------------------------
+
+
+def create_enrollment_token(
+    session: Session, group_path: str, expires_in: float | None, actor: str
+) -> tuple[str, m.Group, float | None]:
+    g = group(session, group_path)
+    token = new_secret(ENROLL_PREFIX)
+    now = time.time()
+    expires = None if expires_in is None else now + expires_in
+    session.add(
+        m.EnrollmentToken(token_hash=secret_hash(token), group_id=g.id, created=now,
+                          expires=expires)
+    )  # fmt: skip
+    audit(session, actor, "enrollment-token.create", f"group:{g.path}", expires=expires)
+    return token, g, expires
+
+
+def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
+    """A new host from a one-time token; returns it with its credential (shown once)."""
+    digest = secret_hash(request.token)
+    token = session.scalar(select(m.EnrollmentToken).where(m.EnrollmentToken.token_hash == digest))
+    now = time.time()
+    if token is None or not request.token.startswith(ENROLL_PREFIX):
+        raise Unauthorized("unknown enrollment token")
+    if token.expires is not None and token.expires <= now:
+        raise Unauthorized("this enrollment token has expired: ask for a new one")
+    # Used up in one statement: of two hosts racing with one token, one wins.
+    taken = session.execute(
+        update(m.EnrollmentToken)
+        .where(m.EnrollmentToken.id == token.id, m.EnrollmentToken.used.is_(None))
+        .values(used=now)
+        .execution_options(synchronize_session=False)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        raise Unauthorized("this enrollment token was already used: ask for a new one")
+    credential = new_secret(HOST_PREFIX)
+    host = m.Host(
+        name=request.hostname,
+        group_id=token.group_id,
+        credential_hash=secret_hash(credential),
+        enrolled=now,
+        kernel=request.kernel,
+        agent_version=request.agent_version,
+        machine_id=request.machine_id,
+    )
+    session.add(host)
+    session.flush()
+    token.host_id = host.id
+    audit(session, f"host:{host.id}", "host.enroll", f"host:{host.id}",
+          hostname=request.hostname, group=token.group.path)  # fmt: skip
+    return host, credential
+
+
+def host(session: Session, host_id: int) -> m.Host:
+    found = session.get(m.Host, host_id)
+    if found is None:
+        raise NotFound(f"no host {host_id}")
+    return found
+
+
+def check_in(session: Session, h: m.Host, request: s.CheckinRequest) -> int:
+    """Store what the host reported (inventory and applied state replace the previous
+    ones; events are added); returns the number of events stored."""
+    now = time.time()
+    h.last_seen = now
+    if request.hostname:
+        h.name = request.hostname
+    h.kernel = request.kernel or h.kernel
+    h.agent_version = request.agent_version or h.agent_version
+    session.execute(delete(m.HostModule).where(m.HostModule.host_id == h.id))
+    seen = set()
+    modules = []
+    for module in request.modules:
+        key = (module.name, module.path, module.build_id, module.sha256)
+        if key not in seen:
+            seen.add(key)
+            modules.append(
+                {"host_id": h.id, "name": module.name, "path": module.path,
+                 "build_id": module.build_id or None, "sha256": module.sha256}
+            )  # fmt: skip
+    if modules:
+        session.execute(insert(m.HostModule), modules)
+    session.execute(delete(m.ProcessPatch).where(m.ProcessPatch.host_id == h.id))
+    applied = [
+        {"host_id": h.id, "pid": proc.pid, "exe": proc.exe, "unit": proc.unit, "user": proc.user,
+         "patch_id": a.patch_id, "version": a.version, "state": a.state}
+        for proc in request.processes
+        for a in proc.patches
+    ]  # fmt: skip
+    if applied:
+        session.execute(insert(m.ProcessPatch), applied)
+    events = [
+        {"host_id": h.id, "received": now, **e.model_dump()} for e in request.events
+    ]
+    if events:
+        session.execute(insert(m.Event), events)
+    return len(events)
+
+
+def relevant_patches(session: Session, host_id: int) -> tuple[list[m.Patch], list[m.Patch]]:
+    """The newest published version of each patch whose module (build-id or SHA-256)
+    some process on the host maps, and the revoked ones for such modules."""
+    build_ids = select(m.HostModule.build_id).where(
+        m.HostModule.host_id == host_id, m.HostModule.build_id.is_not(None)
+    )
+    hashes = select(m.HostModule.sha256).where(
+        m.HostModule.host_id == host_id, m.HostModule.sha256.is_not(None)
+    )
+    rows = session.scalars(
+        select(m.Patch)
+        .where(or_(m.Patch.module_build_id.in_(build_ids), m.Patch.module_sha256.in_(hashes)))
+        .order_by(m.Patch.patch_id, m.Patch.version)
+    ).all()
+    newest: dict[str, m.Patch] = {}
+    revoked = []
+    for row in rows:
+        if row.revoked:
+            revoked.append(row)
+        else:
+            newest[row.patch_id] = row  # ordered by version: the last one wins
+    return list(newest.values()), revoked
+
+
+def host_policy(
+    session: Session, h: m.Host
+) -> tuple[p.Effective, list[s.RelevantPatch], list[s.RevokedPatch]]:
+    effective = effective_policy(session, h.group.path)
+    live, revoked = relevant_patches(session, h.id)
+    relevant = []
+    for row in live:
+        decision = effective.state(row.patch_id)
+        relevant.append(
+            s.RelevantPatch(
+                patch_id=row.patch_id,
+                version=row.version,
+                artifact_id=row.artifact_id,
+                title=row.title,
+                target=row.target,
+                module=module_ref(row),
+                state=decision.state,  # type: ignore[arg-type]
+                decided_by=decision.decided_by,
+                reason=decision.reason,
+            )
+        )
+    gone = [
+        s.RevokedPatch(patch_id=r.patch_id, version=r.version, artifact_id=r.artifact_id)
+        for r in revoked
+    ]
+    return effective, relevant, gone
+
+
+def module_ref(row: m.Patch) -> s.ModuleRef:
+    return s.ModuleRef(name=row.module_name, build_id=row.module_build_id, sha256=row.module_sha256)
+
+
+def host_out(session: Session, h: m.Host, *, detail: bool = False) -> s.HostOut:
+    modules = session.scalar(select(func.count()).where(m.HostModule.host_id == h.id)) or 0
+    processes = []
+    if detail:
+        processes = [
+            s.ProcessOut(pid=x.pid, exe=x.exe, unit=x.unit, user=x.user, patch_id=x.patch_id,
+                         version=x.version, state=x.state)
+            for x in session.scalars(
+                select(m.ProcessPatch).where(m.ProcessPatch.host_id == h.id)
+                .order_by(m.ProcessPatch.pid)
+            )
+        ]  # fmt: skip
+    return s.HostOut(
+        id=h.id,
+        name=h.name,
+        group=h.group.path,
+        enrolled=h.enrolled,
+        last_seen=h.last_seen,
+        kernel=h.kernel,
+        agent_version=h.agent_version,
+        modules=modules,
+        processes=processes,
+    )
+
+
+def move_host(session: Session, h: m.Host, group_path: str, actor: str) -> None:
+    g = group(session, group_path)
+    before = h.group.path
+    h.group_id = g.id
+    session.flush()
+    session.refresh(h)
+    audit(session, actor, "host.move", f"host:{h.id}", before=before, after=g.path)
+
+
+def delete_host(session: Session, h: m.Host, actor: str) -> None:
+    """Forget a host: its credential stops working at once, its inventory and events go
+    (the audit log keeps that it was deleted, and by whom)."""
+    audit(session, actor, "host.delete", f"host:{h.id}", name=h.name, group=h.group.path)
+    session.delete(h)
+
+
+# --- patches ------------------------------------------------------------------------
+
+
+def publish(session: Session, repository: Any, data: bytes, actor: str) -> tuple[m.Patch, bool]:
+    """Check an uploaded artifact (parse, id, signature by a trusted patch-signing key,
+    source consistent with the recorded facts: no compiler runs), record it and add it
+    to the TUF targets. Returns (patch, created); publishing the same artifact again
+    changes nothing."""
+    from micropatch.server.artifacts import check, describe
+
+    try:
+        artifact = check(data, "the uploaded artifact", repository.trusted_keys())
+    except MicropatchError as exc:
+        raise Invalid(str(exc)) from None
+    facts = describe(artifact)
+    same = session.scalar(select(m.Patch).where(m.Patch.artifact_id == artifact.id))
+    if same is not None:
+        if same.revoked:
+            raise Conflict(
+                f"patch {same.patch_id} v{same.version} ({artifact.id[:12]}…) was revoked; "
+                "publish a new version instead"
+            )
+        return same, False
+    clash = session.scalar(
+        select(m.Patch).where(
+            m.Patch.patch_id == facts["patch_id"], m.Patch.version == facts["version"]
+        )
+    )
+    if clash is not None:
+        raise Conflict(
+            f"patch {clash.patch_id} v{clash.version} is already published as another "
+            f"artifact ({clash.artifact_id[:12]}…): bump the version"
+        )
+    row = m.Patch(
+        patch_id=facts["patch_id"],
+        version=facts["version"],
+        artifact_id=artifact.id,
+        title=facts["title"],
+        module_name=facts["module"]["name"],
+        module_build_id=facts["module"]["build_id"],
+        module_sha256=facts["module"]["sha256"],
+        target=artifact.file_name,
+        size=len(data),
+        published=time.time(),
+        published_by=actor,
+        revoked=False,
+    )
+    session.add(row)
+    session.flush()  # a clash with a concurrent publish fails here, before the repository
+    repository.add_target(artifact.file_name, data, custom={"micropatch": facts})
+    audit(session, actor, "patch.publish", f"patch:{row.patch_id}", version=row.version,
+          artifact_id=row.artifact_id, target=row.target)  # fmt: skip
+    return row, True
+
+
+def revoke(
+    session: Session, repository: Any, patch_id: str, version: int | None, actor: str
+) -> list[m.Patch]:
+    """Revoke one version, or every version, of a patch: removed from the TUF targets,
+    reported to hosts as revoked so their agents remove it live."""
+    query = select(m.Patch).where(m.Patch.patch_id == patch_id, m.Patch.revoked.is_(False))
+    if version is not None:
+        query = query.where(m.Patch.version == version)
+    rows = list(session.scalars(query))
+    if not rows:
+        what = patch_id if version is None else f"{patch_id} v{version}"
+        raise NotFound(f"no published, unrevoked patch {what}")
+    published = repository.target_files()
+    now = time.time()
+    for row in rows:
+        row.revoked, row.revoked_at = True, now
+        if row.target in published:
+            repository.remove_target(row.target)
+        audit(session, actor, "patch.revoke", f"patch:{row.patch_id}", version=row.version,
+              artifact_id=row.artifact_id)  # fmt: skip
+    return rows
+
+
+def patch_out(session: Session, row: m.Patch, *, counts: bool = False) -> s.PatchOut:
+    out = s.PatchOut(
+        patch_id=row.patch_id,
+        version=row.version,
+        artifact_id=row.artifact_id,
+        title=row.title,
+        target=row.target,
+        module=module_ref(row),
+        size=row.size,
+        published=row.published,
+        published_by=row.published_by,
+        revoked=row.revoked,
+        revoked_at=row.revoked_at,
+    )
+    if counts:
+        matches = or_(
+            m.HostModule.sha256 == row.module_sha256,
+            m.HostModule.build_id == row.module_build_id
+            if row.module_build_id
+            else m.HostModule.id.is_(None),
+        )
+        out.hosts_relevant = session.scalar(
+            select(func.count(func.distinct(m.HostModule.host_id))).where(matches)
+        )
+        out.processes_applied = session.scalar(
+            select(func.count()).where(
+                m.ProcessPatch.patch_id == row.patch_id, m.ProcessPatch.version == row.version
+            )
+        )
+    return out

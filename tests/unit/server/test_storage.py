@@ -1,0 +1,75 @@
+"""The database: migrations from nothing, and migrations that match the models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import select
+
+from micropatch.errors import ServerError
+from micropatch.server import models as m
+from micropatch.server.database import (
+    Database,
+    current_revision,
+    database_url,
+    make_engine,
+    migrate,
+    tables,
+)
+
+POSTGRES = os.environ.get("MICROPATCH_TEST_POSTGRES")  # e.g. postgresql://postgres@127.0.0.1/test
+
+
+def urls(tmp_path: Path) -> list[str]:
+    found = [database_url(tmp_path)]
+    if POSTGRES:
+        found.append(database_url(tmp_path, POSTGRES))
+    return found
+
+
+def test_database_url() -> None:
+    assert database_url("/d") == "sqlite:////d/server.db"
+    assert database_url("/d", "postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert database_url("/d", "sqlite:///x.db") == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_upgrade_from_empty_matches_the_models(tmp_path: Path, backend: str) -> None:
+    if backend == "postgresql":
+        if not POSTGRES:
+            pytest.skip("no PostgreSQL: set MICROPATCH_TEST_POSTGRES=postgresql://…")
+        url = database_url(tmp_path, POSTGRES)
+        engine = make_engine(url)
+        with engine.begin() as c:  # a clean schema for the test
+            m.Base.metadata.drop_all(c)
+            c.exec_driver_sql("DROP TABLE IF EXISTS alembic_version")
+    else:
+        url = database_url(tmp_path)
+        engine = make_engine(url)
+    assert tables(engine) == set()
+    migrate(engine)
+    assert current_revision(engine) == "0001"
+    assert tables(engine) >= {t.name for t in m.Base.metadata.sorted_tables}
+    with engine.connect() as connection:
+        diff = compare_metadata(
+            MigrationContext.configure(connection, opts={"compare_type": True}), m.Base.metadata
+        )
+    assert diff == [], f"the models and the migrations disagree: {diff}"
+    migrate(engine)  # again: nothing to do
+    db = Database(url)
+    with db.session() as session:
+        root = session.scalar(select(m.Group).where(m.Group.path == "/"))
+        assert root is not None and root.default_state == "enabled"
+        # A group after the seeded root gets a new id (PostgreSQL's sequence included).
+        session.add(m.Group(path="/x", parent_id=root.id))
+    db.dispose()
+    engine.dispose()
+
+
+def test_unusable_database(tmp_path: Path) -> None:
+    with pytest.raises(ServerError, match="database"):
+        Database("nosuchdialect://x")
