@@ -8,15 +8,14 @@ agent starts as fast as the interpreter. See control.py for the protocol.
 from __future__ import annotations
 
 import binascii
-import contextlib
 import json
 import os
 import socket
-from typing import TYPE_CHECKING
 
 from micropatch import errors
 from micropatch.errors import ControlError, MicropatchError
 
+TYPE_CHECKING = False  # not imported from typing, which the quick path would pay for
 if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
@@ -139,10 +138,11 @@ def running(path: str | Path | None = None) -> AgentClient | None:
     client = AgentClient(path)
     if not os.path.exists(client.path):
         return None
-    with contextlib.suppress(ControlError, OSError):
+    try:  # not contextlib.suppress: the quick path does not import contextlib
         client._connect().close()
-        return client
-    return None
+    except (ControlError, OSError):
+        return None
+    return client
 
 
 def _read(stream: Any, path: str, *, eof_ok: bool = False) -> Any:

@@ -7,8 +7,7 @@ same thing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
-
+TYPE_CHECKING = False  # see cli/quick.py: no typing import on the quick path
 if TYPE_CHECKING:
     from typing import Any
 
@@ -16,18 +15,24 @@ GONE = ("ProcessNotFound", "ProcessExited")
 SKIPPED = ("NotApplied", "AlreadyApplied", "Downgrade")
 
 
-class Line(NamedTuple):
-    kind: str  # "ok" | "failed" | "skipped" | "warning" | "summary": style and stream
-    text: str
+class Line:
+    __slots__ = ("kind", "text")
+
+    def __init__(self, kind: str, text: str) -> None:
+        self.kind = kind  # "ok" | "failed" | "skipped" | "warning" | "summary": style and stream
+        self.text = text
 
     @property
     def to_stderr(self) -> bool:
         return self.kind in ("failed", "skipped", "warning")
 
 
-class Report(NamedTuple):
-    lines: list[Line]
-    failed: bool
+class Report:
+    __slots__ = ("failed", "lines")
+
+    def __init__(self, lines: list[Line], failed: bool) -> None:
+        self.lines = lines
+        self.failed = failed
 
 
 def describe(verb: str, answer: dict[str, Any], *, fleet: bool) -> Report:

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+
+TYPE_CHECKING = False  # not `from typing import`: typing alone costs more than the request
+if TYPE_CHECKING:
+    from typing import Any
 
 VERBS = ("apply", "update", "remove")
 PID_OPTIONS = ("--pid", "-p")
