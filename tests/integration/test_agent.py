@@ -481,7 +481,7 @@ def test_a_patch_that_crashes_its_process_is_auto_disabled_for_that_executable(t
         try:
             wait_for(lambda: kinds(a.events(), "disabled"), what="auto-disable")
         except AssertionError as e:
-            raise AssertionError(f"{e}; events: {a.events()}") from None
+            raise AssertionError(f"{e}; events: {a.events()}; stderr: {a.stderr()}") from None
         events = a.events()
         assert [e["pid"] for e in kinds(events, "crashed")] == crashed
         assert all(e["data"]["signal"] == signal.SIGILL for e in kinds(events, "crashed"))

@@ -33,7 +33,7 @@ from micropatch.errors import (
 )
 from micropatch.live.lock import waiting
 from micropatch.live.module import CAVE_PREFIX, ModuleCache, find_module, module_groups
-from micropatch.live.states import PatchState
+from micropatch.live.states import PatchState, read_counters
 from micropatch.process.maps import read_maps
 from micropatch.process.procfs import start_time
 from micropatch.process.select import ProcessInfo, all_pids, read_info
@@ -52,6 +52,14 @@ class Covered:
     exe: str
     patches: dict[str, int] = field(default_factory=dict)  # patch id -> version applied
     blocked: dict[str, int] = field(default_factory=dict)  # patch id -> blocked count
+    # patch id -> addresses of its blocked counters; None: not read since the last change
+    counters: dict[str, tuple[int, ...]] | None = None
+
+    def copy(self) -> Covered:
+        counters = None if self.counters is None else dict(self.counters)
+        return Covered(
+            self.pid, self.start, self.exe, dict(self.patches), dict(self.blocked), counters
+        )
 
 
 @dataclass
@@ -106,8 +114,7 @@ class Reconciler:
 
     def covered(self) -> dict[int, Covered]:
         with self._lock:
-            return {pid: Covered(c.pid, c.start, c.exe, dict(c.patches), dict(c.blocked))
-                    for pid, c in self._covered.items()}  # fmt: skip
+            return {pid: c.copy() for pid, c in self._covered.items()}
 
     def note(self, event: Event) -> None:
         """Keep `covered` true when something else (new processes, the socket) patches."""
@@ -122,15 +129,17 @@ class Reconciler:
                         return
                     c = self._covered[event.pid] = Covered(event.pid, start, event.exe or "")
                 c.patches[event.patch_id] = event.version
+                c.counters = None
             elif event.kind == "removed" and c is not None:
                 c.patches.pop(event.patch_id, None)
                 c.blocked.pop(event.patch_id, None)
+                c.counters = None
 
     def get(self, pid: int) -> Covered | None:
         """What is known of one process (a copy), or None."""
         with self._lock:
             c = self._covered.get(pid)
-            return Covered(c.pid, c.start, c.exe, dict(c.patches), dict(c.blocked)) if c else None
+            return c.copy() if c else None
 
     def forget(self, pid: int) -> Covered | None:
         with self._lock:
@@ -168,9 +177,13 @@ class Reconciler:
         return result
 
     def poll_blocked(self) -> None:
-        """Read the blocked counters of the processes known to carry patches."""
+        """Read the blocked counters of the processes known to carry patches.
+
+        Cheap when nothing happened (the common case, every few seconds on every
+        covered process): only the counters are read, at the addresses the last full
+        read gave; a change, or a counter that cannot be read, takes the full read."""
         for pid, c in self.covered().items():
-            if not c.patches:
+            if not c.patches or (c.counters is not None and not self._counters_moved(pid, c)):
                 continue
             try:
                 states = live.status(pid)
@@ -183,6 +196,10 @@ class Reconciler:
                 log.debug("process %d: cannot read its counters: %s", pid, e)
                 continue
             self._count(pid, c.start, c.exe, states)
+            with self._lock:
+                known = self._covered.get(pid)
+                if known is not None:
+                    known.counters = {s.patch_id: s.counters for s in states if s.counters}
 
     def _reconcile(
         self, pid: int, patches: dict[str, Stored], view: PolicyView, result: PassResult
@@ -243,6 +260,18 @@ class Reconciler:
             if c is None or c.start != start:
                 c = self._covered[pid] = Covered(pid, start, exe)
             c.patches = {s.patch_id: s.version for s in states}
+            c.counters = {s.patch_id: s.counters for s in states if s.counters}
+
+    @staticmethod
+    def _counters_moved(pid: int, c: Covered) -> bool:
+        """True if a counter differs from what was last counted (or cannot be read)."""
+        try:
+            return any(
+                read_counters(pid, addresses) != c.blocked.get(patch_id)
+                for patch_id, addresses in (c.counters or {}).items()
+            )
+        except MicropatchError:
+            return True
 
     def _count(self, pid: int, start: int, exe: str, states: list[PatchState]) -> None:
         """Blocked counters that grew since last read become events (the delta)."""

@@ -308,6 +308,7 @@ class _State:
     cave: int
     blocked: int | None
     state: str = "applied"
+    counters: tuple[int, ...] = ()
 
 
 def _version(state: live.PatchState | _State) -> str:

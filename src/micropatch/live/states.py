@@ -33,6 +33,7 @@ class PatchState:
     cave: int
     blocked: int | None  # exploit attempts its patchlets recorded; None: it records none
     state: str = "applied"  # "applying"/"removing": a patcher was killed midway (repair)
+    counters: tuple[int, ...] = ()  # addresses of its blocked counters (`read_counters`)
 
 
 def status(pid: int) -> list[PatchState]:
@@ -57,6 +58,7 @@ def status(pid: int) -> list[PatchState]:
                         cave.address,
                         _blocked(memory, p),
                         p.state,
+                        tuple(s.counter for s in p.sites if s.counter),
                     )
                     for cave in caves
                     for p in cave.registry.patches
@@ -74,6 +76,14 @@ def _blocked(memory: Memory, patch: AppliedPatch) -> int | None:
     if not counters:
         return None
     return sum(int.from_bytes(memory.read(c, COUNTER_SIZE), "little") for c in counters)
+
+
+def read_counters(pid: int, counters: tuple[int, ...]) -> int:
+    """The sum of these blocked counters of process pid (addresses from a PatchState):
+    one read each, no maps or registry parsed. A cave unmapped since raises
+    ProcessError (the caller reads the full `status` again)."""
+    with Memory(pid, writable=False) as memory:
+        return sum(int.from_bytes(memory.read(c, COUNTER_SIZE), "little") for c in counters)
 
 
 def _pids() -> list[int]:
