@@ -170,6 +170,29 @@ def prepare(workdir: Path) -> Setup:
     return setup
 
 
+def bytecode(compile_: bool) -> dict[str, Any]:
+    """Compile micropatch's modules to bytecode, as an installed package has them.
+
+    An editable install under PYTHONDONTWRITEBYTECODE=1 (this environment) has no
+    .pyc: every command would compile micropatch's sources anew, which a real
+    install does not. compileall writes only what is missing or stale."""
+    import compileall
+
+    import micropatch
+
+    package = Path(micropatch.__file__).parent
+    before = len(list(package.rglob("*.pyc")))
+    if compile_:
+        compileall.compile_dir(package, quiet=1)
+    return {
+        "package": str(package),
+        "pyc_before": before,
+        "pyc_after": len(list(package.rglob("*.pyc"))),
+        "compiled_by_benchmark": compile_,
+        "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE"),
+    }
+
+
 # --- the agent process ------------------------------------------------------------
 
 
@@ -607,6 +630,7 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
     errors: dict[str, list[str]] = {t: [] for t in CLI_TOOLS}
     routed: list[str] = []
     client_start: list[float] = []
+    bare_python: list[float] = []
     from micropatch.agent.client import AgentClient, artifact_arguments
 
     client = AgentClient(setup.socket, timeout=60)
@@ -671,16 +695,18 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
                 if run >= warmup:
                     apply_s[tool].append(on)
                     remove_s[tool].append(off)
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", CLIENT_IMPORTS], capture_output=True)
-            if run >= warmup and done.returncode == 0:
-                client_start.append(time.perf_counter() - start)
+            for code, into in ((CLIENT_IMPORTS, client_start), ("pass", bare_python)):
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-c", code], capture_output=True)
+                if run >= warmup and done.returncode == 0:
+                    into.append(time.perf_counter() - start)
     return {
         "target": "bench_target 0 0 0 0: one thread, waiting on stdin",
         "jump": ctx.jump.hex(" "),
         "routed_output": routed,
         "client_start": summary(client_start),
         "client_start_samples": client_start,
+        "python_start": summary(bare_python),
         "summaries": {
             t: {
                 "label": CLI_TOOLS[t],
@@ -705,6 +731,17 @@ def _cell(s: dict[str, float]) -> str:
 
 def _verdict(ok: bool) -> str:
     return "met" if ok else "NOT met"
+
+
+def _bytecode_note(b: dict[str, Any]) -> str:
+    if b["compiled_by_benchmark"]:
+        return (
+            f"Bytecode: micropatch's modules compiled first, as an installed package has them "
+            f"({b['pyc_before']} .pyc before, {b['pyc_after']} after: this environment's "
+            f"editable install with PYTHONDONTWRITEBYTECODE={b['PYTHONDONTWRITEBYTECODE']} "
+            "writes none, so every command would compile micropatch's sources anew)."
+        )
+    return f"Bytecode: not compiled by the benchmark (--no-compile; {b['pyc_before']} .pyc)."
 
 
 def _profile_markdown(prof: dict[str, Any] | None, what: str) -> list[str]:
@@ -738,6 +775,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['agent_ready_seconds']:.2f} s after its start with the {n} processes running. "
         "This build's agent plugs no new-process interception in (`_plug_new_processes` is "
         "empty), so no exec is held; its proc connector reads every exit on the host.",
+        "",
+        _bytecode_note(data["bytecode"]),
         "",
     ]
     fleet = data.get("fleet")
@@ -860,10 +899,11 @@ def markdown(data: dict[str, Any]) -> str:
             lines.append(
                 f"- Where the time through the agent goes: a fresh interpreter importing the "
                 f"client (`python -c '{CLIENT_IMPORTS}'`, timed after each run) takes "
-                f"{report.ms(c['median'])} ms median; the agent answering the same request on "
-                f"its socket (row 4: admission of the artifact, the apply) "
+                f"{report.ms(c['median'])} ms median (`python -c pass`: "
+                f"{report.ms(cli['python_start']['median'])} ms); the agent answering the same "
+                f"request on its socket (row 4: admission of the artifact, the apply) "
                 f"{report.ms(s['socket']['apply']['median'])} ms; the rest is the command's "
-                "own work and its exec (which the agent's fanotify check sees too)."
+                "own work (reading the artifact, printing the answer)."
             )
         for t, v in s.items():
             if v["errors"]:
@@ -885,6 +925,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the idle agent after the measurement"
     )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="measure without compiling micropatch's modules to bytecode first",
+    )
     args = report.parse(parser, argv)
     n = args.processes or (QUICK_PROCESSES if args.quick else PROCESSES)
     rounds = args.rounds or (QUICK_ROUNDS if args.quick else ROUNDS)
@@ -901,6 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         "agent_config": AgentConfig().model_dump(),
         "target": {"source": "benchmarks/targets/bench_target.c", "build": build_command()},
         "period": PERIOD,
+        "bytecode": bytecode(not args.no_compile),
     }
     failure: str | None = None
     with tempfile.TemporaryDirectory(prefix="micropatch-bench-") as tmp:
