@@ -47,6 +47,7 @@ from micropatch.errors import (
     ProcessExited,
     StopTimeout,
 )
+from micropatch.faults import checkpoint
 from micropatch.live.engine import apply_held, holding
 from micropatch.live.module import ModuleCache
 from micropatch.patch.model import Target
@@ -488,6 +489,7 @@ class NewProcesses:
         try:
             if not self._seize(held, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD, module):
                 return
+            checkpoint("newproc-exec-held")
             self._answer(held)
             try:
                 self._at_exec(tid, module)
@@ -517,6 +519,7 @@ class NewProcesses:
             stop = Stop(status)
             if stop.exec:
                 break
+        checkpoint("newproc-exec-stopped")
         pid = tid  # the exec'ing thread is the process's leader now
         info = read_info(pid)
         wanted = self.catalog.wanted(info, module)
@@ -548,6 +551,7 @@ class NewProcesses:
         pid = read_status(tid).tgid
         before = _executable_inodes(pid)
         stop: Stop | None = Stop(_must_stop(pid, tid))  # the interrupt, once open() returned
+        checkpoint("newproc-load-following")
         opened = -1
         regs = ptrace.get_regs(tid)
         if regs.orig_rax in (2, 257, 437):  # open, openat, openat2 returned the descriptor
