@@ -76,6 +76,13 @@ class TestAgentRunning:
         out, _ = proc.communicate("go\n", timeout=20)
         assert out.strip() == f"{PATCHED} {PATCHED}"
 
+    def test_exec_from_a_thread_other_than_the_leader(
+        self, np: dict[str, Any], agent: Agent
+    ) -> None:
+        exe = str(np["paths"]["np_exe"])
+        for _ in range(5):
+            assert run(np["paths"]["np_thread_exec"], exe) == PATCHED
+
     def test_unrelated_exec_is_not_traced(self, np: dict[str, Any], agent: Agent) -> None:
         held = agent.stats()["held"]
         # the same build as np_exe under another name, and a system program

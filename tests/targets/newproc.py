@@ -34,10 +34,14 @@ UNPATCHED, PATCHED = "-2", "-1"
 
 def build(out: Path, cc: str | None = None) -> dict[str, Path]:
     """np_exe (copy_packet inside), libnpvuln.so, np_lib_main (DT_NEEDED libnpvuln.so,
-    rpath $ORIGIN), np_dlopen, and np_plain (np_exe under another name: unrelated)."""
+    rpath $ORIGIN), np_dlopen, np_thread_exec, and np_plain (np_exe under another
+    name: unrelated)."""
     compiler = cc or os.environ.get("CC") or "cc"
     out.mkdir(parents=True, exist_ok=True)
-    s = {n: str(SOURCE_DIR / n) for n in ("np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c")}
+    s = {
+        n: str(SOURCE_DIR / n)
+        for n in ("np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c")
+    }
     commands = {
         "np_exe": ["-fPIE", "-pie", s["np_main.c"], s["vuln_fn.c"]],
         "np_plain": ["-fPIE", "-pie", s["np_main.c"], s["vuln_fn.c"]],
@@ -49,6 +53,7 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
             f"-L{out}", "-lnpvuln",
         ],
         "np_dlopen": ["-fPIE", "-pie", s["np_dlopen.c"], "-ldl"],
+        "np_thread_exec": ["-fPIE", "-pie", "-pthread", s["np_thread_exec.c"]],
     }  # fmt: skip
     paths = {}
     for name, args in commands.items():
@@ -138,7 +143,11 @@ class Agent:
     """NewProcesses running in a child process (see `main`)."""
 
     def __init__(
-        self, public: Path, library_dir: Path, artifacts: list[Path], env: dict[str, str] | None = None
+        self,
+        public: Path,
+        library_dir: Path,
+        artifacts: list[Path],
+        env: dict[str, str] | None = None,
     ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, str(public), str(library_dir), *map(str, artifacts)],

@@ -52,7 +52,7 @@ from micropatch.live.engine import apply_held, holding
 from micropatch.live.module import ModuleCache
 from micropatch.patch.model import Target
 from micropatch.process import fanotify, ptrace
-from micropatch.process.linux import PTRACE_O_TRACEEXEC, PTRACE_O_TRACESYSGOOD
+from micropatch.process.linux import PTRACE_O_TRACEEXEC, PTRACE_O_TRACESYSGOOD, WALL
 from micropatch.process.maps import read_maps
 from micropatch.process.procfs import read_status
 from micropatch.process.select import ProcessInfo, read_info
@@ -88,6 +88,7 @@ MAX_FOLLOWED_SYSCALLS = 256  # a loader maps a library within a few dozen
 AFTER_MAPPED_SYSCALLS = 16  # patch anyway if the file is not closed this soon after
 CLAIMED_LIMIT = 1.0  # seconds a worker may keep a claimed event before the watchdog allows it
 RESCAN_INTERVAL = 10.0  # seconds between two looks for new mounts and catalog changes
+REMARK_INTERVAL = 60.0  # seconds between two looks for new library files (an upgrade)
 _NR_MMAP = 9
 _NR_CLOSE = 3
 
@@ -407,6 +408,7 @@ class NewProcesses:
     def _watch(self) -> None:
         period = max(self.hold_limit / 5, 0.002)
         next_scan = time.monotonic() + RESCAN_INTERVAL
+        next_remark = time.monotonic() + REMARK_INTERVAL
         while not self._stopping.wait(period):
             now = time.monotonic()
             with self._lock:
@@ -427,7 +429,8 @@ class NewProcesses:
                 next_scan = now + RESCAN_INTERVAL
                 try:
                     self._mark_filesystems()
-                    if self._catalog_changed():
+                    if self._catalog_changed() or now >= next_remark:
+                        next_remark = now + REMARK_INTERVAL
                         self.remark()
                 except Exception:
                     log.exception("rescanning mounts and marks failed")
@@ -487,47 +490,51 @@ class NewProcesses:
     def _exec(self, held: _Held, module: ModuleFile, follow: _Follow) -> None:
         tid = held.tid
         try:
+            try:
+                tgid = read_status(tid).tgid
+            except ProcessError:
+                self._answer(held)
+                return
             if not self._seize(held, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD, module):
                 return
             checkpoint("newproc-exec-held")
             self._answer(held)
+            tracee = tid
             try:
-                self._at_exec(tid, module)
+                tracee = self._at_exec(tid, tgid, module, follow)
+            except (StopTimeout, ProcessExited) as e:
+                log.debug("thread %d at its exec: %s", tid, e)
             finally:
-                _let_go(tid)
+                _let_go(tracee)
         finally:
             with self._lock:
                 self._following.pop(tid, None)
 
-    def _at_exec(self, tid: int, module: ModuleFile) -> None:
-        deadline = time.monotonic() + EXEC_TIMEOUT
-        stop: Stop | None = None
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or self._stopping.is_set():
-                self.stats["exec_failed"] += 1
-                _interrupt(tid)
-                return
-            if stop is not None:
-                ptrace.cont(tid, stop.delivered_signal)
-            status = _wait(tid, min(left, 0.2))
-            if status == -1:
-                stop = None
-                continue
-            if status is None:
-                return  # exited
-            stop = Stop(status)
-            if stop.exec:
-                break
+    def _at_exec(self, tid: int, tgid: int, module: ModuleFile, follow: _Follow) -> int:
+        """Wait for the exec event stop and patch there; returns the tracee's id then
+        (a thread other than the leader that execs takes the leader's id)."""
+        found = _wait_exec(tid, tgid, EXEC_TIMEOUT, self._stopping)
+        if found is None:
+            return tid  # exited
+        pid, stop = found
+        if not stop.exec:
+            self.stats["exec_failed"] += 1  # no exec within the timeout: it failed
+            return pid
         checkpoint("newproc-exec-stopped")
-        pid = tid  # the exec'ing thread is the process's leader now
         info = read_info(pid)
-        wanted = self.catalog.wanted(info, module)
-        if not wanted:
-            return
-        exec_exit(pid, tid, FOLLOW_TIMEOUT)
-        if self._patch(pid, [tid], info, [(module, wanted)], "exec"):
+        work = [(module, self.catalog.wanted(info, module))]
+        with self._lock:  # ld.so, if watched, reported its open to this follow
+            files = [f for f in follow.files.values() if f.inode != module.inode]
+        if files:
+            now = _executable_inodes(pid)
+            work += [(f, self.catalog.wanted(info, f)) for f in files if f.inode in now]
+        work = [(m, w) for m, w in work if w]
+        if not work:
+            return pid
+        exec_exit(pid, pid, FOLLOW_TIMEOUT)
+        if self._patch(pid, [pid], info, work, "exec"):
             self.stats["patched_exec"] += 1
+        return pid
 
     def _load(self, held: _Held, follow: _Follow) -> None:
         tid = held.tid
@@ -541,6 +548,9 @@ class NewProcesses:
                 self._answer(held)
             try:
                 self._follow_load(tid, follow)
+            except (StopTimeout, ProcessExited) as e:
+                self.stats["not_loads"] += 1
+                log.debug("thread %d, followed: %s", tid, e)
             finally:
                 _let_go(tid)
         finally:
@@ -556,6 +566,8 @@ class NewProcesses:
         regs = ptrace.get_regs(tid)
         if regs.orig_rax in (2, 257, 437):  # open, openat, openat2 returned the descriptor
             opened = regs.rax
+            if opened >= 1 << 63:  # the open failed after all: nothing to load
+                return
         mapped: set[tuple[int, int]] = set()
         since_mapped = 0
         entry_nr = -1
@@ -660,6 +672,43 @@ class NewProcesses:
 
 
 # --- helpers -------------------------------------------------------------------------
+
+
+def _wait_exec(
+    tid: int, tgid: int, timeout: float, stopping: threading.Event
+) -> tuple[int, Stop] | None:
+    """Let a seized exec'ing thread run to its exec event stop, passing signals on.
+    Returns (the tracee's id, the stop): the exec event stop, or after `timeout` (the
+    exec failed and the old image runs on) any stop we brought it to, ready to be
+    detached; None if it exited. The exec event of a thread that is not the
+    leader is reported under the leader's id, which it takes."""
+    deadline = time.monotonic() + timeout
+    ids = [tid] if tid == tgid else [tid, tgid]
+    delay = 0.00002
+    interrupted = False
+    while True:
+        for who in ids:
+            try:
+                waited, status = os.waitpid(who, os.WNOHANG | WALL)
+            except ChildProcessError:
+                continue
+            if waited != who:
+                continue
+            if not os.WIFSTOPPED(status):
+                return None
+            stop = Stop(os.WSTOPSIG(status) | ((status >> 16) << 8))
+            if stop.exec or interrupted:
+                return who, stop
+            ptrace.cont(who, stop.delivered_signal)
+        if not interrupted and (time.monotonic() > deadline or stopping.is_set()):
+            interrupted = True
+            deadline = time.monotonic() + FOLLOW_TIMEOUT
+            with contextlib.suppress(OSError):
+                ptrace.interrupt(tid)
+        elif interrupted and time.monotonic() > deadline:
+            raise StopTimeout(f"thread {tid} did not stop after its failed exec")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.0005)
 
 
 def _wait(tid: int, timeout: float) -> int | None:
