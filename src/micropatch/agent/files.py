@@ -71,6 +71,13 @@ class FileCache:
             self._store(st, identity)
         return ModuleFile(path, st.st_dev, st.st_ino, identity)
 
+    def peek(self, fd: int, path: str) -> ModuleFile | None:
+        """The file open as `fd` if its identity is known already (an fstat and a dict
+        lookup), else None."""
+        st = os.fstat(fd)
+        found, identity = self._cached(st)
+        return ModuleFile(path, st.st_dev, st.st_ino, identity) if found else None
+
     def of_path(self, path: str) -> ModuleFile | None:
         """The file at `path`, None if it cannot be opened."""
         try:

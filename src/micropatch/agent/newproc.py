@@ -331,22 +331,24 @@ class NewProcesses:
     def _decide(self, mask: int, held: _Held) -> None:
         """Answer at once, or hand the event to a worker: from caches, never blocking."""
         if mask & fanotify.FAN_OPEN_EXEC_PERM:
-            self.stats["execs"] += 1
+            self._count("execs")
             path = os.readlink(f"/proc/self/fd/{held.fd}")
             targets = self._names.get(os.path.basename(path))
             if not targets or self._ours(held.tid) or held.tid in self._following:
                 self._answer(held)
                 return
-            module = self.files.of_fd(held.fd, path)
-            if not any(module.matches(t) for t in targets):
+            # A file version seen before is decided here; a new one is hashed by a
+            # worker (once), not by the reader, which other execs wait for.
+            known = self.files.peek(held.fd, path)
+            if known is not None and not any(known.matches(t) for t in targets):
                 self._answer(held)
                 return
             follow = _Follow(held.tid)
             with self._lock:
                 self._following[held.tid] = follow
-            self._dispatch(lambda: self._exec(held, module, follow))
+            self._dispatch(lambda: self._exec(held, known, path, targets, follow))
             return
-        self.stats["opens"] += 1
+        self._count("opens")
         st = os.fstat(held.fd)
         module_or_none = self._libs.get((st.st_dev, st.st_ino))
         if module_or_none is None or self._ours(held.tid):
@@ -367,8 +369,12 @@ class NewProcesses:
             self._following[held.tid] = follow
         self._dispatch(lambda: self._load(held, follow))
 
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.stats[name] += 1
+
     def _dispatch(self, job: Callable[[], None]) -> None:
-        self.stats["held"] += 1
+        self._count("held")
         self._jobs.put(job)
 
     @staticmethod
@@ -420,7 +426,7 @@ class NewProcesses:
                 ]
             for held in late:
                 if self._answer(held):
-                    self.stats["released"] += 1
+                    self._count("released")
                     log.warning(
                         "allowed the open of thread %d after %.0f ms unanswered: it runs "
                         "unpatched (agent too busy)", held.tid, (now - held.since) * 1e3,
@@ -474,7 +480,7 @@ class NewProcesses:
                 tracer = 0
                 with contextlib.suppress(ProcessError):
                     tracer = read_status(tid).tracer_pid
-                self.stats["skipped"] += 1
+                self._count("skipped")
                 self._event(
                     "skipped",
                     tid,
@@ -487,12 +493,25 @@ class NewProcesses:
             return False
         return True
 
-    def _exec(self, held: _Held, module: ModuleFile, follow: _Follow) -> None:
+    def _exec(
+        self,
+        held: _Held,
+        known: ModuleFile | None,
+        path: str,
+        targets: list[Target],
+        follow: _Follow,
+    ) -> None:
         tid = held.tid
         try:
+            if not self._claim(held):
+                return
+            module = known or self.files.of_fd(held.fd, path)
             try:
                 tgid = read_status(tid).tgid
             except ProcessError:
+                self._answer(held)
+                return
+            if not any(module.matches(t) for t in targets):
                 self._answer(held)
                 return
             if not self._seize(held, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD, module):
@@ -518,7 +537,7 @@ class NewProcesses:
             return tid  # exited
         pid, stop = found
         if not stop.exec:
-            self.stats["exec_failed"] += 1  # no exec within the timeout: it failed
+            self._count("exec_failed")  # no exec within the timeout: it failed
             return pid
         checkpoint("newproc-exec-stopped")
         info = read_info(pid)
@@ -533,13 +552,21 @@ class NewProcesses:
             return pid
         exec_exit(pid, pid, FOLLOW_TIMEOUT)
         if self._patch(pid, [pid], info, work, "exec"):
-            self.stats["patched_exec"] += 1
+            self._count("patched_exec")
         return pid
 
     def _load(self, held: _Held, follow: _Follow) -> None:
         tid = held.tid
         module = next(iter(follow.files.values()))
         try:
+            if not self._claim(held):
+                return
+            # the marked inode, but still that build? (a file rewritten in place)
+            current = self.files.of_fd(held.fd, module.path)
+            if current.identity != module.identity:
+                log.info("%s changed since it was marked: not followed", module.path)
+                self._answer(held)
+                return
             if not self._seize(held, PTRACE_O_TRACESYSGOOD, module):
                 return
             try:
@@ -549,7 +576,7 @@ class NewProcesses:
             try:
                 self._follow_load(tid, follow)
             except (StopTimeout, ProcessExited) as e:
-                self.stats["not_loads"] += 1
+                self._count("not_loads")
                 log.debug("thread %d, followed: %s", tid, e)
             finally:
                 _let_go(tid)
@@ -602,11 +629,11 @@ class NewProcesses:
                 work = [(files[i], self.catalog.wanted(info_, files[i])) for i in mapped]
                 work = [(m, w) for m, w in work if w]
                 if work and self._patch(pid, [tid], info_, work, "load"):
-                    self.stats["patched_load"] += 1
+                    self._count("patched_load")
                 return
             if closed:
                 break
-        self.stats["not_loads"] += 1
+        self._count("not_loads")
         log.debug("thread %d opened a watched file without loading it", tid)
 
     def _patch(
@@ -628,7 +655,7 @@ class NewProcesses:
                     except AlreadyApplied:
                         continue
                     except MicropatchError as e:
-                        self.stats["failed"] += 1
+                        self._count("failed")
                         self._event(
                             "failed", pid, module, patch=patch, exe=info.exe,
                             message=str(e), data={"when": when, **e.fields()},
