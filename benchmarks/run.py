@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from benchmarks import build, chaos, diff, overhead, pause, peers, soak
+from benchmarks import agent_exec, build, chaos, diff, overhead, pause, peers, soak
 
 BENCHMARKS = {
     "pause": pause,
@@ -16,6 +16,7 @@ BENCHMARKS = {
     "chaos": chaos,
     "build": build,
     "diff": diff,
+    "agent_exec": agent_exec,
 }
 
 
