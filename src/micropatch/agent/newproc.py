@@ -302,8 +302,11 @@ class NewProcesses:
     def _read(self) -> None:
         fan = self._fan
         assert fan is not None
+        poller = select.poll()  # not select(): descriptors may pass FD_SETSIZE
+        poller.register(fan.fd, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
         while not self._stopping.is_set():
-            ready, _, _ = select.select([fan.fd, self._wake_r], [], [], 1.0)
+            ready = [fd for fd, _ in poller.poll(1000)]
             if fan.fd not in ready:
                 continue
             try:
