@@ -117,6 +117,21 @@ class TestAgentRunning:
         assert stats["max_hold_ms"] < 50
 
 
+def test_the_watchdog_allows_what_no_worker_takes_on(np: dict[str, Any]) -> None:
+    """No worker at all: every watched exec is allowed by the watchdog after hold_limit,
+    and runs unpatched; nothing waits longer."""
+    env = {"NP_WORKERS": "0", "NP_HOLD_LIMIT": "0.05"}
+    with Agent(np["public"], np["dir"], np["artifacts"], env=env) as agent:
+        started = time.monotonic()
+        outputs = [run(np["paths"]["np_exe"]) for _ in range(5)]
+        elapsed = time.monotonic() - started
+        stats = agent.stats()
+    assert outputs == [UNPATCHED] * 5
+    assert stats["released"] == 5 and stats["patched_exec"] == 0
+    assert elapsed < 5 * 0.5, f"{elapsed:.2f} s for 5 held execs"
+    assert 50 <= stats["max_hold_ms"] < 200
+
+
 # --- the agent SIGKILLed ------------------------------------------------------------
 
 EXEC_POINTS = [

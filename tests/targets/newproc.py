@@ -128,6 +128,7 @@ def main(argv: list[str]) -> int:
     agent = NewProcesses(
         catalog, report, modules=ModuleCache(), library_dirs=[library_dir],
         hold_limit=float(os.environ.get("NP_HOLD_LIMIT", "0.05")),
+        workers=int(os.environ.get("NP_WORKERS", "4")),
     )  # fmt: skip
     agent.start()
     print("ready", flush=True)
