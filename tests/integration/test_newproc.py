@@ -76,6 +76,13 @@ class TestAgentRunning:
         out, _ = proc.communicate("go\n", timeout=20)
         assert out.strip() == f"{PATCHED} {PATCHED}"
 
+    def test_a_library_loaded_again_after_dlclose_is_patched_again(
+        self, np: dict[str, Any], agent: Agent
+    ) -> None:
+        # the previous load's registry says "applied" at the same address: forgotten
+        out = run(np["paths"]["np_reload"], str(np["paths"]["libnpvuln.so"]))
+        assert out.split() == [PATCHED] * 3
+
     def test_exec_from_a_thread_other_than_the_leader(
         self, np: dict[str, Any], agent: Agent
     ) -> None:

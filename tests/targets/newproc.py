@@ -34,13 +34,15 @@ UNPATCHED, PATCHED = "-2", "-1"
 
 def build(out: Path, cc: str | None = None) -> dict[str, Path]:
     """np_exe (copy_packet inside), libnpvuln.so, np_lib_main (DT_NEEDED libnpvuln.so,
-    rpath $ORIGIN), np_dlopen, np_thread_exec, and np_plain (np_exe under another
+    rpath $ORIGIN), np_dlopen, np_thread_exec, np_reload, and np_plain (np_exe under another
     name: unrelated)."""
     compiler = cc or os.environ.get("CC") or "cc"
     out.mkdir(parents=True, exist_ok=True)
     s = {
         n: str(SOURCE_DIR / n)
-        for n in ("np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c")
+        for n in (
+            "np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c", "np_reload.c"
+        )
     }
     commands = {
         "np_exe": ["-fPIE", "-pie", s["np_main.c"], s["vuln_fn.c"]],
@@ -54,6 +56,7 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
         ],
         "np_dlopen": ["-fPIE", "-pie", s["np_dlopen.c"], "-ldl"],
         "np_thread_exec": ["-fPIE", "-pie", "-pthread", s["np_thread_exec.c"]],
+        "np_reload": ["-fPIE", "-pie", s["np_reload.c"], "-ldl"],
     }  # fmt: skip
     paths = {}
     for name, args in commands.items():

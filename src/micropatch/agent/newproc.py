@@ -527,10 +527,10 @@ class NewProcesses:
             except (StopTimeout, ProcessExited) as e:
                 log.debug("thread %d at its exec: %s", tid, e)
             finally:
+                self._unfollow(tid)  # before the detach: its next open is a new event
                 _let_go(tracee)
         finally:
-            with self._lock:
-                self._following.pop(tid, None)
+            self._unfollow(tid)
 
     def _at_exec(self, tid: int, tgid: int, module: ModuleFile, follow: _Follow) -> int:
         """Wait for the exec event stop and patch there; returns the tracee's id then
@@ -582,10 +582,14 @@ class NewProcesses:
                 self._count("not_loads")
                 log.debug("thread %d, followed: %s", tid, e)
             finally:
+                self._unfollow(tid)  # before the detach: its next open is a new event
                 _let_go(tid)
         finally:
-            with self._lock:
-                self._following.pop(tid, None)
+            self._unfollow(tid)
+
+    def _unfollow(self, tid: int) -> None:
+        with self._lock:
+            self._following.pop(tid, None)
 
     def _follow_load(self, tid: int, follow: _Follow) -> None:
         pid = read_status(tid).tgid

@@ -36,7 +36,7 @@ from micropatch.live.recovery import leftovers, recover
 from micropatch.live.registry import APPLIED, REMOVING, AppliedPatch
 from micropatch.live.safety import Entering, Unsafe, place_threads
 from micropatch.live.transaction import Transaction
-from micropatch.process.maps import read_maps
+from micropatch.process.maps import Mapping, read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
 from micropatch.process.world import (
@@ -161,6 +161,7 @@ def apply_held(
             patch.toolchain,
             lambda location: symbol_address(proc.pid, mappings, location, cache),
         )
+        _forget_remapped(proc, mappings, module)
         try:
             sites, moved = _transact(proc, change, module, planned, leftovers(proc.pid))
         except Unsafe as e:
@@ -178,6 +179,45 @@ def apply_held(
         proc.pid, patch.id, sites, moved,
     )  # fmt: skip
     return Outcome(proc.pid, patch.id, "applied", patch.version, sites, 1, paused, moved)
+
+
+def _forget_remapped(proc: StoppedProcess, mappings: list[Mapping], module: LoadedModule) -> None:
+    """Forget what a registry records as applied to a module that has since been unloaded
+    and loaded again at the same address (dlclose, then dlopen): every site holds the
+    module file's own bytes again, none holds its jump. The registry describes the
+    previous mapping; left as is, it would make the new one look patched. Its patches
+    are retired (their trampolines freed once no thread can be in them), in one
+    registry write: a patcher killed before it leaves the registry as it was."""
+    cave = cave_of(read_caves(proc.memory, mappings), module)
+    if cave is None:
+        return
+    stale = [
+        p
+        for p in cave.registry.patches
+        if p.state == APPLIED
+        and p.sites
+        and all(
+            s.original != s.jump and proc.memory.read(s.address, len(s.original)) == s.original
+            for s in p.sites
+        )
+    ]
+    if not stale:
+        return
+    tx = Transaction(proc, mappings)
+    try:
+        for patch in stale:
+            cave.registry.retire(patch)
+            log.info(
+                "process %d: %s was applied to an earlier mapping of %s at the same address; "
+                "forgotten", proc.pid, patch.id, module.path,
+            )  # fmt: skip
+        commit.store(tx, cave)
+        tx.verify()
+    except BaseException:
+        tx.rollback()
+        raise
+    finally:
+        tx.close()
 
 
 def _run(change: _Change, retries: int) -> Outcome:
