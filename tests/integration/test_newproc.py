@@ -90,6 +90,27 @@ class TestAgentRunning:
         for _ in range(5):
             assert run(np["paths"]["np_thread_exec"], exe) == PATCHED
 
+    def test_an_exec_that_fails_after_the_seize_is_let_go(
+        self, np: dict[str, Any], agent: Agent, tmp_path: Path
+    ) -> None:
+        """np_exe's build (same build-id) whose interpreter does not exist: execve fails
+        after the agent seized the thread; bash goes on (execfail), and is let go."""
+        broken = tmp_path / "np_exe"
+        data = np["paths"]["np_exe"].read_bytes()
+        interp = b"/lib64/ld-linux-x86-64.so.2\0"
+        assert interp in data
+        broken.write_bytes(data.replace(interp, b"/lib64/ld-linux-x86-64.so.X\0"))
+        broken.chmod(0o755)
+        failed = agent.stats()["exec_failed"]
+        started = time.monotonic()
+        done = subprocess.run(
+            ["bash", "-c", f"shopt -s execfail; exec {broken}; sleep 2.5; echo survived"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert done.stdout.strip() == "survived"
+        assert time.monotonic() - started < 10
+        assert agent.stats()["exec_failed"] == failed + 1
+
     def test_unrelated_exec_is_not_traced(self, np: dict[str, Any], agent: Agent) -> None:
         held = agent.stats()["held"]
         # the same build as np_exe under another name, and a system program
