@@ -157,7 +157,7 @@ def test_the_watchdog_allows_what_no_worker_takes_on(np: dict[str, Any]) -> None
     assert outputs == [UNPATCHED] * 5
     assert stats["released"] == 5 and stats["patched_exec"] == 0
     assert elapsed < 5 * 0.5, f"{elapsed:.2f} s for 5 held execs"
-    assert 50 <= stats["max_hold_ms"] < 200
+    assert 40 <= stats["max_hold_ms"] < 200  # allowed at about hold_limit, not later
 
 
 # --- the agent SIGKILLed ------------------------------------------------------------

@@ -54,6 +54,7 @@ from micropatch.patch.model import Target
 from micropatch.process import fanotify, ptrace
 from micropatch.process.linux import PTRACE_O_TRACEEXEC, PTRACE_O_TRACESYSGOOD, WALL
 from micropatch.process.maps import read_maps
+from micropatch.process.priority import realtime
 from micropatch.process.procfs import read_status
 from micropatch.process.select import ProcessInfo, read_info
 from micropatch.process.tracing import Stop, exec_exit, is_group_stop, next_stop, syscall_info
@@ -86,6 +87,7 @@ EXEC_TIMEOUT = 2.0  # seconds from allowing an exec to its exec event stop
 FOLLOW_TIMEOUT = 2.0  # seconds a followed thread may take between two system calls
 MAX_FOLLOWED_SYSCALLS = 256  # a loader maps a library within a few dozen
 AFTER_MAPPED_SYSCALLS = 16  # patch anyway if the file is not closed this soon after
+READER_PRIORITY = 5  # SCHED_FIFO of the reader and the watchdog, below the engine's stops
 CLAIMED_LIMIT = 1.0  # seconds a worker may keep a claimed event before the watchdog allows it
 RESCAN_INTERVAL = 10.0  # seconds between two looks for new mounts and catalog changes
 REMARK_INTERVAL = 60.0  # seconds between two looks for new library files (an upgrade)
@@ -300,6 +302,12 @@ class NewProcesses:
     # --- reader ------------------------------------------------------------------
 
     def _read(self) -> None:
+        # Real-time: on a loaded machine every exec on the host waits for this thread.
+        # It never spins (it sleeps in poll), which is what makes SCHED_FIFO safe here.
+        with realtime(READER_PRIORITY):
+            self._read_events()
+
+    def _read_events(self) -> None:
         fan = self._fan
         assert fan is not None
         poller = select.poll()  # not select(): descriptors may pass FD_SETSIZE
@@ -313,6 +321,7 @@ class NewProcesses:
                 events = fan.read()
             except OSError as e:
                 log.error("reading fanotify events failed: %s", e)
+                time.sleep(0.01)  # never a busy loop at real-time priority
                 continue
             for event in events:
                 if event.overflow:
@@ -415,7 +424,13 @@ class NewProcesses:
     # --- watchdog ----------------------------------------------------------------
 
     def _watch(self) -> None:
-        period = max(self.hold_limit / 5, 0.002)
+        with realtime(READER_PRIORITY):
+            self._watch_holds()
+
+    def _watch_holds(self) -> None:
+        # Looks every tenth of hold_limit, and allows an event one look early: no event
+        # waits longer than hold_limit plus this thread's own wake-up.
+        period = max(self.hold_limit / 10, 0.001)
         next_scan = time.monotonic() + RESCAN_INTERVAL
         next_remark = time.monotonic() + REMARK_INTERVAL
         while not self._stopping.wait(period):
@@ -424,7 +439,7 @@ class NewProcesses:
                 late = [
                     h
                     for h in self._held.values()
-                    if (not h.claimed and now - h.since > self.hold_limit)
+                    if (not h.claimed and now - h.since > self.hold_limit - period)
                     or (h.claimed and now - h.claimed > CLAIMED_LIMIT)
                 ]
             for held in late:
