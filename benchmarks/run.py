@@ -6,7 +6,7 @@ import argparse
 import sys
 import time
 
-from benchmarks import agent, build, chaos, diff, overhead, pause, peers, soak
+from benchmarks import agent, agent_exec, build, chaos, diff, overhead, pause, peers, soak
 
 BENCHMARKS = {
     "pause": pause,
@@ -17,6 +17,7 @@ BENCHMARKS = {
     "build": build,
     "diff": diff,
     "agent": agent,
+    "agent_exec": agent_exec,
 }
 
 

@@ -195,6 +195,11 @@ class MemoryAccessError(ProcessError):
     """Reading or writing the target's memory failed."""
 
 
+class FanotifyUnavailable(ProcessError):
+    """fanotify permission events cannot be used: the kernel lacks them, or we lack
+    CAP_SYS_ADMIN."""
+
+
 # --- live/ ------------------------------------------------------------------
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from micropatch.build.plan import PlannedSite, plan_patch
@@ -34,10 +36,16 @@ from micropatch.live.recovery import leftovers, recover
 from micropatch.live.registry import APPLIED, REMOVING, AppliedPatch
 from micropatch.live.safety import Entering, Unsafe, place_threads
 from micropatch.live.transaction import Transaction
-from micropatch.process.maps import read_maps
+from micropatch.process.maps import Mapping, read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
-from micropatch.process.world import STOP_TIMEOUT, StoppedProcess, exists, stop_world
+from micropatch.process.world import (
+    STOP_TIMEOUT,
+    StoppedProcess,
+    exists,
+    held_world,
+    stop_world,
+)
 from micropatch.trust.policy import Admitted
 
 log = logging.getLogger(__name__)
@@ -116,6 +124,100 @@ def repair(pid: int) -> list[str]:
             return recover(proc, read_maps(pid), retired=True)
     except ProcessNotFound:
         raise ProcessExited(f"process {pid} exited during the operation") from None
+
+
+@contextmanager
+def holding(
+    pid: int, held: Collection[int], *, stop_timeout: float = STOP_TIMEOUT
+) -> Iterator[StoppedProcess]:
+    """A stop of process `pid` for a caller whose thread already holds the threads
+    `held` in a ptrace stop (an exec event or system call exit stop): takes the
+    process's lock (`live.lock`), stops every other thread, and yields the stopped
+    process for `apply_held`. When the block ends, the other threads are let go
+    and the held ones stay stopped, traced by the caller, with the registers the
+    transactions decided (see `process.world.held_world`)."""
+    try:
+        with queued(pid), held_world(pid, held, timeout=stop_timeout) as proc:
+            yield proc
+    except ProcessNotFound:
+        raise ProcessExited(f"process {pid} exited during the operation") from None
+
+
+def apply_held(
+    patch: Admitted, proc: StoppedProcess, *, modules: ModuleCache | None = None
+) -> Outcome:
+    """Apply `patch` inside a stop the caller holds (`holding`): the same transaction
+    as `apply` (recovery first, checks, cave, trampolines, registry, jumps, read-back,
+    rollback on any error), without detaching anything. No retries: a thread in
+    the way raises UnsafeToPatch at once, nothing changed."""
+    change = _Change(proc.pid, patch, None, modules)
+    try:
+        mappings = read_maps(proc.pid)
+        cache = modules or ModuleCache()
+        module = find_module(proc.pid, mappings, patch.patch.target, cache)
+        planned = plan_patch(
+            patch.patch,
+            module,
+            patch.toolchain,
+            lambda location: symbol_address(proc.pid, mappings, location, cache),
+        )
+        _forget_remapped(proc, mappings, module)
+        try:
+            sites, moved = _transact(proc, change, module, planned, leftovers(proc.pid))
+        except Unsafe as e:
+            raise UnsafeToPatch(
+                f"process {proc.pid}: not safe now: {e}; nothing was changed"
+            ) from e
+    except ProcessNotFound:
+        raise ProcessExited(f"process {proc.pid} exited during the operation") from None
+    except MicropatchError as e:
+        e.within(pid=proc.pid, patch_id=patch.id)
+        raise
+    paused = time.perf_counter() - proc.stopped_at
+    log.info(
+        "process %d: applied %s in a held stop (%d sites, %d threads moved)",
+        proc.pid, patch.id, sites, moved,
+    )  # fmt: skip
+    return Outcome(proc.pid, patch.id, "applied", patch.version, sites, 1, paused, moved)
+
+
+def _forget_remapped(proc: StoppedProcess, mappings: list[Mapping], module: LoadedModule) -> None:
+    """Forget what a registry records as applied to a module that has since been unloaded
+    and loaded again at the same address (dlclose, then dlopen): every site holds the
+    module file's own bytes again, none holds its jump. The registry describes the
+    previous mapping; left as is, it would make the new one look patched. Its patches
+    are retired (their trampolines freed once no thread can be in them), in one
+    registry write: a patcher killed before it leaves the registry as it was."""
+    cave = cave_of(read_caves(proc.memory, mappings), module)
+    if cave is None:
+        return
+    stale = [
+        p
+        for p in cave.registry.patches
+        if p.state == APPLIED
+        and p.sites
+        and all(
+            s.original != s.jump and proc.memory.read(s.address, len(s.original)) == s.original
+            for s in p.sites
+        )
+    ]
+    if not stale:
+        return
+    tx = Transaction(proc, mappings)
+    try:
+        for patch in stale:
+            cave.registry.retire(patch)
+            log.info(
+                "process %d: %s was applied to an earlier mapping of %s at the same address; "
+                "forgotten", proc.pid, patch.id, module.path,
+            )  # fmt: skip
+        commit.store(tx, cave)
+        tx.verify()
+    except BaseException:
+        tx.rollback()
+        raise
+    finally:
+        tx.close()
 
 
 def _run(change: _Change, retries: int) -> Outcome:

@@ -32,6 +32,7 @@ class ProcessStatus:
     tracer_pid: int
     uid: int
     seccomp_mode: int  # 0 none, 1 strict, 2 filter
+    tgid: int = 0  # the process of this thread (/proc/TID/status of a thread)
 
     @property
     def zombie(self) -> bool:
@@ -50,6 +51,7 @@ def read_status(pid: int) -> ProcessStatus:
         tracer_pid=int(fields.get("TracerPid", "0")),
         uid=int(fields.get("Uid", "0").split()[0]),
         seccomp_mode=int(fields.get("Seccomp", "0")),
+        tgid=int(fields.get("Tgid", str(pid))),
     )
 
 

@@ -37,8 +37,9 @@ def _call(request: int, tid: int, addr: int | None = None, data: object = None) 
     return result
 
 
-def seize(tid: int) -> None:
-    _call(PTRACE_SEIZE, tid, 0, 0)
+def seize(tid: int, options: int = 0) -> None:
+    """PTRACE_SEIZE, with PTRACE_O_* options set at once (no window without them)."""
+    _call(PTRACE_SEIZE, tid, 0, options)
 
 
 def interrupt(tid: int) -> None:

@@ -14,7 +14,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -95,8 +95,12 @@ class StoppedProcess:
         self.threads[tid].regs_dirty = True
         _checked(self.pid, lambda: ptrace.set_regs(tid, regs))
 
-    def resume(self) -> None:
+    def resume(self, keep: Collection[int] = ()) -> None:
         """Restore any registers we changed and let every thread go.
+
+        `keep`: threads the caller held before the stop (`held_world`): their
+        registers are restored too, but they stay in their ptrace stop, traced
+        by the caller.
 
         A thread seized but never seen stopped (the stop timed out) cannot be
         detached until it stops: it gets LET_GO_GRACE, after the others are
@@ -112,7 +116,8 @@ class StoppedProcess:
             try:
                 if thread.regs_dirty and thread.saved_regs is not None:
                     ptrace.set_regs(thread.tid, thread.saved_regs)
-                ptrace.detach(thread.tid, thread.pending_signal)
+                if thread.tid not in keep:
+                    ptrace.detach(thread.tid, thread.pending_signal)
             except OSError as e:
                 if e.errno != errno.ESRCH:  # a thread that vanished needs no detach
                     raise
@@ -264,9 +269,9 @@ def _ours(tid: int) -> bool:
 
 def _stop_all(proc: StoppedProcess) -> None:
     pid = proc.pid
-    fresh = list_threads(pid)  # before the clock: nothing is stopped yet
+    fresh = [t for t in list_threads(pid) if t not in proc.threads]  # before the clock
     deadline = time.monotonic() + proc.timeout
-    proc.stopped_at = time.perf_counter()
+    proc.stopped_at = proc.stopped_at or time.perf_counter()
     while fresh:
         seized = []
         for tid in fresh:
@@ -320,6 +325,39 @@ def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedPr
             yield proc
         finally:
             proc.resume()
+
+
+@contextmanager
+def held_world(
+    pid: int, held: Collection[int], *, timeout: float = STOP_TIMEOUT
+) -> Iterator[StoppedProcess]:
+    """Like `stop_world`, for a caller whose own thread already traces some threads of
+    pid and holds them in a ptrace stop (an exec event stop, a system call exit stop).
+
+    The held threads are adopted as they are: a PTRACE_INTERRUPT would give a
+    stopped tracee no new stop to wait for. Every other thread is seized and
+    interrupted as `stop_world` does. When the block ends the threads this
+    function seized are let go; the held ones get back the registers the block
+    decided (a remote system call's continuation) and stay stopped and traced
+    by the caller, who goes on following them or detaches them.
+
+    A held thread must not be at a system call *entry* stop: its registers
+    would not say how to resume it (see `process.syscall.continuation`); an
+    exec event stop is moved on to the execve's exit stop first (`exec_exit`).
+    """
+    if timeout <= 0:
+        raise ValueError(f"stop timeout must be positive, not {timeout}")
+    status = check_alive(pid)
+    proc = StoppedProcess(pid=pid, status=status, memory=Memory(pid), timeout=timeout)
+    proc.stopped_at = time.perf_counter()
+    for tid in held:
+        proc.threads[tid] = Thread(tid, stopped=True)
+    with realtime():
+        try:
+            _stop_all(proc)
+            yield proc
+        finally:
+            proc.resume(keep=held)
 
 
 def exists(pid: int) -> bool:

@@ -1,0 +1,183 @@
+"""Thin ctypes binding of fanotify(7): a group, its marks, its events and answers.
+
+Only what the agent needs to hold an exec or a library open while it seizes the
+process: a content-class group (permission events), filesystem and inode marks,
+the event records read from the group, and the allow/deny answer. The kernel
+allows every event still held when the group's descriptor is closed, so a
+dying reader never leaves an exec blocked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import struct
+from dataclasses import dataclass
+
+from micropatch.errors import FanotifyUnavailable
+
+# fanotify_init flags (include/uapi/linux/fanotify.h)
+FAN_CLOEXEC = 0x1
+FAN_NONBLOCK = 0x2
+FAN_CLASS_NOTIF = 0x0
+FAN_CLASS_CONTENT = 0x4
+FAN_UNLIMITED_QUEUE = 0x10
+FAN_UNLIMITED_MARKS = 0x20
+FAN_REPORT_TID = 0x100
+# fanotify_mark flags
+FAN_MARK_ADD = 0x1
+FAN_MARK_REMOVE = 0x2
+FAN_MARK_DONT_FOLLOW = 0x4
+FAN_MARK_INODE = 0x0
+FAN_MARK_MOUNT = 0x10
+FAN_MARK_FLUSH = 0x80
+FAN_MARK_FILESYSTEM = 0x100
+# event masks
+FAN_OPEN = 0x20
+FAN_CLOSE_NOWRITE = 0x10
+FAN_OPEN_EXEC = 0x1000
+FAN_Q_OVERFLOW = 0x4000
+FAN_OPEN_PERM = 0x10000
+FAN_ACCESS_PERM = 0x20000
+FAN_OPEN_EXEC_PERM = 0x40000
+PERMISSION_EVENTS = FAN_OPEN_PERM | FAN_ACCESS_PERM | FAN_OPEN_EXEC_PERM
+# answers
+FAN_ALLOW = 0x01
+FAN_DENY = 0x02
+FAN_NOFD = -1
+FANOTIFY_METADATA_VERSION = 3
+AT_FDCWD = -100
+
+# struct fanotify_event_metadata { u32 event_len; u8 vers; u8 reserved;
+#   u16 metadata_len; aligned_u64 mask; s32 fd; s32 pid; }
+METADATA = struct.Struct("<IBBHQii")
+# struct fanotify_response { s32 fd; u32 response; }
+RESPONSE = struct.Struct("<iI")
+# Flags of the descriptors the kernel opens for us, one per event.
+EVENT_FILE_FLAGS = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC
+READ_SIZE = 64 * METADATA.size  # one read returns whole records only
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_init = _libc.fanotify_init
+_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
+_init.restype = ctypes.c_int
+_mark = _libc.fanotify_mark
+_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+_mark.restype = ctypes.c_int
+
+
+@dataclass(frozen=True)
+class FanotifyEvent:
+    """One event record: `fd` is a read-only descriptor of the file (FAN_NOFD for
+    an overflow), opened for us; `pid` the thread's id with FAN_REPORT_TID."""
+
+    mask: int
+    fd: int
+    pid: int
+
+    @property
+    def permission(self) -> bool:
+        """The opening thread waits for our answer."""
+        return bool(self.mask & PERMISSION_EVENTS)
+
+    @property
+    def overflow(self) -> bool:
+        return bool(self.mask & FAN_Q_OVERFLOW)
+
+
+def parse_events(data: bytes) -> list[FanotifyEvent]:
+    """The records in one read() of a fanotify group; ValueError on a record the
+    kernel would never write (wrong version, truncated)."""
+    events = []
+    offset = 0
+    while offset + METADATA.size <= len(data):
+        event_len, vers, _, metadata_len, mask, fd, pid = METADATA.unpack_from(data, offset)
+        if vers != FANOTIFY_METADATA_VERSION:
+            raise ValueError(f"fanotify event version {vers}, expected {FANOTIFY_METADATA_VERSION}")
+        if event_len < METADATA.size or metadata_len < METADATA.size:
+            raise ValueError(f"fanotify event of {event_len} bytes is shorter than its header")
+        if offset + event_len > len(data):
+            raise ValueError("truncated fanotify event")
+        events.append(FanotifyEvent(mask, fd, pid))
+        offset += event_len  # information records (FAN_REPORT_FID...) follow, skipped
+    if offset != len(data):
+        raise ValueError(f"{len(data) - offset} stray bytes after the fanotify events")
+    return events
+
+
+def response(fd: int, allow: bool = True) -> bytes:
+    """The answer to a permission event, as written to the group."""
+    return RESPONSE.pack(fd, FAN_ALLOW if allow else FAN_DENY)
+
+
+class Fanotify:
+    """A fanotify group. Thread-safe as the kernel makes it: one reader, any
+    number of answering threads."""
+
+    def __init__(
+        self,
+        flags: int = FAN_CLASS_CONTENT | FAN_CLOEXEC | FAN_NONBLOCK | FAN_REPORT_TID,
+        event_flags: int = EVENT_FILE_FLAGS,
+    ) -> None:
+        fd = _init(flags, event_flags)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise _unavailable(err, "fanotify_init")
+        self.fd = fd
+
+    def mark(self, path: str, mask: int, flags: int = FAN_MARK_INODE, *, add: bool = True) -> None:
+        """Add (or remove) a mark on `path`; OSError with the kernel's errno."""
+        how = (FAN_MARK_ADD if add else FAN_MARK_REMOVE) | flags
+        if _mark(self.fd, how, mask, AT_FDCWD, os.fsencode(path)) != 0:
+            err = ctypes.get_errno()
+            if err in (errno.EPERM, errno.ENOSYS):
+                raise _unavailable(err, f"fanotify_mark on {path}")
+            raise OSError(err, f"fanotify_mark on {path}: {os.strerror(err)}", path)
+
+    def flush(self, flags: int = FAN_MARK_INODE) -> None:
+        """Remove every inode mark (FAN_MARK_FILESYSTEM / _MOUNT: those marks)."""
+        if _mark(self.fd, FAN_MARK_FLUSH | flags, 0, AT_FDCWD, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"fanotify_mark flush: {os.strerror(err)}")
+
+    def read(self) -> list[FanotifyEvent]:
+        """The events ready now ([] if none: the descriptor is non-blocking)."""
+        try:
+            data = os.read(self.fd, READ_SIZE)
+        except BlockingIOError:
+            return []
+        return parse_events(data)
+
+    def answer(self, fd: int, allow: bool = True) -> None:
+        """Answer a permission event (does not close its descriptor)."""
+        os.write(self.fd, response(fd, allow))
+
+    def close(self) -> None:
+        """Close the group: the kernel allows every event still held."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Fanotify:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _unavailable(err: int, what: str) -> FanotifyUnavailable:
+    if err == errno.EPERM:
+        hint = "needs CAP_SYS_ADMIN (run the agent as root)"
+    elif err in (errno.ENOSYS, errno.EINVAL):
+        hint = (
+            "this kernel lacks fanotify permission events (CONFIG_FANOTIFY and "
+            "CONFIG_FANOTIFY_ACCESS_PERMISSIONS) or FAN_REPORT_TID (Linux 4.20+)"
+        )
+    else:
+        hint = os.strerror(err)
+    return FanotifyUnavailable(
+        f"{what} failed: {errno.errorcode.get(err, str(err))}: {hint}; new processes cannot "
+        "be patched before they run"
+    )
