@@ -539,3 +539,29 @@ def test_metrics_endpoint_on_localhost(targets, start, tmp_path, keys):
                 pass
     finally:
         a.stop(signal.SIGKILL)
+
+
+def test_new_processes_are_patched_before_their_code_runs(targets, start, tmp_path, keys):
+    """Issue 8.3 through the real agent: a program whose executable is patched, and one
+    whose DT_NEEDED library is patched, answer the exploit input as patched the moment
+    they are up (the periodic pass is an hour away, so only exec/load patching can
+    have done it). The library lies outside the standard directories: `library_dirs`."""
+    config = f"rescan_interval = 3600\nlibrary_dirs = [{str(targets.libvuln.parent)!r}]\n"
+    a = AgentProcess(tmp_path, tmp_path / "agent.sock", config.replace("'", '"'))
+    a.state.joinpath("store").mkdir(parents=True)
+    for module, id in ((targets.vuln_pie, "exe-fix"), (targets.libvuln, "lib-fix")):
+        artifact = signed(tmp_path, module, [FIX], keys, id=id)
+        shutil.copy(artifact, a.state / "store" / artifact.name)
+    a.start()
+    try:
+        for _ in range(5):
+            exe, lib = start("vuln_pie"), start("vuln_lib_main")
+            assert exe.cmd("call 65") == "-1" and lib.cmd("call 65") == "-1"
+            assert applied(exe.pid) == [("exe-fix", 1)] and applied(lib.pid) == [("lib-fix", 1)]
+            exe.close(), lib.close()
+        events = a.events()
+        whens = {(e["patch_id"], e["data"]["when"]) for e in kinds(events, "applied")}
+        assert whens == {("exe-fix", "exec"), ("lib-fix", "load")}
+        assert a.status()["new_processes"]["patched_exec"] == 5
+    finally:
+        a.stop(signal.SIGKILL)

@@ -49,6 +49,12 @@ class AgentConfig(BaseModel):
     new_processes: bool = Field(
         default=True, description="Patch new processes at exec and library load (fanotify)."
     )
+    library_dirs: list[str] = Field(
+        default_factory=list,
+        description="Directories to look for patched libraries in, besides the standard "
+        "ones, ld.so.conf's and those running processes map them from (e.g. a "
+        "virtualenv's bundled *.libs, so that their first load is patched too).",
+    )
     hold_limit: float = Field(
         default=0.05, gt=0, description="Seconds an exec or open may be held before it is allowed."
     )
@@ -105,7 +111,7 @@ def default_config_text() -> str:
         "",
     ]
     for name, field in AgentConfig.model_fields.items():
-        default = field.default
+        default = field.get_default(call_default_factory=True)
         lines.append(f"# {field.description}")
         if default is None:
             lines.append(f"# {name} = ")
@@ -113,6 +119,8 @@ def default_config_text() -> str:
             lines.append(f"{name} = {'true' if default else 'false'}")
         elif isinstance(default, str):
             lines.append(f'{name} = "{default}"')
+        elif isinstance(default, list):
+            lines.append(f"{name} = {default!r}")
         else:
             lines.append(f"{name} = {default}")
         lines.append("")

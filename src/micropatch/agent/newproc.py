@@ -145,11 +145,14 @@ class NewProcesses:
         files: FileCache | None = None,
         library_dirs: Sequence[str] | None = None,
         workers: int = WORKERS,
+        on_hold: Callable[[float], None] | None = None,
     ) -> None:
         """`modules`: parsed ELF files shared with the rest of the agent (the engine's
         cache); `files`: the identity cache (a new one by default); `library_dirs`:
         where watched libraries are looked for besides ld.so.conf's directories and
-        what running processes map (default: the standard directories)."""
+        what running processes map (default: the standard directories); `on_hold`:
+        told how many seconds each permission event was held (metrics)."""
+        self.on_hold = on_hold
         self.catalog = catalog
         self.report = report
         self.modules = modules
@@ -404,6 +407,8 @@ class NewProcesses:
             hold = (time.monotonic() - held.since) * 1e3
             if hold > self.stats["max_hold_ms"]:
                 self.stats["max_hold_ms"] = hold
+            if self.on_hold is not None:
+                self.on_hold(hold / 1e3)
             try:
                 if self._fan is not None:
                     self._fan.answer(held.fd)

@@ -51,7 +51,7 @@ from micropatch.agent.policy import (
 )
 from micropatch.agent.reconcile import Reconciler
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
-from micropatch.errors import AgentError, MicropatchError, UnknownPatch
+from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
 from micropatch.live.module import ModuleCache
 from micropatch.patch.model import Target
 from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
@@ -218,7 +218,32 @@ class Agent:
         self.events.add_sink(sink)
 
     def _plug_new_processes(self) -> None:
-        """NEWPROC: patch new processes at exec and library load (config.new_processes)."""
+        """New processes patched at their exec and libraries at their load, before any
+        of their code runs (agent/newproc.py), unless config.new_processes is off.
+        Without fanotify permission events the agent runs on: new processes are then
+        patched by the next pass over running processes, and an event says so."""
+        if not self.config.new_processes:
+            return
+        from micropatch.agent.newproc import LIBRARY_DIRS, NewProcesses
+
+        def held(seconds: float) -> None:
+            if self.metrics is not None:
+                self.metrics.exec_held(seconds)
+
+        new = NewProcesses(
+            self, self.report, modules=self.modules, hold_limit=self.config.hold_limit,
+            on_hold=held, library_dirs=(*LIBRARY_DIRS, *self.config.library_dirs),
+        )  # fmt: skip
+        try:
+            new.start()
+        except FanotifyUnavailable as e:
+            self.report(Event(
+                "agent", time.time(), pid=os.getpid(),
+                message=f"new processes are patched only by the periodic pass: {e}",
+            ))  # fmt: skip
+            return
+        self.new_processes = new
+        self._parts.append(_Started(new))
 
     def _plug_crashes(self) -> None:
         """Crash auto-disable: count crashes per (patch, executable), fed by the proc
@@ -307,9 +332,9 @@ class Agent:
         first pass, then says READY)."""
         self._sync_store()
         self.control.start()
-        self._plug_new_processes()
-        self._plug_crashes()
         self._plug_metrics()
+        self._plug_crashes()
+        self._plug_new_processes()
         for part in self._parts:
             part.start()
         self._worker = threading.Thread(target=self._work, name="reconcile", daemon=True)
