@@ -7,7 +7,7 @@ loopback address only: the metrics name executables and patches, which is
 nobody else's business; a scraper on another host goes through a proxy the
 operator sets up.
 
-Names (docs/agent-crashes-metrics.md):
+Names (docs/agent.md, "Metrics"):
 
 ========================================  =========  =====================
 micropatch_patches{state}                 gauge      patches in the store by state
