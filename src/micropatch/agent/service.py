@@ -234,16 +234,8 @@ class Agent:
             self, self.report, modules=self.modules, hold_limit=self.config.hold_limit,
             on_hold=held, library_dirs=(*LIBRARY_DIRS, *self.config.library_dirs),
         )  # fmt: skip
-        try:
-            new.start()
-        except FanotifyUnavailable as e:
-            self.report(Event(
-                "agent", time.time(), pid=os.getpid(),
-                message=f"new processes are patched only by the periodic pass: {e}",
-            ))  # fmt: skip
-            return
-        self.new_processes = new
-        self._parts.append(_Started(new))
+        if self._plug(new, FanotifyUnavailable, "new processes are patched only by the pass"):
+            self.new_processes = new
 
     def _plug_crashes(self) -> None:
         """Crash auto-disable: count crashes per (patch, executable), fed by the proc
@@ -251,15 +243,18 @@ class Agent:
         old kernel, a container) the agent runs on without it, and says so."""
         self.crash_tracker = CrashTracker(self.config.crash_limit, self.config.crash_window)
         exits = ExitThread(on_exit=lambda ev: self.on_exit(ev.pid, ev.signal), on_overrun=self.wake)
+        self._plug(exits, ConnectorError, "crash auto-disable is off")
+
+    def _plug(self, part: Part, unavailable: type[Exception], consequence: str) -> bool:
+        """Start a part now, so that a kernel feature missing shows at start; without
+        it the agent runs on, and says so in an event."""
         try:
-            exits.start()
-        except ConnectorError as e:
-            self.report(Event(
-                "agent", time.time(), pid=os.getpid(),
-                message=f"crash auto-disable is off: the proc connector is unavailable ({e})",
-            ))  # fmt: skip
-            return
-        self._parts.append(_Started(exits))
+            part.start()
+        except unavailable as e:
+            self.report(Event("agent", time.time(), pid=os.getpid(), message=f"{consequence}: {e}"))
+            return False
+        self._parts.append(_Started(part))
+        return True
 
     def _plug_metrics(self) -> None:
         """The Prometheus endpoint, only when config.metrics_port is set."""
