@@ -385,7 +385,7 @@ def mount_console(app: FastAPI, server: Any) -> None:
         return render(
             request, "dashboard.html", viewer, hosts=hosts, online=online, protected=protected,
             patches=patches, blocked=sum(n for _, n in series), chart=chart_svg(series),
-            events=fleet.events(session, limit=10),
+            events=fleet.events(session, limit=10), names=_host_names(session),
         )  # fmt: skip
 
     # --- hosts ----------------------------------------------------------------------------
@@ -545,7 +545,7 @@ def mount_console(app: FastAPI, server: Any) -> None:
         rows = fleet.events(
             session, host_id=host_id, kind=kind or None, patch_id=patch or None, limit=200
         )
-        names: dict[int, str] = {i: n for i, n in session.execute(select(m.Host.id, m.Host.name))}
+        names = _host_names(session)
         context: dict[str, Any] = dict(events=rows, names=names, kind=kind, host=host, patch=patch,
                        kinds=_event_kinds(), hosts=sorted(names.items()),
                        patch_ids=_patch_ids(session))  # fmt: skip
@@ -575,6 +575,10 @@ def _state(text: str) -> str | None:
     if text not in m.STATES:
         raise fleet.Invalid(f"state {text!r}: enabled, disabled or inherit")
     return text
+
+
+def _host_names(session: Session) -> dict[int, str]:
+    return {i: n for i, n in session.execute(select(m.Host.id, m.Host.name))}
 
 
 def _event_kinds() -> list[str]:

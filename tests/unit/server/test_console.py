@@ -147,6 +147,7 @@ def test_pages_render_with_data(console: Api, make_artifact: MakeArtifact) -> No
     # Event text is escaped, never markup.
     assert "<script>alert(1)</script>" not in dashboard.text
     assert "&lt;script&gt;" in dashboard.text
+    assert ">web-1</a>" in dashboard.text  # recent events name their host
     host = client.get(f"/console/hosts/{seeded['host_id']}")
     assert host.status_code == 200
     assert "fix-web" in host.text and "/usr/bin/web" in host.text and "/prod" in host.text
