@@ -10,6 +10,8 @@ Authentication is a bearer secret (`server.auth`). Authorisation:
 | operator | read; publish and revoke patches; set group policies |
 | auditor | read (patches, groups, hosts, events, the audit log) |
 | host credential | check in; read its own host, policy and events, nothing else |
+
+The web console (`server.console`, under /console) follows the same matrix.
 """
 
 from __future__ import annotations
@@ -432,20 +434,14 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
             host_id = who.id
         elif who.role not in READ:
             raise HTTPException(403, f"{who.actor} may not read events")
-        query = select(m.Event).order_by(m.Event.time.desc(), m.Event.id.desc()).limit(limit)
-        if host_id is not None:
-            query = query.where(m.Event.host_id == host_id)
-        if kind is not None:
-            query = query.where(m.Event.kind == kind)
-        if patch_id is not None:
-            query = query.where(m.Event.patch_id == patch_id)
-        if since is not None:
-            query = query.where(m.Event.time >= since)
+        rows = fleet.events(
+            session, host_id=host_id, kind=kind, patch_id=patch_id, since=since, limit=limit
+        )
         return [
             s.EventOut(id=e.id, host_id=e.host_id, kind=e.kind, time=e.time, pid=e.pid,
                        exe=e.exe, patch_id=e.patch_id, version=e.version, module=e.module,
                        message=e.message, data=e.data)
-            for e in session.scalars(query)
+            for e in rows
         ]  # fmt: skip
 
     @app.get(f"{api}/audit", tags=["events"], response_model=list[s.AuditOut])
@@ -456,14 +452,17 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> list[s.AuditOut]:
         """Every change, by whom, newest first (admin and auditor)."""
-        query = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
-        if since is not None:
-            query = query.where(m.AuditEntry.time >= since)
         return [
             s.AuditOut(id=a.id, time=a.time, actor=a.actor, action=a.action, subject=a.subject,
                        details=a.details)
-            for a in session.scalars(query)
+            for a in fleet.audit_entries(session, since=since, limit=limit)
         ]  # fmt: skip
+
+    # --- the web console (server.console): HTML pages under /console -------------------
+
+    from micropatch.server.console import mount_console
+
+    mount_console(app, server)
 
     # --- the repository's static files -------------------------------------------------
 

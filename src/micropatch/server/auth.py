@@ -7,8 +7,8 @@ Three kinds of bearer secret, told apart by their prefix:
 - `mpe_…` a one-time enrollment token.
 
 Each is 32 random bytes; only its SHA-256 is stored, so a copy of the database
-grants nothing. Passwords (for `POST /api/v1/auth/token` and, later, the
-console) are stored as argon2id hashes.
+grants nothing. Passwords (for `POST /api/v1/auth/token` and the web console's
+login, `server.console`) are stored as argon2id hashes.
 """
 
 from __future__ import annotations

@@ -96,12 +96,17 @@ def issue_token(session: Session, user: m.User, label: str, ttl: float | None = 
     return token
 
 
-def login(session: Session, passwords: Passwords, name: str, password: str) -> tuple[m.User, str]:
+def login(
+    session: Session, passwords: Passwords, name: str, password: str, *, via: str = "api"
+) -> tuple[m.User, str]:
+    """A 12-hour token for a user name and password: an API token, or (via="console")
+    the console's session, which logging out deletes."""
     user = session.scalar(select(m.User).where(m.User.name == name))
     if user is None or not passwords.verify(user.password_hash, password):
         raise Unauthorized("wrong user name or password")
-    token = issue_token(session, user, "login", ttl=12 * 3600)
-    audit(session, f"user:{name}", "user.login", f"user:{name}")
+    token = issue_token(session, user, "login" if via == "api" else via, ttl=12 * 3600)
+    details = {} if via == "api" else {"via": via}
+    audit(session, f"user:{name}", "user.login", f"user:{name}", **details)
     return user, token
 
 
@@ -403,6 +408,42 @@ def delete_host(session: Session, h: m.Host, actor: str) -> None:
     (the audit log keeps that it was deleted, and by whom)."""
     audit(session, actor, "host.delete", f"host:{h.id}", name=h.name, group=h.group.path)
     session.delete(h)
+
+
+# --- events and the audit log ------------------------------------------------------
+
+
+def events(
+    session: Session,
+    *,
+    host_id: int | None = None,
+    kind: str | None = None,
+    patch_id: str | None = None,
+    since: float | None = None,
+    limit: int = 1000,
+) -> Sequence[m.Event]:
+    """Events, newest first, optionally of one host, kind or patch (the API and the
+    console's timeline)."""
+    query = select(m.Event).order_by(m.Event.time.desc(), m.Event.id.desc()).limit(limit)
+    if host_id is not None:
+        query = query.where(m.Event.host_id == host_id)
+    if kind is not None:
+        query = query.where(m.Event.kind == kind)
+    if patch_id is not None:
+        query = query.where(m.Event.patch_id == patch_id)
+    if since is not None:
+        query = query.where(m.Event.time >= since)
+    return session.scalars(query).all()
+
+
+def audit_entries(
+    session: Session, *, since: float | None = None, limit: int = 1000
+) -> Sequence[m.AuditEntry]:
+    """The audit log, newest first."""
+    query = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
+    if since is not None:
+        query = query.where(m.AuditEntry.time >= since)
+    return session.scalars(query).all()
 
 
 # --- patches ------------------------------------------------------------------------
