@@ -773,8 +773,8 @@ def markdown(data: dict[str, Any]) -> str:
         f"{cfg['blocked_interval']:g} s, new_processes = {str(cfg['new_processes']).lower()}) "
         f"and {n} idle bench_target processes (one thread in read()). The agent was ready "
         f"{data['agent_ready_seconds']:.2f} s after its start with the {n} processes running. "
-        "This build's agent plugs no new-process interception in (`_plug_new_processes` is "
-        "empty), so no exec is held; its proc connector reads every exit on the host.",
+        "Its new-process interception (fanotify) holds every exec on the host while it "
+        "decides, and its proc connector reads every exit on the host.",
         "",
         _bytecode_note(data["bytecode"]),
         "",
