@@ -186,6 +186,7 @@ class NewProcesses:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._stopping = threading.Event()
+        self._holding = threading.Event()  # set while an event may be held (watchdog)
         self._wake_r, self._wake_w = -1, -1
         self._last_change: object = None
 
@@ -213,6 +214,7 @@ class NewProcesses:
         """Close the fanotify group (the kernel allows every held event) and let every
         tracee go."""
         self._stopping.set()
+        self._holding.set()
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
         for thread in self._threads:
@@ -342,6 +344,8 @@ class NewProcesses:
                 except Exception:
                     log.exception("deciding on an event of thread %d failed", held.tid)
                     self._answer(held)
+                if not held.answered:
+                    self._holding.set()  # the watchdog looks while anything is held
 
     def _decide(self, mask: int, held: _Held) -> None:
         """Answer at once, or hand the event to a worker: from caches, never blocking."""
@@ -435,10 +439,20 @@ class NewProcesses:
     def _watch_holds(self) -> None:
         # Looks every tenth of hold_limit, and allows an event one look early: no event
         # waits longer than hold_limit plus this thread's own wake-up.
+        # With nothing held it sleeps until the reader holds something (or the next
+        # rescan): an idle agent does not wake up hundreds of times a second.
         period = max(self.hold_limit / 10, 0.001)
         next_scan = time.monotonic() + RESCAN_INTERVAL
         next_remark = time.monotonic() + REMARK_INTERVAL
-        while not self._stopping.wait(period):
+        while not self._stopping.is_set():
+            with self._lock:
+                idle = not self._held
+                if idle:
+                    self._holding.clear()
+            if idle:
+                self._holding.wait(max(0.0, next_scan - time.monotonic()))
+            else:
+                self._stopping.wait(period)
             now = time.monotonic()
             with self._lock:
                 late = [
