@@ -211,6 +211,35 @@ def disable(
 
 
 @app.command()
+def enroll(
+    url: Annotated[str, typer.Argument(help="The fleet server, e.g. https://fleet:8600.")],
+    token: Annotated[str, typer.Option("--token", help="A one-time enrollment token (mpe_…).")],
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="The repository's trusted root (1.root.json of `micropatch repo init`); "
+            "default: repository-root.json in the agent's trust directory.",
+        ),
+    ] = None,
+    socket: SocketOption = None,
+) -> None:
+    """Enroll the running agent with a fleet server: it keeps the host's credential
+    (0600, in its state directory) and checks in from then on."""
+    arguments: dict[str, Any] = {"url": url, "token": token}
+    if root is not None:
+        try:
+            arguments["root"] = root.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise fail(f"{root}: cannot read: {e}") from None
+    done = _call(socket, "enroll", **arguments)
+    out.print(
+        f"[green]✓[/] enrolled with {done['server']} as host {done['host_id']} "
+        f"(group {done['group']}); checking in every {done['checkin_interval']:g} s"
+    )
+
+
+@app.command()
 def exclude(
     exe: Annotated[str | None, typer.Option("--exe", help="Executable path glob.")] = None,
     unit: Annotated[
