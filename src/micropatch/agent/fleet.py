@@ -235,6 +235,7 @@ class Fleet:
         metadata = self.tuf_dir / "metadata"
         metadata.mkdir(mode=0o700, parents=True, exist_ok=True)
         _write_private(metadata / "root.json", root_bytes)
+        self._start_cursor()
         _write_private(self.path, json.dumps(enrollment.to_json(), indent=1).encode())
         with self._lock:
             self.enrollment = enrollment
@@ -358,12 +359,15 @@ class Fleet:
 
     def cursor(self) -> int:
         rows = self.db.rows("SELECT value FROM fleet WHERE key = 'event_cursor'")
-        if rows:
-            return int(rows[0]["value"])
-        # Enrolled now: history before the enrollment is not the fleet's business.
-        last = self.db.rows("SELECT COALESCE(MAX(id), 0) AS id FROM events")[0]["id"]
-        self._set_cursor(int(last))
-        return int(last)
+        return int(rows[0]["value"]) if rows else 0
+
+    def _start_cursor(self) -> None:
+        """At the first enrollment: the history before it is not the fleet's business."""
+        with self.db.write() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO fleet (key, value) "
+                "SELECT 'event_cursor', COALESCE(MAX(id), 0) FROM events"
+            )
 
     def _set_cursor(self, cursor: int) -> None:
         with self.db.write() as c:

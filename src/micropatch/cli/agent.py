@@ -140,6 +140,17 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
         for e in snapshot["exclusions"]
     ]
     covered = len(snapshot["processes"])
+    fleet = snapshot.get("fleet")
+    if fleet:
+        seen = fleet["last_checkin"]
+        fleet_line = (
+            f"fleet: {fleet['server']} as host {fleet['host_id']} (group {fleet['group']}), "
+            + (f"checked in {_ago(seen)}" if seen else "not checked in yet")
+            + (f", {fleet['failures']} failed check-ins: {fleet['last_error']}"
+               if fleet["failures"] else "")
+        )  # fmt: skip
+    else:
+        fleet_line = None
     summary = (
         f"agent pid {snapshot['pid']}{'' if snapshot['ready'] else ' (starting)'}: "
         f"{len(rows)} patch{'es' if len(rows) != 1 else ''}, {covered} process"
@@ -157,13 +168,23 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
             out.print(table)
         for e in exclusions:
             out.print(f"excluded: {escape(e)}")
+        if fleet_line:
+            out.print(escape(fleet_line))
         return
     print("\t".join(PATCH_COLUMNS))
     for row in rows:
         print("\t".join(row))
     for e in exclusions:
         print(f"# excluded: {e}")
+    if fleet_line:
+        print(f"# {fleet_line}")
     print(f"# {summary}")
+
+
+def _ago(when: float) -> str:
+    import time
+
+    return f"{max(0.0, time.time() - when):.0f} s ago"
 
 
 @app.command()
