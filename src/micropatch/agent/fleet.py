@@ -190,7 +190,7 @@ class Fleet:
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=HTTP_TIMEOUT + 5)
+            self._thread.join(timeout=5)  # a daemon thread: a hung request never holds the stop
 
     def wake(self) -> None:
         self._wake.set()
@@ -337,8 +337,12 @@ class Fleet:
                 f"{self.failures} failed check-ins",
             ))  # fmt: skip
         self.failures, self.last_error, self.last_checkin = 0, None, time.time()
-        self._update_enrollment(answer)
-        self.apply(answer)
+        try:
+            self._update_enrollment(answer)
+            self.apply(answer)
+        except Exception as e:  # the check-in itself succeeded: not "unreachable"
+            log.exception("applying the fleet server's answer")
+            self._say(f"answer: {type(e).__name__}", f"cannot apply the fleet server's answer: {e}")
         if len(events) >= EVENT_BATCH:
             self.wake()  # more to send
         return answer
@@ -478,7 +482,7 @@ class Fleet:
         updater = PatchUpdater(self.enrollment.repository, self.tuf_dir, keys=agent.store.keys())
         try:
             updater.refresh()
-        except MicropatchError as e:
+        except Exception as e:  # UpdateError, or what python-tuf raised unexplained
             self._download_failed("refresh", None, e)
             return False
         added = False
@@ -487,7 +491,7 @@ class Fleet:
             try:
                 data = updater.download(target)  # TUF: length and hash as signed
                 stored, _ = agent.store.add(data, target)  # admitted with the trusted keys
-            except MicropatchError as e:
+            except Exception as e:
                 self._download_failed(target, p, e)
                 continue
             self._said.pop(target, None)
@@ -503,6 +507,14 @@ class Fleet:
             ))  # fmt: skip
             added = True
         return added
+
+    def _say(self, key: str, message: str) -> None:
+        """An "agent" event, once per distinct message (retried silently after)."""
+        if self._said.get(key) == message:
+            return
+        self._said[key] = message
+        self.agent.report(Event("agent", time.time(), pid=os.getpid(), message=message,
+                                data={"fleet": True}))  # fmt: skip
 
     def _download_failed(self, what: str, patch: dict[str, Any] | None, e: Exception) -> None:
         message = str(e)

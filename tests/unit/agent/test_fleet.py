@@ -171,3 +171,17 @@ def test_the_servers_exclusions_replace_the_local_ones(agent, server):
     assert agent.generation == generation + 1  # nothing changed: no new pass
     ignored = [e for e in agent.events.query() if "exclusion ignored" in e.message]
     assert len(ignored) == 1
+
+
+def test_a_repository_that_fails_is_said_once_and_the_check_in_goes_on(agent, server):
+    agent.fleet.enroll(server.url, "mpe_good", None)
+    server.answer = {"patches": [{
+        "patch_id": "fix-a", "version": 1, "artifact_id": "0" * 64, "title": None,
+        "target": "fix-a-v1-000000000000.mpatch", "state": "enabled", "decided_by": "/",
+        "reason": "", "module": {"name": "libx.so", "build_id": "ab", "sha256": "0" * 64},
+    }], "repository": "http://127.0.0.1:1/repository"}  # fmt: skip
+    for _ in range(3):
+        agent.fleet.check_in()  # the check-in succeeds; the download does not
+    said = [e for e in agent.events.query() if e.message.startswith("fleet repository")]
+    assert len(said) == 1 and agent.fleet.status()["failures"] == 0
+    assert agent.store.patches() == {}
