@@ -351,6 +351,7 @@ def test_publish_disable_block_revoke_offline_restart(targets, tmp_path, fleet) 
     on_server = server_events(web1_id)
     keys = [(e["kind"], e["time"], e["pid"], e["message"]) for e in on_server]
     assert len(keys) == len(set(keys)), "an event reached the server twice"
+    assert any(e["message"].startswith("enrolled with") for e in on_server)  # from the start
     local = [e for e in by_name["web-1"].events()]
     sent = {(e["kind"], e["time"]) for e in on_server}
     enrolled_at = min(e["time"] for e in local if e["message"].startswith("enrolled with"))
