@@ -277,7 +277,9 @@ def test_publish_disable_block_revoke_offline_restart(targets, tmp_path, fleet) 
     assert set(hosts) >= set(groups)
 
     def carries(name: str) -> list[tuple[str, int]]:
-        return [(p, v) for c in by_name[name].status()["processes"] for p, v in c["patches"].items()]
+        return [
+            (p, v) for c in by_name[name].status()["processes"] for p, v in c["patches"].items()
+        ]
 
     # Inventory reaches the server: the target's module (vuln_pie) with its build-id.
     def inventory_known() -> bool:

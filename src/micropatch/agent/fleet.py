@@ -52,6 +52,7 @@ MAX_MODULES = 5000  # modules in one inventory
 IDENTIFY_BUDGET = 2.0  # seconds of hashing new module files per inventory scan
 HTTP_TIMEOUT = 30.0
 
+
 class HttpError(AgentError):
     """The server answered with an error status."""
 

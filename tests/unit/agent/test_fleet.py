@@ -137,7 +137,12 @@ def test_events_are_sent_once_across_failures_and_restarts(agent, server, tmp_pa
     again.fleet.inventory.scan = lambda: []  # type: ignore[method-assign]
     assert again.fleet.cursor() == cursor
     again.fleet.check_in()
-    assert [m for m in sent(server) if m in ("one", "two", "three")] == ["one", "two", "two", "three"]
+    assert [m for m in sent(server) if m in ("one", "two", "three")] == [
+        "one",
+        "two",
+        "two",
+        "three",
+    ]
     again.close()
 
 
