@@ -174,6 +174,7 @@ class Fleet:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = False
         self._lock = threading.Lock()
         self.failures = 0
         self.last_checkin: float | None = None
@@ -184,8 +185,16 @@ class Fleet:
     # --- life ---------------------------------------------------------------
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
-        self._thread.start()
+        """The check-in thread, if enrolled (an agent that never enrolls runs none)."""
+        self._started = True
+        if self.enrollment is not None:
+            self._run_thread()
+
+    def _run_thread(self) -> None:
+        with self._lock:
+            if self._thread is None and self._started and not self._stopping.is_set():
+                self._thread = threading.Thread(target=self._loop, name="fleet", daemon=True)
+                self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -238,8 +247,7 @@ class Fleet:
         _write_private(metadata / "root.json", root_bytes)
         self._start_cursor()
         _write_private(self.path, json.dumps(enrollment.to_json(), indent=1).encode())
-        with self._lock:
-            self.enrollment = enrollment
+        self.enrollment = enrollment
         self.agent.report(Event(
             "agent", time.time(), pid=os.getpid(),
             message=f"enrolled with {url} as host {enrollment.host_id} "
@@ -247,6 +255,7 @@ class Fleet:
             data={"server": url, "host_id": enrollment.host_id, "group": enrollment.group},
         ))  # fmt: skip
         self.wake()
+        self._run_thread()
         return {"server": url, "host_id": enrollment.host_id, "group": enrollment.group,
                 "repository": enrollment.repository,
                 "checkin_interval": self.interval()}  # fmt: skip
