@@ -72,6 +72,14 @@ class AgentConfig(BaseModel):
         default=30.0, ge=0,
         description="Seconds to wait for another micropatch operation on one process."
     )
+    checkin_interval: float | None = Field(
+        default=None, gt=0,
+        description="Seconds between two check-ins with the fleet server; unset: the server's."
+    )
+    inventory_interval: float = Field(
+        default=60.0, gt=0,
+        description="Seconds between two scans of the modules the processes map (check-in)."
+    )
     max_modules: int = Field(
         default=32, ge=1, description="Parsed module files kept in memory, least recently used out."
     )

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 
 READ_VERBS = frozenset({"ping", "status", "events", "process-status"})
 WRITE_VERBS = frozenset(
-    {"add", "enable", "disable", "exclude", "unexclude", "apply", "remove", "update", "rescan"}
+    {"add", "enable", "disable", "exclude", "unexclude", "apply", "remove", "update", "rescan",
+     "enroll"}
 )
 MAX_REQUEST = 96 << 20  # an artifact (64 MiB at most) in base64, and the rest
 UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -210,6 +211,8 @@ class ControlServer:
         if op in ("exclude", "unexclude"):
             return agent.exclude(str(args["kind"]), str(args["value"]), args.get("patch_id"),
                                  remove=op == "unexclude")  # fmt: skip
+        if op == "enroll":
+            return agent.enroll(str(args["url"]), str(args["token"]), args.get("root"))
         if op == "rescan":
             agent.wake()
             return {}

@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS events (
     data TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
+CREATE TABLE IF NOT EXISTS fleet (
+    key TEXT PRIMARY KEY,  -- event_cursor: the last event id the fleet server has
+    value TEXT NOT NULL
+);
 """
 
 

@@ -18,6 +18,9 @@ Plug points for the parts built beside this one (one line each):
   `agent.on_exit(pid, exit_signal)` for every process exit.
 - metrics (agent/metrics.py): `_plug_metrics` attaches it; `add_sink` gives
   it every event, `snapshot()` the gauges.
+- the fleet (agent/fleet.py): `Fleet(agent)` is attached in `__init__`; its
+  thread checks in once enrolled (`enroll`), applies the server's policy
+  through `state` and `add`'s path, and `drop`s revoked patches.
 """
 
 from __future__ import annotations
@@ -161,6 +164,10 @@ class Agent:
         from micropatch.agent.control import ControlServer
 
         self.control = ControlServer(self, paths.socket, read_only_group=config.read_only_group)
+        from micropatch.agent.fleet import Fleet
+
+        self.fleet = Fleet(self)
+        self.attach(self.fleet)
 
     # --- Catalog (what NEWPROC asks) ----------------------------------------------
 
@@ -470,6 +477,7 @@ class Agent:
                 for c in sorted(covered.values(), key=lambda c: c.pid)
             ],
             "new_processes": dict(getattr(self.new_processes, "stats", None) or {}) or None,
+            "fleet": self.fleet.status(),
         }
 
     def add(self, data: bytes, name: str, state: str | None = None) -> dict[str, Any]:
@@ -491,6 +499,22 @@ class Agent:
             "file": stored.path.name, "replaced": replaced.version if replaced else None,
             "warnings": list(stored.admitted.warnings),
         }  # fmt: skip
+
+    def drop(self, patch_id: str, why: str) -> None:
+        """Take a patch out of the store (a revocation), with an event; the processes
+        no longer carry it (it was disabled and reconciled first)."""
+        stored = self.store.drop(patch_id, why)
+        if stored is None:
+            return
+        self.report(Event(
+            "agent", time.time(), patch_id=patch_id, version=stored.version,
+            message=f"{stored.path.name} dropped from the store: {why}",
+        ))  # fmt: skip
+        self._policy_changed()
+
+    def enroll(self, url: str, token: str, root: str | None) -> dict[str, Any]:
+        """`agent enroll`: this host's credential from a one-time token (agent/fleet.py)."""
+        return self.fleet.enroll(url, token, root)
 
     def set_enabled(self, patch_id: str, enabled: bool) -> dict[str, Any]:
         stored = self._stored(patch_id)

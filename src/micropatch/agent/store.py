@@ -229,6 +229,15 @@ class ArtifactStore:
                 self._discard(current.path, f"replaced by {path.name}")
             return stored, current
 
+    def drop(self, patch_id: str, why: str) -> Stored | None:
+        """Take a patch out of the store (its file deleted): never applied again. The
+        processes that carry it must have been unpatched first (the caller's job)."""
+        with self._lock:
+            stored = self._patches.pop(patch_id, None)
+            if stored is not None:
+                self._discard(stored.path, why)
+            return stored
+
     def recheck(self, patch_id: str) -> Admitted:
         """The stored patch, its signatures checked again against the keys trusted now
         (a key removed from the trust directory, or expired, no longer admits it).

@@ -140,6 +140,17 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
         for e in snapshot["exclusions"]
     ]
     covered = len(snapshot["processes"])
+    fleet = snapshot.get("fleet")
+    if fleet:
+        seen = fleet["last_checkin"]
+        fleet_line = (
+            f"fleet: {fleet['server']} as host {fleet['host_id']} (group {fleet['group']}), "
+            + (f"checked in {_ago(seen)}" if seen else "not checked in yet")
+            + (f", {fleet['failures']} failed check-ins: {fleet['last_error']}"
+               if fleet["failures"] else "")
+        )  # fmt: skip
+    else:
+        fleet_line = None
     summary = (
         f"agent pid {snapshot['pid']}{'' if snapshot['ready'] else ' (starting)'}: "
         f"{len(rows)} patch{'es' if len(rows) != 1 else ''}, {covered} process"
@@ -157,13 +168,23 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
             out.print(table)
         for e in exclusions:
             out.print(f"excluded: {escape(e)}")
+        if fleet_line:
+            out.print(escape(fleet_line))
         return
     print("\t".join(PATCH_COLUMNS))
     for row in rows:
         print("\t".join(row))
     for e in exclusions:
         print(f"# excluded: {e}")
+    if fleet_line:
+        print(f"# {fleet_line}")
     print(f"# {summary}")
+
+
+def _ago(when: float) -> str:
+    import time
+
+    return f"{max(0.0, time.time() - when):.0f} s ago"
 
 
 @app.command()
@@ -208,6 +229,35 @@ def disable(
     """Disable a patch: it is removed from every process, live."""
     _call(socket, "disable", patch_id=patch_id)
     out.print(f"[green]✓[/] {patch_id} disabled")
+
+
+@app.command()
+def enroll(
+    url: Annotated[str, typer.Argument(help="The fleet server, e.g. https://fleet:8600.")],
+    token: Annotated[str, typer.Option("--token", help="A one-time enrollment token (mpe_…).")],
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="The repository's trusted root (1.root.json of `micropatch repo init`); "
+            "default: repository-root.json in the agent's trust directory.",
+        ),
+    ] = None,
+    socket: SocketOption = None,
+) -> None:
+    """Enroll the running agent with a fleet server: it keeps the host's credential
+    (0600, in its state directory) and checks in from then on."""
+    arguments: dict[str, Any] = {"url": url, "token": token}
+    if root is not None:
+        try:
+            arguments["root"] = root.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise fail(f"{root}: cannot read: {e}") from None
+    done = _call(socket, "enroll", **arguments)
+    out.print(
+        f"[green]✓[/] enrolled with {done['server']} as host {done['host_id']} "
+        f"(group {done['group']}); checking in every {done['checkin_interval']:g} s"
+    )
 
 
 @app.command()

@@ -309,6 +309,26 @@ def check_in(session: Session, h: m.Host, request: s.CheckinRequest) -> int:
         {"host_id": h.id, "received": now, **e.model_dump()} for e in request.events
     ]
     if events:
+        # A batch sent again (the agent never saw the answer to a check-in the server
+        # committed) is not stored twice: an event already stored for this host with
+        # the same kind, time, pid, patch and message is the same event.
+        low, high = min(e["time"] for e in events), max(e["time"] for e in events)
+        stored = {
+            (r.kind, r.time, r.pid, r.patch_id, r.message)
+            for r in session.execute(
+                select(m.Event.kind, m.Event.time, m.Event.pid, m.Event.patch_id,
+                       m.Event.message)
+                .where(m.Event.host_id == h.id, m.Event.time >= low, m.Event.time <= high)
+            )
+        }  # fmt: skip
+        fresh = []
+        for e in events:
+            fact = (e["kind"], e["time"], e["pid"], e["patch_id"], e["message"])
+            if fact not in stored:
+                stored.add(fact)
+                fresh.append(e)
+        events = fresh
+    if events:
         session.execute(insert(m.Event), events)
     return len(events)
 

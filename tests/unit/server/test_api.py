@@ -32,6 +32,22 @@ def test_enroll_is_one_time(api: Api) -> None:
     assert bogus.status_code == 401
 
 
+def test_a_batch_sent_again_is_stored_once(api: Api) -> None:
+    """An agent that never saw the answer to a committed check-in sends the same events
+    again: they are stored once (events_accepted counts the new ones)."""
+    host_id, _ = api.enroll("web-1")
+    batch = [{"kind": "blocked", "time": 5.25, "pid": 7, "patch_id": "p", "data": {"count": 1}},
+             {"kind": "agent", "time": 5.5, "message": "stopping"}]  # fmt: skip
+    first = api.client.post("/api/v1/checkin", json={"events": batch}, headers=api.auth("web-1"))
+    assert first.json()["events_accepted"] == 2
+    later = {"kind": "blocked", "time": 6.0, "pid": 7, "patch_id": "p", "data": {"count": 1}}
+    again = api.client.post("/api/v1/checkin", json={"events": [*batch, later]},
+                            headers=api.auth("web-1"))  # fmt: skip
+    assert again.json()["events_accepted"] == 1
+    events = api.client.get(f"/api/v1/events?host_id={host_id}", headers=api.auth("auditor"))
+    assert sorted(e["time"] for e in events.json()) == [5.25, 5.5, 6.0]
+
+
 def test_expired_enrollment_token(api: Api) -> None:
     import time
 

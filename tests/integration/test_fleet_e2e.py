@@ -1,0 +1,372 @@
+"""Issue 9 end to end: `micropatch server run`, three real agents enrolled with it, real
+target processes, and the patch life cycle through the fleet: publish → applied on
+every host within a check-in; disabled for one group → removed live there only; an
+exploit input blocked → the event on the server; revoked → removed everywhere. Then
+the server goes down and comes back, and an agent restarts without sending an event
+twice.
+
+Each "host" is a PID and UTS namespace (`unshare --pid --uts --mount-proc`, a
+`sleep` as its init, its own host name): its agent and its targets are started in it with `nsenter`, so each agent
+sees (and patches) its own processes only, as on separate machines. The state
+directories, sockets and trust directories are separate; the file system is shared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from micropatch.agent.client import AgentClient
+from micropatch.errors import ControlError
+from micropatch.trust.keys import generate_key, write_key_pair
+
+from .test_agent import GUARD, micropatch, signed, wait_for
+from .test_server import free_port
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
+    reason="needs root, unshare and nsenter (PID namespaces stand for hosts)",
+)
+
+CHECKIN = 1.0  # the agents' check-in interval (agent.toml), seconds
+MARGIN = 15.0  # what one check-in may take beyond it on a loaded test machine
+
+
+class Host:
+    """A PID namespace standing for one machine: an init, then an agent and targets."""
+
+    def __init__(self, root: Path, name: str) -> None:
+        self.name = name
+        self.root = root / name
+        self.root.mkdir()
+        self.init = subprocess.Popen(
+            ["unshare", "--pid", "--uts", "--fork", "--mount-proc", "--kill-child",
+             "sleep", "infinity"]
+        )  # fmt: skip
+        self.init_pid = wait_for(self._child, 10, "the namespace's init")
+        subprocess.run([*self.enter(), "hostname", name], check=True)
+        self.targets: list[NsTarget] = []
+
+    def _child(self) -> int | None:
+        try:
+            text = Path(f"/proc/{self.init.pid}/task/{self.init.pid}/children").read_text()
+        except OSError:
+            return None
+        return int(text.split()[0]) if text.split() else None
+
+    def enter(self) -> list[str]:
+        return ["nsenter", "--target", str(self.init_pid), "--pid", "--mount", "--uts", "--"]
+
+    def start(self, program: Path) -> NsTarget:
+        t = NsTarget([*self.enter(), str(program)])
+        self.targets.append(t)
+        return t
+
+    def close(self) -> None:
+        for t in self.targets:
+            t.close()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.init_pid, signal.SIGKILL)  # the namespace's init: all of it goes
+        self.init.kill()
+        self.init.wait()
+
+
+class NsTarget:
+    """A target program in a namespace, driven line by line (its pid is the namespace's)."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )  # fmt: skip
+        self._buf = b""
+        ready = self.readline()
+        assert ready.startswith("ready "), ready
+        self.pid = int(ready.split()[1])  # in the namespace
+
+    def readline(self, timeout: float = 30.0) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise AssertionError("the target did not answer")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise AssertionError("the target exited")
+            self._buf += chunk
+        line, _, self._buf = self._buf.partition(b"\n")
+        return line.decode().strip()
+
+    def cmd(self, line: str) -> str:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line.encode() + b"\n")
+        return self.readline()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        self.proc.wait()
+
+
+class FleetAgent:
+    """`micropatch agent run` inside a host's namespace."""
+
+    def __init__(self, host: Host, trusted: Path, root_json: Path) -> None:
+        self.host = host
+        d = host.root
+        self.state, self.socket, self.trust = d / "state", d / "agent.sock", d / "trusted"
+        self.trust.mkdir()
+        shutil.copy(trusted, self.trust / trusted.name)
+        shutil.copy(root_json, self.trust / "repository-root.json")
+        self.config = d / "agent.toml"
+        self.config.write_text(f"blocked_interval = 0.2\ncheckin_interval = {CHECKIN}\n"
+                               f"inventory_interval = {CHECKIN}\n")  # fmt: skip
+        self.client = AgentClient(self.socket, timeout=60)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    def start(self) -> FleetAgent:
+        self.runs += 1
+        with open(self.host.root / f"agent-{self.runs}.out", "wb") as out, \
+                open(self.host.root / f"agent-{self.runs}.err", "wb") as err:  # fmt: skip
+            self.proc = subprocess.Popen(
+                [*self.host.enter(), "micropatch", "agent", "run", "--state-dir", str(self.state), "--socket", str(self.socket), "--trust-dir", str(self.trust), "--config", str(self.config)],
+                stdout=out, stderr=err,
+            )  # fmt: skip
+        wait_for(self._ready, 60, f"agent {self.host.name} ready")
+        return self
+
+    def _ready(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            err = (self.host.root / f"agent-{self.runs}.err").read_text()
+            raise AssertionError(f"agent {self.host.name} exited: {err}")
+        try:
+            return bool(self.client.call("ping")["ready"])
+        except ControlError:
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.client.call("status"))
+
+    def events(self) -> list[dict[str, Any]]:
+        return list(self.client.call("events", limit=10_000))
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            # nsenter forked the agent: signal the agent itself, nsenter exits with it.
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+            for pid in children.split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Server:
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> Server:
+        self.proc = subprocess.Popen(
+            ["micropatch", "server", "run", "--data-dir", str(self.data),
+             "--listen", f"127.0.0.1:{self.port}", "--checkin-interval", "30"],
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stderr is not None
+        seen = []
+        for line in self.proc.stderr:
+            seen.append(line)
+            if "Uvicorn running on" in line:
+                break
+        else:
+            raise AssertionError("the server did not start:\n" + "".join(seen))
+        # Keep reading its log so that the pipe never fills.
+        import threading
+
+        stream = self.proc.stderr
+        threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    private, public = write_key_pair(generate_key("patches", expires_days=30), keys / "patches")
+    data = tmp_path / "data"
+    done = micropatch(
+        "repo", "init", data / "repository", "--offline-dir", tmp_path / "offline",
+        "--root-keys", 1, "--root-threshold", 1, "--targets-key", private, "--online-targets",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    server = Server(data).start()
+    hosts: list[Host] = []
+    agents: list[FleetAgent] = []
+    try:
+        yield {"server": server, "data": data, "key": private, "public": public,
+               "root": data / "repository/public/metadata/1.root.json",
+               "hosts": hosts, "agents": agents, "tmp": tmp_path}  # fmt: skip
+    finally:
+        for a in agents:
+            a.stop()
+        for h in hosts:
+            h.close()
+        server.stop()
+
+
+def test_publish_disable_block_revoke_offline_restart(targets, tmp_path, fleet) -> None:
+    server: Server = fleet["server"]
+    data: Path = fleet["data"]
+    admin = micropatch("server", "admin", "create-user", "ada", "--role", "admin",
+                       "--data-dir", data).stdout.strip()  # fmt: skip
+    api = httpx.Client(base_url=server.url, timeout=30,
+                       headers={"Authorization": f"Bearer {admin}"})  # fmt: skip
+    for group in ("/a", "/b"):
+        r = api.post("/api/v1/groups", json={"path": group})
+        assert r.status_code == 201, r.text
+
+    # Three hosts: web-1 and web-2 in /a, db-1 in /b; each enrolled with a one-time token.
+    agents: list[FleetAgent] = fleet["agents"]
+    groups = {"web-1": "/a", "web-2": "/a", "db-1": "/b"}
+    per_host: dict[str, NsTarget] = {}
+    for name, group in groups.items():
+        host = Host(tmp_path, name)
+        fleet["hosts"].append(host)
+        per_host[name] = host.start(targets.vuln_pie)
+        agent = FleetAgent(host, fleet["public"], fleet["root"]).start()
+        agents.append(agent)
+        token = micropatch("server", "admin", "enrollment-token", "--group", group,
+                           "--data-dir", data).stdout.strip()  # fmt: skip
+        done = micropatch("agent", "enroll", server.url, "--token", token,
+                          "--socket", agent.socket)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"(group {group})" in done.stdout
+        credential = json.loads((agent.state / "fleet.json").read_text())["credential"]
+        assert credential.startswith("mph_")
+        assert oct((agent.state / "fleet.json").stat().st_mode & 0o777) == "0o600"
+    reused = micropatch("agent", "enroll", server.url, "--token", token,
+                        "--socket", agents[0].socket)  # fmt: skip
+    assert reused.returncode == 1 and "already used" in reused.stderr
+    by_name = dict(zip(groups, agents, strict=True))
+    hosts = {h["name"]: h for h in api.get("/api/v1/hosts").json()}
+    assert set(hosts) >= set(groups)
+
+    def carries(name: str) -> list[tuple[str, int]]:
+        return [
+            (p, v) for c in by_name[name].status()["processes"] for p, v in c["patches"].items()
+        ]
+
+    # Inventory reaches the server: the target's module (vuln_pie) with its build-id.
+    def inventory_known() -> bool:
+        return all(by_name[n].status()["fleet"]["last_checkin"] for n in groups)
+
+    wait_for(inventory_known, 30, "a first check-in of every agent")
+
+    # Publish: every agent downloads it through TUF and applies it within a check-in.
+    artifact = signed(tmp_path, targets.vuln_pie, [GUARD], fleet["key"], id="fleet-fix")
+    published = time.monotonic()
+    done = micropatch("publish", artifact, "--server", server.url, "--token", admin)
+    assert done.returncode == 0, done.stderr
+    for name in groups:
+        wait_for(lambda n=name: carries(n) == [("fleet-fix", 1)], CHECKIN + MARGIN,
+                 f"{name} applies the published patch")  # fmt: skip
+    took = time.monotonic() - published
+    assert took <= CHECKIN + MARGIN
+    assert {t.cmd("call 65") for t in per_host.values()} == {"-1"}  # blocked on every host
+    assert per_host["web-1"].cmd("call 3") == "3"
+
+    # The blocked attempts reach the server's events API.
+    def blocked_on_server() -> list[dict[str, Any]]:
+        return api.get("/api/v1/events", params={"kind": "blocked"}).json()
+
+    blocked = wait_for(lambda: len({e["host_id"] for e in blocked_on_server()}) == 3
+                       and blocked_on_server(), CHECKIN + MARGIN, "blocked events on the server")  # fmt: skip
+    assert {e["patch_id"] for e in blocked} == {"fleet-fix"}
+
+    # Applied state per process reaches the server too.
+    web1_id = by_name["web-1"].status()["fleet"]["host_id"]
+
+    def applied_on_server() -> list[tuple[str, int]]:
+        host = api.get(f"/api/v1/hosts/{web1_id}").json()
+        return [(p["patch_id"], p["version"]) for p in host["processes"]]
+
+    wait_for(lambda: applied_on_server() == [("fleet-fix", 1)], CHECKIN + MARGIN,
+             "the applied state on the server")  # fmt: skip
+    assert api.get(f"/api/v1/hosts/{web1_id}").json()["modules"] >= 1
+
+    # Disabled for /b: removed live on db-1 only.
+    r = api.put("/api/v1/policies/b", json={"patches": {"fleet-fix": "disabled"}})
+    assert r.status_code == 200, r.text
+    wait_for(lambda: carries("db-1") == [], CHECKIN + MARGIN, "db-1 removes it")
+    assert per_host["db-1"].cmd("call 65") == "-2"  # unpatched again
+    time.sleep(2 * CHECKIN)
+    assert carries("web-1") == carries("web-2") == [("fleet-fix", 1)]
+    assert [p["state"] for p in by_name["db-1"].status()["patches"]] == ["disabled"]
+
+    # The server goes down: the agents keep working, say so once, and recover.
+    server.stop()
+    time.sleep(4 * CHECKIN)
+    status = by_name["web-1"].status()
+    assert status["ready"] and status["fleet"]["failures"] >= 1
+    assert per_host["web-1"].cmd("call 70") == "-1"  # still protected (and one more blocked)
+    unreachable = [e for e in by_name["web-1"].events() if "unreachable" in e["message"]]
+    assert len(unreachable) == 1, unreachable
+    server.start()
+    wait_for(lambda: by_name["web-1"].status()["fleet"]["failures"] == 0, 30,
+             "web-1 checks in again")  # fmt: skip
+
+    # web-1 restarts: nothing is sent twice, nothing is lost.
+    by_name["web-1"].stop()
+    by_name["web-1"].start()
+    time.sleep(3 * CHECKIN)
+
+    def server_events(host_id: int) -> list[dict[str, Any]]:
+        return api.get("/api/v1/events", params={"host_id": host_id, "limit": 10_000}).json()
+
+    wait_for(lambda: any(e["message"] == "stopping" for e in server_events(web1_id)), 30,
+             "the stopping event of the first run")  # fmt: skip
+    on_server = server_events(web1_id)
+    keys = [(e["kind"], e["time"], e["pid"], e["message"]) for e in on_server]
+    assert len(keys) == len(set(keys)), "an event reached the server twice"
+    assert any(e["message"].startswith("enrolled with") for e in on_server)  # from the start
+    local = [e for e in by_name["web-1"].events()]
+    sent = {(e["kind"], e["time"]) for e in on_server}
+    enrolled_at = min(e["time"] for e in local if e["message"].startswith("enrolled with"))
+    missing = [e for e in local if e["time"] > enrolled_at and (e["kind"], e["time"]) not in sent
+               and time.time() - e["time"] > 3 * CHECKIN]  # fmt: skip
+    assert not missing, missing
+    assert sum(e["data"].get("count", 0) for e in on_server if e["kind"] == "blocked") == 2
+
+    # Revoked: removed from every process, then from every store.
+    r = api.post("/api/v1/patches/fleet-fix/revoke", json={})
+    assert r.status_code == 200, r.text
+    for name in groups:
+        wait_for(lambda n=name: carries(n) == [] and by_name[n].status()["patches"] == [],
+                 CHECKIN + MARGIN, f"{name} removes the revoked patch")  # fmt: skip
+    assert {t.cmd("call 65") for t in per_host.values()} == {"-2"}
+    assert not list((by_name["web-2"].state / "store").glob("*.mpatch"))
