@@ -468,15 +468,21 @@ class NewProcesses:
                         "allowed the open of thread %d after %.0f ms unanswered: it runs "
                         "unpatched (agent too busy)", held.tid, (now - held.since) * 1e3,
                     )  # fmt: skip
-            if now >= next_scan:
+            changed = self._catalog_changed()
+            if now >= next_scan or changed:
                 next_scan = now + RESCAN_INTERVAL
                 try:
                     self._mark_filesystems()
-                    if self._catalog_changed() or now >= next_remark:
+                    if changed or now >= next_remark:
                         next_remark = now + REMARK_INTERVAL
                         self.remark()
                 except Exception:
                     log.exception("rescanning mounts and marks failed")
+
+    def wake(self) -> None:
+        """The catalog changed: mark its files now, not at the next rescan (a patch
+        just added reaches the next exec)."""
+        self._holding.set()
 
     def _catalog_changed(self) -> bool:
         changed = self.catalog.changed()

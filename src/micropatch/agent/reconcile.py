@@ -135,6 +135,22 @@ class Reconciler:
                 c.blocked.pop(event.patch_id, None)
                 c.counters = None
 
+    def _carry(self, pid: int, exe: str, patch_id: str, version: int | None) -> None:
+        """Record that pid carries this version of a patch (None: not at all)."""
+        with self._lock:
+            c = self._covered.get(pid)
+            if c is None:
+                if version is None:
+                    return
+                start = _start_or_none(pid)
+                if start is None:
+                    return
+                c = self._covered[pid] = Covered(pid, start, exe)
+            if version is None:
+                c.patches.pop(patch_id, None)
+            else:
+                c.patches[patch_id] = version
+
     def get(self, pid: int) -> Covered | None:
         """What is known of one process (a copy), or None."""
         with self._lock:
@@ -305,6 +321,11 @@ class Reconciler:
     ) -> bool:
         """One operation, reported as an event; whether it changed the process."""
         module = stored.admitted.patch.target.module
+        if op != "remove":
+            # Counted as carried before the jumps are written: a process that crashes
+            # the instant it is patched counts against the patch (crash auto-disable),
+            # even if it dies before this thread reports the outcome.
+            self._carry(info.pid, info.exe, stored.id, stored.version)
         try:
             with self.ops_lock, waiting(self.lock_timeout):
                 if op == "remove":
@@ -319,8 +340,11 @@ class Reconciler:
             log.debug("process %d: %s", info.pid, e)  # changed meanwhile: next pass sees it
             return True
         except (SignatureError, ArtifactError):
+            self._carry(info.pid, info.exe, stored.id, old_version if op == "update" else None)
             return False  # rejected by recheck, with its event
         except MicropatchError as e:
+            if op != "remove":
+                self._carry(info.pid, info.exe, stored.id, old_version if op == "update" else None)
             result.failed += 1
             key = (info.pid, stored.id, stored.version, op)
             if self._failed.get(key) == str(e):

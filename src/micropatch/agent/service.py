@@ -243,6 +243,7 @@ class Agent:
         )  # fmt: skip
         if self._plug(new, FanotifyUnavailable, "new processes are patched only by the pass"):
             self.new_processes = new
+            self.on_change(new.wake)
 
     def _plug_crashes(self) -> None:
         """Crash auto-disable: count crashes per (patch, executable), fed by the proc
