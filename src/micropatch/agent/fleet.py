@@ -23,6 +23,7 @@ the standard library's (urllib), so the API client costs no dependency.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ MAX_BACKOFF = 600.0
 MAX_MODULES = 5000  # modules in one inventory
 IDENTIFY_BUDGET = 2.0  # seconds of hashing new module files per inventory scan
 HTTP_TIMEOUT = 30.0
+SERVER_EXTRA = ("tuf",)  # what the TUF client (server/updater.py) needs beyond the agent
 
 
 class HttpError(AgentError):
@@ -221,6 +223,13 @@ class Fleet:
         """Trade a one-time token for this host's credential; keep it (0600) with the
         server's and the repository's URLs; check in at once."""
         url = url.rstrip("/")
+        missing = [m for m in SERVER_EXTRA if importlib.util.find_spec(m) is None]
+        if missing:
+            raise AgentError(
+                f"enrolling needs the fleet client ({', '.join(missing)} missing): "
+                "install micropatch with its server extra, pip install 'micropatch[server]', "
+                "and restart the agent"
+            )
         root_bytes = root.encode() if root is not None else self._trusted_root()
         try:
             json.loads(root_bytes)

@@ -55,6 +55,24 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(1)
 
 
+# What `repo`, `server` and `publish` need beyond micropatch itself (the `server` extra).
+SERVER_EXTRA = ("fastapi", "uvicorn", "sqlalchemy", "alembic", "tuf", "argon2", "httpx", "jinja2")
+
+
+@repo_app.callback()
+@server_app.callback()
+def _server_extra() -> None:
+    """Refuse clearly, before any work, where the server's libraries are not installed."""
+    import importlib.util
+
+    missing = [m for m in SERVER_EXTRA if importlib.util.find_spec(m) is None]
+    if missing:
+        raise _fail(
+            f"the fleet server's libraries are not installed ({', '.join(missing)}): "
+            "pip install 'micropatch[server]'"
+        )
+
+
 # --- repo ----------------------------------------------------------------------------
 
 
@@ -235,6 +253,7 @@ def publish(
     ] = None,
 ) -> None:
     """Publish a signed artifact through a fleet server (operator credentials)."""
+    _server_extra()
     import httpx
 
     if not token:
