@@ -74,7 +74,6 @@ P99_AIM = 0.100
 EVENTS_AIM = 1000.0
 READY_TIMEOUT = 120.0
 REQUEST_TIMEOUT = 30.0
-PG_PORT = 55480
 CONNECTIONS = 100  # the check-in load client's connections
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,7 +121,7 @@ def postgres(workdir: Path) -> Iterator[str]:
     """A throwaway PostgreSQL cluster (.ci/postgres); its URL."""
     directory = workdir / "pg"
     done = subprocess.run(
-        [str(ROOT / ".ci/postgres"), str(directory), str(PG_PORT)],
+        [str(ROOT / ".ci/postgres"), str(directory), str(free_port())],
         capture_output=True,
         text=True,
         timeout=600,
