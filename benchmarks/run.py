@@ -6,7 +6,18 @@ import argparse
 import sys
 import time
 
-from benchmarks import agent, agent_exec, build, chaos, diff, overhead, pause, peers, soak
+from benchmarks import (
+    agent,
+    agent_exec,
+    build,
+    chaos,
+    diff,
+    overhead,
+    pause,
+    peers,
+    server,
+    soak,
+)
 
 BENCHMARKS = {
     "pause": pause,
@@ -18,6 +29,7 @@ BENCHMARKS = {
     "diff": diff,
     "agent": agent,
     "agent_exec": agent_exec,
+    "server": server,
 }
 
 
