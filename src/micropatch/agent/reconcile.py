@@ -54,11 +54,15 @@ class Covered:
     blocked: dict[str, int] = field(default_factory=dict)  # patch id -> blocked count
     # patch id -> addresses of its blocked counters; None: not read since the last change
     counters: dict[str, tuple[int, ...]] | None = None
+    # patch id -> version being applied now: not yet `patches` (status), but a crash
+    # in the meantime counts against it (crash auto-disable)
+    pending: dict[str, int] = field(default_factory=dict)
 
     def copy(self) -> Covered:
         counters = None if self.counters is None else dict(self.counters)
         return Covered(
-            self.pid, self.start, self.exe, dict(self.patches), dict(self.blocked), counters
+            self.pid, self.start, self.exe, dict(self.patches), dict(self.blocked), counters,
+            dict(self.pending),
         )
 
 
@@ -129,14 +133,15 @@ class Reconciler:
                         return
                     c = self._covered[event.pid] = Covered(event.pid, start, event.exe or "")
                 c.patches[event.patch_id] = event.version
+                c.pending.pop(event.patch_id, None)
                 c.counters = None
             elif event.kind == "removed" and c is not None:
                 c.patches.pop(event.patch_id, None)
                 c.blocked.pop(event.patch_id, None)
                 c.counters = None
 
-    def _carry(self, pid: int, exe: str, patch_id: str, version: int | None) -> None:
-        """Record that pid carries this version of a patch (None: not at all)."""
+    def _pending(self, pid: int, exe: str, patch_id: str, version: int | None) -> None:
+        """Record that this version of a patch is being applied to pid (None: no more)."""
         with self._lock:
             c = self._covered.get(pid)
             if c is None:
@@ -147,9 +152,9 @@ class Reconciler:
                     return
                 c = self._covered[pid] = Covered(pid, start, exe)
             if version is None:
-                c.patches.pop(patch_id, None)
+                c.pending.pop(patch_id, None)
             else:
-                c.patches[patch_id] = version
+                c.pending[patch_id] = version
 
     def get(self, pid: int) -> Covered | None:
         """What is known of one process (a copy), or None."""
@@ -322,10 +327,10 @@ class Reconciler:
         """One operation, reported as an event; whether it changed the process."""
         module = stored.admitted.patch.target.module
         if op != "remove":
-            # Counted as carried before the jumps are written: a process that crashes
-            # the instant it is patched counts against the patch (crash auto-disable),
-            # even if it dies before this thread reports the outcome.
-            self._carry(info.pid, info.exe, stored.id, stored.version)
+            # Pending before the jumps are written: a process that crashes the instant
+            # it is patched counts against the patch (crash auto-disable), even if it
+            # dies before this thread reports the outcome.
+            self._pending(info.pid, info.exe, stored.id, stored.version)
         try:
             with self.ops_lock, waiting(self.lock_timeout):
                 if op == "remove":
@@ -340,11 +345,10 @@ class Reconciler:
             log.debug("process %d: %s", info.pid, e)  # changed meanwhile: next pass sees it
             return True
         except (SignatureError, ArtifactError):
-            self._carry(info.pid, info.exe, stored.id, old_version if op == "update" else None)
+            self._pending(info.pid, info.exe, stored.id, None)
             return False  # rejected by recheck, with its event
         except MicropatchError as e:
-            if op != "remove":
-                self._carry(info.pid, info.exe, stored.id, old_version if op == "update" else None)
+            self._pending(info.pid, info.exe, stored.id, None)
             result.failed += 1
             key = (info.pid, stored.id, stored.version, op)
             if self._failed.get(key) == str(e):

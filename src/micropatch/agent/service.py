@@ -283,9 +283,9 @@ class Agent:
 
     def carried(self, pid: int) -> tuple[str | None, list[str]]:
         """The executable of process pid and the patch ids it carried when last seen
-        (kept up to date by every applied/updated/removed event)."""
+        (kept up to date by every applied/updated/removed event), or was being given."""
         c = self.reconciler.get(pid)
-        return (c.exe, sorted(c.patches)) if c else (None, [])
+        return (c.exe, sorted({*c.patches, *c.pending})) if c else (None, [])
 
     def on_exit(self, pid: int, exit_signal: int | None) -> None:
         """A process exited (the exit watcher calls this); a crash signal makes it a
