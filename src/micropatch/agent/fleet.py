@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.events import KINDS, Event
 from micropatch.agent.policy import DISABLED, ENABLED, Exclusion, exclusion
+from micropatch.agent.store import write_private
 from micropatch.errors import AgentError, MicropatchError
 
 if TYPE_CHECKING:
@@ -253,9 +254,9 @@ class Fleet:
         )  # fmt: skip
         metadata = self.tuf_dir / "metadata"
         metadata.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _write_private(metadata / "root.json", root_bytes)
+        write_private(metadata / "root.json", root_bytes)
         self._start_cursor()
-        _write_private(self.path, json.dumps(enrollment.to_json(), indent=1).encode())
+        write_private(self.path, json.dumps(enrollment.to_json(), indent=1).encode())
         self.enrollment = enrollment
         self.agent.report(Event(
             "agent", time.time(), pid=os.getpid(),
@@ -375,7 +376,7 @@ class Fleet:
             float(answer.get("checkin_interval", e.checkin_interval)),
         )  # fmt: skip
         if new != e:
-            _write_private(self.path, json.dumps(new.to_json(), indent=1).encode())
+            write_private(self.path, json.dumps(new.to_json(), indent=1).encode())
             self.enrollment = new
 
     # --- what is sent ---------------------------------------------------------
@@ -615,14 +616,3 @@ class Fleet:
             self._drop_revoked()
             time.sleep(0.1)
         return not self._revoking
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

@@ -220,7 +220,7 @@ class ArtifactStore:
                     patch_id=admitted.id,
                 )
             path = self.paths.store / admitted.artifact.file_name
-            _write_atomically(path, data)
+            write_private(path, data)
             stored = Stored(admitted, path)
             self._patches[admitted.id] = stored
             st = path.stat()
@@ -260,7 +260,8 @@ class ArtifactStore:
         return stored.admitted
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a root-only (0600) file atomically: a temporary file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
