@@ -3,8 +3,9 @@
 
 A check-in sends the host's inventory (the executable modules mapped by its
 processes, with their build-ids and SHA-256, identified once per file
-version), the applied state per process (what the reconciler knows) and the
-events recorded since the last successful check-in (by id: the cursor is in
+version) and the applied state per process (what the reconciler knows) when
+they changed since the server last stored them (otherwise only their digest),
+and the events recorded since the last successful check-in (by id: the cursor is in
 agent.db and moves only when the server has answered, so an event is never
 lost and, after a restart, never sent twice). The answer is applied as the
 agent's policy: the relevant patches are downloaded through TUF
@@ -23,6 +24,7 @@ the standard library's (urllib), so the API client costs no dependency.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import logging
@@ -116,6 +118,16 @@ class Enrollment:
         return dict(self.__dict__)
 
 
+def inventory_digest(modules: list[dict[str, Any]], processes: list[dict[str, Any]]) -> str:
+    """A digest of the inventory, whatever order the scan found it in: the check-in
+    sends the inventory itself only when the server does not hold this digest."""
+    canonical = json.dumps(
+        [sorted(modules, key=lambda x: json.dumps(x, sort_keys=True)), processes],
+        sort_keys=True, separators=(",", ":"),
+    )  # fmt: skip
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 class Inventory:
     """The executable modules mapped by the host's processes, identified once per file
     version (device, inode, size, mtime): later scans read only /proc/PID/maps."""
@@ -174,6 +186,7 @@ class Fleet:
         self.inventory = Inventory()
         self._modules: list[dict[str, Any]] = []
         self._scanned = 0.0
+        self._acknowledged: str | None = None  # the inventory digest the server holds
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -343,13 +356,20 @@ class Fleet:
         enrollment = self.enrollment
         assert enrollment is not None
         events, cursor = self._events()
-        body = {
+        modules, processes = self._inventory(), self._processes()
+        digest = inventory_digest(modules, processes)
+        body: dict[str, Any] = {
             "hostname": platform.node()[:255] or None, "kernel": os.uname().release,
-            "agent_version": _agent_version(), "modules": self._inventory(),
-            "processes": self._processes(), "events": events,
+            "agent_version": _agent_version(), "inventory_digest": digest, "events": events,
         }  # fmt: skip
+        if digest != self._acknowledged:  # the server does not hold this inventory yet
+            body["modules"], body["processes"] = modules, processes
         answer = post_json(f"{enrollment.server}/api/v1/checkin", body, enrollment.credential)
         self._set_cursor(cursor)  # the server has them: never sent again
+        # What the server holds now: when it is not this digest (a server restored
+        # from an older backup, say), the next check-in sends the inventory again.
+        acknowledged = answer.get("inventory_digest")
+        self._acknowledged = acknowledged if isinstance(acknowledged, str) else None
         if self.failures:
             self.agent.report(Event(
                 "agent", time.time(), pid=os.getpid(),

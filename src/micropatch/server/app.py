@@ -39,6 +39,8 @@ from micropatch.server import fleet
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import ADMIN, PUBLISH, READ, Passwords, Principal
+from micropatch.server.catalogue import Catalogues
+from micropatch.server.checkin import check_in, host_modules
 from micropatch.server.database import Database, database_url
 from micropatch.server.repository import Repository
 
@@ -68,6 +70,7 @@ class Server:
         self.repository = Repository(settings.data_dir / REPOSITORY_DIR)
         self.database = Database(database_url(settings.data_dir, settings.database))
         self.passwords = Passwords()
+        self.catalogues = Catalogues()
 
     def repository_url(self, request: Request) -> str:
         if self.settings.repository_url:
@@ -82,7 +85,6 @@ _STATUS = {
     fleet.Unauthorized: 401,
     RepositoryError: 409,
 }
-
 
 
 # --- dependencies: a session per request, and who is asking -------------------------------
@@ -172,6 +174,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         description="Enrollment, check-in, publishing, groups and policies (docs/server.md).",
     )
     app.state.server = server
+
     @app.exception_handler(DataError)
     async def _data_error(_request: Request, exc: DataError) -> JSONResponse:
         # A value the database cannot store or compare (PostgreSQL: a NUL in a query
@@ -263,26 +266,26 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     ) -> s.CheckinResponse:
         """Inventory, applied state and new events in; policy and relevant patches out."""
         this_host(who)
-        host = fleet.host(session, who.id)
-        accepted = fleet.check_in(session, host, body)
-        effective, relevant, revoked = fleet.host_policy(session, host)
+        done = check_in(session, who.id, body)
+        effective, relevant, revoked = fleet.host_policy(
+            server.catalogues.current(session), done.group_id, done.modules
+        )
         return s.CheckinResponse(
-            host_id=host.id,
-            group=host.group.path,
+            host_id=who.id,
+            group=done.group,
             checkin_interval=settings.checkin_interval,
             repository=server.repository_url(request),
             policy=fleet.policy_out(effective, [r.patch_id for r in relevant]),
             patches=relevant,
             revoked=revoked,
-            events_accepted=accepted,
+            events_accepted=done.events_accepted,
+            inventory_digest=done.inventory_digest,
         )
 
     # --- patches ------------------------------------------------------------------
 
     @app.get(f"{api}/patches", tags=["patches"], response_model=list[s.PatchOut])
-    def patches(
-        _who: Reader, session: SessionDep, revoked: bool | None = None
-    ) -> list[s.PatchOut]:
+    def patches(_who: Reader, session: SessionDep, revoked: bool | None = None) -> list[s.PatchOut]:
         query = select(m.Patch).order_by(m.Patch.patch_id, m.Patch.version)
         if revoked is not None:
             query = query.where(m.Patch.revoked.is_(revoked))
@@ -357,7 +360,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         g = fleet.group(session, path)
         return s.GroupPolicyOut(
             group=fleet.group_out(session, g),
-            effective=fleet.policy_out(fleet.effective_policy(session, g.path)),
+            effective=fleet.policy_out(fleet.effective_policy(session, g)),
         )
 
     @app.put(f"{api}/policies/{{path:path}}", tags=["groups"], response_model=s.GroupPolicyOut)
@@ -369,15 +372,13 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         session.flush()
         return s.GroupPolicyOut(
             group=fleet.group_out(session, g),
-            effective=fleet.policy_out(fleet.effective_policy(session, g.path)),
+            effective=fleet.policy_out(fleet.effective_policy(session, g)),
         )
 
     # --- hosts ----------------------------------------------------------------------
 
     @app.get(f"{api}/hosts", tags=["hosts"], response_model=list[s.HostOut])
-    def hosts(
-        _who: Reader, session: SessionDep, group: str | None = None
-    ) -> list[s.HostOut]:
+    def hosts(_who: Reader, session: SessionDep, group: str | None = None) -> list[s.HostOut]:
         query = select(m.Host).order_by(m.Host.id)
         if group is not None:
             query = query.where(m.Host.group_id == fleet.group(session, group).id)
@@ -394,7 +395,9 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         decided it."""
         host_access(who, host_id)
         host = fleet.host(session, host_id)
-        effective, relevant, _ = fleet.host_policy(session, host)
+        effective, relevant, _ = fleet.host_policy(
+            server.catalogues.current(session), host.group_id, host_modules(session, host.id)
+        )
         return s.HostPolicyOut(
             host_id=host.id,
             effective=fleet.policy_out(effective, [r.patch_id for r in relevant]),
@@ -499,4 +502,3 @@ def _keep_fresh(server: Server, stop: threading.Event) -> None:
             log.error("cannot refresh the repository: %s", exc)
         if stop.wait(server.settings.refresh_every):
             return
-

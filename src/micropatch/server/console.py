@@ -43,6 +43,7 @@ from micropatch.server import fleet
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import ADMIN, PUBLISH, READ, USER_PREFIX, Principal, secret_hash
+from micropatch.server.checkin import host_modules
 
 PREFIX = "/console"
 SESSION_COOKIE = "mp_session"
@@ -403,7 +404,10 @@ def mount_console(app: FastAPI, server: Any) -> None:
         except fleet.NotFound as exc:
             return failed(request, viewer, exc)
         out = fleet.host_out(session, found, detail=True)
-        effective, relevant, revoked = fleet.host_policy(session, found)
+        effective, relevant, revoked = fleet.host_policy(
+            server.catalogues.current(session), found.group_id,
+            host_modules(session, found.id),
+        )  # fmt: skip
         modules = session.scalars(
             select(m.HostModule).where(m.HostModule.host_id == host_id).order_by(m.HostModule.name)
         ).all()
@@ -448,7 +452,7 @@ def mount_console(app: FastAPI, server: Any) -> None:
         members = select(m.Host).where(m.Host.group_id == g.id).order_by(m.Host.id)
         return render(
             request, "group.html", viewer, group=fleet.group_out(session, g),
-            effective=fleet.policy_out(fleet.effective_policy(session, g.path), ids),
+            effective=fleet.policy_out(fleet.effective_policy(session, g), ids),
             patch_ids=ids, hosts=session.scalars(members).all(),
         )  # fmt: skip
 

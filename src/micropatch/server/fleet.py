@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, insert, or_, select, update
+from sqlalchemy import bindparam, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from micropatch.errors import MicropatchError, ServerError
@@ -28,6 +28,7 @@ from micropatch.server.auth import (
     new_secret,
     secret_hash,
 )
+from micropatch.server.catalogue import Catalogue, ModuleKey, PatchRow, bump, load
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,12 @@ def login(
     return user, token
 
 
+# Built once: every check-in authenticates.
+_HOST_BY_CREDENTIAL = select(m.Host.id, m.Host.name).where(
+    m.Host.credential_hash == bindparam("digest")
+)
+
+
 def authenticate(session: Session, secret: str) -> Principal:
     """The user or host a bearer secret belongs to; Unauthorized otherwise."""
     digest = secret_hash(secret)
@@ -118,7 +125,7 @@ def authenticate(session: Session, secret: str) -> Principal:
         if token is not None and (token.expires is None or token.expires > time.time()):
             return Principal("user", token.user.id, token.user.name, token.user.role)
     elif secret.startswith(HOST_PREFIX):
-        host = session.scalar(select(m.Host).where(m.Host.credential_hash == digest))
+        host = session.connection().execute(_HOST_BY_CREDENTIAL, {"digest": digest}).one_or_none()
         if host is not None:
             return Principal("host", host.id, host.name)
     raise Unauthorized("unknown or expired credentials")
@@ -146,6 +153,7 @@ def create_group(session: Session, path: str, default_state: str | None, actor: 
     created = m.Group(path=path, parent_id=parent.id, default_state=default_state)
     session.add(created)
     session.flush()
+    bump(session)
     audit(session, actor, "group.create", f"group:{path}", default_state=default_state)
     return created
 
@@ -160,6 +168,7 @@ def delete_group(session: Session, path: str, actor: str) -> None:
         raise Conflict(f"group {found.path!r} has hosts: move them to another group first")
     session.execute(delete(m.EnrollmentToken).where(m.EnrollmentToken.group_id == found.id))
     session.delete(found)
+    bump(session)
     audit(session, actor, "group.delete", f"group:{found.path}")
 
 
@@ -174,6 +183,7 @@ def set_policy(session: Session, path: str, policy: s.PolicyIn, actor: str) -> m
     found.exclusions = [
         m.Exclusion(kind=e.kind, value=e.value, patch_id=e.patch_id) for e in policy.exclusions
     ]
+    bump(session)
     audit(session, actor, "policy.set", f"group:{found.path}", **policy.model_dump())
     return found
 
@@ -193,20 +203,11 @@ def group_out(session: Session, g: m.Group) -> s.GroupOut:
     )
 
 
-def effective_policy(session: Session, path: str) -> p.Effective:
-    """The policy of group `path`, inherited from the root down."""
-    chain = []
-    for ancestor in p.ancestors(path):
-        g = group(session, ancestor)
-        chain.append(
-            p.GroupPolicy(
-                path=g.path,
-                default_state=g.default_state,
-                patches={x.patch_id: x.state for x in g.patch_states},
-                exclusions=tuple(p.Exclusion(e.kind, e.value, e.patch_id) for e in g.exclusions),
-            )
-        )
-    return p.effective(chain)
+def effective_policy(session: Session, g: m.Group) -> p.Effective:
+    """The policy of group `g`, inherited from the root down, as this session sees it
+    (uncached: right also in the transaction that changed it)."""
+    session.flush()
+    return load(session).policy(g.id)
 
 
 def policy_out(effective: p.Effective, patch_ids: Sequence[str] = ()) -> s.EffectivePolicy:
@@ -274,94 +275,13 @@ def host(session: Session, host_id: int) -> m.Host:
     return found
 
 
-def check_in(session: Session, h: m.Host, request: s.CheckinRequest) -> int:
-    """Store what the host reported (inventory and applied state replace the previous
-    ones; events are added); returns the number of events stored."""
-    now = time.time()
-    h.last_seen = now
-    if request.hostname:
-        h.name = request.hostname
-    h.kernel = request.kernel or h.kernel
-    h.agent_version = request.agent_version or h.agent_version
-    session.execute(delete(m.HostModule).where(m.HostModule.host_id == h.id))
-    seen = set()
-    modules = []
-    for module in request.modules:
-        key = (module.name, module.path, module.build_id, module.sha256)
-        if key not in seen:
-            seen.add(key)
-            modules.append(
-                {"host_id": h.id, "name": module.name, "path": module.path,
-                 "build_id": module.build_id or None, "sha256": module.sha256}
-            )  # fmt: skip
-    if modules:
-        session.execute(insert(m.HostModule), modules)
-    session.execute(delete(m.ProcessPatch).where(m.ProcessPatch.host_id == h.id))
-    applied = [
-        {"host_id": h.id, "pid": proc.pid, "exe": proc.exe, "unit": proc.unit, "user": proc.user,
-         "patch_id": a.patch_id, "version": a.version, "state": a.state}
-        for proc in request.processes
-        for a in proc.patches
-    ]  # fmt: skip
-    if applied:
-        session.execute(insert(m.ProcessPatch), applied)
-    events = [
-        {"host_id": h.id, "received": now, **e.model_dump()} for e in request.events
-    ]
-    if events:
-        # A batch sent again (the agent never saw the answer to a check-in the server
-        # committed) is not stored twice: an event already stored for this host with
-        # the same kind, time, pid, patch and message is the same event.
-        low, high = min(e["time"] for e in events), max(e["time"] for e in events)
-        stored = {
-            (r.kind, r.time, r.pid, r.patch_id, r.message)
-            for r in session.execute(
-                select(m.Event.kind, m.Event.time, m.Event.pid, m.Event.patch_id,
-                       m.Event.message)
-                .where(m.Event.host_id == h.id, m.Event.time >= low, m.Event.time <= high)
-            )
-        }  # fmt: skip
-        fresh = []
-        for e in events:
-            fact = (e["kind"], e["time"], e["pid"], e["patch_id"], e["message"])
-            if fact not in stored:
-                stored.add(fact)
-                fresh.append(e)
-        events = fresh
-    if events:
-        session.execute(insert(m.Event), events)
-    return len(events)
-
-
-def relevant_patches(session: Session, host_id: int) -> tuple[list[m.Patch], list[m.Patch]]:
-    """The newest published version of each patch whose module (build-id or SHA-256)
-    some process on the host maps, and the revoked ones for such modules."""
-    build_ids = select(m.HostModule.build_id).where(
-        m.HostModule.host_id == host_id, m.HostModule.build_id.is_not(None)
-    )
-    hashes = select(m.HostModule.sha256).where(
-        m.HostModule.host_id == host_id, m.HostModule.sha256.is_not(None)
-    )
-    rows = session.scalars(
-        select(m.Patch)
-        .where(or_(m.Patch.module_build_id.in_(build_ids), m.Patch.module_sha256.in_(hashes)))
-        .order_by(m.Patch.patch_id, m.Patch.version)
-    ).all()
-    newest: dict[str, m.Patch] = {}
-    revoked = []
-    for row in rows:
-        if row.revoked:
-            revoked.append(row)
-        else:
-            newest[row.patch_id] = row  # ordered by version: the last one wins
-    return list(newest.values()), revoked
-
-
 def host_policy(
-    session: Session, h: m.Host
+    catalogue: Catalogue, group_id: int, modules: Iterable[ModuleKey]
 ) -> tuple[p.Effective, list[s.RelevantPatch], list[s.RevokedPatch]]:
-    effective = effective_policy(session, h.group.path)
-    live, revoked = relevant_patches(session, h.id)
+    """A host's effective policy, its relevant patches (each with its state and the
+    group that decided it) and the revoked patches for its modules."""
+    effective = catalogue.policy(group_id)
+    live, revoked = catalogue.relevant(modules)
     relevant = []
     for row in live:
         decision = effective.state(row.patch_id)
@@ -385,7 +305,7 @@ def host_policy(
     return effective, relevant, gone
 
 
-def module_ref(row: m.Patch) -> s.ModuleRef:
+def module_ref(row: m.Patch | PatchRow) -> s.ModuleRef:
     return s.ModuleRef(name=row.module_name, build_id=row.module_build_id, sha256=row.module_sha256)
 
 
@@ -516,6 +436,7 @@ def publish(session: Session, repository: Any, data: bytes, actor: str) -> tuple
     session.add(row)
     session.flush()  # a clash with a concurrent publish fails here, before the repository
     repository.add_target(artifact.file_name, data, custom={"micropatch": facts})
+    bump(session)
     audit(session, actor, "patch.publish", f"patch:{row.patch_id}", version=row.version,
           artifact_id=row.artifact_id, target=row.target)  # fmt: skip
     return row, True
@@ -535,6 +456,7 @@ def revoke(
         raise NotFound(f"no published, unrevoked patch {what}")
     published = repository.target_files()
     now = time.time()
+    bump(session)
     for row in rows:
         row.revoked, row.revoked_at = True, now
         if row.target in published:

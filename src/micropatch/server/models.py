@@ -112,6 +112,9 @@ class Host(Base):
     kernel: Mapped[str | None] = mapped_column(String(255))
     agent_version: Mapped[str | None] = mapped_column(String(64))
     machine_id: Mapped[str | None] = mapped_column(String(64))
+    # The digest of the inventory (modules, patched processes) stored for the host, as
+    # its agent computed it: an agent whose inventory is unchanged sends only this.
+    inventory_digest: Mapped[str | None] = mapped_column(String(128))
 
     group: Mapped[Group] = relationship()
 
@@ -205,6 +208,17 @@ class Event(Base):
     module: Mapped[str | None] = mapped_column(String(255))
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class Revision(Base):
+    """A counter bumped, in the same transaction, by every change of what check-ins
+    share: "policy" (groups, their policies, patches). A server process rebuilds what
+    it caches of them when the counter moved (server/catalogue.py)."""
+
+    __tablename__ = "revisions"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int] = mapped_column(Integer)
 
 
 class AuditEntry(Base):

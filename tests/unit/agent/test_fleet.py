@@ -30,6 +30,7 @@ class FakeServer:
         self.checkins: list[dict[str, Any]] = []
         self.status = 200
         self.answer: dict[str, Any] = {}
+        self.digest: str | None = None  # the inventory digest the server holds
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,10 +49,13 @@ class FakeServer:
                     assert self.headers["Authorization"] == "Bearer mph_secret"
                     fake.checkins.append(body)
                     status = fake.status
+                    if "modules" in body and status == 200:
+                        fake.digest = body["inventory_digest"]
                     reply = {"host_id": 7, "group": "/prod", "checkin_interval": 60,
                              "repository": "http://x/repository", "patches": [], "revoked": [],
                              "policy": {"patches": [], "exclusions": []},
-                             "events_accepted": len(body["events"]), **fake.answer}  # fmt: skip
+                             "events_accepted": len(body["events"]),
+                             "inventory_digest": fake.digest, **fake.answer}  # fmt: skip
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -144,6 +148,43 @@ def test_events_are_sent_once_across_failures_and_restarts(agent, server, tmp_pa
         "three",
     ]
     again.close()
+
+
+def test_the_inventory_is_sent_only_when_the_server_does_not_hold_it(agent, server):
+    modules = [{"name": "libc.so.6", "path": "/usr/lib/libc.so.6", "build_id": "ab",
+                "sha256": "0" * 64}]  # fmt: skip
+    agent.fleet.inventory.scan = lambda: list(modules)  # type: ignore[method-assign]
+    agent.fleet.enroll(server.url, "mpe_good", None)
+    agent.fleet.check_in()
+    first = server.checkins[-1]
+    assert first["modules"] == modules and first["processes"] == []
+    assert server.digest == first["inventory_digest"]
+    agent.fleet.check_in()  # unchanged: only the digest
+    assert "modules" not in server.checkins[-1] and "processes" not in server.checkins[-1]
+    assert server.checkins[-1]["inventory_digest"] == first["inventory_digest"]
+    # The same modules found in another order are the same inventory.
+    modules.insert(0, {"name": "a", "path": "/a", "build_id": None, "sha256": "1" * 64})
+    agent.fleet._scanned = 0.0  # rescan now
+    agent.fleet.check_in()
+    changed = server.checkins[-1]
+    assert changed["modules"] == modules and changed["inventory_digest"] != first["inventory_digest"]
+    modules.reverse()
+    agent.fleet._scanned = 0.0
+    agent.fleet.check_in()
+    assert "modules" not in server.checkins[-1]
+    # A server that lost it (restored from an older backup): sent again at the next one.
+    server.digest = "something else"
+    agent.fleet.check_in()
+    assert "modules" not in server.checkins[-1]  # it learns this from the answer
+    agent.fleet.check_in()
+    assert server.checkins[-1]["modules"] == modules
+    # A failed check-in changes nothing the agent believes the server holds.
+    server.status = 500
+    with pytest.raises(HttpError):
+        agent.fleet.check_in()
+    server.status = 200
+    agent.fleet.check_in()
+    assert "modules" not in server.checkins[-1]
 
 
 def test_unreachable_is_said_once_with_backoff(agent, server):

@@ -131,6 +131,85 @@ def test_publish_checkin_policy_revoke(api: Api, make_artifact: MakeArtifact) ->
         assert action in actions
 
 
+def test_inventory_is_kept_until_the_agent_sends_another(
+    api: Api, make_artifact: MakeArtifact
+) -> None:
+    """An agent whose inventory is unchanged sends only its digest: the stored modules
+    and processes stay, relevant patches are still computed from them, and the answer
+    carries the digest the server holds."""
+    data = make_artifact("fix-a", 1)
+    assert api.client.post("/api/v1/patches", content=data, headers=api.auth("operator")).is_success
+    host_id, _ = api.enroll("web-1")
+    checkin = api.client.post
+    full = {
+        "inventory_digest": "d1",
+        "modules": [module_of(data)],
+        "processes": [{"pid": 42, "patches": [{"patch_id": "fix-a", "version": 1}]}],
+    }
+    r = checkin("/api/v1/checkin", json=full, headers=api.auth("web-1"))
+    assert r.status_code == 200 and r.json()["inventory_digest"] == "d1"
+    r = checkin("/api/v1/checkin", json={"inventory_digest": "d1"}, headers=api.auth("web-1"))
+    assert r.json()["inventory_digest"] == "d1"
+    assert [p["patch_id"] for p in r.json()["patches"]] == ["fix-a"]
+    host = api.client.get(f"/api/v1/hosts/{host_id}", headers=api.auth("auditor")).json()
+    assert host["modules"] == 1 and [p["pid"] for p in host["processes"]] == [42]
+    # A digest the server does not hold: answered with the stored one (the agent then
+    # sends its inventory), and the stored inventory is kept meanwhile.
+    r = checkin("/api/v1/checkin", json={"inventory_digest": "d2"}, headers=api.auth("web-1"))
+    assert r.json()["inventory_digest"] == "d1" and len(r.json()["patches"]) == 1
+    # Processes alone are a whole inventory without modules.
+    r = checkin(
+        "/api/v1/checkin", json={"inventory_digest": "d3", "processes": []},
+        headers=api.auth("web-1"),
+    )  # fmt: skip
+    assert r.json()["inventory_digest"] == "d3" and r.json()["patches"] == []
+    host = api.client.get(f"/api/v1/hosts/{host_id}", headers=api.auth("auditor")).json()
+    assert host["modules"] == 0 and host["processes"] == []
+    # Without a digest (a client that does not keep one) it is stored, and none is held.
+    r = checkin("/api/v1/checkin", json={"modules": full["modules"]}, headers=api.auth("web-1"))
+    assert r.json()["inventory_digest"] is None and len(r.json()["patches"]) == 1
+    bad = checkin("/api/v1/checkin", json={"inventory_digest": "a b"}, headers=api.auth("web-1"))
+    assert bad.status_code == 422
+
+
+def test_every_change_is_seen_by_the_next_check_in(
+    api: Api, make_artifact: MakeArtifact
+) -> None:
+    """The policy and the patches are cached per policy revision: a publish, a policy
+    change, a new group, a host moved and a revocation each show at the next check-in."""
+    first = make_artifact("fix-a", 1)
+    host_id, _ = api.enroll("web-1")
+    body = {"inventory_digest": "d", "modules": [module_of(first)]}
+
+    def patches() -> list[tuple[str, int, str, str | None]]:
+        r = api.client.post("/api/v1/checkin", json=body, headers=api.auth("web-1"))
+        assert r.status_code == 200, r.text
+        body.pop("modules", None)  # later check-ins: unchanged inventory
+        return [(p["patch_id"], p["version"], p["state"], p["decided_by"])
+                for p in r.json()["patches"]]  # fmt: skip
+
+    assert patches() == []
+    ops = api.auth("operator")
+    assert api.client.post("/api/v1/patches", content=first, headers=ops).is_success
+    assert patches() == [("fix-a", 1, "enabled", "/")]
+    assert api.client.post("/api/v1/patches", content=make_artifact("fix-a", 2), headers=ops).is_success
+    assert patches() == [("fix-a", 2, "enabled", "/")]
+    r = api.client.post("/api/v1/groups", json={"path": "/web", "default_state": "disabled"},
+                        headers=api.auth("admin"))  # fmt: skip
+    assert r.status_code == 201
+    assert patches() == [("fix-a", 2, "enabled", "/")]  # not in /web yet
+    r = api.client.put(f"/api/v1/hosts/{host_id}/group", json={"group": "/web"},
+                       headers=api.auth("admin"))  # fmt: skip
+    assert r.status_code == 200
+    assert patches() == [("fix-a", 2, "disabled", "/web")]
+    r = api.client.put("/api/v1/policies/web", json={"patches": {"fix-a": "enabled"}}, headers=ops)
+    assert r.status_code == 200
+    assert patches() == [("fix-a", 2, "enabled", "/web")]
+    r = api.client.post("/api/v1/patches/fix-a/revoke", json={"version": 2}, headers=ops)
+    assert r.status_code == 200
+    assert patches() == [("fix-a", 1, "enabled", "/web")]
+
+
 def test_publish_refuses_bad_artifacts(api: Api, make_artifact: MakeArtifact) -> None:
     stranger = make_artifact("fix-x", 1, key=generate_key("stranger"))
     r = api.client.post("/api/v1/patches", content=stranger, headers=api.auth("operator"))

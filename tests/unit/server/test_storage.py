@@ -52,7 +52,7 @@ def test_upgrade_from_empty_matches_the_models(tmp_path: Path, backend: str) -> 
         engine = make_engine(url)
     assert tables(engine) == set()
     migrate(engine)
-    assert current_revision(engine) == "0001"
+    assert current_revision(engine) == "0002"
     assert tables(engine) >= {t.name for t in m.Base.metadata.sorted_tables}
     with engine.connect() as connection:
         diff = compare_metadata(
@@ -67,6 +67,39 @@ def test_upgrade_from_empty_matches_the_models(tmp_path: Path, backend: str) -> 
         # A group after the seeded root gets a new id (PostgreSQL's sequence included).
         session.add(m.Group(path="/x", parent_id=root.id))
     db.dispose()
+    engine.dispose()
+
+
+def test_upgrade_from_0001_keeps_hosts(tmp_path: Path) -> None:
+    """A server of the first schema upgraded: its hosts keep working, without a stored
+    inventory digest (their agents send the inventory at the next check-in), and the
+    policy revision counter starts at 0; the downgrade undoes it."""
+    from alembic import command
+    from alembic.config import Config
+
+    from micropatch.server.database import MIGRATIONS
+
+    engine = make_engine(database_url(tmp_path))
+    migrate(engine, "0001")
+    with engine.begin() as c:
+        c.exec_driver_sql(
+            "INSERT INTO hosts (name, group_id, credential_hash, enrolled) "
+            "VALUES ('old', 1, 'x', 0)"
+        )
+    migrate(engine)
+    assert current_revision(engine) == "0002"
+    with engine.connect() as c:
+        assert c.exec_driver_sql("SELECT name, inventory_digest FROM hosts").all() == [
+            ("old", None)
+        ]
+        assert c.exec_driver_sql("SELECT name, value FROM revisions").all() == [("policy", 0)]
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as c:
+        config.attributes["connection"] = c
+        command.downgrade(config, "0001")
+    assert "revisions" not in tables(engine)
+    assert current_revision(engine) == "0001"
     engine.dispose()
 
 
