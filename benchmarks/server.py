@@ -70,6 +70,7 @@ CONCURRENCY = 8  # requests in flight while enrolling and ingesting events
 MODULES = 30
 SHARED_MODULES = 24  # libraries every host maps; the rest are the host's own
 PROCESSES = 5
+CHANGED = 0.1  # of the check-ins under load, those whose inventory changed (sent whole)
 P99_AIM = 0.100
 EVENTS_AIM = 1000.0
 READY_TIMEOUT = 120.0
@@ -142,6 +143,7 @@ def postgres(workdir: Path) -> Iterator[str]:
 class Server:
     data: Path
     database: str | None
+    workers: int = 1
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     log: Path = Path()
@@ -150,6 +152,8 @@ class Server:
         port = free_port()
         self.log = self.data.parent / f"server-{port}.log"
         database = ["--database", self.database] if self.database else []
+        if self.workers > 1:
+            database += ["--workers", str(self.workers)]
         start = time.perf_counter()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
@@ -157,10 +161,12 @@ class Server:
                  "--listen", f"127.0.0.1:{port}", "--checkin-interval", "60", *database],
                 stdout=subprocess.DEVNULL, stderr=log,
             )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
         while time.perf_counter() - start < READY_TIMEOUT:
-            if "Uvicorn running on" in self.log.read_text(errors="replace"):
-                self.url = f"http://127.0.0.1:{port}"
-                return time.perf_counter() - start
+            with contextlib.suppress(httpx.HTTPError):  # every worker may not be up yet
+                if httpx.get(f"{url}/api/v1/health", timeout=5).status_code == 200:
+                    self.url = url
+                    return time.perf_counter() - start
             if self.proc.poll() is not None:
                 break
             time.sleep(0.05)
@@ -207,21 +213,30 @@ SHARED = [
 ]  # fmt: skip
 
 
-def inventory(agent: int) -> dict[str, Any]:
-    """The host's modules and processes: the same at every check-in, as on a quiet host."""
+def inventory(agent: int, generation: int = 0) -> dict[str, Any]:
+    """The host's modules and processes, and their digest; `generation` counts the
+    changes (each moves the patched process to a new pid, as a restart does)."""
     own = [
         {"name": f"app{agent}-{j}", "path": f"/opt/app{j}/bin/app{agent}",
          "build_id": _hex(f"b{agent}-{j}", 40), "sha256": _hex(f"f{agent}-{j}", 64)}
         for j in range(MODULES - SHARED_MODULES)
     ]  # fmt: skip
     processes = [
-        {"pid": 1000 + p, "exe": f"/opt/app{p}/bin/app{agent}", "unit": f"app{p}.service",
+        {"pid": 1000 + p + 10 * generation, "exe": f"/opt/app{p}/bin/app{agent}",
+         "unit": f"app{p}.service",
          "user": "www-data",
          "patches": [{"patch_id": "fix-int", "version": 1, "state": "applied"}] if p == 0 else []}
         for p in range(PROCESSES)
     ]  # fmt: skip
+    modules = SHARED + own
+    digest = hashlib.sha256(json.dumps([modules, processes]).encode()).hexdigest()
     return {"hostname": f"bench-{agent}", "kernel": "6.18.0", "agent_version": "0.1",
-            "modules": SHARED + own, "processes": processes}  # fmt: skip
+            "modules": modules, "processes": processes, "inventory_digest": digest}  # fmt: skip
+
+
+def unchanged(body: dict[str, Any]) -> dict[str, Any]:
+    """What an agent sends when the server holds its inventory: the digest only."""
+    return {k: v for k, v in body.items() if k not in ("modules", "processes")}
 
 
 KINDS = ["applied", "removed", "skipped", "agent"]
@@ -288,18 +303,56 @@ async def setup_agents(url: str, admin: str, n: int) -> dict[str, Any]:
     }
 
 
+async def first_checkins(url: str, credentials: list[str]) -> dict[str, Any]:
+    """Every agent's first check-in, with its whole inventory (as after enrolling),
+    CONCURRENCY in flight, as fast as the server answers."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=CONCURRENCY)
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as c:
+
+        async def one(agent: int) -> None:
+            headers = {"Authorization": f"Bearer {credentials[agent]}"}
+            sent = time.perf_counter()
+            try:
+                r = await c.post("/api/v1/checkin", json=inventory(agent), headers=headers)
+                reason = f"HTTP {r.status_code}"
+                ok = r.status_code == 200
+            except httpx.HTTPError as e:
+                ok, reason = False, type(e).__name__
+            if ok:
+                latencies.append(time.perf_counter() - sent)
+            else:
+                errors[reason] = errors.get(reason, 0) + 1
+
+        start = time.perf_counter()
+        await _bounded(len(credentials), CONCURRENCY, one)
+        elapsed = time.perf_counter() - start
+    return {
+        "seconds": elapsed,
+        "per_second": len(credentials) / elapsed,
+        "p50": median(latencies),
+        "p99": percentile(latencies, 99),
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+    }
+
+
 async def checkin_load(
     url: str, credentials: list[str], rate: float, seconds: float
 ) -> dict[str, Any]:
-    """Open loop: check-in i due at start + i/rate, latency from its due time."""
+    """Open loop: check-in i due at start + i/rate, latency from its due time. Each
+    agent does what the real one does: its inventory changed (CHANGED of the
+    check-ins): sent whole; otherwise its digest only."""
     rng = random.Random(9)
     total = int(rate * seconds)
     latencies: list[float] = []
+    full: list[float] = []  # those that sent the inventory
     service: list[float] = []  # from the moment the request was sent (reference)
     errors: dict[str, int] = {}
     late_sends = 0
     events_sent = 0
-    bodies: dict[int, dict[str, Any]] = {}
+    generations: dict[int, int] = {}
     limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
     async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as c:
         # httpcore matches every queued request against every connection: thousands
@@ -309,11 +362,15 @@ async def checkin_load(
         async def one(i: int, due: float) -> None:
             nonlocal events_sent
             agent = i % len(credentials)
-            if agent not in bodies:
-                bodies[agent] = inventory(agent)
+            changed = rng.random() < CHANGED
+            if changed:
+                generations[agent] = generations.get(agent, 0) + 1
+            body = inventory(agent, generations.get(agent, 0))
+            if not changed:
+                body = unchanged(body)
             k = rng.choice((0, 0, 1, 2))
             events_sent += k
-            content = json.dumps(bodies[agent] | {"events": events(k, rng)}).encode()
+            content = json.dumps(body | {"events": events(k, rng)}).encode()
             headers = {"Authorization": f"Bearer {credentials[agent]}",
                        "Content-Type": "application/json"}  # fmt: skip
             sent = time.perf_counter()
@@ -331,6 +388,8 @@ async def checkin_load(
             if ok:
                 latencies.append(end - due)
                 service.append(end - sent)
+                if changed:
+                    full.append(end - due)
             else:
                 errors[reason] = errors.get(reason, 0) + 1
 
@@ -376,6 +435,10 @@ async def checkin_load(
             "max": max(latencies, default=float("nan")),
             "mean": sum(latencies) / len(latencies) if latencies else float("nan"),
         },
+        "changed": CHANGED,
+        "inventory_sent": len(full),
+        "inventory_sent_p50": median(full),
+        "inventory_sent_p99": percentile(full, 99),
         "service_time_p50": median(service),
         "service_time_p99": percentile(service, 99),
         "samples": [round(x, 6) for x in latencies],
@@ -399,7 +462,7 @@ async def event_ingest(url: str, credentials: list[str], seconds: float) -> dict
             nonlocal accepted, requests
             while time.perf_counter() < stop:
                 agent = next(counter) % len(credentials)
-                body = inventory(agent) | {"events": events(EVENT_BATCH, rng)}
+                body = unchanged(inventory(agent)) | {"events": events(EVENT_BATCH, rng)}
                 headers = {"Authorization": f"Bearer {credentials[agent]}"}
                 sent = time.perf_counter()
                 try:
@@ -444,6 +507,8 @@ def measure(
         agents = asyncio.run(setup_agents(server.url, admin, n))
         credentials = agents.pop("credentials")
         result["setup"] = agents
+        print(f"server: {n} first check-ins (whole inventories)", file=sys.stderr)
+        result["first_checkins"] = asyncio.run(first_checkins(server.url, credentials))
         # Events first: a server the check-in load overwhelms goes on answering the
         # requests it queued long after the client gave up on them.
         print(f"server: events for {event_seconds:g} s", file=sys.stderr)
@@ -478,22 +543,33 @@ def markdown(data: dict[str, Any]) -> str:
 
     ms = report.ms
     lines = [
-        f"{data['agents']:,} agents enrolled; first check-ins of {EVENT_BATCH} events, "
-        f"{CONCURRENCY} in flight, for {data['event_seconds']:g} s; "
-        f"then check-ins at {data['rate']:.1f}/s "
+        f"{data['agents']:,} agents enrolled, then each agent's first check-in with its "
+        f"whole inventory ({MODULES} modules, {PROCESSES} processes), {CONCURRENCY} in "
+        f"flight; check-ins of {EVENT_BATCH} events, {CONCURRENCY} in flight, for "
+        f"{data['event_seconds']:g} s; then check-ins at {data['rate']:.1f}/s "
         f"(10,000 agents every 60 s) for {data['seconds']:g} s, open loop (latency from each "
-        f"check-in's due time). One uvicorn server process; client and "
-        "server on the same machine.\n",
+        f"check-in's due time), {CHANGED:.0%} of them with a changed inventory (sent whole), "
+        f"the others with its digest only, as the agent does. {data.get('server', '')} "
+        "Client and server on the same machine.\n",
     ]
     if data.get("note"):
         lines.append(f"**{data['note']}**\n")
     table = head
     table += row("enrollment tokens via admin API (s)", lambda r: _f(r["setup"]["tokens_seconds"]))
     table += row("enrollments (s)", lambda r: _f(r["setup"]["enroll_seconds"]))
+    table += row("first check-ins, whole inventory (/s)",
+                 lambda r: _f(r["first_checkins"]["per_second"]))  # fmt: skip
+    table += row("first check-in p50 / p99 (ms)",
+                 lambda r: f"{ms(r['first_checkins']['p50'])} / "
+                 f"{ms(r['first_checkins']['p99'])}")  # fmt: skip
+    table += row("first check-in errors", lambda r: str(r["first_checkins"]["errors"]))
     table += row("check-ins due", lambda r: f"{r['checkin']['checkins']:,}")
     table += row("check-in p50 (ms)", lambda r: ms(r["checkin"]["latency"]["p50"]))
     table += row("check-in p99 (ms)", lambda r: ms(r["checkin"]["latency"]["p99"]))
     table += row("check-in max (ms)", lambda r: ms(r["checkin"]["latency"]["max"]))
+    table += row("of which inventory sent: p50 / p99 (ms)",
+                 lambda r: f"{ms(r['checkin']['inventory_sent_p50'])} / "
+                 f"{ms(r['checkin']['inventory_sent_p99'])}")  # fmt: skip
     table += row("achieved rate (/s)", lambda r: _f(r["checkin"]["rate_achieved"]))
     table += row("errors", lambda r: str(r["checkin"]["errors"]))
     table += row("error kinds", lambda r: json.dumps(r["checkin"]["error_kinds"]) or "-")

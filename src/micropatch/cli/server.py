@@ -283,6 +283,8 @@ def publish(
 
 
 
+GRACE = 10  # seconds a stopping server gives the requests under way
+
 # --- server ----------------------------------------------------------------------------
 
 
@@ -308,18 +310,34 @@ def server_run(
             "DATA_DIR/repository/public); default: this server's /repository."
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Server processes sharing the port (PostgreSQL only: SQLite has one "
+            "writer, so more processes would only wait for its lock). About one per CPU.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the fleet API (migrating the database first)."""
+    import json
     import logging
+    import os
 
     import uvicorn
 
     from micropatch.errors import MicropatchError
-    from micropatch.server.app import Settings, create_app
+    from micropatch.server.app import SETTINGS_VARIABLE, Server, Settings, create_app
 
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise _fail(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8600")
+    if workers > 1 and not (database or "").startswith(("postgresql:", "postgres:")):
+        raise _fail(
+            f"--workers {workers} needs --database postgresql://…: SQLite has one writer, "
+            "so more server processes would only wait for its lock (run one)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings(
         data_dir=data_dir,
@@ -329,10 +347,21 @@ def server_run(
     )
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        app = create_app(settings)
+        server = Server(settings)  # the repository checked, the database migrated
     except MicropatchError as e:
         raise _fail(str(e)) from None
-    uvicorn.run(app, host=host.strip("[]"), port=int(port), log_level="info")
+    # Stopped (SIGTERM, SIGINT), it finishes the requests under way for up to this long,
+    # then closes: however many were queued, it does not go on serving them.
+    address = host.strip("[]")
+    if workers == 1:
+        uvicorn.run(create_app(settings, server=server), host=address, port=int(port),
+                    log_level="info", timeout_graceful_shutdown=GRACE)  # fmt: skip
+        return
+    server.database.dispose()  # each worker opens its own
+    os.environ[SETTINGS_VARIABLE] = json.dumps(settings.to_json())
+    uvicorn.run("micropatch.server.app:app_from_environment", factory=True, workers=workers,
+                host=address, port=int(port), log_level="info",
+                timeout_graceful_shutdown=GRACE)  # fmt: skip
 
 
 @server_app.command("migrate")

@@ -16,18 +16,21 @@ The web console (`server.console`, under /console) follows the same matrix.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import anyio.to_thread
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.exc import DataError, IntegrityError
@@ -38,14 +41,15 @@ from micropatch.errors import MicropatchError, RepositoryError, ServerError
 from micropatch.server import fleet
 from micropatch.server import models as m
 from micropatch.server import schemas as s
-from micropatch.server.auth import ADMIN, PUBLISH, READ, Passwords, Principal
+from micropatch.server.auth import ADMIN, HOST_PREFIX, PUBLISH, READ, Passwords, Principal
 from micropatch.server.catalogue import Catalogues
 from micropatch.server.checkin import check_in, host_modules
-from micropatch.server.database import Database, database_url
+from micropatch.server.database import POOL_SIZE, Database, database_url
 from micropatch.server.repository import Repository
 
 log = logging.getLogger(__name__)
 REPOSITORY_DIR = "repository"
+THREADS = POOL_SIZE  # requests served at once by one server process
 MAX_ARTIFACT = 64 << 20
 
 
@@ -58,6 +62,21 @@ class Settings:
     checkin_interval: int = 60
     repository_url: str | None = None  # what agents fetch from; None: this server's /repository
     refresh_every: float = 600.0  # seconds between re-signing checks of the online roles
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.__dict__, "data_dir": str(self.data_dir)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Settings:
+        return cls(**{**data, "data_dir": Path(data["data_dir"])})
+
+
+SETTINGS_VARIABLE = "MICROPATCH_SERVER_SETTINGS"  # how `server run --workers N` passes them
+
+
+def app_from_environment() -> FastAPI:
+    """The app of one of `server run --workers N`'s processes (a uvicorn factory)."""
+    return create_app(Settings.from_json(json.loads(os.environ[SETTINGS_VARIABLE])))
 
 
 class Server:
@@ -103,19 +122,30 @@ HostId = Annotated[int, PathParam(ge=1, le=s.INT_MAX)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def _principal(
-    session: SessionDep,
+async def _secret(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+) -> str:
+    """The bearer secret (checked against the database by `_authenticated`)."""
     if credentials is None:
         raise HTTPException(
             401, "missing credentials: send Authorization: Bearer TOKEN",
             headers={"WWW-Authenticate": "Bearer"},
         )  # fmt: skip
+    return credentials.credentials
+
+
+Secret = Annotated[str, Depends(_secret)]
+
+
+def _authenticated(session: Session, secret: str) -> Principal:
     try:
-        return fleet.authenticate(session, credentials.credentials)
+        return fleet.authenticate(session, secret)
     except fleet.Unauthorized as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from None
+
+
+def _principal(session: SessionDep, secret: Secret) -> Principal:
+    return _authenticated(session, secret)
 
 
 def _role(allowed: frozenset[str]) -> Callable[[Principal], Principal]:
@@ -157,6 +187,8 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        # As many request threads as database connections: none waits for one.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
         thread = threading.Thread(
             target=_keep_fresh, args=(server, stop), name="repository-refresh", daemon=True
         )
@@ -261,17 +293,26 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         )
 
     @app.post(f"{api}/checkin", tags=["agent"], response_model=s.CheckinResponse)
-    def checkin(
-        body: s.CheckinRequest, who: Anyone, request: Request, session: SessionDep
-    ) -> s.CheckinResponse:
+    def checkin(body: s.CheckinRequest, secret: Secret, request: Request) -> Response:
         """Inventory, applied state and new events in; policy and relevant patches out."""
-        this_host(who)
-        done = check_in(session, who.id, body)
-        effective, relevant, revoked = fleet.host_policy(
-            server.catalogues.current(session), done.group_id, done.modules
-        )
-        return s.CheckinResponse(
-            host_id=who.id,
+        # Every host, every interval: the session and the authentication are taken
+        # here, not as dependencies (FastAPI runs each sync dependency in a thread of
+        # its own, a hop that cost more than the database work), and the answer is
+        # serialised once.
+        with server.database.session() as session:
+            if not secret.startswith(HOST_PREFIX):
+                this_host(_authenticated(session, secret))  # 401, or 403 for a user
+            try:
+                done = check_in(session, secret, body)
+            except fleet.Unauthorized as exc:
+                raise HTTPException(
+                    401, str(exc), headers={"WWW-Authenticate": "Bearer"}
+                ) from None
+            effective, relevant, revoked = fleet.host_policy(
+                server.catalogues.current(session, done.revision), done.group_id, done.modules
+            )
+        answer = s.CheckinResponse(
+            host_id=done.host_id,
             group=done.group,
             checkin_interval=settings.checkin_interval,
             repository=server.repository_url(request),
@@ -281,6 +322,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
             events_accepted=done.events_accepted,
             inventory_digest=done.inventory_digest,
         )
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     # --- patches ------------------------------------------------------------------
 

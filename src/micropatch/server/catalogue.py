@@ -33,13 +33,12 @@ def bump(session: Session) -> None:
     )
 
 
-_REVISION = select(m.Revision.value).where(
-    m.Revision.name == POLICY
-)  # built once: read per request
+# Built once: every request that reads the catalogue reads it.
+REVISION = select(m.Revision.value).where(m.Revision.name == POLICY)
 
 
 def revision(session: Session) -> int:
-    return int(session.connection().execute(_REVISION).scalar() or 0)
+    return int(session.connection().execute(REVISION).scalar() or 0)
 
 
 @dataclass(frozen=True)
@@ -133,8 +132,11 @@ class Catalogues:
         self._lock = threading.Lock()
         self._current: Catalogue | None = None
 
-    def current(self, session: Session) -> Catalogue:
-        number = revision(session)
+    def current(self, session: Session, number: int | None = None) -> Catalogue:
+        """The catalogue of the revision this session sees (`number`, if the caller
+        has read it in this transaction already)."""
+        if number is None:
+            number = revision(session)
         cached = self._current
         if cached is not None and cached.revision == number:
             return cached

@@ -24,8 +24,9 @@ from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
 from micropatch.server import schemas as s
-from micropatch.server.catalogue import ModuleKey
-from micropatch.server.fleet import NotFound
+from micropatch.server.auth import secret_hash
+from micropatch.server.catalogue import REVISION, ModuleKey
+from micropatch.server.fleet import Unauthorized
 
 _hosts = cast(Table, m.Host.__table__)
 _groups = cast(Table, m.Group.__table__)
@@ -33,11 +34,13 @@ _modules = cast(Table, m.HostModule.__table__)
 _applied = cast(Table, m.ProcessPatch.__table__)
 _events = cast(Table, m.Event.__table__)
 
+# Who is checking in, and what the server holds for them, in one statement.
 _HOST = (
-    select(_hosts.c.group_id, _hosts.c.inventory_digest, _groups.c.path)
+    select(_hosts.c.id, _hosts.c.group_id, _hosts.c.inventory_digest, _groups.c.path,
+           REVISION.scalar_subquery())
     .join(_groups, _hosts.c.group_id == _groups.c.id)
-    .where(_hosts.c.id == bindparam("host_id"))
-)
+    .where(_hosts.c.credential_hash == bindparam("credential_hash"))
+)  # fmt: skip
 _KEEP: dict[str, Any] = {  # a value the agent did not send keeps the stored one
     "name": func.coalesce(bindparam("name"), _hosts.c.name),
     "kernel": func.coalesce(bindparam("kernel"), _hosts.c.kernel),
@@ -68,6 +71,8 @@ _STORED_EVENTS = select(
 
 @dataclass(frozen=True)
 class CheckedIn:
+    host_id: int
+    revision: int  # of the catalogue, as this transaction read it
     group_id: int
     group: str
     modules: list[ModuleKey]  # what the host maps, as stored after this check-in
@@ -75,15 +80,16 @@ class CheckedIn:
     events_accepted: int
 
 
-def check_in(session: Session, host_id: int, request: s.CheckinRequest) -> CheckedIn:
-    """Store what the host reported: its inventory replaces the stored one when sent,
-    events are added (a batch sent again is not stored twice)."""
+def check_in(session: Session, credential: str, request: s.CheckinRequest) -> CheckedIn:
+    """Store what the host whose credential this is reported: its inventory replaces
+    the stored one when sent, events are added (a batch sent again is not stored
+    twice). Unauthorized if no host has this credential."""
     db = session.connection()
     now = time.time()
-    found = db.execute(_HOST, {"host_id": host_id}).one_or_none()
+    found = db.execute(_HOST, {"credential_hash": secret_hash(credential)}).one_or_none()
     if found is None:
-        raise NotFound(f"no host {host_id}")  # deleted since its credential was checked
-    group_id, digest, group_path = found
+        raise Unauthorized("unknown or expired credentials")
+    host_id, group_id, digest, group_path, revision = found
     seen: dict[str, Any] = {
         "host_id": host_id, "now": now, "name": request.hostname or None,
         "kernel": request.kernel or None, "agent_version": request.agent_version or None,
@@ -96,7 +102,7 @@ def check_in(session: Session, host_id: int, request: s.CheckinRequest) -> Check
         digest = request.inventory_digest
         db.execute(_SEEN_WITH_INVENTORY, seen | {"digest": digest})
     accepted = _store_events(session, host_id, now, request.events)
-    return CheckedIn(group_id, group_path, modules, digest, accepted)
+    return CheckedIn(host_id, revision or 0, group_id, group_path, modules, digest, accepted)
 
 
 def host_modules(session: Session, host_id: int) -> list[ModuleKey]:

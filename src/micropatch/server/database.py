@@ -6,7 +6,9 @@ SQLite in the data directory by default; any SQLAlchemy URL otherwise
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +23,7 @@ from micropatch.errors import ServerError
 log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 DATABASE_FILE = "server.db"
+POOL_SIZE = 16  # connections kept open per server process (the API's threads: app.THREADS)
 
 
 def database_url(data_dir: str | Path, database: str | None = None) -> str:
@@ -40,7 +43,9 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         options["connect_args"] = {"check_same_thread": False, "timeout": 30}
     else:
-        options["pool_pre_ping"] = True
+        # A connection for each request thread, and as many again for a burst (the
+        # repository refresher, a CLI command): no request waits out the pool's timeout.
+        options.update(pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
     try:
         engine = create_engine(url, **options)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
@@ -105,10 +110,16 @@ class Database:
         if migrate_now:
             migrate(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite has one writer at a time, and every transaction here takes the write
+        # lock (BEGIN IMMEDIATE). Between threads of this process they take turns on
+        # this lock: waiting in SQLite's busy handler instead sleeps in steps of up to
+        # 100 ms while the lock is free, which under load idles the server with
+        # requests queued. (Other processes, `server admin …`, still wait in SQLite.)
+        self._turns = threading.Lock() if url.startswith("sqlite") else contextlib.nullcontext()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        with self._sessions() as session, session.begin():
+        with self._turns, self._sessions() as session, session.begin():
             yield session
 
     def dispose(self) -> None:
