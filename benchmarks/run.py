@@ -12,6 +12,7 @@ from benchmarks import (
     build,
     chaos,
     diff,
+    fleet_publish,
     overhead,
     pause,
     peers,
@@ -30,6 +31,7 @@ BENCHMARKS = {
     "agent": agent,
     "agent_exec": agent_exec,
     "server": server,
+    "fleet_publish": fleet_publish,
 }
 
 

@@ -13,12 +13,9 @@ directories, sockets and trust directories are separate; the file system is shar
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import select
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,9 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
+from targets.fleet import FleetAgent, Host, NsTarget, agent_config
 
-from micropatch.agent.client import AgentClient
-from micropatch.errors import ControlError
 from micropatch.trust.keys import generate_key, write_key_pair
 
 from .test_agent import GUARD, micropatch, signed, wait_for
@@ -42,141 +38,6 @@ pytestmark = pytest.mark.skipif(
 
 CHECKIN = 1.0  # the agents' check-in interval (agent.toml), seconds
 MARGIN = 15.0  # what one check-in may take beyond it on a loaded test machine
-
-
-class Host:
-    """A PID namespace standing for one machine: an init, then an agent and targets."""
-
-    def __init__(self, root: Path, name: str) -> None:
-        self.name = name
-        self.root = root / name
-        self.root.mkdir()
-        self.init = subprocess.Popen(
-            ["unshare", "--pid", "--uts", "--fork", "--mount-proc", "--kill-child",
-             "sleep", "infinity"]
-        )  # fmt: skip
-        self.init_pid = wait_for(self._child, 10, "the namespace's init")
-        subprocess.run([*self.enter(), "hostname", name], check=True)
-        self.targets: list[NsTarget] = []
-
-    def _child(self) -> int | None:
-        try:
-            text = Path(f"/proc/{self.init.pid}/task/{self.init.pid}/children").read_text()
-        except OSError:
-            return None
-        return int(text.split()[0]) if text.split() else None
-
-    def enter(self) -> list[str]:
-        return ["nsenter", "--target", str(self.init_pid), "--pid", "--mount", "--uts", "--"]
-
-    def start(self, program: Path) -> NsTarget:
-        t = NsTarget([*self.enter(), str(program)])
-        self.targets.append(t)
-        return t
-
-    def close(self) -> None:
-        for t in self.targets:
-            t.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.init_pid, signal.SIGKILL)  # the namespace's init: all of it goes
-        self.init.kill()
-        self.init.wait()
-
-
-class NsTarget:
-    """A target program in a namespace, driven line by line (its pid is the namespace's)."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            bufsize=0,
-        )  # fmt: skip
-        self._buf = b""
-        ready = self.readline()
-        assert ready.startswith("ready "), ready
-        self.pid = int(ready.split()[1])  # in the namespace
-
-    def readline(self, timeout: float = 30.0) -> str:
-        assert self.proc.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
-                raise AssertionError("the target did not answer")
-            chunk = os.read(self.proc.stdout.fileno(), 4096)
-            if not chunk:
-                raise AssertionError("the target exited")
-            self._buf += chunk
-        line, _, self._buf = self._buf.partition(b"\n")
-        return line.decode().strip()
-
-    def cmd(self, line: str) -> str:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
-        return self.readline()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.kill()
-        self.proc.wait()
-
-
-class FleetAgent:
-    """`micropatch agent run` inside a host's namespace."""
-
-    def __init__(self, host: Host, trusted: Path, root_json: Path) -> None:
-        self.host = host
-        d = host.root
-        self.state, self.socket, self.trust = d / "state", d / "agent.sock", d / "trusted"
-        self.trust.mkdir()
-        shutil.copy(trusted, self.trust / trusted.name)
-        shutil.copy(root_json, self.trust / "repository-root.json")
-        self.config = d / "agent.toml"
-        self.config.write_text(f"blocked_interval = 0.2\ncheckin_interval = {CHECKIN}\n"
-                               f"inventory_interval = {CHECKIN}\n")  # fmt: skip
-        self.client = AgentClient(self.socket, timeout=60)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.runs = 0
-
-    def start(self) -> FleetAgent:
-        self.runs += 1
-        with open(self.host.root / f"agent-{self.runs}.out", "wb") as out, \
-                open(self.host.root / f"agent-{self.runs}.err", "wb") as err:  # fmt: skip
-            self.proc = subprocess.Popen(
-                [*self.host.enter(), "micropatch", "agent", "run", "--state-dir", str(self.state), "--socket", str(self.socket), "--trust-dir", str(self.trust), "--config", str(self.config)],
-                stdout=out, stderr=err,
-            )  # fmt: skip
-        wait_for(self._ready, 60, f"agent {self.host.name} ready")
-        return self
-
-    def _ready(self) -> bool:
-        assert self.proc is not None
-        if self.proc.poll() is not None:
-            err = (self.host.root / f"agent-{self.runs}.err").read_text()
-            raise AssertionError(f"agent {self.host.name} exited: {err}")
-        try:
-            return bool(self.client.call("ping")["ready"])
-        except ControlError:
-            return False
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.client.call("status"))
-
-    def events(self) -> list[dict[str, Any]]:
-        return list(self.client.call("events", limit=10_000))
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            # nsenter forked the agent: signal the agent itself, nsenter exits with it.
-            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
-            for pid in children.split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class Server:
@@ -258,7 +119,8 @@ def test_publish_disable_block_revoke_offline_restart(targets, tmp_path, fleet) 
         host = Host(tmp_path, name)
         fleet["hosts"].append(host)
         per_host[name] = host.start(targets.vuln_pie)
-        agent = FleetAgent(host, fleet["public"], fleet["root"]).start()
+        agent = FleetAgent(host, fleet["public"], fleet["root"],
+                           agent_config(CHECKIN, blocked_interval=0.2)).start()  # fmt: skip
         agents.append(agent)
         token = micropatch("server", "admin", "enrollment-token", "--group", group,
                            "--data-dir", data).stdout.strip()  # fmt: skip
