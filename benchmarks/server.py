@@ -11,7 +11,7 @@ URL`), the same steps on each:
    each token). Both timed.
 1. Check-in load: POST /api/v1/checkin at RATE per second (default 10,000
    agents every 60 s ≈ 167/s, whatever --agents is: with fewer agents each
-   checks in more often) for SECONDS, the agents in turn, from one asyncio httpx
+   checks in more often) for SECONDS, the agents in turn, from one asyncio aiohttp
    client. Open loop: check-in i is due at start + i / RATE and its latency is
    measured from that due time, not from when it was sent, so a server that
    falls behind shows as latency, not as a lower rate. Each body is what an
@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import functools
 import hashlib
 import json
 import os
@@ -51,6 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 
 from benchmarks import peers, report
@@ -235,8 +237,10 @@ def inventory(agent: int, generation: int = 0) -> dict[str, Any]:
             "modules": modules, "processes": processes, "inventory_digest": digest}  # fmt: skip
 
 
-def unchanged(body: dict[str, Any]) -> dict[str, Any]:
+@functools.cache
+def unchanged(agent: int, generation: int = 0) -> dict[str, Any]:
     """What an agent sends when the server holds its inventory: the digest only."""
+    body = inventory(agent, generation)
     return {k: v for k, v in body.items() if k not in ("modules", "processes")}
 
 
@@ -268,17 +272,47 @@ async def _bounded(n: int, concurrency: int, one: Any) -> list[Any]:
     return results
 
 
+# The load client is aiohttp: httpx cost the client about 3 ms of CPU per request on
+# this machine (aiohttp 0.35 ms), as much as the server it shares the CPUs with.
+HttpErrors = (aiohttp.ClientError, TimeoutError)
+
+
+def client(url: str, connections: int) -> aiohttp.ClientSession:
+    return aiohttp.ClientSession(
+        url,
+        connector=aiohttp.TCPConnector(limit=connections),
+        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
+    )
+
+
+async def post(
+    c: aiohttp.ClientSession, path: str, body: Any, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    """POST `body` (JSON, or bytes already encoded): the status and the JSON answered
+    (the text if it is not JSON)."""
+    if isinstance(body, bytes):
+        headers = {**(headers or {}), "Content-Type": "application/json"}
+        request = c.post(path, data=body, headers=headers)
+    else:
+        request = c.post(path, json=body, headers=headers)
+    async with request as r:
+        text = await r.text()
+        try:
+            return r.status, json.loads(text)
+        except ValueError:
+            return r.status, text
+
+
 async def setup_agents(url: str, admin: str, n: int) -> dict[str, Any]:
     """n enrollment tokens through the admin API, then n enrolled agents."""
-    limits = httpx.Limits(max_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as c:
+    async with client(url, CONCURRENCY) as c:
         auth = {"Authorization": f"Bearer {admin}"}
 
         async def token(_i: int) -> str:
-            r = await c.post("/api/v1/enrollment-tokens", json={}, headers=auth)
-            if r.status_code != 201:
-                raise BenchError(f"enrollment-tokens: {r.status_code} {r.text[:300]}")
-            return str(r.json()["token"])
+            status, answer = await post(c, "/api/v1/enrollment-tokens", {}, auth)
+            if status != 201:
+                raise BenchError(f"enrollment-tokens: {status} {str(answer)[:300]}")
+            return str(answer["token"])
 
         start = time.perf_counter()
         tokens = await _bounded(n, CONCURRENCY, token)
@@ -287,10 +321,10 @@ async def setup_agents(url: str, admin: str, n: int) -> dict[str, Any]:
         async def enroll(i: int) -> str:
             body = {"token": tokens[i], "hostname": f"bench-{i}", "kernel": "6.18.0",
                     "agent_version": "0.1", "machine_id": _hex(f"m{i}", 32)}  # fmt: skip
-            r = await c.post("/api/v1/enroll", json=body)
-            if r.status_code != 201:
-                raise BenchError(f"enroll: {r.status_code} {r.text[:300]}")
-            return str(r.json()["credential"])
+            status, answer = await post(c, "/api/v1/enroll", body)
+            if status != 201:
+                raise BenchError(f"enroll: {status} {str(answer)[:300]}")
+            return str(answer["credential"])
 
         start = time.perf_counter()
         credentials = await _bounded(n, CONCURRENCY, enroll)
@@ -309,17 +343,16 @@ async def first_checkins(url: str, credentials: list[str]) -> dict[str, Any]:
     CONCURRENCY in flight, as fast as the server answers."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    limits = httpx.Limits(max_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as c:
+    async with client(url, CONCURRENCY) as c:
 
         async def one(agent: int) -> None:
             headers = {"Authorization": f"Bearer {credentials[agent]}"}
             sent = time.perf_counter()
             try:
-                r = await c.post("/api/v1/checkin", json=inventory(agent), headers=headers)
-                reason = f"HTTP {r.status_code}"
-                ok = r.status_code == 200
-            except httpx.HTTPError as e:
+                status, _ = await post(c, "/api/v1/checkin", inventory(agent), headers)
+                reason = f"HTTP {status}"
+                ok = status == 200
+            except HttpErrors as e:
                 ok, reason = False, type(e).__name__
             if ok:
                 latencies.append(time.perf_counter() - sent)
@@ -354,10 +387,8 @@ async def checkin_load(
     late_sends = 0
     events_sent = 0
     generations: dict[int, int] = {}
-    limits = httpx.Limits(max_connections=CONNECTIONS, max_keepalive_connections=CONNECTIONS)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as c:
-        # httpcore matches every queued request against every connection: thousands
-        # queued in its pool cost the client more CPU than the server. They queue here.
+    async with client(url, CONNECTIONS) as c:
+        # At most CONNECTIONS requests in flight; the others wait here (in the latency).
         gate = asyncio.Semaphore(CONNECTIONS)
 
         async def one(i: int, due: float) -> None:
@@ -366,24 +397,19 @@ async def checkin_load(
             changed = rng.random() < CHANGED
             if changed:
                 generations[agent] = generations.get(agent, 0) + 1
-            body = inventory(agent, generations.get(agent, 0))
-            if not changed:
-                body = unchanged(body)
+            generation = generations.get(agent, 0)
+            body = inventory(agent, generation) if changed else unchanged(agent, generation)
             k = rng.choice((0, 0, 1, 2))
             events_sent += k
             content = json.dumps(body | {"events": events(k, rng)}).encode()
-            headers = {"Authorization": f"Bearer {credentials[agent]}",
-                       "Content-Type": "application/json"}  # fmt: skip
+            headers = {"Authorization": f"Bearer {credentials[agent]}"}
             sent = time.perf_counter()
             try:
                 async with gate:  # waiting here counts in the latency (from the due time)
-                    r = await asyncio.wait_for(
-                        c.post("/api/v1/checkin", content=content, headers=headers),
-                        REQUEST_TIMEOUT,
-                    )
-                ok = r.status_code == 200 and r.json()["events_accepted"] == k
-                reason = f"HTTP {r.status_code}" if r.status_code != 200 else "events lost"
-            except (httpx.HTTPError, TimeoutError) as e:
+                    status, answer = await post(c, "/api/v1/checkin", content, headers)
+                ok = status == 200 and answer["events_accepted"] == k
+                reason = f"HTTP {status}" if status != 200 else "events lost"
+            except HttpErrors as e:
                 ok, reason = False, type(e).__name__
             end = time.perf_counter()
             if ok:
@@ -453,8 +479,7 @@ async def event_ingest(url: str, credentials: list[str], seconds: float) -> dict
     requests = 0
     errors: dict[str, int] = {}
     latencies: list[float] = []
-    limits = httpx.Limits(max_connections=CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT, limits=limits) as c:
+    async with client(url, CONCURRENCY) as c:
         start = time.perf_counter()
         stop = start + seconds
         counter = iter(range(10**9))
@@ -463,18 +488,18 @@ async def event_ingest(url: str, credentials: list[str], seconds: float) -> dict
             nonlocal accepted, requests
             while time.perf_counter() < stop:
                 agent = next(counter) % len(credentials)
-                body = unchanged(inventory(agent)) | {"events": events(EVENT_BATCH, rng)}
+                body = unchanged(agent) | {"events": events(EVENT_BATCH, rng)}
                 headers = {"Authorization": f"Bearer {credentials[agent]}"}
                 sent = time.perf_counter()
                 try:
-                    r = await c.post("/api/v1/checkin", json=body, headers=headers)
-                    if r.status_code == 200:
-                        accepted += int(r.json()["events_accepted"])
+                    status, answer = await post(c, "/api/v1/checkin", body, headers)
+                    if status == 200:
+                        accepted += int(answer["events_accepted"])
                         requests += 1
                         latencies.append(time.perf_counter() - sent)
                     else:
-                        errors[f"HTTP {r.status_code}"] = errors.get(f"HTTP {r.status_code}", 0) + 1
-                except httpx.HTTPError as e:
+                        errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
+                except HttpErrors as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
@@ -494,14 +519,20 @@ async def event_ingest(url: str, credentials: list[str], seconds: float) -> dict
 
 
 def measure(
-    workdir: Path, database: str | None, n: int, rate: float, seconds: float, event_seconds: float
+    workdir: Path,
+    database: str | None,
+    n: int,
+    rate: float,
+    seconds: float,
+    event_seconds: float,
+    workers: int = 1,
 ) -> dict[str, Any]:
     data = key_ceremony(workdir)
     env = {"MICROPATCH_SERVER_DATABASE": database} if database else {}
     admin = micropatch("server", "admin", "create-user", "bench", "--role", "admin",
                        "--data-dir", data, env=env).strip()  # fmt: skip
-    server = Server(data, database)
-    result: dict[str, Any] = {}
+    server = Server(data, database, workers=workers)
+    result: dict[str, Any] = {"workers": workers}
     try:
         result["server_ready_seconds"] = server.start()
         print(f"server: {n} tokens and enrollments", file=sys.stderr)
@@ -622,6 +653,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="default both (sqlite with --quick)",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="server processes with PostgreSQL (`server run --workers`; default: one per "
+        "CPU); SQLite is served by one",
+    )
     parser.add_argument("--note", default="", help="a remark written into the results")
     args = report.parse(parser, argv)
     faulthandler.register(signal.SIGUSR1)  # kill -USR1 PID: where a stuck run is
@@ -654,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 with postgres(workdir) as url:
                     data["databases"][db] = measure(
-                        workdir, url, n, args.rate, seconds, event_seconds
+                        workdir, url, n, args.rate, seconds, event_seconds, args.workers
                     )
         except Exception as e:
             traceback.print_exc()
