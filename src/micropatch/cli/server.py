@@ -283,7 +283,10 @@ def publish(
 
 
 
-GRACE = 10  # seconds a stopping server gives the requests under way
+GRACE = 5  # seconds a stopping server gives the requests under way
+# Connections and requests a server process takes at once; beyond, it answers 503 at
+# once (an agent retries later) instead of queueing work it cannot do in time.
+LIMIT_CONCURRENCY = 256
 
 # --- server ----------------------------------------------------------------------------
 
@@ -355,13 +358,14 @@ def server_run(
     address = host.strip("[]")
     if workers == 1:
         uvicorn.run(create_app(settings, server=server), host=address, port=int(port),
-                    log_level="info", timeout_graceful_shutdown=GRACE)  # fmt: skip
+                    log_level="info", timeout_graceful_shutdown=GRACE,
+                    limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
         return
     server.database.dispose()  # each worker opens its own
     os.environ[SETTINGS_VARIABLE] = json.dumps(settings.to_json())
     uvicorn.run("micropatch.server.app:app_from_environment", factory=True, workers=workers,
                 host=address, port=int(port), log_level="info",
-                timeout_graceful_shutdown=GRACE)  # fmt: skip
+                timeout_graceful_shutdown=GRACE, limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
 
 
 @server_app.command("migrate")
