@@ -4,12 +4,8 @@ one in tests)."""
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
 import subprocess
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from micropatch.agent.paths import (
@@ -20,6 +16,9 @@ from micropatch.agent.paths import (
     UNIT_DIR,
     UNIT_NAME,
 )
+from micropatch.systemd import Installed, entry_point, running, write_file
+
+__all__ = ["Installed", "entry_point", "install", "systemd_running", "uninstall", "unit_text"]
 
 UNIT_TEMPLATE = """\
 # Written by `micropatch agent install`; `micropatch agent uninstall` removes it.
@@ -66,24 +65,6 @@ WantedBy=multi-user.target
 """
 
 
-@dataclass
-class Installed:
-    """What install wrote (or found already there, which it never overwrites)."""
-
-    written: list[Path] = field(default_factory=list)
-    kept: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-def entry_point() -> str:
-    """The absolute path of the `micropatch` command running now."""
-    argv0 = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    if argv0 is not None and argv0.name == "micropatch" and argv0.exists():
-        return str(argv0.resolve())
-    found = shutil.which("micropatch") or str(Path(sys.executable).with_name("micropatch"))
-    return str(Path(found).resolve())
-
-
 def unit_text(
     command: str,
     *,
@@ -100,7 +81,7 @@ def unit_text(
 
 
 def systemd_running(root: Path) -> bool:
-    return root == Path("/") and Path("/run/systemd/system").is_dir()
+    return root == Path("/") and running()
 
 
 def install(root: Path = Path("/"), *, command: str | None = None) -> Installed:
@@ -111,14 +92,14 @@ def install(root: Path = Path("/"), *, command: str | None = None) -> Installed:
     done = Installed()
     unit = _under(root, UNIT_DIR) / UNIT_NAME
     unit.parent.mkdir(parents=True, exist_ok=True)
-    _write(unit, unit_text(command or entry_point()), 0o644)
+    write_file(unit, unit_text(command or entry_point()), 0o644)
     done.written.append(unit)
     config = _under(root, DEFAULT_CONFIG)
     config.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     if config.exists():
         done.kept.append(config)
     else:
-        _write(config, default_config_text(), 0o644)
+        write_file(config, default_config_text(), 0o644)
         done.written.append(config)
     for directory, mode in ((DEFAULT_STATE_DIR, 0o700), (DEFAULT_TRUST_DIR, 0o755)):
         path = _under(root, directory)
@@ -158,10 +139,3 @@ def uninstall(root: Path = Path("/")) -> Installed:
 
 def _under(root: Path, absolute: str) -> Path:
     return root / absolute.lstrip("/")
-
-
-def _write(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)

@@ -14,6 +14,9 @@ from typing import Annotated
 
 import typer
 
+from micropatch.server.install import ENVIRONMENT_FILE
+from micropatch.systemd import UNIT_DIR
+
 repo_app = typer.Typer(
     help="The TUF repository patches are distributed from: key ceremony, targets, timestamp.",
     no_args_is_help=True,
@@ -48,6 +51,17 @@ DatabaseOption = Annotated[
     ),
 ]
 DEFAULT_DATA_DIR = Path("/var/lib/micropatch-server")
+RepositoryUrlOption = Annotated[
+    str | None,
+    typer.Option(
+        help="The URL agents fetch the TUF repository from (a web server or CDN serving "
+        "DATA_DIR/repository/public); default: this server's /repository."
+    ),
+]
+WORKERS_HELP = (
+    "Server processes sharing the port (PostgreSQL only: SQLite has one writer, so more "
+    "processes would only wait for its lock). About one per CPU."
+)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -281,14 +295,27 @@ def publish(
     print(f"published {body['patch_id']} v{body['version']} as {body['target']}")
 
 
-
-
 GRACE = 5  # seconds a stopping server gives the requests under way
 # Connections and requests a server process takes at once; beyond, it answers 503 at
 # once (an agent retries later) instead of queueing work it cannot do in time.
 LIMIT_CONCURRENCY = 256
 
 # --- server ----------------------------------------------------------------------------
+
+
+def _check_listen(listen: str) -> tuple[str, int]:
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise _fail(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8600")
+    return host, int(port)
+
+
+def _check_workers(workers: int, database: str | None) -> None:
+    if workers > 1 and not (database or "").startswith(("postgresql:", "postgres:", "postgresql+")):
+        raise _fail(
+            f"--workers {workers} needs --database postgresql://…: SQLite has one writer, "
+            "so more server processes would only wait for its lock (run one)"
+        )
 
 
 def _database(data_dir: Path, database: str | None):  # type: ignore[no-untyped-def]
@@ -306,22 +333,8 @@ def server_run(
     checkin_interval: Annotated[
         int, typer.Option(help="Seconds between an agent's check-ins.", min=5)
     ] = 60,
-    repository_url: Annotated[
-        str | None,
-        typer.Option(
-            help="The URL agents fetch the TUF repository from (a web server or CDN serving "
-            "DATA_DIR/repository/public); default: this server's /repository."
-        ),
-    ] = None,
-    workers: Annotated[
-        int,
-        typer.Option(
-            min=1,
-            max=64,
-            help="Server processes sharing the port (PostgreSQL only: SQLite has one "
-            "writer, so more processes would only wait for its lock). About one per CPU.",
-        ),
-    ] = 1,
+    repository_url: RepositoryUrlOption = None,
+    workers: Annotated[int, typer.Option(min=1, max=64, help=WORKERS_HELP)] = 1,
 ) -> None:
     """Serve the fleet API (migrating the database first)."""
     import json
@@ -333,14 +346,8 @@ def server_run(
     from micropatch.errors import MicropatchError
     from micropatch.server.app import SETTINGS_VARIABLE, Server, Settings, create_app
 
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise _fail(f"--listen {listen!r}: expected HOST:PORT, e.g. 127.0.0.1:8600")
-    if workers > 1 and not (database or "").startswith(("postgresql:", "postgres:")):
-        raise _fail(
-            f"--workers {workers} needs --database postgresql://…: SQLite has one writer, "
-            "so more server processes would only wait for its lock (run one)"
-        )
+    host, port = _check_listen(listen)
+    _check_workers(workers, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     settings = Settings(
         data_dir=data_dir,
@@ -357,15 +364,78 @@ def server_run(
     # then closes: however many were queued, it does not go on serving them.
     address = host.strip("[]")
     if workers == 1:
-        uvicorn.run(create_app(settings, server=server), host=address, port=int(port),
+        uvicorn.run(create_app(settings, server=server), host=address, port=port,
                     log_level="info", timeout_graceful_shutdown=GRACE,
                     limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
         return
     server.database.dispose()  # each worker opens its own
     os.environ[SETTINGS_VARIABLE] = json.dumps(settings.to_json())
     uvicorn.run("micropatch.server.app:app_from_environment", factory=True, workers=workers,
-                host=address, port=int(port), log_level="info",
+                host=address, port=port, log_level="info",
                 timeout_graceful_shutdown=GRACE, limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
+
+
+@server_app.command("install")
+def server_install(
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="The server's data directory (see `server run`).")
+    ] = DEFAULT_DATA_DIR,
+    listen: Annotated[str | None, typer.Option(help="HOST:PORT (`server run`'s).")] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            "--database",
+            help="SQLAlchemy URL (`server run`'s); one with a password goes to a root-only "
+            "environment file, not into the unit.",
+        ),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help=WORKERS_HELP)] = None,
+    checkin_interval: Annotated[
+        int | None, typer.Option(help="Seconds between an agent's check-ins.", min=5)
+    ] = None,
+    repository_url: RepositoryUrlOption = None,
+    unit_dir: Annotated[Path, typer.Option(help="Where the unit goes (tests, images).")] = Path(
+        UNIT_DIR
+    ),
+    environment_file: Annotated[
+        Path, typer.Option(help="Where a database URL with a password goes (0600, root).")
+    ] = Path(ENVIRONMENT_FILE),
+) -> None:
+    """Write the systemd unit micropatch-server.service: `server run` with these options,
+    sandboxed. The data directory needs its repository first (`micropatch repo init`)."""
+    from micropatch.errors import MicropatchError
+    from micropatch.server.install import Options
+    from micropatch.server.install import install as do_install
+
+    port = _check_listen(listen)[1] if listen is not None else None
+    _check_workers(workers or 1, database)
+    options = Options(data_dir, listen, database, workers, checkin_interval, repository_url)
+    try:
+        done = do_install(options, unit_dir=unit_dir, environment_file=environment_file,
+                          grace=GRACE, low_port=port is not None and port < 1024)  # fmt: skip
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    except ValueError as e:  # a control character in an option
+        raise _fail(str(e)) from None
+    for path in done.written:
+        print(f"wrote {path}")
+    for note in done.notes:
+        print(note)
+
+
+@server_app.command("uninstall")
+def server_uninstall(
+    unit_dir: Annotated[Path, typer.Option(help="Where the unit is.")] = Path(UNIT_DIR),
+) -> None:
+    """Stop and disable the service, remove its unit and environment file; the data
+    directory (database, repository) stays."""
+    from micropatch.server.install import uninstall as do_uninstall
+
+    done = do_uninstall(unit_dir)
+    for path in done.written:
+        print(f"removed {path}")
+    if not done.written:
+        print("nothing to remove")
 
 
 @server_app.command("migrate")
