@@ -8,23 +8,27 @@ URL`), the same steps on each:
 0. Setup: an admin user (`server admin create-user`), N one-time enrollment
    tokens through the admin API (POST /api/v1/enrollment-tokens, one request
    each, a few in flight), then N simulated agents enrolled (POST /enroll with
-   each token). Both timed.
-1. Check-in load: POST /api/v1/checkin at RATE per second (default 10,000
+   each token). Both timed. Then each agent's first check-in, with its whole
+   inventory (~30 modules with build-ids and SHA-256s: shared libraries common
+   to the fleet plus the host's own; 5 processes, one with a patch applied),
+   CONCURRENCY in flight: timed, as the cost of inventories sent whole.
+1. Events ingested (before 2, on a server not yet loaded): check-ins carrying
+   EVENT_BATCH (100) events each, closed loop with CONCURRENCY requests in
+   flight, as fast as the server answers, for EVENT_SECONDS: events stored
+   (the server's `events_accepted`) per second. Aim ≥ 1,000/s.
+2. Check-in load: POST /api/v1/checkin at RATE per second (default 10,000
    agents every 60 s ≈ 167/s, whatever --agents is: with fewer agents each
-   checks in more often) for SECONDS, the agents in turn, from one asyncio aiohttp
-   client. Open loop: check-in i is due at start + i / RATE and its latency is
-   measured from that due time, not from when it was sent, so a server that
-   falls behind shows as latency, not as a lower rate. Each body is what an
-   agent sends: ~30 modules with build-ids and SHA-256s (shared libraries
-   common to the fleet plus the host's own), 5 processes (one with a patch
-   applied) and 0-2 events. Aim (issue 9): p99 < 100 ms with PostgreSQL, 0 errors.
-2. Events ingested (measured before 1, on a server not yet loaded): check-ins
-   carrying EVENT_BATCH (100) events each, closed loop with CONCURRENCY
-   requests in flight, as fast as the server answers, for EVENT_SECONDS: events
-   stored (the server's `events_accepted`) per second. Aim ≥ 1,000/s.
+   checks in more often) for SECONDS, the agents in turn, from one asyncio
+   aiohttp client. Open loop: check-in i is due at start + i / RATE and its
+   latency is measured from that due time, not from when it was sent, so a
+   server that falls behind shows as latency, not as a lower rate. Each body is
+   what the agent sends (agent/fleet.py): CHANGED of them carry a changed
+   inventory, whole; the others its digest only (the server holds it); each
+   0-2 events. Aim (issue 9): p99 < 100 ms with PostgreSQL, 0 errors.
 
-The client and the server share the machine (recorded: CPUs, load average);
-the server is one uvicorn process, as `server run` starts it.
+The client and the server share the machine (recorded: CPUs, load average).
+SQLite is served by one process, as `server run` starts it; PostgreSQL by
+`server run --workers W` (default: one per CPU).
 
 Publish → applied on three real agents is measured by benchmarks/fleet_publish.py.
 """
@@ -581,12 +585,13 @@ def markdown(data: dict[str, Any]) -> str:
         f"{data['event_seconds']:g} s; then check-ins at {data['rate']:.1f}/s "
         f"(10,000 agents every 60 s) for {data['seconds']:g} s, open loop (latency from each "
         f"check-in's due time), {CHANGED:.0%} of them with a changed inventory (sent whole), "
-        f"the others with its digest only, as the agent does. {data.get('server', '')} "
-        "Client and server on the same machine.\n",
+        f"the others with its digest only, as the agent does. Client and server on the "
+        "same machine.\n",
     ]
     if data.get("note"):
         lines.append(f"**{data['note']}**\n")
     table = head
+    table += row("server processes", lambda r: str(r.get("workers", 1)))
     table += row("enrollment tokens via admin API (s)", lambda r: _f(r["setup"]["tokens_seconds"]))
     table += row("enrollments (s)", lambda r: _f(r["setup"]["enroll_seconds"]))
     table += row("first check-ins, whole inventory (/s)",
