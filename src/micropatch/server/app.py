@@ -420,11 +420,20 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     # --- hosts ----------------------------------------------------------------------
 
     @app.get(f"{api}/hosts", tags=["hosts"], response_model=list[s.HostOut])
-    def hosts(_who: Reader, session: SessionDep, group: str | None = None) -> list[s.HostOut]:
-        query = select(m.Host).order_by(m.Host.id)
-        if group is not None:
-            query = query.where(m.Host.group_id == fleet.group(session, group).id)
-        return [fleet.host_out(session, h) for h in session.scalars(query)]
+    def hosts(
+        _who: Reader,
+        session: SessionDep,
+        response: Response,
+        group: str | None = None,
+        offset: Annotated[int, Query(ge=0, le=s.INT_MAX)] = 0,
+        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    ) -> list[s.HostOut]:
+        """Hosts by id, a page at a time (`offset`, `limit`); the header X-Total-Count
+        says how many there are."""
+        group_id = None if group is None else fleet.group(session, group).id
+        rows, total = fleet.hosts_out(session, group_id=group_id, offset=offset, limit=limit)
+        response.headers["X-Total-Count"] = str(total)
+        return rows
 
     @app.get(f"{api}/hosts/{{host_id}}", tags=["hosts"], response_model=s.HostOut)
     def get_host(host_id: HostId, who: Anyone, session: SessionDep) -> s.HostOut:
@@ -470,9 +479,11 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         kind: str | None = None,
         patch_id: str | None = None,
         since: float | None = None,
+        before: Annotated[int | None, Query(ge=1, le=s.INT_MAX)] = None,
         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
     ) -> list[s.EventOut]:
-        """Events, newest first. A host credential sees only its own."""
+        """Events, newest first; the next page: `before` the last one's id. A host
+        credential sees only its own."""
         if who.kind == "host":
             if host_id is not None and host_id != who.id:
                 raise HTTPException(403, f"{who.actor} may read only its own data")
@@ -480,7 +491,8 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         elif who.role not in READ:
             raise HTTPException(403, f"{who.actor} may not read events")
         rows = fleet.events(
-            session, host_id=host_id, kind=kind, patch_id=patch_id, since=since, limit=limit
+            session, host_id=host_id, kind=kind, patch_id=patch_id, since=since, before=before,
+            limit=limit,
         )
         return [
             s.EventOut(id=e.id, host_id=e.host_id, kind=e.kind, time=e.time, pid=e.pid,

@@ -152,6 +152,10 @@ def _back(path: str, message: str) -> RedirectResponse:
     return RedirectResponse(f"{PREFIX}{path}{sep}{urlencode({'done': message})}", 303)
 
 
+HOSTS_PER_PAGE = 100
+EVENTS_PER_PAGE = 200
+
+
 def _db(request: Request) -> Iterator[Session]:
     with request.app.state.server.database.session() as session:
         yield session
@@ -392,10 +396,16 @@ def mount_console(app: FastAPI, server: Any) -> None:
     # --- hosts ----------------------------------------------------------------------------
 
     @router.get("/hosts")
-    def hosts(request: Request, viewer: ViewerDep, session: SessionDep) -> Response:
-        query = select(m.Host).order_by(m.Host.id)
-        rows = [fleet.host_out(session, h) for h in session.scalars(query)]
-        return render(request, "hosts.html", viewer, hosts=rows)
+    def hosts(
+        request: Request, viewer: ViewerDep, session: SessionDep, page: int = 1
+    ) -> Response:
+        page = max(1, min(page, s.INT_MAX // HOSTS_PER_PAGE))
+        rows, total = fleet.hosts_out(
+            session, offset=(page - 1) * HOSTS_PER_PAGE, limit=HOSTS_PER_PAGE
+        )
+        pages = max(1, -(-total // HOSTS_PER_PAGE))
+        return render(request, "hosts.html", viewer, hosts=rows, total=total, page=page,
+                      pages=pages)  # fmt: skip
 
     @router.get("/hosts/{host_id}")
     def host(host_id: int, request: Request, viewer: ViewerDep, session: SessionDep) -> Response:
@@ -544,15 +554,23 @@ def mount_console(app: FastAPI, server: Any) -> None:
         kind: str = "",
         host: str = "",
         patch: str = "",
+        before: str = "",
     ) -> Response:
         host_id = int(host) if host.isdigit() and int(host) <= s.INT_MAX else None
+        after = int(before) if before.isdigit() and int(before) <= s.INT_MAX else None
         rows = fleet.events(
-            session, host_id=host_id, kind=kind or None, patch_id=patch or None, limit=200
-        )
+            session, host_id=host_id, kind=kind or None, patch_id=patch or None,
+            before=after, limit=EVENTS_PER_PAGE,
+        )  # fmt: skip
+        older = None
+        if len(rows) == EVENTS_PER_PAGE:
+            older = "?" + urlencode({"kind": kind, "host": host, "patch": patch,
+                                     "before": rows[-1].id})  # fmt: skip
         names = _host_names(session)
         context: dict[str, Any] = dict(events=rows, names=names, kind=kind, host=host, patch=patch,
                        kinds=_event_kinds(), hosts=sorted(names.items()),
-                       patch_ids=_patch_ids(session))  # fmt: skip
+                       patch_ids=_patch_ids(session), older=older,
+                       newest=after is None)  # fmt: skip
         if request.headers.get("hx-request") == "true":  # htmx: the table alone
             return render(request, "_events.html", viewer, **context)
         return render(request, "events.html", viewer, **context)

@@ -334,6 +334,32 @@ def host_out(session: Session, h: m.Host, *, detail: bool = False) -> s.HostOut:
     )
 
 
+def hosts_out(
+    session: Session, *, group_id: int | None = None, offset: int = 0, limit: int = 1000
+) -> tuple[list[s.HostOut], int]:
+    """A page of hosts by id (of one group, or all), and how many there are: three
+    statements whatever the page's size (a fleet has thousands)."""
+    where = [] if group_id is None else [m.Host.group_id == group_id]
+    total = session.scalar(select(func.count()).select_from(m.Host).where(*where)) or 0
+    page = session.execute(
+        select(m.Host, m.Group.path).join(m.Group, m.Host.group_id == m.Group.id)
+        .where(*where).order_by(m.Host.id).offset(offset).limit(limit)
+    ).all()  # fmt: skip
+    ids = [h.id for h, _ in page]
+    counts: dict[int, int] = dict(
+        session.execute(
+            select(m.HostModule.host_id, func.count())
+            .where(m.HostModule.host_id.in_(ids)).group_by(m.HostModule.host_id)
+        ).all()
+    ) if ids else {}  # fmt: skip
+    out = [
+        s.HostOut(id=h.id, name=h.name, group=path, enrolled=h.enrolled, last_seen=h.last_seen,
+                  kernel=h.kernel, agent_version=h.agent_version, modules=counts.get(h.id, 0))
+        for h, path in page
+    ]  # fmt: skip
+    return out, total
+
+
 def move_host(session: Session, h: m.Host, group_path: str, actor: str) -> None:
     g = group(session, group_path)
     before = h.group.path
@@ -360,11 +386,19 @@ def events(
     kind: str | None = None,
     patch_id: str | None = None,
     since: float | None = None,
+    before: int | None = None,
     limit: int = 1000,
 ) -> Sequence[m.Event]:
     """Events, newest first, optionally of one host, kind or patch (the API and the
-    console's timeline)."""
+    console's timeline); `before`: only those after the event of that id in this
+    order (the next page)."""
     query = select(m.Event).order_by(m.Event.time.desc(), m.Event.id.desc()).limit(limit)
+    if before is not None:
+        last = session.get(m.Event, before)
+        if last is not None:
+            query = query.where(
+                or_(m.Event.time < last.time, (m.Event.time == last.time) & (m.Event.id < last.id))
+            )
     if host_id is not None:
         query = query.where(m.Event.host_id == host_id)
     if kind is not None:

@@ -323,3 +323,24 @@ def test_publish_without_an_online_targets_key(api: Api, make_artifact: MakeArti
                         headers=api.auth("operator"))  # fmt: skip
     assert r.status_code == 409 and "targets role needs 1 signature" in r.json()["detail"]
     assert api.client.get("/api/v1/patches", headers=api.auth("operator")).json() == []
+
+
+def test_hosts_and_events_by_page(api: Api) -> None:
+    for i in range(5):
+        api.enroll(f"h{i}")
+    events = [{"kind": "agent", "time": 50.0 + n // 2, "message": f"e{n}"} for n in range(5)]
+    api.client.post("/api/v1/checkin", json={"events": events}, headers=api.auth("h0"))
+    r = api.client.get("/api/v1/hosts", params={"offset": 1, "limit": 2},
+                       headers=api.auth("auditor"))  # fmt: skip
+    assert [h["name"] for h in r.json()] == ["h1", "h2"] and r.headers["X-Total-Count"] == "5"
+    assert all(h["modules"] == 0 and h["group"] == "/" for h in r.json())
+    seen: list[str] = []
+    before: dict[str, int] = {}
+    while True:
+        page = api.client.get("/api/v1/events", params={"limit": 2, **before},
+                              headers=api.auth("auditor")).json()  # fmt: skip
+        if not page:
+            break
+        seen += [e["message"] for e in page]
+        before = {"before": page[-1]["id"]}
+    assert seen == ["e4", "e3", "e2", "e1", "e0"]
