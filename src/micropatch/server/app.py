@@ -41,7 +41,15 @@ from micropatch.errors import MicropatchError, RepositoryError, ServerError
 from micropatch.server import fleet
 from micropatch.server import models as m
 from micropatch.server import schemas as s
-from micropatch.server.auth import ADMIN, HOST_PREFIX, PUBLISH, READ, Passwords, Principal
+from micropatch.server.auth import (
+    ADMIN,
+    HOST_PREFIX,
+    PUBLISH,
+    READ,
+    LoginThrottle,
+    Passwords,
+    Principal,
+)
 from micropatch.server.catalogue import Catalogues
 from micropatch.server.checkin import check_in, host_modules
 from micropatch.server.database import POOL_SIZE, Database, database_url
@@ -90,6 +98,7 @@ class Server:
         self.database = Database(database_url(settings.data_dir, settings.database))
         self.passwords = Passwords()
         self.catalogues = Catalogues()
+        self.logins = LoginThrottle()
 
     def repository_url(self, request: Request) -> str:
         if self.settings.repository_url:
@@ -102,6 +111,7 @@ _STATUS = {
     fleet.Conflict: 409,
     fleet.Invalid: 422,
     fleet.Unauthorized: 401,
+    fleet.TooManyAttempts: 429,
     RepositoryError: 409,
 }
 
@@ -232,7 +242,10 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     @app.exception_handler(ServerError)
     async def _server_error(_request: Request, exc: ServerError) -> JSONResponse:
         status = next((code for kind, code in _STATUS.items() if isinstance(exc, kind)), 400)
-        return JSONResponse({"detail": str(exc)}, status_code=status)
+        headers = {}
+        if isinstance(exc, fleet.TooManyAttempts):
+            headers["Retry-After"] = str(exc.retry_after)
+        return JSONResponse({"detail": str(exc)}, status_code=status, headers=headers)
 
     api = "/api/v1"
 
@@ -245,7 +258,9 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     @app.post(f"{api}/auth/token", tags=["users"], response_model=s.TokenOut)
     def token(body: s.TokenRequest, session: SessionDep) -> s.TokenOut:
         """A 12-hour API token for a user name and password."""
-        user, secret = fleet.login(session, server.passwords, body.name, body.password)
+        user, secret = fleet.login(
+            session, server.passwords, body.name, body.password, throttle=server.logins
+        )
         return s.TokenOut(token=secret, name=user.name, role=user.role)
 
     @app.get(f"{api}/users", tags=["users"], response_model=list[s.UserOut])

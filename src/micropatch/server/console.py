@@ -343,10 +343,11 @@ def mount_console(app: FastAPI, server: Any) -> None:
         try:
             _, secret = fleet.login(
                 session, server.passwords, form.get("name", ""), form.get("password", ""),
-                via="console",
+                via="console", throttle=server.logins,
             )  # fmt: skip
-        except fleet.Unauthorized as exc:
-            return render(request, "login.html", None, 401, csrf=nonce, next=target,
+        except (fleet.Unauthorized, fleet.TooManyAttempts) as exc:
+            status = 429 if isinstance(exc, fleet.TooManyAttempts) else 401
+            return render(request, "login.html", None, status, csrf=nonce, next=target,
                           error=str(exc), name=form.get("name", ""))  # fmt: skip
         response = RedirectResponse(target, 303)
         _cookie(response, request, SESSION_COOKIE, secret, 12 * 3600)

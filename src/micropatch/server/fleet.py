@@ -8,6 +8,7 @@ raises `ServerError` subclasses below, which the API turns into HTTP statuses.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ from micropatch.server.auth import (
     ENROLL_PREFIX,
     HOST_PREFIX,
     USER_PREFIX,
+    LoginThrottle,
     Passwords,
     Principal,
     new_secret,
@@ -47,6 +49,14 @@ class Invalid(ServerError):
 
 class Unauthorized(ServerError):
     """A secret is missing, unknown, expired or used up (HTTP 401)."""
+
+
+class TooManyAttempts(ServerError):
+    """Too many failed logins for a user name lately (HTTP 429, Retry-After)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 def audit(
@@ -98,13 +108,30 @@ def issue_token(session: Session, user: m.User, label: str, ttl: float | None = 
 
 
 def login(
-    session: Session, passwords: Passwords, name: str, password: str, *, via: str = "api"
+    session: Session,
+    passwords: Passwords,
+    name: str,
+    password: str,
+    *,
+    via: str = "api",
+    throttle: LoginThrottle | None = None,
 ) -> tuple[m.User, str]:
     """A 12-hour token for a user name and password: an API token, or (via="console")
-    the console's session, which logging out deletes."""
+    the console's session, which logging out deletes. With a `throttle`, a name with
+    too many failed logins lately is refused (TooManyAttempts) unchecked."""
+    wait = throttle.wait(name) if throttle else 0.0
+    if wait:
+        seconds = math.ceil(wait)
+        raise TooManyAttempts(
+            f"too many failed logins for {name!r}: try again in {seconds} s", seconds
+        )
     user = session.scalar(select(m.User).where(m.User.name == name))
     if user is None or not passwords.verify(user.password_hash, password):
+        if throttle:
+            throttle.failed(name)
         raise Unauthorized("wrong user name or password")
+    if throttle:
+        throttle.succeeded(name)
     token = issue_token(session, user, "login" if via == "api" else via, ttl=12 * 3600)
     details = {} if via == "api" else {"via": via}
     audit(session, f"user:{name}", "user.login", f"user:{name}", **details)

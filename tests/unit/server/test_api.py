@@ -293,6 +293,29 @@ def test_login_with_password(api: Api) -> None:
         assert stored is not None and stored.password_hash.startswith("$argon2id$")
 
 
+def test_failed_logins_are_throttled_per_name(api: Api) -> None:
+    """Past 5 failures in 15 minutes a name is refused unchecked (429, Retry-After),
+    even with the right password; other names are not; the window slides."""
+    r = api.client.post(
+        "/api/v1/users", json={"name": "dave", "role": "auditor", "password": "right-one"},
+        headers=api.auth("admin"),
+    )  # fmt: skip
+    assert r.status_code == 201
+    login = {"name": "dave", "password": "right-one"}
+    assert api.client.post("/api/v1/auth/token", json=login).status_code == 200
+    for _ in range(5):
+        bad = api.client.post("/api/v1/auth/token", json=login | {"password": "guess"})
+        assert bad.status_code == 401
+    refused = api.client.post("/api/v1/auth/token", json=login)
+    assert refused.status_code == 429 and "too many failed logins" in refused.json()["detail"]
+    assert 0 < int(refused.headers["Retry-After"]) <= 900
+    nobody = {"name": "nobody", "password": "x"}
+    assert api.client.post("/api/v1/auth/token", json=nobody).status_code == 401
+    throttle = api.server.logins
+    throttle._failures["dave"] = [t - throttle.window for t in throttle._failures["dave"]]
+    assert api.client.post("/api/v1/auth/token", json=login).status_code == 200  # aged out
+
+
 def test_repository_is_served(api: Api) -> None:
     r = api.client.get("/repository/metadata/timestamp.json")
     assert r.status_code == 200 and r.json()["signed"]["_type"] == "timestamp"

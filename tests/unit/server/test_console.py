@@ -114,6 +114,17 @@ def test_login_required_and_wrong_password(console: Api) -> None:
     r = client.post("/console/login", data={"csrf": csrf, "name": "admin-web",
                                             "password": PASSWORD, "next": "https://evil/"})  # fmt: skip
     assert r.status_code == 303 and r.headers["location"] == "/console/"
+    # Guessing: past 5 failures the console says so (429), the API's throttle shared.
+    csrf = csrf_of(client.get("/console/login").text)
+    for _ in range(5):
+        r = client.post("/console/login", data={"csrf": csrf, "name": "admin-web",
+                                                "password": "guess"})  # fmt: skip
+    assert r.status_code == 401
+    r = client.post("/console/login", data={"csrf": csrf, "name": "admin-web",
+                                            "password": PASSWORD})  # fmt: skip
+    assert r.status_code == 429 and "too many failed logins" in r.text
+    r = console.client.post("/api/v1/auth/token", json={"name": "admin-web", "password": PASSWORD})
+    assert r.status_code == 429
 
 
 def test_login_logout_is_audited_and_ends_the_session(console: Api) -> None:
