@@ -22,7 +22,7 @@ from unit.server.conftest import (  # noqa: F401 (fixtures)
 
 from micropatch.server.updater import PatchUpdater
 from micropatch.trust.artifact import loads
-from micropatch.trust.keys import PrivateKey, write_key_pair
+from micropatch.trust.keys import PrivateKey, generate_key, write_key_pair
 
 # With $MICROPATCH_TEST_POSTGRES, every command below uses that PostgreSQL database
 # (`--database` through its environment variable) instead of SQLite.
@@ -196,6 +196,48 @@ def test_repo_commands(tmp_path: Path, make_artifact, signing_key: PrivateKey) -
     assert micropatch("repo", "list", repo).stdout == ""
     done = micropatch("repo", "refresh-timestamp", repo, "--force")
     assert done.returncode == 0 and "snapshot, timestamp" in done.stdout
+
+
+def test_repo_sign_root(tmp_path: Path) -> None:
+    repo, offline = tmp_path / "repo", tmp_path / "offline"
+    assert micropatch("repo", "init", repo, "--offline-dir", offline).returncode == 0
+    meta = repo / "public/metadata"
+    listed = micropatch("repo", "list", repo)
+    assert listed.returncode == 0 and "root: version 1, expires " in listed.stderr
+    assert "timestamp: version 1" in listed.stderr and "warning" not in listed.stderr
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    stranger, _ = write_key_pair(generate_key("stranger"), wrong / "stranger")
+    refused = micropatch("repo", "sign-root", repo, "--root-key", offline / "root-1.key",
+                         "--root-key", stranger)  # fmt: skip
+    assert refused.returncode == 1
+    assert "needs 2 signature(s) by root keys of version 1" in refused.stderr
+    assert "but 1 valid one(s) were given" in refused.stderr
+    assert str(stranger) in refused.stderr and "nothing was written" in refused.stderr
+    assert not (meta / "2.root.json").exists()
+
+    done = micropatch("repo", "sign-root", repo, "--root-key", offline / "root-1.key",
+                      "--root-key", offline / "root-3.key", "--expires-in", 400,
+                      "--new-root-keys", 3, "--root-threshold", 2,
+                      "--offline-dir", tmp_path / "offline-2",
+                      "--remove-root-key", offline / "root-1.pub",
+                      "--remove-root-key", offline / "root-2.pub",
+                      "--remove-root-key", offline / "root-3.pub")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"root version 2: {meta / '2.root.json'}" in done.stdout
+    assert "root keys: 2 of 3 needed" in done.stdout
+    assert str(tmp_path / "offline-2" / "root-v2-1.key") in done.stdout
+    assert f"Move {tmp_path / 'offline-2'} off this machine" in done.stdout
+    assert "Copy 2.root.json and root.json (only those)" in done.stdout
+    assert (meta / "root.json").read_bytes() == (meta / "2.root.json").read_bytes()
+    assert "root: version 2" in micropatch("repo", "list", repo).stderr
+    # The old keys no longer sign.
+    old = micropatch("repo", "sign-root", repo, "--root-key", offline / "root-1.key",
+                     "--root-key", offline / "root-2.key")  # fmt: skip
+    assert old.returncode == 1 and "by root keys of version 2" in old.stderr
+    missing = micropatch("repo", "sign-root", repo)
+    assert missing.returncode == 1 and "--root-key" in missing.stderr
 
 
 def test_concurrent_enrollment_and_checkins(data_dir: Path, server: str) -> None:

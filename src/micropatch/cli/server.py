@@ -231,16 +231,95 @@ def repo_refresh_timestamp(
     print("re-signed: " + (", ".join(done) if done else "nothing (all fresh)"))
 
 
+@repo_app.command("sign-root")
+def repo_sign_root(
+    directory: RepoArgument,
+    root_key: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--root-key",
+            help="A root private key (.key) of the current root, repeatable: a threshold of "
+            "them must sign.",
+        ),
+    ] = None,
+    expires_in: Annotated[
+        int | None,
+        typer.Option(help="Days the new root stays valid (default: the root period, 365)."),
+    ] = None,
+    new_root_keys: Annotated[
+        int, typer.Option(help="Generate this many new root keys into --offline-dir.")
+    ] = 0,
+    root_threshold: Annotated[
+        int | None,
+        typer.Option(help="Root signatures needed from now on (default: unchanged)."),
+    ] = None,
+    offline_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="Where new root keys are written (offline media, not inside the repository)."
+        ),
+    ] = None,
+    remove_root_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove-root-key",
+            help="A root key to drop (lost or exposed): its .pub file or key id; repeatable.",
+        ),
+    ] = None,
+) -> None:
+    """Renew or rotate the root: sign root version N+1 (new expiry; optionally new root
+    keys and threshold, old ones removed) with a threshold of the current root keys. Run
+    it on the offline machine, then copy N+1.root.json and root.json to where the
+    repository is served."""
+    from micropatch.errors import MicropatchError
+    from micropatch.server.repository import Repository, load_keys
+
+    if not root_key:
+        raise _fail("give the current root keys to sign with: --root-key ROOT.key (repeatable)")
+    try:
+        done = Repository(directory).sign_root(
+            load_keys(root_key),
+            expires_in=expires_in,
+            new_root_keys=new_root_keys,
+            root_threshold=root_threshold,
+            offline_dir=offline_dir,
+            remove_root_keys=remove_root_key or [],
+        )
+    except MicropatchError as e:
+        raise _fail(str(e)) from None
+    print(f"root version {done.version}: {done.path}")
+    print(f"expires {done.expires:%Y-%m-%d %H:%M} UTC")
+    print(f"root keys: {done.threshold} of {len(done.root_keyids)} needed")
+    if done.new_keys:
+        print("new root keys: " + ", ".join(map(str, done.new_keys)))
+        print(
+            f"Move {done.offline_dir} off this machine now (to offline media): the root keys "
+            "must never be online."
+        )
+    print(
+        f"Copy {done.path.name} and root.json (only those) from {done.path.parent} into the "
+        "served repository's public/metadata; agents follow from the root they trust."
+    )
+
+
 @repo_app.command("list")
 def repo_list(directory: RepoArgument) -> None:
-    """The published targets, one JSON object a line."""
+    """The published targets, one JSON object a line; each role's version and expiry
+    (and a warning when the root expires soon) on stderr."""
     from micropatch.errors import MicropatchError
     from micropatch.server.repository import Repository
 
     try:
-        targets = Repository(directory).target_files()
+        repo = Repository(directory)
+        roles = repo.roles()
+        warning = repo.root_expiry_warning()
+        targets = repo.target_files()
     except MicropatchError as e:
         raise _fail(str(e)) from None
+    for role, version, expires in roles:
+        print(f"{role}: version {version}, expires {expires:%Y-%m-%d %H:%M} UTC", file=sys.stderr)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     for name, target in sorted(targets.items()):
         print(json.dumps({"name": name, "length": target.length, **target.custom}))
 

@@ -15,7 +15,9 @@ timestamp, written last, points at it. The layout of a repository `DIR`::
                                an uploaded artifact must be signed by one of them
 
 Root keys never live in `DIR`: `init` writes them to a separate directory
-that the operator moves off the machine (docs/server.md, "Key ceremony").
+that the operator moves off the machine (docs/server.md, "Key ceremony"), and
+`sign_root`, run on the offline machine, renews the root before it expires or
+rotates its keys (root version N+1, signed by a threshold of N's root keys).
 
 Keys are micropatch Ed25519 keys (`trust.keys`), so a patch-signing key can be
 the targets key. TUF signs the canonical JSON of a metadata document (it starts
@@ -39,6 +41,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from securesystemslib.signer import CryptoSigner, SSlibKey
+from tuf.api.exceptions import UnsignedMetadataError
 from tuf.api.metadata import (
     Metadata,
     MetaFile,
@@ -48,13 +51,14 @@ from tuf.api.metadata import (
     Targets,
     Timestamp,
 )
-from tuf.api.serialization.json import JSONSerializer
+from tuf.api.serialization.json import CanonicalJSONSerializer, JSONSerializer
 
 from micropatch.errors import RepositoryError, SignatureError
 from micropatch.trust.keys import (
     PrivateKey,
     PublicKey,
     generate_key,
+    key_id,
     load_private_key,
     load_public_key,
     trusted_keys,
@@ -74,6 +78,8 @@ ROLES = ("root", "targets", "snapshot", "timestamp")
 # `refresh` when less than half of their period is left, so a server that
 # calls it more often than every half period never lets a client see them expire.
 DEFAULT_EXPIRY = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
+# `refresh` warns when the root expires within this many days: it must be renewed offline.
+ROOT_WARNING = 30
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _VERSIONED = re.compile(r"(\d+)\.(root|targets|snapshot)\.json")
 
@@ -98,6 +104,19 @@ class Ceremony:
     root_keys: tuple[Path, ...]
     targets_keys: tuple[Path, ...]  # the private keys written or given (may be offline)
     online_keys: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class RootSigning:
+    """What `Repository.sign_root` wrote: the new root version, and its new keys if any."""
+
+    version: int
+    expires: datetime.datetime
+    path: Path  # DIR/public/metadata/N.root.json
+    threshold: int
+    root_keyids: tuple[str, ...]  # the TUF key ids of the new root's root keys
+    new_keys: tuple[Path, ...]  # private keys generated into the offline directory
+    offline_dir: Path | None
 
 
 class Repository:
@@ -200,12 +219,8 @@ class Repository:
         os.chmod(directory / ONLINE, 0o700)
 
         def new_key(name: str, where: Path) -> tuple[PrivateKey, Path]:
-            key = generate_key(name, now=now)
-            try:
-                private_path, _ = write_key_pair(key, where / name)
-            except SignatureError as exc:
-                raise RepositoryError(str(exc)) from None
-            return key, private_path
+            key = _generate(name, now)
+            return key, _write_key(key, where)
 
         roots = [new_key(f"root-{i + 1}", offline) for i in range(root_keys)]
         if targets_keys:
@@ -342,6 +357,9 @@ class Repository:
         (all of them with `force`): timestamp, snapshot, and targets when its keys are
         online. Returns the roles re-signed."""
         now = now or utc_now()
+        warning = self.root_expiry_warning(now)
+        if warning:
+            log.warning("%s", warning)
         done: list[str] = []
         with self._locked():
 
@@ -364,7 +382,193 @@ class Repository:
                 done.append("timestamp")
         return done
 
+    def sign_root(
+        self,
+        keys: Sequence[PrivateKey],
+        *,
+        expires_in: int | None = None,
+        new_root_keys: int = 0,
+        root_threshold: int | None = None,
+        offline_dir: str | Path | None = None,
+        remove_root_keys: Sequence[str] = (),
+        now: datetime.datetime | None = None,
+    ) -> RootSigning:
+        """Renew or rotate the root: write root version N+1 from the newest root N.
+
+        The new root expires `expires_in` days from now (default: the repository's root
+        period). `new_root_keys`: generate that many root keys into `offline_dir` (which
+        must not be inside the repository) and add them; `remove_root_keys`: TUF or
+        micropatch key ids (or unique prefixes of at least 8 digits) of root keys to drop;
+        `root_threshold`: the new root threshold (default: unchanged). `keys`: private root
+        keys to sign with. N+1 must be signed by a threshold of N's root keys (what clients
+        trust now) and by a threshold of its own, checked before anything is written. The
+        other roles' keys are unchanged, so nothing else is re-signed.
+        """
+        now = now or utc_now()
+        days = self.expiry["root"] if expires_in is None else expires_in
+        if days < 1:
+            raise RepositoryError(f"the root must stay valid at least 1 day, not {days}")
+        if new_root_keys < 0:
+            raise RepositoryError(f"cannot generate {new_root_keys} root keys")
+        offline: Path | None = None
+        if new_root_keys:
+            if offline_dir is None:
+                raise RepositoryError(
+                    "new root keys need an offline directory to be written to (--offline-dir), "
+                    "outside the repository"
+                )
+            offline = Path(offline_dir)
+            inside = self.dir.resolve()
+            if offline.resolve() == inside or inside in offline.resolve().parents:
+                raise RepositoryError(
+                    f"{offline} is inside the repository {self.dir}: root keys are never "
+                    "written beside the repository; give a directory on offline media"
+                )
+        with self._locked():
+            current = self.root()
+            old = current.signed
+            new = Metadata[Root].from_bytes(current.to_bytes())
+            root = new.signed
+            root.version = old.version + 1
+            root.expires = now + datetime.timedelta(days=days)
+            new.signatures.clear()
+            for wanted in remove_root_keys:
+                root.revoke_key(self._root_keyid(old, wanted), "root")
+            generated = [
+                _generate(f"root-v{root.version}-{i + 1}", now) for i in range(new_root_keys)
+            ]
+            if offline is not None:
+                for key in generated:
+                    for suffix in (".key", ".pub"):
+                        if (offline / f"{key.public.name}{suffix}").exists():
+                            raise RepositoryError(
+                                f"{offline / key.public.name}{suffix} already exists; give "
+                                "another offline directory"
+                            )
+            for key in generated:
+                root.add_key(tuf_key(key.public), "root")
+            role = root.roles["root"]
+            if root_threshold is not None:
+                role.threshold = root_threshold
+            if not 1 <= role.threshold <= len(role.keyids):
+                raise RepositoryError(
+                    f"root threshold {role.threshold} must be between 1 and the number of root "
+                    f"keys of version {root.version} ({len(role.keyids)})"
+                )
+            relevant = set(old.roles["root"].keyids) | set(role.keyids)
+            strangers = []
+            for key in [*keys, *generated]:
+                s = signer(key)
+                if s.public_key.keyid in relevant:
+                    new.sign(s, append=True)
+                else:
+                    strangers.append(key.public.path or key.public.name)
+            self._check_root_signatures(current, new, strangers)
+            written = []
+            if offline is not None:
+                offline.mkdir(parents=True, exist_ok=True)
+                os.chmod(offline, 0o700)
+                written = [_write_key(key, offline) for key in generated]
+            self._write_versioned(new, "root")
+            self._write(self.metadata_dir / "root.json", new)
+        log.info("signed root version %d, expires %s", root.version, root.expires)
+        return RootSigning(
+            root.version,
+            root.expires,
+            self.metadata_dir / f"{root.version}.root.json",
+            role.threshold,
+            tuple(role.keyids),
+            tuple(written),
+            offline,
+        )
+
+    def roles(self) -> list[tuple[str, int, datetime.datetime]]:
+        """Each role's current version and expiry: root, targets, snapshot, timestamp."""
+        timestamp = self.timestamp()
+        snapshot = self._read(f"{timestamp.signed.snapshot_meta.version}.snapshot.json", Snapshot)
+        version = snapshot.signed.meta["targets.json"].version
+        targets = self._read(f"{version}.targets.json", Targets)
+        return [
+            (md.signed.type, md.signed.version, md.signed.expires)
+            for md in (self.root(), targets, snapshot, timestamp)
+        ]
+
+    def root_expiry_warning(self, now: datetime.datetime | None = None) -> str | None:
+        """A warning when the root expires within `ROOT_WARNING` days (None otherwise).
+        Reads root.json only, the newest root, so the server can ask every refresh."""
+        now = now or utc_now()
+        root = self._read("root.json", Root).signed
+        left = root.expires - now
+        if left >= datetime.timedelta(days=ROOT_WARNING):
+            return None
+        when = "expired" if left <= datetime.timedelta(0) else f"expires in {_days(left)}"
+        return (
+            f"the root metadata of {self.dir} (version {root.version}) {when}, on "
+            f"{root.expires:%Y-%m-%d %H:%M} UTC: clients stop updating then; sign a new root "
+            f"with `micropatch repo sign-root {self.dir} --root-key ROOT.key …` on the offline "
+            'machine (docs/server.md, "Renewing and rotating the root")'
+        )
+
     # --- internals ----------------------------------------------------------------
+
+    def _root_keyid(self, root: Root, wanted: str) -> str:
+        """The TUF key id of the root key `wanted`: a .pub file, or a TUF or micropatch
+        key id, or a unique prefix of one of at least 8 hex digits."""
+        role = root.roles["root"]
+        if wanted.endswith(".pub") or os.sep in wanted:
+            keyid = tuf_key(load_public(wanted)).keyid
+            if keyid not in role.keyids:
+                raise RepositoryError(
+                    f"{wanted} is not a root key of version {root.version} of {self.dir}"
+                )
+            return keyid
+        wanted = wanted.lower()
+        if not re.fullmatch(r"[0-9a-f]{8,64}", wanted):
+            raise RepositoryError(
+                f"{wanted!r}: give a root public key (.pub) or a key id (at least 8 hex digits)"
+            )
+        found = set()
+        for keyid in role.keyids:
+            raw = bytes.fromhex(root.keys[keyid].keyval["public"])
+            if keyid.startswith(wanted) or key_id(raw).startswith(wanted):
+                found.add(keyid)
+        if len(found) != 1:
+            what = "no root key" if not found else f"{len(found)} root keys"
+            raise RepositoryError(
+                f"{what} of version {root.version} of {self.dir} has the key id {wanted}; "
+                f"its root keys: {_key_ids({k: root.keys[k] for k in role.keyids})}"
+            )
+        return found.pop()
+
+    def _check_root_signatures(
+        self, current: Metadata[Root], new: Metadata[Root], strangers: Sequence[str]
+    ) -> None:
+        """python-tuf's own checks, as a client makes them: `new` signed by a threshold
+        of the current root's keys, and by a threshold of its own."""
+        for by, version in ((current, current.signed.version), (new, None)):
+            try:
+                by.verify_delegate("root", new)
+            except UnsignedMetadataError:
+                payload = CanonicalJSONSerializer().serialize(new.signed)
+                result = by.signed.get_verification_result("root", payload, new.signatures)
+                whose = (
+                    f"root keys of version {version} (the keys clients trust now)"
+                    if version is not None
+                    else "its own root keys"
+                )
+                extra = (
+                    f"; not root keys of version {current.signed.version}: "
+                    + ", ".join(map(str, strangers))
+                    if strangers
+                    else ""
+                )
+                raise RepositoryError(
+                    f"root version {new.signed.version} needs {result.threshold} signature(s) "
+                    f"by {whose}, but {len(result.signed)} valid one(s) were given{extra}: "
+                    f"sign with --root-key for at least {result.threshold} of them (key ids "
+                    f"{_key_ids({**result.signed, **result.unsigned})}); "
+                    "nothing was written"
+                ) from None
 
     def _change_targets(
         self, change: Any, keys: Sequence[PrivateKey] | None, now: datetime.datetime | None
@@ -481,6 +685,32 @@ class Repository:
             yield
         finally:
             os.close(fd)
+
+
+def _generate(name: str, now: datetime.datetime) -> PrivateKey:
+    try:
+        return generate_key(name, now=now)
+    except SignatureError as exc:
+        raise RepositoryError(str(exc)) from None
+
+
+def _write_key(key: PrivateKey, where: Path) -> Path:
+    """Write `key` as WHERE/NAME.key and .pub (never replacing a file); the .key path."""
+    try:
+        private_path, _ = write_key_pair(key, where / key.public.name)
+    except SignatureError as exc:
+        raise RepositoryError(str(exc)) from None
+    return private_path
+
+
+def _key_ids(keys: dict[str, Any]) -> str:
+    """The micropatch key ids (those in the .pub files) of TUF keys, abbreviated."""
+    return ", ".join(key_id(bytes.fromhex(k.keyval["public"]))[:16] for k in keys.values())
+
+
+def _days(delta: datetime.timedelta) -> str:
+    days = delta.total_seconds() / 86400
+    return f"{days:.0f} day(s)" if days >= 1 else f"{delta.total_seconds() / 3600:.0f} hour(s)"
 
 
 def _sha256(data: bytes) -> str:

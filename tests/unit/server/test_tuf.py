@@ -279,3 +279,136 @@ def test_dedicated_online_targets_key(
     data = make_artifact("fix-a", 1)
     repo.add_target(loads(data).file_name, data, custom=custom_of(data))
     assert list(repo.target_files()) == [loads(data).file_name]
+
+
+# --- renewing and rotating the root -------------------------------------------------
+
+
+def offline_root_keys(tmp_path: Path) -> list[PrivateKey]:
+    return [load_private_key(tmp_path / "offline" / f"root-{i}.key") for i in (1, 2, 3)]
+
+
+def trusted_root(tmp_path: Path) -> dict[str, object]:
+    root: dict[str, object] = json.loads((tmp_path / "client/metadata/root.json").read_bytes())
+    return root["signed"]  # type: ignore[return-value]
+
+
+def test_sign_root_renews_and_the_client_follows(
+    repo: Repository, signing_key: PrivateKey, served: Callable[[Path], str], tmp_path: Path
+) -> None:
+    updater = client(repo, served(repo.public), tmp_path, signing_key)
+    updater.refresh()
+    assert trusted_root(tmp_path)["version"] == 1
+    v1_expires = repo.root().signed.expires
+    online_before = {
+        p.name: p.read_bytes() for p in repo.metadata_dir.iterdir() if "root" not in p.name
+    }
+
+    later = utc_now() + datetime.timedelta(days=200)
+    done = repo.sign_root(offline_root_keys(tmp_path)[1:], now=later)  # 2 of 3
+    assert (done.version, done.new_keys, done.threshold) == (2, (), 2)
+    assert done.expires == later + datetime.timedelta(days=365) > v1_expires
+    assert (repo.metadata_dir / "root.json").read_bytes() == done.path.read_bytes()
+    # The online roles' keys are unchanged: nothing else was re-signed.
+    assert online_before == {
+        p.name: p.read_bytes() for p in repo.metadata_dir.iterdir() if "root" not in p.name
+    }
+
+    updater.refresh()
+    signed = trusted_root(tmp_path)
+    assert signed["version"] == 2
+    assert signed["expires"] == done.expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert updater.targets() == []
+
+
+def test_sign_root_rotates_to_new_keys(
+    repo: Repository, signing_key: PrivateKey, served: Callable[[Path], str], tmp_path: Path
+) -> None:
+    from tuf.api.metadata import Metadata
+
+    from micropatch.server.repository import signer
+
+    old = offline_root_keys(tmp_path)
+    updater = client(repo, served(repo.public), tmp_path, signing_key)
+    updater.refresh()
+    # A lost key is named by its .pub, the others by (a prefix of) their key ids.
+    remove = [str(tmp_path / "offline/root-1.pub"), old[1].public.keyid[:12],
+              old[2].public.keyid]  # fmt: skip
+    done = repo.sign_root(
+        old[:2], new_root_keys=3, root_threshold=2, offline_dir=tmp_path / "new-offline",
+        remove_root_keys=remove,
+    )  # fmt: skip
+    assert done.version == 2 and done.threshold == 2 and len(done.root_keyids) == 3
+    assert [p.name for p in done.new_keys] == [f"root-v2-{i}.key" for i in (1, 2, 3)]
+    assert (tmp_path / "new-offline").stat().st_mode & 0o777 == 0o700
+    new = [load_private_key(p) for p in done.new_keys]
+    updater.refresh()
+    assert trusted_root(tmp_path)["version"] == 2
+
+    # Version 3 signed by the old keys only: refused, before and after writing.
+    with pytest.raises(RepositoryError, match=r"needs 2 signature\(s\) by root keys of version "
+                       r"2 \(the keys clients trust now\), but 0 valid") as caught:  # fmt: skip
+        repo.sign_root(old)
+    assert "not root keys of version 2" in str(caught.value)
+    assert not (repo.metadata_dir / "3.root.json").exists()
+    forged = Metadata.from_bytes(done.path.read_bytes())
+    forged.signed.version = 3
+    forged.signatures.clear()
+    for key in old:
+        forged.sign(signer(key), append=True)
+    (repo.metadata_dir / "3.root.json").write_bytes(forged.to_bytes())
+    with pytest.raises(UpdateError, match="not signed by the threshold"):
+        updater.refresh()
+    assert trusted_root(tmp_path)["version"] == 2
+    (repo.metadata_dir / "3.root.json").unlink()
+
+    # The new keys sign the next version; one of them is not enough.
+    with pytest.raises(RepositoryError, match=r"needs 2 signature\(s\).*but 1 valid"):
+        repo.sign_root(new[:1])
+    assert repo.sign_root(new[1:]).version == 3
+    updater.refresh()
+    assert trusted_root(tmp_path)["version"] == 3
+
+
+def test_sign_root_needs_a_threshold_of_the_current_keys(repo: Repository, tmp_path: Path) -> None:
+    root_json = (repo.metadata_dir / "root.json").read_bytes()
+    old = offline_root_keys(tmp_path)
+    with pytest.raises(RepositoryError, match=r"needs 2 signature\(s\) by root keys of version "
+                       r"1 .*but 1 valid one\(s\) were given.*nothing was written") as caught:  # fmt: skip
+        repo.sign_root(old[:1])
+    assert all(key.public.keyid[:16] in str(caught.value) for key in old)  # as in the .pub
+    # New keys count for the new root, not for the one clients trust now.
+    with pytest.raises(RepositoryError, match=r"version 1 .*but 1 valid"):
+        repo.sign_root(old[:1], new_root_keys=3, offline_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    # Signed by the keys it removes: the old root agrees, the new one does not.
+    with pytest.raises(RepositoryError, match=r"needs 1 signature\(s\) by its own root keys, "
+                       r"but 0 valid"):  # fmt: skip
+        repo.sign_root(old[:2], remove_root_keys=[old[0].public.keyid, old[1].public.keyid],
+                       root_threshold=1)  # fmt: skip
+    with pytest.raises(RepositoryError, match="inside the repository"):
+        repo.sign_root(old, new_root_keys=1, offline_dir=repo.dir / "keys")
+    with pytest.raises(RepositoryError, match="root threshold 4 must be between 1 and"):
+        repo.sign_root(old, root_threshold=4)
+    with pytest.raises(RepositoryError, match="no root key of version 1"):
+        repo.sign_root(old, remove_root_keys=["0123456789abcdef"])
+    assert not (repo.metadata_dir / "2.root.json").exists()
+    assert (repo.metadata_dir / "root.json").read_bytes() == root_json
+
+
+def test_refresh_warns_before_the_root_expires(
+    repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert repo.root_expiry_warning() is None
+    soon = utc_now() + datetime.timedelta(days=340)  # 25 days left of 365
+    with caplog.at_level("WARNING", logger="micropatch.server.repository"):
+        repo.refresh(soon)
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "expires in 25 day(s)" in record.getMessage()
+    assert "micropatch repo sign-root" in record.getMessage()
+    assert "expired" in (repo.root_expiry_warning(soon + datetime.timedelta(days=30)) or "")
+    repo.sign_root(offline_root_keys(tmp_path)[:2], now=soon)
+    assert repo.root_expiry_warning(soon) is None
+    assert [(r, v) for r, v, _ in repo.roles()] == [
+        ("root", 2), ("targets", 1), ("snapshot", 2), ("timestamp", 2)
+    ]  # fmt: skip
