@@ -15,11 +15,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from targets.fleet import wait_for
 
 from micropatch import live
 from micropatch.agent.client import AgentClient
@@ -42,18 +43,6 @@ def micropatch(*args: object, env: dict[str, str] | None = None, **kw: Any):
     )  # fmt: skip
     assert "Traceback" not in done.stderr, done.stderr
     return done
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    """Poll the agent (its status or the target) until `check` holds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.05)
 
 
 class AgentProcess:

@@ -305,6 +305,28 @@ def test_status_of_unpatched_process(start):
     assert live.status(t.pid) == []
 
 
+def test_status_read_while_a_patch_is_removed_reads_again(targets, start, monkeypatch):
+    """`status` does not stop the process: a patch removed between its reading the maps
+    and the cave (the cave unmapped: EIO) is read again, not an error."""
+    from micropatch.errors import MemoryAccessError
+    from micropatch.live import states
+
+    t = start("vuln_pie")
+    patch = make_patch(targets.vuln_pie, [FIX_AT_ENTRY])
+    live.apply(patch, t.pid)
+    real, calls = states.read_caves, []
+
+    def racing(memory, mappings):  # the first read meets a cave unmapped meanwhile
+        calls.append(1)
+        if len(calls) == 1:
+            raise MemoryAccessError(f"process {t.pid}: cannot read 28 bytes: Input/output error")
+        return real(memory, mappings)
+
+    monkeypatch.setattr(states, "read_caves", racing)
+    assert [s.patch_id for s in live.status(t.pid)] == [patch.id] and len(calls) == 2
+    live.remove(patch.id, t.pid)
+
+
 def test_detached_target_survives_sigterm(targets, start):
     """After apply/remove the target is a normal process again: signals work as before."""
     t = start("vuln_pie")

@@ -24,11 +24,11 @@ from typing import Any
 
 import httpx
 import pytest
-from targets.fleet import FleetAgent, Host, NsTarget, agent_config
+from targets.fleet import FleetAgent, Host, NsTarget, agent_config, wait_for
 
 from micropatch.trust.keys import generate_key, write_key_pair
 
-from .test_agent import GUARD, micropatch, signed, wait_for
+from .test_agent import GUARD, micropatch, signed
 from .test_server import free_port
 
 pytestmark = pytest.mark.skipif(

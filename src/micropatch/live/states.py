@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from micropatch.errors import CaveError, MicropatchError
+from micropatch.errors import CaveError, MemoryAccessError, MicropatchError
 from micropatch.live.cave import COUNTER_SIZE, read_caves
 from micropatch.live.module import CAVE_PREFIX, module_groups
 from micropatch.live.registry import AppliedPatch
@@ -64,7 +64,9 @@ def status(pid: int) -> list[PatchState]:
                     for p in cave.registry.patches
                 ]
             return states
-        except CaveError:
+        except (CaveError, MemoryAccessError):
+            # Read while a patcher changed the process: a registry half written, or a
+            # cave unmapped (a patch removed) since the maps were read. Read again.
             if attempt == READ_ATTEMPTS - 1:
                 raise
     return []

@@ -20,6 +20,7 @@ ROOT = Path(micropatch.__file__).parent
 RANK = {
     "errors": 0,
     "faults": 0,
+    "systemd": 0,  # writing units and asking systemctl: the agent's and the server's install
     "arch": 1,
     "elf": 2,
     "patch": 3,
