@@ -48,12 +48,13 @@ class Running:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = data.parent / "server.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.workers = 1
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 ["micropatch", "server", "run", "--data-dir", self.data,
-                 "--listen", f"127.0.0.1:{self.port}"],
+                 "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
                 stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV},
             )  # fmt: skip
         deadline = time.monotonic() + 60
@@ -203,6 +204,55 @@ def test_sigkill_under_load_leaves_every_host_whole(running: Running) -> None:
                        headers={"Authorization": f"Bearer {credential}"})  # fmt: skip
             assert r.status_code == 200 and r.json()["inventory_digest"] == f"h{i}-g5000"
     assert_whole(url)
+
+
+def test_workers_see_a_change_at_the_next_check_in(data_dir: Path, make_artifact) -> None:  # noqa: F811
+    """`server run --workers 2` (PostgreSQL): each process caches the policies and
+    patches per policy revision; a publish, a policy change and a revocation made
+    through one process are in the very next answer of every process."""
+    url = ENV.get("MICROPATCH_SERVER_DATABASE")
+    if not url:
+        pytest.skip("--workers needs PostgreSQL: set MICROPATCH_TEST_POSTGRES=postgresql://…")
+    from unit.server.test_api import module_of
+
+    server = Running(data_dir)
+    server.workers = 2
+    server.start()
+    try:
+        [credential] = enroll(server, 1)
+        operator = micropatch("server", "admin", "create-user", "ops", "--role", "operator",
+                              "--data-dir", data_dir).stdout.strip()  # fmt: skip
+        ops = {"Authorization": f"Bearer {operator}"}
+        data = make_artifact("fix-w", 1)
+        body = {"inventory_digest": "d", "modules": [module_of(data)]}
+
+        def states() -> set[tuple[str, str]]:
+            """What 24 check-ins on new connections (spread over the processes) say."""
+            seen = set()
+            for _ in range(24):
+                r = httpx.post(f"{server.url}/api/v1/checkin", json=body, timeout=60,
+                               headers={"Authorization": f"Bearer {credential}"})  # fmt: skip
+                assert r.status_code == 200, r.text
+                seen |= {(p["patch_id"], p["state"]) for p in r.json()["patches"]}
+                seen |= {(p["patch_id"], "revoked") for p in r.json()["revoked"]}
+            return seen
+
+        assert states() == set()  # every process has built its catalogue
+        r = httpx.post(f"{server.url}/api/v1/patches", content=data, headers=ops, timeout=60)
+        assert r.status_code == 201, r.text
+        assert states() == {("fix-w", "enabled")}
+        r = httpx.put(f"{server.url}/api/v1/policies/", headers=ops, timeout=60,
+                      json={"default_state": "enabled", "patches": {"fix-w": "disabled"}})  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert states() == {("fix-w", "disabled")}
+        r = httpx.post(f"{server.url}/api/v1/patches/fix-w/revoke", json={}, headers=ops)
+        assert r.status_code == 200, r.text
+        assert states() == {("fix-w", "revoked")}
+        assert server.stop(signal.SIGTERM) < GRACE + 8  # every process stops
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
 
 
 def assert_whole(url: str) -> None:
