@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
 import signal
@@ -141,24 +142,29 @@ def load(server: Running, credentials: list[str], stop: threading.Event, events:
 
 
 def test_sigterm_under_load_ends_within_the_grace_time(running: Running) -> None:
-    """Hundreds of slow check-ins queued (a thousand events each, tens of seconds of
-    work): stopped, the server gives the requests under way GRACE seconds, not the
-    whole queue; those past its concurrency limit were refused at once (503)."""
+    """Hundreds of slow check-ins queued (2,000 events each, tens of seconds of work):
+    stopped, the server gives the requests under way GRACE seconds, not the whole
+    queue; those past its concurrency limit were refused at once (503)."""
     credentials = enroll(running, 4)
 
-    def body(i: int) -> dict[str, Any]:  # events never sent before: each one stored
-        return {"events": [{"kind": "blocked", "time": i * 10_000.0 + n, "pid": 7,
-                            "message": f"m{n}"} for n in range(1000)]}  # fmt: skip
-    answered = []
+    # Encoded beforehand, so that the flood is sent at once. Events never sent before:
+    # each one is stored (about 0.1 s of work a request).
+    bodies = [
+        json.dumps({"events": [{"kind": "blocked", "time": i * 10_000.0 + n, "pid": 7,
+                                "message": f"m{n}"} for n in range(2000)]}).encode()
+        for i in range(400)
+    ]  # fmt: skip
+    answered: list[int] = []
 
     async def flood() -> None:
         limits = httpx.Limits(max_connections=400)
         async with httpx.AsyncClient(base_url=running.url, timeout=120, limits=limits) as c:
 
             async def one(i: int) -> None:
-                headers = {"Authorization": f"Bearer {credentials[i % 4]}"}
+                headers = {"Authorization": f"Bearer {credentials[i % 4]}",
+                           "Content-Type": "application/json"}  # fmt: skip
                 try:
-                    r = await c.post("/api/v1/checkin", json=body(i), headers=headers)
+                    r = await c.post("/api/v1/checkin", content=bodies[i], headers=headers)
                     answered.append(r.status_code)
                 except httpx.HTTPError:
                     pass
@@ -167,11 +173,19 @@ def test_sigterm_under_load_ends_within_the_grace_time(running: Running) -> None
 
     flooding = threading.Thread(target=asyncio.run, args=(flood(),))
     flooding.start()
-    time.sleep(3)  # all sent, a few answered
+    # A 503 says the server holds LIMIT_CONCURRENCY connections: a queue of far more
+    # than GRACE seconds of work.
+    deadline = time.monotonic() + 120
+    while 503 not in answered and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert 503 in answered, f"the server never reached its concurrency limit: {answered}"
     took = running.stop(signal.SIGTERM)
     flooding.join(timeout=180)
-    # GRACE, and the time to cancel what is queued on a machine the flood loads.
-    assert took < GRACE + 8, f"{took:.1f} s to stop"
+    # The grace ran out with work queued (the log says so), and the stop took GRACE and
+    # the time to cancel the queue and finish the requests in threads (18.8 s seen
+    # with both CPUs also taken by other work), not the queue's minutes.
+    assert "timeout graceful shutdown exceeded" in running.log.read_text()
+    assert took < GRACE + 25, f"{took:.1f} s to stop"
     # uvicorn ends by re-raising the signal: a clean stop, as systemd counts it.
     assert running.process is not None and running.process.returncode in (0, -signal.SIGTERM)
     seen = collections.Counter(answered)
@@ -179,8 +193,6 @@ def test_sigterm_under_load_ends_within_the_grace_time(running: Running) -> None
     # the test would prove nothing. Nothing they would have written is half written:
     # they waited for a thread, and the others' transactions ran to their end.
     assert seen[200] + seen[503] < 400, f"the load was answered before the stop: {seen}"
-    assert "timeout graceful shutdown exceeded" in running.log.read_text()
-    assert 503 in answered  # 400 at once: past LIMIT_CONCURRENCY
 
 
 def test_sigkill_under_load_leaves_every_host_whole(running: Running) -> None:
