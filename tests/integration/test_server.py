@@ -175,6 +175,16 @@ def test_server_needs_a_repository(tmp_path: Path) -> None:
     assert "micropatch repo init" in done.stderr
 
 
+def test_server_workers_need_postgresql(data_dir: Path) -> None:
+    done = subprocess.run(
+        ["micropatch", "server", "run", "--data-dir", data_dir, "--listen", "127.0.0.1:1",
+         "--workers", "2"], capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "MICROPATCH_SERVER_DATABASE"},
+    )  # fmt: skip
+    assert done.returncode == 1 and "--workers 2 needs --database postgresql" in done.stderr
+    assert not (data_dir / "server.db").exists()  # refused before anything was made
+
+
 def test_repo_commands(tmp_path: Path, make_artifact, signing_key: PrivateKey) -> None:  # noqa: F811
     keys = tmp_path / "keys"
     keys.mkdir()

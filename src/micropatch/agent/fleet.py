@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.events import KINDS, Event
 from micropatch.agent.policy import DISABLED, ENABLED, Exclusion, exclusion
-from micropatch.agent.store import write_private
+from micropatch.agent.store import Stored, write_private
 from micropatch.errors import AgentError, MicropatchError
 
 if TYPE_CHECKING:
@@ -126,6 +126,10 @@ def inventory_digest(modules: list[dict[str, Any]], processes: list[dict[str, An
         sort_keys=True, separators=(",", ":"),
     )  # fmt: skip
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _downloaded(stored: Stored) -> str:
+    return f"downloaded {stored.path.name} from the fleet repository"
 
 
 class Inventory:
@@ -530,21 +534,12 @@ class Fleet:
             target = p["target"]
             try:
                 data = updater.download(target)  # TUF: length and hash as signed
-                stored, _ = agent.store.add(data, target)  # admitted with the trusted keys
+                state = p["state"] if p.get("state") in (ENABLED, DISABLED) else None
+                agent.keep(data, target, state, _downloaded, {"fleet": True, "target": target})
             except Exception as e:
                 self._download_failed(target, p, e)
                 continue
             self._said.pop(target, None)
-            state = p["state"] if p.get("state") in (ENABLED, DISABLED) else None
-            if state is not None:
-                agent.state.set_state(stored.id, state)
-            current = agent.state.ensure(stored.id, agent.config.default_state)
-            agent.report(Event(
-                "agent", time.time(), patch_id=stored.id, version=stored.version,
-                module=stored.admitted.patch.target.module,
-                message=f"downloaded {target} from the fleet repository ({current})",
-                data={"fleet": True, "target": target},
-            ))  # fmt: skip
             added = True
         return added
 

@@ -484,6 +484,25 @@ class Agent:
     def add(self, data: bytes, name: str, state: str | None = None) -> dict[str, Any]:
         """`agent add`: admit, store, set the state (default_state for a new patch),
         reconcile live (a newer version updates the processes that carry the old)."""
+        stored, replaced, current = self.keep(data, name, state, lambda s: f"added {s.path.name}")
+        self._policy_changed()
+        return {
+            "id": stored.id, "version": stored.version, "state": current,
+            "file": stored.path.name, "replaced": replaced.version if replaced else None,
+            "warnings": list(stored.admitted.warnings),
+        }  # fmt: skip
+
+    def keep(
+        self,
+        data: bytes,
+        name: str,
+        state: str | None,
+        what: Callable[[Stored], str],
+        details: dict[str, Any] | None = None,
+    ) -> tuple[Stored, Stored | None, str]:
+        """Admit and store an artifact, set its state (None: keep it, default_state for
+        a new patch) and say so in an event (`what` names how it came); returns it, the
+        version it replaced, its state. The caller reconciles (`_policy_changed`)."""
         stored, replaced = self.store.add(data, name)
         if state is not None:
             self.state.set_state(stored.id, state)
@@ -491,15 +510,11 @@ class Agent:
         self.report(Event(
             "agent", time.time(), patch_id=stored.id, version=stored.version,
             module=stored.admitted.patch.target.module,
-            message=f"added {stored.path.name} ({current})"
+            message=f"{what(stored)} ({current})"
             + (f", replacing version {replaced.version}" if replaced else ""),
+            data=details or {},
         ))  # fmt: skip
-        self._policy_changed()
-        return {
-            "id": stored.id, "version": stored.version, "state": current,
-            "file": stored.path.name, "replaced": replaced.version if replaced else None,
-            "warnings": list(stored.admitted.warnings),
-        }  # fmt: skip
+        return stored, replaced, current
 
     def drop(self, patch_id: str, why: str) -> None:
         """Take a patch out of the store (a revocation), with an event; the processes
