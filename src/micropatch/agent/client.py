@@ -14,6 +14,7 @@ import socket
 
 from micropatch import errors
 from micropatch.errors import ControlError, MicropatchError
+from micropatch.files import read_bounded
 
 TYPE_CHECKING = False  # not imported from typing, which the quick path would pay for
 if TYPE_CHECKING:
@@ -30,6 +31,8 @@ def default_socket() -> str:
     return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
 CONNECT_TIMEOUT = 2.0
+# trust.artifact.MAX_SIZE, not imported from there: it loads pydantic (a test checks they agree)
+MAX_ARTIFACT = 64 << 20
 
 
 def error_from(fields: dict[str, Any]) -> MicropatchError:
@@ -125,8 +128,7 @@ def artifact_arguments(path: str | Path) -> dict[str, str]:
     """An artifact file as request arguments: its bytes (the agent may not see our
     /tmp) and its name for messages."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bounded(path, MAX_ARTIFACT)
     except OSError as e:
         raise errors.ArtifactError(f"{path}: cannot read: {e.strerror}") from e
     return {"artifact": binascii.b2a_base64(data, newline=False).decode("ascii"), "name": str(path)}

@@ -22,6 +22,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from micropatch.errors import ConfigError
+from micropatch.files import read_bounded
+
+MAX_CONFIG = 1 << 20
 
 __all__ = ["AgentConfig", "ConfigError", "default_config_text", "load_config"]
 
@@ -91,7 +94,7 @@ def load_config(path: str | Path | None, *, missing_ok: bool = True) -> AgentCon
         return AgentConfig()
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_CONFIG)
     except FileNotFoundError:
         if missing_ok:
             return AgentConfig()

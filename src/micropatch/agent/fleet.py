@@ -42,6 +42,7 @@ from micropatch.agent.events import KINDS, Event
 from micropatch.agent.policy import DISABLED, ENABLED, Exclusion, exclusion
 from micropatch.agent.store import Stored, write_private
 from micropatch.errors import AgentError, MicropatchError
+from micropatch.files import read_bounded
 
 if TYPE_CHECKING:
     from micropatch.agent.service import Agent
@@ -55,6 +56,7 @@ MAX_BACKOFF = 600.0
 MAX_MODULES = 5000  # modules in one inventory
 IDENTIFY_BUDGET = 2.0  # seconds of hashing new module files per inventory scan
 HTTP_TIMEOUT = 30.0
+MAX_FLEET_FILE = 1 << 20  # fleet.json, the repository's root metadata
 SERVER_EXTRA = ("tuf",)  # what the TUF client (server/updater.py) needs beyond the agent
 
 
@@ -229,7 +231,7 @@ class Fleet:
 
     def _load(self) -> Enrollment | None:
         try:
-            data = json.loads(self.path.read_text())
+            data = json.loads(read_bounded(self.path, MAX_FLEET_FILE))
             return Enrollment(**data)
         except FileNotFoundError:
             return None
@@ -290,7 +292,7 @@ class Fleet:
     def _trusted_root(self) -> bytes:
         path = self.agent.paths.trust_dir / ROOT_NAME
         try:
-            return path.read_bytes()
+            return read_bounded(path, MAX_FLEET_FILE)
         except OSError:
             raise AgentError(
                 f"no trusted root for the repository: give --root ROOT.json (the "

@@ -18,8 +18,9 @@ from micropatch.bodies.toolchain import Toolchain
 from micropatch.build.module import check_identity, elsewhere, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.errors import ArtifactError, MicropatchError, ModuleError
+from micropatch.files import read_bounded
 from micropatch.patch.model import Patch
-from micropatch.patch.source import parse_patch
+from micropatch.patch.source import MAX_SOURCE, parse_patch
 from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, full_expect, make
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import BuilderFacts, ModuleFacts, PatchFacts, Payload, SiteFacts
@@ -41,7 +42,7 @@ def build(
     """
     source = Path(source)
     try:
-        data = source.read_bytes()
+        data = read_bounded(source, MAX_SOURCE)
     except OSError as exc:
         raise ArtifactError(f"{source}: cannot read patch source: {exc.strerror}") from None
     patch = parse_patch(data, str(source))

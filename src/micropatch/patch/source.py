@@ -17,7 +17,10 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from micropatch.errors import PatchFormatError
+from micropatch.files import read_bounded
 from micropatch.patch.model import FieldProblem, Patch, PatchInfo, Patchlet, Target
+
+MAX_SOURCE = 4 << 20  # a patch source; real ones are a few KiB
 
 _TOML_POSITION = re.compile(
     r"(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|(?P<end>end of document))\)"
@@ -43,9 +46,8 @@ _EXPECTED = {
 
 def load_patch(path: str | Path) -> Patch:
     """Read and validate a patch source file."""
-    path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_SOURCE)
     except OSError as exc:
         raise PatchFormatError(f"{path}: cannot read patch source: {exc.strerror}") from None
     return parse_patch(data, str(path))

@@ -54,6 +54,7 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import CanonicalJSONSerializer, JSONSerializer
 
 from micropatch.errors import RepositoryError, SignatureError
+from micropatch.files import read_bounded, write_atomic
 from micropatch.trust.keys import (
     PrivateKey,
     PublicKey,
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T", Root, Targets, Snapshot, Timestamp)
 
 CONFIG = "repository.json"
+MAX_CONFIG = 1 << 20
 PUBLIC = "public"
 ONLINE = "online"
 TRUSTED = "trusted"
@@ -127,7 +129,7 @@ class Repository:
         self.dir = Path(directory)
         config_path = self.dir / CONFIG
         try:
-            config = json.loads(config_path.read_text())
+            config = json.loads(read_bounded(config_path, MAX_CONFIG))
         except FileNotFoundError:
             raise RepositoryError(
                 f"{self.dir} is not a micropatch repository (no {CONFIG}); create one with "
@@ -228,8 +230,9 @@ class Repository:
         else:
             targets = [new_key("targets", offline)]
         for public in trusted or [key.public for key, _ in targets]:
-            (directory / TRUSTED / f"{public.name}-{public.keyid[:12]}.pub").write_text(
-                json.dumps(public.to_json(), indent=2) + "\n"
+            _atomic_write(
+                directory / TRUSTED / f"{public.name}-{public.keyid[:12]}.pub",
+                json.dumps(public.to_json(), indent=2) + "\n",
             )
         snapshot_key, snapshot_path = new_key("snapshot", directory / ONLINE)
         timestamp_key, timestamp_path = new_key("timestamp", directory / ONLINE)
@@ -252,8 +255,9 @@ class Repository:
         root.add_key(tuf_key(timestamp_key.public), "timestamp")
         root.roles["root"].threshold = root_threshold
         root.roles["targets"].threshold = targets_threshold
-        (directory / CONFIG).write_text(
-            json.dumps({"format": "micropatch-repository", "expiry": periods}, indent=2) + "\n"
+        _atomic_write(
+            directory / CONFIG,
+            json.dumps({"format": "micropatch-repository", "expiry": periods}, indent=2) + "\n",
         )
         repo = cls(directory)
         root_md = Metadata(root)
@@ -719,13 +723,11 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _atomic_write(path: Path, data: bytes | str) -> None:
+    """A public file of the repository, written whole (micropatch.files.write_atomic)."""
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        write_atomic(path, data, mode=0o644)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise RepositoryError(f"cannot write {path}: {exc.strerror}") from None
 
 

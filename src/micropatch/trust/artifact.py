@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from pydantic import ValidationError
 from micropatch import __version__
 from micropatch.bodies.cbody import CompiledC
 from micropatch.errors import ArtifactError
+from micropatch.files import read_bounded, write_atomic
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
 from micropatch.trust.canonical import canonical_json, digest
@@ -91,14 +91,10 @@ class Artifact:
         path = Path(path)
         if path.is_dir():
             path = path / self.file_name
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(self.to_bytes())
-            os.replace(tmp, path)  # readers never see half an artifact
+            return write_atomic(path, self.to_bytes(), mode=0o644)  # never half an artifact
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise ArtifactError(f"cannot write {path}: {exc.strerror}") from None
-        return path
 
 
 def make(payload: Payload, name: str) -> Artifact:
@@ -112,13 +108,16 @@ def make(payload: Payload, name: str) -> Artifact:
 def load(path: str | Path) -> Artifact:
     """Read an artifact file and check its structure and id (not its signatures:
     see `verify`). ArtifactError naming the file and the problem."""
-    path = Path(path)
+    return loads(read(path), str(path))
+
+
+def read(path: str | Path) -> bytes:
+    """An artifact file's bytes, read once and at most MAX_SIZE of them; ArtifactError
+    naming the file and the problem (`larger than 64 MiB`)."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
+        return read_bounded(path, MAX_SIZE)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read artifact: {exc.strerror}") from None
-    return loads(data, str(path))
 
 
 def loads(data: bytes, name: str = "<artifact>") -> Artifact:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micropatch.bodies.toolchain import Toolchain
-from micropatch.errors import ArtifactError, NotAdmitted
+from micropatch.errors import NotAdmitted
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
-from micropatch.trust.artifact import MAX_SIZE, Artifact, compiled_bodies, loads, patch_of, verify
+from micropatch.trust.artifact import Artifact, compiled_bodies, loads, patch_of, read, verify
 from micropatch.trust.keys import PublicKey
 from micropatch.trust.signatures import Verification
 
@@ -121,14 +121,8 @@ def admit_file(
     now: datetime.datetime | None = None,
 ) -> Admitted:
     """`admit` for a file: reads it once, at most the largest artifact size."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
     return admit(
-        data,
+        read(path),
         name=str(path),
         keys=keys,
         allow_unsigned=allow_unsigned,

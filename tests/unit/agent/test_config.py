@@ -51,3 +51,8 @@ def test_bad_values_are_refused_with_the_key(tmp_path, text, problem):
 
 def test_the_installed_default_file_parses_to_the_defaults():
     assert AgentConfig.model_validate(tomllib.loads(default_config_text())) == AgentConfig()
+
+
+def test_a_huge_or_endless_file_is_refused_after_the_bound(tmp_path):
+    with pytest.raises(ConfigError, match=r"/dev/zero: cannot read: larger than 1 MiB"):
+        load_config("/dev/zero")

@@ -29,6 +29,7 @@ from micropatch.errors import (
 from micropatch.trust import artifact
 from micropatch.trust.artifact import Artifact, canonical_json, loads, patch_of
 from micropatch.trust.keys import generate_key
+from micropatch.trust.policy import admit_file
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}
@@ -441,6 +442,20 @@ def test_source_errors_name_the_artifact(built: Artifact) -> None:
 def test_artifact_file_errors(tmp_path) -> None:
     with pytest.raises(ArtifactError, match=r"none\.mpatch: cannot read artifact"):
         artifact.load(tmp_path / "none.mpatch")
+    huge = tmp_path / "huge.mpatch"
+    with open(huge, "wb") as f:
+        f.truncate(artifact.MAX_SIZE + 1)  # sparse: costs no disk
+    with pytest.raises(ArtifactError, match=r"huge\.mpatch: cannot read artifact: larger than 64 MiB"):
+        artifact.load(huge)
+    with pytest.raises(ArtifactError, match=r"/dev/zero: cannot read artifact: larger than 64 MiB"):
+        admit_file("/dev/zero", keys=None, allow_unsigned=True)  # an endless file: bounded
+
+
+def test_the_agent_client_bounds_artifacts_as_the_loader_does() -> None:
+    """agent/client.py keeps its own copy of the bound (it must not load pydantic)."""
+    from micropatch.agent.client import MAX_ARTIFACT
+
+    assert MAX_ARTIFACT == artifact.MAX_SIZE
 
 
 # --- whatever the input, only MicropatchError escapes --------------------------------

@@ -20,7 +20,8 @@ ROOT = Path(micropatch.__file__).parent
 RANK = {
     "errors": 0,
     "faults": 0,
-    "systemd": 0,  # writing units and asking systemctl: the agent's and the server's install
+    "files": 0,  # the one atomic writer and bounded reader: standard library only
+    "systemd": 1,  # unit files and systemctl: the agent's and the server's install
     "arch": 1,
     "elf": 2,
     "patch": 3,
