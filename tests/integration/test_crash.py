@@ -1,8 +1,8 @@
 """The patcher killed (SIGKILL, for real) between every two steps of every transaction.
 
-Each test runs one operation in a subprocess with MICROPATCH_FAULT naming a
-point (`micropatch.faults.checkpoint`): the subprocess kills itself there. The
-target must then be alive, with no thread left in a tracing stop, behave as
+Each test runs one operation in a subprocess armed to die at a point
+(`micropatch.faults.environment`: MICROPATCH_FAULT and its test-only switch):
+the subprocess kills itself at that `checkpoint`. The target must then be alive, with no thread left in a tracing stop, behave as
 either fully patched or fully unpatched, and have a registry that says which
 (or says "interrupted", which `repair` and every next command resolve); the
 next commands must succeed and leave it exactly as it was.
@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from micropatch import live
-from micropatch.faults import VARIABLE
+from micropatch import faults, live
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 
@@ -47,7 +46,7 @@ else:
 
 
 def _kill_at(point: str, op: str, pid: int, arg: str) -> int:
-    env = {**os.environ, VARIABLE: point}
+    env = {**os.environ, **faults.environment(point)}
     done = subprocess.run(
         [sys.executable, "-c", RUNNER, op, str(pid), arg],
         env=env,

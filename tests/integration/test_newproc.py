@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 from targets.newproc import PATCHED, UNPATCHED, Agent, build, signed_fixes
 
+from micropatch import faults
+
 STARTS = 100
 
 
@@ -177,7 +179,7 @@ LOAD_POINTS = ["newproc-load-following", "syscall-borrowed", "intent-recorded", 
 def _killed_agent(np: dict[str, Any], point: str, program: list[str]) -> tuple[str, int]:
     """Start an agent that SIGKILLs itself at `point`, run the program, and return
     its output once it ends (it must end: nothing stays blocked or stopped)."""
-    agent = Agent(np["public"], np["dir"], np["artifacts"], env={"MICROPATCH_FAULT": point})
+    agent = Agent(np["public"], np["dir"], np["artifacts"], env=faults.environment(point))
     try:
         started = time.monotonic()
         done = subprocess.run(program, capture_output=True, text=True, timeout=20, check=False)

@@ -152,7 +152,7 @@ def move_threads(
 def write_jumps(tx: Transaction, patch: AppliedPatch) -> None:
     for index, site in enumerate(patch.sites):
         tx.write(site.address, site.jump)
-        checkpoint(f"jump-{index}-written")
+        checkpoint("jump-{index}-written", index=index)
 
 
 def restore_sites(tx: Transaction, patch: AppliedPatch) -> None:
@@ -165,7 +165,7 @@ def restore_sites(tx: Transaction, patch: AppliedPatch) -> None:
                 "has rewritten it; not removing"
             )
         tx.write(site.address, site.original)
-        checkpoint(f"site-{index}-restored")
+        checkpoint("site-{index}-restored", index=index)
 
 
 def reclaim(tx: Transaction, caves: list[Cave], *, everything: bool = False) -> None:
