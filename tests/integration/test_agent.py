@@ -323,10 +323,17 @@ def test_bad_artifacts_in_the_store_are_rejected(targets, start, tmp_path, keys,
 
 @pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="needs a system python3")
 def test_socket_refuses_non_root_and_allows_the_read_only_group_read_verbs(tmp_path, keys):
-    """uid 65534 cannot reach the socket (0600); with read_only_group it can read, not write."""
-    src = str(Path(__import__("micropatch").__file__).resolve().parents[1])
+    """uid 65534 cannot reach the socket (0600); with read_only_group it can read, not write.
+
+    The client runs as nobody from a copy of the package in a directory nobody can
+    read: the checkout may be anywhere, inside a 0700 directory too."""
     run_dir = Path(tempfile.mkdtemp(prefix="mp-agent-", dir="/tmp"))
     run_dir.chmod(0o711)
+    src = run_dir / "lib"
+    package = Path(__import__("micropatch").__file__).resolve().parent
+    shutil.copytree(package, src / "micropatch", ignore=shutil.ignore_patterns("__pycache__"))
+    for path in [src, *src.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
     script = (
         "import sys\nfrom micropatch.agent.client import AgentClient\n"
         "try:\n    AgentClient(sys.argv[1]).call(sys.argv[2])\n    print('ok')\n"
@@ -336,7 +343,7 @@ def test_socket_refuses_non_root_and_allows_the_read_only_group_read_verbs(tmp_p
     def as_nobody(socket: Path, op: str) -> str:
         done = subprocess.run(
             ["/usr/bin/python3", "-c", script, str(socket), op], capture_output=True, text=True,
-            user=65534, group=65534, extra_groups=[], env={"PYTHONPATH": src}, timeout=60,
+            user=65534, group=65534, extra_groups=[], env={"PYTHONPATH": str(src)}, timeout=60,
         )  # fmt: skip
         return done.stdout.strip() + done.stderr
 

@@ -191,7 +191,7 @@ class Fleet:
         self.enrollment: Enrollment | None = self._load()
         self.inventory = Inventory()
         self._modules: list[dict[str, Any]] = []
-        self._scanned = 0.0
+        self._scanned: float | None = None  # time.monotonic() of the last scan; None: never
         self._acknowledged: str | None = None  # the inventory digest the server holds
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -455,9 +455,10 @@ class Fleet:
 
     def _inventory(self) -> list[dict[str, Any]]:
         every = self.agent.config.inventory_interval
-        if not self._modules or time.monotonic() - self._scanned >= every:
+        now = time.monotonic()  # since boot: it may be smaller than `every`
+        if self._scanned is None or not self._modules or now - self._scanned >= every:
             self._modules = self.inventory.scan()
-            self._scanned = time.monotonic()
+            self._scanned = now
         return self._modules
 
     def _processes(self) -> list[dict[str, Any]]:

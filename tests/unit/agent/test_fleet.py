@@ -164,12 +164,12 @@ def test_the_inventory_is_sent_only_when_the_server_does_not_hold_it(agent, serv
     assert server.checkins[-1]["inventory_digest"] == first["inventory_digest"]
     # The same modules found in another order are the same inventory.
     modules.insert(0, {"name": "a", "path": "/a", "build_id": None, "sha256": "1" * 64})
-    agent.fleet._scanned = 0.0  # rescan now
+    agent.fleet._scanned = None  # rescan now
     agent.fleet.check_in()
     changed = server.checkins[-1]
     assert changed["modules"] == modules and changed["inventory_digest"] != first["inventory_digest"]
     modules.reverse()
-    agent.fleet._scanned = 0.0
+    agent.fleet._scanned = None
     agent.fleet.check_in()
     assert "modules" not in server.checkins[-1]
     # A server that lost it (restored from an older backup): sent again at the next one.
