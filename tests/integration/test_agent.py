@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import signal
 import sqlite3
@@ -236,17 +237,24 @@ def test_blocked_attempts_become_events(targets, start, tmp_path, keys, agent):
     assert agent.status()["patches"][0]["blocked"] == 2
     human = agent.cli("events")
     assert "blocked" in human.stdout and f"pid {t.pid}" in human.stdout
-    # --follow streams new events as they come.
+    # --follow streams new events as they come, after the last --limit of the history,
+    # which the agent sends once the follower is subscribed: the line says it is.
     follower = subprocess.Popen(
-        ["micropatch", "agent", "events", "--follow", "--json", "--kind", "blocked", "--limit", "0",
+        ["micropatch", "agent", "events", "--follow", "--json", "--kind", "blocked", "--limit", "1",
          "--socket", agent.socket], stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        time.sleep(0.5)  # let it subscribe; what came before is the history
-        assert t.cmd("call 70") == "-1"
         assert follower.stdout is not None
-        line = json.loads(follower.stdout.readline())
-        assert (line["kind"], line["data"]["count"], line["data"]["total"]) == ("blocked", 1, 3)
+        stdout = follower.stdout
+
+        def line() -> dict[str, Any]:
+            assert select.select([stdout], [], [], 60)[0], "no event line within 60 s"
+            return dict(json.loads(stdout.readline()))
+
+        assert line()["data"]["total"] == 2  # the history: subscribed
+        assert t.cmd("call 70") == "-1"
+        new = line()
+        assert (new["kind"], new["data"]["count"], new["data"]["total"]) == ("blocked", 1, 3)
     finally:
         follower.terminate()
         follower.wait()
