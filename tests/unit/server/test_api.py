@@ -3,7 +3,10 @@ groups and policies, events, the audit log."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
+from urllib.parse import unquote
 
 from micropatch.trust.artifact import loads
 from micropatch.trust.keys import generate_key
@@ -316,10 +319,56 @@ def test_failed_logins_are_throttled_per_name(api: Api) -> None:
     assert api.client.post("/api/v1/auth/token", json=login).status_code == 200  # aged out
 
 
+def raw_get(app: Any, raw_path: bytes) -> tuple[int, bytes]:
+    """GET exactly `raw_path`, as uvicorn hands a request line to the application (the
+    path percent-decoded, dot segments kept). httpx, and so the TestClient, removes
+    `../` before sending, even from an httpx.URL(raw_path=...)."""
+    path, _, query = raw_path.partition(b"?")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": unquote(path.decode("ascii")), "raw_path": path,
+        "query_string": query, "root_path": "", "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 40000), "server": ("testserver", 80),
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        requested = False
+        done = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()  # the client hangs up once the answer is complete
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    asyncio.run(run())
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    return start["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
 def test_repository_is_served(api: Api) -> None:
     r = api.client.get("/repository/metadata/timestamp.json")
     assert r.status_code == 200 and r.json()["signed"]["_type"] == "timestamp"
-    assert api.client.get("/repository/../online/timestamp.key").status_code == 404
+    status, body = raw_get(api.app, b"/repository/metadata/timestamp.json")  # the helper works
+    assert status == 200 and json.loads(body)["signed"]["_type"] == "timestamp"
+    key = (api.server.repository.online_dir / "timestamp.key").read_bytes()
+    for outside in (b"/repository/../online/timestamp.key",
+                    b"/repository/%2e%2e/online/timestamp.key",
+                    b"/repository/metadata/../../online/timestamp.key",
+                    b"/repository/..%2fonline/timestamp.key",
+                    b"/repository/%2e%2e%2frepository.json"):  # fmt: skip
+        status, body = raw_get(api.app, outside)
+        assert status == 404 and key not in body, outside
 
 
 def test_values_no_database_can_hold(api: Api) -> None:
