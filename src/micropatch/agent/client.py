@@ -109,9 +109,6 @@ class AgentClient:
 
     # --- the verbs ----------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
-        return dict(self.call("ping"))
-
     def status(self) -> dict[str, Any]:
         return dict(self.call("status"))
 

@@ -170,16 +170,6 @@ class Carried:
             del self._by_pid[pid]
             return entry
 
-    def retain(self, alive: Iterable[int]) -> list[int]:
-        """Keep only these pids (after a connector overrun: a rescan of /proc);
-        returns the pids dropped, whose exits were missed."""
-        keep = set(alive)
-        with self._lock:
-            gone = [pid for pid in self._by_pid if pid not in keep]
-            for pid in gone:
-                del self._by_pid[pid]
-        return gone
-
     def get(self, pid: int) -> Carrying | None:
         with self._lock:
             return self._by_pid.get(pid)

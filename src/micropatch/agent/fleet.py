@@ -624,13 +624,3 @@ class Fleet:
         for old in current - wanted:
             state.unexclude(old)
         return wanted != current
-
-    # --- waiting, for the loop's callers --------------------------------------
-
-    def wait_revocations(self, timeout: float) -> bool:
-        """Whether every revoked patch left the store within `timeout` (tests, status)."""
-        deadline = time.monotonic() + timeout
-        while self._revoking and time.monotonic() < deadline:
-            self._drop_revoked()
-            time.sleep(0.1)
-        return not self._revoking

@@ -45,7 +45,6 @@ from micropatch.agent.paths import AgentPaths
 from micropatch.agent.policy import (
     DISABLED,
     ENABLED,
-    Exclusion,
     PolicyView,
     exclusion,
     matches,
@@ -586,9 +585,6 @@ class Agent:
             return data, str(args.get("name", "<artifact>"))
         except (KeyError, ValueError, TypeError) as e:
             raise AgentError(f"bad request: artifact must be base64 bytes ({e})") from None
-
-    def exclusion_list(self) -> list[Exclusion]:
-        return list(self.view().exclusions)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

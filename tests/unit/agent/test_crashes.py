@@ -114,14 +114,6 @@ def test_forget_keeps_a_newer_process_with_the_same_pid() -> None:
     assert carried[10].exe == "/bin/new"
 
 
-def test_retain_drops_the_missed_exits() -> None:
-    carried = Carried()
-    for pid in (1, 2, 3):
-        carried.set(pid, "/x", ["p"])
-    assert sorted(carried.retain([2, 7])) == [1, 3]
-    assert list(carried.snapshot()) == [2]
-
-
 def _exit(pid: int, tgid: int, code: int, stamp: int = 10**12) -> ExitEvent:
     return ExitEvent(pid, tgid, code, signal.SIGCHLD, timestamp_ns=stamp)
 
