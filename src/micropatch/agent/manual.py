@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch import live
 from micropatch.agent.events import Event
-from micropatch.errors import AgentError, MicropatchError
+from micropatch.errors import AgentError, MicropatchError, to_wire
 from micropatch.live.lock import waiting
 from micropatch.process.procfs import start_time
 from micropatch.process.select import Filters, read_info
@@ -69,7 +69,7 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         pids = [c.pid for c in selection.targets]
         answer["skipped"] = len(selection.skipped)
         answer["gone"] = selection.gone
-        answer["unreadable"] = [[pid, e.fields()] for pid, e in selection.unreadable]
+        answer["unreadable"] = [[pid, to_wire(e)] for pid, e in selection.unreadable]
     lock_timeout = args.get("lock_timeout")
     for pid in pids:
         try:
@@ -84,7 +84,7 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
                     assert admitted is not None
                     outcome = live.update(admitted, pid, modules=agent.modules, **tuning)
         except MicropatchError as e:
-            answer["results"].append({"pid": pid, "error": e.fields()})
+            answer["results"].append({"pid": pid, "error": to_wire(e)})
             continue
         answer["results"].append({"pid": pid, "outcome": asdict(outcome)})
         try:
@@ -110,5 +110,5 @@ def status(args: dict[str, Any]) -> dict[str, Any]:
         try:
             rows += [asdict(s) for s in live.status(pid)]
         except MicropatchError as e:
-            unread.append([pid, e.fields()])
+            unread.append([pid, to_wire(e)])
     return {"states": rows, "unread": unread}
