@@ -43,13 +43,9 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         data, name = agent.decode_artifact(args)
         admitted = agent.store.admit_bytes(data, name)
         patch_id = admitted.id
-        if admitted.verification is not None and admitted.artifact is not None:
-            p = admitted.artifact.payload
-            signers = ", ".join(k.describe() for k in admitted.verification.signers)
-            answer["verified"] = (
-                f"verified {name}: {p.patch.id} v{p.patch.version} for {p.module.name}, "
-                f"signed by {signers} (by the agent)"
-            )
+        verified = admitted.described(name)
+        if verified is not None:
+            answer["verified"] = f"{verified} (by the agent)"
         answer["warnings"] = list(admitted.warnings)
     filters = args.get("filters")
     if filters is None:

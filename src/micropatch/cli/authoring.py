@@ -105,16 +105,19 @@ def verify(
 ) -> None:
     """Check an artifact's content hash and its signature by a trusted, unexpired key."""
     from micropatch.trust import keys
+    from micropatch.trust.artifact import patch_of
     from micropatch.trust.policy import admit_file
 
     try:
-        # Everything apply checks: the id, a trusted signature, and that the source
-        # parses and agrees with the recorded module identity and sites.
+        # Everything apply checks (the id, a trusted signature, the recorded patch
+        # against the recorded module identity and sites), and more: the whole payload
+        # is valid, and the source parses and agrees with the facts too.
         verified = admit_file(artifact_file, keys=keys.trusted_keys(trust or ()))
+        built, verification = verified.artifact, verified.verification
+        assert built is not None and verification is not None  # admitted with keys
+        patch_of(built)
     except MicropatchError as e:
         raise fail(str(e)) from None
-    built, verification = verified.artifact, verified.verification
-    assert built is not None and verification is not None  # admitted with keys
     p = built.payload
     out.print(f"[green]✓[/] {artifact_file}: verified", highlight=False)
     title = f": {p.patch.title}" if p.patch.title else ""
