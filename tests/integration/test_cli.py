@@ -139,3 +139,35 @@ def test_an_error_message_keeps_its_brackets(targets, start, tmp_path):
     assert "[red]" in done.stderr, done.stderr
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
 
+
+def test_build_messages_keep_their_brackets_and_o_makes_a_directory(targets, tmp_path):
+    # A body that pushes at a site where the red zone is live runs below it, so its
+    # [rsp+N] operands are refused: the message explains with [rsp+N] itself.
+    source = tmp_path / "rz.toml"
+    source.write_text(patch_source(
+        targets.redzone, [{"at": "rz_sum+0x7a", "code": "push rax\nmov rax, [rsp+8]\npop rax"}],
+    ))  # fmt: skip
+    done = subprocess.run(
+        ["micropatch", "build", str(source), "--module", str(targets.redzone)],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "500"},
+    )  # fmt: skip
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())
+    assert "[rsp+N] is the body's [rsp+N+0x80] at entry" in message, done.stderr
+    assert "[rsp+8]" in message
+
+    fine = tmp_path / "fix.toml"
+    fine.write_text(patch_source(targets.vuln_pie, [FIX]))
+    out = tmp_path / "new" / "dir"
+    done = subprocess.run(
+        ["micropatch", "build", str(fine), "--module", str(targets.vuln_pie), "-o", f"{out}/"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert out.is_dir() and [p.suffix for p in out.iterdir()] == [".mpatch"]
+    # without the slash, a missing path is the file to write
+    done = subprocess.run(
+        ["micropatch", "build", str(fine), "--module", str(targets.vuln_pie), "-o", str(tmp_path / "one.mpatch")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0 and (tmp_path / "one.mpatch").is_file()
