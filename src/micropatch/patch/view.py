@@ -96,3 +96,26 @@ def counts_blocked(code: str | None, then: str | None, c: str | None) -> bool:
     from micropatch.patch.asmtext import BLOCKED_REFERENCE, references
 
     return BLOCKED_REFERENCE in references(code or "")
+
+
+def readings(patch: PatchView) -> list[tuple[str, object]]:
+    """Everything the layers below read of a patch, as (field, value) pairs: two
+    patches with equal readings are applied alike (`trust.artifact.patch_of`
+    compares an artifact's recorded model with its source this way)."""
+    found: list[tuple[str, object]] = [
+        ("patch.id", patch.info.id),
+        ("patch.version", patch.info.version),
+        ("patch.title", patch.info.title),
+        ("target.module", patch.target.module),
+        ("target.build_id", patch.target.build_id),
+        ("target.sha256", patch.target.sha256),
+        ("target.arch", patch.target.arch),
+        ("patchlets", len(patch.patchlets)),
+    ]
+    for i, p in enumerate(patch.patchlets):
+        found += [
+            (f"patchlet[{i}].{name}", getattr(p, name))
+            for name in ("at", "expect", "code", "when", "then", "c", "resume", "check_branches")
+        ]
+        found.append((f"patchlet[{i}].jumps", tuple(p.jumps)))
+    return found

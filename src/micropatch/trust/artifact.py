@@ -35,11 +35,12 @@ from micropatch.bodies.cbody import CompiledC
 from micropatch.errors import ArtifactError
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
+from micropatch.patch.view import readings
 from micropatch.trust.canonical import canonical_json, digest
 from micropatch.trust.envelope import MAX_SIZE, SUFFIX, Envelope, read_envelope
 from micropatch.trust.keys import PrivateKey, PublicKey, Signature
 from micropatch.trust.payload import Payload
-from micropatch.trust.recorded import ModuleFact, SiteFact, check_facts
+from micropatch.trust.recorded import ModuleFact, SiteFact, check_facts, recorded_patch
 from micropatch.trust.signatures import Verification, verify_signatures
 
 # --- the artifact ---------------------------------------------------------------
@@ -179,7 +180,17 @@ def patch_of(artifact: Artifact) -> Patch:
     patchlets = tuple(
         p.model_copy(update={"expect": e}) for p, e in zip(patch.patchlets, expects, strict=True)
     )
-    return patch.model_copy(update={"patchlets": patchlets})
+    filled = patch.model_copy(update={"patchlets": patchlets})
+    # What apply reads is the recorded model (trust.recorded): it must say what the
+    # source says, field for field.
+    recorded, _ = recorded_patch(json.loads(artifact.canonical), artifact.name)
+    for (name, ours), (_, theirs) in zip(readings(filled), readings(recorded), strict=True):
+        if ours != theirs:
+            raise ArtifactError(
+                f"{artifact.name}: its recorded model says {name} = {theirs!r}, its source "
+                f"{ours!r}; the artifact is inconsistent, rebuild it"
+            )
+    return filled
 
 
 def compiled_bodies(artifact: Artifact) -> dict[str, CompiledC]:

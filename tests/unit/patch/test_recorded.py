@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import re
 import subprocess
 import sys
 from typing import Any
@@ -166,3 +167,22 @@ def test_admitting_an_artifact_loads_no_model_framework(built: Artifact, tmp_pat
     write_key_pair(key, tmp_path / "k")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.splitlines() == ["code True", "[]"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("payload", "patch", "model", "patchlet", 0, "code"), "nop", "patchlet[0].code"),
+        (("payload", "patch", "model", "patch", "title"), "other", "patch.title"),
+        (("payload", "patch", "model", "patchlet", 0, "check_branches"), False,
+         "patchlet[0].check_branches"),
+    ],
+)  # fmt: skip
+def test_the_full_check_refuses_a_record_that_is_not_its_source(built, path, value, field):  # noqa: F811
+    """verify, sign and the server (patch_of) hold the record apply reads to the source."""
+    from micropatch.trust.artifact import loads
+
+    data = resealed(_set(_document(built), path, value))
+    with pytest.raises(ArtifactError, match=f"its recorded model says {re.escape(field)} = "):
+        patch_of(loads(data, "x.mpatch"))
+    _admit(data)  # apply reads only the record, which is consistent with the facts
