@@ -4,7 +4,8 @@ Issue 18.1. On one bench_target of 4 threads (the main thread waiting for a
 command, 3 blocked in read()), each trial runs, as whole processes:
 
 - `micropatch apply ART --pid P`: a signed artifact, its key in
-  $MICROPATCH_TRUST_DIR, no agent (the default form of the command), against
+  $MICROPATCH_TRUST_DIR, no agent answering (the command looks for one, as it
+  does by default, on a socket of the run's own), against
   `gdb -batch -p P -ex 'set {unsigned char[5]}compute = {...}'` writing the same
   5-byte jump over compute() (to compute_alt, which returns what the patch does);
 - `micropatch status --pid P` with the patch applied, against `gdb -batch -p P`
@@ -106,7 +107,10 @@ class Bench:
         built = build_artifact(source, self.exe).signed(key)
         self.original = built.payload.sites[0].original_bytes
         self.artifact = built.write(workdir)
-        self.env = {**os.environ, "MICROPATCH_TRUST_DIR": str(trust), "MICROPATCH_NO_AGENT": "1"}
+        # No agent: the command looks for one, as by default, on a socket nobody serves.
+        self.env = {**os.environ, "MICROPATCH_TRUST_DIR": str(trust),
+                    "MICROPATCH_AGENT_SOCKET": str(workdir / "no-agent.sock")}  # fmt: skip
+        self.env.pop("MICROPATCH_NO_AGENT", None)
         self.micropatch = shutil.which("micropatch") or "micropatch"
 
     def commands(self, pid: int) -> dict[str, list[str]]:
