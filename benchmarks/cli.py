@@ -14,7 +14,8 @@ command, 3 blocked in read()), each trial runs, as whole processes:
 
 CPU is the process's user + system time as the kernel accounted it (wait4), wall
 the time from start to exit. Even trials run micropatch first, odd ones gdb; one
-warm-up trial is not recorded; after each change the target's compute(5) is
+warm-up trial is not recorded (it also writes the byte code, which `pip install`
+compiles for an installed package); after each change the target's compute(5) is
 checked (11 unpatched, 12 patched). For reference, in the same trials: the bare
 interpreter (`python -c pass`). What each verb loads is listed from one run of
 each under a wrapper that prints sys.modules at exit.
@@ -111,6 +112,9 @@ class Bench:
         self.env = {**os.environ, "MICROPATCH_TRUST_DIR": str(trust),
                     "MICROPATCH_AGENT_SOCKET": str(workdir / "no-agent.sock")}  # fmt: skip
         self.env.pop("MICROPATCH_NO_AGENT", None)
+        # Byte code cached, as an installed package has it (pip compiles it at install):
+        # the warm-up trial writes it even where PYTHONDONTWRITEBYTECODE is set.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.micropatch = shutil.which("micropatch") or "micropatch"
 
     def commands(self, pid: int) -> dict[str, list[str]]:

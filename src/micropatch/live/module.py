@@ -12,12 +12,12 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
 from micropatch.process.maps import Mapping
 from micropatch.process.procfs import process_name
 
-if TYPE_CHECKING:  # at run time only the functions that parse a module load pyelftools
+if TYPE_CHECKING:  # at run time only the functions that read a module load the ELF code
+    from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
     from micropatch.elf.location import Location
     from micropatch.patch.view import TargetView
@@ -68,6 +68,7 @@ class ModuleCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
+            from micropatch.elf.identity import identify
             from micropatch.elf.image import ElfImage
 
             identity = identify(file)
