@@ -11,6 +11,7 @@ commands built from the same declarations, and says what is wrong.
 
 from __future__ import annotations
 
+import os
 import sys
 
 # The verbs read here, and the module that declares each (its COMMANDS).
@@ -62,6 +63,9 @@ def main() -> None:
                 command.run(values)
             except KeyboardInterrupt:
                 print("\nAborted!", file=sys.stderr)
+                sys.exit(1)
+            except BrokenPipeError:  # `micropatch status | head`: the reader has gone
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(1)
             sys.exit(0)
     from micropatch.cli.main import app
