@@ -171,3 +171,14 @@ def test_build_messages_keep_their_brackets_and_o_makes_a_directory(targets, tmp
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0 and (tmp_path / "one.mpatch").is_file()
+
+
+def test_any_other_command_builds_only_its_own_part_of_the_cli(tmp_path):
+    others = ("micropatch.cli.authoring", "micropatch.cli.server", "micropatch.cli.tools",
+              "micropatch.cli.dev", "micropatch.cli.change", "micropatch.cli.status")  # fmt: skip
+    asked = micropatch("agent", "status", "--socket", tmp_path / "none.sock")
+    assert asked.returncode == 1 and "no agent answers on" in asked.stderr
+    assert "micropatch.cli.agent" in asked.modules and asked.loaded(others) == []
+    helped = micropatch("--help")  # every command, with its help
+    for name in ("apply", "status", "repair", "build", "agent", "explore", "publish"):
+        assert f" {name} " in helped.stdout

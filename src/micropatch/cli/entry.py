@@ -5,8 +5,9 @@ apply, remove, update and status are read here from their declarations
 the interpreter, what the verb itself uses, and its work: through the agent,
 one round trip; directly, the engine, without the assembler for remove and
 status. Anything else — another command, --help, a command line the quick
-parser is not sure of — goes to the typer app (`main.py`), which has the same
-commands built from the same declarations, and says what is wrong.
+parser is not sure of — goes to the typer app (`main.py`) made for the command
+named, which has the same commands built from the same declarations, and says
+what is wrong.
 """
 
 from __future__ import annotations
@@ -68,6 +69,6 @@ def main() -> None:
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(1)
             sys.exit(0)
-    from micropatch.cli.main import app
+    from micropatch.cli.main import app_for
 
-    app()
+    app_for(rest[0] if rest else None)()

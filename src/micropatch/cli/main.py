@@ -1,29 +1,28 @@
-"""The typer app of the `micropatch` command: every command, with its help.
+"""The typer app of the `micropatch` command: the commands, with their help.
 
-The console script is `entry.py`, which runs apply, remove, update and status
-itself when it can read their command line, and this app otherwise. Each
-command imports what it uses when it runs; apply, remove, update and status
-are declared as data (`change.py`, `status.py`) and added here by `typed.py`.
+The console script is `entry.py`: it runs apply, remove, update and status
+itself when it can read their command line, and otherwise the app of this
+module made for the one command named (`app_for`): building typer's command
+tree for every command costs more than most commands do. `micropatch --help`,
+an unknown command and `micropatch.cli.main.app` (tests) get every command.
+Each command imports what it uses when it runs; apply, remove, update and
+status are declared as data (`change.py`, `status.py`) and added by `typed.py`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from micropatch.cli import agent, authoring, change, dev, say, server, status, tools, typed
+from micropatch.cli import say
 from micropatch.cli.options import AllOption, PidOption, fail, stdout_console
 from micropatch.errors import MicropatchError
 
-app = typer.Typer(
-    help="In-memory micropatching of running Linux x86-64 processes.",
-    no_args_is_help=True,
-    add_completion=False,
-)
+HELP = "In-memory micropatching of running Linux x86-64 processes."
 
 
-@app.callback()
 def _options(
     verbose: Annotated[
         int,
@@ -41,11 +40,6 @@ def _options(
     configure_logging(verbose)
 
 
-for command in (*change.COMMANDS.values(), *status.COMMANDS.values()):
-    typed.add(app, command)
-
-
-@app.command()
 def repair(pid: PidOption = None, all_: AllOption = False) -> None:
     """Complete or roll back an operation whose patcher was killed midway.
 
@@ -70,7 +64,6 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
         raise typer.Exit(1)
 
 
-@app.command()
 def demo() -> None:
     """Live demo: exploit a toy service, patch it live, see the exploit blocked, unpatch."""
     from micropatch.demo.runner import run
@@ -81,11 +74,83 @@ def demo() -> None:
         raise fail(str(e)) from None
 
 
-authoring.register(app)
-app.add_typer(dev.app, name="dev")
-app.add_typer(agent.app, name="agent")
-tools.register(app)
-server.register(app)
+# --- which module adds which commands --------------------------------------------
+
+
+def _declared(app: typer.Typer) -> None:
+    from micropatch.cli import change, status, typed
+
+    for command in (*change.COMMANDS.values(), *status.COMMANDS.values()):
+        typed.add(app, command)
+
+
+def _own(app: typer.Typer) -> None:
+    app.command()(repair)
+    app.command()(demo)
+
+
+def _authoring(app: typer.Typer) -> None:
+    from micropatch.cli import authoring
+
+    authoring.register(app)
+
+
+def _dev(app: typer.Typer) -> None:
+    from micropatch.cli import dev
+
+    app.add_typer(dev.app, name="dev")
+
+
+def _agent(app: typer.Typer) -> None:
+    from micropatch.cli import agent
+
+    app.add_typer(agent.app, name="agent")
+
+
+def _tools(app: typer.Typer) -> None:
+    from micropatch.cli import tools
+
+    tools.register(app)
+
+
+def _server(app: typer.Typer) -> None:
+    from micropatch.cli import server
+
+    server.register(app)
+
+
+# Each top-level command, and what adds it (with the others of its module). In the
+# order of `micropatch --help`.
+ADDERS: dict[str, Callable[[typer.Typer], None]] = {
+    **dict.fromkeys(("apply", "remove", "update", "status"), _declared),
+    **dict.fromkeys(("repair", "demo"), _own),
+    **dict.fromkeys(("build", "sign", "verify", "inspect", "keys"), _authoring),
+    "dev": _dev,
+    "agent": _agent,
+    **dict.fromkeys(("explore", "diff"), _tools),
+    **dict.fromkeys(("repo", "server", "publish"), _server),
+}
+
+
+def app_for(command: str | None = None) -> typer.Typer:
+    """The app with `command` and the commands of its module; every command for
+    None or a name that is not a command (then typer says so, with suggestions)."""
+    app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
+    app.callback()(_options)
+    register = ADDERS.get(command or "")
+    for add in [register] if register is not None else dict.fromkeys(ADDERS.values()):
+        add(app)
+    return app
+
+
+if TYPE_CHECKING:
+    app: typer.Typer
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":  # every command, made when asked for (CliRunner tests)
+        return app_for()
+    raise AttributeError(f"module 'micropatch.cli.main' has no attribute {name!r}")
 
 
 def main() -> None:
