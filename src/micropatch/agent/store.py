@@ -37,7 +37,8 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.files import write_atomic
-from micropatch.trust.artifact import SUFFIX, read, verify
+from micropatch.trust.artifact import verify
+from micropatch.trust.envelope import SUFFIX, read
 from micropatch.trust.keys import PublicKey, load_public_key
 from micropatch.trust.policy import Admitted, admit
 

@@ -26,7 +26,7 @@ from micropatch.errors import (
     SignatureError,
     SymbolNotFound,
 )
-from micropatch.trust import artifact
+from micropatch.trust import artifact, envelope
 from micropatch.trust.artifact import Artifact, canonical_json, loads, patch_of
 from micropatch.trust.keys import generate_key
 from micropatch.trust.policy import admit_file
@@ -444,7 +444,7 @@ def test_artifact_file_errors(tmp_path) -> None:
         artifact.load(tmp_path / "none.mpatch")
     huge = tmp_path / "huge.mpatch"
     with open(huge, "wb") as f:
-        f.truncate(artifact.MAX_SIZE + 1)  # sparse: costs no disk
+        f.truncate(envelope.MAX_SIZE + 1)  # sparse: costs no disk
     with pytest.raises(ArtifactError, match=r"huge\.mpatch: cannot read artifact: larger than 64 MiB"):
         artifact.load(huge)
     with pytest.raises(ArtifactError, match=r"/dev/zero: cannot read artifact: larger than 64 MiB"):
@@ -452,10 +452,10 @@ def test_artifact_file_errors(tmp_path) -> None:
 
 
 def test_the_agent_client_bounds_artifacts_as_the_loader_does() -> None:
-    """agent/client.py keeps its own copy of the bound (it must not load pydantic)."""
+    """agent/client.py keeps its own copy of the bound (it must not load the trust layer)."""
     from micropatch.agent.client import MAX_ARTIFACT
 
-    assert MAX_ARTIFACT == artifact.MAX_SIZE
+    assert MAX_ARTIFACT == envelope.MAX_SIZE
 
 
 # --- whatever the input, only MicropatchError escapes --------------------------------
