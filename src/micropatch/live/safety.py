@@ -79,14 +79,14 @@ def place_threads(proc: StoppedProcess, entering: list[Entering]) -> Placement:
     return placement
 
 
-def thread_inside(proc: StoppedProcess, spans: list[tuple[int, int]]) -> int | None:
-    """A thread that would resume strictly inside one of the spans (a site about to
-    receive its jump), or None. Its first byte is fine: the jump starts there."""
+def pending_call(proc: StoppedProcess, stub: range) -> None:
+    """Unsafe if a thread is in the remote system call stub (`process.syscall`): a
+    patcher killed while borrowing it left it to make its call and restore its own
+    registers, which it has not done yet. Its call (an munmap of a cave, say) must
+    land before anything is decided about the caves."""
     for tid in proc.threads:
-        eff = effective_rip(proc.regs(tid))
-        if any(low < eff < high for low, high in spans):
-            return tid
-    return None
+        if proc.regs(tid).rip in stub:
+            raise Unsafe(f"thread {tid} is finishing a system call a killed micropatch started")
 
 
 def in_use(
