@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from micropatch.arch import TrampolineLayout
 from micropatch.arch.x86_64.abi import UserRegs
@@ -23,6 +25,7 @@ from micropatch.live.safety import (
     into_copy,
     pending_call,
     place_threads,
+    words_within,
 )
 from micropatch.process.maps import Mapping
 from micropatch.process.syscall import continuation
@@ -218,3 +221,19 @@ def test_a_thread_in_the_syscall_stub_makes_the_stop_unsafe() -> None:
     for inside in (stub.start, stub.start + 2, stub.stop - 1):  # the syscall, then the pops
         with pytest.raises(Unsafe, match="thread 7 is finishing a system call a killed"):
             pending_call(FakeProc({1: regs(HOT), 7: regs(inside)}), stub)  # type: ignore[arg-type]
+
+
+@given(
+    st.integers(0, (1 << 47) - 1),
+    st.integers(1, 1 << 17),
+    st.lists(st.integers(0, (1 << 64) - 1) | st.integers(-200, 200), max_size=64),
+    st.integers(0, 7),
+)
+def test_words_within_finds_exactly_the_aligned_words_in_range(
+    low: int, size: int, picks: list[int], tail: int
+) -> None:
+    """The stack scan's search by high bytes finds what decoding every word finds."""
+    high = low + size
+    words = [p if p > 200 else (low + p * (size // 100 + 1)) % (1 << 64) for p in picks]
+    data = struct.pack(f"<{len(words)}Q", *words) + bytes(tail)
+    assert sorted(words_within(data, low, high)) == sorted(w for w in words if low <= w < high)
