@@ -19,6 +19,7 @@ state the registry records is one `live.recovery` completes or rolls back.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 from micropatch.arch import TrampolineLayout
 from micropatch.errors import OriginalBytesMismatch
@@ -49,7 +50,10 @@ def execute(tx: Transaction, commit: Commit, pending: list[PendingMove]) -> None
     checkpoint("intent-recorded")
     move_threads(tx, pending, commit.layouts)
     if commit.old is not None:
-        restore_sites(tx, commit.old)
+        # An update's jump replaces the old one's in place where both patch the same
+        # bytes: the code is never unpatched there, even for the patcher's death.
+        replaced = {(s.address, len(s.jump)) for s in commit.new.sites} if commit.new else set()
+        restore_sites(tx, commit.old, replaced)
     if commit.new is not None:
         write_jumps(tx, commit.new)
     for address, data in commit.result:
@@ -133,8 +137,14 @@ def write_jumps(tx: Transaction, patch: AppliedPatch) -> None:
         checkpoint(f"jump-{index}-written")
 
 
-def restore_sites(tx: Transaction, patch: AppliedPatch) -> None:
+def restore_sites(
+    tx: Transaction, patch: AppliedPatch, replaced: Collection[tuple[int, int]] = ()
+) -> None:
+    """Put back the original bytes of the patch's sites, but for `replaced` ones
+    ((address, length) of the jumps that will overwrite them)."""
     for index, site in enumerate(patch.sites):
+        if (site.address, len(site.jump)) in replaced:
+            continue
         found = tx.memory.read(site.address, len(site.jump))
         if found != site.jump:
             raise OriginalBytesMismatch(

@@ -19,9 +19,12 @@ checksums, the caves' maps and the target's file descriptors.
 - a memfd named `micropatch` still open in the target: its creator died
   between memfd_create and close; closed.
 
-`removing` entries are handled before `applying` ones: an interrupted update
-records both, and the old patch's sites must be restored before the new
-patch's are judged.
+An interrupted update records both states, the old version `removing` and
+the new one `applying`, in one write. The new one is judged first, and where
+its site is the old one's (same address and length) the old jump counts like
+the original bytes: completing writes the new jump over it, so that site is
+never unpatched, even if recovery is killed in turn; then the old version's
+other sites are restored.
 """
 
 from __future__ import annotations
@@ -91,31 +94,34 @@ def recover(
     caves = read_caves(proc.memory, mappings)
     tx = Transaction(proc, mappings)
     try:
-        for cave in caves:
-            for patch in [p for p in cave.registry.patches if p.state == REMOVING]:
+        removing = [(c, p) for c in caves for p in c.registry.patches if p.state == REMOVING]
+        applying = [(c, p) for c in caves for p in c.registry.patches if p.state == APPLYING]
+        # An update replaces the old jumps in place where both patch the same bytes.
+        replaced = {(s.address, len(s.jump)): s.jump for _, p in removing for s in p.sites}
+        for cave, patch in applying:
+            changed.append(cave.address)
+            moves = _completion(tx, patch, replaced)
+            if moves is not None:
+                for tid, rip in moves:
+                    move_thread(tx, tid, rip)
+                for site in patch.sites:
+                    if tx.memory.read(site.address, len(site.jump)) != site.jump:
+                        tx.write(site.address, site.jump)
+                patch.state = APPLIED
+                out.applied[(patch.id, patch.version)] = len(patch.sites)
+                out.done.append(f"completed the application of {patch.id} v{patch.version}")
+            else:
                 _restore(tx, patch)
                 cave.registry.retire(patch)
-                changed.append(cave.address)
                 out.removed[(patch.id, patch.version)] = len(patch.sites)
-                out.done.append(f"completed the removal of {patch.id} v{patch.version}")
+                out.done.append(f"rolled back the application of {patch.id} v{patch.version}")
+        for cave, patch in removing:
+            _restore(tx, patch)
+            cave.registry.retire(patch)
+            changed.append(cave.address)
+            out.removed[(patch.id, patch.version)] = len(patch.sites)
+            out.done.append(f"completed the removal of {patch.id} v{patch.version}")
         for cave in caves:
-            for patch in [p for p in cave.registry.patches if p.state == APPLYING]:
-                changed.append(cave.address)
-                moves = _completion(tx, patch)
-                if moves is not None:
-                    for tid, rip in moves:
-                        move_thread(tx, tid, rip)
-                    for site in patch.sites:
-                        if tx.memory.read(site.address, len(site.jump)) != site.jump:
-                            tx.write(site.address, site.jump)
-                    patch.state = APPLIED
-                    out.applied[(patch.id, patch.version)] = len(patch.sites)
-                    out.done.append(f"completed the application of {patch.id} v{patch.version}")
-                else:
-                    _restore(tx, patch)
-                    cave.registry.retire(patch)
-                    out.removed[(patch.id, patch.version)] = len(patch.sites)
-                    out.done.append(f"rolled back the application of {patch.id} v{patch.version}")
             if cave.address in changed:
                 store(tx, cave)
         for fd in leaked_fds(proc.pid):
@@ -145,19 +151,22 @@ def _restore(tx: Transaction, patch: AppliedPatch) -> None:
             tx.write(site.address, site.original)
 
 
-def _completion(tx: Transaction, patch: AppliedPatch) -> list[tuple[int, int]] | None:
+def _completion(
+    tx: Transaction, patch: AppliedPatch, replaced: dict[tuple[int, int], bytes]
+) -> list[tuple[int, int]] | None:
     """The thread moves that let an interrupted application complete, or None if it
     cannot: a trampoline is not intact, a site holds neither its original bytes nor
-    its jump, or a thread has since stopped inside a site still to be jumped where
-    no relocated copy can take it (rolling back needs no such check: no thread can
-    be inside a jump past its first byte)."""
+    its jump (nor, in an update, the replaced patch's jump there: `replaced`), or a
+    thread has since stopped inside a site still holding its original bytes where no
+    relocated copy can take it (rolling back needs no such check: no thread can be
+    inside a jump past its first byte)."""
     unjumped = []
     for site in patch.sites:
         code = tx.memory.read(site.trampoline, site.trampoline_size)
         if not site.code_hash or f"{zlib.crc32(code):08x}" != site.code_hash:
             return None
         found = tx.memory.read(site.address, len(site.jump))
-        if found not in (site.original, site.jump):
+        if found not in (site.original, site.jump, replaced.get((site.address, len(site.jump)))):
             return None
         if found == site.original:
             unjumped.append(site)

@@ -50,9 +50,10 @@ class Transaction:
         self.memory.write(address, data)
         self._undo.append(lambda: self.memory.write(address, old))
         self._written.append((address, data))
-        # Fault injection: the tests kill the patcher after each write of a stop in turn.
+        # Fault injection: the tests kill the patcher after each write of a stop in turn
+        # ("write-N"; "lone-write-N" in a stop of one thread, `lone_thread`).
         self.proc.writes += 1
-        checkpoint(f"write-{self.proc.writes}")
+        checkpoint(f"{'lone-' if self.proc.lone else ''}write-{self.proc.writes}")
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)

@@ -76,6 +76,7 @@ class StoppedProcess:
     threads: dict[int, Thread] = field(default_factory=dict)
     timeout: float = STOP_TIMEOUT  # seconds a thread may take to stop
     writes: int = 0  # memory writes of the transactions in this stop (fault injection counts them)
+    lone: bool = False  # one thread stopped (`lone_thread`), not the world
     stopped_at: float = 0.0  # perf_counter() just before the first thread was seized
     resumed_at: float = 0.0  # perf_counter() just after the last one was let go
 
@@ -331,6 +332,7 @@ def lone_thread(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedP
     can reach yet (mapping a cave nothing jumps to). Never enough to write code that
     runs: that needs `stop_world`. Same priority and resume as `stop_world`."""
     proc = _new(pid, timeout)
+    proc.lone = True
     with realtime():
         try:
             proc.stopped_at = time.perf_counter()

@@ -52,6 +52,7 @@ class FakeProc:
     def __init__(self, memory: FakeMemory, threads: dict[int, int] | None = None) -> None:
         self.pid = 42
         self.writes = 0
+        self.lone = False
         self.memory = memory
         self.threads = {tid: FakeThread(regs(rip)) for tid, rip in (threads or {42: 0}).items()}
 
