@@ -14,9 +14,9 @@ from __future__ import annotations
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from micropatch.arch import TrampolineLayout
-from micropatch.build.plan import PlannedSite
 from micropatch.errors import AlreadyApplied, Downgrade, MicropatchError, NotApplied
 from micropatch.live.cave import (
     COUNTER_SIZE,
@@ -28,9 +28,12 @@ from micropatch.live.cave import (
 from micropatch.live.module import LoadedModule, ModuleCache
 from micropatch.live.registry import APPLIED, APPLYING, REMOVING, AppliedPatch, AppliedSite
 from micropatch.live.safety import Entering
-from micropatch.patch.model import Patch
 from micropatch.process.world import STOP_TIMEOUT
-from micropatch.trust.policy import Admitted
+
+if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
+    from micropatch.build.plan import PlannedSite
+    from micropatch.patch.model import Patch
+    from micropatch.trust.policy import Admitted
 
 TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
 

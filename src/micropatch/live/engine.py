@@ -15,8 +15,9 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from micropatch.build.plan import PlannedSite, plan_patch
+from micropatch.elf.location import Location
 from micropatch.errors import (
     MicropatchError,
     ProcessError,
@@ -46,7 +47,10 @@ from micropatch.process.world import (
     held_world,
     stop_world,
 )
-from micropatch.trust.policy import Admitted
+
+if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
+    from micropatch.build.plan import PlannedSite
+    from micropatch.trust.policy import Admitted
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +167,7 @@ def apply_held(
     change = Change(proc.pid, patch, None, modules)
     try:
         mappings = read_maps(proc.pid)
-        cache = modules or ModuleCache()
-        module = find_module(proc.pid, mappings, patch.patch.target, cache)
-        planned = plan_patch(
-            patch.patch,
-            module,
-            patch.toolchain,
-            lambda location: symbol_address(proc.pid, mappings, location, cache),
-        )
+        module, planned = _plan(proc.pid, mappings, patch, modules or ModuleCache())
         _forget_remapped(proc, mappings, module)
         try:
             sites, moved, _, _ = _transact(proc, change, module, planned, None, held=True)
@@ -247,15 +244,8 @@ def _attempts(change: Change, retries: int) -> Outcome:
     check_alive(change.pid)
     module = planned = None
     if change.add is not None:
-        mappings = read_maps(change.pid)
-        modules = change.modules or ModuleCache()
-        module = find_module(change.pid, mappings, change.add.patch.target, modules)
-        planned = plan_patch(
-            change.add.patch,
-            module,
-            change.add.toolchain,
-            lambda location: symbol_address(change.pid, mappings, location, modules),
-        )
+        cache = change.modules or ModuleCache()
+        module, planned = _plan(change.pid, read_maps(change.pid), change.add, cache)
     provisioned: int | None = None  # a cave made for this operation, until it holds the patch
     borrowed = 0.0  # seconds a thread was held alone, to map or unmap a cave
     delay = RETRY_DELAY
@@ -369,6 +359,19 @@ def _transact(
     finally:
         tx.close()
     return made.sites, len(placement.pending), recovered, emptied
+
+
+def _plan(
+    pid: int, mappings: list[Mapping], patch: Admitted, modules: ModuleCache
+) -> tuple[LoadedModule, list[PlannedSite]]:
+    """The patch's module in the process, and the patch planned at its address."""
+    module = find_module(pid, mappings, patch.patch.target, modules)
+
+    def external(location: Location) -> int:
+        return symbol_address(pid, mappings, location, modules)
+
+    plan = modules.plan(patch, module, external)
+    return module, plan.at(module, patch.toolchain, external)
 
 
 def _entering(planned: list[PlannedSite] | None) -> list[Entering]:

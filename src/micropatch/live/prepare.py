@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from micropatch.arch.x86_64.abi import STUB
-from micropatch.build.plan import PlannedSite
 from micropatch.errors import CaveError, MemoryAccessError, MicropatchError
 from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
@@ -29,6 +29,9 @@ from micropatch.process.maps import Mapping, read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import process_name
 from micropatch.process.stub import slack
+
+if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
+    from micropatch.build.plan import PlannedSite
 
 
 @dataclass
