@@ -36,6 +36,7 @@ def test_one_plan_placed_in_every_process(targets, start, tmp_path):
     [(_, image)] = cache._entries.values()
     assert "_tables" not in vars(image), "a symbol table was read"
     assert list(cache._plans) == [artifact.id]
+    assert "artifact" not in vars(admitted), "the whole payload was validated"
 
     for t in processes:
         live.remove(admitted.id, t.pid)

@@ -20,18 +20,20 @@ import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
-from micropatch.bodies.toolchain import Toolchain
-from micropatch.elf.identity import ModuleIdentity
-from micropatch.elf.image import ElfImage
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
 from micropatch.patch.asmtext import BLOCKED_REFERENCE
-from micropatch.patch.model import Patch, Patchlet
-from micropatch.trust.payload import SiteFacts
+
+if TYPE_CHECKING:
+    from micropatch.bodies.toolchain import Toolchain
+    from micropatch.elf.identity import ModuleIdentity
+    from micropatch.elf.image import ElfImage
+    from micropatch.patch.view import PatchletView, PatchView
+    from micropatch.trust.recorded import SiteFact
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
 
@@ -104,7 +106,7 @@ class SitePlan:
     """One patchlet's site, planned in module offsets."""
 
     index: int
-    patchlet: Patchlet
+    patchlet: PatchletView
     offset: int  # module offset of the site
     original: bytes  # the whole instructions the jump overwrites
     resume: int | None  # module offset to continue at; None: after the site
@@ -118,7 +120,7 @@ class SitePlan:
 class ModulePlan:
     """A patch planned against one module build: the same for every mapping of it."""
 
-    patch: Patch
+    patch: PatchView
     arch: Architecture
     sites: tuple[SitePlan, ...]
 
@@ -131,7 +133,7 @@ class ModulePlan:
 
 
 def plan_module(
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver = _no_external,
@@ -152,7 +154,7 @@ def plan_module(
 
 
 def plan_patch(
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver = _no_external,
@@ -162,11 +164,11 @@ def plan_patch(
     return plan_module(patch, module, toolchain, external).at(module, toolchain, external)
 
 
-def plan_recorded(patch: Patch, recorded: Sequence[SiteFacts]) -> ModulePlan:
+def plan_recorded(patch: PatchView, recorded: Sequence[SiteFact]) -> ModulePlan:
     """The plan a signed artifact records: `build` planned and checked it against the
     very build the artifact names (site, length, original bytes, resume, red zone),
     so applying it needs none of the module's symbols. `patch` is the artifact's
-    (`trust.artifact.patch_of`: its `expect` are the recorded bytes)."""
+    (`trust.recorded.recorded_patch`: its `expect` are the recorded bytes)."""
     sites = []
     for facts in sorted(recorded, key=lambda f: f.patchlet):
         patchlet = patch.patchlets[facts.patchlet]
@@ -175,14 +177,14 @@ def plan_recorded(patch: Patch, recorded: Sequence[SiteFacts]) -> ModulePlan:
                 facts.patchlet,
                 patchlet,
                 facts.offset,
-                facts.original_bytes,
+                facts.original,
                 facts.resume,
                 # Guard and C bodies always push, so `build` skipped the red zone exactly
                 # when not at a function's entry; a code body does not ask.
                 not facts.skip_red_zone,
                 facts.skip_red_zone,
                 patchlet.counts_blocked,
-                patchlet.expect or facts.original_bytes,
+                patchlet.expect or facts.original,
             )
         )
     return ModulePlan(patch, arch.get(patch.target.arch), tuple(sites))
@@ -208,7 +210,7 @@ def in_offsets(message: str, module: ModuleView) -> str:
 
 def _plan(
     machine: Architecture,
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver,
@@ -265,9 +267,9 @@ def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> 
 def _plan_patchlet(
     machine: Architecture,
     toolchain: Toolchain,
-    patch: Patch,
+    patch: PatchView,
     index: int,
-    patchlet: Patchlet,
+    patchlet: PatchletView,
     module: ModuleView,
     external: ExternalResolver,
 ) -> SitePlan:
@@ -316,7 +318,7 @@ def _plan_patchlet(
 
 def _assemble(
     toolchain: Toolchain,
-    patchlet: Patchlet,
+    patchlet: PatchletView,
     at_entry: bool,
     module: ModuleView,
     external: ExternalResolver,

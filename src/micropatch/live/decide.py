@@ -32,7 +32,7 @@ from micropatch.process.world import STOP_TIMEOUT
 
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
     from micropatch.build.plan import PlannedSite
-    from micropatch.patch.model import Patch
+    from micropatch.patch.view import PatchView
     from micropatch.trust.policy import Admitted
 
 TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
@@ -191,7 +191,7 @@ def record(cave: Cave) -> list[tuple[int, bytes]]:
 
 
 def _trampolines(
-    cave: Cave, patch: Patch, planned: list[PlannedSite]
+    cave: Cave, patch: PatchView, planned: list[PlannedSite]
 ) -> tuple[AppliedPatch, list[TrampolineLayout], list[tuple[int, bytes]]]:
     sites, layouts, writes = [], [], []
     for p, layout, counter in layout_all(cave, planned):

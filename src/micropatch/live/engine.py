@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from micropatch.elf.location import Location
 from micropatch.errors import (
     MicropatchError,
     ProcessError,
@@ -50,6 +49,7 @@ from micropatch.process.world import (
 
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
     from micropatch.build.plan import PlannedSite
+    from micropatch.elf.location import Location
     from micropatch.trust.policy import Admitted
 
 log = logging.getLogger(__name__)

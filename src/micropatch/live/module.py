@@ -7,24 +7,23 @@ upgraded since (maps says "(deleted)") or live in another mount namespace.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
 from micropatch.process.maps import Mapping
 from micropatch.process.procfs import process_name
 
-if TYPE_CHECKING:  # at run time only the functions that parse a module load pyelftools
+if TYPE_CHECKING:  # at run time only the functions that read a module load the ELF code
     from micropatch.build.plan import ExternalResolver, ModulePlan
+    from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
     from micropatch.elf.location import Location
-    from micropatch.patch.model import Target
-    from micropatch.trust.payload import ModuleFacts
+    from micropatch.patch.view import TargetView
     from micropatch.trust.policy import Admitted
+    from micropatch.trust.recorded import ModuleFact
 
 CAVE_PREFIX = "/memfd:micropatch"
 
@@ -77,16 +76,22 @@ class ModuleCache:
         (it names its build); an unsigned source is planned against the module each
         time, with `external` resolving its references to other modules."""
         from micropatch.build.plan import plan_module, plan_recorded
+        from micropatch.trust.recorded import RecordedPatch
 
-        artifact = admitted.artifact
-        if artifact is None or not _built_for(artifact.payload.module, module.identity):
+        patch, envelope = admitted.patch, admitted.envelope
+        if (
+            not isinstance(patch, RecordedPatch)
+            or patch.module is None
+            or envelope is None
+            or not _built_for(patch.module, module.identity)
+        ):
             # Recorded offsets hold for the build they were recorded on; `find_module`
             # refuses any other build first, and here it would be planned afresh.
-            return plan_module(admitted.patch, module, admitted.toolchain, external)
-        key = artifact.id  # its plan is in module offsets: the same for every mapping
+            return plan_module(patch, module, admitted.toolchain, external)
+        key = envelope.id  # its plan is in module offsets: the same for every mapping
         plan = self._plans.get(key)
         if plan is None:
-            plan = plan_recorded(admitted.patch, artifact.payload.sites)
+            plan = plan_recorded(patch, patch.sites)
             self._plans[key] = plan
             while len(self._plans) > self.max_plans:
                 self._plans.popitem(last=False)
@@ -101,6 +106,7 @@ class ModuleCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
+            from micropatch.elf.identity import identify
             from micropatch.elf.image import ElfImage
 
             identity = identify(file)
@@ -112,7 +118,7 @@ class ModuleCache:
         return entry
 
 
-def _built_for(recorded: ModuleFacts, identity: ModuleIdentity) -> bool:
+def _built_for(recorded: ModuleFact, identity: ModuleIdentity) -> bool:
     """`identity` is the build an artifact recorded: the same file, or the same
     build-id (the same link, stripped or not: code at the same offsets)."""
     if identity.sha256 == recorded.sha256.lower():
@@ -169,12 +175,14 @@ def symbol_address(
 
 
 def find_module(
-    pid: int, mappings: list[Mapping], target: Target, cache: ModuleCache | None = None
+    pid: int, mappings: list[Mapping], target: TargetView, cache: ModuleCache | None = None
 ) -> LoadedModule:
     """The mapping of the patch's module in pid, checked against its identity."""
     cache = cache or ModuleCache(1)
     groups = module_groups(mappings, target.module)
     if not groups:
+        import difflib
+
         names = sorted({m.name for m in mappings if m.inode})
         close = difflib.get_close_matches(target.module, names, n=3)
         hint = f" (similar: {', '.join(close)})" if close else ""

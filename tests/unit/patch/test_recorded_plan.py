@@ -15,6 +15,7 @@ from micropatch.build.plan import plan_module, plan_recorded
 from micropatch.elf.identity import ModuleIdentity
 from micropatch.live.module import ModuleCache
 from micropatch.trust.policy import Admitted, admit
+from micropatch.trust.recorded import RecordedPatch
 
 from .test_artifact import FIX, source, write_source
 
@@ -52,10 +53,10 @@ def _admitted(tmp_path: Path, module: Path, patchlet: dict[str, object]) -> Admi
 def test_the_recorded_plan_is_the_planned_one(targets, tmp_path, module, patchlet) -> None:
     path = getattr(targets, module)
     admitted = _admitted(tmp_path, path, patchlet)
-    assert admitted.artifact is not None
+    assert isinstance(admitted.patch, RecordedPatch)
     file = open_module(path)
     planned = plan_module(admitted.patch, file, admitted.toolchain)
-    recorded = plan_recorded(admitted.patch, admitted.artifact.payload.sites)
+    recorded = plan_recorded(admitted.patch, admitted.patch.sites)
     [p], [r] = planned.sites, recorded.sites
     if admitted.patch.patchlets[0].kind == "code":  # a code body does not ask where it runs
         r = dataclasses.replace(r, at_entry=p.at_entry)
@@ -69,7 +70,6 @@ def test_the_recorded_plan_is_the_planned_one(targets, tmp_path, module, patchle
 
 def test_placing_a_recorded_plan_reads_no_symbol_table(targets, tmp_path) -> None:
     admitted = _admitted(tmp_path, targets.vuln_pie, FIX)
-    assert admitted.artifact is not None
     file = open_module(targets.vuln_pie)
     cache = ModuleCache()
     plan = cache.plan(admitted, file, _unused)  # type: ignore[arg-type]  # a FileModule as loaded
