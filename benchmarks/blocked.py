@@ -1,6 +1,6 @@
 """blocked: what each kind of stop does to threads parked in blocking system calls.
 
-The target is tests/targets/waiters.c: one thread parked in each of 31 kinds
+The target is tests/targets/waiters.c: one thread parked in each of 32 kinds
 of blocking call, counting how each call returns (EINTR, a result, another
 error). Each method stops the whole process N times, waiting after each until
 every waiter is parked again, then reads the counts:

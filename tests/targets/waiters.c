@@ -250,6 +250,11 @@ static long c_semtimedop(void)
     struct timespec ts = {HOUR, 0};
     return syscall(SYS_semtimedop, sem_id, &op, 1, &ts);
 }
+static long c_semtimedop_inf(void)
+{
+    struct sembuf op = {1, -1, 0};
+    return syscall(SYS_semtimedop, sem_id, &op, 1, NULL);
+}
 static long c_msgrcv(void)
 {
     struct {
@@ -301,6 +306,7 @@ static struct kind kinds[] = {
     {"cond", SYS_futex, c_cond, 1},
     {"semop", SYS_semop, c_semop, 0},
     {"semtimedop", SYS_semtimedop, c_semtimedop, 0},
+    {"semtimedop_inf", SYS_semtimedop, c_semtimedop_inf, 0},
     {"msgrcv", SYS_msgrcv, c_msgrcv, 0},
     {"waitid", SYS_waitid, c_waitid, 1},
     {"wait4", SYS_wait4, c_wait4, 1},

@@ -48,24 +48,35 @@ def _int32(value: int) -> int:
     return value - (1 << 32) if value & (1 << 31) else value
 
 
-# System call number -> name, and whether these registers wait without a timeout.
-WAITS_FOREVER = {
-    232: ("epoll_wait", lambda r: _int32(r.r10) < 0),  # timeout (ms) in r10; < 0: none
-    281: ("epoll_pwait", lambda r: _int32(r.r10) < 0),
-    441: ("epoll_pwait2", lambda r: r.r10 == 0),  # struct timespec *: NULL is none
-    128: ("rt_sigtimedwait", lambda r: r.rdx == 0),  # sigwaitinfo(), sigtimedwait(NULL)
-    65: ("semop", lambda r: True),
-    220: ("semtimedop", lambda r: r.r10 == 0),
+# The calls we restart: number -> name (x86-64 numbers, arch/x86/entry/syscalls/syscall_64.tbl).
+CALLS = {
+    232: "epoll_wait",
+    281: "epoll_pwait",
+    441: "epoll_pwait2",
+    128: "rt_sigtimedwait",
+    65: "semop",
+    220: "semtimedop",
 }
+
+
+def waits_forever(nr: int, regs: UserRegs) -> bool:
+    """True if call `nr` with these argument registers has no timeout."""
+    if nr in (232, 281):  # the timeout in ms, an int, in r10: negative is none
+        return _int32(regs.r10) < 0
+    if nr in (441, 220):  # struct timespec *timeout in r10: NULL is none
+        return int(regs.r10) == 0
+    if nr == 128:  # const struct timespec *uts in rdx: NULL is sigwaitinfo()
+        return int(regs.rdx) == 0
+    return nr == 65  # semop has none
 
 
 def candidate(regs: UserRegs) -> bool:
     """True if these stop registers are a listed call, without a timeout, that
     returned -EINTR (the caller still checks the `syscall` instruction)."""
     nr = signed64(regs.orig_rax)
-    if nr not in WAITS_FOREVER or signed64(regs.rax) != -errno.EINTR:
+    if nr not in CALLS or signed64(regs.rax) != -errno.EINTR:
         return False
-    return bool(WAITS_FOREVER[nr][1](regs))
+    return waits_forever(nr, regs)
 
 
 def restarted(regs: UserRegs) -> UserRegs:
