@@ -55,7 +55,7 @@ from micropatch.agent.policy import (
 from micropatch.agent.reconcile import Reconciler
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
-from micropatch.live.module import ModuleCache
+from micropatch.live.module import LoadedModule, ModuleCache
 from micropatch.patch.view import TargetView
 from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
 from micropatch.process.select import ProcessInfo
@@ -63,6 +63,7 @@ from micropatch.trust.policy import Admitted
 
 if TYPE_CHECKING:
     from micropatch.agent.metrics import Metrics
+    from micropatch.build.plan import ExternalResolver, ModulePlan
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
 
@@ -105,6 +106,12 @@ class SharedModuleCache(ModuleCache):
     def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
         with self._lock:
             return super().get(file)
+
+    def plan(
+        self, admitted: Admitted, module: LoadedModule, external: ExternalResolver
+    ) -> ModulePlan:
+        with self._lock:
+            return super().plan(admitted, module, external)
 
 
 def sd_notify(state: str) -> bool:

@@ -3,6 +3,14 @@
 Everything that can fail without touching the process fails here: unknown
 symbols, offsets inside instructions, branches into a site, bytes that do
 not match, code that does not assemble.
+
+A plan is made in module offsets (`ModulePlan`), the one coordinate system
+every process that maps the same build shares; `ModulePlan.at` places it at
+one mapping's load address. So a caller plans once per (module build, patch)
+and reuses the plan in every process (`live.module.ModuleCache.plan`), and a
+signed artifact, built for one exact build, carries its plan already: its
+recorded sites need no symbol table, function bounds or disassembly
+(`plan_recorded`).
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -25,6 +33,7 @@ if TYPE_CHECKING:
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
     from micropatch.patch.view import PatchletView, PatchView
+    from micropatch.trust.recorded import SiteFact
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
 
@@ -92,13 +101,44 @@ def _no_external(location: Location) -> int:
     )
 
 
-def plan_patch(
+@dataclass(frozen=True)
+class SitePlan:
+    """One patchlet's site, planned in module offsets."""
+
+    index: int
+    patchlet: PatchletView
+    offset: int  # module offset of the site
+    original: bytes  # the whole instructions the jump overwrites
+    resume: int | None  # module offset to continue at; None: after the site
+    at_entry: bool  # the site is a function's first byte (no red zone live yet)
+    skip_red_zone: bool
+    needs_counter: bool
+    expect: bytes  # bytes checked at the site in a process (see PlannedSite.expect)
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """A patch planned against one module build: the same for every mapping of it."""
+
+    patch: PatchView
+    arch: Architecture
+    sites: tuple[SitePlan, ...]
+
+    def at(
+        self, module: ModuleView, toolchain: Toolchain, external: ExternalResolver = _no_external
+    ) -> list[PlannedSite]:
+        """The plan at `module`'s load address; bodies assemble through `toolchain`,
+        references to other modules through `external` (this process's)."""
+        return [_placed(self.arch, s, module, toolchain, external) for s in self.sites]
+
+
+def plan_module(
     patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver = _no_external,
-) -> list[PlannedSite]:
-    """Every patchlet's site, checked, and its body ready to assemble anywhere.
+) -> ModulePlan:
+    """Every patchlet's site, checked, in module offsets.
 
     `toolchain` compiles the bodies (for a signed artifact: one holding the signed
     C code). `external` resolves references into other modules: in a process, from
@@ -106,11 +146,48 @@ def plan_patch(
     """
     machine = arch.get(patch.target.arch)
     try:
-        return _plan(machine, patch, module, toolchain, external)
+        return ModulePlan(patch, machine, _plan(machine, patch, module, toolchain, external))
     except MicropatchError as e:
         # The architecture speaks in addresses; authors write module offsets.
         e.args = (in_offsets(e.message, module), *e.args[1:])
         raise
+
+
+def plan_patch(
+    patch: PatchView,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver = _no_external,
+) -> list[PlannedSite]:
+    """Every patchlet's site, checked, and its body ready to assemble anywhere
+    (`plan_module`, placed at `module`)."""
+    return plan_module(patch, module, toolchain, external).at(module, toolchain, external)
+
+
+def plan_recorded(patch: PatchView, recorded: Sequence[SiteFact]) -> ModulePlan:
+    """The plan a signed artifact records: `build` planned and checked it against the
+    very build the artifact names (site, length, original bytes, resume, red zone),
+    so applying it needs none of the module's symbols. `patch` is the artifact's
+    (`trust.recorded.recorded_patch`: its `expect` are the recorded bytes)."""
+    sites = []
+    for facts in sorted(recorded, key=lambda f: f.patchlet):
+        patchlet = patch.patchlets[facts.patchlet]
+        sites.append(
+            SitePlan(
+                facts.patchlet,
+                patchlet,
+                facts.offset,
+                facts.original,
+                facts.resume,
+                # Guard and C bodies always push, so `build` skipped the red zone exactly
+                # when not at a function's entry; a code body does not ask.
+                not facts.skip_red_zone,
+                facts.skip_red_zone,
+                patchlet.counts_blocked,
+                patchlet.expect or facts.original,
+            )
+        )
+    return ModulePlan(patch, arch.get(patch.target.arch), tuple(sites))
 
 
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]+\b")
@@ -137,28 +214,31 @@ def _plan(
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver,
-) -> list[PlannedSite]:
+) -> tuple[SitePlan, ...]:
     planned = [
         _plan_patchlet(machine, toolchain, patch, i, p, module, external)
         for i, p in enumerate(patch.patchlets)
     ]
+    where = {p.index: f"patchlet[{p.index}] ({p.patchlet.at}) in {module.name}" for p in planned}
     for p in planned:
         for other in planned:
-            if p.resume is not None and other.site.address < p.resume < other.site.end:
+            end = other.offset + len(other.original)
+            if p.resume is not None and other.offset < p.resume < end:
                 raise SiteError(
-                    f"patch {patch.id}, {p.where}: resume target {p.resume:#x} is inside the site "
-                    f"of {other.where} ({other.site.address:#x}-{other.site.end:#x}), which the "
+                    f"patch {patch.id}, {where[p.index]}: resume target "
+                    f"{module.address(p.resume):#x} is inside the site of {where[other.index]} "
+                    f"({module.address(other.offset):#x}-{module.address(end):#x}), which the "
                     "jump overwrites"
                 )
-    ordered = sorted(planned, key=lambda s: s.site.address)
+    ordered = sorted(planned, key=lambda s: s.offset)
     for a, b in itertools.pairwise(ordered):
-        if b.site.address < a.site.end:
+        if b.offset < a.offset + len(a.original):
             raise SiteError(
-                f"patch {patch.id}: {a.where} and {b.where} overlap "
-                f"({a.site.address:#x}-{a.site.end:#x} and {b.site.address:#x}); "
-                "one site per location"
+                f"patch {patch.id}: {where[a.index]} and {where[b.index]} overlap "
+                f"({module.address(a.offset):#x}-{module.address(a.offset + len(a.original)):#x} "
+                f"and {module.address(b.offset):#x}); one site per location"
             )
-    return planned
+    return tuple(planned)
 
 
 def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> None:
@@ -192,7 +272,7 @@ def _plan_patchlet(
     patchlet: PatchletView,
     module: ModuleView,
     external: ExternalResolver,
-) -> PlannedSite:
+) -> SitePlan:
     where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
     try:
         image = module.image
@@ -216,31 +296,10 @@ def _plan_patchlet(
                     f"expected bytes {patchlet.expect.hex(' ')}, the module file has "
                     f"{found.hex(' ')}: the patch was written for other code"
                 )
-        resume = (
-            None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
-        )
-
+        resume = None if patchlet.resume == "after" else image.resolve(patchlet.resume)
         counted = patchlet.counts_blocked
-
-        @functools.lru_cache(maxsize=16)
-        def body_at(at: int, counter: int) -> bytes:
-            """The body assembled at `at`, recording blocked events at `counter`."""
-
-            def resolve(reference: str) -> int:
-                if reference == BLOCKED_REFERENCE:
-                    return counter
-                location = parse_location(reference)
-                if location.module is not None:
-                    return external(location)
-                return module.address(image.resolve(reference))
-
-            code = toolchain.body_source(
-                patchlet, at_entry=at_entry, counter=counter if counted else None
-            )
-            return toolchain.assemble(code, at, resolve)
-
         # Checked with a stand-in counter address near the site; the engine places the real one.
-        body = body_at(address, address)
+        body = _assemble(toolchain, patchlet, at_entry, module, external, address, address)
         # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
         skip_red_zone = not at_entry and machine.writes_stack(body, address)
         # Guard and C bodies adjust their rsp operands and restore rsp before they jump out.
@@ -252,6 +311,57 @@ def _plan_patchlet(
     expect = site.original
     if patchlet.expect is not None and len(patchlet.expect) > site.length:
         expect = patchlet.expect
+    return SitePlan(
+        index, patchlet, offset, site.original, resume, at_entry, skip_red_zone, counted, expect
+    )
+
+
+def _assemble(
+    toolchain: Toolchain,
+    patchlet: PatchletView,
+    at_entry: bool,
+    module: ModuleView,
+    external: ExternalResolver,
+    at: int,
+    counter: int,
+) -> bytes:
+    """The patchlet's body assembled at `at`, recording blocked events at `counter`."""
+
+    def resolve(reference: str) -> int:
+        if reference == BLOCKED_REFERENCE:
+            return counter
+        location = parse_location(reference)
+        if location.module is not None:
+            return external(location)
+        return module.address(module.image.resolve(reference))
+
+    code = toolchain.body_source(
+        patchlet, at_entry=at_entry, counter=counter if patchlet.counts_blocked else None
+    )
+    return toolchain.assemble(code, at, resolve)
+
+
+def _placed(
+    machine: Architecture,
+    s: SitePlan,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver,
+) -> PlannedSite:
+    """A site plan at the module's load address: its instructions decoded there."""
+
+    @functools.lru_cache(maxsize=16)
+    def body_at(at: int, counter: int) -> bytes:
+        return _assemble(toolchain, s.patchlet, s.at_entry, module, external, at, counter)
+
     return PlannedSite(
-        machine, index, where, site, resume, body_at, skip_red_zone, counted, expect
+        machine,
+        s.index,
+        f"patchlet[{s.index}] ({s.patchlet.at}) in {module.name}",
+        machine.site_unchecked(s.original, module.address(s.offset)),
+        None if s.resume is None else module.address(s.resume),
+        body_at,
+        s.skip_red_zone,
+        s.needs_counter,
+        s.expect,
     )

@@ -217,10 +217,18 @@ def allocate_counter(taken: list[int], cave: Cave) -> int:
     raise CaveError(f"the cave at {cave.address:#x} has no free blocked-event counter left")
 
 
-def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, size: int) -> int:
+def allocate(
+    taken: list[tuple[int, int]],
+    cave_address: int,
+    cave_size: int,
+    size: int,
+    *,
+    start: int = REGISTRY_SIZE,
+) -> int:
     """First free, aligned slot of `size` bytes in the trampoline area of a cave
-    (`cave_size` excludes the counters page)."""
-    cursor = cave_address + REGISTRY_SIZE
+    (`cave_size` excludes the counters page; the area begins `start` bytes in, after
+    the registry)."""
+    cursor = cave_address + start
     for start, end in sorted(taken):
         if start - cursor >= size:
             return cursor
@@ -228,6 +236,6 @@ def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, si
     if cave_address + cave_size - cursor >= size:
         return cursor
     raise CaveError(
-        f"the cave at {cave_address:#x} is full ({cave_size - REGISTRY_SIZE} bytes of "
+        f"the cave at {cave_address:#x} is full ({cave_size - start} bytes of "
         "trampolines); remove unused patches first"
     )
