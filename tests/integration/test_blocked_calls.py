@@ -10,7 +10,9 @@ what arrives during the stop is returned by the restarted call.
 from __future__ import annotations
 
 import ctypes
+import errno
 import signal
+import time
 
 import pytest
 
@@ -40,6 +42,7 @@ RESTARTED = {
 }
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}
 STOPS = 20
+SYS_EPOLL_WAIT = 232
 
 
 def _counts(t) -> dict[str, tuple[int, int, int]]:
@@ -121,6 +124,27 @@ def test_a_handler_during_the_stop_still_sees_eintr(start, kind, expected) -> No
     assert counts[kind] == expected
     del counts[kind]
     assert _interrupted(counts) == {name: 1 for name in STILL_INTERRUPTED}
+
+
+def test_the_borrowed_thread_gets_its_eintr_back(targets, start) -> None:
+    """The main thread, parked in epoll_wait(-1), is borrowed for the first cave's
+    system calls: from the stub the kernel restarts nothing, so it returns EINTR
+    as before (not run again unconditionally, which would hide a handler's EINTR)."""
+    t = start("waiters")
+    t.send("epoll_main")
+    deadline = time.monotonic() + 10
+    while _syscall(t.pid) != SYS_EPOLL_WAIT:
+        assert time.monotonic() < deadline, "the main thread never waited in epoll_wait"
+        time.sleep(0.001)
+    live.apply(make_patch(targets.path("waiters"), [FIX]), t.pid)
+    assert t.readline() == f"epoll -1 {errno.EINTR}"
+    assert t.cmd("call 65") == "-1"
+
+
+def _syscall(tid: int) -> int:
+    with open(f"/proc/{tid}/syscall") as f:
+        first = f.read().split()[0]
+    return int(first) if first.lstrip("-").isdigit() else -1
 
 
 def _tgkill(pid: int, tid: int, sig: int) -> None:

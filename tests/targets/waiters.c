@@ -28,6 +28,10 @@
  *   fds       ->  "epoll=W poll=W read=W": write ends of the pipes that wake
  *                 epoll_inf (and epoll_wait_inf), poll_inf, read_pipe
  *   handled   ->  how many SIGUSR1 the handler ran
+ *   epoll_main -> the main thread itself waits in epoll_wait(-1) on an empty
+ *                 epoll instance, once: "epoll R ERRNO" when it returns
+ *                 (only a stop can end it; the main thread is the one the
+ *                 engine borrows for its remote system calls)
  *   quit      ->  "bye" (waiters are not joined: exit ends them)
  */
 #define _GNU_SOURCE
@@ -462,7 +466,14 @@ int main(void)
             proto_reply("%s", out);
         } else if (proto_is(line, "fds"))
             proto_reply("epoll=%d poll=%d read=%d", epoll_pipe[1], poll_pipe[1], read_pipe[1]);
-        else if (proto_is(line, "handled"))
+        else if (proto_is(line, "epoll_main")) {
+            struct epoll_event ev;
+            int empty = epoll_create1(0);
+            long r = syscall(SYS_epoll_wait, empty, &ev, 1, -1);
+            int e = r < 0 ? errno : 0;
+            close(empty);
+            proto_reply("epoll %ld %d", r, e);
+        } else if (proto_is(line, "handled"))
             proto_reply("%ld", handled);
         else if (proto_is(line, "quit")) {
             proto_reply("bye");
