@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
 import signal
 import time
 
@@ -139,6 +140,33 @@ def test_the_borrowed_thread_gets_its_eintr_back(targets, start) -> None:
     live.apply(make_patch(targets.path("waiters"), [FIX]), t.pid)
     assert t.readline() == f"epoll -1 {errno.EINTR}"
     assert t.cmd("call 65") == "-1"
+
+
+def test_a_patcher_killed_in_the_stop_leaves_the_restart(start) -> None:
+    """The restart is in the thread's registers, in the kernel: a patcher SIGKILLed
+    while frozen inside its stop (as a watchdog would) leaves the calls to restart."""
+    t = start("waiters")
+    child = os.fork()
+    if child == 0:  # the patcher: stops the world, then freezes
+        try:
+            with stop_world(t.pid):
+                os.kill(os.getpid(), signal.SIGSTOP)
+        finally:
+            os._exit(0)
+    deadline = time.monotonic() + 10
+    while _state(child) != "T":
+        assert time.monotonic() < deadline, "the patcher never froze"
+        time.sleep(0.001)
+    os.kill(child, signal.SIGKILL)
+    os.waitpid(child, 0)
+    counts = _counts(t)
+    assert _interrupted(counts) == {name: 1 for name in STILL_INTERRUPTED}
+    assert t.cmd("call 65") == "-2"
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 def _syscall(tid: int) -> int:
