@@ -81,6 +81,7 @@ ARTIFACTS: tuple[Artifact, ...] = (
     Artifact("branchy", "branchy", ("branchy.c", "branchy_asm.S", "proto.c")),
     Artifact("seccomp", "seccomp", ("seccomp.c", "vuln_fn.c", "proto.c")),
     Artifact("spinner", "spinner", ("spinner.c", "spinner_asm.S", "workers.c", "proto.c")),
+    Artifact("waiters", "waiters", ("waiters.c", "vuln_fn.c", "proto.c")),
 )
 
 
@@ -129,6 +130,7 @@ SITES: tuple[Site, ...] = (
     Site("blocker", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
     Site("forker", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
     Site("seccomp", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
+    Site("waiters", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
     # threads: compute(x) = 2x + 1, the whole function is one site
     Site("threads", "compute", 0x0, 5, True, "8d443f01 c3", "lea eax,[rdi+rdi*1+0x1]; ret"),
     # redzone: rz_sum(n) = 14n + 91, locals at [rsp-0x78, rsp-0x8)
@@ -231,6 +233,7 @@ class Targets:
     branchy: Path
     seccomp: Path
     spinner: Path
+    waiters: Path
 
     def __init__(self, directory: Path, paths: dict[str, Path]) -> None:
         self.dir = directory

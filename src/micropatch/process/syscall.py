@@ -146,7 +146,15 @@ class RemoteSyscalls:
         self.check_seccomp(nr, args)
         proc, tid = self.proc, self.tid
         thread = proc.threads[tid]
-        resume_with = continuation(proc.regs(tid))
+        stop_regs = proc.regs(tid)
+        if thread.restarted:
+            # Out of the stub the kernel restarts nothing, and re-running the call
+            # unconditionally would hide the EINTR a signal handler must see
+            # (process/restart.py): give the thread back its EINTR.
+            stop_regs = stop_regs.copy()
+            stop_regs.rax = (1 << 64) - errno.EINTR
+            thread.restarted = False
+        resume_with = continuation(stop_regs)
         # `ret 128` after the pops lands rsp exactly where it was: the red zone
         # between the frame and rsp is never touched.
         frame = resume_with.rsp - RED_ZONE - FRAME_SIZE

@@ -22,12 +22,13 @@ from typing import TypeVar
 from micropatch.arch.x86_64.abi import UserRegs
 from micropatch.errors import (
     AlreadyTraced,
+    MicropatchError,
     ProcessError,
     ProcessExited,
     ProcessNotFound,
     StopTimeout,
 )
-from micropatch.process import ptrace
+from micropatch.process import ptrace, restart
 from micropatch.process.linux import PTRACE_EVENT_STOP, WALL
 from micropatch.process.memory import Memory
 from micropatch.process.priority import realtime
@@ -64,6 +65,9 @@ class Thread:
     saved_regs: UserRegs | None = None
     regs_dirty: bool = False
     stopped: bool = False  # seen in a ptrace stop: only then can it be detached
+    # Its -EINTR from a blocking call was made a restart (process/restart.py);
+    # saved_regs hold the restart code.
+    restarted: bool = False
 
 
 @dataclass
@@ -293,6 +297,23 @@ def _stop_all(proc: StoppedProcess) -> None:
     )
 
 
+def _restart_unseen(proc: StoppedProcess, tid: int) -> None:
+    """If our interrupt ended a blocking call with an EINTR the kernel would not
+    restart, and restarting it cannot be told apart, make the kernel restart it."""
+    regs = proc.regs(tid)
+    if not restart.candidate(regs):
+        return
+    try:
+        if proc.memory.read(regs.rip - len(restart.SYSCALL_INSN), 2) != restart.SYSCALL_INSN:
+            return
+    except MicropatchError:
+        return
+    again = restart.restarted(regs)
+    _checked(proc.pid, lambda: ptrace.set_regs(tid, again))
+    thread = proc.threads[tid]
+    thread.saved_regs, thread.restarted = again, True
+
+
 def _await(proc: StoppedProcess, tid: int, deadline: float) -> None:
     """Wait for a seized and interrupted thread to stop; forget it if it exited."""
     stop = _wait_stop(proc.pid, tid, deadline, proc.timeout)
@@ -304,6 +325,8 @@ def _await(proc: StoppedProcess, tid: int, deadline: float) -> None:
         # A signal arrived before our interrupt: hold it, deliver it on detach.
         proc.threads[tid].pending_signal = sig
     proc.threads[tid].stopped = True
+    if event == PTRACE_EVENT_STOP:
+        _restart_unseen(proc, tid)
 
 
 @contextmanager
