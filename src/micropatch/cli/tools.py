@@ -213,12 +213,11 @@ def diff(
     """Match the functions of two builds and rank those whose code changed,
     small changes first (the usual shape of a security fix)."""
     from micropatch.errors import MicropatchError
-    from micropatch.tools.diff.match import diff_modules
+    from micropatch.tools.diff.match import diff_files
     from micropatch.tools.diff.sidebyside import side_by_side
-    from micropatch.tools.module import ModuleIndex
 
     try:
-        result = diff_modules(ModuleIndex.open(old), ModuleIndex.open(new))
+        result = diff_files(old, new)
         if show is not None:
             rows = side_by_side(result, show)
     except MicropatchError as e:

@@ -6,9 +6,19 @@ from here, so moving the architecture code is a change to this file alone.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, NamedTuple, cast
 
-from iced_x86 import Code, FlowControl, Instruction, Mnemonic, OpKind, Register, RegisterExt
+from iced_x86 import (
+    Code,
+    Decoder,
+    FlowControl,
+    Instruction,
+    Mnemonic,
+    OpKind,
+    Register,
+    RegisterExt,
+)
 
 from micropatch.arch.x86_64.decode import IMMEDIATE_KINDS
 
@@ -20,6 +30,8 @@ from micropatch.arch.x86_64.site import Site, plan_site
 
 __all__ = [
     "Instruction",
+    "Shape",
+    "Shapes",
     "Site",
     "decode",
     "ends_flow",
@@ -31,7 +43,6 @@ __all__ = [
     "plan_site",
     "summarise",
 ]
-
 
 
 def _register_classes() -> dict[int, object]:
@@ -137,3 +148,81 @@ def summarise(
         else:
             parts.append(kind)
     return tuple(parts), target, values
+
+
+class Shape(NamedTuple):
+    """What the tools read of one instruction, independent of where it is:
+    `summarise`'s form and immediates, and its branch target and RIP-relative
+    address as distances from the next instruction. (A named tuple: a module has
+    hundreds of thousands of them, and a tuple is the cheapest to make.)"""
+
+    form: tuple[object, ...]
+    token: int  # hash((form, None)): the token of an instruction that refers to nothing
+    values: tuple[int, ...]
+    branch: int | None  # near branch target - next ip
+    rip: int | None  # RIP-relative memory address - next ip
+    call: bool
+    padding: bool
+    ends_flow: bool
+    conditional: bool
+    invalid: bool
+    plain: bool  # none of the above: no target, no immediate, not padding, not a block end
+
+
+class Shapes:
+    """Decodes code into `Shape`s, each distinct instruction encoding analysed once.
+
+    A module repeats its encodings: a 5 MB library has about 750,000 instructions
+    and 170,000 distinct encodings. The cache belongs to the object (one per
+    module, or per diff): no module-level state.
+    """
+
+    def __init__(self, small: int) -> None:
+        self.small = small
+        self._cache: dict[bytes, Shape] = {}
+
+    def clear(self) -> None:
+        """Forget every shape (they are only needed while functions are analysed)."""
+        self._cache.clear()
+
+    def sweep(self, code: bytes, address: int) -> Iterator[tuple[int, int, Shape]]:
+        """(ip, next ip, shape) of every instruction of `code`, decoded linearly from
+        `address`."""
+        cache = self._cache
+        decoder = Decoder(64, code, ip=address)
+        instruction = Instruction()
+        while decoder.can_decode:
+            decoder.decode_out(instruction)
+            ip = instruction.ip
+            offset = ip - address
+            raw = code[offset : offset + instruction.len]
+            shape = cache.get(raw)
+            next_ip = ip + instruction.len
+            if shape is None:
+                shape = self._shape(instruction, next_ip)
+                cache[raw] = shape
+            yield ip, next_ip, shape
+
+    def _shape(self, instruction: Instruction, next_ip: int) -> Shape:
+        form, target, values = summarise(instruction, self.small)
+        rip = None
+        if instruction.is_ip_rel_memory_operand:
+            rip = (instruction.ip_rel_memory_address - next_ip) % (1 << 64)
+        padding, ends, invalid = (
+            is_padding(instruction),
+            ends_flow(instruction),
+            instruction.code == Code.INVALID,
+        )
+        return Shape(
+            form,
+            hash((form, None)),
+            tuple(values),
+            None if target is None else target - next_ip,
+            rip,
+            is_call(instruction),
+            padding,
+            ends,
+            is_conditional(instruction),
+            invalid,
+            target is None and rip is None and not values and not (padding or ends or invalid),
+        )

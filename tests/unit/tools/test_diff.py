@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from micropatch.cli.main import app
 from micropatch.errors import MicropatchError
-from micropatch.tools.diff.match import diff_modules
+from micropatch.tools.diff.match import diff_files, diff_modules
 from micropatch.tools.diff.sidebyside import side_by_side
 from micropatch.tools.module import ModuleIndex
 
@@ -70,3 +70,13 @@ def test_cli_json_and_show(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
         app, ["diff", str(old.path), str(new.path), "--show", hex(old.offset("parse_name")[0])]
     )
     assert shown.exit_code == 0 and " + " in shown.stdout
+
+
+def test_diff_files_shares_one_decoding_cache_and_agrees(
+    diff_pairs: dict[str, tuple[Build, Build]],
+) -> None:
+    old, new = diff_pairs["O2"]
+    apart = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    shared = diff_files(old.path, new.path)
+    assert shared.pairs == apart.pairs
+    assert [c.as_json() for c in shared.changes] == [c.as_json() for c in apart.changes]
