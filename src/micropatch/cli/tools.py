@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from micropatch.tools.diff.match import Change, DiffResult
+    from micropatch.tools.diff.match import DiffResult
+    from micropatch.tools.diff.rank import Change
     from micropatch.tools.explore import Line, Shown
 
 explore_app = typer.Typer(

@@ -41,6 +41,8 @@ __all__ = [
     "is_padding",
     "near_branch_target",
     "plan_site",
+    "role",
+    "roles",
     "summarise",
 ]
 
@@ -148,6 +150,71 @@ def summarise(
         else:
             parts.append(kind)
     return tuple(parts), target, values
+
+
+# What an instruction does to the logic of a function, for `diff`'s ranking.
+ROLE_OTHER, ROLE_CONDITION, ROLE_COMPARISON, ROLE_CALL = 0, 1, 2, 3
+_CONDITIONAL_DATA = frozenset(
+    value
+    for name in dir(Mnemonic)
+    if name.startswith(("CMOV", "SET")) and len(name) <= 6
+    for value in (getattr(Mnemonic, name),)
+)
+_COMPARISONS = frozenset({Mnemonic.CMP, Mnemonic.TEST})
+
+
+def role(instruction: Instruction) -> int:
+    """ROLE_CONDITION for a conditional branch, move or set (jcc, cmovcc, setcc);
+    ROLE_COMPARISON for cmp and test; ROLE_CALL for a call; else ROLE_OTHER."""
+    if is_conditional(instruction) or instruction.mnemonic in _CONDITIONAL_DATA:
+        return ROLE_CONDITION
+    if instruction.mnemonic in _COMPARISONS:
+        return ROLE_COMPARISON
+    return ROLE_CALL if is_call(instruction) else ROLE_OTHER
+
+
+def roles(code: bytes, address: int) -> list[tuple[int, int, int]]:
+    """(role, mnemonic, registers-free form) of each instruction of `code` that
+    `Shapes.sweep` gives a token to (padding aside), in order.
+
+    The registers-free form keeps the mnemonic, each register's size, memory
+    operands' shape and small constants: two builds that allocate registers
+    differently compare equal; a check of a 16-bit value and one of a 32-bit
+    value, or against another bound, do not."""
+    return [
+        (role(i), i.mnemonic, hash(_registers_free(i)))
+        for i in decode(code, address)
+        if not is_padding(i)
+    ]
+
+
+_SMALL = 0x1000  # constants this small stay in a form; larger ones are addresses
+
+
+def _registers_free(instruction: Instruction) -> tuple[object, ...]:
+    parts: list[object] = [instruction.mnemonic]
+    for operand in range(instruction.op_count):
+        kind = instruction.op_kind(operand)
+        if kind == OpKind.REGISTER:
+            parts.append(("r", RegisterExt.size(instruction.op_register(operand))))
+        elif kind == OpKind.MEMORY:
+            if instruction.memory_base == Register.RIP:
+                parts.append(("m", "rip", instruction.memory_size))
+            else:
+                displacement = instruction.memory_displacement
+                if displacement >= 1 << 63:
+                    displacement -= _SIGNED_64
+                small = displacement if -_SMALL < displacement < _SMALL else "d"
+                index = instruction.memory_index != Register.NONE
+                parts.append(("m", instruction.memory_size, index, small))
+        elif kind in IMMEDIATE_KINDS:
+            value = instruction.immediate(operand)
+            if kind in _SIGN_EXTENDED and value >= 1 << 63:
+                value -= _SIGNED_64
+            parts.append(value if -_SMALL < value < _SMALL else "i")
+        else:
+            parts.append(kind)
+    return tuple(parts)
 
 
 class Shape(NamedTuple):
