@@ -140,7 +140,7 @@ def _render(line: Line, shown: Shown) -> str:
     for r in line.references:
         if r.kind == "string":
             comment.append(_quote(r.name or "", 50))
-        elif r.kind != "constant":
+        elif r.kind != "constant" and line.jump != r.target:  # a branch names its target
             comment.append(r.name or f"{r.kind} {r.target:#x}")
     site = line.site
     if not site.checked:

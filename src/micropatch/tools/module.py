@@ -18,7 +18,13 @@ from micropatch.elf.sections import SectionMap
 from micropatch.elf.strings import c_string_at
 from micropatch.errors import FunctionBoundsUnknown, SymbolNotFound
 from micropatch.tools.functions import Function, list_functions
-from micropatch.tools.insn import Instruction, Shapes, decode
+from micropatch.tools.insn import (
+    Instruction,
+    Shapes,
+    decode,
+    format_instruction,
+    near_branch_target,
+)
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +189,25 @@ class ModuleIndex:
     def decode(self, function: Function) -> list[Instruction]:
         """The instructions of a function, by linear sweep from its start."""
         return decode(self.code(function), function.start)
+
+    def listing(self, function: Function) -> list[tuple[Instruction, str]]:
+        """Each instruction of `function` with its text, a direct call or jump out of
+        the function naming its target (`call xmlFree`, `call fn_9cb00`); jumps
+        inside the function keep their offset. `explore show` and `diff --show`
+        both print this."""
+        named = {
+            r.ip: r.name or f"fn_{r.target:x}"
+            for r in self.analyse(function).references
+            if r.kind in CALL_KINDS
+        }
+        rows = []
+        for ins in self.decode(function):
+            text = format_instruction(ins)
+            name = named.get(ins.ip)
+            if name is not None and near_branch_target(ins) is not None:
+                text = f"{text.rsplit(' ', 1)[0]} {name}"  # the target is the last operand
+            rows.append((ins, text))
+        return rows
 
     def label(self, offset: int) -> str | None:
         """The name of what lives at `offset`: an import (stub or slot), a function."""

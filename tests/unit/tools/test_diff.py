@@ -45,6 +45,12 @@ def test_side_by_side_shows_the_added_check(diff_pairs: dict[str, tuple[Build, B
     assert added and all(row.old_offset is None for row in added)
     assert any(row.new_text.startswith(("cmp", "j")) for row in added)
     assert any(row.tag == "=" for row in rows)  # context around the change
+    # report's version string changed; the call (a tail call at -O2) after it names
+    # printf on both sides.
+    rows = side_by_side(result, hex(old.offset("report")[0]))
+    texts = [text for row in rows for text in (row.old_text, row.new_text)]
+    calls = [text for text in texts if text.startswith(("call", "jmp"))]
+    assert calls and all("printf" in text and "0x" not in text for text in calls), calls
     with pytest.raises(MicropatchError, match="no symbol 'no_such_function'"):
         side_by_side(result, "no_such_function")
 
