@@ -271,20 +271,18 @@ class ModuleIndex:
     def _sweep(self, function: Function) -> Analysis:
         references: list[Reference] = []
         targets: set[int] = set()
-        tokens: list[int] = []
         conditionals = 0
         valid = True
         absolute = not self.image.is_pie_or_shared
         base = self.image.image_base
-        for ip, next_ip, shape in self._shapes.sweep(self.code(function), function.start):
-            if shape.plain:  # most instructions: no target, no immediate, not a block end
-                tokens.append(shape.token)
-                continue
+        start, end = function.start, function.end
+        tokens, special = self._shapes.sweep(self.code(function), start)
+        for index, ip, next_ip, shape in special:
             valid = valid and not shape.invalid
             extra: object = None
             if shape.branch is not None:
                 target = next_ip + shape.branch
-                if shape.call or target not in function:
+                if shape.call or not start <= target < end:
                     kind, name = self._classify(target)
                     if kind == "function":
                         kind = "call" if shape.call else "tailcall"
@@ -310,9 +308,8 @@ class ModuleIndex:
                     extra = (kind, name) if kind in ("string", "import", "import-data") else kind
                 else:
                     references.append(Reference(ip, "constant", value, None))
-            if not shape.padding:
-                tokens.append(shape.token if extra is None else hash((shape.form, extra)))
-            if shape.ends_flow and next_ip < function.end:
+            tokens[index] = shape.token if extra is None else hash((shape.form, extra))
+            if shape.ends_flow and next_ip < end:
                 targets.add(next_ip)
         return Analysis(
             function=function,

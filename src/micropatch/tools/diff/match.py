@@ -28,7 +28,7 @@ from pathlib import Path
 from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
 from micropatch.tools.diff.rank import Change, change, rank_key
 from micropatch.tools.functions import Function
-from micropatch.tools.insn import Shapes
+from micropatch.tools.insn import Roles, Shapes
 from micropatch.tools.module import SMALL_CONSTANT, ModuleIndex
 
 log = logging.getLogger(__name__)
@@ -210,12 +210,13 @@ class _Matcher:
 
 def _rank(result: DiffResult) -> list[Change]:
     changes = []
+    roles = Roles()
     for a, b in result.pairs.items():
         old, new = result.profiles_old[a], result.profiles_new[b]
         if old.exact == new.exact:
             continue
         moved = [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
-        changes.append(change(result.old, result.new, old, new, result.how[a], moved))
+        changes.append(change(result.old, result.new, old, new, result.how[a], moved, roles))
     changes.sort(key=rank_key)
     return changes
 

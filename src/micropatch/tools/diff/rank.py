@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 from rapidfuzz.distance import LCSseq
 
 from micropatch.tools.functions import Function
-from micropatch.tools.insn import ROLE_CALL, ROLE_CONDITION, ROLE_OTHER, roles
+from micropatch.tools.insn import ROLE_CALL, ROLE_CONDITION, ROLE_OTHER, Roles
 
 if TYPE_CHECKING:
     from micropatch.tools.diff.features import Profile
@@ -90,13 +90,15 @@ def change(
     new: Profile,
     method: str,
     callees_moved: bool,
+    roles: Roles,
 ) -> Change:
     """The change between two matched functions whose tokens differ.
 
     `callees_moved`: the old function's callees, mapped through the match, are not
-    the new function's (a call to another local function is not in the tokens)."""
-    old_roles = roles(old_index.code(old.function), old.function.start)
-    new_roles = roles(new_index.code(new.function), new.function.start)
+    the new function's (a call to another local function is not in the tokens).
+    `roles`: a cache shared by the changes of one diff."""
+    old_roles = roles.of(old_index.code(old.function), old.function.start)
+    new_roles = roles.of(new_index.code(new.function), new.function.start)
     common = LCSseq.similarity(old.tokens, new.tokens)
     removed, added = old.size - common, new.size - common
     kind: Kind = "logic"
