@@ -138,6 +138,12 @@ class RelocationError(SiteError):
     """A displaced instruction cannot be moved to the trampoline."""
 
 
+class StackError(SiteError):
+    """A patchlet body's use of the stack cannot be proven right where it runs: rsp
+    not restored where it leaves, a store at or above the return address, a
+    `[frame+N]` where the body's stack depth is not known."""
+
+
 # --- process/ ---------------------------------------------------------------
 
 

@@ -328,7 +328,7 @@ def test_body_that_moves_past_the_red_zone_cannot_jump_out(targets, start):
 
     t = start("redzone")
     patch = make_patch(targets.redzone, [{"at": "rz_sum+0x7a", "code": "push rax\npop rax\njmp {rz_sum}"}])
-    with pytest.raises(SiteError, match=r"leaves it before rsp is restored"):
+    with pytest.raises(SiteError, match=r"`jmp .*` \(body\+0x2\) leaves the body with rsp 0x80 bytes below the function's rsp at the site.*lea rsp, \[frame\]"):
         live.apply(patch, t.pid)
     assert t.cmd("call 5") == str(14 * 5 + 91)
     assert_untouched(targets, "redzone", t.pid, ["rz_sum"])
@@ -348,7 +348,7 @@ def test_body_below_the_red_zone_cannot_name_the_stack_by_rsp(targets, start, co
 
     t = start("redzone")
     patch = make_patch(targets.redzone, [{"at": "rz_sum+0x7a", "code": code}])
-    with pytest.raises(SiteError, match=r"rsp lowered by 128 bytes.*is the body's \[rsp\+N\+0x80\]"):
+    with pytest.raises(SiteError, match=r"outside what the body has pushed.*runs it 128 bytes below the function's rsp.*write the function's \[rsp\+N\] as \[frame\+N\]"):
         live.apply(patch, t.pid)
     assert t.cmd("call 5") == str(14 * 5 + 91)
     assert_untouched(targets, "redzone", t.pid, ["rz_sum"])

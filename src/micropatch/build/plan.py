@@ -16,6 +16,7 @@ from typing import Protocol
 
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
+from micropatch.bodies.frame import StackContext
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.elf.identity import ModuleIdentity
 from micropatch.elf.image import ElfImage
@@ -159,27 +160,29 @@ def _plan(
     return planned
 
 
-def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> None:
-    """A code body run below the red zone must leave through its end, where rsp is
-    restored, and must not name the stack by rsp, whose value it does not share
-    with the function."""
-    for text in machine.exits(body, address):
-        raise SiteError(
-            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
-            f"it {machine.RED_ZONE} bytes below rsp to spare the red zone of a leaf function, "
-            f"and `{text}` leaves it before rsp is restored; jump out only from a body that "
-            "does not push or call, or patch at the function's entry, where no red zone is live"
-        )
-    for text in machine.stack_operands(body, address):
-        raise SiteError(
-            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
-            f"it with rsp lowered by {machine.RED_ZONE} bytes to spare the red zone of a leaf "
-            f"function: `{text}` would not address what it says in the function (its "
-            f"[rsp+N] is the body's [rsp+N+{machine.RED_ZONE:#x}] at entry, and moves with "
-            "every push); rsp-relative operands are refused in such a body. Read or write the "
-            "function's stack from a body that does not push, call or store below rsp (it runs "
-            "at the function's rsp), or patch at the function's entry"
-        )
+def _stand_in_cave(machine: Architecture, module: ModuleView) -> int:
+    """A page past the module's end: where a cave could be, in reach of it."""
+    return (module.high + (1 << 20)) // machine.PAGE_SIZE * machine.PAGE_SIZE
+
+
+def _stack_context(
+    machine: Architecture, image: ElfImage, offset: int, at_entry: bool, skip_red_zone: bool
+) -> StackContext:
+    """Where the body runs, for `[frame+N]` and the stack rules: below the red zone
+    or not, and where the return address is (from .eh_frame's CFA at the site)."""
+    step = machine.RED_ZONE if skip_red_zone else 0
+    if at_entry:
+        return StackContext(step, return_slot=0, cfa="rsp+0x8 (a function's entry)")
+    cfa = image.cfa_at(offset)
+    if cfa is None:
+        return StackContext(step)
+    slot = cfa.offset - 8  # the return address is pushed just below the CFA
+    text = f"{cfa.register}{cfa.offset:+#x}"
+    if cfa.register == "rsp":
+        return StackContext(step, return_slot=slot, cfa=text)
+    if cfa.register == "rbp":
+        return StackContext(step, rbp_return_slot=slot, cfa=text)
+    return StackContext(step)
 
 
 def _plan_patchlet(
@@ -220,8 +223,7 @@ def _plan_patchlet(
 
         counted = patchlet.counts_blocked
 
-        @functools.lru_cache(maxsize=16)
-        def body_at(at: int, counter: int) -> bytes:
+        def assembled(at: int, counter: int, stack: StackContext | None) -> bytes:
             """The body assembled at `at`, recording blocked events at `counter`."""
 
             def resolve(reference: str) -> int:
@@ -235,15 +237,20 @@ def _plan_patchlet(
             code = toolchain.body_source(
                 patchlet, at_entry=at_entry, counter=counter if counted else None
             )
-            return toolchain.assemble(code, at, resolve)
+            return toolchain.assemble(code, at, resolve, stack)
 
-        # Checked with a stand-in counter address near the site; the engine places the real one.
-        body = body_at(address, address)
-        # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
-        skip_red_zone = not at_entry and machine.writes_stack(body, address)
-        # Guard and C bodies adjust their rsp operands and restore rsp before they jump out.
-        if skip_red_zone and patchlet.kind == "code":
-            _refuse_below_red_zone(machine, body, address)
+        # Checked at a stand-in trampoline (and counter) address past the module, as a
+        # cave would be, never over the module's code it may jump to; the engine places
+        # the real ones. A function's entry has no live red zone yet; elsewhere a leaf
+        # may be using it.
+        check_at = _stand_in_cave(machine, module)
+        probe = assembled(check_at, check_at, None)
+        skip_red_zone = not at_entry and machine.writes_stack(probe, check_at)
+        stack = _stack_context(machine, image, offset, at_entry, skip_red_zone)
+        body_at = functools.lru_cache(maxsize=16)(
+            lambda at, counter: assembled(at, counter, stack)
+        )
+        body_at(check_at, check_at)  # every stack rule, where the body really runs
     except MicropatchError as e:
         e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
         raise
