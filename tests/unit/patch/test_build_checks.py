@@ -1,0 +1,36 @@
+"""Checks made when a patch is built against its module file: reach of a direct
+branch to another module, jumps into an overwritten site, the module's name."""
+
+from __future__ import annotations
+
+import pytest
+
+from micropatch.build.artifact import build
+from micropatch.errors import AssemblyError, MicropatchError
+
+from .test_artifact import source, write_source
+
+
+def test_direct_call_to_another_module_gets_the_reach_message(targets, tmp_path) -> None:
+    text = source(targets.vuln_pie, [{"at": "copy_packet", "code": "call {libc.so.6!abort}"}])
+    with pytest.raises(AssemblyError) as err:
+        build(write_source(tmp_path, text), targets.vuln_pie)
+    message = str(err.value)
+    assert "{libc.so.6!abort} is beyond the +-2 GiB reach of a rel32 `call`" in message
+    assert "`mov rax, {libc.so.6!abort}`, then `call rax`" in message
+    assert "KS_ERR" not in message and "0x7ffff" not in message.lower()
+
+
+def test_call_through_a_register_to_another_module_builds(targets, tmp_path) -> None:
+    code = "push rax\nmov rax, {libc.so.6!abort}\ntest rdi, rdi\njnz ok\ncall rax\nok:\npop rax"
+    text = source(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
+    build(write_source(tmp_path, text), targets.vuln_pie)
+
+
+def test_no_message_shows_the_stand_in_address(targets, tmp_path) -> None:
+    code = "mov eax, {libc.so.6!abort}"  # 32 bits: does not fit
+    text = source(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
+    with pytest.raises(MicropatchError) as err:
+        build(write_source(tmp_path, text), targets.vuln_pie)
+    assert "{libc.so.6!abort} does not fit" in str(err.value)
+    assert "0x7ffff" not in str(err.value).lower()
