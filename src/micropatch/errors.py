@@ -131,7 +131,8 @@ class NotInstructionBoundary(SiteError):
 
 
 class BranchIntoSite(SiteError):
-    """A branch in the containing function targets a byte inside the site."""
+    """A branch in the containing function, or in a patchlet's body, targets a
+    byte inside a site (which the jump overwrites)."""
 
 
 class RelocationError(SiteError):

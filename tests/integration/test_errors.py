@@ -375,3 +375,16 @@ def test_reference_to_a_symbol_another_module_lacks(targets, start):
         live.apply(patch, t.pid)
     still_works(t)
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_body_jumping_into_an_overwritten_site_is_refused_untouched(targets, start):
+    """copy_packet+0x2 is inside the 8-byte site at copy_packet: the jump's bytes."""
+    from micropatch.errors import BranchIntoSite
+
+    t = start("vuln_pie")
+    code = "cmp esi, 64\njle ok\njmp {copy_packet+0x2}\nok:"
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
+    with pytest.raises(BranchIntoSite, match=r"patchlet\[0\] \(copy_packet\).*`jmp .*` \(body\+0x5\) refers to 0x[0-9a-f]+ \(0x[0-9a-f]+\), inside the site of patchlet\[0\]"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])

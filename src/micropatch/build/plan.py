@@ -21,7 +21,13 @@ from micropatch.bodies.toolchain import Toolchain
 from micropatch.elf.identity import ModuleIdentity
 from micropatch.elf.image import ElfImage
 from micropatch.elf.location import Location, parse_location
-from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
+from micropatch.errors import (
+    BranchIntoSite,
+    MicropatchError,
+    OriginalBytesMismatch,
+    SiteError,
+    UnresolvedReference,
+)
 from micropatch.patch.asmtext import BLOCKED_REFERENCE
 from micropatch.patch.model import Patch, Patchlet
 
@@ -149,6 +155,7 @@ def _plan(
                     f"of {other.where} ({other.site.address:#x}-{other.site.end:#x}), which the "
                     "jump overwrites"
                 )
+    _refuse_references_into_sites(machine, patch, planned, _stand_in_cave(machine, module))
     ordered = sorted(planned, key=lambda s: s.site.address)
     for a, b in itertools.pairwise(ordered):
         if b.site.address < a.site.end:
@@ -158,6 +165,24 @@ def _plan(
                 "one site per location"
             )
     return planned
+
+
+def _refuse_references_into_sites(
+    machine: Architecture, patch: Patch, planned: list[PlannedSite], at: int
+) -> None:
+    """A body's jump (or call, or address) into the middle of a site, its own or
+    another patchlet's, would land in the bytes the jump overwrites."""
+    for p in planned:
+        for row in machine.listing(p.body_at(at, at), at):
+            for target, other in itertools.product(row.references, planned):
+                if not other.site.address < target < other.site.end:
+                    continue
+                raise BranchIntoSite(
+                    f"patch {patch.id}, {p.where}: `{row.text}` (body+{row.address - at:#x}) "
+                    f"refers to {target:#x}, inside the site of {other.where} "
+                    f"({other.site.address:#x}-{other.site.end:#x}), which the jump "
+                    "overwrites: go to the site's start, or past its end"
+                )
 
 
 def _stand_in_cave(machine: Architecture, module: ModuleView) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from micropatch.build.artifact import build
-from micropatch.errors import AssemblyError, MicropatchError
+from micropatch.errors import AssemblyError, BranchIntoSite, MicropatchError
 
 from .test_artifact import source, write_source
 
@@ -34,3 +34,33 @@ def test_no_message_shows_the_stand_in_address(targets, tmp_path) -> None:
         build(write_source(tmp_path, text), targets.vuln_pie)
     assert "{libc.so.6!abort} does not fit" in str(err.value)
     assert "0x7ffff" not in str(err.value).lower()
+
+
+@pytest.mark.parametrize(
+    ("patchlets", "culprit"),
+    [
+        # Its own site: copy_packet's first instruction is `test esi, esi` (2 bytes).
+        ([{"at": "copy_packet", "code": "cmp esi, 64\njle ok\njmp {copy_packet+0x2}\nok:"}], 0),
+        (
+            [
+                {"at": "copy_packet+0x8", "code": "nop"},
+                {"at": "copy_packet", "code": "cmp esi, 64\njle ok\njmp {copy_packet+0x9}\nok:"},
+            ],
+            1,
+        ),
+    ],
+    ids=["own-site", "another-site"],
+)
+def test_jump_into_an_overwritten_site_is_refused(targets, tmp_path, patchlets, culprit) -> None:
+    text = source(targets.vuln_pie, patchlets)
+    with pytest.raises(BranchIntoSite) as err:
+        build(write_source(tmp_path, text), targets.vuln_pie)
+    message = str(err.value)
+    assert f"patchlet[{culprit}] ({patchlets[culprit]['at']})" in message
+    assert "inside the site of patchlet[" in message and "which the jump overwrites" in message
+
+
+def test_jump_to_a_site_start_or_past_its_end_builds(targets, tmp_path) -> None:
+    code = "cmp esi, 64\njle ok\njmp {copy_packet}\nok:"
+    text = source(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
+    build(write_source(tmp_path, text), targets.vuln_pie)
