@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.construct import ConstructError
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
 from elftools.elf.sections import SymbolTableSection
@@ -270,6 +271,19 @@ class ElfImage:
     def fde_ranges(self) -> list[tuple[int, int]]:
         """[start, end) module offsets of every .eh_frame FDE, in file order."""
         return list(self._fde_ranges)
+
+    @cached_property
+    def soname(self) -> str | None:
+        """The DT_SONAME of a shared library (`libfoo.so.1`), the name the loader
+        looks it up by; None if it has none."""
+        try:
+            for section in self._elf.iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags("DT_SONAME"):
+                        return str(tag.soname)  # type: ignore[attr-defined]
+        except _PARSE_ERRORS as exc:
+            raise ElfError(f"{self.name}: malformed dynamic section: {exc}") from exc
+        return None
 
     @property
     def elffile(self) -> ELFFile:

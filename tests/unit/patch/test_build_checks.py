@@ -3,12 +3,14 @@ branch to another module, jumps into an overwritten site, the module's name."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from micropatch.build.artifact import build
-from micropatch.errors import AssemblyError, BranchIntoSite, MicropatchError
+from micropatch.errors import AssemblyError, BranchIntoSite, MicropatchError, ModuleError
 
-from .test_artifact import source, write_source
+from .test_artifact import FIX, source, write_source
 
 
 def test_direct_call_to_another_module_gets_the_reach_message(targets, tmp_path) -> None:
@@ -64,3 +66,36 @@ def test_jump_to_a_site_start_or_past_its_end_builds(targets, tmp_path) -> None:
     code = "cmp esi, 64\njle ok\njmp {copy_packet}\nok:"
     text = source(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
     build(write_source(tmp_path, text), targets.vuln_pie)
+
+
+@pytest.fixture
+def versioned(targets, tmp_path):
+    """libvuln.so (DT_SONAME libvuln.so) installed as the loader's convention has it:
+    the file libvuln.so.1.2.3, which processes map under that name."""
+    path = tmp_path / "lib" / "libvuln.so.1.2.3"
+    path.parent.mkdir()
+    shutil.copyfile(targets.libvuln, path)
+    return path
+
+
+def test_module_named_by_its_file_builds(targets, tmp_path, versioned) -> None:
+    text = source(versioned, [FIX], name="libvuln.so.1.2.3")
+    assert build(write_source(tmp_path, text), versioned).payload.module.name == "libvuln.so.1.2.3"
+
+
+def test_module_named_by_its_soname_is_refused(targets, tmp_path, versioned) -> None:
+    text = source(versioned, [FIX], name="libvuln.so")
+    with pytest.raises(ModuleError) as err:
+        build(write_source(tmp_path, text), versioned)
+    assert str(err.value).startswith("[target] module = 'libvuln.so' is the DT_SONAME of ")
+    assert "processes map the file itself, libvuln.so.1.2.3" in str(err.value)
+    assert str(err.value).endswith('set [target] module = "libvuln.so.1.2.3"')
+
+
+def test_module_named_otherwise_is_refused(targets, tmp_path) -> None:
+    text = source(targets.vuln_pie, [FIX], name="vuln")
+    with pytest.raises(
+        ModuleError,
+        match=r"\[target\] module = 'vuln', but the module file .*vuln_pie is vuln_pie: .*set \[target\] module = \"vuln_pie\", or build against the file named vuln",
+    ):
+        build(write_source(tmp_path, text), targets.vuln_pie)
