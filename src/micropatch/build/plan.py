@@ -12,14 +12,10 @@ import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
-from micropatch.bodies.frame import StackContext
-from micropatch.bodies.toolchain import Toolchain
-from micropatch.elf.identity import ModuleIdentity
-from micropatch.elf.image import ElfImage
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import (
     BranchIntoSite,
@@ -29,7 +25,13 @@ from micropatch.errors import (
     UnresolvedReference,
 )
 from micropatch.patch.asmtext import BLOCKED_REFERENCE
-from micropatch.patch.model import Patch, Patchlet
+
+if TYPE_CHECKING:
+    from micropatch.bodies.frame import StackContext
+    from micropatch.bodies.toolchain import Toolchain
+    from micropatch.elf.identity import ModuleIdentity
+    from micropatch.elf.image import ElfImage
+    from micropatch.patch.view import PatchletView, PatchView
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
 
@@ -98,7 +100,7 @@ def _no_external(location: Location) -> int:
 
 
 def plan_patch(
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver = _no_external,
@@ -138,7 +140,7 @@ def in_offsets(message: str, module: ModuleView) -> str:
 
 def _plan(
     machine: Architecture,
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver,
@@ -168,7 +170,7 @@ def _plan(
 
 
 def _refuse_references_into_sites(
-    machine: Architecture, patch: Patch, planned: list[PlannedSite], at: int
+    machine: Architecture, patch: PatchView, planned: list[PlannedSite], at: int
 ) -> None:
     """A body's jump (or call, or address) into the middle of a site, its own or
     another patchlet's, would land in the bytes the jump overwrites."""
@@ -195,6 +197,8 @@ def _stack_context(
 ) -> StackContext:
     """Where the body runs, for `[frame+N]` and the stack rules: below the red zone
     or not, and where the return address is (from .eh_frame's CFA at the site)."""
+    from micropatch.bodies.frame import StackContext
+
     step = machine.RED_ZONE if skip_red_zone else 0
     if at_entry:
         return StackContext(step, return_slot=0, cfa="rsp+0x8 (a function's entry)")
@@ -213,9 +217,9 @@ def _stack_context(
 def _plan_patchlet(
     machine: Architecture,
     toolchain: Toolchain,
-    patch: Patch,
+    patch: PatchView,
     index: int,
-    patchlet: Patchlet,
+    patchlet: PatchletView,
     module: ModuleView,
     external: ExternalResolver,
 ) -> PlannedSite:
