@@ -159,6 +159,9 @@ def test_red_zone_survives_a_pushing_patchlet_only_when_skipped(
         "lea rcx, [rsp+8]; mov qword ptr [rcx-0x10], rax",
         "mov rcx, rsp; mov qword ptr [rcx+rdx*8], rax",  # an index: any slot
         "jmp l; push rax; l: nop",  # unreachable here, but judged by its text
+        # rsp copied at one of two offsets: a store through it at an unknown slot
+        "mov rcx, rsp; test rdi, rdi; jz l; add rcx, 8; l: mov qword ptr [rcx-8], rax",
+        "mov rcx, rsp; test rdi, rdi; jz l; add rcx, 8; l: mov rdx, rcx; mov [rdx-8], rax",
     ],
 )
 def test_writes_stack(source: str) -> None:

@@ -67,9 +67,10 @@ def test_frame_is_the_functions_rsp_whatever_was_pushed(moves, slot, mid, seed) 
     registers, after = _execute("\n".join(lines), MID if mid else AT_RSP, stack)
     assert registers["rax"] == int.from_bytes(stack[PAGE + n : PAGE + n + 8], "little")
     assert after[PAGE + n + 8 : PAGE + n + 16] == (0x1111).to_bytes(8, "little")
-    assert after[PAGE:] == stack[PAGE:PAGE + n + 8] + after[PAGE + n + 8 : PAGE + n + 16] + stack[
-        PAGE + n + 16 :
-    ]
+    assert (
+        after[PAGE:]
+        == stack[PAGE : PAGE + n + 8] + after[PAGE + n + 8 : PAGE + n + 16] + stack[PAGE + n + 16 :]
+    )
 
 
 def test_lea_of_frame_and_a_store_through_it() -> None:
@@ -98,6 +99,10 @@ def test_frame_after_a_call_and_a_branch_joining_equal_depths() -> None:
         ("push rcx\nmov rcx, rsp\nmov rdi, [rcx+0x30]\npop rcx", r"outside what the body"),
         ("push rax\nmov [rsp+rcx*8], rax\npop rax", r"at a stack depth not known|slot not known"),
         ("push rax\npop rax\nret", r"returns with rsp at the function's \[rsp-0x80\]"),
+        (
+            "push rcx\nmov rcx, rsp\njz a\nadd rcx, 8\na:\nmov rax, [rcx]\npop rcx",
+            r"at a stack depth not known here",
+        ),
     ],
 )
 def test_refused(body: str, message: str) -> None:
@@ -128,3 +133,13 @@ def test_trace_follows_rsp_copies_and_depths() -> None:
 def test_trace_notes_calls_into_the_body() -> None:
     code = asm("call f; ret; f: ret", CODE)
     assert trace(code, CODE).hidden_entries
+
+
+def test_store_at_the_return_address_through_rbp() -> None:
+    """A function with a frame pointer: CFA = rbp+0x10, its return address at [rbp+8]."""
+    where = StackContext(step=0, rbp_return_slot=8, cfa="rbp+0x10")
+    with pytest.raises(
+        StackError, match=r"\[rbp\+0x8\], at or above its return address at \[rbp\+0x8\]"
+    ):
+        assemble("mov qword ptr [rbp+8], rax", CODE, _resolve, where)
+    assemble("mov qword ptr [rbp-8], rax", CODE, _resolve, where)

@@ -121,6 +121,9 @@ class StackTrace:
 class _State:
     depth: int | None
     registers: tuple[tuple[int, Value], ...]  # sorted (register, value)
+    # Registers that may hold an address from rsp at an offset not known here (two
+    # paths joining with different ones, or made from such a register).
+    unsure: frozenset[int] = frozenset()
 
     def get(self, register: int) -> Value | None:
         return dict(self.registers).get(register)
@@ -171,8 +174,12 @@ def _join(a: _State, b: _State, ip: int, result: StackTrace) -> _State:
                 f"{b.depth:#x} below the entry rsp): a branch joining different depths, "
                 "or a loop that moves rsp",
             )
-    common = tuple(sorted(set(a.registers) & set(b.registers)))
-    return _State(depth, common)
+    common = set(a.registers) & set(b.registers)
+    unsure = set(a.unsure | b.unsure)
+    for register, value in (set(a.registers) | set(b.registers)) - common:
+        if value[0] == "rsp":
+            unsure.add(register)
+    return _State(depth, tuple(sorted(common)), frozenset(unsure - {r for r, _ in common}))
 
 
 def _successors(ins: Instruction, result: StackTrace) -> Iterator[int]:
@@ -218,7 +225,7 @@ def _step(ins: Instruction, state: _State, result: StackTrace) -> _State:
     if is_call(ins) or mnemonic == Mnemonic.SYSCALL:
         lost = _CALL_CLOBBERED if is_call(ins) else _SYSCALL_CLOBBERED
         kept = {r: v for r, v in registers.items() if r not in lost}
-        return _State(depth, tuple(sorted(kept.items())))
+        return _State(depth, tuple(sorted(kept.items())), state.unsure - lost)
 
     new_depth = depth
     if increment and destination != Register.RSP and mnemonic != Mnemonic.LEAVE:
@@ -229,13 +236,16 @@ def _step(ins: Instruction, state: _State, result: StackTrace) -> _State:
     writes.discard(Register.RSP)
     for written in writes:
         registers.pop(written, None)
+    unsure = set(state.unsure) - writes
     if destination and destination != Register.RSP and destination in writes:
         value = _derived(ins, state, source)
         if value is not None:
             registers[destination] = value
+        elif _read_registers(ins) & state.unsure:
+            unsure.add(destination)  # made from an address of unknown offset
     if new_depth is not None and new_depth > 0:
         result.pushes_below = True
-    return _State(new_depth, tuple(sorted(registers.items())))
+    return _State(new_depth, tuple(sorted(registers.items())), frozenset(unsure))
 
 
 def _rsp_after(
@@ -313,6 +323,11 @@ def _written_registers(ins: Instruction) -> set[int]:
     return {_full(r.register) for r in info.used_registers() if r.access in _WRITES}
 
 
+def _read_registers(ins: Instruction) -> set[int]:
+    info = InstructionInfoFactory().info(ins)
+    return {_full(r.register) for r in info.used_registers() if r.access in _READS}
+
+
 def _record(
     instructions: dict[int, Instruction], states: dict[int, _State], result: StackTrace
 ) -> None:
@@ -354,8 +369,12 @@ def _accesses(ins: Instruction, state: _State, text: str) -> Iterator[Access]:
             offset = None
         elif value is not None:
             offset = value[1] + _displacement(ins)
-        elif _register_value(index, state, ins.ip) is not None or index == Register.RSP:
-            value, offset = ("rsp", 0, ins.ip), None
+        elif (
+            _register_value(index, state, ins.ip) is not None
+            or index == Register.RSP
+            or {_full(base), _full(index)} & state.unsure
+        ):
+            value, offset = ("rsp", 0, ins.ip), None  # from rsp, at an offset not known
         else:
             continue
         if index != Register.NONE:
