@@ -144,11 +144,18 @@ class NotInstructionBoundary(SiteError):
 
 
 class BranchIntoSite(SiteError):
-    """A branch in the containing function targets a byte inside the site."""
+    """A branch in the containing function, or in a patchlet's body, targets a
+    byte inside a site (which the jump overwrites)."""
 
 
 class RelocationError(SiteError):
     """A displaced instruction cannot be moved to the trampoline."""
+
+
+class StackError(SiteError):
+    """A patchlet body's use of the stack cannot be proven right where it runs: rsp
+    not restored where it leaves, a store at or above the return address, a
+    `[frame+N]` where the body's stack depth is not known."""
 
 
 # --- process/ ---------------------------------------------------------------

@@ -82,6 +82,7 @@ ARTIFACTS: tuple[Artifact, ...] = (
     Artifact("seccomp", "seccomp", ("seccomp.c", "vuln_fn.c", "proto.c")),
     Artifact("spinner", "spinner", ("spinner.c", "spinner_asm.S", "workers.c", "proto.c")),
     Artifact("waiters", "waiters", ("waiters.c", "vuln_fn.c", "proto.c")),
+    Artifact("frame", "frame", ("frame.c", "frame_asm.S", "proto.c")),
 )
 
 
@@ -153,6 +154,8 @@ SITES: tuple[Site, ...] = (
         "488b5424f0",
         "rax = a[0]+..+a[12]; a[13] still live at [rsp-0x10]",
     ),
+    # frame: fr_scale(n) = 2n + 1001, a frame of 0x28 bytes, CFA rsp+0x30 at the site
+    Site("frame", "fr_scale", 0x1A, 5, True, "488b7c2408", "mov rdi,[rsp+0x8]; then a call"),
     # reloc
     Site("reloc", "reloc_fn", 0x0, 6, True, "3b3d", "cmp edi,[rip+reloc_magic]"),
     Site("reloc", "reloc_fn", 0x0, 13, True, "3b3d", "rip-relative cmp + je short + call"),
@@ -234,6 +237,7 @@ class Targets:
     seccomp: Path
     spinner: Path
     waiters: Path
+    frame: Path
 
     def __init__(self, directory: Path, paths: dict[str, Path]) -> None:
         self.dir = directory

@@ -25,10 +25,17 @@ from typing import TYPE_CHECKING, Protocol
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
 from micropatch.elf.location import Location, parse_location
-from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
+from micropatch.errors import (
+    BranchIntoSite,
+    MicropatchError,
+    OriginalBytesMismatch,
+    SiteError,
+    UnresolvedReference,
+)
 from micropatch.patch.asmtext import BLOCKED_REFERENCE
 
 if TYPE_CHECKING:
+    from micropatch.bodies.frame import StackContext
     from micropatch.bodies.toolchain import Toolchain
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
@@ -230,6 +237,9 @@ def _plan(
                     f"({module.address(other.offset):#x}-{module.address(end):#x}), which the "
                     "jump overwrites"
                 )
+    cave = _stand_in_cave(machine, module)
+    placed = [_placed(machine, p, module, toolchain, external) for p in planned]
+    _refuse_references_into_sites(machine, patch, placed, cave)
     ordered = sorted(planned, key=lambda s: s.offset)
     for a, b in itertools.pairwise(ordered):
         if b.offset < a.offset + len(a.original):
@@ -241,27 +251,49 @@ def _plan(
     return tuple(planned)
 
 
-def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> None:
-    """A code body run below the red zone must leave through its end, where rsp is
-    restored, and must not name the stack by rsp, whose value it does not share
-    with the function."""
-    for text in machine.exits(body, address):
-        raise SiteError(
-            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
-            f"it {machine.RED_ZONE} bytes below rsp to spare the red zone of a leaf function, "
-            f"and `{text}` leaves it before rsp is restored; jump out only from a body that "
-            "does not push or call, or patch at the function's entry, where no red zone is live"
-        )
-    for text in machine.stack_operands(body, address):
-        raise SiteError(
-            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
-            f"it with rsp lowered by {machine.RED_ZONE} bytes to spare the red zone of a leaf "
-            f"function: `{text}` would not address what it says in the function (its "
-            f"[rsp+N] is the body's [rsp+N+{machine.RED_ZONE:#x}] at entry, and moves with "
-            "every push); rsp-relative operands are refused in such a body. Read or write the "
-            "function's stack from a body that does not push, call or store below rsp (it runs "
-            "at the function's rsp), or patch at the function's entry"
-        )
+def _refuse_references_into_sites(
+    machine: Architecture, patch: PatchView, planned: list[PlannedSite], at: int
+) -> None:
+    """A body's jump (or call, or address) into the middle of a site, its own or
+    another patchlet's, would land in the bytes the jump overwrites."""
+    for p in planned:
+        for row in machine.listing(p.body_at(at, at), at):
+            for target, other in itertools.product(row.references, planned):
+                if not other.site.address < target < other.site.end:
+                    continue
+                raise BranchIntoSite(
+                    f"patch {patch.id}, {p.where}: `{row.text}` (body+{row.address - at:#x}) "
+                    f"refers to {target:#x}, inside the site of {other.where} "
+                    f"({other.site.address:#x}-{other.site.end:#x}), which the jump "
+                    "overwrites: go to the site's start, or past its end"
+                )
+
+
+def _stand_in_cave(machine: Architecture, module: ModuleView) -> int:
+    """A page past the module's end: where a cave could be, in reach of it."""
+    return (module.high + (1 << 20)) // machine.PAGE_SIZE * machine.PAGE_SIZE
+
+
+def _stack_context(
+    machine: Architecture, image: ElfImage, offset: int, at_entry: bool, skip_red_zone: bool
+) -> StackContext:
+    """Where the body runs, for `[frame+N]` and the stack rules: below the red zone
+    or not, and where the return address is (from .eh_frame's CFA at the site)."""
+    from micropatch.bodies.frame import StackContext
+
+    step = machine.RED_ZONE if skip_red_zone else 0
+    if at_entry:
+        return StackContext(step, return_slot=0, cfa="rsp+0x8 (a function's entry)")
+    cfa = image.cfa_at(offset)
+    if cfa is None:
+        return StackContext(step)
+    slot = cfa.offset - 8  # the return address is pushed just below the CFA
+    text = f"{cfa.register}{cfa.offset:+#x}"
+    if cfa.register == "rsp":
+        return StackContext(step, return_slot=slot, cfa=text)
+    if cfa.register == "rbp":
+        return StackContext(step, rbp_return_slot=slot, cfa=text)
+    return StackContext(step)
 
 
 def _plan_patchlet(
@@ -298,13 +330,16 @@ def _plan_patchlet(
                 )
         resume = None if patchlet.resume == "after" else image.resolve(patchlet.resume)
         counted = patchlet.counts_blocked
-        # Checked with a stand-in counter address near the site; the engine places the real one.
-        body = _assemble(toolchain, patchlet, at_entry, module, external, address, address)
-        # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
-        skip_red_zone = not at_entry and machine.writes_stack(body, address)
-        # Guard and C bodies adjust their rsp operands and restore rsp before they jump out.
-        if skip_red_zone and patchlet.kind == "code":
-            _refuse_below_red_zone(machine, body, address)
+        # Checked at a stand-in trampoline (and counter) address past the module, as a
+        # cave would be, never over the module's code it may jump to; the engine places
+        # the real ones. A function's entry has no live red zone yet; elsewhere a leaf
+        # may be using it.
+        check_at = _stand_in_cave(machine, module)
+        probe = _assemble(toolchain, patchlet, at_entry, module, external, check_at, check_at)
+        skip_red_zone = not at_entry and machine.writes_stack(probe, check_at)
+        stack = _stack_context(machine, image, offset, at_entry, skip_red_zone)
+        # Every stack rule, where the body really runs.
+        _assemble(toolchain, patchlet, at_entry, module, external, check_at, check_at, stack)
     except MicropatchError as e:
         e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
         raise
@@ -324,8 +359,10 @@ def _assemble(
     external: ExternalResolver,
     at: int,
     counter: int,
+    stack: StackContext | None = None,
 ) -> bytes:
-    """The patchlet's body assembled at `at`, recording blocked events at `counter`."""
+    """The patchlet's body assembled at `at`, recording blocked events at `counter`
+    (with `stack`: its `[frame+N]` rewritten and held to the stack rules)."""
 
     def resolve(reference: str) -> int:
         if reference == BLOCKED_REFERENCE:
@@ -338,7 +375,7 @@ def _assemble(
     code = toolchain.body_source(
         patchlet, at_entry=at_entry, counter=counter if patchlet.counts_blocked else None
     )
-    return toolchain.assemble(code, at, resolve)
+    return toolchain.assemble(code, at, resolve, stack)
 
 
 def _placed(
@@ -348,11 +385,15 @@ def _placed(
     toolchain: Toolchain,
     external: ExternalResolver,
 ) -> PlannedSite:
-    """A site plan at the module's load address: its instructions decoded there."""
+    """A site plan at the module's load address: its instructions decoded there.
+    The stack rules were checked at build; placing needs only the body's step."""
+    from micropatch.bodies.frame import StackContext
+
+    stack = StackContext(machine.RED_ZONE if s.skip_red_zone else 0, located=False)
 
     @functools.lru_cache(maxsize=16)
     def body_at(at: int, counter: int) -> bytes:
-        return _assemble(toolchain, s.patchlet, s.at_entry, module, external, at, counter)
+        return _assemble(toolchain, s.patchlet, s.at_entry, module, external, at, counter, stack)
 
     return PlannedSite(
         machine,

@@ -165,10 +165,11 @@ def test_red_zone_and_resume_are_recorded(targets, tmp_path) -> None:
 
 
 def test_a_body_writing_only_the_functions_frame_runs_at_its_rsp(targets, tmp_path) -> None:
-    """[rsp+N] with N >= 0 is the function's frame: no step over the red zone, so
-    the body's [rsp+N] is the function's [rsp+N]."""
-    text = source(targets.redzone, [{"at": "rz_sum+0x7a", "code": "mov qword ptr [rsp+8], rax"}])
-    [site] = build(write_source(tmp_path, text), targets.redzone).payload.sites
+    """[rsp+N] with N >= 0 below the return address is the function's frame: no step
+    over the red zone, so the body's [rsp+N] is the function's [rsp+N]."""
+    code = "mov qword ptr [rsp+0x10], rax"  # fr_scale's limit (frame.c)
+    text = source(targets.frame, [{"at": "fr_scale+0x1a", "code": code}])
+    [site] = build(write_source(tmp_path, text), targets.frame).payload.sites
     assert not site.skip_red_zone
 
 
