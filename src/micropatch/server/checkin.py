@@ -26,7 +26,7 @@ from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import secret_hash
 from micropatch.server.catalogue import REVISION, ModuleKey
-from micropatch.server.fleet import Unauthorized
+from micropatch.server.errors import Unauthorized
 
 _hosts = cast(Table, m.Host.__table__)
 _groups = cast(Table, m.Group.__table__)

@@ -1,0 +1,178 @@
+"""Hosts: enrollment with a one-time token, what a host is told (its effective
+policy and relevant patches), listing, moving and forgetting hosts."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from micropatch.server import models as m
+from micropatch.server import policy as p
+from micropatch.server import schemas as s
+from micropatch.server.auth import ENROLL_PREFIX, HOST_PREFIX, new_secret, secret_hash
+from micropatch.server.catalogue import Catalogue, ModuleKey, PatchRow
+from micropatch.server.errors import NotFound, Unauthorized
+from micropatch.server.fleet.groups import group
+from micropatch.server.fleet.records import audit
+
+
+def create_enrollment_token(
+    session: Session, group_path: str, expires_in: float | None, actor: str
+) -> tuple[str, m.Group, float | None]:
+    g = group(session, group_path)
+    token = new_secret(ENROLL_PREFIX)
+    now = time.time()
+    expires = None if expires_in is None else now + expires_in
+    session.add(
+        m.EnrollmentToken(token_hash=secret_hash(token), group_id=g.id, created=now,
+                          expires=expires)
+    )  # fmt: skip
+    audit(session, actor, "enrollment-token.create", f"group:{g.path}", expires=expires)
+    return token, g, expires
+
+
+def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
+    """A new host from a one-time token; returns it with its credential (shown once)."""
+    digest = secret_hash(request.token)
+    token = session.scalar(select(m.EnrollmentToken).where(m.EnrollmentToken.token_hash == digest))
+    now = time.time()
+    if token is None or not request.token.startswith(ENROLL_PREFIX):
+        raise Unauthorized("unknown enrollment token")
+    if token.expires is not None and token.expires <= now:
+        raise Unauthorized("this enrollment token has expired: ask for a new one")
+    # Used up in one statement: of two hosts racing with one token, one wins.
+    taken = session.execute(
+        update(m.EnrollmentToken)
+        .where(m.EnrollmentToken.id == token.id, m.EnrollmentToken.used.is_(None))
+        .values(used=now)
+        .execution_options(synchronize_session=False)
+    )
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        raise Unauthorized("this enrollment token was already used: ask for a new one")
+    credential = new_secret(HOST_PREFIX)
+    host = m.Host(
+        name=request.hostname,
+        group_id=token.group_id,
+        credential_hash=secret_hash(credential),
+        enrolled=now,
+        kernel=request.kernel,
+        agent_version=request.agent_version,
+        machine_id=request.machine_id,
+    )
+    session.add(host)
+    session.flush()
+    token.host_id = host.id
+    audit(session, f"host:{host.id}", "host.enroll", f"host:{host.id}",
+          hostname=request.hostname, group=token.group.path)  # fmt: skip
+    return host, credential
+
+
+def host(session: Session, host_id: int) -> m.Host:
+    found = session.get(m.Host, host_id)
+    if found is None:
+        raise NotFound(f"no host {host_id}")
+    return found
+
+
+def host_policy(
+    catalogue: Catalogue, group_id: int, modules: Iterable[ModuleKey]
+) -> tuple[p.Effective, list[s.RelevantPatch], list[s.RevokedPatch]]:
+    """A host's effective policy, its relevant patches (each with its state and the
+    group that decided it) and the revoked patches for its modules."""
+    effective = catalogue.policy(group_id)
+    live, revoked = catalogue.relevant(modules)
+    relevant = []
+    for row in live:
+        decision = effective.state(row.patch_id)
+        relevant.append(
+            s.RelevantPatch(
+                patch_id=row.patch_id,
+                version=row.version,
+                artifact_id=row.artifact_id,
+                title=row.title,
+                target=row.target,
+                module=module_ref(row),
+                state=decision.state,  # type: ignore[arg-type]
+                decided_by=decision.decided_by,
+                reason=decision.reason,
+            )
+        )
+    gone = [
+        s.RevokedPatch(patch_id=r.patch_id, version=r.version, artifact_id=r.artifact_id)
+        for r in revoked
+    ]
+    return effective, relevant, gone
+
+
+def module_ref(row: m.Patch | PatchRow) -> s.ModuleRef:
+    return s.ModuleRef(name=row.module_name, build_id=row.module_build_id, sha256=row.module_sha256)
+
+
+def host_out(session: Session, h: m.Host, *, detail: bool = False) -> s.HostOut:
+    modules = session.scalar(select(func.count()).where(m.HostModule.host_id == h.id)) or 0
+    processes = []
+    if detail:
+        processes = [
+            s.ProcessOut(pid=x.pid, exe=x.exe, unit=x.unit, user=x.user, patch_id=x.patch_id,
+                         version=x.version, state=x.state)
+            for x in session.scalars(
+                select(m.ProcessPatch).where(m.ProcessPatch.host_id == h.id)
+                .order_by(m.ProcessPatch.pid)
+            )
+        ]  # fmt: skip
+    return s.HostOut(
+        id=h.id,
+        name=h.name,
+        group=h.group.path,
+        enrolled=h.enrolled,
+        last_seen=h.last_seen,
+        kernel=h.kernel,
+        agent_version=h.agent_version,
+        modules=modules,
+        processes=processes,
+    )
+
+
+def hosts_out(
+    session: Session, *, group_id: int | None = None, offset: int = 0, limit: int = 1000
+) -> tuple[list[s.HostOut], int]:
+    """A page of hosts by id (of one group, or all), and how many there are: three
+    statements whatever the page's size (a fleet has thousands)."""
+    where = [] if group_id is None else [m.Host.group_id == group_id]
+    total = session.scalar(select(func.count()).select_from(m.Host).where(*where)) or 0
+    page = session.execute(
+        select(m.Host, m.Group.path).join(m.Group, m.Host.group_id == m.Group.id)
+        .where(*where).order_by(m.Host.id).offset(offset).limit(limit)
+    ).all()  # fmt: skip
+    ids = [h.id for h, _ in page]
+    counts: dict[int, int] = dict(
+        session.execute(
+            select(m.HostModule.host_id, func.count())
+            .where(m.HostModule.host_id.in_(ids)).group_by(m.HostModule.host_id)
+        ).all()
+    ) if ids else {}  # fmt: skip
+    out = [
+        s.HostOut(id=h.id, name=h.name, group=path, enrolled=h.enrolled, last_seen=h.last_seen,
+                  kernel=h.kernel, agent_version=h.agent_version, modules=counts.get(h.id, 0))
+        for h, path in page
+    ]  # fmt: skip
+    return out, total
+
+
+def move_host(session: Session, h: m.Host, group_path: str, actor: str) -> None:
+    g = group(session, group_path)
+    before = h.group.path
+    h.group_id = g.id
+    session.flush()
+    session.refresh(h)
+    audit(session, actor, "host.move", f"host:{h.id}", before=before, after=g.path)
+
+
+def delete_host(session: Session, h: m.Host, actor: str) -> None:
+    """Forget a host: its credential stops working at once, its inventory and events go
+    (the audit log keeps that it was deleted, and by whom)."""
+    audit(session, actor, "host.delete", f"host:{h.id}", name=h.name, group=h.group.path)
+    session.delete(h)
