@@ -51,12 +51,13 @@ class Running:
         self.process: subprocess.Popen[bytes] | None = None
         self.workers = 1
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
+        """Start it (with these environment variables too) and wait until it answers."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 ["micropatch", "server", "run", "--data-dir", self.data,
                  "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
-                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV},
+                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV, **env},
             )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from micropatch.cli.server_common import fail, server_extra
+
+if TYPE_CHECKING:
+    from micropatch.server.repository import Repository
 
 repo_app = typer.Typer(
     help="The TUF repository patches are distributed from: key ceremony, targets, timestamp.",
@@ -127,6 +130,7 @@ def repo_add_target(
         data = artifact.read_bytes()
         checked = check(data, str(artifact), repo.trusted_keys())
         keys = load_keys(key) if key else None
+        _not_served(repo)
         repo.add_target(
             checked.file_name, data, custom={"micropatch": describe(checked)}, keys=keys
         )
@@ -149,10 +153,26 @@ def repo_remove_target(
     from micropatch.server.tufkeys import load_keys
 
     try:
-        Repository(directory).remove_target(name, keys=load_keys(key) if key else None)
+        repo = Repository(directory)
+        _not_served(repo)
+        repo.remove_target(name, keys=load_keys(key) if key else None)
     except MicropatchError as e:
         raise fail(str(e)) from None
     print(f"removed {name}")
+
+
+def _not_served(repo: Repository) -> None:
+    """A server's repository lists what its database says: refuse to change it here."""
+    from micropatch.errors import RepositoryError
+
+    database = repo.served_by()
+    if database is not None:
+        raise RepositoryError(
+            f"{repo.dir} is the repository of a fleet server (database {database}): it lists "
+            "what that database holds, and the server would undo this at its next start; "
+            "publish with `micropatch publish` and revoke with POST "
+            "/api/v1/patches/ID/revoke instead"
+        )
 
 
 @repo_app.command("refresh-timestamp")
@@ -252,12 +272,13 @@ def repo_list(directory: RepoArgument) -> None:
     """The published targets, one JSON object a line; each role's version and expiry
     (and a warning when the root expires soon) on stderr."""
     from micropatch.errors import MicropatchError
+    from micropatch.server.expiry import root_expiry_warning
     from micropatch.server.repository import Repository
 
     try:
         repo = Repository(directory)
         roles = repo.roles()
-        warning = repo.root_expiry_warning()
+        warning = root_expiry_warning(repo)
         targets = repo.target_files()
     except MicropatchError as e:
         raise fail(str(e)) from None
@@ -267,4 +288,3 @@ def repo_list(directory: RepoArgument) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     for name, target in sorted(targets.items()):
         print(json.dumps({"name": name, "length": target.length, **target.custom}))
-

@@ -25,6 +25,7 @@ from micropatch.server import errors
 from micropatch.server.api import PREFIX, routers
 from micropatch.server.context import Server, Settings
 from micropatch.server.database import POOL_SIZE
+from micropatch.server.fleet.patches import reconcile
 
 log = logging.getLogger(__name__)
 THREADS = POOL_SIZE  # requests served at once by one server process
@@ -54,6 +55,9 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         # As many request threads as database connections: none waits for one.
         anyio.to_thread.current_default_thread_limiter().total_tokens = THREADS
+        # Before the first request: the repository follows the database again, should a
+        # publish or a revocation have been cut short (fleet/patches.py).
+        await anyio.to_thread.run_sync(reconcile, server.database, server.repository)
         thread = threading.Thread(
             target=_keep_fresh, args=(server, stop), name="repository-refresh", daemon=True
         )
@@ -126,7 +130,8 @@ def _handle_errors(app: FastAPI) -> None:
 
 
 def _keep_fresh(server: Server, stop: threading.Event) -> None:
-    """Re-sign the online roles before they expire, for as long as the server runs."""
+    """Re-sign the online roles before they expire, for as long as the server runs;
+    between two, check that the repository still lists what the database holds."""
     while True:
         try:
             done = server.repository.refresh()
@@ -136,3 +141,4 @@ def _keep_fresh(server: Server, stop: threading.Event) -> None:
             log.error("cannot refresh the repository: %s", exc)
         if stop.wait(server.settings.refresh_every):
             return
+        reconcile(server.database, server.repository)

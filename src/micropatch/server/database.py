@@ -117,6 +117,7 @@ class Database:
 
     def __init__(self, url: str, *, migrate_now: bool = True) -> None:
         self.url = url
+        self.safe_url = _safe(url)  # without its password, for messages
         self.engine = make_engine(url)
         if migrate_now:
             migrate(self.engine)

@@ -31,7 +31,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +48,8 @@ from tuf.api.metadata import (
 from tuf.api.serialization.json import JSONSerializer
 
 from micropatch.errors import RepositoryError, SignatureError
+from micropatch.faults import checkpoint
+from micropatch.server.expiry import root_expiry_warning
 from micropatch.server.tufkeys import signer, tuf_key
 from micropatch.trust.keys import (
     PrivateKey,
@@ -64,13 +66,12 @@ CONFIG = "repository.json"
 PUBLIC = "public"
 ONLINE = "online"
 TRUSTED = "trusted"
+SERVED = "server.json"  # written by a fleet server whose database decides the targets
 ROLES = ("root", "targets", "snapshot", "timestamp")
 # Days each role's metadata stays valid. The online roles are re-signed by
 # `refresh` when less than half of their period is left, so a server that
 # calls it more often than every half period never lets a client see them expire.
 DEFAULT_EXPIRY = {"root": 365, "targets": 90, "snapshot": 7, "timestamp": 1}
-# `refresh` warns when the root expires within this many days: it must be renewed offline.
-ROOT_WARNING = 30
 _TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,199}")
 _VERSIONED = re.compile(r"(\d+)\.(root|targets|snapshot)\.json")
 
@@ -150,6 +151,21 @@ class Repository:
                 f"metadata with {path}"
             ) from None
 
+    def served_by(self) -> str | None:
+        """The database of the fleet server that decides what this repository lists
+        (`mark_served`), or None."""
+        try:
+            return str(json.loads((self.dir / SERVED).read_text())["database"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def mark_served(self, database: str) -> None:
+        """Record that a fleet server with this database decides what the repository
+        lists: `repo add-target` and `remove-target` then refuse (the server would undo
+        them)."""
+        if self.served_by() != database:
+            _atomic_write(self.dir / SERVED, json.dumps({"database": database}).encode())
+
     def online_targets_keys(self) -> list[PrivateKey]:
         """The targets keys the server holds (empty: publishing needs the offline keys)."""
         return [load_private_key(p) for p in sorted(self.online_dir.glob("targets-*.key"))]
@@ -167,20 +183,37 @@ class Repository:
     ) -> TargetFile:
         """Publish `data` as target `name`: write the file, then new targets, snapshot
         and timestamp metadata. `keys`: the targets keys (default: those in DIR/online)."""
+        self.store_target(name, data)
+        with self.locked():
+            wanted = {n: t.custom for n, t in self.targets().signed.targets.items()}
+            self._sync({**wanted, name: custom}, keys, now)
+        return self.target_files()[name]
+
+    def store_target(self, name: str, data: bytes) -> Path:
+        """Write the file of target `name`, content-addressed (SHA256.NAME), unless it is
+        there already. Clients fetch it only once the targets metadata lists it."""
         if not _TARGET_NAME.fullmatch(name):
             raise RepositoryError(
                 f"{name!r} is not a target name: use letters, digits, '.', '_' or '-'"
             )
-        target = TargetFile.from_data(name, data, ["sha256"])
-        if custom:
-            target.unrecognized_fields["custom"] = custom
+        path = self.targets_dir / f"{_sha256(data)}.{name}"
+        if not path.exists():
+            _atomic_write(path, data)
+        return path
+
+    def sync(
+        self,
+        wanted: Mapping[str, dict[str, Any] | None],
+        *,
+        keys: Sequence[PrivateKey] | None = None,
+        now: datetime.datetime | None = None,
+    ) -> bool:
+        """Make the targets metadata list exactly `wanted` (target name → its `custom`
+        field), re-signing targets, snapshot and timestamp only if it lists anything
+        else: called again, it changes nothing. A target not listed yet must have been
+        stored (`store_target`). Returns whether anything was re-signed."""
         with self.locked():
-            path = self.targets_dir / f"{target.hashes['sha256']}.{name}"
-            if not path.exists():
-                _atomic_write(path, data)
-            self._change_targets(lambda t: t.targets.__setitem__(name, target), keys, now)
-        log.info("published target %s (%d bytes)", name, len(data))
-        return target
+            return self._sync(wanted, keys, now)
 
     def remove_target(
         self,
@@ -192,17 +225,17 @@ class Repository:
         """Revoke target `name`: it leaves the targets metadata, so clients drop it. Its
         file stays for clients in the middle of an update and is never listed again."""
         with self.locked():
-            if name not in self.targets().signed.targets:
+            wanted = {n: t.custom for n, t in self.targets().signed.targets.items()}
+            if wanted.pop(name, False) is False:
                 raise RepositoryError(f"no target {name!r} in {self.dir}")
-            self._change_targets(lambda t: t.targets.pop(name), keys, now)
-        log.info("removed target %s", name)
+            self._sync(wanted, keys, now)
 
     def refresh(self, now: datetime.datetime | None = None, *, force: bool = False) -> list[str]:
         """Re-sign the online roles whose metadata has less than half of its period left
         (all of them with `force`): timestamp, snapshot, and targets when its keys are
         online. Returns the roles re-signed."""
         now = now or utc_now()
-        warning = self.root_expiry_warning(now)
+        warning = root_expiry_warning(self, now)
         if warning:
             log.warning("%s", warning)
         done: list[str] = []
@@ -229,32 +262,51 @@ class Repository:
 
     def roles(self) -> list[tuple[str, int, datetime.datetime]]:
         """Each role's current version and expiry: root, targets, snapshot, timestamp."""
-        timestamp = self.timestamp()
-        snapshot = self._read(f"{timestamp.signed.snapshot_meta.version}.snapshot.json", Snapshot)
-        version = snapshot.signed.meta["targets.json"].version
-        targets = self._read(f"{version}.targets.json", Targets)
-        return [
-            (md.signed.type, md.signed.version, md.signed.expires)
-            for md in (self.root(), targets, snapshot, timestamp)
-        ]
-
-    def root_expiry_warning(self, now: datetime.datetime | None = None) -> str | None:
-        """A warning when the root expires within `ROOT_WARNING` days (None otherwise).
-        Reads root.json only, the newest root, so the server can ask every refresh."""
-        now = now or utc_now()
-        root = self._read("root.json", Root).signed
-        left = root.expires - now
-        if left >= datetime.timedelta(days=ROOT_WARNING):
-            return None
-        when = "expired" if left <= datetime.timedelta(0) else f"expires in {_days(left)}"
-        return (
-            f"the root metadata of {self.dir} (version {root.version}) {when}, on "
-            f"{root.expires:%Y-%m-%d %H:%M} UTC: clients stop updating then; sign a new root "
-            f"with `micropatch repo sign-root {self.dir} --root-key ROOT.key …` on the offline "
-            'machine (docs/server.md, "Renewing and rotating the root")'
-        )
+        roles = (self.root(), self.targets(), self.snapshot(), self.timestamp())
+        return [(md.signed.type, md.signed.version, md.signed.expires) for md in roles]
 
     # --- internals ----------------------------------------------------------------
+
+    def _sync(
+        self,
+        wanted: Mapping[str, dict[str, Any] | None],
+        keys: Sequence[PrivateKey] | None,
+        now: datetime.datetime | None,
+    ) -> bool:
+        listed = self.targets().signed.targets
+        fresh = {}
+        for name, custom in sorted(wanted.items()):
+            target = listed.get(name)
+            if target is None or target.custom != custom:
+                target = self._stored(name)
+                if custom is not None:
+                    target.unrecognized_fields["custom"] = custom
+            fresh[name] = target
+        if fresh.keys() == listed.keys() and all(fresh[n] is listed[n] for n in fresh):
+            return False
+        self._change_targets(lambda t: setattr(t, "targets", fresh), keys, now)
+        added, removed = fresh.keys() - listed.keys(), listed.keys() - fresh.keys()
+        log.info("targets now %d: added %s, removed %s", len(fresh),
+                 ", ".join(sorted(added)) or "-", ", ".join(sorted(removed)) or "-")  # fmt: skip
+        return True
+
+    def _stored(self, name: str) -> TargetFile:
+        """The target file `name` as stored by `store_target` (its hash checked)."""
+        for path in self.targets_dir.glob(f"*.{name}"):
+            digest, _, rest = path.name.partition(".")
+            if rest != name or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise RepositoryError(f"cannot read {path}: {exc.strerror}") from None
+            if _sha256(data) == digest:
+                return TargetFile.from_data(name, data, ["sha256"])
+            log.error("%s: its content does not match its name (a damaged file)", path)
+        raise RepositoryError(
+            f"target {name}: its file is not in {self.targets_dir} (deleted?): publish the "
+            "artifact again"
+        )
 
     def _change_targets(
         self, change: Any, keys: Sequence[PrivateKey] | None, now: datetime.datetime | None
@@ -288,6 +340,7 @@ class Repository:
         for s in signers:
             targets.sign(s, append=True)
         self.write_versioned(targets, "targets")
+        checkpoint("repository-targets-written")
         self.sign_snapshot_and_timestamp(
             targets, self.online_key("snapshot"), self.online_key("timestamp"), now
         )
@@ -311,6 +364,7 @@ class Repository:
         snapshot.signatures.clear()
         snapshot.sign(signer(snapshot_key))
         self.write_versioned(snapshot, "snapshot")
+        checkpoint("repository-snapshot-written")
         self._timestamp(snapshot, timestamp_key, now, first=not bump)
 
     def _timestamp(
@@ -336,6 +390,7 @@ class Repository:
         timestamp.signatures.clear()
         timestamp.sign(signer(key))
         self.write(self.metadata_dir / "timestamp.json", timestamp)  # last: the switch
+        checkpoint("repository-timestamp-written")
 
     def write_versioned(self, md: Metadata[Any], role: str) -> None:
         self.write(self.metadata_dir / f"{md.signed.version}.{role}.json", md)
@@ -373,12 +428,6 @@ class Repository:
             os.close(fd)
 
 
-
-def _days(delta: datetime.timedelta) -> str:
-    days = delta.total_seconds() / 86400
-    return f"{days:.0f} day(s)" if days >= 1 else f"{delta.total_seconds() / 3600:.0f} hour(s)"
-
-
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -391,5 +440,3 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise RepositoryError(f"cannot write {path}: {exc.strerror}") from None
-
-

@@ -12,6 +12,7 @@ import pytest
 
 from micropatch.errors import RepositoryError, SignatureError, UpdateError
 from micropatch.server.ceremony import init_repository, sign_root
+from micropatch.server.expiry import root_expiry_warning
 from micropatch.server.repository import Repository
 from micropatch.server.updater import PatchUpdater
 from micropatch.trust.artifact import loads
@@ -401,16 +402,16 @@ def test_sign_root_needs_a_threshold_of_the_current_keys(repo: Repository, tmp_p
 def test_refresh_warns_before_the_root_expires(
     repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert repo.root_expiry_warning() is None
+    assert root_expiry_warning(repo) is None
     soon = utc_now() + datetime.timedelta(days=340)  # 25 days left of 365
     with caplog.at_level("WARNING", logger="micropatch.server.repository"):
         repo.refresh(soon)
     [record] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "expires in 25 day(s)" in record.getMessage()
     assert "micropatch repo sign-root" in record.getMessage()
-    assert "expired" in (repo.root_expiry_warning(soon + datetime.timedelta(days=30)) or "")
+    assert "expired" in (root_expiry_warning(repo, soon + datetime.timedelta(days=30)) or "")
     sign_root(repo, offline_root_keys(tmp_path)[:2], now=soon)
-    assert repo.root_expiry_warning(soon) is None
+    assert root_expiry_warning(repo, soon) is None
     assert [(r, v) for r, v, _ in repo.roles()] == [
         ("root", 2), ("targets", 1), ("snapshot", 2), ("timestamp", 2)
     ]  # fmt: skip

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import select
 
+from micropatch.faults import checkpoint
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.api import PREFIX
@@ -62,7 +63,10 @@ def put_policy(
     with server.database.session() as session:
         g = groups.set_policy(session, path, body, who.actor)
         session.flush()
-        return s.GroupPolicyOut(
+        out = s.GroupPolicyOut(
             group=groups.group_out(session, g),
             effective=groups.policy_out(groups.effective_policy(session, g)),
         )
+        checkpoint("policy-written")
+    checkpoint("policy-committed")
+    return out

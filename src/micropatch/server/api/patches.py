@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
+from micropatch.faults import checkpoint
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.api import PREFIX
@@ -73,6 +74,7 @@ def publish(
     with server.database.session() as session:
         row, created = patches.publish(session, server.repository, data, who.actor)
         out = patches.patch_out(session, row)
+    checkpoint("publish-committed")
     return JSONResponse(out.model_dump(mode="json"), status_code=201 if created else 200)
 
 
@@ -83,4 +85,6 @@ def revoke(
     """Revoke a version (or all): removed from the repository; agents remove it live."""
     with server.database.session() as session:
         rows = patches.revoke(session, server.repository, patch_id, body.version, who.actor)
-        return [patches.patch_out(session, row) for row in rows]
+        out = [patches.patch_out(session, row) for row in rows]
+    checkpoint("revoke-committed")
+    return out

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
@@ -14,7 +15,7 @@ from micropatch.server import policy as p
 from micropatch.server import schemas as s
 from micropatch.server.auth import ENROLL_PREFIX, HOST_PREFIX, new_secret, secret_hash
 from micropatch.server.catalogue import Catalogue, ModuleKey, PatchRow
-from micropatch.server.errors import NotFound, Unauthorized
+from micropatch.server.errors import Conflict, NotFound, Unauthorized
 from micropatch.server.fleet.groups import group
 from micropatch.server.fleet.records import audit
 
@@ -43,6 +44,9 @@ def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
         raise Unauthorized("unknown enrollment token")
     if token.expires is not None and token.expires <= now:
         raise Unauthorized("this enrollment token has expired: ask for a new one")
+    taken_by = session.scalar(select(m.Host.id).where(m.Host.name == request.hostname))
+    if taken_by is not None:
+        raise _name_taken(request.hostname, taken_by)
     # Used up in one statement: of two hosts racing with one token, one wins.
     taken = session.execute(
         update(m.EnrollmentToken)
@@ -63,11 +67,24 @@ def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
         machine_id=request.machine_id,
     )
     session.add(host)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # enrolled under that name at the same time: the token is kept
+        raise _name_taken(request.hostname, None) from None
     token.host_id = host.id
     audit(session, f"host:{host.id}", "host.enroll", f"host:{host.id}",
           hostname=request.hostname, group=token.group.path)  # fmt: skip
     return host, credential
+
+
+def _name_taken(name: str, host_id: int | None) -> Conflict:
+    which = "another host" if host_id is None else f"host {host_id}"
+    forget = f"DELETE /api/v1/hosts/{host_id or 'ID'}"
+    return Conflict(
+        f"{which} is enrolled under the name {name!r}: host names are unique; if it was "
+        f"this machine before a reinstall, forget the old one ({forget}) and enroll "
+        "again with a new token; otherwise give this machine another host name"
+    )
 
 
 def host(session: Session, host_id: int) -> m.Host:

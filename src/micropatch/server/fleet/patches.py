@@ -1,23 +1,43 @@
-"""Publishing and revoking patches: the database and the TUF repository."""
+"""Publishing and revoking patches: the database and the TUF repository, kept in step.
+
+The database is the source of truth: the repository's targets are what its
+unrevoked patches say (`wanted_targets`). A publish or a revocation changes the
+database, then makes the repository list exactly that (`sync_repository`), then
+commits; the repository's files are written so that a client sees the old state
+or the new one (the timestamp is written last). Killed at any instant, the
+server leaves either nothing changed, or the repository ahead of a database that
+did not commit; `reconcile`, at every start (and every refresh), makes the
+repository follow the database again: the old state in both. Changes made at once
+(several server processes) take turns on the `repository` row of `revisions`.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from micropatch.errors import MicropatchError
+from micropatch.errors import MicropatchError, RepositoryError
+from micropatch.faults import checkpoint
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.catalogue import bump
+from micropatch.server.database import Database
 from micropatch.server.errors import Conflict, Invalid, NotFound
 from micropatch.server.fleet.hosts import module_ref
 from micropatch.server.fleet.records import audit
+from micropatch.server.repository import Repository
+
+log = logging.getLogger(__name__)
+REPOSITORY = "repository"  # the row of `revisions` every change of the targets takes
 
 
-def publish(session: Session, repository: Any, data: bytes, actor: str) -> tuple[m.Patch, bool]:
+def publish(
+    session: Session, repository: Repository, data: bytes, actor: str
+) -> tuple[m.Patch, bool]:
     """Check an uploaded artifact (parse, id, signature by a trusted patch-signing key,
     source consistent with the recorded facts: no compiler runs), record it and add it
     to the TUF targets. Returns (patch, created); publishing the same artifact again
@@ -63,7 +83,9 @@ def publish(session: Session, repository: Any, data: bytes, actor: str) -> tuple
     )
     session.add(row)
     session.flush()  # a clash with a concurrent publish fails here, before the repository
-    repository.add_target(artifact.file_name, data, custom={"micropatch": facts})
+    repository.store_target(row.target, data)  # not listed yet: clients cannot see it
+    checkpoint("publish-stored")
+    sync_repository(session, repository)
     bump(session)
     audit(session, actor, "patch.publish", f"patch:{row.patch_id}", version=row.version,
           artifact_id=row.artifact_id, target=row.target)  # fmt: skip
@@ -71,7 +93,7 @@ def publish(session: Session, repository: Any, data: bytes, actor: str) -> tuple
 
 
 def revoke(
-    session: Session, repository: Any, patch_id: str, version: int | None, actor: str
+    session: Session, repository: Repository, patch_id: str, version: int | None, actor: str
 ) -> list[m.Patch]:
     """Revoke one version, or every version, of a patch: removed from the TUF targets,
     reported to hosts as revoked so their agents remove it live."""
@@ -82,13 +104,13 @@ def revoke(
     if not rows:
         what = patch_id if version is None else f"{patch_id} v{version}"
         raise NotFound(f"no published, unrevoked patch {what}")
-    published = repository.target_files()
     now = time.time()
-    bump(session)
     for row in rows:
         row.revoked, row.revoked_at = True, now
-        if row.target in published:
-            repository.remove_target(row.target)
+    session.flush()
+    sync_repository(session, repository)
+    bump(session)
+    for row in rows:
         audit(session, actor, "patch.revoke", f"patch:{row.patch_id}", version=row.version,
               artifact_id=row.artifact_id)  # fmt: skip
     return rows
@@ -124,3 +146,56 @@ def patch_out(session: Session, row: m.Patch, *, counts: bool = False) -> s.Patc
             )
         )
     return out
+
+
+# --- the repository follows the database --------------------------------------------
+
+
+def facts(row: m.Patch) -> dict[str, Any]:
+    """The `custom` field of a patch's TUF target (as `artifacts.describe` makes it)."""
+    return {
+        "patch_id": row.patch_id,
+        "version": row.version,
+        "title": row.title,
+        "artifact_id": row.artifact_id,
+        "module": {"name": row.module_name, "build_id": row.module_build_id,
+                   "sha256": row.module_sha256},
+    }  # fmt: skip
+
+
+def wanted_targets(session: Session) -> dict[str, dict[str, Any]]:
+    """What the repository must list, as this session sees the database: every
+    unrevoked patch's target."""
+    rows = session.scalars(select(m.Patch).where(m.Patch.revoked.is_(False)))
+    return {row.target: {"micropatch": facts(row)} for row in rows}
+
+
+def sync_repository(session: Session, repository: Repository) -> bool:
+    """Make the repository list what this session's database says, taking the
+    repository's turn first (held until the transaction ends). Whether it changed."""
+    session.execute(
+        select(m.Revision.value).where(m.Revision.name == REPOSITORY).with_for_update()
+    )
+    return repository.sync(wanted_targets(session))
+
+
+def reconcile(database: Database, repository: Repository) -> bool:
+    """At a start (and every refresh): the repository made to list what the database
+    says again, should a change have been cut short between the two (a kill, a full
+    disk). Whether it had to change; a failure to sign is logged, not raised. Without a
+    targets key online the server publishes nothing (its repository is managed offline
+    with `repo add-target`): nothing to do."""
+    if not repository.online_targets_keys():
+        return False
+    repository.mark_served(database.safe_url)
+    try:
+        with database.session() as session:
+            changed = sync_repository(session, repository)
+    except RepositoryError as exc:
+        log.error("the TUF repository does not list what the database holds, and cannot "
+                  "be made to: %s", exc)  # fmt: skip
+        return False
+    if changed:
+        log.warning("the TUF repository did not list what the database holds (a change cut "
+                    "short?): re-signed to match it")  # fmt: skip
+    return changed
