@@ -12,10 +12,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from micropatch.server.auth import LoginThrottle, Passwords
+from micropatch.server.auth import Passwords
 from micropatch.server.catalogue import Catalogues
 from micropatch.server.database import Database, database_url
 from micropatch.server.repository import Repository
+from micropatch.server.throttle import LoginThrottle
 
 REPOSITORY_DIR = "repository"
 SETTINGS_VARIABLE = "MICROPATCH_SERVER_SETTINGS"  # how `server run --workers N` passes them
@@ -66,3 +67,8 @@ def server_of(request: Request) -> Server:
     """The server a request reached."""
     server: Server = request.app.state.server
     return server
+
+
+def client_address(request: Request) -> str:
+    """The address a request came from (of the proxy, behind one)."""
+    return request.client.host if request.client else "unknown"

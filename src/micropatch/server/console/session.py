@@ -27,6 +27,7 @@ from micropatch.server.console.pages import (
     safe_next,
     set_cookie,
 )
+from micropatch.server.context import client_address
 from micropatch.server.errors import TooManyAttempts, Unauthorized
 from micropatch.server.fleet import records, users
 
@@ -49,11 +50,10 @@ def login(request: Request, form: FormDep, server: ServerDep) -> Response:
         raise Forbidden("missing or wrong CSRF token: reload the login page and try again")
     target = safe_next(form.get("next", ""))
     try:
-        with server.database.session() as session:
-            _, secret = users.login(
-                session, server.passwords, form.get("name", ""), form.get("password", ""),
-                via="console", throttle=server.logins,
-            )  # fmt: skip
+        _, secret = users.login(
+            server.database, server.passwords, server.logins, form.get("name", "")[:64],
+            form.get("password", ""), client_address(request), via="console",
+        )  # fmt: skip
     except (Unauthorized, TooManyAttempts) as exc:
         status = 429 if isinstance(exc, TooManyAttempts) else 401
         return render(request, "login.html", None, status, csrf=nonce, next=target,
