@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 from unit.server.conftest import (  # noqa: F401 (fixtures)
     fresh_postgres,
     make_artifact,

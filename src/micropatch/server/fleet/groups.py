@@ -20,7 +20,10 @@ def group(session: Session, path: str) -> m.Group:
     path = p.normalise_path(path)
     found = session.scalar(select(m.Group).where(m.Group.path == path))
     if found is None:
-        raise NotFound(f"no group {path!r}")
+        raise NotFound(
+            f"no group {path!r}: create it with `micropatch server admin create-group {path}` "
+            "or POST /api/v1/groups"
+        )
     return found
 
 

@@ -22,17 +22,41 @@ from micropatch.server.fleet.records import audit
 
 def create_enrollment_token(
     session: Session, group_path: str, expires_in: float | None, actor: str
-) -> tuple[str, m.Group, float | None]:
+) -> tuple[str, m.EnrollmentToken]:
+    """A one-time token (its secret, shown once) to enroll a host into a group."""
     g = group(session, group_path)
     token = new_secret(ENROLL_PREFIX)
     now = time.time()
     expires = None if expires_in is None else now + expires_in
-    session.add(
-        m.EnrollmentToken(token_hash=secret_hash(token), group_id=g.id, created=now,
-                          expires=expires)
-    )  # fmt: skip
-    audit(session, actor, "enrollment-token.create", f"group:{g.path}", expires=expires)
-    return token, g, expires
+    row = m.EnrollmentToken(token_hash=secret_hash(token), group=g, created=now, expires=expires)
+    session.add(row)
+    session.flush()
+    audit(session, actor, "enrollment-token.create", f"group:{g.path}", expires=expires,
+          token=row.id)  # fmt: skip
+    return token, row
+
+
+def enrollment_tokens(session: Session, *, unused: bool = False) -> list[s.EnrollmentTokenInfo]:
+    """Enrollment tokens, the newest first (only those not used yet with `unused`)."""
+    query = select(m.EnrollmentToken).order_by(m.EnrollmentToken.id.desc())
+    if unused:
+        query = query.where(m.EnrollmentToken.used.is_(None))
+    return [
+        s.EnrollmentTokenInfo(id=t.id, group=t.group.path, created=t.created,
+                              expires=t.expires, used=t.used, host_id=t.host_id)
+        for t in session.scalars(query)
+    ]  # fmt: skip
+
+
+def revoke_enrollment_token(session: Session, token_id: int, actor: str) -> None:
+    """An enrollment token not used yet stops working (it is deleted)."""
+    row = session.get(m.EnrollmentToken, token_id)
+    if row is None:
+        raise NotFound(f"no enrollment token {token_id}")
+    if row.used is not None:
+        raise Conflict(f"enrollment token {token_id} was used already (host {row.host_id})")
+    session.delete(row)
+    audit(session, actor, "enrollment-token.revoke", f"group:{row.group.path}", token=token_id)
 
 
 def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
