@@ -81,3 +81,66 @@ def test_any_number_of_requests_at_once_is_answered(running: Running) -> None:  
     r = httpx.get(f"{running.url}/api/v1/health", timeout=5)
     assert r.status_code == 200 and time.monotonic() - start < 5
     print(f"{CONCURRENT} requests at once answered in {took:.1f} s")
+
+
+def post_raw(server: Running, path: str, total: int, *, declared: bool,
+             token: str | None = None) -> tuple[int, str, int]:  # fmt: skip
+    """POST `total` bytes to `path` through a plain socket, chunked or with a declared
+    Content-Length, stopping once the server answers (it may close the connection
+    before the end): (status, body, bytes sent)."""
+    import select
+    import socket
+
+    head = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{server.port}",
+            "Content-Type: application/json"]  # fmt: skip
+    head.append(f"Content-Length: {total}" if declared else "Transfer-Encoding: chunked")
+    if token:
+        head.append(f"Authorization: Bearer {token}")
+    chunk = b"[" + b"1," * (MIB // 2 - 1) + b"1"  # about 1 MiB of JSON-ish bytes
+    sent = 0
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        try:
+            while sent < total and not select.select([s], [], [], 0)[0]:
+                piece = chunk[: total - sent]
+                s.sendall(piece if declared else b"%x\r\n%s\r\n" % (len(piece), piece))
+                sent += len(piece)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = b""
+        while b"\r\n\r\n" not in answer or len(answer) < answer.index(b"\r\n\r\n") + 20:
+            data = s.recv(65536)
+            if not data:
+                break
+            answer += data
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.partition(b"\r\n\r\n")[2].decode(errors="replace"), sent
+
+
+MIB = 1 << 20
+
+
+def test_bodies_are_refused_while_read(running: Running) -> None:  # noqa: F811
+    """100 MB to enroll (chunked, or declared) → 413, the server's memory grown by less
+    than 64 MiB; a 100 MB publish without credentials → 401, its body unread; with
+    them → 413 at once. The server answers normally after."""
+    [credential] = enroll(running, 1)
+    before = rss(running)
+    for declared in (False, True):
+        status, body, sent = post_raw(running, "/api/v1/enroll", 100 * MIB, declared=declared)
+        assert status == 413 and "over 64 KiB" in body, (status, body)
+        assert sent < 100 * MIB  # refused before the end
+        status, body, _ = post_raw(running, "/api/v1/checkin", 100 * MIB, declared=declared,
+                                   token=credential)  # fmt: skip
+        assert status == 413 and "over 16 MiB" in body, (status, body)
+    grown = rss(running) - before
+    assert grown < 64 * MIB, f"the server grew by {grown >> 20} MiB"
+    status, body, sent = post_raw(running, "/api/v1/patches", 100 * MIB, declared=True)
+    assert status == 401, (status, body)
+    admin = micropatch("server", "admin", "create-user", "pub", "--role", "operator",
+                       "--data-dir", running.data).stdout.strip()  # fmt: skip
+    status, body, sent = post_raw(running, "/api/v1/patches", 100 * MIB, declared=True,
+                                  token=admin)  # fmt: skip
+    assert status == 413 and "over 64 MiB" in body, (status, body)
+    assert sent < 100 * MIB
+    assert httpx.get(f"{running.url}/api/v1/health", timeout=10).status_code == 200

@@ -26,6 +26,7 @@ from micropatch.server.api import PREFIX, routers
 from micropatch.server.context import Server, Settings
 from micropatch.server.database import POOL_SIZE
 from micropatch.server.fleet.patches import reconcile
+from micropatch.server.limits import BodyLimit
 
 log = logging.getLogger(__name__)
 THREADS = POOL_SIZE  # requests served at once by one server process
@@ -75,6 +76,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         description="Enrollment, check-in, publishing, groups and policies (docs/server.md).",
     )
     app.state.server = server
+    app.add_middleware(BodyLimit)  # every body limited while it is read
     _handle_errors(app)
 
     @app.get(f"{PREFIX}/health", tags=["server"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
@@ -15,9 +15,9 @@ from micropatch.server.api import PREFIX
 from micropatch.server.api.deps import Publisher, Reader, ServerDep
 from micropatch.server.errors import NotFound
 from micropatch.server.fleet import patches
+from micropatch.server.limits import MAX_ARTIFACT, TooLarge, declared_too_large
 
 router = APIRouter(prefix=PREFIX, tags=["patches"])
-MAX_ARTIFACT = 64 << 20
 
 
 @router.get("/patches", response_model=list[s.PatchOut])
@@ -43,15 +43,11 @@ def patch_versions(patch_id: str, _who: Reader, server: ServerDep) -> list[s.Pat
 
 
 async def _artifact_body(request: Request) -> bytes:
-    """The request's body, read up to the largest artifact size."""
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_ARTIFACT:
-            raise HTTPException(413, f"an artifact is at most {MAX_ARTIFACT >> 20} MiB")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    """The request's body (up to `MAX_ARTIFACT`, counted as it is read: server/limits.py),
+    read once the caller is authenticated."""
+    if declared_too_large(request.scope, MAX_ARTIFACT):
+        raise TooLarge(MAX_ARTIFACT)
+    return await request.body()
 
 
 @router.post(
@@ -67,10 +63,11 @@ async def _artifact_body(request: Request) -> bytes:
     },
 )
 def publish(
-    data: Annotated[bytes, Depends(_artifact_body)], who: Publisher, server: ServerDep
+    who: Publisher, data: Annotated[bytes, Depends(_artifact_body)], server: ServerDep
 ) -> JSONResponse:
     """Publish a signed artifact: checked (no compiler runs), recorded, added to the
-    TUF targets. The same artifact again: 200 and no change."""
+    TUF targets. The same artifact again: 200 and no change. Its body is read only
+    once the caller is authenticated (`who` first)."""
     with server.database.session() as session:
         row, created = patches.publish(session, server.repository, data, who.actor)
         out = patches.patch_out(session, row)
