@@ -140,7 +140,8 @@ def server_run(
 
     from micropatch.errors import MicropatchError
     from micropatch.server.app import create_app
-    from micropatch.server.context import SETTINGS_VARIABLE, Server, Settings
+    from micropatch.server.context import PARENT_VARIABLE, SETTINGS_VARIABLE, Server, Settings
+    from micropatch.server.database import private_data_dir
 
     host, port = _check_listen(listen)
     _check_workers(workers, database)
@@ -152,7 +153,7 @@ def server_run(
         repository_url=repository_url,
     )
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        private_data_dir(data_dir)
         server = Server(settings)  # the repository checked, the database migrated
     except MicropatchError as e:
         raise fail(str(e)) from None
@@ -166,6 +167,7 @@ def server_run(
         return
     server.database.dispose()  # each worker opens its own
     os.environ[SETTINGS_VARIABLE] = json.dumps(settings.to_json())
+    os.environ[PARENT_VARIABLE] = str(os.getpid())
     uvicorn.run("micropatch.server.app:app_from_environment", factory=True, workers=workers,
                 host=address, port=port, log_level="info",
                 timeout_graceful_shutdown=GRACE, limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip

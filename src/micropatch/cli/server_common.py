@@ -55,7 +55,7 @@ def server_extra() -> None:
 
 def open_database(data_dir: Path, database: str | None) -> Database:
     """The database of a data directory (created, and migrated, if new)."""
-    from micropatch.server.database import Database, database_url
+    from micropatch.server.database import Database, database_url, private_data_dir
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    private_data_dir(data_dir)
     return Database(database_url(data_dir, database))

@@ -8,6 +8,8 @@ instead).
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,9 +23,10 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from micropatch import __version__
 from micropatch.errors import MicropatchError, RepositoryError, ServerError
+from micropatch.process.ptrace import die_with_parent
 from micropatch.server import errors
 from micropatch.server.api import PREFIX, routers
-from micropatch.server.context import Server, Settings
+from micropatch.server.context import PARENT_VARIABLE, Server, Settings
 from micropatch.server.database import POOL_SIZE
 from micropatch.server.fleet.patches import reconcile
 from micropatch.server.limits import BodyLimit
@@ -43,7 +46,13 @@ _STATUS = {
 
 
 def app_from_environment() -> FastAPI:
-    """The app of one of `server run --workers N`'s processes (a uvicorn factory)."""
+    """The app of one of `server run --workers N`'s processes (a uvicorn factory). It
+    dies with the `server run` that started it (PR_SET_PDEATHSIG; and at once if that
+    one is gone already), so a parent killed by SIGKILL leaves no worker on the port."""
+    die_with_parent()
+    parent = os.environ.get(PARENT_VARIABLE)
+    if parent and os.getppid() != int(parent):
+        os.kill(os.getpid(), signal.SIGKILL)
     return create_app(Settings.from_environment())
 
 

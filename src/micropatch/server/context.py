@@ -20,6 +20,7 @@ from micropatch.server.throttle import LoginThrottle
 
 REPOSITORY_DIR = "repository"
 SETTINGS_VARIABLE = "MICROPATCH_SERVER_SETTINGS"  # how `server run --workers N` passes them
+PARENT_VARIABLE = "MICROPATCH_SERVER_PARENT"  # and its pid, which its workers die with
 
 
 @dataclass

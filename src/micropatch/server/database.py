@@ -7,6 +7,7 @@ SQLite in the data directory by default; any SQLAlchemy URL otherwise
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +37,32 @@ def database_url(data_dir: str | Path, database: str | None = None) -> str:
         if database.startswith(plain):
             return "postgresql+psycopg://" + database.removeprefix(plain)
     return database
+
+
+def private_data_dir(data_dir: Path) -> None:
+    """The data directory made (or kept) 0700: it holds the database and the
+    repository's online keys. A directory others could read is tightened, and said."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = data_dir.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(data_dir, 0o700)
+            log.warning("%s was readable by others (mode %o): now 0700", data_dir, mode)
+    except OSError as exc:
+        raise ServerError(f"cannot make the data directory {data_dir}: {exc.strerror}") from None
+
+
+def _private_file(url: str) -> None:
+    """An SQLite database file created (or kept) 0600, before SQLite opens it (its
+    -wal and -shm files take its mode)."""
+    path = Path(url.removeprefix("sqlite:///"))
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        try:
+            path.touch(mode=0o600, exist_ok=True)
+            if path.stat().st_mode & 0o077:
+                os.chmod(path, 0o600)
+        except OSError as exc:
+            raise ServerError(f"cannot create the database {path}: {exc.strerror}") from None
 
 
 def make_engine(url: str) -> Engine:
@@ -118,6 +145,7 @@ class Database:
     def __init__(self, url: str, *, migrate_now: bool = True) -> None:
         self.url = url
         self.safe_url = _safe(url)  # without its password, for messages
+        _private_file(url)
         self.engine = make_engine(url)
         if migrate_now:
             migrate(self.engine)

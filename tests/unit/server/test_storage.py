@@ -168,3 +168,25 @@ def test_upgrade_from_0001_keeps_hosts(tmp_path: Path) -> None:
 def test_unusable_database(tmp_path: Path) -> None:
     with pytest.raises(ServerError, match="database"):
         Database("nosuchdialect://x")
+
+
+def test_the_data_directory_is_private(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The data directory 0700 (an existing one readable by others tightened, and said);
+    the SQLite database 0600, created so before SQLite opens it."""
+    from micropatch.server.database import private_data_dir
+
+    fresh = tmp_path / "fresh" / "data"
+    private_data_dir(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    with caplog.at_level("WARNING"):
+        private_data_dir(loose)
+    assert loose.stat().st_mode & 0o777 == 0o700 and "now 0700" in caplog.text
+    db = Database(database_url(loose))
+    assert (loose / "server.db").stat().st_mode & 0o777 == 0o600
+    db.dispose()
+    (loose / "server.db").chmod(0o644)
+    Database(database_url(loose)).dispose()
+    assert (loose / "server.db").stat().st_mode & 0o777 == 0o600
