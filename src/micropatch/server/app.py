@@ -7,6 +7,7 @@ instead).
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -23,7 +24,6 @@ from sqlalchemy.exc import DataError, IntegrityError
 
 from micropatch import __version__
 from micropatch.errors import MicropatchError, RepositoryError, ServerError
-from micropatch.process.ptrace import die_with_parent
 from micropatch.server import errors
 from micropatch.server.api import PREFIX, routers
 from micropatch.server.context import PARENT_VARIABLE, Server, Settings
@@ -49,11 +49,20 @@ def app_from_environment() -> FastAPI:
     """The app of one of `server run --workers N`'s processes (a uvicorn factory). It
     dies with the `server run` that started it (PR_SET_PDEATHSIG; and at once if that
     one is gone already), so a parent killed by SIGKILL leaves no worker on the port."""
-    die_with_parent()
+    _die_with_parent()
     parent = os.environ.get(PARENT_VARIABLE)
     if parent and os.getppid() != int(parent):
         os.kill(os.getpid(), signal.SIGKILL)
     return create_app(Settings.from_environment())
+
+
+def _die_with_parent() -> None:
+    """prctl(PR_SET_PDEATHSIG, SIGKILL): the kernel kills this process when its parent
+    exits. (The server imports nothing of the process layer: test_boundaries.py.)"""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, signal.SIGKILL, 0, 0, 0) != 0:  # 1: PR_SET_PDEATHSIG
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
 
 
 def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:

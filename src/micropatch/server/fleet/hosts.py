@@ -68,9 +68,6 @@ def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
         raise Unauthorized("unknown enrollment token")
     if token.expires is not None and token.expires <= now:
         raise Unauthorized("this enrollment token has expired: ask for a new one")
-    taken_by = session.scalar(select(m.Host.id).where(m.Host.name == request.hostname))
-    if taken_by is not None:
-        raise _name_taken(request.hostname, taken_by)
     # Used up in one statement: of two hosts racing with one token, one wins.
     taken = session.execute(
         update(m.EnrollmentToken)
@@ -80,6 +77,10 @@ def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
     )
     if taken.rowcount != 1:  # type: ignore[attr-defined]
         raise Unauthorized("this enrollment token was already used: ask for a new one")
+    # A name taken: refused, the token kept (this transaction does not commit).
+    taken_by = session.scalar(select(m.Host.id).where(m.Host.name == request.hostname))
+    if taken_by is not None:
+        raise _name_taken(request.hostname, taken_by)
     credential = new_secret(HOST_PREFIX)
     host = m.Host(
         name=request.hostname,
