@@ -16,6 +16,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -52,12 +53,13 @@ class Running:
         self.process: subprocess.Popen[bytes] | None = None
         self.workers = 1
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
+        """Start it (with these environment variables too) and wait until it answers."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 ["micropatch", "server", "run", "--data-dir", self.data,
                  "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
-                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV},
+                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV, **env},
             )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -345,3 +347,48 @@ def assert_whole(url: str) -> None:
             assert sizes and {n for _, _, n in sizes} == {20}, "an event batch half stored"
     finally:
         engine.dispose()
+
+
+def test_workers_die_with_their_parent(data_dir: Path) -> None:  # noqa: F811
+    """`server run --workers 2` killed by SIGKILL: its workers die too (PR_SET_PDEATHSIG)
+    and the port is free again at once, for a new server."""
+    if not ENV.get("MICROPATCH_SERVER_DATABASE"):
+        pytest.skip("--workers needs PostgreSQL: set MICROPATCH_TEST_POSTGRES=postgresql://…")
+    server = Running(data_dir)
+    server.workers = 2
+    server.start()
+    assert server.process is not None
+    children = [int(p) for p in
+                Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+                .read_text().split()]  # fmt: skip
+    workers = [pid for pid in children
+               if "app_from_environment" in _cmdline(pid) or "multiprocessing" in _cmdline(pid)]  # fmt: skip
+    assert workers, children
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their parent"
+        time.sleep(0.1)
+    with socket.socket() as s:  # the port is free: nobody listens on it any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", server.port))
+    server.workers = 1
+    server.start()  # a new server on the same port
+    assert httpx.get(f"{server.url}/api/v1/health", timeout=10).status_code == 200
+    server.process.kill()
+    server.process.wait()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"

@@ -164,7 +164,7 @@ def environment_text(database: str) -> str:
 
 def check_repository(data_dir: Path) -> None:
     """Refuse, as `server run` would, a data directory without a repository yet."""
-    from micropatch.server.app import REPOSITORY_DIR
+    from micropatch.server.context import REPOSITORY_DIR
     from micropatch.server.repository import Repository
 
     Repository(data_dir / REPOSITORY_DIR)  # raises RepositoryError, naming `repo init`

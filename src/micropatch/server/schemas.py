@@ -82,6 +82,10 @@ class UserIn(_Body):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     role: Role
     password: str | None = Field(default=None, min_length=8, max_length=1024)
+    token_expires_in: float | None = Field(
+        default=None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False,
+        description="seconds the user's first API token is valid; none: until revoked",
+    )  # fmt: skip
 
 
 class UserOut(BaseModel):
@@ -89,6 +93,32 @@ class UserOut(BaseModel):
     name: str
     role: str
     created: float
+    disabled: float | None = None  # when it was disabled
+
+
+class PasswordIn(_Body):
+    password: str = Field(min_length=8, max_length=1024)
+
+
+class TokenInfo(BaseModel):
+    """A user's API token (or console session), without its secret."""
+
+    id: int
+    user: str
+    label: str
+    created: float
+    expires: float | None
+
+
+class EnrollmentTokenInfo(BaseModel):
+    """An enrollment token, without its secret."""
+
+    id: int
+    group: str
+    created: float
+    expires: float | None
+    used: float | None
+    host_id: int | None
 
 
 class UserCreated(UserOut):
@@ -103,6 +133,7 @@ class EnrollmentTokenIn(_Body):
 
 
 class EnrollmentTokenOut(BaseModel):
+    id: int
     token: str  # shown once
     group: str
     expires: float | None

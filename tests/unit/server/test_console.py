@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from micropatch.server import fleet
 from micropatch.server import models as m
-from micropatch.server.console import blocked_series, chart_svg
+from micropatch.server.console.dashboard import blocked_series, chart_svg
+from micropatch.server.fleet import users
 
 from .conftest import Api, MakeArtifact
 from .test_api import module_of
@@ -26,7 +26,7 @@ def console(api: Api) -> Iterator[Api]:
     """The API's server with a user of each role that has a password."""
     with api.server.database.session() as session:
         for role in ("admin", "operator", "auditor"):
-            fleet.create_user(session, api.server.passwords, f"{role}-web", role, PASSWORD, "test")
+            users.create_user(session, api.server.passwords, f"{role}-web", role, PASSWORD, "test")
     yield api
 
 
@@ -336,10 +336,10 @@ def test_blocked_series_and_chart(console: Api) -> None:
 
 def test_hosts_and_events_a_page_at_a_time(console: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fleet has thousands of hosts and events: the pages show a page, and link on."""
-    from micropatch.server import console as pages
+    from micropatch.server.console import events, hosts
 
-    monkeypatch.setattr(pages, "HOSTS_PER_PAGE", 2)
-    monkeypatch.setattr(pages, "EVENTS_PER_PAGE", 3)
+    monkeypatch.setattr(hosts, "HOSTS_PER_PAGE", 2)
+    monkeypatch.setattr(events, "EVENTS_PER_PAGE", 3)
     for i in range(5):
         console.enroll(f"h{i}")
     events = [{"kind": "blocked", "time": 100.0 + n // 2, "pid": 1, "message": f"e{n}"}
