@@ -45,14 +45,20 @@ def children(pid: int) -> list[int]:
 class Sandbox:
     """A PID + mount namespace with a private tmpfs at `root` (see the module doc)."""
 
-    def __init__(self, root: Path, *, size: str = "512m", uts: str | None = None) -> None:
+    def __init__(
+        self, root: Path, *, size: str = "512m", uts: str | None = None, pid: bool = True
+    ) -> None:
+        """`pid=False`: the host's PID namespace (an agent whose crash tracking needs
+        the proc connector, which the kernel serves only there)."""
         self.root = Path(root)
+        self.own_pids = pid
         self.root.mkdir(parents=True, exist_ok=True)
         script = f"mount -t tmpfs -o size={size},mode=0755 micropatch-test {self.root} && "
         if uts:
             script += f"hostname {uts} && "
         script += "echo ready && exec sleep infinity"
-        flags = ["--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"]
+        flags = ["--mount", "--fork", "--propagation", "private"]
+        flags += ["--pid", "--mount-proc"] if pid else []
         self.init = subprocess.Popen(
             ["unshare", *flags, *(["--uts"] if uts else []), "--kill-child", "sh", "-c", script],
             stdout=subprocess.PIPE, text=True,
@@ -80,6 +86,13 @@ class Sandbox:
         """The command prefix that runs a program inside."""
         return ["nsenter", "--target", str(self.init_pid), "--pid", "--mount", "--uts", "--"]
 
+    def ns_pid(self, host_pid: int) -> int:
+        """A process's id inside (the last of its NSpid line)."""
+        for line in Path(f"/proc/{host_pid}/status").read_text().splitlines():
+            if line.startswith("NSpid:"):
+                return int(line.split()[-1])
+        raise ValueError(f"no NSpid for process {host_pid}")
+
     def host_path(self, path: Path | str) -> Path:
         """`path` (inside) as the host reaches it (through the init's root)."""
         return Path(f"/proc/{self.init_pid}/root") / Path(path).relative_to("/")
@@ -106,6 +119,8 @@ class Sandbox:
         if self.init_pid:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.init_pid, signal.SIGKILL)  # the namespace's init: all of it goes
+            # Without a PID namespace of its own nothing else goes with the init: the
+            # caller stops what it started there.
         self.init.kill()
         self.init.wait()
 

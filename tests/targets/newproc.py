@@ -46,7 +46,8 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
     s = {
         n: str(SOURCE_DIR / n)
         for n in (
-            "np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c", "np_reload.c"
+            "np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c", "np_reload.c",
+            "np_fdmap.c",
         )
     }
     commands = {
@@ -64,6 +65,7 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
         "np_dlopen": ["-fPIE", "-pie", s["np_dlopen.c"], "-ldl"],
         "np_thread_exec": ["-fPIE", "-pie", "-pthread", s["np_thread_exec.c"]],
         "np_reload": ["-fPIE", "-pie", s["np_reload.c"], "-ldl"],
+        "np_fdmap": ["-fPIE", "-pie", s["np_fdmap.c"]],
     }  # fmt: skip
     paths = {}
     for name, args in commands.items():
@@ -72,6 +74,23 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         paths[name] = target
     return paths
+
+
+def build_linked(out: Path, name: str, library_dir: str, how: str, cc: str | None = None) -> Path:
+    """np_main with copy_packet in libnpvuln.so (out/libnpvuln.so at link time), found at
+    run time through `how`: "rpath" (DT_RPATH library_dir), "runpath" (DT_RUNPATH),
+    or "none" (LD_LIBRARY_PATH, or nothing)."""
+    compiler = cc or os.environ.get("CC") or "cc"
+    flags = {
+        "rpath": [f"-Wl,--disable-new-dtags,-rpath,{library_dir}"],
+        "runpath": [f"-Wl,--enable-new-dtags,-rpath,{library_dir}"],
+        "none": [],
+    }[how]
+    target = out / name
+    cmd = [compiler, *CFLAGS, f"-I{SOURCE_DIR}", "-o", str(target), "-fPIE", "-pie",
+           "-DNP_LIBRARY", *flags, str(SOURCE_DIR / "np_main.c"), f"-L{out}", "-lnpvuln"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return target
 
 
 def signed_fixes(out: Path, paths: dict[str, Path]) -> tuple[Path, list[Path]]:

@@ -63,6 +63,7 @@ class Holds:
         self.on_hold = on_hold
         self.on_release = on_release
         self.max_hold_ms = 0.0
+        self.max_claim_ms = 0.0  # the longest wait of an event for its worker
         self.released = 0
         self._held: dict[int, Held] = {}
         self._lock = threading.Lock()
@@ -123,6 +124,7 @@ class Holds:
             if held.answered:
                 return False
             held.claimed = time.monotonic()
+            self.max_claim_ms = max(self.max_claim_ms, (held.claimed - held.since) * 1e3)
             return True
 
     def _watch(self) -> None:

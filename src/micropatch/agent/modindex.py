@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from micropatch.agent.files import FileCache, ModuleFile
+from micropatch.elf.header import ELF_MAGIC
 from micropatch.elf.identity import peek
 from micropatch.patch.model import Target
 
@@ -263,12 +264,17 @@ class ModuleIndex:
                 stats.unreadable += 1
             return None
         try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
+            # Not a page more than asked for: a cold walk reads one block per file,
+            # not the readahead window.
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            if os.pread(fd, 4, 0) != ELF_MAGIC:
                 return None
             peeked = peek(lambda offset, size: os.pread(fd, size, offset))
             if not peeked.module:
                 return None
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < peeked.extent:
+                return None  # a separate debug file: the same build-id, no code
             if stats is not None:
                 stats.modules += 1
             targets = self.wanted.candidates(peeked.build_id, name)

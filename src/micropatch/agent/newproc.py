@@ -168,6 +168,7 @@ class NewProcesses:
         self.indexer.retarget(self.catalog.watched())
         self._catalog_changed()  # the first look: what follows is a change
         self.indexer.start()
+        self.workers.start()
         self._holds.start()
         self.late.start()
         self._reader = threading.Thread(target=self._read, name="newproc-reader", daemon=True)
@@ -208,7 +209,9 @@ class NewProcesses:
         holds = self._holds
         stats["released"] = holds.released if holds else 0
         stats["max_hold_ms"] = round(holds.max_hold_ms, 3) if holds else 0.0
+        stats["max_claim_ms"] = round(holds.max_claim_ms, 3) if holds else 0.0
         stats["workers"] = self.workers.most
+        stats["followed"] = self.late.followed()  # processes the late watch looks at
         return {**stats, "index": self.indexer.status()}
 
     def copies_of(self, target: Target) -> list[str]:

@@ -2,7 +2,9 @@
 
 An exec: seize with PTRACE_O_TRACEEXEC, allow the event, wait for the exec event
 stop (agent/follow.py `wait_exec`), move on to execve's exit and apply the
-executable's patches (and ld.so's, if it is watched) there. A library open:
+executable's patches (and ld.so's, if it is watched) there. Past the seize, jobs
+take turns (`PATCHING` at once): a seized tracee waits in its stop, harmlessly,
+while the interpreter serves the next seize first. A library open:
 seize and interrupt, allow the event, follow the thread's system calls until
 the file is mapped and closed (`follow_load`), and apply there. Each job runs
 in one worker thread from the seize to the detach (ptrace requests come from
@@ -23,11 +25,12 @@ from typing import Protocol
 from micropatch.agent.atstop import StopPatcher
 from micropatch.agent.files import FileCache, ModuleFile
 from micropatch.agent.follow import follow_load, let_go, mapped_names, wait_exec
-from micropatch.agent.holds import Held, Holds
+from micropatch.agent.holds import READER_PRIORITY, Held, Holds
 from micropatch.errors import ProcessError, ProcessExited, StopTimeout
 from micropatch.faults import checkpoint
 from micropatch.process import ptrace
 from micropatch.process.linux import PTRACE_O_TRACEEXEC, PTRACE_O_TRACESYSGOOD
+from micropatch.process.priority import realtime
 from micropatch.process.procfs import read_status
 from micropatch.process.select import ProcessInfo, read_info
 from micropatch.process.tracing import exec_exit
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 EXEC_TIMEOUT = 2.0  # seconds from allowing an exec to its exec event stop
 FOLLOW_TIMEOUT = 2.0  # seconds a stopped tracee may take to go on
+PATCHING = 2  # jobs past their seize at once (the others' tracees wait in their stop)
 Inode = tuple[int, int]
 
 
@@ -104,14 +108,16 @@ class Seizer:
         self.count = count
         self.stopping = stopping
         self.holds: Holds | None = None  # set when the fanotify group exists
+        # Seizing is quick and every held event needs it at once; what follows (the
+        # stop, the engine) is CPU work that takes turns, so that a burst of seizes
+        # never waits behind forty patches for the interpreter.
+        self.turns = threading.BoundedSemaphore(PATCHING)
 
     def seize(self, held: Held, options: int, module: ModuleFile) -> bool:
-        """Seize the event's thread, then allow the event. False (the event allowed, the
-        thread not ours) if it is gone, traced by another, or the watchdog was first."""
+        """Seize the event's thread (claimed). False (the event allowed, the thread not
+        ours) if it is gone or traced by another."""
         assert self.holds is not None
         tid = held.tid
-        if not self.holds.claim(held):
-            return False
         try:
             ptrace.seize(tid, options)
         except OSError as e:
@@ -139,26 +145,16 @@ class Seizer:
         return False
 
     def exec(self, held: Held, module: ModuleFile, follow: Follow) -> None:
-        assert self.holds is not None
         tid = held.tid
         try:
-            if not self.holds.claim(held):
+            with realtime(READER_PRIORITY):  # the event is held until this part is done
+                tgid = self._take(held, module, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD)
+            if tgid is None:
                 return
-            try:
-                tgid = read_status(tid).tgid
-            except ProcessError:
-                self.holds.answer(held)
-                return
-            if not self._same_build(held, module):
-                self.holds.answer(held)
-                return
-            if not self.seize(held, PTRACE_O_TRACEEXEC | PTRACE_O_TRACESYSGOOD, module):
-                return
-            checkpoint("newproc-exec-held")
-            self.holds.answer(held)
             tracee = tid
             try:
-                tracee = self._at_exec(tid, tgid, module, follow)
+                with self.turns:
+                    tracee = self._at_exec(tid, tgid, module, follow)
             except (StopTimeout, ProcessExited) as e:
                 log.debug("thread %d at its exec: %s", tid, e)
             finally:
@@ -166,6 +162,33 @@ class Seizer:
                 let_go(tracee)
         finally:
             self._unfollow(tid)
+
+    def _take(self, held: Held, module: ModuleFile, options: int) -> int | None:
+        """Claim the event, seize its thread (interrupt it, for a load) and allow the
+        event: the thread group's id, or None (the event allowed, the thread not ours)."""
+        assert self.holds is not None
+        tid = held.tid
+        if not self.holds.claim(held):
+            return None
+        try:
+            tgid = read_status(tid).tgid
+        except ProcessError:
+            self.holds.answer(held)
+            return None
+        if not self._same_build(held, module):
+            self.holds.answer(held)
+            return None
+        if not self.seize(held, options, module):
+            return None
+        if held.exec:
+            checkpoint("newproc-exec-held")
+            self.holds.answer(held)
+            return tgid
+        try:
+            ptrace.interrupt(tid)
+        finally:
+            self.holds.answer(held)
+        return tgid
 
     def _at_exec(self, tid: int, tgid: int, module: ModuleFile, follow: Follow) -> int:
         """Wait for the exec event stop and patch there; returns the tracee's id then
@@ -193,22 +216,14 @@ class Seizer:
         return pid
 
     def load(self, held: Held, module: ModuleFile, follow: Follow) -> None:
-        assert self.holds is not None
         tid = held.tid
         try:
-            if not self.holds.claim(held):
-                return
-            if not self._same_build(held, module):
-                self.holds.answer(held)
-                return
-            if not self.seize(held, PTRACE_O_TRACESYSGOOD, module):
-                return
+            with realtime(READER_PRIORITY):  # the event is held until this part is done
+                if self._take(held, module, PTRACE_O_TRACESYSGOOD) is None:
+                    return
             try:
-                ptrace.interrupt(tid)
-            finally:
-                self.holds.answer(held)
-            try:
-                self._follow_load(tid, follow)
+                with self.turns:
+                    self._follow_load(tid, follow)
             except (StopTimeout, ProcessExited, ProcessError) as e:
                 self.count("not_loads", 1)
                 log.debug("thread %d, followed: %s", tid, e)

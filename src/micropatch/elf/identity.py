@@ -16,7 +16,9 @@ from typing import BinaryIO
 from micropatch.elf.header import (
     EHDR_SIZE,
     ELF_MAGIC,
+    PF_X,
     PHDR_SIZE,
+    PT_LOAD,
     PT_NOTE,
     parse_header,
     parse_program_headers,
@@ -62,10 +64,13 @@ def build_id_from_bytes(data: bytes) -> str | None:
 @dataclass(frozen=True)
 class Peeked:
     """What a few small reads say of a file: an x86-64 executable or shared object
-    (`module`), and its GNU build-id if it has one."""
+    (`module`), its GNU build-id if it has one, and where its executable segment
+    ends in the file (`extent`: a file shorter than that is not loadable, e.g. a
+    separate debug file, which carries the same build-id but no code)."""
 
     module: bool
     build_id: str | None = None
+    extent: int = 0
 
 
 NOT_A_MODULE = Peeked(False)
@@ -89,6 +94,10 @@ def peek(read: Callable[[int, int], bytes]) -> Peeked:
         return NOT_A_MODULE
     if phdrs is None:
         return NOT_A_MODULE  # truncated: not a module anyone can load
+    extent = max(
+        (ph.offset + ph.filesz for ph in phdrs if ph.type == PT_LOAD and ph.flags & PF_X),
+        default=0,
+    )
     for ph in phdrs:
         if ph.type != PT_NOTE or not ph.filesz:
             continue
@@ -99,8 +108,8 @@ def peek(read: Callable[[int, int], bytes]) -> Peeked:
             notes = read(ph.offset, size)
         found = _gnu_build_id(notes, ph.align)
         if found is not None:
-            return Peeked(True, found)
-    return Peeked(True)
+            return Peeked(True, found, extent)
+    return Peeked(True, None, extent)
 
 
 def identify(file: BinaryIO) -> ModuleIdentity:
