@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterable
+from typing import Any
 
 from micropatch.agent.events import Event, EventSink
 from micropatch.agent.files import ModuleFile
@@ -38,8 +39,16 @@ def named_for(patch: Admitted, name: str) -> Admitted:
     target = patch.patch.target
     if target.module == name:
         return patch
-    renamed = patch.patch.model_copy(update={"target": target.model_copy(update={"module": name})})
+    renamed = _replaced(patch.patch, target=_replaced(target, module=name))
     return dataclasses.replace(patch, patch=renamed)
+
+
+def _replaced(record: Any, **changes: Any) -> Any:
+    """A copy of a patch's record with `changes`: a named tuple as a verified artifact
+    records it (`trust.recorded`), or the model of an unsigned source."""
+    if hasattr(record, "_replace"):
+        return record._replace(**changes)
+    return record.model_copy(update=changes)
 
 
 class StopPatcher:

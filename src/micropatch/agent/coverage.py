@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from micropatch.agent.store import Stored
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
+from micropatch.trust.recorded import RecordedTarget
 
 
-def indexable(stored: Stored) -> Target:
+def indexable(stored: Stored) -> TargetView:
     """The patch's target with the build-id its artifact was built against when the
     source pins only the SHA-256: the index's cheap key (the same bytes, the same
     build-id)."""
@@ -21,7 +22,8 @@ def indexable(stored: Stored) -> Target:
     artifact = stored.admitted.artifact
     if target.build_id or artifact is None or not artifact.payload.module.build_id:
         return target
-    return target.model_copy(update={"build_id": artifact.payload.module.build_id})
+    build_id = artifact.payload.module.build_id
+    return RecordedTarget(target.module, build_id, target.sha256, target.arch)
 
 
 def coverage(stored: Stored, new_processes: Any, enabled: bool) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from typing import Any
 from micropatch.agent.filesystems import Mount, Skipped, choose, mount_points, read_mounts
 from micropatch.agent.modindex import Changes, ModuleIndex, WalkStats, directory_path
 from micropatch.errors import FanotifyUnavailable
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 from micropatch.process import fanotify
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,7 @@ class Indexer:
         self._points: frozenset[str] = frozenset()
         self._fan: fanotify.Fanotify | None = None
         self._mount_fds: dict[int, int] = {}  # fsid -> descriptor of the mount's root
-        self._targets: list[Target] | None = None
+        self._targets: list[TargetView] | None = None
         self._walk_needed = False
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -128,7 +128,7 @@ class Indexer:
                 os.close(fd)
         self._mount_fds.clear()
 
-    def retarget(self, targets: Sequence[Target]) -> None:
+    def retarget(self, targets: Sequence[TargetView]) -> None:
         """Look for these targets from now on (a walk follows if a build is new)."""
         with self._lock:
             self._targets = list(targets)

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from micropatch.agent.files import FileCache, ModuleFile
 from micropatch.elf.header import ELF_MAGIC
 from micropatch.elf.identity import peek
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +54,14 @@ class Wanted:
     """What the index looks for: the targets of the enabled patches, by build-id
     (lowercase hex), and by file name for those without one."""
 
-    targets: tuple[Target, ...] = ()
-    by_build_id: dict[str, tuple[Target, ...]] = field(default_factory=dict)
-    by_name: dict[str, tuple[Target, ...]] = field(default_factory=dict)
+    targets: tuple[TargetView, ...] = ()
+    by_build_id: dict[str, tuple[TargetView, ...]] = field(default_factory=dict)
+    by_name: dict[str, tuple[TargetView, ...]] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, targets: Iterable[Target]) -> Wanted:
-        by_build_id: dict[str, list[Target]] = {}
-        by_name: dict[str, list[Target]] = {}
+    def of(cls, targets: Iterable[TargetView]) -> Wanted:
+        by_build_id: dict[str, list[TargetView]] = {}
+        by_name: dict[str, list[TargetView]] = {}
         kept = []
         for t in targets:
             if not t.build_id and not t.sha256:
@@ -84,7 +84,7 @@ class Wanted:
             | {(t.module, t.sha256 or "") for ts in self.by_name.values() for t in ts}
         )
 
-    def candidates(self, build_id: str | None, name: str) -> tuple[Target, ...]:
+    def candidates(self, build_id: str | None, name: str) -> tuple[TargetView, ...]:
         found = self.by_build_id.get(build_id, ()) if build_id is not None else ()
         return found + self.by_name.get(name, ())
 
@@ -94,7 +94,7 @@ class Copy:
     """One file (inode) that is a watched target's module build, and its names."""
 
     file: ModuleFile
-    targets: tuple[Target, ...]
+    targets: tuple[TargetView, ...]
     paths: set[str] = field(default_factory=set)
 
 
@@ -137,7 +137,7 @@ class ModuleIndex:
         with self._lock:
             return list(self._copies.values())
 
-    def paths_of(self, target: Target) -> list[str]:
+    def paths_of(self, target: TargetView) -> list[str]:
         """Every path found holding this target's build."""
         with self._lock:
             found = [p for c in self._copies.values() if target in c.targets for p in c.paths]
@@ -145,7 +145,7 @@ class ModuleIndex:
 
     # --- changes (the indexer thread) ---------------------------------------------
 
-    def set_targets(self, targets: Iterable[Target]) -> tuple[bool, list[Copy]]:
+    def set_targets(self, targets: Iterable[TargetView]) -> tuple[bool, list[Copy]]:
         """Look for these targets from now on: (a walk is needed because a build is
         new, the copies that no target wants any more)."""
         wanted = Wanted.of(targets)

@@ -53,7 +53,7 @@ from micropatch.agent.seize import Following, Seizer
 from micropatch.agent.workers import Workers
 from micropatch.errors import ProcessError
 from micropatch.live.module import ModuleCache
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 from micropatch.process import fanotify
 from micropatch.process.priority import realtime
 from micropatch.process.procfs import read_status
@@ -73,7 +73,7 @@ class Catalog(Protocol):
         file, for this process (policy applied)."""
         ...
 
-    def watched(self) -> list[Target]:
+    def watched(self) -> list[TargetView]:
         """The targets of every enabled patch: their copies are indexed and marked."""
         ...
 
@@ -214,7 +214,7 @@ class NewProcesses:
         stats["followed"] = self.late.followed()  # processes the late watch looks at
         return {**stats, "index": self.indexer.status()}
 
-    def copies_of(self, target: Target) -> list[str]:
+    def copies_of(self, target: TargetView) -> list[str]:
         """The paths found holding this target's module build."""
         return self.index.paths_of(target)
 

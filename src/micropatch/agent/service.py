@@ -58,7 +58,7 @@ from micropatch.agent.reconcile import Reconciler
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
 from micropatch.live.module import ModuleCache
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
 from micropatch.process.select import ProcessInfo
 from micropatch.trust.policy import Admitted
@@ -195,7 +195,7 @@ class Agent:
                 continue  # rejected, with its event
         return found
 
-    def watched(self) -> list[Target]:
+    def watched(self) -> list[TargetView]:
         """The targets of every enabled patch (NEWPROC indexes and marks their copies),
         each with the build-id its artifact was built against when the source pins
         only the SHA-256 (the index's cheap key: the same bytes, the same build-id)."""
