@@ -155,6 +155,8 @@ def _file_id(records: bytes) -> FileId | None:
     at = 0
     while at + INFO_HEADER.size <= len(records):
         kind, _, length = INFO_HEADER.unpack_from(records, at)
+        if kind == 0 and length == 0:
+            break  # zero bytes to the end of the event: no record (a group without FID)
         if length < INFO_HEADER.size or at + length > len(records):
             raise ValueError(f"fanotify information record of {length} bytes is malformed")
         body = records[at + INFO_HEADER.size : at + length]
