@@ -254,7 +254,8 @@ def markdown(r: dict[str, Any] | None, error: str | None) -> str:
         f"| wall time | {w['seconds']:.1f} s |",
         f"| CPU time (the child's) | {w['cpu_seconds']:.1f} s |",
         f"| files / directories seen | {last['files']:,} / {last['directories']:,} |",
-        f"| x86-64 modules (after the prefilter) / hashed (candidates) | "
+        f"| loadable x86-64 modules (ELF heads of other builds are read, then dropped) "
+        f"/ hashed (candidates) | "
         f"{last['modules']:,} / {last['hashed']:,} |",
         f"| copies found (expected {tree['copies'] + 1}) | {found} |",
         f"| RSS before the walk / after / peak | {_mib(w['rss_before_kb'])} / "
