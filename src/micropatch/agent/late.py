@@ -35,7 +35,9 @@ from typing import Protocol
 from micropatch.agent.atstop import StopPatcher
 from micropatch.agent.files import ModuleFile
 from micropatch.agent.follow import mapped_names
+from micropatch.agent.holds import READER_PRIORITY
 from micropatch.errors import MicropatchError
+from micropatch.process.priority import realtime
 from micropatch.process.select import ProcessInfo, all_pids, read_info
 from micropatch.trust.policy import Admitted
 
@@ -144,6 +146,12 @@ class LateWatch:
     # --- the thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        # Real-time as the workers are (agent/workers.py): a released process runs
+        # unpatched until this thread gets a CPU. It only sleeps (a timed wait).
+        with realtime(READER_PRIORITY):
+            self._follow_all()
+
+    def _follow_all(self) -> None:
         while True:
             with self._cond:
                 if self._stopping:

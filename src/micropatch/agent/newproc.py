@@ -140,7 +140,7 @@ class NewProcesses:
         self._wake_r, self._wake_w = -1, -1
         self._reader: threading.Thread | None = None
         self._last_change: object = None
-        self.workers = Workers(workers)
+        self.workers = Workers(workers, priority=READER_PRIORITY)
         self.seizer = Seizer(
             catalog, self.files, self.patcher, self._following, self._count, self._stopping
         )

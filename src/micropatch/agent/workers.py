@@ -10,6 +10,14 @@ started when a job finds none idle, up to `limit`, by a thread of their own
 exec on the host waits for, may do). Those above `keep` end after `idle`
 seconds without work. A worker spends most of its time blocked in waitpid or
 in the engine's stop, so the count costs little but memory (one stack each).
+
+With `priority`, every worker runs at that SCHED_FIFO priority for its whole
+life (where permitted): a held event's worker must run within `hold_limit` on
+a machine whose CPUs are taken by other work, and so must the worker holding
+the interpreter's lock when it wakes (a worker at normal priority, preempted
+while it holds the lock, would keep the real-time ones waiting). A worker only
+ever sleeps in the kernel (a queue, waitpid, the engine's stop waits), never
+spins, which is what makes this safe (process/priority.py).
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+
+from micropatch.process.priority import realtime
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +38,11 @@ class Workers:
     """A pool of threads started on demand (see the module doc)."""
 
     def __init__(
-        self, limit: int, *, keep: int = 48, idle: float = 30.0, name: str = "newproc-worker"
+        self, limit: int, *, keep: int = 48, idle: float = 30.0, name: str = "newproc-worker",
+        priority: int | None = None,
     ) -> None:
         self.limit = limit
+        self.priority = priority
         self.keep = min(keep, limit)
         self.idle_seconds = idle
         self.name = name
@@ -103,6 +115,13 @@ class Workers:
         thread.start()
 
     def _work(self, number: int) -> None:
+        if self.priority is None:
+            self._serve(number)
+            return
+        with realtime(self.priority):
+            self._serve(number)
+
+    def _serve(self, number: int) -> None:
         me = threading.current_thread()
         first = True
         while True:
