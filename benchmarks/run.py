@@ -9,6 +9,7 @@ import time
 from benchmarks import (
     agent,
     agent_exec,
+    agent_index,
     build,
     chaos,
     cli,
@@ -32,6 +33,7 @@ BENCHMARKS = {
     "diff": diff,
     "agent": agent,
     "agent_exec": agent_exec,
+    "agent_index": agent_index,
     "server": server,
     "fleet_publish": fleet_publish,
 }

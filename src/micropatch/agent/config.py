@@ -52,11 +52,16 @@ class AgentConfig(BaseModel):
     new_processes: bool = Field(
         default=True, description="Patch new processes at exec and library load (fanotify)."
     )
+    filesystems: list[str] = Field(
+        default_factory=list,
+        description="Watch execs on, and index for copies of patched modules, only the "
+        "filesystems holding these paths; empty: every local filesystem.",
+    )
     library_dirs: list[str] = Field(
         default_factory=list,
-        description="Directories to look for patched libraries in, besides the standard "
-        "ones, ld.so.conf's and those running processes map them from (e.g. a "
-        "virtualenv's bundled *.libs, so that their first load is patched too).",
+        description="Directories indexed for copies of patched modules besides the "
+        "watched filesystems (e.g. on a network filesystem, which is not indexed by "
+        "default); found at each walk, not kept current by events.",
     )
     hold_limit: float = Field(
         default=0.05, gt=0, description="Seconds an exec or open may be held before it is allowed."

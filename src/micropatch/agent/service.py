@@ -12,7 +12,8 @@ Plug points for the parts built beside this one (one line each):
 - new processes (agent/newproc.py): `_plug_new_processes` attaches a
   `NewProcesses(agent, agent.report, modules=agent.modules, hold_limit=...)`;
   the Agent is its `Catalog` (`wanted`, `watched`, `changed`), and
-  `on_change(newproc.remark)` re-marks files on every policy/store change.
+  `on_change(newproc.wake)` makes its index look for the targets on every
+  policy/store change.
 - crashes (agent/crashes.py, process/connector.py): `_plug_crashes` sets
   `agent.crash_tracker` and attaches the exit watcher, which calls
   `agent.on_exit(pid, exit_signal)` for every process exit.
@@ -38,6 +39,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from micropatch.agent.config import AgentConfig
+from micropatch.agent.coverage import coverage, indexable
 from micropatch.agent.crashes import CrashTracker, ExitThread
 from micropatch.agent.db import Database
 from micropatch.agent.events import Event, EventFilter, EventLog, EventSink
@@ -67,6 +69,9 @@ if TYPE_CHECKING:
     from micropatch.elf.image import ElfImage
 
 log = logging.getLogger(__name__)
+
+INDEX_WAIT = 300.0  # seconds READY waits for the first walk of the module index
+
 
 class Part(Protocol):
     """Something the agent starts after its store is loaded and stops first."""
@@ -197,11 +202,11 @@ class Agent:
         return found
 
     def watched(self) -> list[TargetView]:
-        """The targets of every enabled patch (NEWPROC marks the matching files)."""
+        """The targets of every enabled patch (NEWPROC indexes and marks their copies),
+        each with the build-id its artifact was built against when the source pins
+        only the SHA-256 (the index's cheap key: the same bytes, the same build-id)."""
         view = self.view()
-        return [
-            s.admitted.patch.target for s in self.store.patches().values() if view.enabled(s.id)
-        ]
+        return [indexable(s) for s in self.store.patches().values() if view.enabled(s.id)]
 
     def changed(self) -> threading.Event:
         """Set on every policy or store change (`generation` counts them); the reader
@@ -237,7 +242,7 @@ class Agent:
         patched by the next pass over running processes, and an event says so."""
         if not self.config.new_processes:
             return
-        from micropatch.agent.newproc import LIBRARY_DIRS, NewProcesses
+        from micropatch.agent.newproc import NewProcesses
 
         def held(seconds: float) -> None:
             if self.metrics is not None:
@@ -245,7 +250,8 @@ class Agent:
 
         new = NewProcesses(
             self, self.report, modules=self.modules, hold_limit=self.config.hold_limit,
-            on_hold=held, library_dirs=(*LIBRARY_DIRS, *self.config.library_dirs),
+            on_hold=held, filesystems=self.config.filesystems,
+            library_dirs=self.config.library_dirs,
         )  # fmt: skip
         if self._plug(new, FanotifyUnavailable, "new processes are patched only by the pass"):
             self.new_processes = new
@@ -384,6 +390,8 @@ class Agent:
     def _work(self) -> None:
         try:
             self._pass(None)
+            if self.new_processes is not None:  # units ordered after us start held
+                self.new_processes.indexer.ready.wait(INDEX_WAIT)
         except Exception:
             log.exception("first pass")  # the agent still serves, and the next pass retries
         finally:
@@ -454,10 +462,13 @@ class Agent:
             if any(patch_id in stored_patches for patch_id in c.patches)
         }  # fmt: skip
         auto = self.state.auto_disabled()
+        new = self.new_processes
         patches = []
         for stored in sorted(stored_patches.values(), key=lambda s: s.id):
             carriers = [c for c in covered.values() if stored.id in c.patches]
             patches.append({
+                **coverage(stored, new, view.enabled(stored.id)),
+                "carriers": sorted(c.pid for c in carriers),
                 "id": stored.id, "version": stored.version,
                 "title": stored.admitted.patch.info.title,
                 "module": stored.admitted.patch.target.module,
@@ -483,7 +494,7 @@ class Agent:
                 {"pid": c.pid, "exe": c.exe, "patches": c.patches, "blocked": c.blocked}
                 for c in sorted(covered.values(), key=lambda c: c.pid)
             ],
-            "new_processes": dict(getattr(self.new_processes, "stats", None) or {}) or None,
+            "new_processes": new.status() if new is not None else None,
             "fleet": self.fleet.status(),
         }
 
