@@ -28,9 +28,9 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Self, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from micropatch import __version__
 from micropatch.bodies.cbody import CompiledC
@@ -40,6 +40,8 @@ from micropatch.patch.source import parse_patch
 from micropatch.trust.canonical import canonical_json, digest
 from micropatch.trust.keys import PrivateKey, PublicKey, Signature
 from micropatch.trust.payload import Payload
+from micropatch.trust.pypayload import RUNTIME as PYTHON_RUNTIME
+from micropatch.trust.pypayload import PythonPayload
 from micropatch.trust.signatures import Verification, verify_signatures
 
 FORMAT = "micropatch-artifact"
@@ -51,12 +53,15 @@ MAX_SIZE = 64 << 20  # no real artifact comes near; refuse before parsing a huge
 
 # --- the artifact ---------------------------------------------------------------
 
+P = TypeVar("P", Payload, PythonPayload)
+
 
 @dataclass(frozen=True)
-class Artifact:
-    """A loaded or freshly built artifact. `name` says where it came from, for messages."""
+class _Signed(Generic[P]):
+    """What every artifact is, whatever its runtime: a payload, its canonical bytes
+    and signatures over them. `name` says where it came from, for messages."""
 
-    payload: Payload
+    payload: P
     canonical: bytes  # exactly the bytes the id and signatures are over
     signatures: tuple[Signature, ...] = ()
     name: str = "<artifact>"
@@ -71,11 +76,13 @@ class Artifact:
         """`<patch-id>-v<version>-<first 12 hex of the id>.mpatch`"""
         return f"{self.payload.patch.id}-v{self.payload.patch.version}-{self.id[:12]}{SUFFIX}"
 
-    def signed(self, key: PrivateKey, now: datetime.datetime | None = None) -> Artifact:
+    def signed(self, key: PrivateKey, now: datetime.datetime | None = None) -> Self:
         """This artifact with one more signature (a key signs it once)."""
         signature = key.sign(self.canonical, now)
-        others = tuple(s for s in self.signatures if s.keyid != signature.keyid)
-        return Artifact(self.payload, self.canonical, (*others, signature), self.name)
+        others: tuple[Signature, ...] = tuple(
+            x for x in self.signatures if x.keyid != signature.keyid
+        )
+        return type(self)(self.payload, self.canonical, (*others, signature), self.name)
 
     def to_bytes(self) -> bytes:
         """The file: indented for people; the canonical form is recomputed on load."""
@@ -101,28 +108,65 @@ class Artifact:
         return path
 
 
+class Artifact(_Signed[Payload]):
+    """A native artifact: a patch of machine code in one module build."""
+
+
+class PythonArtifact(_Signed[PythonPayload]):
+    """A CPython artifact: a patch of Python functions in one module source
+    (docs/python-patches.md)."""
+
+
+AnyArtifact = Artifact | PythonArtifact
+
+
 def make(payload: Payload, name: str) -> Artifact:
     """An unsigned artifact of `payload`; `name` says where it came from, for messages."""
     return Artifact(payload, canonical_json(payload.model_dump(mode="json")), (), name)
+
+
+def make_python(payload: PythonPayload, name: str) -> PythonArtifact:
+    """An unsigned CPython artifact of `payload`."""
+    return PythonArtifact(payload, canonical_json(payload.model_dump(mode="json")), (), name)
 
 
 # --- loading ----------------------------------------------------------------------
 
 
 def load(path: str | Path) -> Artifact:
-    """Read an artifact file and check its structure and id (not its signatures:
-    see `verify`). ArtifactError naming the file and the problem."""
+    """Read a native artifact file and check its structure and id (not its
+    signatures: see `verify`). ArtifactError naming the file and the problem."""
+    return _native(load_any(path))
+
+
+def load_any(path: str | Path) -> AnyArtifact:
+    """Read an artifact file of either runtime (`load`)."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
             data = f.read(MAX_SIZE + 1)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read artifact: {exc.strerror}") from None
-    return loads(data, str(path))
+    return loads_any(data, str(path))
 
 
 def loads(data: bytes, name: str = "<artifact>") -> Artifact:
-    """Parse an artifact from bytes; `name` says where they came from in messages."""
+    """Parse a native artifact from bytes; `name` says where they came from in messages."""
+    return _native(loads_any(data, name))
+
+
+def _native(artifact: AnyArtifact) -> Artifact:
+    if isinstance(artifact, PythonArtifact):
+        raise ArtifactError(
+            f"{artifact.name}: a CPython artifact (a patch of Python functions), where a native "
+            "one is expected"
+        )
+    return artifact
+
+
+def loads_any(data: bytes, name: str = "<artifact>") -> AnyArtifact:
+    """Parse an artifact of either runtime from bytes (`payload.runtime` is
+    "cpython" for a Python patch, absent for a native one)."""
 
     def bad(problem: str) -> ArtifactError:
         return ArtifactError(f"{name}: {problem}")
@@ -167,8 +211,10 @@ def loads(data: bytes, name: str = "<artifact>") -> Artifact:
             f"the payload's SHA-256 is {actual}, but the artifact says {claimed!r}: it was "
             "modified or corrupted after it was built"
         )
+    python = raw.get("runtime") == PYTHON_RUNTIME
+    model: type[BaseModel] = PythonPayload if python else Payload
     try:
-        payload = Payload.model_validate(raw)
+        payload = model.model_validate(raw)
     except ValidationError as exc:
         raise bad(_validation_problems(exc)) from None
     if not isinstance(document["signatures"], list):
@@ -179,6 +225,9 @@ def loads(data: bytes, name: str = "<artifact>") -> Artifact:
             signatures.append(Signature.from_json(entry))
         except ValueError as exc:
             raise bad(f"signatures[{i}]: {exc}") from None
+    if isinstance(payload, PythonPayload):
+        return PythonArtifact(payload, canonical, tuple(signatures), name)
+    assert isinstance(payload, Payload)
     return Artifact(payload, canonical, tuple(signatures), name)
 
 
@@ -235,7 +284,7 @@ def _validation_problems(exc: ValidationError) -> str:
 
 
 def verify(
-    artifact: Artifact, trusted: Iterable[PublicKey], now: datetime.datetime | None = None
+    artifact: AnyArtifact, trusted: Iterable[PublicKey], now: datetime.datetime | None = None
 ) -> Verification:
     """At least one signature over the canonical payload by a trusted, unexpired key;
     SignatureError saying why not."""

@@ -27,9 +27,19 @@ from pathlib import Path
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import ArtifactError, NotAdmitted
 from micropatch.patch.model import Patch
-from micropatch.patch.source import parse_patch
-from micropatch.trust.artifact import MAX_SIZE, Artifact, compiled_bodies, loads, patch_of, verify
+from micropatch.patch.python import PythonPatch
+from micropatch.patch.source import parse_source
+from micropatch.trust.artifact import (
+    MAX_SIZE,
+    Artifact,
+    PythonArtifact,
+    compiled_bodies,
+    loads_any,
+    patch_of,
+    verify,
+)
 from micropatch.trust.keys import PublicKey
+from micropatch.trust.pypayload import python_patch_of
 from micropatch.trust.signatures import Verification
 
 
@@ -40,6 +50,25 @@ class Admitted:
     patch: Patch
     toolchain: Toolchain
     artifact: Artifact | None = None  # None: an unsigned TOML source
+    verification: Verification | None = None  # None: signatures were not checked
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return self.patch.id
+
+    @property
+    def version(self) -> int:
+        return self.patch.version
+
+
+@dataclass(frozen=True)
+class AdmittedPython:
+    """A CPython patch the policy lets through (always a built artifact: its code
+    is compiled for one Python version)."""
+
+    patch: PythonPatch
+    artifact: PythonArtifact
     verification: Verification | None = None  # None: signatures were not checked
     warnings: tuple[str, ...] = ()
 
@@ -71,12 +100,34 @@ def admit(
     toolchain: Toolchain | None = None,
     now: datetime.datetime | None = None,
 ) -> Admitted:
-    """Apply the policy to the bytes of a patch file; `name` says where they came
-    from in messages. `keys`: the trusted keys (None: none could be found,
+    """Apply the policy to the bytes of a native patch file; `name` says where they
+    came from in messages. `keys`: the trusted keys (None: none could be found,
     which only `allow_unsigned` accepts). `toolchain`: compiles an unsigned
     source's bodies (default: a new one). Raises NotAdmitted, ArtifactError,
-    SignatureError or PatchFormatError saying why.
+    SignatureError or PatchFormatError saying why; a CPython patch is refused
+    here (see `admit_any`).
     """
+    admitted = admit_any(
+        data, name=name, keys=keys, allow_unsigned=allow_unsigned, toolchain=toolchain, now=now
+    )
+    if isinstance(admitted, AdmittedPython):
+        raise NotAdmitted(
+            f"{name} is a CPython artifact (a patch of Python functions), where a native patch "
+            "is expected"
+        )
+    return admitted
+
+
+def admit_any(
+    data: bytes,
+    *,
+    name: str,
+    keys: Sequence[PublicKey] | None,
+    allow_unsigned: bool = False,
+    toolchain: Toolchain | None = None,
+    now: datetime.datetime | None = None,
+) -> Admitted | AdmittedPython:
+    """`admit` for a patch of either runtime: the same rules for both."""
     if is_source(data, name):
         if not allow_unsigned:
             raise NotAdmitted(
@@ -85,10 +136,16 @@ def admit(
                 "apply the .mpatch file; for development only, --allow-unsigned applies a "
                 "source as is"
             )
-        patch = parse_patch(data, name)
+        patch = parse_source(data, name)
+        if isinstance(patch, PythonPatch):
+            raise NotAdmitted(
+                f"{name} is a CPython patch source: its code must first be compiled for the "
+                f"target's Python version (micropatch build {name} --module FILE.py "
+                "[--python PYTHON]); --allow-unsigned then applies the unsigned .mpatch"
+            )
         warning = f"applying the unsigned patch source {name} (--allow-unsigned: development only)"
         return Admitted(patch, toolchain or Toolchain(), warnings=(warning,))
-    artifact = loads(data, name)  # read once: the bytes verified are the bytes applied
+    artifact = loads_any(data, name)  # read once: the bytes verified are the bytes applied
     verification = None
     warnings: tuple[str, ...] = ()
     if keys is None or (allow_unsigned and not artifact.signatures):
@@ -106,6 +163,9 @@ def admit(
         warnings = tuple(f"{name}: ignored a signature: {note}" for note in verification.ignored)
     # Parsed from the very bytes that were hashed and verified: what is applied is
     # what was signed, checked against the recorded module identity and sites.
+    if isinstance(artifact, PythonArtifact):
+        patch_py = python_patch_of(artifact.payload, artifact.name)
+        return AdmittedPython(patch_py, artifact, verification, warnings)
     patch = patch_of(artifact)
     return Admitted(
         patch, Toolchain.signed(compiled_bodies(artifact)), artifact, verification, warnings
@@ -121,17 +181,33 @@ def admit_file(
     now: datetime.datetime | None = None,
 ) -> Admitted:
     """`admit` for a file: reads it once, at most the largest artifact size."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
     return admit(
-        data,
+        read_patch_file(path),
         name=str(path),
         keys=keys,
         allow_unsigned=allow_unsigned,
         toolchain=toolchain,
         now=now,
     )
+
+
+def admit_any_file(
+    path: str | Path,
+    *,
+    keys: Sequence[PublicKey] | None,
+    allow_unsigned: bool = False,
+    now: datetime.datetime | None = None,
+) -> Admitted | AdmittedPython:
+    """`admit_any` for a file."""
+    return admit_any(
+        read_patch_file(path), name=str(path), keys=keys, allow_unsigned=allow_unsigned, now=now
+    )
+
+
+def read_patch_file(path: str | Path) -> bytes:
+    """The bytes of a patch file, read once, at most the largest artifact size."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(MAX_SIZE + 1)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
