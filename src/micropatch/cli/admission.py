@@ -9,7 +9,7 @@ from micropatch.cli.options import out, warn
 from micropatch.errors import ArtifactError, SignatureError
 from micropatch.trust.artifact import MAX_SIZE
 from micropatch.trust.keys import trusted_keys
-from micropatch.trust.policy import Admitted, admit, is_source
+from micropatch.trust.policy import Admitted, AdmittedPython, admit, is_source
 
 
 def load_for_apply(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Admitted:
@@ -27,6 +27,12 @@ def load_for_apply(path: Path, trust: list[Path] | None, allow_unsigned: bool) -
             if not allow_unsigned:
                 raise
     admitted = admit(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned)
+    report_admission(path, admitted)
+    return admitted
+
+
+def report_admission(path: Path, admitted: Admitted | AdmittedPython) -> None:
+    """Say what was verified (or not) about a patch about to be applied."""
     if admitted.verification is not None and admitted.artifact is not None:
         p = admitted.artifact.payload
         signers = ", ".join(k.describe() for k in admitted.verification.signers)
@@ -36,4 +42,3 @@ def load_for_apply(path: Path, trust: list[Path] | None, allow_unsigned: bool) -
         )
     for warning in admitted.warnings:
         warn(warning)
-    return admitted

@@ -31,8 +31,25 @@ def build(
             "--output", "-o", help="Output file or directory (default: the current directory)."
         ),
     ] = None,
+    python: Annotated[
+        str | None,
+        typer.Option(
+            "--python",
+            help="CPython patches: the interpreter of the target's Python version to compile "
+            "with (default: the one running micropatch).",
+        ),
+    ] = None,
 ) -> None:
     """Compile and verify a patch against its module file; write a signed artifact."""
+    from micropatch.cli.pyroute import is_python
+
+    if is_python(source):
+        from micropatch.cli.pyauthoring import build_python
+
+        build_python(source, module, key, output, python)
+        return
+    if python is not None:
+        raise fail("--python is for CPython patches ([target] runtime = \"cpython\")")
     from rich.table import Table
 
     from micropatch.build.artifact import build as build_artifact
@@ -91,8 +108,13 @@ def sign(
 
     try:
         signer = keys.load_private_key(key)
-        built = artifact.load(artifact_file)
-        artifact.patch_of(built)  # never sign what cannot be applied
+        built = artifact.load_any(artifact_file)
+        if isinstance(built, artifact.PythonArtifact):  # never sign what cannot be applied
+            from micropatch.trust.pypayload import python_patch_of
+
+            python_patch_of(built.payload, built.name)
+        else:
+            artifact.patch_of(built)
         written = built.signed(signer).write(output or artifact_file)
     except MicropatchError as e:
         raise fail(str(e)) from None
@@ -105,14 +127,20 @@ def verify(
 ) -> None:
     """Check an artifact's content hash and its signature by a trusted, unexpired key."""
     from micropatch.trust import keys
-    from micropatch.trust.policy import admit_file
+    from micropatch.trust.policy import AdmittedPython, admit_any_file
 
     try:
         # Everything apply checks: the id, a trusted signature, and that the source
         # parses and agrees with the recorded module identity and sites.
-        verified = admit_file(artifact_file, keys=keys.trusted_keys(trust or ()))
+        found = admit_any_file(artifact_file, keys=keys.trusted_keys(trust or ()))
     except MicropatchError as e:
         raise fail(str(e)) from None
+    if isinstance(found, AdmittedPython):
+        from micropatch.cli.pyauthoring import show_verified
+
+        show_verified(artifact_file, found)
+        return
+    verified = found
     built, verification = verified.artifact, verified.verification
     assert built is not None and verification is not None  # admitted with keys
     p = built.payload

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli import agent, answers, authoring, dev, routing, running, server, tools
+from micropatch.cli import agent, answers, authoring, dev, pyroute, routing, running, server, tools
 from micropatch.cli.options import (
     AllOption,
     AllowUnsignedOption,
@@ -83,12 +83,19 @@ def apply(
     stop_timeout: StopTimeoutOption = None,
     trust: TrustOption = None,
     allow_unsigned: AllowUnsignedOption = False,
+    timeout: pyroute.TimeoutOption = None,
 ) -> None:
     """Apply a signed patch to running processes: every patchlet, or none.
 
-    --all: every process that maps the patch's module and does not carry the patch yet.
-    Through the host agent when one runs (docs/agent.md)."""
+    --all: every process that maps the patch's module and does not carry the patch yet
+    (a CPython patch: every interpreter of its Python version that imported the module).
+    Through the host agent when one runs (docs/agent.md); CPython patches always directly."""
     filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
+    if pyroute.is_python(patch_file):
+        admitted = pyroute.load(patch_file, trust, allow_unsigned)
+        pyroute.run("apply", admitted, admitted.id, pid, filters, dry_run=dry_run,
+                    lock_timeout=lock_timeout, stop_timeout=stop_timeout, timeout=timeout)
+        return
     client = routing.agent(direct=bool(trust or allow_unsigned or dry_run))
     if client is not None:
         arguments = _remote(pid, all_, exe, user, unit, cgroup, retries, stop_timeout, lock_timeout)
@@ -125,12 +132,17 @@ def remove(
     retries: RetriesOption = None,
     lock_timeout: LockTimeoutOption = None,
     stop_timeout: StopTimeoutOption = None,
+    timeout: pyroute.TimeoutOption = None,
 ) -> None:
     """Remove an applied patch, restoring the original code.
 
     --all: every process that carries the patch, found without stopping any.
-    Through the host agent when one runs (docs/agent.md)."""
+    Through the host agent when one runs (docs/agent.md); CPython patches always directly."""
     filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
+    if pyroute.carriers(patch_id, list(pid) if pid else None):
+        pyroute.run("remove", None, patch_id, pid, filters, dry_run=dry_run,
+                    lock_timeout=lock_timeout, stop_timeout=stop_timeout, timeout=timeout)
+        return
     client = routing.agent(direct=dry_run)
     if client is not None:
         arguments = _remote(pid, all_, exe, user, unit, cgroup, retries, stop_timeout, lock_timeout)
@@ -172,12 +184,18 @@ def update(
     stop_timeout: StopTimeoutOption = None,
     trust: TrustOption = None,
     allow_unsigned: AllowUnsignedOption = False,
+    timeout: pyroute.TimeoutOption = None,
 ) -> None:
     """Replace an applied patch by a newer version of it, in one stop of each process.
 
     --all: every process that carries an older version, found without stopping any.
-    Through the host agent when one runs (docs/agent.md)."""
+    Through the host agent when one runs (docs/agent.md); CPython patches always directly."""
     filters = running.scope(pid, all_, exe, user, unit, cgroup, dry_run)
+    if pyroute.is_python(patch_file):
+        admitted = pyroute.load(patch_file, trust, allow_unsigned)
+        pyroute.run("update", admitted, admitted.id, pid, filters, dry_run=dry_run,
+                    lock_timeout=lock_timeout, stop_timeout=stop_timeout, timeout=timeout)
+        return
     client = routing.agent(direct=bool(trust or allow_unsigned or dry_run))
     if client is not None:
         arguments = _remote(pid, all_, exe, user, unit, cgroup, retries, stop_timeout, lock_timeout)
@@ -255,8 +273,9 @@ def status(pid: PidOption = None) -> None:
     else:
         from micropatch.live.states import patched_pids
         from micropatch.live.states import status as read_status
+        from micropatch.runtimes.cpython.states import patched_pids as pyroute_pids
 
-        pids = pid or patched_pids()
+        pids = pid or sorted(set(patched_pids()) | set(pyroute_pids()))
         states, unread = [], []
         for p in pids:
             try:
@@ -266,7 +285,9 @@ def status(pid: PidOption = None) -> None:
                     continue  # exited since the scan
                 unread.append(p)
                 err.print(f"[red]✗[/] pid {p}: {e}")
-    rows = []
+    python_states, python_unread = pyroute.states_of(list(pid) if pid else None)
+    unread += [p for p in python_unread if p not in unread]
+    rows = pyroute.rows(python_states)
     for s in states:
         since = datetime.datetime.fromtimestamp(s.applied_at).strftime("%Y-%m-%d %H:%M:%S")
         sites = ",".join(f"{a:#x}" for a in s.sites)
@@ -327,8 +348,11 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
 
     if bool(pid) == all_:
         raise fail("name the processes with --pid PID (repeatable), or use --all")
+    from micropatch.runtimes.cpython.states import patched_pids as python_pids
+
     pids = live.patched_pids() if all_ else list(pid or [])
-    failures = 0
+    python = python_pids()
+    failures = pyroute.repair(python if all_ else [p for p in pids if p in python])
     for p in pids:
         try:
             done = live.repair(p)

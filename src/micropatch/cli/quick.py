@@ -45,7 +45,21 @@ def parse(argv: list[str]) -> tuple[str, str, list[int]] | None:
         pids.append(int(value))
     if subject is None or not pids:
         return None
+    if argv[0] != "remove" and _python_artifact(subject):
+        return None  # CPython patches do not go through the agent yet: the full CLI
     return argv[0], subject, pids
+
+
+def _python_artifact(path: str) -> bool:
+    """A CPython artifact or source (the agent does not carry them yet), by a cheap look."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except OSError:
+        return False
+    return b'"runtime": "cpython"' in data or b'"runtime":"cpython"' in data or (
+        b"runtime" in data and b"cpython" in data and not data.lstrip().startswith(b"{")
+    )
 
 
 def run(verb: str, subject: str, pids: list[int]) -> int | None:

@@ -138,7 +138,12 @@ def run_each(
     from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from micropatch.errors import AlreadyApplied, ProcessExited, ProcessNotFound
+    from micropatch.errors import (
+        AlreadyApplied,
+        ModuleNotImported,
+        ProcessExited,
+        ProcessNotFound,
+    )
     from micropatch.live.lock import waiting
 
     progress = Progress(
@@ -161,7 +166,7 @@ def run_each(
                 else:
                     gone += 1
                     err.print(f"[dim]· pid {pid}: gone ({escape(str(e))})[/]")
-            except (NotApplied, AlreadyApplied) as e:
+            except (NotApplied, AlreadyApplied, ModuleNotImported) as e:
                 if not fleet:
                     failures += 1
                     err.print(f"[red]✗[/] pid {pid}: {escape(str(e))}")

@@ -82,9 +82,7 @@ def survey(
     return interp, states, where, regs
 
 
-def page_for(
-    proc: StoppedProcess, mappings: list[Mapping], interpreter: Interpreter
-) -> P.Page:
+def page_for(proc: StoppedProcess, mappings: list[Mapping], interpreter: Interpreter) -> P.Page:
     """The initialized page, mapping one if needed (and cleaning up after a killed
     patcher). Remote system calls only when there is something to do."""
     memory = proc.memory

@@ -70,7 +70,7 @@ def build(
         raise ArtifactError(f"{source}: cannot read patch source: {exc.strerror}") from None
     patch = parse_source(data, str(source))
     if not isinstance(patch, PythonPatch):
-        raise PatchFormatError(f"{source}: not a CPython patch ([target] runtime = \"cpython\")")
+        raise PatchFormatError(f'{source}: not a CPython patch ([target] runtime = "cpython")')
     module = Path(module_file)
     _check_module_file(patch, module)
     reply = _compile(patch, module, python or sys.executable)

@@ -84,8 +84,11 @@ def _find_def(tree: ast.Module, qualname: str) -> tuple[list[ast.stmt], int]:
 def _module_globals(tree: ast.Module) -> set[str]:
     names: set[str] = set()
     for node in tree.body:
-        for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                            ast.ClassDef)) else [node]:
+        for sub in (
+            ast.walk(node)
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            else [node]
+        ):
             if isinstance(sub, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 names.add(sub.name)
             elif isinstance(sub, ast.Name) and isinstance(sub.ctx, ast.Store):
@@ -142,9 +145,12 @@ def _guard(
             sub.lineno = sub.end_lineno = node.lineno
             sub.col_offset, sub.end_col_offset = 0, 0
     fn_body = node.body
-    docstring = (fn_body and isinstance(fn_body[0], ast.Expr)
-                 and isinstance(fn_body[0].value, ast.Constant)
-                 and isinstance(fn_body[0].value.value, str))
+    docstring = (
+        fn_body
+        and isinstance(fn_body[0], ast.Expr)
+        and isinstance(fn_body[0].value, ast.Constant)
+        and isinstance(fn_body[0].value.value, str)
+    )
     fn_body.insert(1 if docstring else 0, guard)
 
 

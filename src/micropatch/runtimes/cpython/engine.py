@@ -274,3 +274,33 @@ def _failure(operation: _Operation, state: int, result: dict[str, Any]) -> Micro
     }
     cls = _ERRORS.get(kind, PatchRefused)
     return cls(f"process {pid}: {message}{hints.get(kind, '')}; nothing was changed", pid=pid)
+
+
+def repair(pid: int, *, stop_timeout: float = STOP_TIMEOUT) -> list[str]:
+    """Finish what a killed patcher left in an interpreter: an operation armed and never
+    claimed is cancelled, one no thread runs any more marked failed, a page never
+    initialized unmapped, a leftover descriptor closed. What was done."""
+    done = []
+    with queued(pid):
+        check_alive(pid)
+        mappings = read_maps(pid)
+        pages = P.find_pages(mappings)
+        if not pages:
+            return []
+        with Memory(pid, writable=False) as memory:
+            interpreter = find_interpreter(pid, mappings, memory)
+        with stop_world(pid, timeout=stop_timeout) as proc:
+            before = len(P.find_pages(mappings))
+            page = arming.page_for(proc, mappings, interpreter)
+            if before > 1:
+                done.append(f"unmapped {before - 1} page(s) a killed patcher never initialized")
+            state = page.state(proc.memory)
+            regs = {tid: proc.regs(tid) for tid in proc.threads}
+            _settle(proc.memory, page, pid, regs, proc)
+            after = page.state(proc.memory)
+            if after != state:
+                done.append(
+                    f"an interrupted Python operation: {P.STATE_NAMES[state]} -> "
+                    f"{P.STATE_NAMES[after]} (nothing of it took effect)"
+                )
+    return done

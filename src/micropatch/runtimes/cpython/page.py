@@ -130,7 +130,8 @@ class Page:
         return document
 
     def counter(self, memory: Memory, offset: int) -> int:
-        value: int = struct.unpack("<Q", memory.read(self.address + COUNTERS + offset, 8))[0]
+        """A blocked-attempt counter, at `offset` in the runner's view (as the registry says)."""
+        value: int = struct.unpack("<Q", memory.read(self.address + HEADER + offset, 8))[0]
         return value
 
 

@@ -122,8 +122,11 @@ def _check_interpreter(patch: Doc) -> None:
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     magic = sys.modules["_frozen_importlib_external"].MAGIC_NUMBER.hex()
     if (version, magic) != (patch["python"], patch["magic"]):
-        raise Refusal("interpreter", f"this is Python {version} (bytecode magic {magic}); the "
-                      f"patch was compiled for {patch['python']} ({patch['magic']})")
+        raise Refusal(
+            "interpreter",
+            f"this is Python {version} (bytecode magic {magic}); the "
+            f"patch was compiled for {patch['python']} ({patch['magic']})",
+        )
 
 
 def _check_module(patch: Doc) -> object:
@@ -139,8 +142,12 @@ def _check_module(patch: Doc) -> object:
     with open(path, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()
     if digest != patch["sha256"]:
-        raise Refusal("source-mismatch", f"{path} has SHA-256 {digest}, the patch was built "
-                      f"for {patch['sha256']}", path=path, found=digest)
+        raise Refusal(
+            "source-mismatch",
+            f"{path} has SHA-256 {digest}, the patch was built for {patch['sha256']}",
+            path=path,
+            found=digest,
+        )
     return module
 
 
@@ -199,8 +206,12 @@ def _prepare(request: Doc, state: Any, page: memoryview) -> tuple[list[list[Any]
             original = pending[2] if pending else function.__code__
             found = code_identity(original)
             if found != fact["expect"]:
-                raise Refusal("code-mismatch", f"{fact['at']} has code {found}, the patch "
-                              f"expects {fact['expect']}", at=fact["at"], found=found)
+                raise Refusal(
+                    "code-mismatch",
+                    f"{fact['at']} has code {found}, the patch expects {fact['expect']}",
+                    at=fact["at"],
+                    found=found,
+                )
             code = _new_code(function, fact)
             swaps[id(function)] = [function, function.__code__, code]
             record["functions"].append((fact["at"], function, original, code))
@@ -252,8 +263,9 @@ def _commit(request: Doc, page: memoryview, keep: list[Any]) -> Doc:
     ids = sorted(getattr(state, "patches", {}))
     if ids != sorted(p["id"] for p in previous):
         recorded = [p["id"] for p in previous]
-        raise Refusal("registry", f"the registry ({recorded}) and the interpreter's record "
-                      f"({ids}) disagree")
+        raise Refusal(
+            "registry", f"the registry ({recorded}) and the interpreter's record ({ids}) disagree"
+        )
     swaps, patches, counters = _prepare(request, state, page)
     probe = lambda: None  # noqa: E731
     probe.__code__ = probe.__code__  # an audit hook that refuses code changes says so now
@@ -272,8 +284,10 @@ def _commit(request: Doc, page: memoryview, keep: list[Any]) -> Doc:
     functions = [s[0] for s in swaps]
     names = ["__code__"] * len(swaps)
     state.graveyard = [s[1] for s in swaps]  # freed next time
-    steps: list[Any] = [map(setattr, functions, names, [s[2] for s in swaps]),
-             map(setattr, [state, state], ["patches", "counters"], [patches, counters])]
+    steps: list[Any] = [
+        map(setattr, functions, names, [s[2] for s in swaps]),
+        map(setattr, [state, state], ["patches", "counters"], [patches, counters]),
+    ]
     if new_module:
         steps.append(map(sys.modules.__setitem__, [STATE_MODULE], [state]))
     selector_at = slice(o["selector"], o["selector"] + 4)
