@@ -13,7 +13,7 @@ import os
 import socket
 
 from micropatch import errors
-from micropatch.errors import ControlError, MicropatchError
+from micropatch.errors import ControlError, from_wire
 
 TYPE_CHECKING = False  # not imported from typing, which the quick path would pay for
 if TYPE_CHECKING:
@@ -30,23 +30,6 @@ def default_socket() -> str:
     return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
 CONNECT_TIMEOUT = 2.0
-
-
-def error_from(fields: dict[str, Any]) -> MicropatchError:
-    """The error the agent raised, as the same class where we know it."""
-    name = str(fields.get("error", "AgentError"))
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, MicropatchError)):
-        cls = errors.AgentError
-    e = cls.__new__(cls)
-    MicropatchError.__init__(
-        e, str(fields.get("message", "")),
-        pid=fields.get("pid"), patch_id=fields.get("patch_id"),
-        module=fields.get("module"), offset=fields.get("offset"),
-    )  # fmt: skip
-    if "holder" in fields or cls is errors.Busy:
-        e.holder = fields.get("holder")  # type: ignore[attr-defined]
-    return e
 
 
 class AgentClient:
@@ -160,4 +143,4 @@ def _read(stream: Any, path: str, *, eof_ok: bool = False) -> Any:
 def _result(message: dict[str, Any]) -> Any:
     if message.get("ok"):
         return message.get("result")
-    raise error_from(message.get("error") or {})
+    raise from_wire(message.get("error") or {})

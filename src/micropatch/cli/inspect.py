@@ -21,7 +21,7 @@ def inspect(
     """Show each site: original instructions, the jump that replaces them, the trampoline.
 
     A CPython artifact: each function's original and patched source and bytecode."""
-    from micropatch.cli.pyroute import is_python
+    from micropatch.cli.pyauthoring import is_python
 
     if is_python(artifact_file):
         _inspect_python(artifact_file, pid)

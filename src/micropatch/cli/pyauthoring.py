@@ -12,6 +12,13 @@ from micropatch.trust.artifact import PythonArtifact
 from micropatch.trust.policy import AdmittedPython
 
 
+def is_python(path: str | Path) -> bool:
+    """Whether a patch file is a CPython patch (artifact or source), read cheaply."""
+    from micropatch.trust.policy import runtime_of_file
+
+    return runtime_of_file(path) == "cpython"
+
+
 def build_python(
     source: Path, module: Path, key: Path | None, output: Path | None, python: str | None
 ) -> None:

@@ -9,9 +9,11 @@ without passing here.
 
 The policy:
 - a signed artifact is admitted if its id matches its content and at least
-  one signature is by a trusted, unexpired key; the patch is parsed from the
-  very bytes that were verified, and its C bodies are the signed machine code
-  (no compiler runs on the applying host);
+  one signature is by a trusted, unexpired key; the signatures are checked
+  before anything in the payload is read, the patch is read from the very
+  bytes that were verified (as the artifact records it, `trust.recorded`: no
+  model framework, no source parser), and its C bodies are the signed machine
+  code (no compiler runs on the applying host);
 - with `allow_unsigned` (development only), a TOML source is admitted as is,
   and an artifact without signatures, or with no keys to check them, is
   admitted unverified; each such case is reported in `warnings`.
@@ -22,36 +24,33 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import ArtifactError, NotAdmitted
-from micropatch.patch.model import Patch
-from micropatch.patch.python import PythonPatch
-from micropatch.patch.source import parse_source
-from micropatch.trust.artifact import (
-    MAX_SIZE,
-    Artifact,
-    PythonArtifact,
-    compiled_bodies,
-    loads_any,
-    patch_of,
-    verify,
-)
+from micropatch.trust.envelope import MAX_SIZE, Envelope, read_envelope
 from micropatch.trust.keys import PublicKey
-from micropatch.trust.pypayload import python_patch_of
-from micropatch.trust.signatures import Verification
+from micropatch.trust.recorded import recorded_patch
+from micropatch.trust.signatures import Verification, verify_signatures
+
+if TYPE_CHECKING:
+    from micropatch.patch.python import PythonPatch
+    from micropatch.patch.view import PatchView
+    from micropatch.trust.artifact import Artifact, PythonArtifact
 
 
 @dataclass(frozen=True)
 class Admitted:
     """A patch the policy lets through, with the toolchain that compiles its bodies."""
 
-    patch: Patch
+    patch: PatchView
     toolchain: Toolchain
-    artifact: Artifact | None = None  # None: an unsigned TOML source
+    envelope: Envelope | None = None  # None: an unsigned TOML source
     verification: Verification | None = None  # None: signatures were not checked
     warnings: tuple[str, ...] = ()
+    runtime = "native"
 
     @property
     def id(self) -> str:
@@ -60,17 +59,39 @@ class Admitted:
     @property
     def version(self) -> int:
         return self.patch.version
+
+    @cached_property
+    def artifact(self) -> Artifact | None:
+        """The artifact with its whole payload validated (None for a source): made on
+        first use, since applying needs only the recorded patch."""
+        if self.envelope is None:
+            return None
+        from micropatch.trust.artifact import from_envelope
+
+        return from_envelope(self.envelope)
+
+    def described(self, name: str) -> str | None:
+        """`verified NAME: fix v2 for libfoo.so.1, signed by key 'release' (…)`, or
+        None if no signature was checked."""
+        if self.verification is None:
+            return None
+        signers = ", ".join(k.describe() for k in self.verification.signers)
+        return (
+            f"verified {name}: {self.id} v{self.version} for {self.patch.target.module}, "
+            f"signed by {signers}"
+        )
 
 
 @dataclass(frozen=True)
 class AdmittedPython:
     """A CPython patch the policy lets through (always a built artifact: its code
-    is compiled for one Python version)."""
+    is compiled for one Python version). `runtime` says which engine applies it."""
 
     patch: PythonPatch
     artifact: PythonArtifact
     verification: Verification | None = None  # None: signatures were not checked
     warnings: tuple[str, ...] = ()
+    runtime = "cpython"
 
     @property
     def id(self) -> str:
@@ -79,6 +100,16 @@ class AdmittedPython:
     @property
     def version(self) -> int:
         return self.patch.version
+
+    def described(self, name: str) -> str | None:
+        """As `Admitted.described`, the module being a Python module."""
+        if self.verification is None:
+            return None
+        signers = ", ".join(k.describe() for k in self.verification.signers)
+        return (
+            f"verified {name}: {self.id} v{self.version} for Python module "
+            f"{self.patch.target.module}, signed by {signers}"
+        )
 
 
 def is_source(data: bytes, name: str = "") -> bool:
@@ -100,12 +131,12 @@ def admit(
     toolchain: Toolchain | None = None,
     now: datetime.datetime | None = None,
 ) -> Admitted:
-    """Apply the policy to the bytes of a native patch file; `name` says where they
-    came from in messages. `keys`: the trusted keys (None: none could be found,
+    """Apply the policy to the bytes of a patch file; `name` says where they came
+    from in messages. `keys`: the trusted keys (None: none could be found,
     which only `allow_unsigned` accepts). `toolchain`: compiles an unsigned
     source's bodies (default: a new one). Raises NotAdmitted, ArtifactError,
     SignatureError or PatchFormatError saying why; a CPython patch is refused
-    here (see `admit_any`).
+    here (the agent does not carry them yet: see `admit_any`).
     """
     admitted = admit_any(
         data, name=name, keys=keys, allow_unsigned=allow_unsigned, toolchain=toolchain, now=now
@@ -127,7 +158,8 @@ def admit_any(
     toolchain: Toolchain | None = None,
     now: datetime.datetime | None = None,
 ) -> Admitted | AdmittedPython:
-    """`admit` for a patch of either runtime: the same rules for both."""
+    """`admit` for a patch of either runtime: the same rules for both. The runtime
+    is data in the artifact (`payload.runtime`), read after its signatures."""
     if is_source(data, name):
         if not allow_unsigned:
             raise NotAdmitted(
@@ -136,6 +168,9 @@ def admit_any(
                 "apply the .mpatch file; for development only, --allow-unsigned applies a "
                 "source as is"
             )
+        from micropatch.patch.python import PythonPatch
+        from micropatch.patch.source import parse_source
+
         patch = parse_source(data, name)
         if isinstance(patch, PythonPatch):
             raise NotAdmitted(
@@ -145,10 +180,10 @@ def admit_any(
             )
         warning = f"applying the unsigned patch source {name} (--allow-unsigned: development only)"
         return Admitted(patch, toolchain or Toolchain(), warnings=(warning,))
-    artifact = loads_any(data, name)  # read once: the bytes verified are the bytes applied
+    envelope = read_envelope(data, name)  # read once: the bytes verified are the bytes applied
     verification = None
     warnings: tuple[str, ...] = ()
-    if keys is None or (allow_unsigned and not artifact.signatures):
+    if keys is None or (allow_unsigned and not envelope.signatures):
         if not allow_unsigned:
             raise NotAdmitted(
                 f"{name}: no trusted keys to check its signatures; pass --trust KEY.pub or "
@@ -159,17 +194,20 @@ def admit_any(
             "development only)",
         )
     else:
-        verification = verify(artifact, keys, now)
+        verification = verify_signatures(name, envelope.canonical, envelope.signatures, keys, now)
         warnings = tuple(f"{name}: ignored a signature: {note}" for note in verification.ignored)
-    # Parsed from the very bytes that were hashed and verified: what is applied is
+    # Read from the very bytes that were hashed and verified: what is applied is
     # what was signed, checked against the recorded module identity and sites.
-    if isinstance(artifact, PythonArtifact):
+    if envelope.payload.get("runtime") == "cpython":
+        from micropatch.trust.artifact import PythonArtifact, from_any_envelope
+        from micropatch.trust.pypayload import python_patch_of
+
+        artifact = from_any_envelope(envelope)
+        assert isinstance(artifact, PythonArtifact)
         patch_py = python_patch_of(artifact.payload, artifact.name)
         return AdmittedPython(patch_py, artifact, verification, warnings)
-    patch = patch_of(artifact)
-    return Admitted(
-        patch, Toolchain.signed(compiled_bodies(artifact)), artifact, verification, warnings
-    )
+    recorded, compiled = recorded_patch(envelope.payload, name)
+    return Admitted(recorded, Toolchain.signed(compiled), envelope, verification, warnings)
 
 
 def admit_file(
@@ -181,8 +219,14 @@ def admit_file(
     now: datetime.datetime | None = None,
 ) -> Admitted:
     """`admit` for a file: reads it once, at most the largest artifact size."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIZE + 1)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
     return admit(
-        read_patch_file(path),
+        data,
         name=str(path),
         keys=keys,
         allow_unsigned=allow_unsigned,
@@ -198,16 +242,29 @@ def admit_any_file(
     allow_unsigned: bool = False,
     now: datetime.datetime | None = None,
 ) -> Admitted | AdmittedPython:
-    """`admit_any` for a file."""
-    return admit_any(
-        read_patch_file(path), name=str(path), keys=keys, allow_unsigned=allow_unsigned, now=now
-    )
-
-
-def read_patch_file(path: str | Path) -> bytes:
-    """The bytes of a patch file, read once, at most the largest artifact size."""
+    """`admit_any` for a file: reads it once, at most the largest artifact size."""
+    path = Path(path)
     try:
         with open(path, "rb") as f:
-            return f.read(MAX_SIZE + 1)
+            data = f.read(MAX_SIZE + 1)
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
+    return admit_any(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned, now=now)
+
+
+def runtime_of_file(path: str | Path) -> str | None:
+    """The runtime a patch file declares ("cpython"; "native" when it says none), read
+    without checking anything else; None if it cannot be read as a patch."""
+    import json
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_SIZE + 1)
+        if not is_source(data, str(path)):
+            runtime = json.loads(data)["payload"].get("runtime")
+        else:
+            runtime = tomllib.loads(data.decode("utf-8")).get("target", {}).get("runtime")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return None
+    return str(runtime) if runtime else "native"

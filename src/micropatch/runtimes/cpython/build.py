@@ -34,7 +34,8 @@ from micropatch.errors import (
 from micropatch.patch.python import PythonPatch
 from micropatch.patch.source import parse_source
 from micropatch.runtimes.cpython.versions import SUPPORTED, supported
-from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, PythonArtifact, make_python
+from micropatch.trust.artifact import PythonArtifact, make_python
+from micropatch.trust.envelope import FORMAT, FORMAT_VERSION
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import BuilderFacts, PatchFacts
 from micropatch.trust.pypayload import (

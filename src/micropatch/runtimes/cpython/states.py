@@ -119,3 +119,15 @@ def _maps_contain(pid: int, needle: str) -> bool:
             return needle in f.read()
     except OSError:
         return False
+
+
+def carriers(patch_id: str, pids: list[int] | None) -> list[int]:
+    """Of `pids` (None: every process), those whose interpreter page records `patch_id`."""
+    found = []
+    for pid in pids if pids is not None else patched_pids():
+        try:
+            if any(s.patch_id == patch_id for s in status(pid)):
+                found.append(pid)
+        except MicropatchError:
+            continue
+    return found
