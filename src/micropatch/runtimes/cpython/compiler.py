@@ -136,7 +136,7 @@ def _guard(
     if blocked:
         count = (
             f"getattr(__import__('sys').modules.get({STATE_MODULE!r}), 'blocked', len)"
-            f"({patch_id + ':' + str(index)!r})"
+            f"({patch_id!r})"  # one counter per patch, as native guards count
         )
         body.insert(0, ast.parse(count).body[0])
     guard = ast.If(test=when, body=body, orelse=[])
