@@ -9,8 +9,8 @@ dict, a bound method, a class method. Prints `ready PID`, then:
 - `--main stdin` (default): answers each line `call TEXT` with one line, the
   JSON list of what each reference returns for TEXT (or `ERR Type: message`);
   `code` answers the id() of parse_header's code object;
-- `--main sleep`: the main thread sleeps; SIGUSR1 makes it answer as for
-  `call` with the text in MODULE_DIR/ask, on stdout.
+- `--main sleep` / `--main busy`: the main thread sleeps / runs a Python loop;
+  SIGUSR1 makes it answer as for `call` with the text in MODULE_DIR/ask.
 
 Workers: `busy` (a Python loop), `sleep` (time.sleep), `cloop` (ctypes calls a
 C loop without the GIL), `gil` (the C loop holding the GIL: ctypes.PyDLL),
@@ -74,15 +74,20 @@ def main():
             lib.spin.argtypes = [ctypes.c_double]
         for _ in range(1 if kind == "gil-once" else int(count)):
             threading.Thread(target=worker, args=(kind, lib, seconds), daemon=True).start()
-    if opts.get("--main", "stdin") == "sleep":
+    main_kind = opts.get("--main", "stdin")
+    if main_kind in ("sleep", "busy"):
         def on_signal(signum, frame):
             with open(os.path.join(sys.argv[1], "ask")) as f:
                 print(answer(f.read()), flush=True)
 
         signal.signal(signal.SIGUSR1, on_signal)
         print(f"ready {os.getpid()}", flush=True)
+        n = 0
         while True:
-            time.sleep(1000)
+            if main_kind == "sleep":
+                time.sleep(1000)
+            else:
+                n += 1
     print(f"ready {os.getpid()}", flush=True)
     for line in sys.stdin:
         command, _, text = line.rstrip("\n").partition(" ")

@@ -101,6 +101,17 @@ def test_every_thread_sleeping(start_py: StartPy, shop: Path, python: str) -> No
     assert target.call_by_signal(LONG) == ORIGINAL_LONG
 
 
+def test_main_thread_running_python_no_thread_parked(
+    start_py: StartPy, shop: Path, python: str
+) -> None:
+    target = start_py("--main", "busy", "--workers", "busy:1")
+    outcome = engine.apply(make_py_patch(shop, python), target.pid)
+    assert "pending call" in outcome.entered
+    assert target.call_by_signal(LONG) == BLOCKED_LONG
+    engine.remove("hdr-fix", target.pid)
+    assert target.call_by_signal(LONG) == ORIGINAL_LONG
+
+
 def test_identity_mismatch_changes_nothing(start_py: StartPy, shop: Path, python: str) -> None:
     target = start_py()
     original = target.ask("code")
