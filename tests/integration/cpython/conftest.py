@@ -113,10 +113,12 @@ def shop(tmp_path: Path) -> Path:
 def start_py(python: str, shop: Path, clib: Path) -> Iterator[StartPy]:
     started: list[subprocess.Popen[str]] = []
 
-    def _start(*args: str, module_dir: Path | None = None) -> PyTarget:
+    def _start(
+        *args: str, module_dir: Path | None = None, interpreter: str | None = None
+    ) -> PyTarget:
         directory = module_dir or shop
         proc = subprocess.Popen(
-            [python, "-u", str(HERE / "pyshop.py"), str(directory), "--clib", str(clib), *args],
+            [interpreter or python, "-u", str(HERE / "pyshop.py"), str(directory), "--clib", str(clib), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         started.append(proc)

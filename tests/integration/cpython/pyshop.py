@@ -1,6 +1,7 @@
 """A Python target for the CPython runtime's tests (run by the interpreter under test).
 
-    python pyshop.py MODULE_DIR [--main stdin|sleep] [--workers KIND:N,...] [--clib LIB]
+    python pyshop.py MODULE_DIR [--main stdin|sleep|busy] [--workers KIND:N,...] [--clib LIB]
+    python pyshop.py MODULE_DIR --bare
 
 Imports `shop.parsers` from MODULE_DIR and keeps every kind of reference to
 its functions: the module attribute, a `from ... import` copy, a callback in a
@@ -8,7 +9,8 @@ dict, a bound method, a class method. Prints `ready PID`, then:
 
 - `--main stdin` (default): answers each line `call TEXT` with one line, the
   JSON list of what each reference returns for TEXT (or `ERR Type: message`);
-  `code` answers the id() of parse_header's code object;
+  `code` answers the id() of parse_header's code object; `hold S` answers
+  `holding`, then calls a C loop holding the GIL for S seconds, then `released`;
 - `--main sleep` / `--main busy`: the main thread sleeps / runs a Python loop;
   SIGUSR1 makes it answer as for `call` with the text in MODULE_DIR/ask.
 
@@ -26,9 +28,15 @@ import sys
 import threading
 import time
 
+if "--bare" in sys.argv:  # an interpreter that never imports shop.parsers
+    print(f"ready {os.getpid()}", flush=True)
+    for _line in sys.stdin:
+        print("bare", flush=True)
+    sys.exit(0)
+
 sys.path.insert(0, sys.argv[1])
-from shop import parsers  # noqa: E402
-from shop.parsers import parse_header as copied  # noqa: E402
+from shop import parsers
+from shop.parsers import parse_header as copied
 
 CALLBACKS = {"header": parsers.parse_header}
 PARSER = parsers.Parser()
@@ -41,7 +49,7 @@ def answer(text):
     for ref in refs:
         try:
             results.append(repr(ref(text)))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             results.append(f"ERR {type(e).__name__}: {e}")
     return json.dumps(results)
 
@@ -63,7 +71,7 @@ def worker(kind, lib, seconds):
 
 def main():
     args = sys.argv[2:]
-    opts = dict(zip(args[::2], args[1::2]))
+    opts = dict(zip(args[::2], args[1::2], strict=False))
     clib = opts.get("--clib")
     for spec in filter(None, opts.get("--workers", "").split(",")):
         kind, _, count = spec.partition(":")
@@ -95,6 +103,12 @@ def main():
             print(answer(text), flush=True)
         elif command == "code":
             print(id(parsers.parse_header.__code__), flush=True)
+        elif command == "hold":  # a C extension holding the GIL for `text` seconds
+            print("holding", flush=True)
+            lib = ctypes.PyDLL(clib)
+            lib.spin.argtypes = [ctypes.c_double]
+            lib.spin(float(text))
+            print("released", flush=True)
         elif command == "quit":
             print("bye", flush=True)
             return

@@ -3,11 +3,18 @@ on return, for every reference to a function, whatever the threads are doing."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
-from micropatch.errors import AlreadyApplied, CodeMismatch, ModuleNotImported, NotApplied
+from micropatch.errors import (
+    AlreadyApplied,
+    CodeMismatch,
+    ModuleNotImported,
+    NoSafePoint,
+    NotApplied,
+)
 from micropatch.runtimes.cpython import engine, states
 
 from .conftest import GUARD, StartPy, make_py_patch
@@ -81,7 +88,9 @@ def test_class_method_and_bound_method(start_py: StartPy, shop: Path, python: st
     assert target.call(LONG) == ORIGINAL_LONG
 
 
-@pytest.mark.parametrize("workers", ["busy:2", "sleep:2", "cloop:2", "busy:1,sleep:1,cloop:1"])
+@pytest.mark.parametrize(
+    "workers", ["busy:2", "sleep:2", "cloop:2", "gil:1", "busy:1,sleep:1,cloop:1,gil:1"]
+)
 def test_threads_busy_sleeping_or_in_c(
     start_py: StartPy, shop: Path, python: str, workers: str
 ) -> None:
@@ -123,7 +132,7 @@ def test_identity_mismatch_changes_nothing(start_py: StartPy, shop: Path, python
     text = (shop / "shop" / "parsers.py").read_text().replace("limit=40", "limit=50")
     (other / "shop" / "parsers.py").write_text(text)
     changed = start_py(module_dir=other)
-    with pytest.raises(CodeMismatch, match="shop.parsers") as e:
+    with pytest.raises(CodeMismatch, match=r"shop\.parsers") as e:
         engine.apply(patch, changed.pid)
     assert "nothing was changed" in str(e.value) and e.value.pid == changed.pid
     assert states.status(changed.pid) == []
@@ -135,7 +144,7 @@ def test_module_not_imported_is_refused(start_py: StartPy, shop: Path, python: s
     target = start_py()
     (shop / "shop" / "missing.py").write_text((shop / "shop" / "parsers.py").read_text())
     patch = make_py_patch(shop, python, file="missing.py", module="shop.missing", id="missing-fix")
-    with pytest.raises(ModuleNotImported, match="shop.missing") as e:
+    with pytest.raises(ModuleNotImported, match=r"shop\.missing") as e:
         engine.apply(patch, target.pid)
     assert "not imported" in str(e.value) and "nothing was changed" in str(e.value)
     assert states.status(target.pid) == []
@@ -147,3 +156,19 @@ def test_guard_on_a_missing_function_fails_at_build(shop: Path, python: str) -> 
 
     with pytest.raises(MicropatchError, match="nothere"):
         make_py_patch(shop, python, [{**GUARD, "at": "nothere"}])
+
+
+def test_gil_held_forever_is_a_bounded_error(start_py: StartPy, shop: Path, python: str) -> None:
+    target = start_py()
+    original = target.ask("code")
+    assert target.ask("hold 4") == "holding"
+    time.sleep(0.2)  # in the C loop, holding the GIL
+    started = time.monotonic()
+    with pytest.raises(NoSafePoint, match="nothing was changed") as e:
+        engine.apply(make_py_patch(shop, python), target.pid, timeout=1.0)
+    assert time.monotonic() - started < 3.5
+    assert e.value.pid == target.pid
+    assert target.read_line() == "released"
+    assert target.call(LONG) == ORIGINAL_LONG  # and it never takes effect later
+    assert states.status(target.pid) == []
+    assert target.ask("code") == original
