@@ -144,7 +144,8 @@ def _check_module(patch: Doc) -> object:
     if digest != patch["sha256"]:
         raise Refusal(
             "source-mismatch",
-            f"{path} has SHA-256 {digest}, the patch was built for {patch['sha256']}",
+            f"module {patch['module']}: its source {path} has SHA-256 {digest}, the patch was "
+            f"built for {patch['sha256']}",
             path=path,
             found=digest,
         )
