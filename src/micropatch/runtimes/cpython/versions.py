@@ -1,9 +1,8 @@
 """The CPython versions micropatch patches, and the layout of the few interpreter
 structures it reads and writes in each.
 
-The offsets come from compiling `offsetof()` against each version's internal
-headers (`tests/unit/runtimes/test_versions.py` recomputes them wherever the
-headers are installed and compares). CPython changes these private structures
+The offsets are those of each version's internal headers (`offsetof()`);
+`tests/integration/cpython/test_versions.py` patches each installed release. CPython changes these private structures
 between minor versions and sometimes within one (3.12.x changed
 `_pending_calls`), so a layout is only used for the exact releases listed
 with it (3.11 kept them through its whole series); every other release is
