@@ -2,7 +2,8 @@
 structures it reads and writes in each.
 
 The offsets are those of each version's internal headers (`offsetof()`);
-`tests/integration/cpython/test_versions.py` patches each installed release. CPython changes these private structures
+`tests/integration/cpython/test_versions.py` patches each installed release.
+CPython changes these private structures
 between minor versions and sometimes within one (3.12.x changed
 `_pending_calls`), so a layout is only used for the exact releases listed
 with it (3.11 kept them through its whole series); every other release is
