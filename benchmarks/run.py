@@ -17,6 +17,7 @@ from benchmarks import (
     overhead,
     pause,
     peers,
+    python,
     server,
     soak,
 )
@@ -34,6 +35,7 @@ BENCHMARKS = {
     "agent_exec": agent_exec,
     "server": server,
     "fleet_publish": fleet_publish,
+    "python": python,
 }
 
 

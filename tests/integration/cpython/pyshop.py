@@ -11,6 +11,7 @@ dict, a bound method, a class method. Prints `ready PID`, then:
   JSON list of what each reference returns for TEXT (or `ERR Type: message`);
   `code` answers the id() of parse_header's code object; `hold S` answers
   `holding`, then calls a C loop holding the GIL for S seconds, then `released`;
+  `bench N` answers the mean ns per call of parse_header("a:1") over N calls;
 - `--main sleep` / `--main busy`: the main thread sleeps / runs a Python loop;
   SIGUSR1 makes it answer as for `call` with the text in MODULE_DIR/ask.
 
@@ -103,6 +104,12 @@ def main():
             print(answer(text), flush=True)
         elif command == "code":
             print(id(parsers.parse_header.__code__), flush=True)
+        elif command == "bench":  # ns per call of parse_header("a:1"), over `text` calls
+            f, n = parsers.parse_header, int(text)
+            start = time.perf_counter_ns()
+            for _ in range(n):
+                f("a:1")
+            print((time.perf_counter_ns() - start) / n, flush=True)
         elif command == "hold":  # a C extension holding the GIL for `text` seconds
             print("holding", flush=True)
             lib = ctypes.PyDLL(clib)
