@@ -60,6 +60,8 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     assert row.split("\t")[2:6] == ["shop.parsers (cpython)", "hdr-fix", "1", "parse_header"]
     assert row.split("\t")[7] == "3"  # the three blocked calls
     assert str(target.pid) in micropatch("status").stdout
+    done = micropatch("inspect", v1, "--pid", target.pid)
+    assert f"process {target.pid}: version 1 applied, 3 blocked" in done.stdout
 
     done = micropatch("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 1 and "already applied" in done.stdout + done.stderr
