@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> int:
          ms("apply_paused", "p90")),
         ("micropatch remove (wall)", ms("remove_wall"), ms("remove_wall", "p90")),
         ("micropatch remove: pause", ms("remove_paused"), ms("remove_paused", "p90")),
-        ("gdb -p -batch PyRun_SimpleString (wall; stopped from attach to detach but for the call)", ms("gdb_wall"),
-         ms("gdb_wall", "p90")),
+        ("gdb -p -batch PyRun_SimpleString (wall; stopped from attach to detach "
+         "but for the call)", ms("gdb_wall"), ms("gdb_wall", "p90")),
     ]  # fmt: skip
     g = lat["guard_ns"]
     markdown = (
