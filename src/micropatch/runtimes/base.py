@@ -1,15 +1,13 @@
-"""The interface a runtime offers the CLI, and later the agent and the server.
-
-identity → is this process affected → apply / remove / update / status. The
-CPython runtime implements it (`runtimes.cpython.CPythonRuntime`); the native
-engine (`live`) has the same operations with its own types and could sit
-behind it with a thin adapter (see docs/python-patches.md, "Phase 2").
+"""What a runtime's operations return: an Outcome per operation, a PatchState per
+applied patch (the fields of `live.Outcome` and `live.states.PatchState`, so the
+CLI prints both runtimes one way). `runtimes.engines` dispatches between the
+engines; docs/python-patches.md ("Phase 2") proposes the interface the agent
+will use.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 
 @dataclass(frozen=True)
@@ -43,18 +41,3 @@ class PatchState:
     blocked: int | None
     state: str = "applied"
     runtime: str = "cpython"
-
-
-class Runtime(Protocol):
-    """What the agent needs of a runtime (phase 2)."""
-
-    name: str
-
-    def affected(self, pid: int, module: str) -> bool:
-        """Whether process `pid` may hold `module` (cheap, without stopping it)."""
-
-    def status(self, pid: int) -> list[PatchState]:
-        """What is applied to `pid`, read from the process."""
-
-    def remove(self, patch_id: str, pid: int) -> Outcome:
-        """Restore what `patch_id` changed in `pid`."""
