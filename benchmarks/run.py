@@ -18,6 +18,7 @@ from benchmarks import (
     overhead,
     pause,
     peers,
+    python,
     server,
     soak,
 )
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "agent_index": agent_index,
     "server": server,
     "fleet_publish": fleet_publish,
+    "python": python,
 }
 
 

@@ -30,6 +30,8 @@ RANK = {
     "build": 6,
     "process": 6,
     "live": 7,
+    # a second runtime beside live/: it shares the per-process lock (live/lock.py)
+    "runtimes": 8,
     "tools": 8,
     "agent": 8,
     "server": 8,
