@@ -187,7 +187,9 @@ def measure(
         box.host_path(wheel.parent).mkdir(parents=True)
         shutil.copy2(built["libnpvuln.so"], box.host_path(wheel))
         enter = box.enter()
-        exe, plain, lib_main = ([*enter, str(paths[n])] for n in ("np_exe", "np_plain", "np_lib_main"))  # noqa: E501
+        exe, plain, lib_main = (
+            [*enter, str(paths[n])] for n in ("np_exe", "np_plain", "np_lib_main")
+        )
         dlopen = [*enter, str(paths["np_dlopen"])]
         # Side by side: rounds alternating no agent / agent (a new agent each round), so
         # that a change in the shared machine's load affects both alike.

@@ -43,7 +43,7 @@ CHAOS, QUICK_CHAOS = 200, 10
 CALLS = 200_000
 PYTHON = os.environ.get("MICROPATCH_TEST_PYTHON", "/usr/bin/python3.11")
 PYSHOP = Path(__file__).resolve().parents[1] / "tests" / "integration" / "cpython" / "pyshop.py"
-PARSERS = '''def parse_header(line, limit=40):
+PARSERS = """def parse_header(line, limit=40):
     name, _, value = line.partition(":")
     return name.strip(), value.strip()
 
@@ -55,11 +55,9 @@ class Parser:
     @classmethod
     def check(cls, data):
         return data.isascii()
-'''
+"""
 LONG = "x" * 60 + ":1"
-GDB_CODE = (
-    "import sys; f = sys.modules['shop.parsers'].parse_header; f.__code__ = f.__code__"
-)
+GDB_CODE = "import sys; f = sys.modules['shop.parsers'].parse_header; f.__code__ = f.__code__"
 KILLER = """
 import sys
 from micropatch.runtimes.cpython import engine
@@ -115,7 +113,7 @@ def _artifact(directory: Path, module: Path) -> tuple[Any, Path]:
     source.write_text(
         '[patch]\nid = "hdr-fix"\nversion = 1\n\n[target]\nruntime = "cpython"\n'
         f'module = "shop.parsers"\nsha256 = "{digest}"\n\n[[patchlet]]\nat = "parse_header"\n'
-        "when = \"len(line) > limit\"\nthen = \"blocked; raise ValueError('header too long')\"\n"
+        'when = "len(line) > limit"\nthen = "blocked; raise ValueError(\'header too long\')"\n'
     )
     built = build(source, module, python=PYTHON)
     path = built.write(directory)
@@ -257,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         + "".join(f"| {a} | {b} | {c} |\n" for a, b, c in rows)
         + f"\nPause, gdb wall / micropatch apply pause: "
         f"{ratio(s['gdb_wall']['median'], s['apply_paused']['median']):.0f}x.\n\n"
-        f"Guard cost: parse_header(\"a:1\") {median(g['before']):.0f} ns per call before, "
+        f'Guard cost: parse_header("a:1") {median(g["before"]):.0f} ns per call before, '
         f"{median(g['after']):.0f} ns after apply (the guard `len(line) > limit` not firing): "
         f"+{g['added']:.0f} ns (medians of 5 runs of {CALLS:,} calls, in the target).\n\n"
         f"Chaos: {cha['rounds']} rounds, patcher SIGKILLed 0-30 ms after its first stop "

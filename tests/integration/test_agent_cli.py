@@ -57,7 +57,10 @@ def test_socket_refuses_non_root_and_allows_the_read_only_group_read_verbs(box, 
         finally:
             root_only.stop()
         grouped = AgentProcess(
-            box, tmp_path, run_dir / "b.sock", 'read_only_group = "nogroup"\nblocked_interval = 0.2\n'
+            box,
+            tmp_path,
+            run_dir / "b.sock",
+            'read_only_group = "nogroup"\nblocked_interval = 0.2\n',
         ).start()
         try:
             st = (run_dir / "b.sock").stat()
@@ -140,7 +143,9 @@ def test_install_writes_a_unit_systemd_accepts(tmp_path):
     assert "CAP_SYS_PTRACE" in text and "CAP_SYS_ADMIN" in text
     config = tmp_path / "etc/micropatch/agent.toml"
     assert 'default_state = "enabled"' in config.read_text()
-    assert (tmp_path / "var/lib/micropatch").is_dir() and (tmp_path / "etc/micropatch/trusted").is_dir()
+    assert (tmp_path / "var/lib/micropatch").is_dir() and (
+        tmp_path / "etc/micropatch/trusted"
+    ).is_dir()
     config.write_text('default_state = "disabled"\n')
     assert micropatch("agent", "install", "--root", tmp_path).returncode == 0
     assert config.read_text() == 'default_state = "disabled"\n'  # never overwritten

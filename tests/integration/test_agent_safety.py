@@ -38,7 +38,9 @@ def test_a_patch_that_crashes_its_process_is_auto_disabled_for_that_executable(t
         started.append(NsTarget(box, targets.path(name)))
         return started[-1]
 
-    a = AgentProcess(box, tmp_path, tmp_path / "agent.sock", "crash_limit = 2\nrescan_interval = 0.5\n")
+    a = AgentProcess(
+        box, tmp_path, tmp_path / "agent.sock", "crash_limit = 2\nrescan_interval = 0.5\n"
+    )
     a.start()
     try:
         assert a.cli("add", signed(tmp_path, targets.vuln_pie, [FAULTY], keys)).returncode == 0

@@ -58,7 +58,9 @@ class Run:
         self.spawned: list[list[str]] = data["spawned"]
 
     def loaded(self, names: tuple[str, ...]) -> list[str]:
-        return [m for m in self.modules if m in names or m.startswith(tuple(f"{n}." for n in names))]
+        return [
+            m for m in self.modules if m in names or m.startswith(tuple(f"{n}." for n in names))
+        ]
 
 
 def micropatch(*args: object, env: dict[str, str] | None = None) -> Run:

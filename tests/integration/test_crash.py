@@ -212,9 +212,7 @@ def test_update_killed(targets, start, tmp_path, point):
     t = start("twofuncs")
     v1 = make_patch(targets.twofuncs, [FIX_A], version=1)
     live.apply(v1, t.pid)
-    source = _write(
-        tmp_path, "v2.toml", patch_source(targets.twofuncs, [FIX_A2, FIX_B], version=2)
-    )
+    source = _write(tmp_path, "v2.toml", patch_source(targets.twofuncs, [FIX_A2, FIX_B], version=2))
     assert _kill_at(point, "update", t.pid, source) == -signal.SIGKILL
     _no_thread_stopped(t.pid)
     _registry_agrees(t.pid)
@@ -263,9 +261,7 @@ def test_the_same_command_after_a_kill_completes_it(targets, start, tmp_path, op
     would: it repairs what the kill left and succeeds, never "not applied"."""
     t = start("twofuncs")
     v1 = _write(tmp_path, "v1.toml", patch_source(targets.twofuncs, [FIX_A, FIX_B]))
-    v2 = _write(
-        tmp_path, "v2.toml", patch_source(targets.twofuncs, [FIX_A2, FIX_B], version=2)
-    )
+    v2 = _write(tmp_path, "v2.toml", patch_source(targets.twofuncs, [FIX_A2, FIX_B], version=2))
     if op != "apply":
         live.apply(make_patch(targets.twofuncs, [FIX_A, FIX_B]), t.pid)
     arg = {"apply": v1, "update": v2, "remove": "test-fix"}[op]

@@ -152,7 +152,10 @@ class TestAgentRunning:
         assert run(np, "np_plain") == UNPATCHED
         assert np["box"].run("/bin/true").returncode == 0
         # a watched library read, not loaded: followed and let go
-        assert np["box"].run("sh", "-c", f"cat {np['paths']['libnpvuln.so']} >/dev/null").returncode == 0
+        assert (
+            np["box"].run("sh", "-c", f"cat {np['paths']['libnpvuln.so']} >/dev/null").returncode
+            == 0
+        )
         stats = agent.stats()
         assert stats["held"] == held + 1 and stats["not_loads"] >= 1
         assert stats["released"] == 0

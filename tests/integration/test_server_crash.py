@@ -33,9 +33,11 @@ from .test_server_faults import Running, enroll
 
 REPOSITORY_STEPS = ["repository-targets-written", "repository-snapshot-written",
                     "repository-timestamp-written"]  # fmt: skip
-PUBLISH = [("publish-stored", False)] + [(s, False) for s in REPOSITORY_STEPS] + [
-    ("publish-committed", True)
-]
+PUBLISH = (
+    [("publish-stored", False)]
+    + [(s, False) for s in REPOSITORY_STEPS]
+    + [("publish-committed", True)]
+)
 REVOKE = [(s, False) for s in REPOSITORY_STEPS] + [("revoke-committed", True)]
 POLICY = [("policy-written", False), ("policy-committed", True)]
 

@@ -257,7 +257,9 @@ def test_workers_see_a_change_at_the_next_check_in(data_dir: Path, make_artifact
                     assert r.status_code == 200, r.text
                     pid = answered_by(r, server.port, workers)
                 seen = {(p["patch_id"], p["state"]) for p in r.json()["patches"]}
-                answers[pid].append(seen | {(p["patch_id"], "revoked") for p in r.json()["revoked"]})
+                answers[pid].append(
+                    seen | {(p["patch_id"], "revoked") for p in r.json()["revoked"]}
+                )
             else:
                 pytest.fail(f"400 check-ins did not reach every process: {answers}")
             distinct = {frozenset(a) for pid in answers for a in answers[pid]}

@@ -138,7 +138,9 @@ class NsTarget(Target):
     """A target program started inside a sandbox: `pid` is its id on the host (for
     live.status from the test), `ns_pid` its id inside (what the agent reports)."""
 
-    def __init__(self, box: Sandbox, path: str | os.PathLike[str], *args: str, **kw: object) -> None:
+    def __init__(
+        self, box: Sandbox, path: str | os.PathLike[str], *args: str, **kw: object
+    ) -> None:
         self.box = box
         self.ns_pid = 0
         self.host_pid = 0

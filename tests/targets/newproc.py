@@ -46,7 +46,12 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
     s = {
         n: str(SOURCE_DIR / n)
         for n in (
-            "np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c", "np_reload.c",
+            "np_main.c",
+            "vuln_fn.c",
+            "np_ctor.c",
+            "np_dlopen.c",
+            "np_thread_exec.c",
+            "np_reload.c",
             "np_fdmap.c",
         )
     }

@@ -30,6 +30,7 @@ def default_socket() -> str:
     """The socket the CLI talks to: $MICROPATCH_AGENT_SOCKET, else the default."""
     return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
+
 CONNECT_TIMEOUT = 2.0
 # trust.envelope.MAX_SIZE, not imported from there: it loads the trust layer (a test checks
 # they agree)

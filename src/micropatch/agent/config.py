@@ -67,8 +67,10 @@ class AgentConfig(BaseModel):
         default=0.05, gt=0, description="Seconds an exec or open may be held before it is allowed."
     )
     metrics_port: int | None = Field(
-        default=None, ge=1, le=65535,
-        description="Prometheus endpoint on metrics_address:PORT; unset: off."
+        default=None,
+        ge=1,
+        le=65535,
+        description="Prometheus endpoint on metrics_address:PORT; unset: off.",
     )
     metrics_address: str = Field(
         default="127.0.0.1", description="Address of the metrics endpoint (localhost)."
@@ -77,16 +79,19 @@ class AgentConfig(BaseModel):
         default=None, description="Group whose members may use the read verbs (status, events)."
     )
     lock_timeout: float = Field(
-        default=30.0, ge=0,
-        description="Seconds to wait for another micropatch operation on one process."
+        default=30.0,
+        ge=0,
+        description="Seconds to wait for another micropatch operation on one process.",
     )
     checkin_interval: float | None = Field(
-        default=None, gt=0,
-        description="Seconds between two check-ins with the fleet server; unset: the server's."
+        default=None,
+        gt=0,
+        description="Seconds between two check-ins with the fleet server; unset: the server's.",
     )
     inventory_interval: float = Field(
-        default=60.0, gt=0,
-        description="Seconds between two scans of the modules the processes map (check-in)."
+        default=60.0,
+        gt=0,
+        description="Seconds between two scans of the modules the processes map (check-in).",
     )
     max_modules: int = Field(
         default=32, ge=1, description="Parsed module files kept in memory, least recently used out."

@@ -97,9 +97,7 @@ def why_not(fstype: str) -> str | None:
     return None
 
 
-def choose(
-    mounts: Sequence[Mount], only: Sequence[str] = ()
-) -> tuple[list[Mount], list[Skipped]]:
+def choose(mounts: Sequence[Mount], only: Sequence[str] = ()) -> tuple[list[Mount], list[Skipped]]:
     """One mount per filesystem to watch and walk, and the filesystems skipped.
 
     `only` (paths): just the filesystems holding them, whatever their type;

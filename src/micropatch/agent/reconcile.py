@@ -61,7 +61,12 @@ class Covered:
     def copy(self) -> Covered:
         counters = None if self.counters is None else dict(self.counters)
         return Covered(
-            self.pid, self.start, self.exe, dict(self.patches), dict(self.blocked), counters,
+            self.pid,
+            self.start,
+            self.exe,
+            dict(self.patches),
+            dict(self.blocked),
+            counters,
             dict(self.pending),
         )
 

@@ -139,9 +139,7 @@ def sd_notify(state: str) -> bool:
 class Agent:
     """The host agent. `run()` in the foreground, or `start()` / `stop()`."""
 
-    def __init__(
-        self, config: AgentConfig, paths: AgentPaths, *, stream: Any = None
-    ) -> None:
+    def __init__(self, config: AgentConfig, paths: AgentPaths, *, stream: Any = None) -> None:
         self.config = config
         self.paths = paths
         paths.create()

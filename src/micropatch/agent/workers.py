@@ -38,7 +38,12 @@ class Workers:
     """A pool of threads started on demand (see the module doc)."""
 
     def __init__(
-        self, limit: int, *, keep: int = 48, idle: float = 30.0, name: str = "newproc-worker",
+        self,
+        limit: int,
+        *,
+        keep: int = 48,
+        idle: float = 30.0,
+        name: str = "newproc-worker",
         priority: int | None = None,
     ) -> None:
         self.limit = limit

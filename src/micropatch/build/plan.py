@@ -53,6 +53,7 @@ class ModuleView(Protocol):
     def pid(self) -> int:
         """The process the module is mapped in; 0 for a file built against."""
         ...
+
     @property
     def name(self) -> str: ...
     @property

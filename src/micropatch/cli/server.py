@@ -46,7 +46,6 @@ WORKERS_HELP = (
 )
 
 
-
 def register(app: typer.Typer) -> None:
     """Add `repo`, `server` and `publish` to the `micropatch` app."""
     app.add_typer(repo_app, name="repo")
@@ -118,7 +117,6 @@ def _check_workers(workers: int, database: str | None) -> None:
             f"--workers {workers} needs --database postgresql://…: SQLite has one writer, "
             "so more server processes would only wait for its lock (run one)"
         )
-
 
 
 @server_app.command("run")
@@ -249,5 +247,3 @@ def server_migrate(
     except MicropatchError as e:
         raise fail(str(e)) from None
     print(f"database at revision {current_revision(db.engine)}")
-
-

@@ -127,9 +127,7 @@ def refuse(change: Change, process: str, caves: list[Cave], old: AppliedPatch | 
         )
 
 
-def expected_sites(
-    planned: list[PlannedSite], replacing: AppliedPatch | None
-) -> list[SiteCheck]:
+def expected_sites(planned: list[PlannedSite], replacing: AppliedPatch | None) -> list[SiteCheck]:
     """What every site must hold: the module file's bytes, or, where the patch being
     replaced has a site, its jump. `expect` may reach past the site (up to `resume`):
     all of it must match."""

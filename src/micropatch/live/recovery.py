@@ -66,9 +66,7 @@ class Recovered:
         return bool(self.done)
 
 
-def needs_recovery(
-    proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False
-) -> bool:
+def needs_recovery(proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False) -> bool:
     """Whether anything is left to resolve (with `retired`, trampolines to free and
     empty caves to unmap too)."""
     caves = read_caves(proc.memory, mappings)
@@ -80,9 +78,7 @@ def needs_recovery(
     )
 
 
-def recover(
-    proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False
-) -> Recovered:
+def recover(proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False) -> Recovered:
     """Bring the process to a consistent state; what was done.
 
     `retired`: also free retired trampolines no thread uses any more (and unmap a

@@ -152,9 +152,7 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return text
 
 
-def _suggestion(
-    loc: tuple[int | str, ...], tables: dict[tuple[str, ...], type[BaseModel]]
-) -> str:
+def _suggestion(loc: tuple[int | str, ...], tables: dict[tuple[str, ...], type[BaseModel]]) -> str:
     """The allowed field names of the table holding the unknown one, nearest
     first, so a misspelling points at its fix."""
     table = tuple(part for part in loc[:-1] if isinstance(part, str))

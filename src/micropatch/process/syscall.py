@@ -235,4 +235,3 @@ class RemoteSyscalls:
 def _choose_thread(proc: StoppedProcess) -> int:
     """The main thread if it holds no intercepted signal, else the first that holds none."""
     return min(proc.threads, key=lambda t: (proc.threads[t].pending_signal != 0, t != proc.pid))
-

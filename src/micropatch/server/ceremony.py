@@ -68,6 +68,7 @@ class RootSigning:
     new_keys: tuple[Path, ...]  # private keys generated into the offline directory
     offline_dir: Path | None
 
+
 def init_repository(
     directory: str | Path,
     *,
@@ -232,9 +233,7 @@ def sign_root(
         new.signatures.clear()
         for wanted in remove_root_keys:
             root.revoke_key(_root_keyid(repo, old, wanted), "root")
-        generated = [
-            generate(f"root-v{root.version}-{i + 1}", now) for i in range(new_root_keys)
-        ]
+        generated = [generate(f"root-v{root.version}-{i + 1}", now) for i in range(new_root_keys)]
         if offline is not None:
             for key in generated:
                 for suffix in (".key", ".pub"):
@@ -280,6 +279,7 @@ def sign_root(
         offline,
     )
 
+
 def _root_keyid(repo: Repository, root: Root, wanted: str) -> str:
     """The TUF key id of the root key `wanted`: a .pub file, or a TUF or micropatch
     key id, or a unique prefix of one of at least 8 hex digits."""
@@ -308,6 +308,7 @@ def _root_keyid(repo: Repository, root: Root, wanted: str) -> str:
             f"its root keys: {key_ids({k: root.keys[k] for k in role.keyids})}"
         )
     return found.pop()
+
 
 def _check_root_signatures(
     current: Metadata[Root], new: Metadata[Root], strangers: Sequence[str]

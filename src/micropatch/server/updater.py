@@ -179,8 +179,7 @@ class _explained:
 def _reason(exc: BaseException) -> str | None:
     if isinstance(exc, tuf_errors.ExpiredMetadataError):
         return (
-            "expired metadata (a freeze attack, or a repository whose online keys stopped "
-            "signing)"
+            "expired metadata (a freeze attack, or a repository whose online keys stopped signing)"
         )
     if isinstance(exc, tuf_errors.EqualVersionNumberError | tuf_errors.BadVersionNumberError):
         return (

@@ -190,8 +190,7 @@ def admit_any(
                 "install the signers' keys in the trust directory"
             )
         warnings = (
-            f"applying {name} without checking its signatures (--allow-unsigned: "
-            "development only)",
+            f"applying {name} without checking its signatures (--allow-unsigned: development only)",
         )
     else:
         verification = verify_signatures(name, envelope.canonical, envelope.signatures, keys, now)

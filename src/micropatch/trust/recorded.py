@@ -235,9 +235,7 @@ def recorded_patch(
                 compiled[source] = CompiledC(read.hex(code, f"{where}.c_code"), entry_offset)
     patch = RecordedPatch(info, target, tuple(patchlets))
     expects = check_facts(patch, module, sites, name)
-    filled = tuple(
-        p._replace(expect=e) for p, e in zip(patchlets, expects, strict=True)
-    )
+    filled = tuple(p._replace(expect=e) for p, e in zip(patchlets, expects, strict=True))
     return RecordedPatch(info, target, filled, module, tuple(sites)), compiled
 
 

@@ -85,6 +85,7 @@ def main():
             threading.Thread(target=worker, args=(kind, lib, seconds), daemon=True).start()
     main_kind = opts.get("--main", "stdin")
     if main_kind in ("sleep", "busy"):
+
         def on_signal(signum, frame):
             with open(os.path.join(sys.argv[1], "ask")) as f:
                 print(answer(f.read()), flush=True)

@@ -167,7 +167,9 @@ def test_the_inventory_is_sent_only_when_the_server_does_not_hold_it(agent, serv
     agent.fleet._scanned = None  # rescan now
     agent.fleet.check_in()
     changed = server.checkins[-1]
-    assert changed["modules"] == modules and changed["inventory_digest"] != first["inventory_digest"]
+    assert (
+        changed["modules"] == modules and changed["inventory_digest"] != first["inventory_digest"]
+    )
     modules.reverse()
     agent.fleet._scanned = None
     agent.fleet.check_in()

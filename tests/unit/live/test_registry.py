@@ -79,7 +79,11 @@ class Slots:
 
     def pages(self) -> set[int]:
         """The pages any read touched."""
-        return {page for at, size in self.reads for page in range(at // PAGE, (at + size - 1) // PAGE + 1)}
+        return {
+            page
+            for at, size in self.reads
+            for page in range(at // PAGE, (at + size - 1) // PAGE + 1)
+        }
 
 
 def test_round_trip_of_one_slot() -> None:

@@ -247,7 +247,10 @@ def test_module_named_through_a_symbolic_link(targets, tmp_path) -> None:
     link = tmp_path / "server-link"
     link.symlink_to(targets.vuln_pie)
     path = write_source(tmp_path, source(targets.vuln_pie, [FIX], name="server-link"))
-    with pytest.raises(ModuleError, match=r"symbolic link to .*vuln_pie: processes that run it map vuln_pie.*module = \"vuln_pie\""):
+    with pytest.raises(
+        ModuleError,
+        match=r"symbolic link to .*vuln_pie: processes that run it map vuln_pie.*module = \"vuln_pie\"",
+    ):
         build(path, link)
     # Named for the file it links to: built, and recorded under that name.
     art = build(write_source(tmp_path, source(targets.vuln_pie, [FIX])), link)
@@ -446,7 +449,9 @@ def test_artifact_file_errors(tmp_path) -> None:
     huge = tmp_path / "huge.mpatch"
     with open(huge, "wb") as f:
         f.truncate(envelope.MAX_SIZE + 1)  # sparse: costs no disk
-    with pytest.raises(ArtifactError, match=r"huge\.mpatch: cannot read artifact: larger than 64 MiB"):
+    with pytest.raises(
+        ArtifactError, match=r"huge\.mpatch: cannot read artifact: larger than 64 MiB"
+    ):
         artifact.load(huge)
     with pytest.raises(ArtifactError, match=r"/dev/zero: cannot read artifact: larger than 64 MiB"):
         admit_file("/dev/zero", keys=None, allow_unsigned=True)  # an endless file: bounded

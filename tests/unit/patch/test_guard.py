@@ -494,4 +494,8 @@ def test_random_guards_raise_only_patch_format_errors(when: str, then: str) -> N
     for at_entry in (True, False):
         # Only `return` away from an entry, and `blocked`, are refused here.
         with contextlib.suppress(GuardError):
-            assemble(Toolchain().body_source(patch.patchlets[0], at_entry=at_entry), CODE, lambda _: TARGET)
+            assemble(
+                Toolchain().body_source(patch.patchlets[0], at_entry=at_entry),
+                CODE,
+                lambda _: TARGET,
+            )

@@ -63,7 +63,11 @@ def test_the_recorded_plan_is_the_planned_one(targets, tmp_path, module, patchle
     assert r == p
     [p_site] = planned.at(file, admitted.toolchain)
     [r_site] = recorded.at(file, admitted.toolchain)
-    assert (r_site.site, r_site.resume, r_site.expect) == (p_site.site, p_site.resume, p_site.expect)
+    assert (r_site.site, r_site.resume, r_site.expect) == (
+        p_site.site,
+        p_site.resume,
+        p_site.expect,
+    )
     at, counter = file.base + 0x10_0000, file.base + 0x10_0800
     assert r_site.trampoline(at, counter) == p_site.trampoline(at, counter)
 

@@ -95,7 +95,7 @@ def f(a, b=2):
 def _identity_in_a_new_interpreter(source: str, seed: str) -> str:
     program = textwrap.dedent(f"""
         import sys
-        sys.path.insert(0, {os.path.dirname(sys.modules['micropatch'].__path__[0])!r})
+        sys.path.insert(0, {os.path.dirname(sys.modules["micropatch"].__path__[0])!r})
         from micropatch.runtimes.cpython.codeid import code_identity
         ns = {{}}
         exec(compile({source!r}, "/some/where.py", "exec"), ns)

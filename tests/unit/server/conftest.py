@@ -161,9 +161,7 @@ class Api:
             "/api/v1/enrollment-tokens", json={"group": group}, headers=self.auth("admin")
         )
         assert r.status_code == 201, r.text
-        r = self.client.post(
-            "/api/v1/enroll", json={"token": r.json()["token"], "hostname": name}
-        )
+        r = self.client.post("/api/v1/enroll", json={"token": r.json()["token"], "hostname": name})
         assert r.status_code == 201, r.text
         self.tokens[name] = r.json()["credential"]
         return r.json()["host_id"], r.json()["credential"]

@@ -61,9 +61,9 @@ def test_host_names_are_unique(api: Api) -> None:
         assert r.status_code == 200, r.text
         host = api.client.get(f"/api/v1/hosts/{ok.json()['host_id']}", headers=api.auth("admin"))
         assert host.json()["name"] == expected
-    assert api.client.get(f"/api/v1/hosts/{first}", headers=api.auth("admin")).json()[
-        "name"
-    ] == "web"
+    assert (
+        api.client.get(f"/api/v1/hosts/{first}", headers=api.auth("admin")).json()["name"] == "web"
+    )
 
 
 def test_a_batch_sent_again_is_stored_once(api: Api) -> None:
@@ -155,12 +155,12 @@ def test_publish_checkin_policy_revoke(api: Api, make_artifact: MakeArtifact) ->
                         headers=api.auth("web-1"))  # fmt: skip
     assert r.json()["patches"] == []
     assert [x["patch_id"] for x in r.json()["revoked"]] == ["fix-a"]
-    revoked_again = api.client.post(
-        "/api/v1/patches", content=data, headers=api.auth("operator")
-    )
+    revoked_again = api.client.post("/api/v1/patches", content=data, headers=api.auth("operator"))
     assert revoked_again.status_code == 409 and "revoked" in revoked_again.json()["detail"]
 
-    actions = [a["action"] for a in api.client.get("/api/v1/audit", headers=api.auth("auditor")).json()]
+    actions = [
+        a["action"] for a in api.client.get("/api/v1/audit", headers=api.auth("auditor")).json()
+    ]
     for action in ("patch.publish", "host.enroll", "policy.set", "patch.revoke"):
         assert action in actions
 
@@ -206,9 +206,7 @@ def test_inventory_is_kept_until_the_agent_sends_another(
     assert bad.status_code == 422
 
 
-def test_every_change_is_seen_by_the_next_check_in(
-    api: Api, make_artifact: MakeArtifact
-) -> None:
+def test_every_change_is_seen_by_the_next_check_in(api: Api, make_artifact: MakeArtifact) -> None:
     """The policy and the patches are cached per policy revision: a publish, a policy
     change, a new group, a host moved and a revocation each show at the next check-in."""
     first = make_artifact("fix-a", 1)
@@ -226,7 +224,9 @@ def test_every_change_is_seen_by_the_next_check_in(
     ops = api.auth("operator")
     assert api.client.post("/api/v1/patches", content=first, headers=ops).is_success
     assert patches() == [("fix-a", 1, "enabled", "/")]
-    assert api.client.post("/api/v1/patches", content=make_artifact("fix-a", 2), headers=ops).is_success
+    assert api.client.post(
+        "/api/v1/patches", content=make_artifact("fix-a", 2), headers=ops
+    ).is_success
     assert patches() == [("fix-a", 2, "enabled", "/")]
     r = api.client.post("/api/v1/groups", json={"path": "/web", "default_state": "disabled"},
                         headers=api.auth("admin"))  # fmt: skip
@@ -256,7 +256,10 @@ def test_publish_refuses_bad_artifacts(api: Api, make_artifact: MakeArtifact) ->
     assert r.status_code == 422, r.text
     # Another artifact under a published id and version.
     first = make_artifact("fix-v", 1)
-    assert api.client.post("/api/v1/patches", content=first, headers=api.auth("admin")).status_code == 201
+    assert (
+        api.client.post("/api/v1/patches", content=first, headers=api.auth("admin")).status_code
+        == 201
+    )
     other = make_artifact("fix-v", 1, code="nop\\nnop")  # same id and version, other code
     r = api.client.post("/api/v1/patches", content=other, headers=api.auth("admin"))
     assert r.status_code == 409 and "bump the version" in r.json()["detail"]
@@ -265,9 +268,16 @@ def test_publish_refuses_bad_artifacts(api: Api, make_artifact: MakeArtifact) ->
 def test_groups_and_inherited_policy(api: Api, make_artifact: MakeArtifact) -> None:
     admin, operator = api.auth("admin"), api.auth("operator")
     for path in ("/prod", "/prod/web"):
-        assert api.client.post("/api/v1/groups", json={"path": path}, headers=admin).status_code == 201
-    assert api.client.post("/api/v1/groups", json={"path": "/nope/x"}, headers=admin).status_code == 404
-    assert api.client.post("/api/v1/groups", json={"path": "/prod"}, headers=admin).status_code == 409
+        assert (
+            api.client.post("/api/v1/groups", json={"path": path}, headers=admin).status_code == 201
+        )
+    assert (
+        api.client.post("/api/v1/groups", json={"path": "/nope/x"}, headers=admin).status_code
+        == 404
+    )
+    assert (
+        api.client.post("/api/v1/groups", json={"path": "/prod"}, headers=admin).status_code == 409
+    )
     api.client.put("/api/v1/policies/prod", headers=operator, json={
         "patches": {"fix-a": "disabled"},
         "exclusions": [{"kind": "exe", "value": "/usr/bin/java*"}],
@@ -428,7 +438,9 @@ def test_an_unknown_name_takes_as_long_as_a_wrong_password(api: Api) -> None:
         for i in range(7):
             start = time.perf_counter()
             with pytest.raises(Unauthorized):
-                users.login(server.database, server.passwords, throttle, name, "wrong", f"10.1.{i}.1")
+                users.login(
+                    server.database, server.passwords, throttle, name, "wrong", f"10.1.{i}.1"
+                )
             times.append(time.perf_counter() - start)
         return statistics.median(times)
 
@@ -460,7 +472,11 @@ def test_values_no_database_can_hold(api: Api) -> None:
         "processes": [{"pid": 1, "patches": [{"patch_id": "x", "version": 2**63}]}],
     })  # fmt: skip
     assert r.status_code == 422
-    r = api.client.post("/api/v1/checkin", headers=api.auth("h") | {"Content-Type": "application/json"}, content=b'{"events": [{"kind": "agent", "time": NaN}]}')
+    r = api.client.post(
+        "/api/v1/checkin",
+        headers=api.auth("h") | {"Content-Type": "application/json"},
+        content=b'{"events": [{"kind": "agent", "time": NaN}]}',
+    )
     assert r.status_code == 422
     r = api.client.post("/api/v1/checkin", json={"hostname": "a\x00b"}, headers=api.auth("h"))
     assert r.status_code == 422 and "NUL" in r.text
@@ -522,7 +538,8 @@ def test_credential_lifecycle(api: Api) -> None:
     refused = api.client.get("/api/v1/patches", headers=token)
     assert refused.status_code == 401 and "disabled" in refused.json()["detail"]
     assert api.client.get("/console/hosts", follow_redirects=False, **page).status_code in (
-        303, 401
+        303,
+        401,
     )
     me = api.client.post("/api/v1/users/admin/disable", headers=admin)
     assert me.status_code == 422 and "cannot disable itself" in me.json()["detail"]
@@ -533,7 +550,8 @@ def test_credential_lifecycle(api: Api) -> None:
                        json={"password": "another-password"})  # fmt: skip
     assert r.status_code == 200
     assert api.client.get("/console/hosts", follow_redirects=False, **page).status_code in (
-        303, 401
+        303,
+        401,
     )  # its console session ended; its API token did not
     assert api.client.get("/api/v1/patches", headers=token).status_code == 200
 

@@ -172,7 +172,9 @@ def test_pages_render_with_data(console: Api, make_artifact: MakeArtifact) -> No
     patches = client.get("/console/patches")
     assert "fix-web" in patches.text and "<td>1</td><td>1</td>" in patches.text
     events = client.get("/console/events", params={"kind": "blocked"})
-    assert events.text.count('class="kind-blocked"') == 2 and 'class="kind-applied"' not in events.text
+    assert (
+        events.text.count('class="kind-blocked"') == 2 and 'class="kind-applied"' not in events.text
+    )
     partial = client.get("/console/events", params={"kind": "applied"},
                          headers={"HX-Request": "true"})  # fmt: skip
     assert partial.text.lstrip().startswith('<div id="timeline">')
@@ -252,7 +254,9 @@ def test_csrf_refused_nothing_changed(
     assert policy_of(console, "/prod") == before
     assert console.client.get("/api/v1/patches/fix-web",
                               headers=console.auth("admin")).json()[0]["revoked"] is False  # fmt: skip
-    assert console.client.get("/api/v1/groups/new", headers=console.auth("admin")).status_code == 404
+    assert (
+        console.client.get("/api/v1/groups/new", headers=console.auth("admin")).status_code == 404
+    )
     audit_after = console.client.get("/api/v1/audit", headers=console.auth("admin")).json()
     assert len(audit_after) == audit_before
 

@@ -85,7 +85,8 @@ def test_no_import_reaches_up(path: Path) -> None:
     upward = [
         f"line {line}: micropatch.{target}"
         for line, name in _full_imports(path)
-        if (target := name.split(".")[1]) in RANK and target != own
+        if (target := name.split(".")[1]) in RANK
+        and target != own
         and RANK[target] >= RANK[own]
         and not any(own == o and (name == a or name.startswith(a + ".")) for o, a in ALLOWED)
     ]

@@ -21,9 +21,7 @@ def create_enrollment_token(
     body: s.EnrollmentTokenIn, who: Administrator, server: ServerDep
 ) -> s.EnrollmentTokenOut:
     with server.database.session() as session:
-        secret, row = hosts.create_enrollment_token(
-            session, body.group, body.expires_in, who.actor
-        )
+        secret, row = hosts.create_enrollment_token(session, body.group, body.expires_in, who.actor)
         return s.EnrollmentTokenOut(
             id=row.id, token=secret, group=row.group.path, expires=row.expires
         )

@@ -56,9 +56,7 @@ def get_policy(path: str, _who: Reader, server: ServerDep) -> s.GroupPolicyOut:
 
 
 @router.put("/policies/{path:path}", response_model=s.GroupPolicyOut)
-def put_policy(
-    path: str, body: s.PolicyIn, who: Publisher, server: ServerDep
-) -> s.GroupPolicyOut:
+def put_policy(path: str, body: s.PolicyIn, who: Publisher, server: ServerDep) -> s.GroupPolicyOut:
     """Replace what the group sets (unset fields: inherited from the parent)."""
     with server.database.session() as session:
         g = groups.set_policy(session, path, body, who.actor)

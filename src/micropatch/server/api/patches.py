@@ -21,9 +21,7 @@ router = APIRouter(prefix=PREFIX, tags=["patches"])
 
 
 @router.get("/patches", response_model=list[s.PatchOut])
-def list_patches(
-    _who: Reader, server: ServerDep, revoked: bool | None = None
-) -> list[s.PatchOut]:
+def list_patches(_who: Reader, server: ServerDep, revoked: bool | None = None) -> list[s.PatchOut]:
     query = select(m.Patch).order_by(m.Patch.patch_id, m.Patch.version)
     if revoked is not None:
         query = query.where(m.Patch.revoked.is_(revoked))
@@ -76,9 +74,7 @@ def publish(
 
 
 @router.post("/patches/{patch_id}/revoke", response_model=list[s.PatchOut])
-def revoke(
-    patch_id: str, body: s.RevokeIn, who: Publisher, server: ServerDep
-) -> list[s.PatchOut]:
+def revoke(patch_id: str, body: s.RevokeIn, who: Publisher, server: ServerDep) -> list[s.PatchOut]:
     """Revoke a version (or all): removed from the repository; agents remove it live."""
     with server.database.session() as session:
         rows = patches.revoke(session, server.repository, patch_id, body.version, who.actor)

@@ -27,18 +27,26 @@ def dashboard(request: Request, viewer: ViewerDep, server: ServerDep) -> Respons
     with server.database.reading() as session:
         hosts = session.scalar(select(func.count()).select_from(m.Host)) or 0
         online = session.scalar(select(func.count()).where(m.Host.last_seen >= fresh)) or 0
-        protected = session.scalar(
-            select(func.count()).select_from(
-                select(m.ProcessPatch.host_id, m.ProcessPatch.pid)
-                .where(m.ProcessPatch.state == "applied")
-                .distinct()
-                .subquery()
+        protected = (
+            session.scalar(
+                select(func.count()).select_from(
+                    select(m.ProcessPatch.host_id, m.ProcessPatch.pid)
+                    .where(m.ProcessPatch.state == "applied")
+                    .distinct()
+                    .subquery()
+                )
             )
-        ) or 0
+            or 0
+        )
         series = blocked_series(session, now=now)
-        patches = session.scalar(
-            select(func.count(func.distinct(m.Patch.patch_id))).where(m.Patch.revoked.is_(False))
-        ) or 0
+        patches = (
+            session.scalar(
+                select(func.count(func.distinct(m.Patch.patch_id))).where(
+                    m.Patch.revoked.is_(False)
+                )
+            )
+            or 0
+        )
         events = records.events(session, limit=10)
         names = host_names(session)
     return render(

@@ -46,9 +46,7 @@ def group_list(request: Request, viewer: ViewerDep, server: ServerDep) -> Respon
 
 
 @router.post("/groups")
-def create_group(
-    request: Request, viewer: ViewerDep, form: FormDep, server: ServerDep
-) -> Response:
+def create_group(request: Request, viewer: ViewerDep, form: FormDep, server: ServerDep) -> Response:
     changer(viewer, form, ADMIN)
     state = form.get("default_state") or None
     try:

@@ -173,9 +173,7 @@ def wanted_targets(session: Session) -> dict[str, dict[str, Any]]:
 def sync_repository(session: Session, repository: Repository) -> bool:
     """Make the repository list what this session's database says, taking the
     repository's turn first (held until the transaction ends). Whether it changed."""
-    session.execute(
-        select(m.Revision.value).where(m.Revision.name == REPOSITORY).with_for_update()
-    )
+    session.execute(select(m.Revision.value).where(m.Revision.name == REPOSITORY).with_for_update())
     return repository.sync(wanted_targets(session))
 
 
