@@ -38,6 +38,8 @@ POINTS: dict[str, str] = {
     "site-{index}-restored": "site INDEX has its original bytes again (removal)",
     "committed": "the registry records the change as done; nothing reclaimed or verified yet",
     "cave-unmapped": "an emptied cave unmapped from the target",
+    "write-{index}": "the INDEXth write of a stop of every thread done (live/transaction.py)",
+    "lone-write-{index}": "the INDEXth write of a stop of one borrowed thread done",
     # process/syscall.py: a remote system call in a borrowed thread
     "syscall-borrowed": "a thread's registers replaced to make a remote system call",
     "syscall-entered": "the borrowed thread stopped at the call's entry",
@@ -45,6 +47,24 @@ POINTS: dict[str, str] = {
     "newproc-exec-held": "an exec held by fanotify, the process seized, not yet allowed",
     "newproc-exec-stopped": "the new image stopped at its exec event",
     "newproc-load-following": "a library open() returned; following the loader's mmap calls",
+    # runtimes/cpython/ (docs/python-patches.md; tests/integration/cpython/test_crash.py)
+    "py-memfd-created": "the interpreter page's memfd created in the target, not yet mapped",
+    "py-page-mapped": "the interpreter page mapped, not yet filled",
+    "py-page-ready": "the interpreter page written (runner and registry), nothing armed",
+    "py-operation-written": "the operation and its sequence number written into the page, not armed",
+    "py-armed": "the page says ARMED (the operation ready to run), no thread sent to run it",
+    "py-queued": "the pending call queued in the interpreter",
+    "py-hijacked": "a parked thread's registers pointed at the runner",
+    "py-resumed": "the stop ended with a thread sent to the runner; its result not yet read",
+    # server/ (docs/server.md; tests/integration/test_server_crash.py)
+    "publish-stored": "a published artifact's file stored, the database not committed",
+    "repository-targets-written": "the TUF repository's targets.json written",
+    "repository-snapshot-written": "the TUF repository's snapshot.json written",
+    "repository-timestamp-written": "the TUF repository's timestamp.json written",
+    "publish-committed": "a publish committed in the database",
+    "revoke-committed": "a revocation committed in the database",
+    "policy-written": "a policy change written in the transaction, not committed",
+    "policy-committed": "a policy change committed",
 }
 
 

@@ -24,7 +24,7 @@ from unit.server.conftest import (  # noqa: F401 (fixtures)
     signing_key,
 )
 
-from micropatch.faults import VARIABLE
+from micropatch import faults
 from micropatch.server.updater import PatchUpdater
 from micropatch.trust.keys import PrivateKey
 
@@ -122,7 +122,7 @@ def target_of(world: World) -> str:
 @pytest.mark.parametrize(("point", "done"), PUBLISH, ids=[p for p, _ in PUBLISH])
 def test_publish_killed(world: World, point: str, done: bool) -> None:
     assert world.published() == set()
-    world.restart(**{VARIABLE: point})
+    world.restart(**faults.environment(point))
     world.killed_during("POST", "/api/v1/patches", content=world.artifact)
     world.restart()  # reconciled before it answers
     assert world.published() == ({target_of(world)} if done else set())
@@ -135,7 +135,7 @@ def test_publish_killed(world: World, point: str, done: bool) -> None:
 def test_revoke_killed(world: World, point: str, done: bool) -> None:
     assert world.call("POST", "/api/v1/patches", content=world.artifact).status_code == 201
     assert world.published() == {target_of(world)}
-    world.restart(**{VARIABLE: point})
+    world.restart(**faults.environment(point))
     world.killed_during("POST", "/api/v1/patches/fix-c/revoke", json={})
     world.restart()
     assert world.published() == (set() if done else {target_of(world)})
@@ -148,7 +148,7 @@ def test_revoke_killed(world: World, point: str, done: bool) -> None:
 def test_policy_change_killed(world: World, point: str, done: bool) -> None:
     assert world.call("POST", "/api/v1/patches", content=world.artifact).status_code == 201
     assert world.policy() == "enabled"
-    world.restart(**{VARIABLE: point})
+    world.restart(**faults.environment(point))
     change = {"default_state": "enabled", "patches": {"fix-c": "disabled"}}
     world.killed_during("PUT", "/api/v1/policies/", json=change)
     world.restart()

@@ -53,7 +53,10 @@ class Transaction:
         # Fault injection: the tests kill the patcher after each write of a stop in turn
         # ("write-N"; "lone-write-N" in a stop of one thread, `lone_thread`).
         self.proc.writes += 1
-        checkpoint(f"{'lone-' if self.proc.lone else ''}write-{self.proc.writes}")
+        if self.proc.lone:
+            checkpoint("lone-write-{index}", index=self.proc.writes)
+        else:
+            checkpoint("write-{index}", index=self.proc.writes)
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)

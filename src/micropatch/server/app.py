@@ -14,6 +14,7 @@ import signal
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import anyio.to_thread
 from fastapi import FastAPI, Request
@@ -43,6 +44,27 @@ _STATUS = {
     errors.Busy: 503,
     RepositoryError: 409,
 }
+
+
+def _document_refusals(app: FastAPI) -> None:
+    """A 422 is either FastAPI's validation error (`detail`: a list of problems) or
+    one of ours (`errors.Invalid`, `detail`: one sentence); the schema says both."""
+    make = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = make()
+            error = schema.get("components", {}).get("schemas", {}).get("HTTPValidationError")
+            if error is not None:
+                listed = error["properties"]["detail"]
+                error["properties"]["detail"] = {
+                    "anyOf": [listed, {"type": "string"}],
+                    "title": "Detail",
+                }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_environment() -> FastAPI:
@@ -108,6 +130,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     from micropatch.server.console import mount_console
 
     mount_console(app)
+    _document_refusals(app)
     app.mount(
         "/repository",
         StaticFiles(directory=server.repository.public, check_dir=False),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from micropatch.faults import VARIABLE
+from micropatch import faults
 from micropatch.runtimes.cpython import engine, states
 
 from .conftest import StartPy, make_py_patch
@@ -36,7 +36,7 @@ else:
 
 
 def _kill_at(point: str, op: str, pid: int, arg: str) -> int:
-    env = {**os.environ, VARIABLE: point}
+    env = {**os.environ, **faults.environment(point)}
     done = subprocess.run([sys.executable, "-c", RUNNER, op, str(pid), arg], env=env,
                           capture_output=True, text=True, timeout=60)  # fmt: skip
     return done.returncode

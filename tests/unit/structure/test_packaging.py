@@ -41,7 +41,9 @@ OPENERS = {
     "bodies/cbody.py": "HEADER: the C wrapper's header, given to cc",
     "demo/runner.py": "vulnerable.c, compiled by `micropatch demo`",
     "server/database.py": "MIGRATIONS: alembic's script_location",
-    "server/console.py": "HERE / templates (Jinja2) and HERE / static (StaticFiles)",
+    "server/console/pages.py": "SERVER_DIR / templates (Jinja2) and / static (StaticFiles)",
+    "runtimes/cpython/build.py": "helper_text: the package's own .py files, sent to a target",
+    "runtimes/cpython/runner.py": "a target module's __file__ (in the target), no package file",
 }
 RUNTIME_FILES = {
     "micropatch/py.typed": "PEP 561: the package is typed",
@@ -55,7 +57,11 @@ _OPENS = re.compile(r"__file__|importlib\.resources|from importlib import resour
 
 def _templates() -> set[str]:
     """Templates the console renders, and those they extend or include."""
-    names = set(re.findall(r'"(\w+\.html)"', (SRC / "server" / "console.py").read_text()))
+    names = {
+        name
+        for page in (SRC / "server" / "console").glob("*.py")
+        for name in re.findall(r'"(\w+\.html)"', page.read_text())
+    }
     pending = set(names)
     while pending:
         text = (SRC / "server" / "templates" / pending.pop()).read_text()
