@@ -51,7 +51,7 @@ POINTS: dict[str, str] = {
     "py-memfd-created": "the interpreter page's memfd created in the target, not yet mapped",
     "py-page-mapped": "the interpreter page mapped, not yet filled",
     "py-page-ready": "the interpreter page written (runner and registry), nothing armed",
-    "py-operation-written": "the operation and its sequence number written into the page, not armed",
+    "py-operation-written": "the operation and its sequence written into the page, not armed",
     "py-armed": "the page says ARMED (the operation ready to run), no thread sent to run it",
     "py-queued": "the pending call queued in the interpreter",
     "py-hijacked": "a parked thread's registers pointed at the runner",
