@@ -39,6 +39,7 @@ from micropatch.arch.x86_64.abi import (
     FRAME_REGS,
     FRAME_SIZE,
     STUB,
+    SYS_MEMFD_CREATE,
     SYSCALL_ARG_REGS,
     SYSCALL_NAMES,
     UserRegs,
@@ -48,7 +49,7 @@ from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.errors import MicropatchError, ProcessExited, RemoteSyscallError
 from micropatch.faults import checkpoint
 from micropatch.process import ptrace, seccomp
-from micropatch.process.linux import PTRACE_O_TRACESYSGOOD, PTRACE_SYSCALL
+from micropatch.process.linux import MFD_CLOEXEC, MFD_EXEC, PTRACE_O_TRACESYSGOOD, PTRACE_SYSCALL
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.stub import slack
 from micropatch.process.world import StoppedProcess, wait_stop
@@ -218,6 +219,31 @@ class RemoteSyscalls:
         if -4096 < result < 0:
             raise self.error(nr, result)
         return result
+
+    def memfd_create(self, name: bytes) -> int:
+        """memfd_create(name) in the target, close-on-exec (and MFD_EXEC where the
+        kernel knows it, 6.3+). The name is passed below the red zone and below the
+        remote call's frame for the moment of the call, then the bytes are put back."""
+        memory = self.proc.memory
+        regs = self.proc.regs(self.tid)
+        scratch = (regs.rsp - RED_ZONE - FRAME_SIZE - 64) & ~0xF
+        stack = mapping_at(self.mappings, scratch)
+        if stack is None or stack.perms[:2] != "rw" or not stack.contains(scratch + len(name)):
+            raise RemoteSyscallError(
+                f"process {self.proc.pid}: thread {self.tid} has no writable stack below "
+                f"rsp={regs.rsp:#x} to pass the name of a memfd; nothing was changed"
+            )
+        saved = memory.read(scratch, len(name))
+        memory.write(scratch, name)
+        try:
+            fd = self(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC | MFD_EXEC)
+            if fd == -errno.EINVAL:  # kernels before 6.3 know no MFD_EXEC
+                fd = self.checked(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
+            elif fd < 0:
+                raise self.error(SYS_MEMFD_CREATE, fd)
+        finally:
+            memory.write(scratch, saved)
+        return fd
 
     def error(self, nr: int, result: int) -> RemoteSyscallError:
         err = -result

@@ -12,31 +12,25 @@ descriptor of a patcher killed between memfd_create and close).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 
 from micropatch.arch.x86_64.abi import (
-    FRAME_SIZE,
     SYS_CLOSE,
     SYS_FTRUNCATE,
-    SYS_MEMFD_CREATE,
     SYS_MMAP,
     SYS_MPROTECT,
     SYS_MUNMAP,
 )
-from micropatch.arch.x86_64.constants import RED_ZONE
-from micropatch.errors import InterpreterError, MicropatchError
+from micropatch.errors import MicropatchError
 from micropatch.faults import checkpoint
 from micropatch.process.linux import (
     MAP_PRIVATE,
-    MFD_CLOEXEC,
-    MFD_EXEC,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
 )
-from micropatch.process.maps import Mapping, mapping_at
+from micropatch.process.maps import Mapping
 from micropatch.process.syscall import RemoteSyscalls
 from micropatch.runtimes.cpython import page as P
 from micropatch.runtimes.cpython.interpreter import Interpreter
@@ -78,7 +72,7 @@ def create_page(
     syscalls: RemoteSyscalls, mappings: list[Mapping], interpreter: Interpreter
 ) -> P.Page:
     memory = syscalls.proc.memory
-    fd = _memfd(syscalls, mappings)
+    fd = syscalls.memfd_create(P.NAME)
     checkpoint("py-memfd-created")
     try:
         syscalls.checked(SYS_FTRUNCATE, fd, P.SIZE)
@@ -104,27 +98,3 @@ def create_page(
     checkpoint("py-page-ready")
     log.info("process %d: mapped the interpreter page at %#x", syscalls.proc.pid, address)
     return page
-
-
-def _memfd(syscalls: RemoteSyscalls, mappings: list[Mapping]) -> int:
-    """memfd_create("cpython-micropatch"); its name goes below the red zone for a moment."""
-    proc, memory = syscalls.proc, syscalls.proc.memory
-    regs = proc.regs(syscalls.tid)
-    scratch = (regs.rsp - RED_ZONE - FRAME_SIZE - 64) & ~0xF
-    stack = mapping_at(mappings, scratch)
-    if stack is None or stack.perms[:2] != "rw" or not stack.contains(scratch + len(P.NAME)):
-        raise InterpreterError(
-            f"process {proc.pid}: thread {syscalls.tid} has no writable stack below "
-            f"rsp={regs.rsp:#x} to pass the page's name"
-        )
-    saved = memory.read(scratch, len(P.NAME))
-    memory.write(scratch, P.NAME)
-    try:
-        fd = syscalls(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC | MFD_EXEC)
-        if fd == -errno.EINVAL:  # kernels before 6.3 know no MFD_EXEC
-            fd = syscalls.checked(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
-        elif fd < 0:
-            raise syscalls.error(SYS_MEMFD_CREATE, fd)
-    finally:
-        memory.write(scratch, saved)
-    return fd
