@@ -10,7 +10,7 @@ import pytest
 from micropatch.build.artifact import build
 from micropatch.errors import AssemblyError, BranchIntoSite, MicropatchError, ModuleError
 
-from .test_artifact import FIX, source, write_source
+from .artifacts import FIX, source, write_source
 
 
 def test_direct_call_to_another_module_gets_the_reach_message(targets, tmp_path) -> None:

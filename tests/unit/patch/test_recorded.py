@@ -22,7 +22,7 @@ from micropatch.trust.artifact import Artifact, patch_of
 from micropatch.trust.keys import generate_key
 from micropatch.trust.recorded import RecordedPatch
 
-from .test_artifact import NOW, _document, _leaves, _set, built, resealed  # noqa: F401
+from .artifacts import NOW, document_of, leaf_paths, resealed, set_at
 
 C_FIX = {"at": "copy_packet", "c": "mp_verdict patchlet(struct mp_regs *r) { return MP_CONTINUE; }"}
 GUARD_FIX = {"at": "copy_packet", "when": "esi > 64", "then": "blocked; return -1"}
@@ -47,7 +47,7 @@ def _fields(patch: Any) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def test_the_recorded_patch_is_what_the_source_parses_to(built: Artifact) -> None:  # noqa: F811
+def test_the_recorded_patch_is_what_the_source_parses_to(built: Artifact) -> None:
     admitted = _admit(built.to_bytes())
     assert isinstance(admitted.patch, RecordedPatch)
     assert _fields(admitted.patch) == _fields(patch_of(built))
@@ -60,7 +60,7 @@ def test_the_recorded_patch_is_what_the_source_parses_to(built: Artifact) -> Non
 def test_guard_and_c_bodies_too(targets, tmp_path, body) -> None:
     from micropatch.build.artifact import build
 
-    from .test_artifact import source, write_source
+    from .artifacts import source, write_source
 
     made = build(write_source(tmp_path, source(targets.vuln_pie, [body])), targets.vuln_pie)
     admitted = _admit(made.to_bytes())
@@ -69,10 +69,10 @@ def test_guard_and_c_bodies_too(targets, tmp_path, body) -> None:
         assert admitted.toolchain.compile_c(body["c"]).text
 
 
-def test_signatures_are_checked_before_the_payload_is_read(built: Artifact) -> None:  # noqa: F811
+def test_signatures_are_checked_before_the_payload_is_read(built: Artifact) -> None:
     key = generate_key("k", now=NOW)
     document = json.loads(built.signed(key, NOW).to_bytes())
-    _set(document, ("payload", "patch", "model", "patchlet"), "not a list")
+    set_at(document, ("payload", "patch", "model", "patchlet"), "not a list")
     with pytest.raises(SignatureError, match="does not match the content"):
         admit(resealed(document), name="x.mpatch", keys=[key.public], now=NOW)
 
@@ -92,8 +92,8 @@ def test_signatures_are_checked_before_the_payload_is_read(built: Artifact) -> N
          "patchlet\\[0\\] expects 00 11, but the site recorded holds"),
     ],
 )  # fmt: skip
-def test_inconsistent_artifacts(built: Artifact, path, value, problem) -> None:  # noqa: F811
-    document = _set(_document(built), path, value)
+def test_inconsistent_artifacts(built: Artifact, path, value, problem) -> None:
+    document = set_at(document_of(built), path, value)
     with pytest.raises(ArtifactError, match=problem) as info:
         _admit(resealed(document))
     assert str(info.value).startswith("x.mpatch: ") and "rebuild it" in str(info.value)
@@ -136,14 +136,14 @@ def test_inconsistent_artifacts(built: Artifact, path, value, problem) -> None: 
         (("payload", "module", "sha256"), None, "module.sha256: expected str, got None"),
     ],
 )
-def test_malformed_records_name_the_field(built: Artifact, path, value, problem) -> None:  # noqa: F811
-    document = _set(_document(built), path, value)
+def test_malformed_records_name_the_field(built: Artifact, path, value, problem) -> None:
+    document = set_at(document_of(built), path, value)
     with pytest.raises(ArtifactError, match=problem):
         _admit(resealed(document))
 
 
-def test_a_missing_optional_field_takes_the_models_default(built: Artifact) -> None:  # noqa: F811
-    document = _document(built)
+def test_a_missing_optional_field_takes_the_models_default(built: Artifact) -> None:
+    document = document_of(built)
     del document["payload"]["patch"]["model"]["patchlet"][0]["check_branches"]
     del document["payload"]["patch"]["model"]["target"]["arch"]
     patch = _admit(resealed(document)).patch
@@ -153,15 +153,15 @@ def test_a_missing_optional_field_takes_the_models_default(built: Artifact) -> N
 @settings(max_examples=150, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(data=st.data())
-def test_mutated_records(built: Artifact, data: st.DataObject) -> None:  # noqa: F811
+def test_mutated_records(built: Artifact, data: st.DataObject) -> None:
     """One field of a real artifact replaced by anything, the id recomputed: admission
     gets past the hash and must still fail cleanly, or admit a well-typed patch."""
-    document = copy.deepcopy(_document(built))
-    path = data.draw(st.sampled_from(_leaves(document["payload"])))
+    document = copy.deepcopy(document_of(built))
+    path = data.draw(st.sampled_from(leaf_paths(document["payload"])))
     replacement = data.draw(
         st.none() | st.booleans() | st.integers() | st.text(max_size=30) | st.lists(st.integers())
     )
-    _set(document["payload"], path, replacement)
+    set_at(document["payload"], path, replacement)
     try:
         encoded = resealed(document)
     except ArtifactError:
@@ -173,7 +173,7 @@ def test_mutated_records(built: Artifact, data: st.DataObject) -> None:  # noqa:
         pass
 
 
-def test_admitting_an_artifact_loads_no_model_framework(built: Artifact, tmp_path) -> None:  # noqa: F811
+def test_admitting_an_artifact_loads_no_model_framework(built: Artifact, tmp_path) -> None:
     key = generate_key("k", now=datetime.datetime.now(datetime.UTC))
     path = tmp_path / "a.mpatch"
     path.write_bytes(built.signed(key).to_bytes())
@@ -202,11 +202,11 @@ def test_admitting_an_artifact_loads_no_model_framework(built: Artifact, tmp_pat
          "patchlet[0].check_branches"),
     ],
 )  # fmt: skip
-def test_the_full_check_refuses_a_record_that_is_not_its_source(built, path, value, field):  # noqa: F811
+def test_the_full_check_refuses_a_record_that_is_not_its_source(built, path, value, field):
     """verify, sign and the server (patch_of) hold the record apply reads to the source."""
     from micropatch.trust.artifact import loads
 
-    data = resealed(_set(_document(built), path, value))
+    data = resealed(set_at(document_of(built), path, value))
     with pytest.raises(ArtifactError, match=f"its recorded model says {re.escape(field)} = "):
         patch_of(loads(data, "x.mpatch"))
     _admit(data)  # apply reads only the record, which is consistent with the facts

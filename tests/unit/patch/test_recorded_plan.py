@@ -17,7 +17,7 @@ from micropatch.live.mapped import ModuleCache
 from micropatch.trust.admission import Admitted, admit
 from micropatch.trust.recorded import RecordedPatch
 
-from .test_artifact import FIX, source, write_source
+from .artifacts import FIX, source, write_source
 
 GUARD = {"at": "copy_packet", "when": "esi > 64", "then": "return -1"}
 C_BODY = {
