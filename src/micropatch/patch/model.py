@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails
 
-from micropatch.elf.location import Location, parse_location
+from micropatch.elf.location import parse_location
 from micropatch.errors import PatchFormatError
 from micropatch.patch.asmtext import BLOCKED_REFERENCE, references
 from micropatch.patch.ctext import jump_indexes
@@ -314,12 +314,13 @@ class Patchlet(_Model):
         return None if value is None else value.hex(" ")
 
 
-class Patch(_Model):
-    """A whole patch source: `[patch]`, `[target]` and one or more `[[patchlet]]`."""
+class PatchSource(_Model):
+    """What a native and a CPython patch source share: the `[patch]` table, and one
+    or more patchlets, each at its own place."""
 
     info: PatchInfo = Field(alias="patch")
-    target: Target
-    patchlets: tuple[Patchlet, ...] = Field(alias="patchlet")
+    if TYPE_CHECKING:  # declared, with their own types, by each kind of patch
+        patchlets: tuple[Any, ...]
 
     @property
     def id(self) -> str:
@@ -329,25 +330,40 @@ class Patch(_Model):
     def version(self) -> int:
         return self.info.version
 
-    @field_validator("patchlets")
+    @field_validator("patchlets", check_fields=False)
     @classmethod
-    def _not_empty(cls, value: tuple[Patchlet, ...]) -> tuple[Patchlet, ...]:
+    def _not_empty(cls, value: tuple[Any, ...]) -> tuple[Any, ...]:
         # Here rather than min_length, which would also fire when the only
         # patchlet is invalid and add a confusing second error.
         if not value:
             raise ValueError("at least one [[patchlet]] table is required")
         return value
 
+    def _repeated(self, place: Callable[[Any], object]) -> tuple[int, int] | None:
+        """The first patchlet at the `place` of an earlier one, and that earlier one."""
+        seen: dict[object, int] = {}
+        for index, patchlet in enumerate(self.patchlets):
+            first = seen.setdefault(place(patchlet), index)
+            if first != index:
+                return index, first
+        return None
+
+
+class Patch(PatchSource):
+    """A whole patch source: `[patch]`, `[target]` and one or more `[[patchlet]]`."""
+
+    target: Target
+    patchlets: tuple[Patchlet, ...] = Field(alias="patchlet")
+
     @model_validator(mode="after")
     def _distinct_sites(self) -> Patch:
-        seen: dict[Location, int] = {}
-        for index, patchlet in enumerate(self.patchlets):
-            first = seen.setdefault(parse_location(patchlet.at), index)
-            if first != index:
-                raise ValueError(
-                    f"patchlet[{index}] and patchlet[{first}] are both at {patchlet.at!r}; "
-                    "merge their code into one patchlet"
-                )
+        repeated = self._repeated(lambda patchlet: parse_location(patchlet.at))
+        if repeated is not None:
+            index, first = repeated
+            raise ValueError(
+                f"patchlet[{index}] and patchlet[{first}] are both at "
+                f"{self.patchlets[index].at!r}; merge their code into one patchlet"
+            )
         return self
 
 

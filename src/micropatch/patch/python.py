@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, StrictStr, field_validator, model_validator
 
-from micropatch.patch.model import FieldProblem, PatchInfo, _Model
+from micropatch.patch.model import FieldProblem, PatchSource, _Model
 
 RUNTIME = "cpython"
 BLOCKED_PREFIX = re.compile(r"\s*blocked\s*;\s*")
@@ -142,38 +142,21 @@ class PythonPatchlet(_Model):
         return self.then is not None and BLOCKED_PREFIX.match(self.then) is not None
 
 
-class PythonPatch(_Model):
+class PythonPatch(PatchSource):
     """A whole CPython patch source."""
 
-    info: PatchInfo = Field(alias="patch")
     target: PythonTarget
     patchlets: tuple[PythonPatchlet, ...] = Field(alias="patchlet")
 
-    @property
-    def id(self) -> str:
-        return self.info.id
-
-    @property
-    def version(self) -> int:
-        return self.info.version
-
-    @field_validator("patchlets")
-    @classmethod
-    def _not_empty(cls, value: tuple[PythonPatchlet, ...]) -> tuple[PythonPatchlet, ...]:
-        if not value:
-            raise ValueError("at least one [[patchlet]] table is required")
-        return value
-
     @model_validator(mode="after")
     def _distinct(self) -> PythonPatch:
-        seen: dict[str, int] = {}
-        for index, patchlet in enumerate(self.patchlets):
-            first = seen.setdefault(patchlet.at, index)
-            if first != index:
-                raise ValueError(
-                    f"patchlet[{index}] and patchlet[{first}] both change {patchlet.at!r}; "
-                    "merge them into one patchlet"
-                )
+        repeated = self._repeated(lambda patchlet: patchlet.at)
+        if repeated is not None:
+            index, first = repeated
+            raise ValueError(
+                f"patchlet[{index}] and patchlet[{first}] both change "
+                f"{self.patchlets[index].at!r}; merge them into one patchlet"
+            )
         return self
 
 

@@ -80,6 +80,20 @@ def test_module_is_a_dotted_name_and_sha256_is_hex() -> None:
         _parse('[[patchlet]]\nat = "f"\nwhen = "x"\nthen = "return"\n', HEAD.replace(SHA, "xyz"))
 
 
+def test_what_both_kinds_of_source_share_is_checked_for_cpython_too() -> None:
+    """`patch.model.PatchSource`: [patch], at least one patchlet, each at its own place."""
+    guard = '[[patchlet]]\nat = "Parser.feed"\nwhen = "x"\nthen = "return"\n'
+    with pytest.raises(PatchFormatError, match=r"at least one \[\[patchlet\]\] table is required"):
+        _parse("", "patchlet = []\n" + HEAD)  # an empty array, not a missing one
+    with pytest.raises(
+        PatchFormatError,
+        match=r"patchlet\[1\] and patchlet\[0\] both change 'Parser.feed'; merge them",
+    ):
+        _parse(guard + guard)
+    patch = _parse(guard)
+    assert (patch.id, patch.version) == ("shop-header-len", 1)
+
+
 def test_native_parsers_refuse_a_cpython_patch() -> None:
     with pytest.raises(PatchFormatError, match="cpython"):
         parse_patch(HEAD + '[[patchlet]]\nat = "f"\nwhen = "x"\nthen = "return"\n', "fix.toml")
