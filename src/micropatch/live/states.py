@@ -6,14 +6,13 @@ of the target stopped, and a torn read is simply retried.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
-from micropatch.errors import CaveError, MemoryAccessError, MicropatchError
+from micropatch.errors import CaveError, MemoryAccessError
 from micropatch.live.cave import COUNTER_SIZE, read_caves
 from micropatch.live.mapped import CAVE_PREFIX, module_groups
 from micropatch.live.registry import AppliedPatch
-from micropatch.process.maps import read_maps
+from micropatch.process.maps import pids_mentioning, pids_whose_maps, read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import process_name
 
@@ -88,30 +87,11 @@ def read_counters(pid: int, counters: tuple[int, ...]) -> int:
         return sum(int.from_bytes(memory.read(c, COUNTER_SIZE), "little") for c in counters)
 
 
-def _pids() -> list[int]:
-    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid())
-
-
 def patched_pids() -> list[int]:
     """Processes that hold a micropatch cave."""
-    return [pid for pid in _pids() if _maps_contain(pid, CAVE_PREFIX)]
+    return pids_mentioning(CAVE_PREFIX)
 
 
 def pids_mapping(module: str) -> list[int]:
     """Processes that map a file with this base name (identity is checked on apply)."""
-    found = []
-    for pid in _pids():
-        try:
-            if module_groups(read_maps(pid), module):
-                found.append(pid)
-        except MicropatchError:
-            continue  # gone, or not ours to read
-    return found
-
-
-def _maps_contain(pid: int, needle: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return needle in f.read()
-    except OSError:
-        return False
+    return pids_whose_maps(lambda mappings: bool(module_groups(mappings, module)))

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from micropatch.errors import MicropatchError
 from micropatch.process.procfs import read_proc_text
+from micropatch.process.select import all_pids
 
 DELETED_SUFFIX = " (deleted)"
 
@@ -84,3 +87,30 @@ def mapping_at(mappings: list[Mapping], address: int) -> Mapping | None:
         if mapping.contains(address):
             return mapping
     return None
+
+
+def pids_whose_maps(test: Callable[[list[Mapping]], bool]) -> list[int]:
+    """Every other process whose mappings pass `test`; one that is gone, or not ours
+    to read, is left out."""
+    found = []
+    for pid in all_pids():
+        try:
+            if test(read_maps(pid)):
+                found.append(pid)
+        except MicropatchError:
+            continue
+    return found
+
+
+def pids_mentioning(name: str) -> list[int]:
+    """Every other process whose maps mention `name` (a cave's, a page's memfd):
+    the text searched, not parsed, since most processes have none."""
+    return [pid for pid in all_pids() if _mentions(pid, name)]
+
+
+def _mentions(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return name in f.read()
+    except OSError:
+        return False

@@ -33,3 +33,34 @@ def test_mapping_at() -> None:
     maps = parse_maps(SAMPLE)
     assert mapping_at(maps, 0x55D0C0A01800) is maps[1]
     assert mapping_at(maps, 0x10) is None
+
+
+def test_the_scans_find_a_process_by_its_maps_and_never_this_one() -> None:
+    """`pids_whose_maps` and `pids_mentioning` (the scans of `status`, `--all` and the
+    CPython runtime) on real processes: a child mapping a file of its own is found by
+    both, this process by neither."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+    import time
+
+    from micropatch.process.maps import pids_mentioning, pids_whose_maps
+
+    with tempfile.TemporaryDirectory() as directory:
+        sleeper = os.path.join(directory, "micropatch-scan-sleeper")
+        shutil.copy(shutil.which("sleep") or "/bin/sleep", sleeper)
+        child = subprocess.Popen([sleeper, "30"])
+        try:
+            deadline = time.monotonic() + 10  # until the child has exec'd the copy
+            while os.path.realpath(f"/proc/{child.pid}/exe") != sleeper:
+                assert time.monotonic() < deadline, "the child did not exec"
+                time.sleep(0.01)
+            named = pids_whose_maps(lambda maps: any(m.path == sleeper for m in maps))
+            assert named == [child.pid]
+            assert pids_mentioning(sleeper) == [child.pid]
+            assert os.getpid() not in pids_whose_maps(lambda maps: True)
+        finally:
+            child.kill()
+            child.wait()
+        assert child.pid not in pids_mentioning(sleeper)

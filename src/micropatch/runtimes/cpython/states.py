@@ -8,12 +8,11 @@ operation's) fails its SHA-256 and is read again.
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 
 from micropatch.errors import MemoryAccessError, MicropatchError
-from micropatch.process.maps import Mapping, read_maps
+from micropatch.process.maps import Mapping, pids_mentioning, pids_whose_maps, read_maps
 from micropatch.process.memory import Memory
 from micropatch.process.procfs import process_name
 from micropatch.runtimes.base import PatchState
@@ -82,13 +81,9 @@ def _read_page(pid: int, memory: Memory, page: P.Page) -> tuple[list[PatchState]
     return states, flight
 
 
-def _pids() -> list[int]:
-    return sorted(int(d) for d in os.listdir("/proc") if d.isdigit() and int(d) != os.getpid())
-
-
 def patched_pids() -> list[int]:
     """Processes that hold an interpreter page (patched now, or once)."""
-    return [pid for pid in _pids() if _maps_contain(pid, P.MAPS_NAME)]
+    return pids_mentioning(P.MAPS_NAME)
 
 
 def interpreter_version(mappings: list[Mapping]) -> str | None:
@@ -103,22 +98,7 @@ def interpreter_version(mappings: list[Mapping]) -> str | None:
 def interpreter_pids(version: str) -> list[int]:
     """Processes running a CPython of this minor version (the module's presence is
     checked inside each, by the operation)."""
-    found = []
-    for pid in _pids():
-        try:
-            if interpreter_version(read_maps(pid)) == version:
-                found.append(pid)
-        except MicropatchError:
-            continue
-    return found
-
-
-def _maps_contain(pid: int, needle: str) -> bool:
-    try:
-        with open(f"/proc/{pid}/maps") as f:
-            return needle in f.read()
-    except OSError:
-        return False
+    return pids_whose_maps(lambda mappings: interpreter_version(mappings) == version)
 
 
 def carriers(patch_id: str, pids: list[int] | None) -> list[int]:
