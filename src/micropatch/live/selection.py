@@ -42,19 +42,29 @@ class Selection:
 def for_apply(module: str, patch_id: str, filters: Filters) -> Selection:
     """Processes that map `module` (by file name; identity is checked on apply)
     and do not carry `patch_id` yet (`update` replaces a version)."""
-    return _scan(pids_mapping(module), patch_id, filters, lambda applied: applied is None)
+    return scan(pids_mapping(module), filters, _version_of(patch_id), wanted("apply"))
 
 
 def for_remove(patch_id: str, filters: Filters) -> Selection:
     """Processes that carry `patch_id`, in any version."""
-    return _scan(patched_pids(), patch_id, filters, lambda applied: applied is not None)
+    return scan(patched_pids(), filters, _version_of(patch_id), wanted("remove"))
 
 
 def for_update(patch_id: str, version: int, filters: Filters) -> Selection:
     """Processes that carry an older version of `patch_id`."""
-    return _scan(
-        patched_pids(), patch_id, filters, lambda applied: applied is not None and applied < version
-    )
+    return scan(patched_pids(), filters, _version_of(patch_id), wanted("update", version))
+
+
+def wanted(verb: str, version: int | None = None) -> Callable[[int | None], bool]:
+    """Whether `verb` touches a process in scope given the version of the patch
+    applied there (None: not applied): apply, if it is not applied; remove, if it
+    is, in any version; update, if it is, in a version older than `version`."""
+    if verb == "apply":
+        return lambda applied: applied is None
+    if verb == "remove":
+        return lambda applied: applied is not None
+    assert verb == "update" and version is not None
+    return lambda applied: applied is not None and applied < version
 
 
 def applied_version(pid: int, patch_id: str) -> int | None:
@@ -65,19 +75,26 @@ def applied_version(pid: int, patch_id: str) -> int | None:
     return None
 
 
-def _scan(
+def _version_of(patch_id: str) -> Callable[[int], int | None]:
+    return lambda pid: applied_version(pid, patch_id)
+
+
+def scan(
     pids: Iterable[int],
-    patch_id: str,
     filters: Filters,
+    applied: Callable[[int], int | None],
     wanted: Callable[[int | None], bool],
 ) -> Selection:
+    """Of `pids`, those `filters` keep, each with the version of the patch
+    `applied` reads there (None: not applied): a target if `wanted` says so, else
+    skipped. Any runtime's selection for `--all` is made here."""
     selection = Selection()
     for pid in pids:
         try:
             info = read_info(pid)
             if not filters.matches(info):
                 continue
-            candidate = Candidate(info, applied_version(pid, patch_id))
+            candidate = Candidate(info, applied(pid))
         except (ProcessNotFound, ProcessExited):
             selection.gone += 1
             continue

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from micropatch.errors import MicropatchError, ProcessExited, ProcessNotFound
+from micropatch.errors import MicropatchError
 
 if TYPE_CHECKING:
     from micropatch.live.selection import Selection
@@ -164,8 +164,7 @@ def _python_selection(
     patch's Python version that does not carry it (whether it imported the module
     is checked inside each: not imported, it is skipped); remove and update, the
     interpreters whose page records the patch."""
-    from micropatch.live.selection import Candidate, Selection
-    from micropatch.process.select import read_info
+    from micropatch.live.selection import scan, wanted
     from micropatch.runtimes.cpython import states
 
     if verb == "apply":
@@ -173,23 +172,8 @@ def _python_selection(
         pids = states.interpreter_pids(patch.artifact.payload.python.version)  # type: ignore[union-attr]
     else:
         pids = states.patched_pids()
-    selection = Selection()
-    for pid in pids:
-        try:
-            info = read_info(pid)
-            if not filters.matches(info):
-                continue
-            applied = next((s.version for s in states.status(pid) if s.patch_id == patch_id), None)
-        except (ProcessNotFound, ProcessExited):
-            selection.gone += 1
-            continue
-        except MicropatchError as e:
-            selection.unreadable.append((pid, e))
-            continue
-        wanted = {
-            "apply": applied is None,
-            "remove": applied is not None,
-            "update": applied is not None and patch is not None and applied < patch.version,
-        }[verb]
-        (selection.targets if wanted else selection.skipped).append(Candidate(info, applied))
-    return selection
+
+    def applied(pid: int) -> int | None:
+        return next((s.version for s in states.status(pid) if s.patch_id == patch_id), None)
+
+    return scan(pids, filters, applied, wanted(verb, patch.version if patch is not None else None))
