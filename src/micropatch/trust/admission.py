@@ -41,16 +41,12 @@ if TYPE_CHECKING:
     from micropatch.trust.artifact import Artifact, PythonArtifact
 
 
-@dataclass(frozen=True)
-class Admitted:
-    """A patch admission lets through, with the toolchain that compiles its bodies."""
+class _Admission:
+    """What an admitted patch of either runtime says of itself."""
 
-    patch: PatchView
-    toolchain: Toolchain
-    envelope: Envelope | None = None  # None: an unsigned TOML source
-    verification: Verification | None = None  # None: signatures were not checked
-    warnings: tuple[str, ...] = ()
-    runtime = "native"
+    if TYPE_CHECKING:  # fields of each dataclass below
+        patch: PatchView | PythonPatch
+        verification: Verification | None
 
     @property
     def id(self) -> str:
@@ -59,6 +55,30 @@ class Admitted:
     @property
     def version(self) -> int:
         return self.patch.version
+
+    def described(self, name: str) -> str | None:
+        """`verified NAME: fix v2 for libfoo.so.1, signed by key 'release' (…)`, or
+        None if no signature was checked."""
+        if self.verification is None:
+            return None
+        signers = ", ".join(k.describe() for k in self.verification.signers)
+        return f"verified {name}: {self.id} v{self.version} for {self._target}, signed by {signers}"
+
+    @property
+    def _target(self) -> str:
+        return self.patch.target.module
+
+
+@dataclass(frozen=True)
+class Admitted(_Admission):
+    """A patch admission lets through, with the toolchain that compiles its bodies."""
+
+    patch: PatchView
+    toolchain: Toolchain
+    envelope: Envelope | None = None  # None: an unsigned TOML source
+    verification: Verification | None = None  # None: signatures were not checked
+    warnings: tuple[str, ...] = ()
+    runtime = "native"
 
     @cached_property
     def artifact(self) -> Artifact | None:
@@ -70,20 +90,9 @@ class Admitted:
 
         return from_envelope(self.envelope)
 
-    def described(self, name: str) -> str | None:
-        """`verified NAME: fix v2 for libfoo.so.1, signed by key 'release' (…)`, or
-        None if no signature was checked."""
-        if self.verification is None:
-            return None
-        signers = ", ".join(k.describe() for k in self.verification.signers)
-        return (
-            f"verified {name}: {self.id} v{self.version} for {self.patch.target.module}, "
-            f"signed by {signers}"
-        )
-
 
 @dataclass(frozen=True)
-class AdmittedPython:
+class AdmittedPython(_Admission):
     """A CPython patch admission lets through (always a built artifact: its code
     is compiled for one Python version). `runtime` says which engine applies it."""
 
@@ -94,22 +103,8 @@ class AdmittedPython:
     runtime = "cpython"
 
     @property
-    def id(self) -> str:
-        return self.patch.id
-
-    @property
-    def version(self) -> int:
-        return self.patch.version
-
-    def described(self, name: str) -> str | None:
-        """As `Admitted.described`, the module being a Python module."""
-        if self.verification is None:
-            return None
-        signers = ", ".join(k.describe() for k in self.verification.signers)
-        return (
-            f"verified {name}: {self.id} v{self.version} for Python module "
-            f"{self.patch.target.module}, signed by {signers}"
-        )
+    def _target(self) -> str:
+        return f"Python module {self.patch.target.module}"
 
 
 def is_source(data: bytes, name: str = "") -> bool:

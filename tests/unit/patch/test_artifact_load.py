@@ -186,3 +186,17 @@ def test_the_agent_client_bounds_artifacts_as_the_loader_does() -> None:
     from micropatch.agent.client import MAX_ARTIFACT
 
     assert MAX_ARTIFACT == envelope.MAX_SIZE
+
+
+def test_an_admitted_patch_says_what_was_verified(built: Artifact, targets) -> None:
+    from micropatch.trust.admission import admit
+
+    key = generate_key("release", now=NOW)
+    signed = admit(built.signed(key, NOW).to_bytes(), name="fix.mpatch", keys=[key.public], now=NOW)
+    assert (signed.id, signed.version) == ("unit-fix", 1)
+    assert signed.described("fix.mpatch") == (
+        f"verified fix.mpatch: unit-fix v1 for {targets.vuln_pie.name}, "
+        f"signed by {key.public.describe()}"
+    )
+    unverified = admit(built.to_bytes(), name="fix.mpatch", keys=None, allow_unsigned=True)
+    assert unverified.described("fix.mpatch") is None

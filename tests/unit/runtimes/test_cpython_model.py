@@ -94,6 +94,21 @@ def test_what_both_kinds_of_source_share_is_checked_for_cpython_too() -> None:
     assert (patch.id, patch.version) == ("shop-header-len", 1)
 
 
+def test_an_admitted_cpython_patch_says_what_was_verified() -> None:
+    from micropatch.trust.admission import AdmittedPython
+    from micropatch.trust.keys import generate_key
+    from micropatch.trust.signatures import Verification
+
+    patch = _parse('[[patchlet]]\nat = "f"\nwhen = "x"\nthen = "return"\n')
+    key = generate_key("release").public
+    signed = AdmittedPython(patch, None, Verification((key,), ()))  # type: ignore[arg-type]
+    assert signed.described("fix.mpatch") == (
+        "verified fix.mpatch: shop-header-len v1 for Python module shop.parsers, "
+        f"signed by {key.describe()}"
+    )
+    assert AdmittedPython(patch, None).described("fix.mpatch") is None  # type: ignore[arg-type]
+
+
 def test_native_parsers_refuse_a_cpython_patch() -> None:
     with pytest.raises(PatchFormatError, match="cpython"):
         parse_patch(HEAD + '[[patchlet]]\nat = "f"\nwhen = "x"\nthen = "return"\n', "fix.toml")
