@@ -91,6 +91,7 @@ def test_build_verify_apply_inspect_remove(targets, start, tmp_path) -> None:
     assert "built test-fix v1 for vuln_pie" in done.stdout and "copy_packet" in done.stdout
     loaded = artifact.load(built)
     assert built.name == f"test-fix-v1-{loaded.id[:12]}.mpatch"
+    assert f"artifact id {loaded.id}" in done.stdout and "signed by key 'dev'" in done.stdout
 
     verified = micropatch("verify", built, "--trust", keys / "dev.pub")
     assert verified.returncode == 0, verified.stderr

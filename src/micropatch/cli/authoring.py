@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from micropatch.cli.options import TrustOption, escape, fail, out, warn
 from micropatch.errors import ArtifactError, MicropatchError
+
+if TYPE_CHECKING:
+    from micropatch.trust.keys import PrivateKey
 
 # --- commands -----------------------------------------------------------------
 
@@ -103,7 +106,13 @@ def build(
         f"({identity}, sha256 {p.module.sha256[:16]}…): {escape(written)}",
         highlight=False,
     )
-    out.print(f"  artifact id {built.id}", highlight=False)
+    say_signed(built.id, written, signer)
+
+
+def say_signed(artifact_id: str, written: Path, signer: PrivateKey | None) -> None:
+    """What `build` prints last for either runtime: the artifact's id, and who
+    signed it or how to sign it."""
+    out.print(f"  artifact id {artifact_id}", highlight=False)
     if signer is None:
         warn(
             f"{written} is not signed, so `micropatch apply` will refuse it: sign it with "

@@ -24,6 +24,7 @@ def build_python(
 ) -> None:
     from rich.table import Table
 
+    from micropatch.cli.authoring import say_signed
     from micropatch.runtimes.cpython.build import build
     from micropatch.trust import keys
 
@@ -43,18 +44,11 @@ def build_python(
         )
     out.print(table)
     out.print(
-        f"[green]✓[/] built {p.patch.id} v{p.patch.version} for {p.module.name} (sha256 "
-        f"{p.module.sha256[:16]}…), CPython {p.python.version}: {written}",
+        f"[green]✓[/] built {p.patch.id} v{p.patch.version} for {escape(p.module.name)} (sha256 "
+        f"{p.module.sha256[:16]}…), CPython {p.python.version}: {escape(str(written))}",
         highlight=False,
     )
-    out.print(f"  artifact id {built.id}", highlight=False)
-    if signer is None:
-        warn(
-            f"{written} is not signed, so `micropatch apply` will refuse it: sign it with "
-            f"`micropatch sign {written} --key KEY.key`"
-        )
-    else:
-        out.print(f"  signed by {signer.public.describe()}", highlight=False)
+    say_signed(built.id, written, signer)
 
 
 def show_verified(path: Path, admitted: AdmittedPython) -> None:

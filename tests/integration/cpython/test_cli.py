@@ -35,6 +35,7 @@ def _build(shop: Path, python: str, version: int, then: str) -> Path:
                       "--key", shop / "dev.key", "--python", python, "-o", f"{out}/")  # fmt: skip
     assert done.returncode == 0, done.stderr + done.stdout
     assert "CPython 3." in done.stdout
+    assert "artifact id " in done.stdout and "signed by key 'dev'" in done.stdout
     [artifact] = [p for p in out.iterdir() if p.name.startswith(f"hdr-fix-v{version}-")]
     return artifact
 
