@@ -210,8 +210,7 @@ def _forget_remapped(proc: StoppedProcess, mappings: list[Mapping], module: Load
     ]
     if not stale:
         return
-    tx = Transaction(proc, mappings)
-    try:
+    with Transaction(proc, mappings) as tx:
         for patch in stale:
             cave.registry.retire(patch)
             log.info(
@@ -220,11 +219,6 @@ def _forget_remapped(proc: StoppedProcess, mappings: list[Mapping], module: Load
             )  # fmt: skip
         commit.store(tx, cave)
         tx.verify()
-    except BaseException:
-        tx.rollback()
-        raise
-    finally:
-        tx.close()
 
 
 def _run(change: Change, retries: int) -> Outcome:

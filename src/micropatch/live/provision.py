@@ -43,17 +43,10 @@ def provision(
 ) -> tuple[int, float]:
     """Map and record an empty cave for `module`; its address, and the seconds one
     thread of the process was held for it."""
-    with lone_thread(pid, timeout=timeout) as proc:
-        tx = Transaction(proc)
-        try:
-            cave = new_cave(tx, [], module)
-            store(tx, cave)
-            tx.verify()
-        except BaseException:
-            tx.rollback()
-            raise
-        finally:
-            tx.close()
+    with lone_thread(pid, timeout=timeout) as proc, Transaction(proc) as tx:
+        cave = new_cave(tx, [], module)
+        store(tx, cave)
+        tx.verify()
     log.debug("process %d: cave at %#x provisioned for %s", pid, cave.address, module.path)
     return cave.address, proc.paused
 

@@ -88,8 +88,7 @@ def recover(proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = Fa
         return out
     changed: list[int] = []
     caves = read_caves(proc.memory, mappings)
-    tx = Transaction(proc, mappings)
-    try:
+    with Transaction(proc, mappings) as tx:
         removing = [(c, p) for c in caves for p in c.registry.patches if p.state == REMOVING]
         applying = [(c, p) for c in caves for p in c.registry.patches if p.state == APPLYING]
         # An update replaces the old jumps in place where both patch the same bytes.
@@ -131,11 +130,6 @@ def recover(proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = Fa
         freed = before - sum(len(c.registry.retired) for c in caves)
         if freed:
             out.done.append(f"freed {freed} retired trampoline{'s' if freed != 1 else ''}")
-    except BaseException:
-        tx.rollback()
-        raise
-    finally:
-        tx.close()
     for line in out.done:
         log.info("process %d: recovery: %s", proc.pid, line)
     return out

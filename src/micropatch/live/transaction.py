@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import logging
 from collections.abc import Callable
+from types import TracebackType
 
 from micropatch.errors import MemoryAccessError
 from micropatch.faults import checkpoint
@@ -82,6 +83,25 @@ class Transaction:
         system calls borrowed (their stub's padding)."""
         if self._syscalls is not None:
             self._syscalls.close()
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Leaving `with Transaction(...) as tx:` by an exception rolls back; either
+        way the transaction is closed. (`live.engine`'s commit rolls back itself: it
+        turns a failed rollback into its own error.)"""
+        try:
+            if kind is not None:
+                for failure in self.rollback():
+                    log.error("process %d: could not undo a change: %s", self.proc.pid, failure)
+        finally:
+            self.close()
 
     def rollback(self) -> list[Exception]:
         """Undo everything, newest first; returns what could not be undone."""

@@ -118,6 +118,27 @@ def test_rollback_keeps_going_after_a_failure_and_reports_it() -> None:
     assert len(memory.log) == 4
 
 
+def test_leaving_a_with_block_by_an_exception_rolls_back_and_logs_what_failed(caplog) -> None:
+    memory = FakeMemory(ORIGINAL)
+    with pytest.raises(RuntimeError, match="in the middle"), transaction(memory) as tx:
+        tx.write(BASE, b"\xff\xff")
+
+        def fails() -> None:
+            raise OSError("munmap failed")
+
+        tx.on_rollback(fails)
+        raise RuntimeError("in the middle")
+    assert bytes(memory.data) == ORIGINAL
+    assert "process 42: could not undo a change: munmap failed" in caplog.text
+
+
+def test_leaving_a_with_block_normally_keeps_the_writes() -> None:
+    memory = FakeMemory(ORIGINAL)
+    with transaction(memory) as tx:
+        tx.write(BASE, b"\xff")
+    assert memory.data[0] == 0xFF and memory.log == [(BASE, b"\xff")]  # nothing undone
+
+
 def test_verify_compares_each_range_with_the_final_bytes() -> None:
     memory = FakeMemory(ORIGINAL)
     tx = transaction(memory)
