@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from micropatch import live
 from micropatch.cli.main import app
-from micropatch.live import engine, fleet
+from micropatch.live import engine, selection
 
 from .patching import make_patch, patch_source
 
@@ -52,7 +52,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["micropatch", *args], capture_output=True, text=True, timeout=120)
 
 
-def _source(tmp_path: Path, id: str = "fleet-fix", version: int = 1) -> Path:
+def _source(tmp_path: Path, id: str = "all-fix", version: int = 1) -> Path:
     path = tmp_path / f"{id}-v{version}.toml"
     path.write_text(patch_source(tmp_path / "libvuln.so", [FIX], id=id, version=version))
     return path
@@ -85,13 +85,13 @@ def test_dry_run_lists_and_touches_nothing(start, tmp_path, programs):
     assert live.status(a.pid) == live.status(b.pid) == []
     assert (a.cmd("call 65"), b.cmd("call 65")) == ("-2", "-2")
 
-    live.apply(make_patch(tmp_path / "libvuln.so", [FIX], id="fleet-fix"), a.pid)
-    removal = _run("remove", "fleet-fix", "--all", "--exe", f"{tmp_path}/*", "--dry-run")
+    live.apply(make_patch(tmp_path / "libvuln.so", [FIX], id="all-fix"), a.pid)
+    removal = _run("remove", "all-fix", "--all", "--exe", f"{tmp_path}/*", "--dry-run")
     assert removal.returncode == 0, removal.stderr
     assert removal.stdout.splitlines()[1].split("\t")[::4] == [str(a.pid), "1"]
     assert "would touch 1 process, 0 skipped" in removal.stdout
     assert a.cmd("call 65") == "-1"  # still applied
-    nobody = _run("remove", "fleet-fix", "--all", "--exe", f"{tmp_path}/*", "--user", "65534", "--dry-run")  # fmt: skip
+    nobody = _run("remove", "all-fix", "--all", "--exe", f"{tmp_path}/*", "--user", "65534", "--dry-run")  # fmt: skip
     assert "would touch 0 processes" in nobody.stdout
 
 
@@ -99,10 +99,10 @@ def test_remove_all_stops_only_the_processes_that_carry_the_patch(start, tmp_pat
     carrier, other, bare = (start(programs["vuln_pie_copy"]), start(programs["other_prog"]),
                             start(programs["other_prog"]))  # fmt: skip
     module = tmp_path / "libvuln.so"
-    live.apply(make_patch(module, [FIX], id="fleet-fix"), carrier.pid)
+    live.apply(make_patch(module, [FIX], id="all-fix"), carrier.pid)
     live.apply(make_patch(module, [FIX], id="another-fix"), other.pid)
     stops.clear()
-    result = CliRunner().invoke(app, ["remove", "fleet-fix", "--all", "--exe", f"{tmp_path}/*"])
+    result = CliRunner().invoke(app, ["remove", "all-fix", "--all", "--exe", f"{tmp_path}/*"])
     assert result.exit_code == 0, result.output
     assert stops == [carrier.pid]  # `other` has a cave but not this patch: never stopped
     assert "remove: 1 done, 0 failed, 1 skipped, 0 gone" in result.output
@@ -113,8 +113,8 @@ def test_remove_all_stops_only_the_processes_that_carry_the_patch(start, tmp_pat
 def test_update_all_stops_only_older_versions(start, tmp_path, programs, stops):
     old, current = start(programs["vuln_pie_copy"]), start(programs["other_prog"])
     module = tmp_path / "libvuln.so"
-    live.apply(make_patch(module, [FIX], id="fleet-fix", version=1), old.pid)
-    live.apply(make_patch(module, [FIX], id="fleet-fix", version=2), current.pid)
+    live.apply(make_patch(module, [FIX], id="all-fix", version=1), old.pid)
+    live.apply(make_patch(module, [FIX], id="all-fix", version=2), current.pid)
     stops.clear()
     v2 = str(_source(tmp_path, version=2))
     result = CliRunner().invoke(app, ["update", v2, "--allow-unsigned", "--all", "--exe", f"{tmp_path}/*"])  # fmt: skip
@@ -128,16 +128,16 @@ def test_a_process_gone_after_the_scan_is_not_a_failure(start, tmp_path, program
     a, b = start(programs["vuln_pie_copy"]), start(programs["other_prog"])
     module = tmp_path / "libvuln.so"
     for t in (a, b):
-        live.apply(make_patch(module, [FIX], id="fleet-fix"), t.pid)
-    real = fleet.for_remove
+        live.apply(make_patch(module, [FIX], id="all-fix"), t.pid)
+    real = selection.for_remove
 
     def scan_then_exit(*args, **kwargs):
-        selection = real(*args, **kwargs)
+        chosen = real(*args, **kwargs)
         a.kill()  # exits between the scan and its operation
-        return selection
+        return chosen
 
-    monkeypatch.setattr(fleet, "for_remove", scan_then_exit)
-    result = CliRunner().invoke(app, ["remove", "fleet-fix", "--all", "--exe", f"{tmp_path}/*"])
+    monkeypatch.setattr(selection, "for_remove", scan_then_exit)
+    result = CliRunner().invoke(app, ["remove", "all-fix", "--all", "--exe", f"{tmp_path}/*"])
     assert result.exit_code == 0, result.output
     assert "remove: 1 done, 0 failed, 0 skipped, 1 gone" in result.output
     assert live.status(b.pid) == []
