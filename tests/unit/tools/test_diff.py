@@ -119,4 +119,4 @@ def test_rank_rule() -> None:
     version = _change("operands", 0, 1, 1)
     unsure = _change("logic", 2, 3, 0, method="fuzzy")
     ranked = sorted([unsure, version, move, condition, rewrite, check], key=rank_key)
-    assert ranked == [check, rewrite, condition, move, version, unsure]
+    assert ranked == [check, rewrite, condition, move, unsure, version]

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
-from micropatch.tools.diff.rank import Change, change, rank_key
+from micropatch.tools.diff.rank import Change, change, rank
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import Roles, Shapes
 from micropatch.tools.module import SMALL_CONSTANT, ModuleIndex
@@ -217,8 +217,7 @@ def _rank(result: DiffResult) -> list[Change]:
             continue
         moved = [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
         changes.append(change(result.old, result.new, old, new, result.how[a], moved, roles))
-    changes.sort(key=rank_key)
-    return changes
+    return rank(changes)
 
 
 def _group(

@@ -1,26 +1,31 @@
-"""Ranking the changed functions of a diff: changes of logic first.
+"""Ranking the changed functions of a diff: new logic first.
 
 The rule (docs/finding-the-site.md, "How diff ranks"):
 
-1. How surely the pair is matched: by name, identical code or the same strings
+1. Changes of operands only last: the same instructions in the same order,
+   only their constants, strings or registers differ (a line number in an
+   assertion, a version string, register allocation).
+2. How surely the pair is matched: by name, identical code or the same strings
    and imports first; by the call graph next; by fuzzy likeness last (a fuzzy
    pair that differs is as likely a wrong match as a change).
-2. What the edit touches. **logic**: the function's conditions (conditional
+3. What the edit touches. **logic**: the function's conditions (conditional
    jumps, moves and sets), comparisons (`cmp`, `test`) and calls, in order,
    are not the same: one was added or removed, a condition changed (`jl` to
    `jle`), a bound changed (a comparison's constant), or a call goes to
    another function. Registers do not count: a register allocated
    differently is not a change of logic. **code**: other instructions come
-   or go (a move, some arithmetic). **operands**: the same instructions in
-   the same order, only their constants, strings or registers differ (a line
-   number in an assertion, a version string, register allocation).
-3. Among changes of logic, those that add conditions (more conditional jumps,
+   or go (a move, some arithmetic).
+4. The most novel first: the comparisons and calls the new code gained,
+   each weighted by how rare that gain is among all the changes of the diff
+   (`diff.novelty`): a bound checked in one function is news, a kind of
+   comparison a new compiler brings to every function is not.
+5. Among changes of logic, those that add conditions (more conditional jumps,
    moves and sets after the change than before) first: a security fix adds a
    check.
-4. The smallest change of size (instructions added minus removed, either
+6. The smallest change of size (instructions added minus removed, either
    way): a check added to existing code leaves the function about as long as
    it was, where new features grow it and rewrites shrink it.
-5. The smallest edit (instructions added plus removed), then the most similar.
+7. The smallest edit (instructions added plus removed), then the most similar.
 
 The edit is the longest common subsequence of the two functions' normalised
 instructions (rapidfuzz's bit-parallel LCS).
@@ -28,11 +33,12 @@ instructions (rapidfuzz's bit-parallel LCS).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from rapidfuzz.distance import LCSseq
 
+from micropatch.tools.diff.novelty import Gain, gain, logic, weigh
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import ROLE_CALL, ROLE_CONDITION, ROLE_OTHER, Roles
 
@@ -51,7 +57,9 @@ class Change:
     """A matched function whose code changed; `added`/`removed` count instructions.
 
     `kind` is what the edit touches (logic, code, operands: see the module
-    docstring); `conditions` is how many more conditions the new code has.
+    docstring); `conditions` is how many more conditions the new code has;
+    `gained` the comparisons and calls it has more of, and `novelty` their
+    weight against the whole diff's (`rank` sets it).
     """
 
     old: Function
@@ -62,6 +70,8 @@ class Change:
     removed: int
     kind: Kind
     conditions: int
+    gained: Gain = ()
+    novelty: float = 0.0
 
     @property
     def name(self) -> str | None:
@@ -80,6 +90,7 @@ class Change:
             "removed": self.removed,
             "kind": self.kind,
             "conditions": self.conditions,
+            "novelty": round(self.novelty, 3),
         }
 
 
@@ -108,15 +119,30 @@ def change(
     conditions = _count(new_roles) - _count(old_roles)
     total = old.size + new.size
     similarity = 2 * common / total if total else 1.0
-    return Change(old.function, new.function, method, similarity, added, removed, kind, conditions)
+    gained = gain(logic(old_roles, old.tokens), logic(new_roles, new.tokens))
+    return Change(
+        old.function, new.function, method, similarity, added, removed, kind, conditions, gained
+    )
 
 
-def rank_key(change: Change) -> tuple[int, int, bool, int, int, float]:
-    """Sort key, the rule of the module docstring: the surest match, logic first,
-    conditions added, the smallest change of size, the smallest edit."""
+def rank(changes: list[Change]) -> list[Change]:
+    """The changes with their novelty (against each other), in the order of `rank_key`."""
+    weighed = [
+        replace(c, novelty=n)
+        for c, n in zip(changes, weigh([c.gained for c in changes]), strict=True)
+    ]
+    return sorted(weighed, key=rank_key)
+
+
+def rank_key(change: Change) -> tuple[bool, int, int, float, bool, int, int, float]:
+    """Sort key, the rule of the module docstring: operands-only last, the surest
+    match, logic first, the most novel, conditions added, the smallest change of
+    size, the smallest edit."""
     return (
+        change.kind == "operands",
         CONFIDENCE[change.method],
         KIND_ORDER[change.kind],
+        -round(change.novelty, 6),
         not (change.kind == "logic" and change.conditions > 0),
         abs(change.added - change.removed),
         change.added + change.removed,
