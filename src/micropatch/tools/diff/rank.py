@@ -126,27 +126,52 @@ def change(
 
 
 def rank(changes: list[Change]) -> list[Change]:
-    """The changes with their novelty (against each other), in the order of `rank_key`."""
+    """The changes with their novelty (against each other), in turn from the
+    two orders of the module docstring: `check_key`'s first, `novelty_key`'s
+    first, `check_key`'s second, and so on, each change once."""
     weighed = [
         replace(c, novelty=n)
         for c, n in zip(changes, weigh([c.gained for c in changes]), strict=True)
     ]
-    return sorted(weighed, key=rank_key)
+    orders = [sorted(weighed, key=check_key), sorted(weighed, key=novelty_key)]
+    ranked: list[Change] = []
+    taken: set[int] = set()
+    positions = [0, 0]
+    while len(ranked) < len(weighed):
+        for which, order in enumerate(orders):
+            while positions[which] < len(order) and id(order[positions[which]]) in taken:
+                positions[which] += 1
+            if positions[which] < len(order):
+                taken.add(id(order[positions[which]]))
+                ranked.append(order[positions[which]])
+    return ranked
 
 
-def rank_key(change: Change) -> tuple[bool, int, int, float, bool, int, int, float]:
-    """Sort key, the rule of the module docstring: operands-only last, the surest
-    match, logic first, the most novel, conditions added, the smallest change of
-    size, the smallest edit."""
+CheckKey = tuple[bool, int, int, bool, int, int, float]
+
+
+def check_key(change: Change) -> CheckKey:
+    """The order of a check added to code: operands-only last, the surest match,
+    logic first, conditions added, the smallest change of size, the smallest edit."""
     return (
         change.kind == "operands",
         CONFIDENCE[change.method],
         KIND_ORDER[change.kind],
-        -round(change.novelty, 6),
         not (change.kind == "logic" and change.conditions > 0),
         abs(change.added - change.removed),
         change.added + change.removed,
         -change.similarity,
+    )
+
+
+def novelty_key(change: Change) -> tuple[bool, bool, float, CheckKey]:
+    """The order of new logic: operands-only last, fuzzy matches last, the most
+    novel first (ties in `check_key`'s order)."""
+    return (
+        change.kind == "operands",
+        change.method == "fuzzy",
+        -round(change.novelty, 6),
+        check_key(change),
     )
 
 
