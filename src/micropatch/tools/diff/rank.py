@@ -1,6 +1,12 @@
-"""Ranking the changed functions of a diff: new logic first.
+"""Ranking the changed functions of a diff: the fix first.
 
-The rule (docs/finding-the-site.md, "How diff ranks"):
+A fix adds a check to code that stays, or rewrites the code it fixes with
+comparisons and calls it did not have. So the changes are put in two orders
+and taken from them in turn, each once: the first of the check order, the
+first of the novelty order, the second of the check order, and so on
+(docs/finding-the-site.md, "How diff ranks").
+
+The check order (`check_key`):
 
 1. Changes of operands only last: the same instructions in the same order,
    only their constants, strings or registers differ (a line number in an
@@ -15,17 +21,19 @@ The rule (docs/finding-the-site.md, "How diff ranks"):
    another function. Registers do not count: a register allocated
    differently is not a change of logic. **code**: other instructions come
    or go (a move, some arithmetic).
-4. The most novel first: the comparisons and calls the new code gained,
-   each weighted by how rare that gain is among all the changes of the diff
-   (`diff.novelty`): a bound checked in one function is news, a kind of
-   comparison a new compiler brings to every function is not.
-5. Among changes of logic, those that add conditions (more conditional jumps,
+4. Among changes of logic, those that add conditions (more conditional jumps,
    moves and sets after the change than before) first: a security fix adds a
    check.
-6. The smallest change of size (instructions added minus removed, either
+5. The smallest change of size (instructions added minus removed, either
    way): a check added to existing code leaves the function about as long as
    it was, where new features grow it and rewrites shrink it.
-7. The smallest edit (instructions added plus removed), then the most similar.
+6. The smallest edit (instructions added plus removed), then the most similar.
+
+The novelty order (`novelty_key`): operands-only changes and fuzzy matches
+last, then the most novel: the comparisons and calls the new code gained, each
+weighted by how rare that gain is among all the changes of the diff
+(`diff.novelty`): a bound checked in one function is news, a kind of
+comparison a new compiler brings to every function is not.
 
 The edit is the longest common subsequence of the two functions' normalised
 instructions (rapidfuzz's bit-parallel LCS).
