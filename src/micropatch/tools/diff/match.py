@@ -12,8 +12,9 @@ over what is still unmatched:
    never all pairs), best pairs first; then the call graph again.
 
 A matched pair whose normalised code differs is a change; `diff.rank` orders
-the changes, changes of logic (conditions, comparisons, calls) of surely
-matched functions first.
+the changes, taking turns between the order of an added check (changes of
+logic in surely matched functions) and the order of novelty (the comparisons
+and calls gained that few other changes gained).
 """
 
 from __future__ import annotations
