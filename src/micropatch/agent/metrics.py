@@ -14,7 +14,7 @@ micropatch_patches{state}                 gauge      patches in the store by sta
 micropatch_processes_covered              gauge      processes carrying a patch
 micropatch_blocked_total{patch}           counter    exploit attempts blocked
 micropatch_failures_total{patch}          counter    failed applies/removes
-micropatch_crashes_total                  counter    patched processes crashed
+micropatch_crashes_total{patch}           counter    crashes of processes carrying the patch
 micropatch_auto_disabled_total{patch}     counter    crash auto-disables
 micropatch_exec_latency_seconds           histogram  time an exec was held
 micropatch_events_total{kind}             counter    events by kind
@@ -119,7 +119,9 @@ class Metrics:
         )
         self.crashes_total = Counter(
             "micropatch_crashes",
-            "Patched processes that died of SIGSEGV, SIGBUS, SIGILL, SIGABRT or SIGTRAP.",
+            "Crashes (SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGTRAP) of processes carrying a "
+            "patch, forked children included, per patch carried.",
+            ["patch"],
             registry=r,
         )
         self.auto_disabled_total = Counter(
@@ -177,8 +179,8 @@ class Metrics:
 
         ``blocked``: adds ``data["count"]`` (the increment since the last report,
         default 1) to the patch's counter; ``failed``: a failure of the patch;
-        ``crashed``: a crash; ``disabled`` with ``data["auto"]`` true (or
-        ``data["reason"] == "crashes"``): an auto-disable.
+        ``crashed``: a crash of a process carrying the patch; ``disabled`` with
+        ``data["auto"]`` true (or ``data["reason"] == "crashes"``): an auto-disable.
         """
         self.events_total.labels(event.kind).inc()
         patch = event.patch_id or ""
@@ -189,7 +191,7 @@ class Metrics:
         elif event.kind == "failed":
             self.failures_total.labels(patch).inc()
         elif event.kind == "crashed":
-            self.crashes_total.inc()
+            self.crashes_total.labels(patch).inc()
         elif event.kind == "disabled" and (
             event.data.get("auto") or event.data.get("reason") == "crashes"
         ):

@@ -709,10 +709,13 @@ class NewProcesses:
                         )  # fmt: skip
                         continue
                     applied = True
+                    ms = round((time.perf_counter() - started) * 1e3, 3)
+                    at = "its exec" if when == "exec" else f"the load of {module.name}"
                     self._event(
                         "applied", pid, module, patch=patch, exe=info.exe,
-                        data={"when": when, "sites": outcome.sites,
-                              "ms": round((time.perf_counter() - started) * 1e3, 3)},
+                        message=f"applied {patch.id} v{patch.version} in pid {pid} "
+                        f"({info.exe}) at {at}, before any of its code ran; {ms:.2f} ms",
+                        data={"when": when, "sites": outcome.sites, "ms": ms},
                     )  # fmt: skip
         return applied
 

@@ -15,9 +15,10 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from micropatch import live
+from micropatch.agent.covered import Carriers, Covered
 from micropatch.agent.events import Event, EventSink
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
@@ -41,29 +42,6 @@ from micropatch.process.select import ProcessInfo, all_pids, read_info
 log = logging.getLogger(__name__)
 
 GONE = (ProcessNotFound, ProcessExited)
-
-
-@dataclass
-class Covered:
-    """What the agent last saw of a process that carries (or should carry) patches."""
-
-    pid: int
-    start: int
-    exe: str
-    patches: dict[str, int] = field(default_factory=dict)  # patch id -> version applied
-    blocked: dict[str, int] = field(default_factory=dict)  # patch id -> blocked count
-    # patch id -> addresses of its blocked counters; None: not read since the last change
-    counters: dict[str, tuple[int, ...]] | None = None
-    # patch id -> version being applied now: not yet `patches` (status), but a crash
-    # in the meantime counts against it (crash auto-disable)
-    pending: dict[str, int] = field(default_factory=dict)
-
-    def copy(self) -> Covered:
-        counters = None if self.counters is None else dict(self.counters)
-        return Covered(
-            self.pid, self.start, self.exe, dict(self.patches), dict(self.blocked), counters,
-            dict(self.pending),
-        )
 
 
 @dataclass
@@ -108,7 +86,7 @@ class Reconciler:
         self.modules = modules
         self.ops_lock = ops_lock
         self.lock_timeout = lock_timeout
-        self._covered: dict[int, Covered] = {}
+        self.carriers = Carriers(_start_or_none)
         self._lock = threading.Lock()
         # The last failure of each (pid, patch id, version, op): the same error on the
         # next pass is retried but not reported again (one event, not one a minute).
@@ -117,54 +95,35 @@ class Reconciler:
     # --- what the agent knows ---------------------------------------------------
 
     def covered(self) -> dict[int, Covered]:
-        with self._lock:
-            return {pid: c.copy() for pid, c in self._covered.items()}
+        return self.carriers.all()
 
     def note(self, event: Event) -> None:
         """Keep `covered` true when something else (new processes, the socket) patches."""
         if event.pid is None or event.patch_id is None:
             return
-        with self._lock:
-            c = self._covered.get(event.pid)
-            if event.kind in ("applied", "updated") and event.version is not None:
-                if c is None:
-                    start = _start_or_none(event.pid)
-                    if start is None:
-                        return
-                    c = self._covered[event.pid] = Covered(event.pid, start, event.exe or "")
-                c.patches[event.patch_id] = event.version
-                c.pending.pop(event.patch_id, None)
-                c.counters = None
-            elif event.kind == "removed" and c is not None:
-                c.patches.pop(event.patch_id, None)
-                c.blocked.pop(event.patch_id, None)
-                c.counters = None
-
-    def _pending(self, pid: int, exe: str, patch_id: str, version: int | None) -> None:
-        """Record that this version of a patch is being applied to pid (None: no more)."""
-        with self._lock:
-            c = self._covered.get(pid)
-            if c is None:
-                if version is None:
-                    return
-                start = _start_or_none(pid)
-                if start is None:
-                    return
-                c = self._covered[pid] = Covered(pid, start, exe)
-            if version is None:
-                c.pending.pop(patch_id, None)
-            else:
-                c.pending[patch_id] = version
+        self.carriers.note(event.pid, event.exe or "", event.kind, event.patch_id, event.version)
 
     def get(self, pid: int) -> Covered | None:
         """What is known of one process (a copy), or None."""
-        with self._lock:
-            c = self._covered.get(pid)
-            return c.copy() if c else None
+        return self.carriers.get(pid)
 
-    def forget(self, pid: int) -> Covered | None:
-        with self._lock:
-            return self._covered.pop(pid, None)
+    def forget(self, pid: int, exited_ns: int | None = None) -> Covered | None:
+        return self.carriers.forget(pid, exited_ns)
+
+    def forked(self, parent: int, child: int, ns: int) -> None:
+        """A fork (proc connector): the child carries its parent's patches, and their
+        blocked counters as they were (copies of the parent's pages): those counts
+        are the parent's, not to be reported again for the child."""
+        c = self.carriers.forked(parent, child, ns)
+        if c is None or not c.start:
+            return
+        for patch_id, count in c.blocked.items():
+            if count and self.state.counted(child, c.start, patch_id) is None:
+                self.state.count(child, c.start, patch_id, count)
+
+    def execed(self, pid: int, ns: int) -> None:
+        """An exec (proc connector): the old image's patches are gone."""
+        self.carriers.execed(pid, ns)
 
     # --- passes -----------------------------------------------------------------
 
@@ -189,11 +148,9 @@ class Reconciler:
                 log.exception("process %d: unexpected error; the pass goes on", pid)
         if full:
             self.state.prune(alive)
+            self.carriers.retain(lambda c: alive(c.pid, c.start))
+            live_pids = set(all_pids())
             with self._lock:
-                for pid, c in list(self._covered.items()):
-                    if not alive(pid, c.start):
-                        del self._covered[pid]
-                live_pids = set(all_pids())
                 self._failed = {k: v for k, v in self._failed.items() if k[0] in live_pids}
         return result
 
@@ -217,10 +174,7 @@ class Reconciler:
                 log.debug("process %d: cannot read its counters: %s", pid, e)
                 continue
             self._count(pid, c.start, c.exe, states)
-            with self._lock:
-                known = self._covered.get(pid)
-                if known is not None:
-                    known.counters = {s.patch_id: s.counters for s in states if s.counters}
+            self.carriers.set_counters(pid, {s.patch_id: s.counters for s in states if s.counters})
 
     def _reconcile(
         self, pid: int, patches: dict[str, Stored], view: PolicyView, result: PassResult
@@ -237,6 +191,7 @@ class Reconciler:
         if not info.exe:
             return
         start = start_time(pid)
+        read_ns = time.monotonic_ns()  # what is read from here on is known from then
         states = live.status(pid) if has_cave else []
         if any(s.state != "applied" for s in states):
             with self.ops_lock, waiting(self.lock_timeout):
@@ -245,7 +200,7 @@ class Reconciler:
             states = live.status(pid)
         applied = {s.patch_id: s for s in states}
         if not named and not any(s.patch_id in patches for s in states):
-            self._remember(pid, start, info.exe, states)
+            self._remember(pid, start, info.exe, states, read_ns)
             return
         # The patches whose module identity this process maps.
         matching: list[Stored] = []
@@ -269,19 +224,16 @@ class Reconciler:
                 touched |= self._operate("remove", carried, info, result, current.version)
         if touched:
             states = live.status(pid)
-        self._remember(pid, start, info.exe, states)
+        self._remember(pid, start, info.exe, states, read_ns)
         self._count(pid, start, info.exe, states)
 
-    def _remember(self, pid: int, start: int, exe: str, states: list[PatchState]) -> None:
-        with self._lock:
-            if not states:
-                self._covered.pop(pid, None)
-                return
-            c = self._covered.get(pid)
-            if c is None or c.start != start:
-                c = self._covered[pid] = Covered(pid, start, exe)
-            c.patches = {s.patch_id: s.version for s in states}
-            c.counters = {s.patch_id: s.counters for s in states if s.counters}
+    def _remember(
+        self, pid: int, start: int, exe: str, states: list[PatchState], read_ns: int
+    ) -> None:
+        self.carriers.remember(
+            pid, start, exe, {s.patch_id: s.version for s in states},
+            {s.patch_id: s.counters for s in states if s.counters}, read_ns,
+        )  # fmt: skip
 
     @staticmethod
     def _counters_moved(pid: int, c: Covered) -> bool:
@@ -300,10 +252,7 @@ class Reconciler:
             if s.blocked is None:
                 continue
             before = self.state.counted(pid, start, s.patch_id)
-            with self._lock:
-                c = self._covered.get(pid)
-                if c is not None:
-                    c.blocked[s.patch_id] = s.blocked
+            self.carriers.set_blocked(pid, s.patch_id, s.blocked)
             if before == s.blocked:
                 continue
             self.state.count(pid, start, s.patch_id, s.blocked)
@@ -330,7 +279,7 @@ class Reconciler:
             # Pending before the jumps are written: a process that crashes the instant
             # it is patched counts against the patch (crash auto-disable), even if it
             # dies before this thread reports the outcome.
-            self._pending(info.pid, info.exe, stored.id, stored.version)
+            self.carriers.pending(info.pid, info.exe, stored.id, stored.version)
         try:
             with self.ops_lock, waiting(self.lock_timeout):
                 if op == "remove":
@@ -345,10 +294,10 @@ class Reconciler:
             log.debug("process %d: %s", info.pid, e)  # changed meanwhile: next pass sees it
             return True
         except (SignatureError, ArtifactError):
-            self._pending(info.pid, info.exe, stored.id, None)
+            self.carriers.pending(info.pid, info.exe, stored.id, None)
             return False  # rejected by recheck, with its event
         except MicropatchError as e:
-            self._pending(info.pid, info.exe, stored.id, None)
+            self.carriers.pending(info.pid, info.exe, stored.id, None)
             result.failed += 1
             key = (info.pid, stored.id, stored.version, op)
             if self._failed.get(key) == str(e):

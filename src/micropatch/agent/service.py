@@ -250,7 +250,13 @@ class Agent:
         connector's exit events (process/connector.py). Without the connector (an
         old kernel, a container) the agent runs on without it, and says so."""
         self.crash_tracker = CrashTracker(self.config.crash_limit, self.config.crash_window)
-        exits = ExitThread(on_exit=lambda ev: self.on_exit(ev.pid, ev.signal), on_overrun=self.wake)
+        lineage = self.reconciler
+        exits = ExitThread(
+            on_exit=lambda ev: self.on_exit(ev.pid, ev.signal, ev.timestamp_ns),
+            on_overrun=self.wake,
+            on_fork=lambda ev: lineage.forked(ev.parent_tgid, ev.child_pid, ev.timestamp_ns),
+            on_exec=lambda ev: lineage.execed(ev.tgid, ev.timestamp_ns),
+        )  # fmt: skip
         self._plug(exits, ConnectorError, "crash auto-disable is off")
 
     def _plug(self, part: Part, unavailable: type[Exception], consequence: str) -> bool:
@@ -283,30 +289,52 @@ class Agent:
 
     def carried(self, pid: int) -> tuple[str | None, list[str]]:
         """The executable of process pid and the patch ids it carried when last seen
-        (kept up to date by every applied/updated/removed event), or was being given."""
+        (kept up to date by every applied/updated/removed event, and by forks and
+        execs), or was being given."""
         c = self.reconciler.get(pid)
-        return (c.exe, sorted({*c.patches, *c.pending})) if c else (None, [])
+        return (c.exe, c.carried()) if c else (None, [])
 
-    def on_exit(self, pid: int, exit_signal: int | None) -> None:
-        """A process exited (the exit watcher calls this); a crash signal makes it a
-        crash of the patches it carried."""
-        exe, patches = self.carried(pid)
-        self.reconciler.forget(pid)
-        if exit_signal in CRASH_SIGNALS and exe and patches:
-            self.on_crash(pid, exe, int(exit_signal), patches)
+    def on_exit(self, pid: int, exit_signal: int | None, exited_ns: int | None = None) -> None:
+        """A process exited (the exit watcher calls this, with the event's monotonic
+        time); a crash signal makes it a crash of the patches it carried."""
+        c = self.reconciler.forget(pid, exited_ns)
+        if exit_signal in CRASH_SIGNALS and c is not None and c.exe and c.carried():
+            self.on_crash(
+                pid, c.exe, int(exit_signal), c.carried(),
+                versions={**c.pending, **c.patches}, parent=c.parent,
+            )  # fmt: skip
 
-    def on_crash(self, pid: int, exe: str, sig: int, patches: Iterable[str]) -> None:
-        """A patched process died of a crash signal: a "crashed" event, and, through
-        the crash tracker, auto-disable for (patch, exe) at the limit."""
+    def on_crash(
+        self,
+        pid: int,
+        exe: str,
+        sig: int,
+        patches: Iterable[str],
+        *,
+        versions: dict[str, int] | None = None,
+        parent: int | None = None,
+    ) -> None:
+        """A patched process died of a crash signal: a "crashed" event for each patch
+        it carried (each may be the cause), and, through the crash tracker,
+        auto-disable for (patch, exe) at the limit. `parent`: the patched process
+        it was forked from (its patches inherited)."""
         patches = sorted(patches)
         try:
             name = signal.Signals(sig).name
         except ValueError:
             name = f"signal {sig}"
-        self.report(Event(
-            "crashed", time.time(), pid, exe, message=f"pid {pid} ({exe}) died of {name} "
-            f"carrying {', '.join(patches)}", data={"signal": sig, "patches": patches},
-        ))  # fmt: skip
+        forked = f", forked from pid {parent}" if parent is not None else ""
+        data: dict[str, object] = {"signal": sig, "patches": patches}
+        if parent is not None:
+            data["parent"] = parent
+        for patch_id in patches:
+            stored = self.store.get(patch_id)
+            self.report(Event(
+                "crashed", time.time(), pid, exe, patch_id, (versions or {}).get(patch_id),
+                stored.admitted.patch.target.module if stored else None,
+                f"pid {pid} ({exe}{forked}) died of {name} carrying {', '.join(patches)}",
+                data,
+            ))  # fmt: skip
         if self.crash_tracker is None:
             return
         for patch_id in self.crash_tracker.record(exe, patches, time.time()):
