@@ -551,6 +551,10 @@ def test_new_processes_are_patched_before_their_code_runs(targets, start, tmp_pa
         events = a.events()
         whens = {(e["patch_id"], e["data"]["when"]) for e in kinds(events, "applied")}
         assert whens == {("exe-fix", "exec"), ("lib-fix", "load")}
+        for e in kinds(events, "applied"):  # every one says what happened (issue 15.5)
+            at = "its exec" if e["data"]["when"] == "exec" else "the load of libvuln.so"
+            assert e["message"].startswith(f"applied {e['patch_id']} v1 in pid {e['pid']} ("), e
+            assert f"at {at}, before any of its code ran" in e["message"], e
         assert a.status()["new_processes"]["patched_exec"] == 5
     finally:
         a.stop(signal.SIGKILL)
