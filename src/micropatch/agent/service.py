@@ -270,6 +270,21 @@ class Agent:
         self._parts.append(_Started(part))
         return True
 
+    def _check_realtime(self) -> None:
+        """The engine's stop window and the hold of new processes run at SCHED_FIFO
+        (process/priority.py); without it they still work, slower under load: said
+        once, at start, rather than silently."""
+        from micropatch.process.priority import realtime_refused
+
+        refused = realtime_refused()
+        if refused is not None:
+            self.report(Event(
+                "agent", time.time(), pid=os.getpid(), data={"realtime": refused},
+                message=f"cannot run at real-time priority (SCHED_FIFO: {refused}): on a "
+                "loaded machine stop windows and held execs will wait for a CPU; give the "
+                "agent CAP_SYS_NICE and no RestrictRealtime (as `agent install` does)",
+            ))  # fmt: skip
+
     def _plug_metrics(self) -> None:
         """The Prometheus endpoint, only when config.metrics_port is set."""
         if self.config.metrics_port is None:
@@ -361,6 +376,7 @@ class Agent:
     def start(self) -> None:
         """Load the store, listen, start the parts and the worker (which makes the
         first pass, then says READY)."""
+        self._check_realtime()
         self._sync_store()
         self.control.start()
         self._plug_metrics()
