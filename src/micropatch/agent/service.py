@@ -18,7 +18,7 @@ Plug points for the parts built beside this one (one line each):
   `agent.on_exit(pid, exit_signal)` for every process exit.
 - metrics (agent/metrics.py): `_plug_metrics` attaches it; `add_sink` gives
   it every event, `snapshot()` the gauges.
-- the fleet (agent/fleet.py): `Fleet(agent)` is attached in `__init__`; its
+- the fleet (agent/fleet/): `Fleet(agent)` is attached in `__init__`; its
   thread checks in once enrolled (`enroll`), applies the server's policy
   through `state` and `add`'s path, and `drop`s revoked patches.
 """
@@ -573,7 +573,7 @@ class Agent:
         self._policy_changed()
 
     def enroll(self, url: str, token: str, root: str | None) -> dict[str, Any]:
-        """`agent enroll`: this host's credential from a one-time token (agent/fleet.py)."""
+        """`agent enroll`: this host's credential from a one-time token (agent/fleet/)."""
         return self.fleet.enroll(url, token, root)
 
     def set_enabled(self, patch_id: str, enabled: bool) -> dict[str, Any]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from micropatch.patch.model import VERSION_MAX
 
 Role = Literal["admin", "operator", "auditor"]
 State = Literal["enabled", "disabled"]
@@ -18,7 +20,8 @@ EventKind = Literal[
     "skipped", "agent",
 ]  # fmt: skip
 Name = Field(min_length=1, max_length=255)
-INT_MAX = 2**31 - 1  # the columns are 32-bit integers (PostgreSQL's integer)
+INT_MAX = 2**31 - 1  # ids, pids, counts: 32-bit integer columns (PostgreSQL's integer)
+# VERSION_MAX: a patch version, 63 bits wherever it is stored or sent (patch/model.py)
 
 
 class _In(BaseModel):
@@ -136,7 +139,7 @@ class ModuleIn(_In):
 
 class AppliedIn(_In):
     patch_id: str = Field(min_length=1, max_length=128)
-    version: int = Field(ge=0, le=INT_MAX)
+    version: int = Field(ge=0, le=VERSION_MAX)
     state: str = Field(default="applied", max_length=16)
 
 
@@ -154,10 +157,13 @@ class EventIn(_In):
     pid: int | None = Field(default=None, ge=1, le=INT_MAX)
     exe: str | None = Field(default=None, max_length=1024)
     patch_id: str | None = Field(default=None, max_length=128)
-    version: int | None = Field(default=None, ge=0, le=INT_MAX)
+    version: int | None = Field(default=None, ge=0, le=VERSION_MAX)
     module: str | None = Field(default=None, max_length=255)
     message: str = Field(default="", max_length=4096)
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+MAX_ITEMS = {"modules": 100_000, "processes": 100_000, "events": 10_000}  # in a check-in
 
 
 class CheckinRequest(_Body):
@@ -166,12 +172,34 @@ class CheckinRequest(_Body):
     agent_version: str | None = Field(default=None, max_length=64)
     # The inventory: sent when it changed (then both lists, a missing one meaning
     # empty), left out (null) when the server already holds it.
-    modules: list[ModuleIn] | None = Field(default=None, max_length=100_000)
-    processes: list[ProcessIn] | None = Field(default=None, max_length=100_000)
+    modules: list[ModuleIn] | None = Field(default=None, max_length=MAX_ITEMS["modules"])
+    processes: list[ProcessIn] | None = Field(default=None, max_length=MAX_ITEMS["processes"])
     # The inventory's digest, as the agent computes it: stored with a sent inventory
     # and answered back, so the agent knows what the server holds.
     inventory_digest: str | None = Field(default=None, max_length=128, pattern=r"^[!-~]*$")
-    events: list[EventIn] = Field(default_factory=list, max_length=10_000)
+    events: list[EventIn] = Field(default_factory=list, max_length=MAX_ITEMS["events"])
+    # What was left out of the lists above, one line each: set here, never sent.
+    ignored: list[str] = Field(default_factory=list, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _item_by_item(cls, data: Any) -> Any:
+        """One bad item never costs the rest of a check-in: each module, process and
+        event is validated on its own; one that fails is left out and named in
+        `ignored`. (Runs before `_Body`'s whole-body NUL check, so an item holding a
+        NUL is left out alone.) A list longer than its limit is refused whole."""
+        if not isinstance(data, dict):
+            return data
+        if "ignored" in data:
+            raise ValueError("ignored: the server's to say, not a field of a check-in")
+        data, ignored = dict(data), list[str]()
+        for name in _ITEMS:
+            items = data.get(name)
+            if not isinstance(items, list) or len(items) > MAX_ITEMS[name]:
+                continue
+            data[name] = _valid_items(name, items, ignored)
+        data["ignored"] = ignored
+        return data
 
     @model_validator(mode="after")
     def _whole_inventory(self) -> Any:
@@ -181,6 +209,41 @@ class CheckinRequest(_Body):
             else:
                 self.processes = []
         return self
+
+
+_ITEMS: dict[str, type[BaseModel]] = {"modules": ModuleIn, "processes": ProcessIn,
+                                      "events": EventIn}  # fmt: skip
+
+
+_LISTS = {name: TypeAdapter(list[model]) for name, model in _ITEMS.items()}  # type: ignore[valid-type]
+
+
+def _valid_items(name: str, items: list[Any], ignored: list[str]) -> list[Any]:
+    """The items that are valid, as models; one line in `ignored` for each other.
+    The whole list in one go first (the common case, at pydantic's own speed)."""
+    if _nul_at(items, ()) is None:
+        try:
+            return list(_LISTS[name].validate_python(items))
+        except ValidationError:
+            pass
+    kept = []
+    for i, item in enumerate(items):
+        try:
+            if _nul_at(item, ()) is not None:
+                raise ValueError("must not contain NUL characters")
+            kept.append(_ITEMS[name].model_validate(item))
+        except (ValidationError, ValueError) as e:
+            ignored.append(f"{name}[{i}]: {_first_problem(e)}")
+    return kept
+
+
+def _first_problem(e: Exception) -> str:
+    if isinstance(e, ValidationError) and e.errors():
+        first = e.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        return f"{where + ': ' if where else ''}{first['msg']}{more}"
+    return str(e)
 
 
 class ModuleRef(BaseModel):
@@ -248,6 +311,8 @@ class CheckinResponse(BaseModel):
     # sent without a digest): when it is not the agent's own, the agent sends its
     # inventory at the next check-in.
     inventory_digest: str | None = None
+    # Items of the check-in left out because they were not valid (the first ones).
+    ignored: list[str] = Field(default_factory=list)
 
 
 # --- patches, groups, hosts, events, audit -----------------------------------------
@@ -271,7 +336,7 @@ class PatchOut(BaseModel):
 
 class RevokeIn(_Body):
     version: int | None = Field(
-        default=None, ge=0, le=INT_MAX, description="one version; none: every version"
+        default=None, ge=0, le=VERSION_MAX, description="one version; none: every version"
     )
 
 
