@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from micropatch import live
 from micropatch.agent.covered import Carriers, Covered
@@ -51,6 +51,11 @@ class PassResult:
     updated: int = 0
     removed: int = 0
     failed: int = 0
+    number: int = 0  # which pass of the agent (counted from 1 as they begin)
+    # patch id -> the processes mapping its module that the policy wants to carry it,
+    # and those it wants not to (what `agent ... --wait` compares the carriers with)
+    wanted: dict[str, set[int]] = field(default_factory=dict)
+    unwanted: dict[str, set[int]] = field(default_factory=dict)
 
 
 def alive(pid: int, start: int) -> bool:
@@ -110,6 +115,11 @@ class Reconciler:
     def forget(self, pid: int, exited_ns: int | None = None) -> Covered | None:
         return self.carriers.forget(pid, exited_ns)
 
+    def failure(self, pid: int, patch_id: str) -> str | None:
+        """The last error of an operation of this patch on this process, if it failed."""
+        with self._lock:
+            return next((m for k, m in self._failed.items() if k[:2] == (pid, patch_id)), None)
+
     def forked(self, parent: int, child: int, ns: int) -> None:
         """A fork (proc connector): the child carries its parent's patches, and their
         blocked counters as they were (copies of the parent's pages): those counts
@@ -127,9 +137,9 @@ class Reconciler:
 
     # --- passes -----------------------------------------------------------------
 
-    def run_pass(self, pids: Iterable[int] | None = None) -> PassResult:
+    def run_pass(self, pids: Iterable[int] | None = None, number: int = 0) -> PassResult:
         """Reconcile every process (or those named); prune what is gone."""
-        result = PassResult()
+        result = PassResult(number=number)
         full = pids is None
         patches = self.store.patches()
         view = self.state.view(_start_or_none)
@@ -213,7 +223,9 @@ class Reconciler:
         touched = False
         for stored in matching:
             current = applied.get(stored.id)
-            if wants(stored.id, info, view):
+            wanted = wants(stored.id, info, view)
+            (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
+            if wanted:
                 if current is None:
                     touched |= self._operate("apply", stored, info, result)
                 elif current.version < stored.version:
@@ -221,6 +233,7 @@ class Reconciler:
         for patch_id, current in applied.items():
             carried = patches.get(patch_id)
             if carried is not None and not wants(patch_id, info, view):
+                result.unwanted.setdefault(patch_id, set()).add(pid)
                 touched |= self._operate("remove", carried, info, result, current.version)
         if touched:
             states = live.status(pid)

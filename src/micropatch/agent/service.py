@@ -52,7 +52,7 @@ from micropatch.agent.policy import (
     reasons_against,
     wants,
 )
-from micropatch.agent.reconcile import Reconciler
+from micropatch.agent.reconcile import PassResult, Reconciler
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
 from micropatch.live.module import ModuleCache
@@ -153,6 +153,9 @@ class Agent:
         self.ready = threading.Event()
         self.generation = 0
         self.passes = 0  # full passes over the running processes completed
+        self._pass_done = threading.Condition()  # notified at the end of every pass
+        self._begun = 0  # passes begun
+        self._last_pass: PassResult | None = None
         self._changed = threading.Event()
         self._change_callbacks: list[Callable[[], None]] = []
         self._parts: list[Part] = []
@@ -453,11 +456,34 @@ class Agent:
 
     def _pass(self, pids: Iterable[int] | None) -> None:
         started = time.monotonic()
-        result = self.reconciler.run_pass(pids)
-        self.reconciler.poll_blocked()
-        self.passes += 1
+        with self._pass_done:
+            self._begun += 1
+            result = PassResult(number=self._begun)
+        try:
+            result = self.reconciler.run_pass(pids, result.number)
+            self.reconciler.poll_blocked()
+        finally:
+            with self._pass_done:
+                self.passes += 1
+                self._last_pass = result
+                self._pass_done.notify_all()
         log.info("pass over %d processes in %.3f s: %s", result.seen,
                  time.monotonic() - started, result)  # fmt: skip
+
+    def passes_begun(self) -> int:
+        with self._pass_done:
+            return self._begun
+
+    def await_pass(self, after: int, deadline: float) -> PassResult | None:
+        """The result of the first pass begun after pass number `after` (so it saw
+        every change made before `passes_begun()` returned `after`), once it is done;
+        None if none is done by `deadline` (monotonic)."""
+        with self._pass_done:
+            done = self._pass_done.wait_for(
+                lambda: self._last_pass is not None and self._last_pass.number > after,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )  # fmt: skip
+            return self._last_pass if done else None
 
     def _sync_store(self) -> bool:
         if not self.store.sync():
@@ -525,9 +551,21 @@ class Agent:
             "fleet": self.fleet.status(),
         }
 
-    def add(self, data: bytes, name: str, state: str | None = None) -> dict[str, Any]:
+    def add(
+        self, data: bytes, name: str, state: str | None = None, *, update: bool = False
+    ) -> dict[str, Any]:
         """`agent add`: admit, store, set the state (default_state for a new patch),
-        reconcile live (a newer version updates the processes that carry the old)."""
+        reconcile live (a newer version updates the processes that carry the old).
+        `update` (`agent update`): only a newer version of a stored patch."""
+        if update:
+            admitted = self.store.admit_bytes(data, name)
+            older = self._stored(admitted.id)
+            if older.version >= admitted.version:
+                raise AgentError(
+                    f"{name} is {admitted.id} version {admitted.version}; the store holds "
+                    f"version {older.version} already: an update needs a newer version",
+                    patch_id=admitted.id,
+                )
         stored, replaced, current = self.keep(data, name, state, lambda s: f"added {s.path.name}")
         self._policy_changed()
         return {
