@@ -83,6 +83,18 @@ class AgentConfig(BaseModel):
     max_modules: int = Field(
         default=32, ge=1, description="Parsed module files kept in memory, least recently used out."
     )
+    workers: int | None = Field(
+        default=None, ge=1, le=64,
+        description="Running processes patched (or unpatched) at once by a pass; "
+        "unset: one per CPU the agent may run on, at most 4.",
+    )
+
+    def worker_count(self) -> int:
+        """`workers`, or one per CPU the agent may run on (at most 4): more threads than
+        CPUs only contend for the interpreter's lock (measured: benchmarks/agent.md)."""
+        import os
+
+        return self.workers or max(1, min(4, len(os.sched_getaffinity(0))))
 
 
 def load_config(path: str | Path | None, *, missing_ok: bool = True) -> AgentConfig:

@@ -1,6 +1,7 @@
 """Running processes: make each one carry exactly what the policy wants.
 
-A pass looks at every process (or the ones named): the patches of the store
+A pass looks at every process (or the ones named), `workers` at a time (threads:
+while one waits for a target's threads to stop, another works): the patches of the store
 whose module it maps (identity read from the process, `live.module.find_module`),
 the patches its registry says it carries (`live.states.status`: the registries
 are the truth, so a restarted agent neither patches twice nor forgets), and the
@@ -15,6 +16,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from micropatch import live
@@ -33,10 +35,10 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.live.lock import waiting
-from micropatch.live.module import CAVE_PREFIX, ModuleCache, find_module, module_groups
+from micropatch.live.module import CAVE_PREFIX, ModuleCache, find_module
 from micropatch.live.states import PatchState, read_counters
-from micropatch.process.maps import read_maps
-from micropatch.process.procfs import start_time
+from micropatch.process.maps import parse_maps
+from micropatch.process.procfs import read_proc_text, start_time
 from micropatch.process.select import ProcessInfo, all_pids, read_info
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,8 @@ def _start_or_none(pid: int) -> int | None:
 
 
 class Reconciler:
-    """Passes over the running processes, one operation at a time (`ops_lock`)."""
+    """Passes over the running processes; at most `workers` operations at once, all of
+    the agent's together (`ops`, shared with the socket's operations)."""
 
     def __init__(
         self,
@@ -82,15 +85,17 @@ class Reconciler:
         report: EventSink,
         *,
         modules: ModuleCache,
-        ops_lock: threading.RLock,
+        ops: threading.Semaphore,
         lock_timeout: float = 30.0,
+        workers: int = 1,
     ) -> None:
         self.store = store
         self.state = state
         self.report = report
         self.modules = modules
-        self.ops_lock = ops_lock
+        self.ops = ops
         self.lock_timeout = lock_timeout
+        self.workers = workers
         self.carriers = Carriers(_start_or_none)
         self._lock = threading.Lock()
         # The last failure of each (pid, patch id, version, op): the same error on the
@@ -144,10 +149,10 @@ class Reconciler:
         patches = self.store.patches()
         view = self.state.view(_start_or_none)
         me = os.getpid()
-        for pid in all_pids() if pids is None else pids:
-            if pid == me:
-                continue
-            result.seen += 1
+        todo = [pid for pid in (all_pids() if pids is None else pids) if pid != me]
+        result.seen = len(todo)
+
+        def one(pid: int) -> None:
             try:
                 self._reconcile(pid, patches, view, result)
             except GONE:
@@ -156,6 +161,14 @@ class Reconciler:
                 log.debug("process %d: %s", pid, e)
             except Exception:
                 log.exception("process %d: unexpected error; the pass goes on", pid)
+
+        if self.workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="reconcile") as pool:
+                for _ in pool.map(one, todo):
+                    pass
+        else:
+            for pid in todo:
+                one(pid)
         if full:
             self.state.prune(alive)
             self.carriers.retain(lambda c: alive(c.pid, c.start))
@@ -189,12 +202,17 @@ class Reconciler:
     def _reconcile(
         self, pid: int, patches: dict[str, Stored], view: PolicyView, result: PassResult
     ) -> None:
-        mappings = read_maps(pid)
-        has_cave = any(m.path.startswith(CAVE_PREFIX) for m in mappings)
-        named = [
-            s for s in patches.values()
-            if module_groups(mappings, s.admitted.patch.target.module)
-        ]  # fmt: skip
+        text = read_proc_text(pid, "maps")
+        # Most processes map no patched module and carry nothing: one look at the raw
+        # text (a name ends its line) settles it without parsing the maps.
+        has_cave = CAVE_PREFIX in text
+        names = {s.admitted.patch.target.module for s in patches.values()}
+        if not has_cave and not any(f"/{name}\n" in text or f"/{name} (deleted)\n" in text
+                                    for name in names):  # fmt: skip
+            return
+        mappings = parse_maps(text)
+        mapped = {m.name for m in mappings if m.inode}
+        named = [s for s in patches.values() if s.admitted.patch.target.module in mapped]
         if not named and not has_cave:
             return
         info = read_info(pid)
@@ -204,7 +222,7 @@ class Reconciler:
         read_ns = time.monotonic_ns()  # what is read from here on is known from then
         states = live.status(pid) if has_cave else []
         if any(s.state != "applied" for s in states):
-            with self.ops_lock, waiting(self.lock_timeout):
+            with self.ops, waiting(self.lock_timeout):
                 for line in live.repair(pid):
                     log.info("process %d: repair: %s", pid, line)
             states = live.status(pid)
@@ -224,7 +242,8 @@ class Reconciler:
         for stored in matching:
             current = applied.get(stored.id)
             wanted = wants(stored.id, info, view)
-            (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
+            with self._lock:
+                (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
             if wanted:
                 if current is None:
                     touched |= self._operate("apply", stored, info, result)
@@ -233,7 +252,8 @@ class Reconciler:
         for patch_id, current in applied.items():
             carried = patches.get(patch_id)
             if carried is not None and not wants(patch_id, info, view):
-                result.unwanted.setdefault(patch_id, set()).add(pid)
+                with self._lock:
+                    result.unwanted.setdefault(patch_id, set()).add(pid)
                 touched |= self._operate("remove", carried, info, result, current.version)
         if touched:
             states = live.status(pid)
@@ -294,7 +314,7 @@ class Reconciler:
             # dies before this thread reports the outcome.
             self.carriers.pending(info.pid, info.exe, stored.id, stored.version)
         try:
-            with self.ops_lock, waiting(self.lock_timeout):
+            with self.ops, waiting(self.lock_timeout):
                 if op == "remove":
                     outcome = live.remove(stored.id, info.pid)
                 else:
@@ -311,12 +331,14 @@ class Reconciler:
             return False  # rejected by recheck, with its event
         except MicropatchError as e:
             self.carriers.pending(info.pid, info.exe, stored.id, None)
-            result.failed += 1
             key = (info.pid, stored.id, stored.version, op)
-            if self._failed.get(key) == str(e):
+            with self._lock:
+                result.failed += 1
+                again = self._failed.get(key) == str(e)
+                self._failed[key] = str(e)
+            if again:
                 log.debug("process %d: %s again: %s", info.pid, op, e)
                 return False
-            self._failed[key] = str(e)
             fields = e.fields()
             self.report(Event(
                 "failed", time.time(), info.pid, info.exe, stored.id,
@@ -324,9 +346,10 @@ class Reconciler:
                 f"{op} {stored.id} in pid {info.pid}: {e}", {"op": op, **fields},
             ))  # fmt: skip
             return False
-        self._failed.pop((info.pid, stored.id, stored.version, op), None)
         kind = {"apply": "applied", "update": "updated", "remove": "removed"}[op]
-        setattr(result, kind, getattr(result, kind) + 1)
+        with self._lock:
+            self._failed.pop((info.pid, stored.id, stored.version, op), None)
+            setattr(result, kind, getattr(result, kind) + 1)
         version = old_version if op == "remove" else stored.version
         self.report(Event(
             kind, time.time(), info.pid, info.exe, stored.id, version, module,

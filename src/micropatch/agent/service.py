@@ -3,10 +3,11 @@ composed; threads; sd_notify; and where the other parts plug in.
 
 Threads: the main thread waits for SIGTERM/SIGINT; the worker reconciles
 (at start, on every change, every `rescan_interval`) and reads blocked
-counters and the store directory every `blocked_interval`; the control server
-answers each connection in a thread of its own. Every operation on a process
-holds `ops_lock`, so the agent never has two of its own on the host at once
-(the per-process lock of live/lock.py still orders it against the CLI).
+counters and the store directory every `blocked_interval`, a pass running its
+processes `workers` at a time; the control server answers each connection in a
+thread of its own. Every operation on a process takes one of `workers` slots of
+`ops`, so the agent never has more than that of its own on the host at once
+(the per-process lock of live/lock.py orders each against the CLI).
 
 Plug points for the parts built beside this one (one line each):
 - new processes (agent/newproc.py): `_plug_new_processes` attaches a
@@ -140,10 +141,12 @@ class Agent:
         self.store = ArtifactStore(paths, self.report)
         self.state = PolicyState(self.db)
         self.modules = SharedModuleCache(config.max_modules)  # the one cache of the agent
-        self.ops_lock = threading.RLock()
+        # At most `workers` operations of the agent's on the host at once (passes, the
+        # socket's); live/lock.py still orders each process's against the CLI's.
+        self.ops = threading.BoundedSemaphore(config.worker_count())
         self.reconciler = Reconciler(
-            self.store, self.state, self.report, modules=self.modules,
-            ops_lock=self.ops_lock, lock_timeout=config.lock_timeout,
+            self.store, self.state, self.report, modules=self.modules, ops=self.ops,
+            lock_timeout=config.lock_timeout, workers=config.worker_count(),
         )  # fmt: skip
         self.events.add_sink(self.reconciler.note)
         self.crash_tracker: CrashTracker | None = None  # set by _plug_crashes
