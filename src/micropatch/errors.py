@@ -7,6 +7,15 @@ message and exits non-zero.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
+TYPE_CHECKING = False  # not imported from typing: every command imports this module
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
+
+FIELDS = ("pid", "patch_id", "module", "offset")
+
 
 class MicropatchError(Exception):
     """Root of every error micropatch raises on purpose.
@@ -18,6 +27,10 @@ class MicropatchError(Exception):
     what they know with `within`, which keeps the exception, its type and its
     cause chain.
     """
+
+    # Attributes a subclass carries besides the four fields (Busy: holder); they
+    # cross the agent's socket too (see `to_wire`).
+    extra_fields: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -66,8 +79,8 @@ class MicropatchError(Exception):
     def fields(self) -> dict[str, object]:
         """The error as data: its class, message and the fields that are set."""
         data: dict[str, object] = {"error": type(self).__name__, "message": self.message}
-        for name in ("pid", "patch_id", "module", "offset"):
-            value = getattr(self, name)
+        for name in (*FIELDS, *self.extra_fields):
+            value = getattr(self, name, None)
             if value is not None:
                 data[name] = value
         return data
@@ -166,6 +179,8 @@ class Busy(ProcessError):
     """Another micropatch operation on the same process held its lock past the timeout.
 
     `holder` is the pid of the micropatch process holding it, when it said so."""
+
+    extra_fields = ("holder",)
 
     def __init__(
         self,
@@ -285,3 +300,40 @@ class RepositoryError(ServerError):
 class UpdateError(MicropatchError):
     """A client of the TUF repository refused what it was served (rollback, freeze,
     mix-and-match, tampered target) or could not reach it."""
+
+
+# --- across a socket ---------------------------------------------------------------
+
+
+def _known(cls: type[MicropatchError]) -> dict[str, type[MicropatchError]]:
+    found = {cls.__name__: cls}
+    for sub in cls.__subclasses__():
+        found.update(_known(sub))
+    return found
+
+
+# Every error class of this module by name, as both ends of the agent's socket know
+# it. Classes defined elsewhere (GuardError, CCompileError, ...) cross as the nearest
+# of their bases listed here.
+ERRORS: Mapping[str, type[MicropatchError]] = MappingProxyType(_known(MicropatchError))
+
+
+def to_wire(error: MicropatchError) -> dict[str, object]:
+    """An error as JSON data: `fields()` (its class, message and fields), and its
+    bases up to MicropatchError as `kinds`, so that a reader that does not know the
+    class itself still raises the nearest one it knows (`from_wire`)."""
+    kinds = [c.__name__ for c in type(error).__mro__ if issubclass(c, MicropatchError)]
+    return {**error.fields(), "kinds": kinds}
+
+
+def from_wire(data: Mapping[str, Any]) -> MicropatchError:
+    """The error `to_wire` described, as the same class (or the nearest known base;
+    AgentError if none is known), with its message and fields; never raises."""
+    names = [data.get("error"), *(data.get("kinds") or ())]
+    cls = next((ERRORS[n] for n in names if isinstance(n, str) and n in ERRORS), AgentError)
+    error = cls.__new__(cls)
+    values = {name: data.get(name) for name in FIELDS}
+    MicropatchError.__init__(error, str(data.get("message", "")), **values)
+    for name in cls.extra_fields:
+        setattr(error, name, data.get(name))
+    return error

@@ -13,7 +13,7 @@ import os
 import socket
 
 from micropatch import errors
-from micropatch.errors import ControlError, MicropatchError
+from micropatch.errors import ControlError, MicropatchError, from_wire
 
 TYPE_CHECKING = False  # not imported from typing, which the quick path would pay for
 if TYPE_CHECKING:
@@ -30,23 +30,6 @@ def default_socket() -> str:
     return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
 CONNECT_TIMEOUT = 2.0
-
-
-def error_from(fields: dict[str, Any]) -> MicropatchError:
-    """The error the agent raised, as the same class where we know it."""
-    name = str(fields.get("error", "AgentError"))
-    cls = getattr(errors, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, MicropatchError)):
-        cls = errors.AgentError
-    e = cls.__new__(cls)
-    MicropatchError.__init__(
-        e, str(fields.get("message", "")),
-        pid=fields.get("pid"), patch_id=fields.get("patch_id"),
-        module=fields.get("module"), offset=fields.get("offset"),
-    )  # fmt: skip
-    if "holder" in fields or cls is errors.Busy:
-        e.holder = fields.get("holder")  # type: ignore[attr-defined]
-    return e
 
 
 class AgentClient:
@@ -173,12 +156,12 @@ def _read(stream: Any, path: str, *, eof_ok: bool = False) -> Any:
 def _result(message: dict[str, Any]) -> Any:
     if message.get("ok"):
         return message.get("result")
-    raise error_from(message.get("error") or {})
+    raise from_wire(message.get("error") or {})
 
 
 def _result_error(message: Any) -> MicropatchError:
     """The error an early answer carries (an answer before the request was read is
     never a success)."""
     if isinstance(message, dict) and not message.get("ok"):
-        return error_from(message.get("error") or {})
+        return from_wire(message.get("error") or {})
     return ControlError(f"the agent answered before reading the request: {message!r}")

@@ -5,8 +5,9 @@ until the client hangs up).
 Who may talk: root (SO_PEERCRED uid 0) for every verb; members of the
 optional read-only group for the read verbs only. The socket file is 0600
 root (0660 root:GROUP with a read-only group). Errors cross as data
-({"error": class name, "message": ..., fields}), and the client raises the
-same MicropatchError subclass.
+(`errors.to_wire`: {"error": class name, "kinds": its bases, "message": ...,
+fields}), and the client raises the same MicropatchError subclass
+(`errors.from_wire`).
 
 Requests: {"op": VERB, ...arguments}. Responses: {"ok": true, "result": ...}
 or {"ok": false, "error": {...}}.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.events import EventFilter
-from micropatch.errors import AgentError, ControlError, MicropatchError
+from micropatch.errors import AgentError, ControlError, MicropatchError, to_wire
 
 if TYPE_CHECKING:
     from micropatch.agent.service import Agent
@@ -184,14 +185,14 @@ class ControlServer:
                 _send(conn, {"ok": True, "result": result})
             except MicropatchError as e:
                 with contextlib.suppress(OSError):
-                    _send(conn, {"ok": False, "error": _error_fields(e)})
+                    _send(conn, {"ok": False, "error": to_wire(e)})
             except OSError:
                 return  # the client went away
             except Exception as e:
                 log.exception("control request failed")
                 with contextlib.suppress(OSError):
-                    _send(conn, {"ok": False, "error": {
-                        "error": "AgentError", "message": f"internal error: {e!r}"}})
+                    failure = AgentError(f"internal error: {e!r}")
+                    _send(conn, {"ok": False, "error": to_wire(failure)})
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
         from micropatch.agent import manual
@@ -259,14 +260,6 @@ def _answers(path: Path) -> bool:
 def _filter(args: dict[str, Any]) -> EventFilter:
     kinds = args.get("kinds") or ()
     return EventFilter(tuple(kinds), args.get("patch_id"), args.get("pid"), args.get("since"))
-
-
-def _error_fields(e: MicropatchError) -> dict[str, object]:
-    fields = e.fields()
-    holder = getattr(e, "holder", None)
-    if holder is not None:
-        fields["holder"] = holder
-    return fields
 
 
 def _send(conn: socket.socket, message: dict[str, Any]) -> None:

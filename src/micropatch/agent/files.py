@@ -15,7 +15,7 @@ from typing import BinaryIO
 
 from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.errors import MicropatchError
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 
 FileKey = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns
 
@@ -37,7 +37,7 @@ class ModuleFile:
     def inode(self) -> tuple[int, int]:
         return self.dev, self.ino
 
-    def matches(self, target: Target) -> bool:
+    def matches(self, target: TargetView) -> bool:
         """This file is the target's module build (name, and every identity it pins)."""
         if self.identity is None or target.module != self.name:
             return False

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch import live
 from micropatch.agent.events import Event
-from micropatch.errors import AgentError, MicropatchError
+from micropatch.errors import AgentError, MicropatchError, to_wire
 from micropatch.live.lock import waiting
 from micropatch.process.procfs import start_time
 from micropatch.process.select import Filters, read_info
@@ -43,13 +43,9 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         data, name = agent.decode_artifact(args)
         admitted = agent.store.admit_bytes(data, name)
         patch_id = admitted.id
-        if admitted.verification is not None and admitted.artifact is not None:
-            p = admitted.artifact.payload
-            signers = ", ".join(k.describe() for k in admitted.verification.signers)
-            answer["verified"] = (
-                f"verified {name}: {p.patch.id} v{p.patch.version} for {p.module.name}, "
-                f"signed by {signers} (by the agent)"
-            )
+        verified = admitted.described(name)
+        if verified is not None:
+            answer["verified"] = f"{verified} (by the agent)"
         answer["warnings"] = list(admitted.warnings)
     filters = args.get("filters")
     if filters is None:
@@ -69,7 +65,7 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         pids = [c.pid for c in selection.targets]
         answer["skipped"] = len(selection.skipped)
         answer["gone"] = selection.gone
-        answer["unreadable"] = [[pid, e.fields()] for pid, e in selection.unreadable]
+        answer["unreadable"] = [[pid, to_wire(e)] for pid, e in selection.unreadable]
     lock_timeout = args.get("lock_timeout")
     for pid in pids:
         try:
@@ -84,7 +80,7 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
                     assert admitted is not None
                     outcome = live.update(admitted, pid, modules=agent.modules, **tuning)
         except MicropatchError as e:
-            answer["results"].append({"pid": pid, "error": e.fields()})
+            answer["results"].append({"pid": pid, "error": to_wire(e)})
             continue
         answer["results"].append({"pid": pid, "outcome": asdict(outcome)})
         try:
@@ -110,5 +106,5 @@ def status(args: dict[str, Any]) -> dict[str, Any]:
         try:
             rows += [asdict(s) for s in live.status(pid)]
         except MicropatchError as e:
-            unread.append([pid, e.fields()])
+            unread.append([pid, to_wire(e)])
     return {"states": rows, "unread": unread}

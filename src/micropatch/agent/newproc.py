@@ -50,7 +50,7 @@ from micropatch.errors import (
 from micropatch.faults import checkpoint
 from micropatch.live.engine import apply_held, holding
 from micropatch.live.module import ModuleCache
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 from micropatch.process import fanotify, ptrace
 from micropatch.process.linux import PTRACE_O_TRACEEXEC, PTRACE_O_TRACESYSGOOD, WALL
 from micropatch.process.maps import read_maps
@@ -103,7 +103,7 @@ class Catalog(Protocol):
         file, for this process (policy applied)."""
         ...
 
-    def watched(self) -> list[Target]:
+    def watched(self) -> list[TargetView]:
         """The targets of every enabled patch: their files are marked."""
         ...
 
@@ -179,7 +179,7 @@ class NewProcesses:
         self._fan: fanotify.Fanotify | None = None
         self._held: dict[int, _Held] = {}
         self._following: dict[int, _Follow] = {}
-        self._names: dict[str, list[Target]] = {}
+        self._names: dict[str, list[TargetView]] = {}
         self._libs: dict[tuple[int, int], ModuleFile] = {}
         self._lib_paths: dict[tuple[int, int], str] = {}
         self._devices: set[int] = set()
@@ -241,7 +241,7 @@ class NewProcesses:
     def remark(self) -> None:
         """The catalog changed: mark the files of the watched targets (and unmark the rest)."""
         targets = self.catalog.watched()
-        names: dict[str, list[Target]] = {}
+        names: dict[str, list[TargetView]] = {}
         for target in targets:
             names.setdefault(target.module, []).append(target)
         libs: dict[tuple[int, int], ModuleFile] = {}
@@ -541,7 +541,7 @@ class NewProcesses:
         held: _Held,
         known: ModuleFile | None,
         path: str,
-        targets: list[Target],
+        targets: list[TargetView],
         follow: _Follow,
     ) -> None:
         tid = held.tid

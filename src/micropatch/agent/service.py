@@ -57,7 +57,7 @@ from micropatch.agent.reconcile import PassResult, Reconciler
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
 from micropatch.live.module import ModuleCache
-from micropatch.patch.model import Target
+from micropatch.patch.view import TargetView
 from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
 from micropatch.process.select import ProcessInfo
 from micropatch.trust.policy import Admitted
@@ -196,7 +196,7 @@ class Agent:
                 continue  # rejected, with its event
         return found
 
-    def watched(self) -> list[Target]:
+    def watched(self) -> list[TargetView]:
         """The targets of every enabled patch (NEWPROC marks the matching files)."""
         view = self.view()
         return [

@@ -36,7 +36,8 @@ from micropatch.errors import (
     NotAdmitted,
     SignatureError,
 )
-from micropatch.trust.artifact import MAX_SIZE, SUFFIX, verify
+from micropatch.trust.artifact import verify
+from micropatch.trust.envelope import MAX_SIZE, SUFFIX
 from micropatch.trust.keys import PublicKey, load_public_key
 from micropatch.trust.policy import Admitted, admit
 

@@ -1,6 +1,6 @@
-"""Patchlet bodies (assembly, guards, C) compiled to machine code by a `Toolchain`."""
+"""Patchlet bodies (assembly, guards, C) compiled to machine code by a `Toolchain`.
 
-from micropatch.bodies.cbody import CCompileError, CompiledC
-from micropatch.bodies.toolchain import Toolchain
-
-__all__ = ["CCompileError", "CompiledC", "Toolchain"]
+Import the submodule you need (`bodies.toolchain`, `bodies.cbody`): this package
+imports nothing itself, so that reading a compiled C body does not load the
+assembler.
+"""

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from micropatch.bodies.assemble import assemble
 from micropatch.bodies.cbody import CCompileError, CompiledC, compile_c, default_compiler
-from micropatch.bodies.cwrapper import c_source
-from micropatch.bodies.guard import guard_source
 from micropatch.errors import MicropatchError, PatchFormatError
-from micropatch.patch.ctext import uses_blocked, uses_return
-from micropatch.patch.guard import parse_then, parse_when
-from micropatch.patch.model import Patch, Patchlet
+
+if TYPE_CHECKING:
+    from micropatch.patch.model import Patch
+    from micropatch.patch.view import PatchletView
 
 _T = TypeVar("_T")
 CACHE_SIZE = 64  # compiled C bodies kept per toolchain
@@ -76,7 +75,7 @@ class Toolchain:
         return compiled
 
     def body_source(
-        self, patchlet: Patchlet, *, at_entry: bool, counter: int | None = None
+        self, patchlet: PatchletView, *, at_entry: bool, counter: int | None = None
     ) -> str:
         """Assembly (with `{location}` references) for the patchlet's body.
 
@@ -85,13 +84,21 @@ class Toolchain:
         blocked-event counter, if the engine provides one. Raises PatchFormatError
         (GuardError, CCompileError) naming the field at fault.
         """
+        # Each kind's compiler is imported when a body of that kind is met: applying
+        # an assembly body loads neither the guard language nor the C wrapper.
         kind = patchlet.kind
         if kind == "guard":
+            from micropatch.bodies.guard import guard_source
+            from micropatch.patch.guard import parse_then, parse_when
+
             assert patchlet.when is not None and patchlet.then is not None
             when = _field("when", parse_when, patchlet.when)
             then = _field("then", parse_then, patchlet.then)
             return guard_source(when, then, at_entry=at_entry, counter=counter)
         if kind == "c":
+            from micropatch.bodies.cwrapper import c_source
+            from micropatch.patch.ctext import uses_blocked, uses_return
+
             assert patchlet.c is not None
             compiled = _field("c", self.compile_c, patchlet.c)
             return c_source(

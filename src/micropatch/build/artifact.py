@@ -20,9 +20,11 @@ from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.errors import ArtifactError, MicropatchError, ModuleError
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
-from micropatch.trust.artifact import FORMAT, FORMAT_VERSION, Artifact, full_expect, make
+from micropatch.trust.artifact import Artifact, make
+from micropatch.trust.envelope import FORMAT, FORMAT_VERSION
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import BuilderFacts, ModuleFacts, PatchFacts, Payload, SiteFacts
+from micropatch.trust.recorded import full_expect
 
 
 def build(

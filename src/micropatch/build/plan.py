@@ -12,17 +12,19 @@ import itertools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
-from micropatch.bodies.toolchain import Toolchain
-from micropatch.elf.identity import ModuleIdentity
-from micropatch.elf.image import ElfImage
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
 from micropatch.patch.asmtext import BLOCKED_REFERENCE
-from micropatch.patch.model import Patch, Patchlet
+
+if TYPE_CHECKING:
+    from micropatch.bodies.toolchain import Toolchain
+    from micropatch.elf.identity import ModuleIdentity
+    from micropatch.elf.image import ElfImage
+    from micropatch.patch.view import PatchletView, PatchView
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
 
@@ -91,7 +93,7 @@ def _no_external(location: Location) -> int:
 
 
 def plan_patch(
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver = _no_external,
@@ -131,7 +133,7 @@ def in_offsets(message: str, module: ModuleView) -> str:
 
 def _plan(
     machine: Architecture,
-    patch: Patch,
+    patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver,
@@ -185,9 +187,9 @@ def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> 
 def _plan_patchlet(
     machine: Architecture,
     toolchain: Toolchain,
-    patch: Patch,
+    patch: PatchView,
     index: int,
-    patchlet: Patchlet,
+    patchlet: PatchletView,
     module: ModuleView,
     external: ExternalResolver,
 ) -> PlannedSite:

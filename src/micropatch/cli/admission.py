@@ -1,18 +1,23 @@
-"""The CLI's side of the admission policy: find the trusted keys, call
-`trust.admit_file`, and tell the user what was verified or not."""
+"""The CLI's side of the admission policy: read the patch file, find the trusted
+keys, and call `trust.policy.admit` (which prints nothing: the caller shows
+`Admitted.described` and `Admitted.warnings`)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from micropatch.cli.options import out, warn
 from micropatch.errors import ArtifactError, SignatureError
-from micropatch.trust.artifact import MAX_SIZE
+from micropatch.trust.envelope import MAX_SIZE
 from micropatch.trust.keys import trusted_keys
 from micropatch.trust.policy import Admitted, admit, is_source
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from pathlib import Path
 
-def load_for_apply(path: Path, trust: list[Path] | None, allow_unsigned: bool) -> Admitted:
+
+def load_for_apply(
+    path: str | Path, trust: Sequence[str | Path] | None, allow_unsigned: bool
+) -> Admitted:
     """The patch `apply`, `update` and `dev run` may give the engine."""
     try:
         with open(path, "rb") as f:
@@ -26,14 +31,4 @@ def load_for_apply(path: Path, trust: list[Path] | None, allow_unsigned: bool) -
         except SignatureError:
             if not allow_unsigned:
                 raise
-    admitted = admit(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned)
-    if admitted.verification is not None and admitted.artifact is not None:
-        p = admitted.artifact.payload
-        signers = ", ".join(k.describe() for k in admitted.verification.signers)
-        out.print(
-            f"[green]✓[/] verified {path}: {p.patch.id} v{p.patch.version} for "
-            f"{p.module.name}, signed by {signers}"
-        )
-    for warning in admitted.warnings:
-        warn(warning)
-    return admitted
+    return admit(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned)

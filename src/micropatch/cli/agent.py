@@ -18,7 +18,7 @@ from micropatch.agent.paths import (
     DEFAULT_TRUST_DIR,
     SOCKET_VARIABLE,
 )
-from micropatch.cli.options import fail, out
+from micropatch.cli.options import escape, fail, out
 from micropatch.errors import MicropatchError
 
 if TYPE_CHECKING:
@@ -109,11 +109,11 @@ def install(
 
     done = do_install(root)
     for path in done.written:
-        out.print(f"[green]✓[/] wrote {path}")
+        out.print(f"[green]✓[/] wrote {escape(path)}")
     for path in done.kept:
-        out.print(f"· kept {path}")
+        out.print(f"· kept {escape(path)}")
     for note in done.notes:
-        out.print(note)
+        out.print(escape(note))
 
 
 @app.command()
@@ -126,9 +126,9 @@ def uninstall(
 
     done = do_uninstall(root)
     for path in done.written:
-        out.print(f"[green]✓[/] removed {path}")
+        out.print(f"[green]✓[/] removed {escape(path)}")
     for path in done.kept:
-        out.print(f"· kept {path}")
+        out.print(f"· kept {escape(path)}")
 
 
 PATCH_COLUMNS = ("patch", "version", "state", "module", "processes", "blocked", "auto-disabled")
@@ -310,7 +310,7 @@ def enroll(
             raise fail(f"{root}: cannot read: {e}") from None
     done = _call(socket, "enroll", **arguments)
     out.print(
-        f"[green]✓[/] enrolled with {done['server']} as host {done['host_id']} "
+        f"[green]✓[/] enrolled with {escape(done['server'])} as host {done['host_id']} "
         f"(group {done['group']}); checking in every {done['checkin_interval']:g} s"
     )
 

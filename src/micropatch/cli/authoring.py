@@ -6,15 +6,30 @@ command, so that other commands start fast.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from micropatch.cli.options import TrustOption, fail, out, warn
-from micropatch.errors import MicropatchError
+from micropatch.cli.options import TrustOption, escape, fail, out, warn
+from micropatch.errors import ArtifactError, MicropatchError
 
 # --- commands -----------------------------------------------------------------
+
+
+def destination(output: str | None) -> Path | None:
+    """Where `-o` says to write: a PATH ending in / is a directory, made if missing
+    (a file is never written under the name of a directory meant)."""
+    if output is None:
+        return None
+    path = Path(output)
+    if output.endswith(("/", os.sep)) and not path.is_dir():
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise ArtifactError(f"cannot create the directory {output}: {e.strerror}") from None
+    return path
 
 
 def build(
@@ -26,9 +41,13 @@ def build(
         Path | None, typer.Option("--key", "-k", help="Private key (.key) to sign with.")
     ] = None,
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            "--output", "-o", help="Output file or directory (default: the current directory)."
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Output file, or directory (an existing one, or any PATH ending in /: created "
+            "if missing). Default: the current directory.",
         ),
     ] = None,
 ) -> None:
@@ -43,7 +62,7 @@ def build(
         built = build_artifact(source, module)
         if signer is not None:
             built = built.signed(signer)
-        written = built.write(output or Path.cwd())
+        written = built.write(destination(output) or Path.cwd())
     except MicropatchError as e:
         raise fail(str(e)) from None
     p = built.payload
@@ -58,15 +77,15 @@ def build(
     table = Table("patchlet", "at", "offset", "site", "original bytes", "red zone", "resume")
     for s in p.sites:
         table.add_row(
-            str(s.patchlet), s.at, f"{s.offset:#x}", f"{s.length} bytes",
+            str(s.patchlet), escape(s.at), f"{s.offset:#x}", f"{s.length} bytes",
             s.original_bytes.hex(" "), "stepped over" if s.skip_red_zone else "untouched",
             "after the site" if s.resume is None else f"{s.resume:#x}",
         )  # fmt: skip
     out.print(table)
     identity = f"build-id {p.module.build_id}" if p.module.build_id else "no build-id"
     out.print(
-        f"[green]✓[/] built {p.patch.id} v{p.patch.version} for {p.module.name} ({identity}, "
-        f"sha256 {p.module.sha256[:16]}…): {written}",
+        f"[green]✓[/] built {p.patch.id} v{p.patch.version} for {escape(p.module.name)} "
+        f"({identity}, sha256 {p.module.sha256[:16]}…): {escape(written)}",
         highlight=False,
     )
     out.print(f"  artifact id {built.id}", highlight=False)
@@ -76,14 +95,21 @@ def build(
             f"`micropatch sign {written} --key KEY.key`"
         )
     else:
-        out.print(f"  signed by {signer.public.describe()}", highlight=False)
+        out.print(f"  signed by {escape(signer.public.describe())}", highlight=False)
 
 
 def sign(
     artifact_file: Annotated[Path, typer.Argument(help="Artifact (.mpatch) to sign.")],
     key: Annotated[Path, typer.Option("--key", "-k", help="Private key (.key) to sign with.")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Write here instead of in place.")
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            metavar="PATH",
+            help="Write here instead of in place (a PATH ending in /: a directory, created if "
+            "missing).",
+        ),
     ] = None,
 ) -> None:
     """Add a signature to an artifact (its id, the hash of its content, does not change)."""
@@ -93,10 +119,13 @@ def sign(
         signer = keys.load_private_key(key)
         built = artifact.load(artifact_file)
         artifact.patch_of(built)  # never sign what cannot be applied
-        written = built.signed(signer).write(output or artifact_file)
+        written = built.signed(signer).write(destination(output) or artifact_file)
     except MicropatchError as e:
         raise fail(str(e)) from None
-    out.print(f"[green]✓[/] signed {written} with {signer.public.describe()}", highlight=False)
+    out.print(
+        f"[green]✓[/] signed {escape(written)} with {escape(signer.public.describe())}",
+        highlight=False,
+    )
 
 
 def verify(
@@ -105,18 +134,21 @@ def verify(
 ) -> None:
     """Check an artifact's content hash and its signature by a trusted, unexpired key."""
     from micropatch.trust import keys
+    from micropatch.trust.artifact import patch_of
     from micropatch.trust.policy import admit_file
 
     try:
-        # Everything apply checks: the id, a trusted signature, and that the source
-        # parses and agrees with the recorded module identity and sites.
+        # Everything apply checks (the id, a trusted signature, the recorded patch
+        # against the recorded module identity and sites), and more: the whole payload
+        # is valid, and the source parses and agrees with the facts too.
         verified = admit_file(artifact_file, keys=keys.trusted_keys(trust or ()))
+        built, verification = verified.artifact, verified.verification
+        assert built is not None and verification is not None  # admitted with keys
+        patch_of(built)
     except MicropatchError as e:
         raise fail(str(e)) from None
-    built, verification = verified.artifact, verified.verification
-    assert built is not None and verification is not None  # admitted with keys
     p = built.payload
-    out.print(f"[green]✓[/] {artifact_file}: verified", highlight=False)
+    out.print(f"[green]✓[/] {escape(artifact_file)}: verified", highlight=False)
     title = f": {p.patch.title}" if p.patch.title else ""
     builder = p.builder
     rows = [
@@ -132,7 +164,7 @@ def verify(
         expires = "never" if k.expires is None else keys.format_time(k.expires)
         rows.append(("signed by", f"{k.name} ({k.keyid}), expires {expires}, from {k.path}"))
     for key, value in rows:
-        out.print(f"  {key:<12} {value}", highlight=False)
+        out.print(f"  {key:<12} {escape(value)}", highlight=False)
     for note in verification.ignored:
         warn(f"ignored a signature: {note}")
 
@@ -160,14 +192,14 @@ def keys_generate(
     except MicropatchError as e:
         raise fail(str(e)) from None
     until = "never" if key.public.expires is None else keys.format_time(key.public.expires)
-    out.print(f"[green]✓[/] generated {key.public.describe()}", highlight=False)
+    out.print(f"[green]✓[/] generated {escape(key.public.describe())}", highlight=False)
     for label, value in (
         ("private key", f"{private} (mode 0600: keep it on the signing machine)"),
         ("public key", f"{public} (for verifiers: --trust, or their trust directory)"),
         ("key id", key.public.keyid),
         ("expires", until),
     ):
-        out.print(f"  {label:<12} {value}", highlight=False)
+        out.print(f"  {label:<12} {escape(value)}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import signal
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli.options import AllowUnsignedOption, TrustOption, err
+from micropatch.cli.options import AllowUnsignedOption, TrustOption, err, escape
 from micropatch.errors import MicropatchError
 
 if TYPE_CHECKING:
@@ -21,6 +19,7 @@ app = typer.Typer(help="Developer tools: run a program with a patch applied from
 
 
 def _say(message: str) -> None:
+    """A line of ours on stderr; `message` is markup: escape what it quotes."""
     err.print(f"[dim]micropatch:[/] {message}")
 
 
@@ -57,19 +56,24 @@ def run(
     from micropatch.live import devrun
 
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # stdout is the program's
-            admitted = load_for_apply(patch_file, trust, allow_unsigned)
+        admitted = load_for_apply(patch_file, trust, allow_unsigned)
     except MicropatchError as e:
-        _say(f"[bold red]error:[/] {e}")
+        _say(f"[bold red]error:[/] {escape(e)}")
         raise typer.Exit(1) from None
+    verified = admitted.described(str(patch_file))
+    if verified is not None:  # on stderr, like every line of ours: stdout is the program's
+        _say(f"[green]✓[/] {escape(verified)}")
+    for warning in admitted.warnings:
+        _say(f"[bold yellow]warning:[/] {escape(warning)}")
     if no_patch:
-        _say(f"running {command[0]} without {admitted.id} (--no-patch)")
+        _say(f"running {escape(command[0])} without {admitted.id} (--no-patch)")
     try:
         result = devrun.run(
-            command, None if no_patch else admitted, keep_going=keep_going, say=_say
+            command, None if no_patch else admitted, keep_going=keep_going,
+            say=lambda text: _say(escape(text)),
         )
     except MicropatchError as e:
-        _say(f"[bold red]error:[/] {e}; the program was killed")
+        _say(f"[bold red]error:[/] {escape(e)}; the program was killed")
         raise typer.Exit(1) from None
     _report(result, admitted, no_patch)
     raise typer.Exit(1 if result.killed else result.exit.status)
@@ -79,12 +83,13 @@ def _report(result: devrun.DevRun, admitted: Admitted, no_patch: bool) -> None:
     patch = admitted.patch
     if result.error is not None:
         action = "the program was killed" if result.killed else "it ran unpatched (--keep-going)"
-        _say(f"[bold red]error:[/] {patch.id} was not applied: {result.error}; {action}")
+        _say(f"[bold red]error:[/] {patch.id} was not applied: {escape(result.error)}; {action}")
     elif result.applied is not None:
         a = result.applied
         sites = ", ".join(f"{addr:#x}" for s in a.states for addr in s.sites) or "?"
         _say(
-            f"[green]applied[/] {patch.id} v{patch.version} to {patch.target.module} {a.when}: "
+            f"[green]applied[/] {patch.id} v{patch.version} to {escape(patch.target.module)} "
+            f"{a.when}: "
             f"{len(patch.patchlets)} patchlet{'s' if len(patch.patchlets) != 1 else ''} "
             f"at {sites}; paused {a.outcome.paused * 1e3:.2f} ms"
         )
@@ -95,7 +100,7 @@ def _report(result: devrun.DevRun, admitted: Admitted, no_patch: bool) -> None:
                 )
     elif not no_patch and result.module is not None:
         _say(
-            f"module {result.module} was never loaded; nothing was applied "
+            f"module {escape(result.module)} was never loaded; nothing was applied "
             "(processes the program starts are not followed, only exec)"
         )
     exit_ = result.exit

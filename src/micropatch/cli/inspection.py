@@ -22,7 +22,7 @@ from micropatch.arch import Architecture, TrampolineLayout
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.build.module import check_identity, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
-from micropatch.cli.options import fail, out
+from micropatch.cli.options import escape, fail, out
 from micropatch.errors import MicropatchError
 from micropatch.live.cave import read_caves
 from micropatch.live.module import LoadedModule, find_module, symbol_address
@@ -200,9 +200,11 @@ def _load_any(path: Path) -> tuple[Patch, Toolchain, Artifact | None]:
 
 def _print_header(patch: Patch, built: Artifact | None) -> None:
     out.print(
-        f"patch {patch.id} v{patch.version}"
-        + (f": {patch.info.title}" if patch.info.title else "")
-        + f" — module {patch.target.module}",
+        escape(
+            f"patch {patch.id} v{patch.version}"
+            + (f": {patch.info.title}" if patch.info.title else "")
+            + f" — module {patch.target.module}"
+        ),
         highlight=False,
     )
     if built is None:
@@ -211,8 +213,10 @@ def _print_header(patch: Patch, built: Artifact | None) -> None:
     p = built.payload
     out.print(f"  artifact {built.id}", highlight=False)
     out.print(
-        f"  built {p.builder.built_at} by micropatch {p.builder.version} against "
-        f"{p.module.file} (build-id {p.module.build_id or 'none'}, sha256 {p.module.sha256})",
+        escape(
+            f"  built {p.builder.built_at} by micropatch {p.builder.version} against "
+            f"{p.module.file} (build-id {p.module.build_id or 'none'}, sha256 {p.module.sha256})"
+        ),
         highlight=False,
     )
     keyids = ", ".join(s.keyid[:16] + "…" for s in built.signatures) or "none"
@@ -238,7 +242,7 @@ def _print_facts(built: Artifact | None) -> None:
                 style="bold",
             )
         )
-        out.print("\n".join(listing), highlight=False)
+        out.print(escape("\n".join(listing)), highlight=False)
     out.print("\n(give --module FILE or --pid PID to see the jumps and trampolines)")
 
 
@@ -334,7 +338,7 @@ def _process_views(patch: Patch, toolchain: Toolchain, pid: int) -> list[_SiteVi
             found = originals[p.index] = memory.read(p.site.address, p.site.length)
             if found != p.site.original:
                 out.print(
-                    f"[red]![/] {p.where}: process {pid} holds {found.hex(' ')} at "
+                    f"[red]![/] {escape(p.where)}: process {pid} holds {found.hex(' ')} at "
                     f"{p.site.address:#x}, the module file {p.site.original.hex(' ')}",
                     highlight=False,
                 )

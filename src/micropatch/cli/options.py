@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 
-from micropatch.trust.paths import DEFAULT_TRUST_DIR, TRUST_DIR_VARIABLE
+from micropatch.cli import scope
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -67,88 +67,32 @@ def stderr_console() -> Console:
     return _err.get()
 
 
+# The options other commands share with the process commands: one help text (scope.py).
 TrustOption = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--trust",
-        help=(
-            "Trusted public key file (.pub) or directory of them (repeatable). "
-            f"Default: the *.pub files in ${TRUST_DIR_VARIABLE} ({DEFAULT_TRUST_DIR})."
-        ),
-    ),
+    list[Path] | None, typer.Option(*scope.TRUST.flags, help=scope.TRUST.help)
 ]
 AllowUnsignedOption = Annotated[
-    bool,
-    typer.Option(
-        "--allow-unsigned",
-        help="Development only: accept a TOML source, or an artifact without signatures.",
-    ),
+    bool, typer.Option(*scope.ALLOW_UNSIGNED.flags, help=scope.ALLOW_UNSIGNED.help)
 ]
-PidOption = Annotated[
-    list[int] | None, typer.Option("--pid", "-p", help="Target process id (repeatable).")
-]
-AllOption = Annotated[bool, typer.Option("--all", help="Every process this concerns.")]
-RetriesOption = Annotated[
-    int | None,
-    typer.Option(
-        help="How often to retry when a thread is executing code being changed, or does not "
-        "stop within --stop-timeout (default 20)."
-    ),
-]
-
-StopTimeoutOption = Annotated[
-    float | None,
-    typer.Option(
-        "--stop-timeout",
-        min=0.001,
-        metavar="SECONDS",
-        help="How long every thread may take to stop before the attempt is abandoned "
-        "(untouched) and retried within --retries (default 2).",
-    ),
-]
+PidOption = Annotated[list[int] | None, typer.Option(*scope.PID.flags, help=scope.PID.help)]
+AllOption = Annotated[bool, typer.Option(*scope.ALL.flags, help=scope.ALL.help)]
 
 
 def fail(message: str) -> typer.Exit:
-    """Print an error; raise the result to exit with status 1."""
-    err.print(f"[bold red]error:[/] {message}")
+    """Print an error (as it is: no markup in it is interpreted); raise the result to
+    exit with status 1."""
+    err.print(f"[bold red]error:[/] {escape(message)}")
     return typer.Exit(1)
 
 
 def warn(message: str) -> None:
-    err.print(f"[bold yellow]warning:[/] {message}")
-LockTimeoutOption = Annotated[
-    float | None,
-    typer.Option(
-        "--lock-timeout",
-        min=0,
-        help="Seconds to wait for another micropatch operation on the same process "
-        "(default 30).",
-    ),
-]
-ExeOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--exe", help="With --all: only processes whose executable path matches this glob."
-    ),
-]
-UserOption = Annotated[
-    list[str] | None,
-    typer.Option("--user", help="With --all: only processes of this user (name or uid)."),
-]
-UnitOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--unit",
-        help="With --all: only processes in this systemd unit (glob; `nginx` = nginx.service).",
-    ),
-]
-CgroupOption = Annotated[
-    list[str] | None,
-    typer.Option("--cgroup", help="With --all: only processes whose cgroup path matches."),
-]
-DryRunOption = Annotated[
-    bool,
-    typer.Option(
-        "--dry-run", help="With --all: list the processes it would touch, and touch none."
-    ),
-]
+    """Print a warning, as it is."""
+    err.print(f"[bold yellow]warning:[/] {escape(message)}")
+
+
+def escape(text: object) -> str:
+    """`text` for a rich console: every `[` that could open markup escaped, so that
+    `[rsp+0x10]` is printed, not eaten."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(str(text))

@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import time
 import zlib
+from typing import TYPE_CHECKING
 
 from micropatch.arch import TrampolineLayout
-from micropatch.build.plan import PlannedSite
 from micropatch.errors import MicropatchError, OriginalBytesMismatch
 from micropatch.faults import checkpoint
 from micropatch.live.cave import (
@@ -40,7 +40,10 @@ from micropatch.live.module import LoadedModule
 from micropatch.live.registry import APPLYING, AppliedPatch, AppliedSite, Registry
 from micropatch.live.safety import PendingMove, in_use, into_copy
 from micropatch.live.transaction import Transaction
-from micropatch.patch.model import Patch
+
+if TYPE_CHECKING:
+    from micropatch.build.plan import PlannedSite
+    from micropatch.patch.view import PatchView
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,7 @@ def store(tx: Transaction, cave: Cave) -> None:
 def check_originals(
     tx: Transaction,
     caves: list[Cave],
-    patch: Patch,
+    patch: PatchView,
     planned: list[PlannedSite],
     replacing: AppliedPatch | None,
 ) -> None:
@@ -95,7 +98,7 @@ def new_cave(tx: Transaction, caves: list[Cave], module: LoadedModule) -> Cave:
 
 
 def write_trampolines(
-    tx: Transaction, cave: Cave, patch: Patch, planned: list[PlannedSite]
+    tx: Transaction, cave: Cave, patch: PatchView, planned: list[PlannedSite]
 ) -> tuple[AppliedPatch, list[TrampolineLayout]]:
     """Step 1 of apply: trampolines into free slots (nothing refers to them yet)."""
     sites, layouts = [], []

@@ -14,8 +14,8 @@ import time
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from micropatch.build.plan import PlannedSite, plan_patch
 from micropatch.errors import (
     AlreadyApplied,
     Downgrade,
@@ -46,7 +46,10 @@ from micropatch.process.world import (
     held_world,
     stop_world,
 )
-from micropatch.trust.policy import Admitted
+
+if TYPE_CHECKING:  # the planner (and the assembler) are loaded by apply and update only
+    from micropatch.build.plan import PlannedSite
+    from micropatch.trust.policy import Admitted
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +153,8 @@ def apply_held(
     as `apply` (recovery first, checks, cave, trampolines, registry, jumps, read-back,
     rollback on any error), without detaching anything. No retries: a thread in
     the way raises UnsafeToPatch at once, nothing changed."""
+    from micropatch.build.plan import plan_patch
+
     change = _Change(proc.pid, patch, None, modules)
     try:
         mappings = read_maps(proc.pid)
@@ -236,6 +241,8 @@ def _attempts(change: _Change, retries: int) -> Outcome:
     check_alive(change.pid)
     module = planned = None
     if change.add is not None:
+        from micropatch.build.plan import plan_patch
+
         mappings = read_maps(change.pid)
         modules = change.modules or ModuleCache()
         module = find_module(change.pid, mappings, change.add.patch.target, modules)

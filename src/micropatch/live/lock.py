@@ -27,7 +27,6 @@ import os
 import shlex
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
@@ -115,6 +114,8 @@ def lock_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isdir(runtime):
         return Path(runtime) / "micropatch"
+    import tempfile
+
     return Path(tempfile.gettempdir()) / f"micropatch-{os.geteuid()}"
 
 

@@ -7,21 +7,20 @@ upgraded since (maps says "(deleted)") or live in another mount namespace.
 
 from __future__ import annotations
 
-import difflib
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, BinaryIO
 
-from micropatch.elf.identity import ModuleIdentity, identify
 from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
 from micropatch.process.maps import Mapping
 from micropatch.process.procfs import process_name
 
-if TYPE_CHECKING:  # at run time only the functions that parse a module load pyelftools
+if TYPE_CHECKING:  # at run time only the functions that read a module load the ELF code
+    from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
     from micropatch.elf.location import Location
-    from micropatch.patch.model import Target
+    from micropatch.patch.view import TargetView
 
 CAVE_PREFIX = "/memfd:micropatch"
 
@@ -69,6 +68,7 @@ class ModuleCache:
             if entry is not None:
                 self._entries.move_to_end(key)
                 return entry
+            from micropatch.elf.identity import identify
             from micropatch.elf.image import ElfImage
 
             identity = identify(file)
@@ -129,12 +129,14 @@ def symbol_address(
 
 
 def find_module(
-    pid: int, mappings: list[Mapping], target: Target, cache: ModuleCache | None = None
+    pid: int, mappings: list[Mapping], target: TargetView, cache: ModuleCache | None = None
 ) -> LoadedModule:
     """The mapping of the patch's module in pid, checked against its identity."""
     cache = cache or ModuleCache(1)
     groups = module_groups(mappings, target.module)
     if not groups:
+        import difflib
+
         names = sorted({m.name for m in mappings if m.inode})
         close = difflib.get_close_matches(target.module, names, n=3)
         hint = f" (similar: {', '.join(close)})" if close else ""

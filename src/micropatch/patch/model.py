@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -33,8 +33,9 @@ from pydantic_core import InitErrorDetails
 from micropatch.elf.location import Location, parse_location
 from micropatch.errors import PatchFormatError
 from micropatch.patch.asmtext import BLOCKED_REFERENCE, references
-from micropatch.patch.ctext import jump_indexes, uses_blocked
+from micropatch.patch.ctext import jump_indexes
 from micropatch.patch.guard import parse_then, parse_when
+from micropatch.patch.view import BodyKind, body_kind, counts_blocked
 
 RESUME_AFTER = "after"
 ARCHITECTURES = ("x86_64",)
@@ -48,8 +49,6 @@ _CVE = re.compile(r"CVE-\d{4}-\d{4,}")
 _ARCH_ALIASES = frozenset({"x86-64", "amd64", "x64", "X86_64", "AMD64"})
 _BODIES = ("code", "when", "c")
 _BODY_HELP = "give the patchlet's body as code (assembly), when + then (a guard) or c (C)"
-
-BodyKind = Literal["code", "guard", "c"]
 
 
 class FieldProblem(ValueError):
@@ -303,20 +302,12 @@ class Patchlet(_Model):
     @property
     def kind(self) -> BodyKind:
         """Which of the three forms the body is written in."""
-        if self.when is not None:
-            return "guard"
-        if self.c is not None:
-            return "c"
-        return "code"
+        return body_kind(self.when, self.c)
 
     @property
     def counts_blocked(self) -> bool:
         """Whether the body records blocked events, and so needs a counter in the cave."""
-        if self.then is not None:
-            return parse_then(self.then).blocked
-        if self.c is not None:
-            return uses_blocked(self.c)
-        return BLOCKED_REFERENCE in references(self.code or "")
+        return counts_blocked(self.code, self.then, self.c)
 
     @field_serializer("expect")
     def _expect_text(self, value: bytes | None) -> str | None:

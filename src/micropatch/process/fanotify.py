@@ -10,7 +10,6 @@ dying reader never leaves an exec blocked.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import struct
@@ -59,7 +58,9 @@ RESPONSE = struct.Struct("<iI")
 EVENT_FILE_FLAGS = os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC
 READ_SIZE = 64 * METADATA.size  # one read returns whole records only
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The libc this interpreter runs with, by its handle (dlopen(NULL)): no search for it,
+# which `ctypes.util.find_library` does by running `ldconfig -p` in a child process.
+_libc = ctypes.CDLL(None, use_errno=True)
 _init = _libc.fanotify_init
 _init.argtypes = [ctypes.c_uint, ctypes.c_uint]
 _init.restype = ctypes.c_int

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 
@@ -21,7 +20,9 @@ from micropatch.process.linux import (
     PTRACE_TRACEME,
 )
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The libc this interpreter runs with, by its handle (dlopen(NULL)): no search for it,
+# which `ctypes.util.find_library` does by running `ldconfig -p` in a child process.
+_libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _ptrace.restype = ctypes.c_long

@@ -25,29 +25,23 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
-from micropatch import __version__
 from micropatch.bodies.cbody import CompiledC
 from micropatch.errors import ArtifactError
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
+from micropatch.patch.view import readings
 from micropatch.trust.canonical import canonical_json, digest
+from micropatch.trust.envelope import MAX_SIZE, SUFFIX, Envelope, read_envelope
 from micropatch.trust.keys import PrivateKey, PublicKey, Signature
 from micropatch.trust.payload import Payload
+from micropatch.trust.recorded import ModuleFact, SiteFact, check_facts, recorded_patch
 from micropatch.trust.signatures import Verification, verify_signatures
-
-FORMAT = "micropatch-artifact"
-FORMAT_VERSION = 1
-SUFFIX = ".mpatch"
-MAX_SIZE = 64 << 20  # no real artifact comes near; refuse before parsing a huge file
-
-
 
 # --- the artifact ---------------------------------------------------------------
 
@@ -123,91 +117,16 @@ def load(path: str | Path) -> Artifact:
 
 def loads(data: bytes, name: str = "<artifact>") -> Artifact:
     """Parse an artifact from bytes; `name` says where they came from in messages."""
+    return from_envelope(read_envelope(data, name))
 
-    def bad(problem: str) -> ArtifactError:
-        return ArtifactError(f"{name}: {problem}")
 
-    if len(data) > MAX_SIZE:
-        raise bad(f"is larger than {MAX_SIZE >> 20} MiB, which no artifact is")
+def from_envelope(envelope: Envelope) -> Artifact:
+    """The artifact of a parsed envelope, its whole payload validated."""
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise bad(f"not an artifact: not UTF-8 text (invalid byte at offset {exc.start})") from None
-    try:
-        document = json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except json.JSONDecodeError as exc:
-        at_end = exc.pos >= len(text.rstrip())
-        where = "the end" if at_end else f"line {exc.lineno}, column {exc.colno}"
-        what = exc.msg[:1].lower() + exc.msg[1:]
-        raise bad(
-            f"not an artifact: invalid JSON at {where} ({what}); truncated or corrupt?"
-        ) from None
-    except (ValueError, RecursionError) as exc:
-        raise bad(f"not an artifact: invalid JSON ({exc})") from None
-    if not isinstance(document, dict):
-        raise bad("not an artifact: expected a JSON object with id, payload and signatures")
-    missing = [k for k in ("id", "payload", "signatures") if k not in document]
-    if missing:
-        raise bad(f"not an artifact: missing field {', '.join(map(repr, missing))}")
-    extra = sorted(set(document) - {"id", "payload", "signatures"})
-    if extra:
-        raise bad(f"unknown top-level field {extra[0]!r} (allowed: id, payload, signatures)")
-    raw = document["payload"]
-    if not isinstance(raw, dict):
-        raise bad("payload: must be a JSON object")
-    _check_format(raw, bad)
-    try:
-        canonical = canonical_json(raw)
-    except ArtifactError as exc:
-        raise bad(f"payload: {exc}") from None
-    claimed = document["id"]
-    actual = digest(canonical)
-    if claimed != actual:
-        raise bad(
-            f"the payload's SHA-256 is {actual}, but the artifact says {claimed!r}: it was "
-            "modified or corrupted after it was built"
-        )
-    try:
-        payload = Payload.model_validate(raw)
+        payload = Payload.model_validate(envelope.payload)
     except ValidationError as exc:
-        raise bad(_validation_problems(exc)) from None
-    if not isinstance(document["signatures"], list):
-        raise bad("signatures: must be a list")
-    signatures = []
-    for i, entry in enumerate(document["signatures"]):
-        try:
-            signatures.append(Signature.from_json(entry))
-        except ValueError as exc:
-            raise bad(f"signatures[{i}]: {exc}") from None
-    return Artifact(payload, canonical, tuple(signatures), name)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # Two values for one key would make "the" payload depend on the parser.
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _no_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _check_format(raw: dict[str, Any], bad: Callable[[str], ArtifactError]) -> None:
-    kind, version = raw.get("format"), raw.get("format_version")
-    if kind != FORMAT:
-        raise bad(f"payload.format: {kind!r} is not {FORMAT!r}; not a micropatch artifact")
-    if type(version) is not int:
-        raise bad(f"payload.format_version: must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
-        newer = " it was built by a newer micropatch: upgrade" if version > FORMAT_VERSION else ""
-        raise bad(
-            f"payload.format_version: version {version} is not supported (this micropatch "
-            f"{__version__} reads version {FORMAT_VERSION});{newer or ' rebuild it'}"
-        )
+        raise ArtifactError(f"{envelope.name}: {_validation_problems(exc)}") from None
+    return Artifact(payload, envelope.canonical, envelope.signatures, envelope.name)
 
 
 def _validation_problems(exc: ValidationError) -> str:
@@ -242,70 +161,36 @@ def verify(
     return verify_signatures(artifact.name, artifact.canonical, artifact.signatures, trusted, now)
 
 
-def full_expect(given: bytes | None, original: bytes) -> bytes | None:
-    """The bytes to expect at a site: the site's original bytes, or the author's
-    `expect` where it covers more (up to `resume`, say), which `build` checked
-    against the module file; None if the two disagree where both speak."""
-    if given is None:
-        return original
-    common = min(len(given), len(original))
-    if given[:common] != original[:common]:
-        return None
-    return given if len(given) > len(original) else original
-
-
 def patch_of(artifact: Artifact) -> Patch:
     """The patch to apply: parsed from the payload's source, checked against the
     recorded module identity and sites, with every site's expected bytes set to
     the original bytes that `build` verified (or the source's `expect`, where it
     covers more than the site: `build` verified those too)."""
     payload = artifact.payload
-
-    def bad(problem: str) -> ArtifactError:
-        return ArtifactError(
-            f"{artifact.name}: {problem}; the artifact is inconsistent, rebuild it"
-        )
-
     patch = parse_patch(payload.patch.source, f"{artifact.name}: {payload.patch.source_name}")
-    target, module = patch.target, payload.module
     if (patch.id, patch.version) != (payload.patch.id, payload.patch.version):
-        raise bad(
-            f"its source is patch {patch.id} v{patch.version}, but it is labelled "
-            f"{payload.patch.id} v{payload.patch.version}"
+        raise ArtifactError(
+            f"{artifact.name}: its source is patch {patch.id} v{patch.version}, but it is "
+            f"labelled {payload.patch.id} v{payload.patch.version}; the artifact is "
+            "inconsistent, rebuild it"
         )
-    if target.module != module.name:
-        raise bad(f"its source targets {target.module}, but it was built for {module.name}")
-    if target.build_id is not None and target.build_id != module.build_id:
-        raise bad(
-            f"its source targets build-id {target.build_id}, but it was built against "
-            f"build-id {module.build_id}"
-        )
-    if target.sha256 is not None and target.sha256 != module.sha256:
-        raise bad(
-            f"its source targets sha256 {target.sha256}, but it was built against {module.sha256}"
-        )
-    sites = sorted(payload.sites, key=lambda s: s.patchlet)
-    if [s.patchlet for s in sites] != list(range(len(patch.patchlets))):
-        raise bad(
-            f"its source has {len(patch.patchlets)} patchlets, but sites are recorded for "
-            f"patchlets {[s.patchlet for s in sites]}"
-        )
-    patchlets = []
-    for site, patchlet in zip(sites, patch.patchlets, strict=True):
-        if site.at != patchlet.at:
-            raise bad(
-                f"patchlet[{site.patchlet}] is at {patchlet.at!r} in its source, but its site "
-                f"was recorded for {site.at!r}"
+    module = ModuleFact(payload.module.name, payload.module.build_id, payload.module.sha256)
+    sites = [SiteFact(s.patchlet, s.at, s.original_bytes) for s in payload.sites]
+    expects = check_facts(patch, module, sites, artifact.name)
+    patchlets = tuple(
+        p.model_copy(update={"expect": e}) for p, e in zip(patch.patchlets, expects, strict=True)
+    )
+    filled = patch.model_copy(update={"patchlets": patchlets})
+    # What apply reads is the recorded model (trust.recorded): it must say what the
+    # source says, field for field.
+    recorded, _ = recorded_patch(json.loads(artifact.canonical), artifact.name)
+    for (name, ours), (_, theirs) in zip(readings(filled), readings(recorded), strict=True):
+        if ours != theirs:
+            raise ArtifactError(
+                f"{artifact.name}: its recorded model says {name} = {theirs!r}, its source "
+                f"{ours!r}; the artifact is inconsistent, rebuild it"
             )
-        expect = full_expect(patchlet.expect, site.original_bytes)
-        if expect is None:
-            assert patchlet.expect is not None
-            raise bad(
-                f"patchlet[{site.patchlet}] expects {patchlet.expect.hex(' ')}, but the site "
-                f"recorded holds {site.original_bytes.hex(' ')}"
-            )
-        patchlets.append(patchlet.model_copy(update={"expect": expect}))
-    return patch.model_copy(update={"patchlets": tuple(patchlets)})
+    return filled
 
 
 def compiled_bodies(artifact: Artifact) -> dict[str, CompiledC]:

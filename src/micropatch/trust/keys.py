@@ -25,7 +25,6 @@ from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from micropatch.errors import SignatureError
 from micropatch.trust.paths import DEFAULT_TRUST_DIR, TRUST_DIR_VARIABLE
@@ -42,6 +41,7 @@ _SIGNATURE_BYTES = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
+_TIME = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})T(\d{1,2}):(\d{1,2}):(\d{1,2})Z", re.ASCII)
 _PUBLIC_FIELDS = frozenset(
     {"format", "format_version", "kind", "algorithm", "name", "keyid", "public_key"}
     | {"created", "expires"}
@@ -64,8 +64,13 @@ def format_time(moment: datetime.datetime) -> str:
 
 
 def parse_time(text: str) -> datetime.datetime:
-    """Inverse of `format_time`; ValueError for anything else."""
-    return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.UTC)
+    """Inverse of `format_time`; ValueError for anything else. (What strptime with
+    "%Y-%m-%dT%H:%M:%SZ" accepts, without loading its locale machinery.)"""
+    match = _TIME.fullmatch(text)
+    if match is None:
+        raise ValueError(f"time data {text!r} does not match format '%Y-%m-%dT%H:%M:%SZ'")
+    year, month, day, hour, minute, second = map(int, match.groups())
+    return datetime.datetime(year, month, day, hour, minute, second, tzinfo=datetime.UTC)
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,8 @@ def generate_key(
     created = now or utc_now()
     expires = None if expires_days is None else created + datetime.timedelta(days=expires_days)
     private = Ed25519PrivateKey.generate()
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     raw = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     seed = private.private_bytes_raw()
     return PrivateKey(PublicKey(name, key_id(raw), raw, created, expires, ""), seed)
@@ -235,6 +242,8 @@ def load_private_key(path: str | Path) -> PrivateKey:
         )
     public = _public_from(document, str(path), _PRIVATE_FIELDS)
     seed = _hex_field(document, "private_key", str(path), _KEY_BYTES)
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     derived = (
         Ed25519PrivateKey.from_private_bytes(seed)
         .public_key()

@@ -9,9 +9,11 @@ without passing here.
 
 The policy:
 - a signed artifact is admitted if its id matches its content and at least
-  one signature is by a trusted, unexpired key; the patch is parsed from the
-  very bytes that were verified, and its C bodies are the signed machine code
-  (no compiler runs on the applying host);
+  one signature is by a trusted, unexpired key; the signatures are checked
+  before anything in the payload is read, the patch is read from the very
+  bytes that were verified (as the artifact records it, `trust.recorded`: no
+  model framework, no source parser), and its C bodies are the signed machine
+  code (no compiler runs on the applying host);
 - with `allow_unsigned` (development only), a TOML source is admitted as is,
   and an artifact without signatures, or with no keys to check them, is
   admitted unverified; each such case is reported in `warnings`.
@@ -22,24 +24,29 @@ from __future__ import annotations
 import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import ArtifactError, NotAdmitted
-from micropatch.patch.model import Patch
-from micropatch.patch.source import parse_patch
-from micropatch.trust.artifact import MAX_SIZE, Artifact, compiled_bodies, loads, patch_of, verify
+from micropatch.trust.envelope import MAX_SIZE, Envelope, read_envelope
 from micropatch.trust.keys import PublicKey
-from micropatch.trust.signatures import Verification
+from micropatch.trust.recorded import recorded_patch
+from micropatch.trust.signatures import Verification, verify_signatures
+
+if TYPE_CHECKING:
+    from micropatch.patch.view import PatchView
+    from micropatch.trust.artifact import Artifact
 
 
 @dataclass(frozen=True)
 class Admitted:
     """A patch the policy lets through, with the toolchain that compiles its bodies."""
 
-    patch: Patch
+    patch: PatchView
     toolchain: Toolchain
-    artifact: Artifact | None = None  # None: an unsigned TOML source
+    envelope: Envelope | None = None  # None: an unsigned TOML source
     verification: Verification | None = None  # None: signatures were not checked
     warnings: tuple[str, ...] = ()
 
@@ -50,6 +57,27 @@ class Admitted:
     @property
     def version(self) -> int:
         return self.patch.version
+
+    @cached_property
+    def artifact(self) -> Artifact | None:
+        """The artifact with its whole payload validated (None for a source): made on
+        first use, since applying needs only the recorded patch."""
+        if self.envelope is None:
+            return None
+        from micropatch.trust.artifact import from_envelope
+
+        return from_envelope(self.envelope)
+
+    def described(self, name: str) -> str | None:
+        """`verified NAME: fix v2 for libfoo.so.1, signed by key 'release' (…)`, or
+        None if no signature was checked."""
+        if self.verification is None:
+            return None
+        signers = ", ".join(k.describe() for k in self.verification.signers)
+        return (
+            f"verified {name}: {self.id} v{self.version} for {self.patch.target.module}, "
+            f"signed by {signers}"
+        )
 
 
 def is_source(data: bytes, name: str = "") -> bool:
@@ -85,13 +113,15 @@ def admit(
                 "apply the .mpatch file; for development only, --allow-unsigned applies a "
                 "source as is"
             )
+        from micropatch.patch.source import parse_patch
+
         patch = parse_patch(data, name)
         warning = f"applying the unsigned patch source {name} (--allow-unsigned: development only)"
         return Admitted(patch, toolchain or Toolchain(), warnings=(warning,))
-    artifact = loads(data, name)  # read once: the bytes verified are the bytes applied
+    envelope = read_envelope(data, name)  # read once: the bytes verified are the bytes applied
     verification = None
     warnings: tuple[str, ...] = ()
-    if keys is None or (allow_unsigned and not artifact.signatures):
+    if keys is None or (allow_unsigned and not envelope.signatures):
         if not allow_unsigned:
             raise NotAdmitted(
                 f"{name}: no trusted keys to check its signatures; pass --trust KEY.pub or "
@@ -102,14 +132,12 @@ def admit(
             "development only)",
         )
     else:
-        verification = verify(artifact, keys, now)
+        verification = verify_signatures(name, envelope.canonical, envelope.signatures, keys, now)
         warnings = tuple(f"{name}: ignored a signature: {note}" for note in verification.ignored)
-    # Parsed from the very bytes that were hashed and verified: what is applied is
+    # Read from the very bytes that were hashed and verified: what is applied is
     # what was signed, checked against the recorded module identity and sites.
-    patch = patch_of(artifact)
-    return Admitted(
-        patch, Toolchain.signed(compiled_bodies(artifact)), artifact, verification, warnings
-    )
+    recorded, compiled = recorded_patch(envelope.payload, name)
+    return Admitted(recorded, Toolchain.signed(compiled), envelope, verification, warnings)
 
 
 def admit_file(

@@ -1,0 +1,270 @@
+"""The patch as an artifact records it, read without the model framework.
+
+`build` stores the validated model of the source in the payload (`patch.model`)
+next to the facts it proved (module identity, sites, original bytes, compiled
+C code). Applying a verified artifact reads that record here, with the
+standard library: what the planner and the engine read of a patch
+(`patch.view`), checked for type and against the recorded facts, so that the
+apply path loads neither pydantic nor the source parser. The server and the
+author's tools validate the whole payload instead (`trust.artifact`), and
+`trust.artifact.patch_of` parses the source again; both check the record
+against the facts with `check_facts`.
+
+The records are named tuples, not dataclasses: frozen dataclasses cost a
+millisecond each to define, on the path of every apply.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+from micropatch.errors import ArtifactError
+from micropatch.patch.view import BodyKind, body_kind, counts_blocked
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from micropatch.bodies.cbody import CompiledC
+    from micropatch.patch.view import PatchView
+
+
+class RecordedInfo(NamedTuple):
+    id: str
+    version: int
+    title: str | None = None
+    description: str | None = None
+    cves: tuple[str, ...] = ()
+    author: str | None = None
+
+
+class RecordedTarget(NamedTuple):
+    module: str
+    build_id: str | None
+    sha256: str | None
+    arch: str = "x86_64"
+
+
+class RecordedPatchlet(NamedTuple):
+    at: str
+    expect: bytes | None = None
+    code: str | None = None
+    when: str | None = None
+    then: str | None = None
+    c: str | None = None
+    jumps: tuple[str, ...] = ()
+    resume: str = "after"
+    check_branches: bool = True
+
+    @property
+    def kind(self) -> BodyKind:
+        return body_kind(self.when, self.c)
+
+    @property
+    def counts_blocked(self) -> bool:
+        return counts_blocked(self.code, self.then, self.c)
+
+
+class RecordedPatch(NamedTuple):
+    info: RecordedInfo
+    target: RecordedTarget
+    patchlets: tuple[RecordedPatchlet, ...]
+
+    @property
+    def id(self) -> str:
+        return self.info.id
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+
+class SiteFact(NamedTuple):
+    """What `build` proved about one patchlet's site, as `check_facts` needs it."""
+
+    patchlet: int
+    at: str
+    original: bytes
+
+
+class ModuleFact(NamedTuple):
+    name: str
+    build_id: str | None
+    sha256: str
+
+
+def full_expect(given: bytes | None, original: bytes) -> bytes | None:
+    """The bytes to expect at a site: the site's original bytes, or the author's
+    `expect` where it covers more (up to `resume`, say), which `build` checked
+    against the module file; None if the two disagree where both speak."""
+    if given is None:
+        return original
+    common = min(len(given), len(original))
+    if given[:common] != original[:common]:
+        return None
+    return given if len(given) > len(original) else original
+
+
+def check_facts(
+    patch: PatchView, module: ModuleFact, sites: Sequence[SiteFact], name: str
+) -> list[bytes]:
+    """Check a patch read from an artifact against the facts recorded with it; the
+    bytes each patchlet expects at its site (`full_expect`). ArtifactError if they
+    disagree: the artifact is inconsistent."""
+
+    def bad(problem: str) -> ArtifactError:
+        return ArtifactError(f"{name}: {problem}; the artifact is inconsistent, rebuild it")
+
+    target = patch.target
+    if target.module != module.name:
+        raise bad(f"its source targets {target.module}, but it was built for {module.name}")
+    if target.build_id is not None and target.build_id != module.build_id:
+        raise bad(
+            f"its source targets build-id {target.build_id}, but it was built against "
+            f"build-id {module.build_id}"
+        )
+    if target.sha256 is not None and target.sha256 != module.sha256:
+        raise bad(
+            f"its source targets sha256 {target.sha256}, but it was built against {module.sha256}"
+        )
+    ordered = sorted(sites, key=lambda s: s.patchlet)
+    if [s.patchlet for s in ordered] != list(range(len(patch.patchlets))):
+        raise bad(
+            f"its source has {len(patch.patchlets)} patchlets, but sites are recorded for "
+            f"patchlets {[s.patchlet for s in ordered]}"
+        )
+    expects = []
+    for site, patchlet in zip(ordered, patch.patchlets, strict=True):
+        if site.at != patchlet.at:
+            raise bad(
+                f"patchlet[{site.patchlet}] is at {patchlet.at!r} in its source, but its site "
+                f"was recorded for {site.at!r}"
+            )
+        expect = full_expect(patchlet.expect, site.original)
+        if expect is None:
+            assert patchlet.expect is not None
+            raise bad(
+                f"patchlet[{site.patchlet}] expects {patchlet.expect.hex(' ')}, but the site "
+                f"recorded holds {site.original.hex(' ')}"
+            )
+        expects.append(expect)
+    return expects
+
+
+def recorded_patch(
+    payload: dict[str, Any], name: str
+) -> tuple[RecordedPatch, dict[str, CompiledC]]:
+    """The patch an artifact's payload records, its expected bytes filled from the
+    sites, and its compiled C bodies by source text. ArtifactError naming the field
+    that is missing or of the wrong type, or what disagrees with the facts."""
+    from micropatch.bodies.cbody import CompiledC
+
+    read = _Reader(name)
+    facts = read.table(payload, "payload", "patch")
+    model = read.table(facts, "payload.patch", "model")
+    info_table = read.table(model, "payload.patch.model", "patch")
+    target_table = read.table(model, "payload.patch.model", "target")
+    module_table = read.table(payload, "payload", "module")
+    info = RecordedInfo(
+        read.value(info_table, "patch", "id", str),
+        read.value(info_table, "patch", "version", int),
+        read.value(info_table, "patch", "title", str, None),
+        read.value(info_table, "patch", "description", str, None),
+        tuple(read.strings(info_table, "patch", "cves")),
+        read.value(info_table, "patch", "author", str, None),
+    )
+    if (info.id, info.version) != (read.value(facts, "payload.patch", "id", str),
+                                   read.value(facts, "payload.patch", "version", int)):  # fmt: skip
+        raise ArtifactError(
+            f"{name}: its recorded model is patch {info.id} v{info.version}, but it is "
+            f"labelled {facts['id']} v{facts['version']}; the artifact is inconsistent, rebuild it"
+        )
+    target = RecordedTarget(
+        read.value(target_table, "target", "module", str),
+        read.value(target_table, "target", "build_id", str, None),
+        read.value(target_table, "target", "sha256", str, None),
+        read.value(target_table, "target", "arch", str, "x86_64"),
+    )
+    patchlets = []
+    for i, entry in enumerate(read.tables(model, "payload.patch.model", "patchlet")):
+        where = f"patchlet[{i}]"
+        expect = read.value(entry, where, "expect", str, None)
+        patchlets.append(RecordedPatchlet(
+            read.value(entry, where, "at", str),
+            None if expect is None else read.hex(expect, f"{where}.expect"),
+            read.value(entry, where, "code", str, None),
+            read.value(entry, where, "when", str, None),
+            read.value(entry, where, "then", str, None),
+            read.value(entry, where, "c", str, None),
+            tuple(read.strings(entry, where, "jumps")),
+            read.value(entry, where, "resume", str, "after"),
+            read.value(entry, where, "check_branches", bool, True),
+        ))  # fmt: skip
+    module = ModuleFact(
+        read.value(module_table, "module", "name", str),
+        read.value(module_table, "module", "build_id", str, None),
+        read.value(module_table, "module", "sha256", str),
+    )
+    sites, compiled = [], {}
+    for i, entry in enumerate(read.tables(payload, "payload", "sites")):
+        where = f"sites[{i}]"
+        index = read.value(entry, where, "patchlet", int)
+        original = read.hex(read.value(entry, where, "original", str), f"{where}.original")
+        sites.append(SiteFact(index, read.value(entry, where, "at", str), original))
+        code = read.value(entry, where, "c_code", str, None)
+        entry_offset = read.value(entry, where, "c_entry", int, None)
+        if 0 <= index < len(patchlets) and code is not None and entry_offset is not None:
+            source = patchlets[index].c
+            if source is not None:
+                compiled[source] = CompiledC(read.hex(code, f"{where}.c_code"), entry_offset)
+    patch = RecordedPatch(info, target, tuple(patchlets))
+    expects = check_facts(patch, module, sites, name)
+    filled = tuple(
+        p._replace(expect=e) for p, e in zip(patchlets, expects, strict=True)
+    )
+    return RecordedPatch(info, target, filled), compiled
+
+
+class _Reader:
+    """Typed lookups in parsed JSON, with messages that name the artifact and field."""
+
+    _MISSING = object()
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def bad(self, where: str, problem: str) -> ArtifactError:
+        return ArtifactError(f"{self.name}: {where}: {problem}")
+
+    def value(
+        self, table: dict[str, Any], where: str, key: str, kind: type, default: Any = _MISSING
+    ) -> Any:
+        value = table.get(key, default)
+        if value is self._MISSING:
+            raise self.bad(f"{where}.{key}", "required field is missing")
+        if value is None and default is None:
+            return None
+        # bool is an int in Python, and JSON true must not pass for a number
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.bad(f"{where}.{key}", f"expected {kind.__name__}, got {value!r}")
+        return value
+
+    def table(self, table: dict[str, Any], where: str, key: str) -> dict[str, Any]:
+        return dict(self.value(table, where, key, dict))
+
+    def tables(self, table: dict[str, Any], where: str, key: str) -> list[dict[str, Any]]:
+        items = self.value(table, where, key, list)
+        if not items or not all(isinstance(item, dict) for item in items):
+            raise self.bad(f"{where}.{key}", "expected a non-empty list of objects")
+        return items  # type: ignore[no-any-return]
+
+    def strings(self, table: dict[str, Any], where: str, key: str) -> list[str]:
+        items = self.value(table, where, key, list, [])
+        if not all(isinstance(item, str) for item in items):
+            raise self.bad(f"{where}.{key}", "expected a list of strings")
+        return items  # type: ignore[no-any-return]
+
+    def hex(self, text: str, where: str) -> bytes:
+        try:
+            return bytes.fromhex(text)
+        except ValueError:
+            raise self.bad(where, f"{text!r} is not hex bytes") from None
