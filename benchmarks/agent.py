@@ -22,7 +22,12 @@ a real process), in one run:
 2. Idle: with every process patched by the agent, its CPU (utime + stime of
    /proc/AGENT/stat, all threads) over IDLE seconds and its VmRSS (and VmHWM)
    from /proc/AGENT/status. Aims (issue 8): < 1% of one core, < 60 MB.
-3. CLI: `micropatch apply ARTIFACT --pid PID` with the agent answering on its
+3. Restart: with every process patched and bystanders (`sleep`) filling the
+   host to HOST_PROCESSES processes, the agent SIGKILLed (as the OOM killer
+   would) and started again: seconds from its start to ready (its first pass
+   over every process on the host done), RESTARTS times; after each, every
+   process's registry checked (the patch once, not twice). Aim (issue 18): ≤ 3 s.
+4. CLI: `micropatch apply ARTIFACT --pid PID` with the agent answering on its
    socket (the command routes through it), against the same command run
    directly (`MICROPATCH_NO_AGENT=1`) and against `gdb -batch -p PID -ex 'set
    {unsigned char[5]}compute = {0xe9, ...}'` (peers.gdb_cli: the same 5-byte
@@ -63,11 +68,13 @@ from benchmarks.agent_setup import (
     PERIOD,
     Agent,
     BenchError,
+    Bystanders,
     Fleet,
     Setup,
     bytecode,
     checked,
     cpu_ticks,
+    host_processes,
     prepare,
     registries,
     timed,
@@ -86,6 +93,8 @@ IDLE = 30.0
 QUICK_IDLE = 3.0
 CLI_RUNS = 20
 QUICK_CLI_RUNS = 3
+HOST_PROCESSES = 1300
+RESTARTS = 3
 
 
 def fleet_rounds(setup: Setup, agent: Agent, fleet: Fleet, rounds: int) -> dict[str, Any]:
@@ -168,10 +177,29 @@ def idle(setup: Setup, agent: Agent, fleet: Fleet, seconds: float, spy: bool) ->
     }
 
 
+def restarts(agent: Agent, fleet: Fleet, total: int, times: int) -> dict[str, Any]:
+    """The agent killed and started again with every process patched, `total` on the host."""
+    seconds: list[float] = []
+    wrong = 0
+    with Bystanders(total):
+        host = host_processes()
+        for r in range(times):
+            print(f"agent: restart {r + 1}/{times} ({host} processes)", file=sys.stderr)
+            agent.crash()
+            seconds.append(agent.start())
+            wrong += registries(fleet.pids, AGENT_ID, True)
+    return {"host_processes": host, "seconds": seconds, "summary": summary(seconds),
+            "registry_wrong": wrong}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = report.arguments(NAME, __doc__.splitlines()[0], argv)
     parser.add_argument(
         "--processes", type=int, default=None, help=f"idle targets (default {PROCESSES})"
+    )
+    parser.add_argument(
+        "--host-processes", type=int, default=HOST_PROCESSES,
+        help=f"processes on the host at restart, bystanders added (default {HOST_PROCESSES})",
     )
     parser.add_argument("--rounds", type=int, default=None, help=f"default {ROUNDS}")
     parser.add_argument("--idle", type=float, default=None, help=f"seconds (default {IDLE:g})")
@@ -221,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
                     with Spy(agent, "idle") as spy:
                         time.sleep(idle_seconds)
                     data["profile"] = spy.result
+                data["restart"] = restarts(
+                    agent, fleet, args.host_processes, 1 if args.quick else RESTARTS
+                )
                 checked(agent.cli("disable", AGENT_ID))
                 wait_all(fleet.sites, setup.original, patched=False)
             # The fleet is gone: part 3 on a quieter machine, the agent still running.

@@ -22,7 +22,10 @@ CLI_TOOLS = {
     "gdb": "gdb -batch -p (CLI process)",
     "socket": "the agent's socket from the benchmark's process (no CLI process)",
 }
-CLIENT_IMPORTS = "import micropatch.cli.quick, micropatch.agent.client, micropatch.cli.answers"
+CLIENT_IMPORTS = (
+    "import micropatch.cli.entry, micropatch.cli.spec, micropatch.cli.change, "
+    "micropatch.cli.transport, micropatch.cli.report, micropatch.agent.client"
+)
 
 
 def write_back(pid: int, address: int, data: bytes) -> None:
@@ -50,7 +53,7 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
     from micropatch.agent.client import AgentClient, artifact_arguments
 
     client = AgentClient(setup.socket, timeout=60)
-    # What `micropatch apply|remove --pid` sends (cli/quick.py), pids aside.
+    # What `micropatch apply|remove --pid` sends (cli/transport.py), pids aside.
     request = {"filters": None, "retries": None, "stop_timeout": None, "lock_timeout": None}
     tools = list(CLI_TOOLS)
     if shutil.which("gdb") is None:

@@ -157,13 +157,29 @@ def markdown(data: dict[str, Any]) -> str:
             f"all patched in {cost['enable_seconds_profiled']:.2f} s under py-spy)",
         )
         lines.append("")
+    again = data.get("restart")
+    if again:
+        r = again["summary"]
+        lines += [
+            f"## 3. The agent restarted with {n} processes patched",
+            "",
+            f"The agent SIGKILLed and started again, {r['n']} times, with the {n} processes "
+            f"patched and {again['host_processes']} processes on the host (`sleep` bystanders "
+            "added): from its start to ready (its first pass over every process done), in ms, "
+            f"**median / p90 / max**: {_cell(r)}. Registries wrong after (the patch missing "
+            f"or twice): {again['registry_wrong']}.",
+            "",
+            f"- Aim (issue 18): ready ≤ {RESTART_AIM:g} s after a restart with "
+            f"{again['host_processes']} processes — {_verdict(r['max'] <= RESTART_AIM)}",
+            "",
+        ]
     cli = data.get("cli")
     if cli:
         s = cli["summaries"]
         base = s["through_agent"]["apply"]["median"]
         runs = max(v["apply"]["n"] for v in s.values())
         lines += [
-            "## 3. One process: the CLI through the agent, directly, and gdb",
+            "## 4. One process: the CLI through the agent, directly, and gdb",
             "",
             f"Command start to exit (the target patched: `call 5` answers 12), in ms, **median / "
             f"p90 / max** of {runs} runs after a warm-up, tools in rotating order, on one target "

@@ -267,6 +267,37 @@ class Fleet:
         self.close()
 
 
+class Bystanders:
+    """`sleep` processes until the host holds at least `total` processes (other programs,
+    which the agent looks at and leaves alone); killed at the end whatever happens."""
+
+    def __init__(self, total: int) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        try:
+            for _ in range(max(0, total - host_processes())):
+                self.procs.append(subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> Bystanders:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+def host_processes() -> int:
+    return sum(name.isdigit() for name in os.listdir("/proc"))
+
+
 def entry(pid: int, address: int) -> bytes:
     fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
     try:

@@ -101,7 +101,7 @@ def test_a_write_refused_by_the_peer_check_says_so(tmp_path, keys):
         src = Path(test_agent.__file__).resolve().parents[2] / "src"
         site = next(p for p in sys.path if p.endswith("site-packages"))
         done = subprocess.run(
-            ["/usr/bin/python3", "-c", "from micropatch.cli.quick import main; main()",
+            ["/usr/bin/python3", "-c", "from micropatch.cli.entry import main; main()",
              "agent", "add", str(big), "--socket", str(run_dir / "a.sock")],
             capture_output=True, text=True, user=1, group=1, extra_groups=[], cwd="/",
             env={"PYTHONPATH": f"{src}:{site}", "COLUMNS": "250"}, timeout=120,
