@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         "--host-processes", type=int, default=HOST_PROCESSES,
         help=f"processes on the host at restart, bystanders added (default {HOST_PROCESSES})",
     )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="the agent's `workers` (default: its default)"
+    )
     parser.add_argument("--rounds", type=int, default=None, help=f"default {ROUNDS}")
     parser.add_argument("--idle", type=float, default=None, help=f"seconds (default {IDLE:g})")
     parser.add_argument("--runs", type=int, default=None, help=f"CLI runs (default {CLI_RUNS})")
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data: dict[str, Any] = {
         "processes": n,
-        "agent_config": AgentConfig().model_dump(),
+        "agent_config": AgentConfig(workers=args.workers).model_dump(),
         "target": {"source": "benchmarks/targets/bench_target.c", "build": build_command()},
         "period": PERIOD,
         "bytecode": bytecode(not args.no_compile),
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     failure: str | None = None
     with tempfile.TemporaryDirectory(prefix="micropatch-bench-") as tmp:
         setup = prepare(Path(tmp))
-        agent = Agent(setup)
+        agent = Agent(setup, "" if args.workers is None else f"workers = {args.workers}\n")
         try:
             print(f"agent: starting {n} targets", file=sys.stderr)
             start = time.perf_counter()

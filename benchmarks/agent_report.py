@@ -60,8 +60,10 @@ def _profile_markdown(prof: dict[str, Any] | None, what: str) -> list[str]:
 def markdown(data: dict[str, Any]) -> str:
     n = data["processes"]
     cfg = data["agent_config"]
+    workers = cfg.get("workers")
+    keys = "every key" if workers is None else f"workers = {workers}, every other key"
     lines = [
-        f"A real agent (`micropatch agent run`; configuration: every key at its default, "
+        f"A real agent (`micropatch agent run`; configuration: {keys} at its default, "
         f"rescan_interval = {cfg['rescan_interval']:g} s, blocked_interval = "
         f"{cfg['blocked_interval']:g} s, new_processes = {str(cfg['new_processes']).lower()}) "
         f"and {n} idle bench_target processes (one thread in read()). The agent was ready "
