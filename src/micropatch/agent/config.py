@@ -90,9 +90,9 @@ class AgentConfig(BaseModel):
     )
 
     def worker_count(self) -> int:
-        """`workers`, or one per CPU the agent may run on (at most 4): more threads than
-        CPUs only contend for the interpreter's lock. Measured, 200 processes on 2 CPUs:
-        enable → all patched 5.3 s with 1 worker, 2.4 s with 2
+        """`workers`, or one per CPU the agent may run on (at most 4: more threads than
+        CPUs would contend for the interpreter's lock; not measured). Measured, 200
+        processes on 2 CPUs: enable → all patched 5.3 s with 1 worker, 2.4 s with 2
         (benchmarks/results/agent_workers1.md, agent_workers2.md)."""
         import os
 
