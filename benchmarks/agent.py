@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         "--processes", type=int, default=None, help=f"idle targets (default {PROCESSES})"
     )
     parser.add_argument(
-        "--host-processes", type=int, default=HOST_PROCESSES,
+        "--host-processes",
+        type=int,
+        default=HOST_PROCESSES,
         help=f"processes on the host at restart, bystanders added (default {HOST_PROCESSES})",
     )
     parser.add_argument(

@@ -137,5 +137,3 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
         },
         "samples": {t: {"apply": apply_s[t], "undo": remove_s[t]} for t in CLI_TOOLS},
     }
-
-

@@ -121,5 +121,3 @@ def import_footprint() -> dict[str, Any]:
     steps = [(line.split()[0], int(line.split()[1])) for line in done.stdout.splitlines()]
     added = [(name, kib - steps[i][1]) for i, (name, kib) in enumerate(steps[1:])]
     return {"python_kib": steps[0][1], "total_kib": steps[-1][1], "added_kib": added}
-
-

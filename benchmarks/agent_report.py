@@ -223,5 +223,3 @@ def markdown(data: dict[str, Any]) -> str:
             lines += ["", "What each command printed (first recorded run):", ""]
             lines += [f"- `{line}`" for line in cli["routed_output"]]
     return "\n".join(lines)
-
-

@@ -390,5 +390,3 @@ def registries(pids: list[int], patch_id: str, present: bool) -> int:
         if (patch_id in applied) != present:
             wrong += 1
     return wrong
-
-

@@ -9,6 +9,7 @@ import time
 from benchmarks import (
     agent,
     agent_exec,
+    agent_index,
     build,
     chaos,
     cli,
@@ -17,6 +18,7 @@ from benchmarks import (
     overhead,
     pause,
     peers,
+    python,
     server,
     soak,
 )
@@ -32,8 +34,10 @@ BENCHMARKS = {
     "diff": diff,
     "agent": agent,
     "agent_exec": agent_exec,
+    "agent_index": agent_index,
     "server": server,
     "fleet_publish": fleet_publish,
+    "python": python,
 }
 
 

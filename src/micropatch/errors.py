@@ -144,11 +144,18 @@ class NotInstructionBoundary(SiteError):
 
 
 class BranchIntoSite(SiteError):
-    """A branch in the containing function targets a byte inside the site."""
+    """A branch in the containing function, or in a patchlet's body, targets a
+    byte inside a site (which the jump overwrites)."""
 
 
 class RelocationError(SiteError):
     """A displaced instruction cannot be moved to the trampoline."""
+
+
+class StackError(SiteError):
+    """A patchlet body's use of the stack cannot be proven right where it runs: rsp
+    not restored where it leaves, a store at or above the return address, a
+    `[frame+N]` where the body's stack depth is not known."""
 
 
 # --- process/ ---------------------------------------------------------------
@@ -256,6 +263,33 @@ class LockError(MicropatchError):
 
 class CaveError(MicropatchError):
     """No cave could be placed within reach of the module, or its registry is corrupt."""
+
+
+# --- runtimes/cpython/ -------------------------------------------------------
+
+
+class InterpreterError(MicropatchError):
+    """A process's Python interpreter cannot be found, read or patched: not CPython,
+    an unsupported version, a layout we cannot verify."""
+
+
+class ModuleNotImported(ModuleNotLoaded):
+    """A CPython patch's module is not in the process's sys.modules (yet)."""
+
+
+class CodeMismatch(ModuleMismatch):
+    """A function's code in the process, or the module's source file, is not the one
+    the patch was built against."""
+
+
+class NoSafePoint(UnsafeToPatch):
+    """No thread of an interpreter reached a point where Python code may run (the
+    GIL held, between bytecodes) within the time allowed; nothing was changed."""
+
+
+class PatchRefused(MicropatchError):
+    """The code running inside the interpreter refused the change (an audit hook,
+    a module changed under it, an exception of its own); nothing was changed."""
 
 
 # --- tools/ -----------------------------------------------------------------

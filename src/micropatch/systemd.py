@@ -1,13 +1,12 @@
 """What `micropatch agent install` and `micropatch server install` share: where units
-go, the command a unit runs, whether systemd runs here, quoting for unit files, and
-files written whole (a reader never sees half of one).
+go, the command a unit runs, whether systemd runs here, and quoting for unit files
+(which are written whole with micropatch.files.write_atomic).
 
 Standard library only: the CLI's install verbs load nothing else for it.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -58,20 +57,3 @@ def quote(word: str) -> str:
 
 def join(words: list[str]) -> str:
     return " ".join(map(quote, words))
-
-
-def write_file(path: Path, text: str, mode: int) -> None:
-    """Write `path` whole through a temporary file created with `mode` already (a
-    secret is never readable by others, not even for a moment)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # whatever the umask
-        with os.fdopen(fd, "w") as f:
-            fd = -1
-            f.write(text)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    os.replace(tmp, path)

@@ -2,10 +2,11 @@
 toward that executable's crash auto-disable, and every `crashed` event names the
 patch it may implicate.
 
-The agent runs on the host (the proc connector ignores subscribers outside the
-initial PID namespace) with `new_processes = false`, so it marks no filesystem,
-and a rescan an hour away: only the fork events can tell it what the children
-carry. The target is the session's own build of forker."""
+The agent runs in a sandbox in the host's PID namespace (its own mount namespace
+and tmpfs: the kernel serves the proc connector only to a listener in the initial
+PID namespace), with `new_processes = false` and a rescan an hour away: only the
+fork events can tell it what the children carry. The target is the session's own
+build of forker."""
 
 from __future__ import annotations
 
@@ -13,20 +14,22 @@ import signal
 from pathlib import Path
 
 from targets.fleet import wait_for
+from targets.isolation import NsTarget, Sandbox
 
-from . import test_agent
-from .test_agent import FAULTY, AgentProcess, applied, kinds, signed
+from .agentproc import NEEDS, AgentProcess, applied, kinds, signed
+from .test_agent_safety import FAULTY
 
-keys = test_agent.keys  # the fixture: a signing key the agent trusts
+pytestmark = NEEDS
 
 CONFIG = "crash_limit = 2\nnew_processes = false\nrescan_interval = 3600\nblocked_interval = 0.2\n"
 
 
 def test_crashes_of_forked_children_auto_disable_the_patch_for_the_executable(
-    targets, start, tmp_path: Path, keys: Path
+    targets, tmp_path: Path, keys: Path
 ) -> None:
-    master = start("forker")
-    agent = AgentProcess(tmp_path, tmp_path / "agent.sock", CONFIG).start()
+    box = Sandbox(tmp_path / "host", pid=False)
+    master = NsTarget(box, targets.path("forker"))
+    agent = AgentProcess(box, tmp_path, tmp_path / "agent.sock", CONFIG).start()
     try:
         done = agent.cli("add", signed(tmp_path, targets.forker, [FAULTY], keys))
         assert done.returncode == 0, done.stderr
@@ -59,4 +62,6 @@ def test_crashes_of_forked_children_auto_disable_the_patch_for_the_executable(
         [patch] = agent.status()["patches"]
         assert [d["exe"] for d in patch["auto_disabled"]] == [str(targets.forker)]
     finally:
-        agent.stop(signal.SIGKILL)
+        agent.kill()
+        master.close()
+        box.close()

@@ -1,5 +1,5 @@
-"""Issue 15.8, operator ergonomics, with a real agent (`new_processes = false`: it
-marks no filesystem) and real targets:
+"""Issue 15.8, operator ergonomics, with a real agent in a sandbox
+(tests/integration/agentproc.py) and real targets started there:
 
 - `agent add|update|enable|disable --wait` return once every matching running
   process carries the patch (or none does) and say how many; a process that cannot
@@ -20,25 +20,23 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from targets.fleet import wait_for
 
-from . import test_agent
-from .test_agent import FIX, FIX_V2, AgentProcess, applied, signed
+from .agentproc import FIX, FIX_V2, NEEDS, AgentProcess, applied, signed
 
-keys = test_agent.keys  # the fixture: a signing key the agent trusts
+pytestmark = NEEDS
 CONFIG = "new_processes = false\nrescan_interval = 3600\nblocked_interval = 0.2\n"
 
 
 @pytest.fixture
-def agent(tmp_path: Path, keys: Path):
-    a = AgentProcess(tmp_path, tmp_path / "agent.sock", CONFIG)
+def agent(box, tmp_path: Path, keys: Path):
+    a = AgentProcess(box, tmp_path, tmp_path / "agent.sock", CONFIG)
     yield a
-    if a.proc is not None and a.proc.poll() is None:
-        a.proc.kill()
-        a.proc.wait()
+    a.kill()
 
 
-def test_wait_returns_when_every_matching_process_is_done(targets, start, tmp_path, keys, agent):
-    ts = [start("vuln_pie") for _ in range(3)]
+def test_wait_returns_when_every_matching_process_is_done(targets, nstart, tmp_path, keys, agent):
+    ts = [nstart("vuln_pie") for _ in range(3)]
     agent.start()
     done = agent.cli("add", "--wait", signed(tmp_path, targets.vuln_pie, [FIX], keys))
     assert done.returncode == 0, done.stderr
@@ -62,9 +60,9 @@ def test_wait_returns_when_every_matching_process_is_done(targets, start, tmp_pa
     assert [applied(t.pid) for t in ts] == [[("agent-fix", 2)]] * 3
 
 
-def test_wait_names_what_cannot_be_done(targets, start, tmp_path, keys, agent):
+def test_wait_names_what_cannot_be_done(targets, nstart, tmp_path, keys, agent):
     """A seccomp filter that denies mmap: the patch can never be applied there."""
-    denied = start("seccomp")
+    denied = nstart("seccomp")
     agent.start()
     artifact = signed(tmp_path, targets.seccomp, [FIX], keys, id="sec-fix")
     # The timeout must outlast one pass over every process on the host, which on a loaded
@@ -74,7 +72,7 @@ def test_wait_names_what_cannot_be_done(targets, start, tmp_path, keys, agent):
     assert "added sec-fix v1 (enabled)" in done.stdout  # the add itself happened
     message = " ".join(done.stderr.split())
     assert "sec-fix v1: not settled within 10 s: 0 of 1 matching processes carry it" in message
-    assert f"pid {denied.pid} ({targets.seccomp}) to apply:" in message and "seccomp" in message
+    assert f"pid {denied.ns_pid} ({targets.seccomp}) to apply:" in message and "seccomp" in message
     assert applied(denied.pid) == []
 
 
@@ -87,7 +85,7 @@ def _same_python() -> bool:
 
 
 @pytest.mark.skipif(not _same_python(), reason="needs a system python3 of this version")
-def test_a_write_refused_by_the_peer_check_says_so(tmp_path, keys):
+def test_a_write_refused_by_the_peer_check_says_so(box, tmp_path, keys):
     """A uid the agent does not accept, reaching its socket anyway (a socket bind-mounted
     into a container, say): refused before its request is read; a large one (an
     artifact) used to end in "Broken pipe"."""
@@ -96,11 +94,11 @@ def test_a_write_refused_by_the_peer_check_says_so(tmp_path, keys):
     big = run_dir / "big.mpatch"
     big.write_bytes(os.urandom(3 << 20))  # far more than a socket buffer
     big.chmod(0o644)
-    a = AgentProcess(tmp_path, run_dir / "a.sock", CONFIG)
+    a = AgentProcess(box, tmp_path, run_dir / "a.sock", CONFIG)
     try:
         a.start()
         (run_dir / "a.sock").chmod(0o666)
-        src = Path(test_agent.__file__).resolve().parents[2] / "src"
+        src = Path(__file__).resolve().parents[2] / "src"
         site = next(p for p in sys.path if p.endswith("site-packages"))
         done = subprocess.run(
             ["/usr/bin/python3", "-c", "from micropatch.cli.entry import main; main()",
@@ -112,8 +110,7 @@ def test_a_write_refused_by_the_peer_check_says_so(tmp_path, keys):
         assert "Broken pipe" not in done.stderr
         assert "permission denied: uid 1 " in done.stderr and "may not use the micropatch agent" in done.stderr  # fmt: skip
     finally:
-        if a.proc is not None and a.proc.poll() is None:
-            a.stop()
+        a.kill()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -130,7 +127,7 @@ def test_a_follower_hanging_up_leaves_no_traceback(tmp_path, keys, agent):
     # Events to send it (and the keepalive each second): the agent finds it gone.
     for uid in ("12345", "12346"):
         assert agent.cli("exclude", "--user", uid).returncode == 0
-    test_agent.wait_for(lambda: agent.events()[-1]["message"].endswith("--user 12346"))
+    wait_for(lambda: agent.events()[-1]["message"].endswith("--user 12346"))
     import time
 
     time.sleep(2.5)  # two keepalives

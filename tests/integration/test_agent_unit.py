@@ -18,7 +18,7 @@ from targets.fleet import wait_for
 from micropatch.agent.client import AgentClient
 from micropatch.errors import ControlError
 
-from .test_agent import micropatch
+from .agentproc import micropatch
 
 needs_analyze = pytest.mark.skipif(
     not shutil.which("systemd-analyze"), reason="needs systemd-analyze"

@@ -174,9 +174,13 @@ def test_return_mid_function_is_refused_untouched(targets, start, body):
     "body",
     [
         {"when": "esi > 64", "then": "blocked; return -1"},
-        {"code": "cmp esi, 64\njle ok\nlock inc qword ptr [rip + {@blocked}]\nmov eax, -1\nret\nok:"},
-        {"c": "#include <micropatch.h>\nmp_verdict patchlet(struct mp_regs *r) {\n"
-              "  if ((int)r->rsi > 64) return MP_BLOCKED(MP_RETURN(-1));\n  return MP_CONTINUE;\n}"},
+        {
+            "code": "cmp esi, 64\njle ok\nlock inc qword ptr [rip + {@blocked}]\nmov eax, -1\nret\nok:"
+        },
+        {
+            "c": "#include <micropatch.h>\nmp_verdict patchlet(struct mp_regs *r) {\n"
+            "  if ((int)r->rsi > 64) return MP_BLOCKED(MP_RETURN(-1));\n  return MP_CONTINUE;\n}"
+        },
     ],
     ids=["guard", "asm", "c"],
 )
@@ -195,5 +199,3 @@ def test_blocked_events_are_counted(targets, start, body):
     live.remove(patch.id, t.pid)
     assert t.cmd("call 65") == "-2"
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
-
-

@@ -58,7 +58,9 @@ class Run:
         self.spawned: list[list[str]] = data["spawned"]
 
     def loaded(self, names: tuple[str, ...]) -> list[str]:
-        return [m for m in self.modules if m in names or m.startswith(tuple(f"{n}." for n in names))]
+        return [
+            m for m in self.modules if m in names or m.startswith(tuple(f"{n}." for n in names))
+        ]
 
 
 def micropatch(*args: object, env: dict[str, str] | None = None) -> Run:
@@ -142,7 +144,7 @@ def test_an_error_message_keeps_its_brackets(targets, start, tmp_path):
 
 def test_build_messages_keep_their_brackets_and_o_makes_a_directory(targets, tmp_path):
     # A body that pushes at a site where the red zone is live runs below it, so its
-    # [rsp+N] operands are refused: the message explains with [rsp+N] itself.
+    # [rsp+N] operands are refused: the message explains with [rsp+N] and [frame+N].
     source = tmp_path / "rz.toml"
     source.write_text(patch_source(
         targets.redzone, [{"at": "rz_sum+0x7a", "code": "push rax\nmov rax, [rsp+8]\npop rax"}],
@@ -153,8 +155,8 @@ def test_build_messages_keep_their_brackets_and_o_makes_a_directory(targets, tmp
     )  # fmt: skip
     assert done.returncode == 1
     message = " ".join(done.stderr.split())
-    assert "[rsp+N] is the body's [rsp+N+0x80] at entry" in message, done.stderr
-    assert "[rsp+8]" in message
+    assert "`mov rax,[rsp+8]` (body+0x1)" in message, done.stderr
+    assert "write the function's [rsp+N] as [frame+N]" in message
 
     fine = tmp_path / "fix.toml"
     fine.write_text(patch_source(targets.vuln_pie, [FIX]))

@@ -327,8 +327,13 @@ def test_body_that_moves_past_the_red_zone_cannot_jump_out(targets, start):
     from micropatch.errors import SiteError
 
     t = start("redzone")
-    patch = make_patch(targets.redzone, [{"at": "rz_sum+0x7a", "code": "push rax\npop rax\njmp {rz_sum}"}])
-    with pytest.raises(SiteError, match=r"leaves it before rsp is restored"):
+    patch = make_patch(
+        targets.redzone, [{"at": "rz_sum+0x7a", "code": "push rax\npop rax\njmp {rz_sum}"}]
+    )
+    with pytest.raises(
+        SiteError,
+        match=r"`jmp .*` \(body\+0x2\) leaves the body with rsp 0x80 bytes below the function's rsp at the site.*lea rsp, \[frame\]",
+    ):
         live.apply(patch, t.pid)
     assert t.cmd("call 5") == str(14 * 5 + 91)
     assert_untouched(targets, "redzone", t.pid, ["rz_sum"])
@@ -348,7 +353,10 @@ def test_body_below_the_red_zone_cannot_name_the_stack_by_rsp(targets, start, co
 
     t = start("redzone")
     patch = make_patch(targets.redzone, [{"at": "rz_sum+0x7a", "code": code}])
-    with pytest.raises(SiteError, match=r"rsp lowered by 128 bytes.*is the body's \[rsp\+N\+0x80\]"):
+    with pytest.raises(
+        SiteError,
+        match=r"outside what the body has pushed.*runs it 128 bytes below the function's rsp.*write the function's \[rsp\+N\] as \[frame\+N\]",
+    ):
         live.apply(patch, t.pid)
     assert t.cmd("call 5") == str(14 * 5 + 91)
     assert_untouched(targets, "redzone", t.pid, ["rz_sum"])
@@ -356,7 +364,9 @@ def test_body_below_the_red_zone_cannot_name_the_stack_by_rsp(targets, start, co
 
 def test_reference_to_a_module_that_is_not_loaded(targets, start):
     t = start("vuln_pie")
-    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libnothere.so.1!foo}"}])
+    patch = make_patch(
+        targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libnothere.so.1!foo}"}]
+    )
     with pytest.raises(
         ModuleNotLoaded,
         match=rf"reference \{{libnothere.so.1!foo\}}: process {t.pid} \(vuln_pie\) does not map libnothere.so.1",
@@ -370,8 +380,26 @@ def test_reference_to_a_symbol_another_module_lacks(targets, start):
     from micropatch.errors import SymbolNotFound
 
     t = start("vuln_pie")
-    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libc.so.6!no_such_function}"}])
+    patch = make_patch(
+        targets.vuln_pie, [{"at": "copy_packet", "code": "mov rax, {libc.so.6!no_such_function}"}]
+    )
     with pytest.raises(SymbolNotFound, match=r"no_such_function"):
+        live.apply(patch, t.pid)
+    still_works(t)
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
+
+
+def test_body_jumping_into_an_overwritten_site_is_refused_untouched(targets, start):
+    """copy_packet+0x2 is inside the 8-byte site at copy_packet: the jump's bytes."""
+    from micropatch.errors import BranchIntoSite
+
+    t = start("vuln_pie")
+    code = "cmp esi, 64\njle ok\njmp {copy_packet+0x2}\nok:"
+    patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", "code": code}])
+    with pytest.raises(
+        BranchIntoSite,
+        match=r"patchlet\[0\] \(copy_packet\).*`jmp .*` \(body\+0x5\) refers to 0x[0-9a-f]+ \(0x[0-9a-f]+\), inside the site of patchlet\[0\]",
+    ):
         live.apply(patch, t.pid)
     still_works(t)
     assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])

@@ -1,100 +1,66 @@
-"""The fanotify binding against the kernel: real permission events, held and answered."""
+"""The fanotify binding against the kernel: real permission events, held and answered,
+and real file events reported by directory handle and name. Each check runs in a
+sandbox (targets/isolation.py) on its private tmpfs: no mark on the host's
+filesystems (targets/fanotify_checks.py holds the checks)."""
 
 from __future__ import annotations
 
-import os
-import select
+import json
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from targets.isolation import Sandbox, available
 
-from micropatch.process import fanotify
-from micropatch.process.fanotify import Fanotify
-
-
-def _events(group: Fanotify, timeout: float = 5.0) -> list[fanotify.FanotifyEvent]:
-    ready, _, _ = select.select([group.fd], [], [], timeout)
-    assert ready, "no fanotify event"
-    return group.read()
+CHECKS = Path(__file__).resolve().parent.parent / "targets" / "fanotify_checks.py"
+needs = pytest.mark.skipif(not available(), reason="needs root, unshare and nsenter")
 
 
+def check(tmp_path: Path, name: str) -> dict[str, Any]:
+    with Sandbox(tmp_path / "host") as box:
+        done = box.run(sys.executable, CHECKS, name, box.root, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout))
+
+
+@needs
 def test_an_open_is_held_until_allowed_and_names_the_thread(tmp_path: Path) -> None:
-    path = tmp_path / "watched"
-    path.write_text("content")
-    opened: dict[str, object] = {}
-
-    def reader() -> None:
-        opened["tid"] = threading.get_native_id()
-        with open(path) as f:
-            opened["text"] = f.read()
-        opened["at"] = time.monotonic()
-
-    with Fanotify() as group:
-        group.mark(str(path), fanotify.FAN_OPEN_PERM)
-        thread = threading.Thread(target=reader)
-        thread.start()
-        (event,) = _events(group)
-        held_at = time.monotonic()
-        time.sleep(0.05)
-        assert "text" not in opened  # the open waits for our answer
-        assert event.permission and event.mask & fanotify.FAN_OPEN_PERM
-        assert event.pid == opened["tid"]  # FAN_REPORT_TID: the opening thread
-        assert os.readlink(f"/proc/self/fd/{event.fd}") == str(path)
-        group.answer(event.fd)
-        os.close(event.fd)
-        thread.join(5)
-        assert opened["text"] == "content" and float(opened["at"]) >= held_at  # type: ignore[arg-type]
+    seen = check(tmp_path, "open")
+    assert seen == {
+        "waited": True,  # the open waits for our answer
+        "permission": True, "open_perm": True,
+        "thread": True,  # FAN_REPORT_TID: the opening thread
+        "path": True, "read_after": True,
+    }  # fmt: skip
 
 
+@needs
 def test_an_exec_on_a_marked_filesystem_is_held_and_closing_the_group_allows_it(
     tmp_path: Path,
 ) -> None:
-    """Every exec on that filesystem is held (the whole host's, for /): a thread answers
-    the others at once and keeps ours; Popen itself waits until the exec is done."""
-    program = tmp_path / "np_fan_true"
-    shutil.copy("/bin/true", program)
-    mine: list[fanotify.FanotifyEvent] = []
-    found = threading.Event()
-    stop = threading.Event()
-    with Fanotify() as group:
+    """Every exec on that filesystem is held: a thread answers the others at once and
+    keeps ours; the exec waits until the group closes, then runs."""
+    assert check(tmp_path, "exec") == {"seen": True, "exec_perm": True, "held": True, "ran": True}
 
-        def answer_others() -> None:
-            while not stop.is_set():
-                ready, _, _ = select.select([group.fd], [], [], 0.05)
-                for e in group.read() if ready else []:
-                    if not found.is_set() and os.readlink(f"/proc/self/fd/{e.fd}") == str(program):
-                        mine.append(e)
-                        found.set()
-                        continue
-                    group.answer(e.fd)
-                    os.close(e.fd)
 
-        answering = threading.Thread(target=answer_others)
-        group.mark(str(tmp_path), fanotify.FAN_OPEN_EXEC_PERM, fanotify.FAN_MARK_FILESYSTEM)
-        answering.start()
-        try:
-            outcome: dict[str, int] = {}
-            runner = threading.Thread(
-                target=lambda: outcome.update(rc=subprocess.run([str(program)]).returncode)
-            )
-            runner.start()
-            assert found.wait(5), "no exec event for the program"
-            (event,) = mine
-            assert event.mask & fanotify.FAN_OPEN_EXEC_PERM
-            time.sleep(0.05)
-            assert runner.is_alive()  # held
-            os.close(event.fd)
-        finally:
-            stop.set()
-            answering.join()
-    # the group closed with the event unanswered: the kernel allows it
-    runner.join(5)
-    assert outcome == {"rc": 0}
+@needs
+def test_created_renamed_written_and_deleted_files_are_reported_by_directory_and_name(
+    tmp_path: Path,
+) -> None:
+    """What the module index is kept current with: each event names the directory by
+    a handle (resolved where it is now) and the entry by name."""
+    events = check(tmp_path, "names")["events"]
+    assert events == [
+        [".", "venv", ["CREATE", "ONDIR"]],
+        ["moved", "lib", ["CREATE", "ONDIR"]],
+        ["moved/lib", ".new", ["CREATE", "CLOSE_WRITE"]],
+        ["moved/lib", "libx.so", ["MOVED_TO"]],
+        ["moved", "liby.so", ["CREATE", "DELETE"]],
+        [".", "moved", ["MOVED_TO", "ONDIR"]],
+    ]
 
 
 def test_without_cap_sys_admin_the_error_says_so() -> None:

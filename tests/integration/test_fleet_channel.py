@@ -28,8 +28,8 @@ import pytest
 from targets.fleet import FleetAgent, Host, agent_config, wait_for
 
 from . import test_fleet_e2e
+from .agentproc import GUARD, micropatch, signed
 from .patching import patch_source
-from .test_agent import GUARD, micropatch, signed
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"),
@@ -46,7 +46,9 @@ def test_versions_past_32_bits_bad_items_and_refusals(targets, tmp_path: Path, f
     server, data = fleet["server"], fleet["data"]
     admin = micropatch("server", "admin", "create-user", "ada", "--role", "admin",
                        "--data-dir", data).stdout.strip()  # fmt: skip
-    api = httpx.Client(base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {admin}"})
+    api = httpx.Client(
+        base_url=server.url, timeout=30, headers={"Authorization": f"Bearer {admin}"}
+    )
     host = Host(tmp_path, "h-1")
     fleet["hosts"].append(host)
     by_hand, served = host.start(targets.forker), host.start(targets.vuln_pie)
@@ -144,7 +146,9 @@ def test_versions_past_32_bits_bad_items_and_refusals(targets, tmp_path: Path, f
         return [e for e in agent.events() if "refused the check-in" in e["message"]]
 
     [said] = wait_for(refused, CHECKIN + MARGIN, "the refusal said")
-    assert said["message"].startswith(f"fleet server {server.url} refused the check-in (HTTP 401): ")
+    assert said["message"].startswith(
+        f"fleet server {server.url} refused the check-in (HTTP 401): "
+    )
     assert said["data"]["status"] == 401 and said["data"]["error"]
     assert not [e for e in agent.events() if "unreachable" in e["message"]]
     time.sleep(3 * CHECKIN)

@@ -28,7 +28,7 @@ from targets.fleet import FleetAgent, Host, NsTarget, agent_config, wait_for
 
 from micropatch.trust.keys import generate_key, write_key_pair
 
-from .test_agent import GUARD, micropatch, signed
+from .agentproc import GUARD, micropatch, signed
 from .test_server import free_port
 
 pytestmark = pytest.mark.skipif(

@@ -3,8 +3,9 @@
 `live/engine.py` `_transact` writes through `Transaction.write` in the order of
 `live/commit.py` (apply: trampolines, registry `applying`, thread moves, jumps,
 registry `applied`; remove: registry `removing`, original bytes, registry with the
-patch retired), then `commit.reclaim` frees retired trampolines no thread is in
-(one more registry write), verifies, and unmaps an emptied cave last. Here the
+patch retired), then `commit.finish` frees retired trampolines no thread is in
+(one more registry write), verifies, and unmaps an emptied cave last. A first cave
+is provisioned before the stop (`live/provision.py`: its empty registry, verified). Here the
 real operation runs on a real target with two patchlets, and our own code fails
 it right after its Nth write (the write itself happens), or at the verify, move
 or unmap step: the error must propagate and the target must be left exactly as
@@ -27,7 +28,8 @@ import pytest
 from targets.harness import Target, Targets
 
 from micropatch import live
-from micropatch.live import commit
+from micropatch.errors import RemoteSyscallError
+from micropatch.live import commit, provision
 from micropatch.live.cave import read_caves
 from micropatch.live.module import CAVE_PREFIX
 from micropatch.live.registry import REGISTRY_SIZE
@@ -88,11 +90,12 @@ WRITES = ("trampoline", "counter", "registry", "site")
 TWO = ("a 5", "b 5")
 T, R, S = "trampoline", "registry", "site"
 SCENARIOS = [
-    # trampolines, registry `applying`, jumps one by one, registry `applied`; no cave before
+    # no cave before: one is provisioned with an empty registry (one thread stopped),
+    # then trampolines, registry `applying`, jumps one by one, registry `applied`
     Scenario(
         "apply-new-cave", ("twofuncs",), lambda tg, t: None,
         lambda tg, pid: live.apply(two(tg), pid), TWO, ("1006", "39"),
-        (T, T, R, S, S, R, "verify"),
+        (R, "verify", T, T, R, S, S, R, "verify"),
     ),
     # the same writes into the cave of another patch
     Scenario(
@@ -100,16 +103,17 @@ SCENARIOS = [
         lambda tg, pid: live.apply(two(tg), pid), TWO, ("1006", "47"),
         (T, T, R, S, S, R, "verify"),
     ),
-    # new trampolines, registry (old `removing`, new `applying`), two sites restored,
-    # two jumps, registry (old retired); the cave is in use and not crowded: reclaim
-    # leaves the retired trampolines for later (no stack scan, no write)
+    # new trampolines, registry (old `removing`, new `applying`), each old jump replaced
+    # in place by the new one (no site is ever unpatched), registry (old retired); the
+    # cave is in use and not crowded: reclaim leaves the retired trampolines for later
     Scenario(
         "update", ("twofuncs",), lambda tg, t: live.apply(two(tg), t.pid),
         lambda tg, pid: live.update(two(tg, "add edi, 2", 2), pid), TWO, ("1007", "46"),
-        (T, T, R, S, S, S, S, R, "verify"),
+        (T, T, R, S, S, R, "verify"),
     ),
-    # registry `removing`, two sites restored, registry (retired); reclaim frees the
-    # trampolines and, the cave being empty, writes no registry and unmaps it last
+    # registry `removing`, two sites restored, registry (retired); the stack scan frees
+    # the trampolines and, the cave being empty, no registry is written; the cave is
+    # unmapped after the stop (live.provision.release)
     Scenario(
         "remove-last", ("twofuncs",), lambda tg, t: live.apply(two(tg), t.pid),
         lambda tg, pid: live.remove("test-fix", pid), TWO, ("1005", "32"),
@@ -126,7 +130,7 @@ SCENARIOS = [
     Scenario(
         "apply-moving-a-thread", ("spinner", "1"), lambda tg, t: stuck(t),
         lambda tg, pid: live.apply(spin(tg), pid), ("call 5",), ("19",),
-        (T, T, R, "move", S, S, R, "verify"),
+        (R, "verify", T, T, R, "move", S, S, R, "verify"),
     ),
     # removal moves no thread: the one in stuck_read's copy stays there, and reclaim
     # keeps that retired trampoline (registry) and so the cave
@@ -151,8 +155,8 @@ CASES = [pytest.param(s, p, id=f"{s.name}-{p}") for s in SCENARIOS for p in posi
 @contextmanager
 def injected(position: str) -> Iterator[None]:
     """Fail the next operation at `position`: after the Nth real write ("writeN"),
-    after the real read-back ("verify") or thread moves ("move"), or just before
-    the cave is unmapped ("unmap", the one step that cannot be undone)."""
+    after the real read-back ("verify") or thread moves ("move"), or the unmap of a
+    cave left empty, after the stop ("unmap")."""
     with pytest.MonkeyPatch.context() as mp:
         if position.startswith("write"):
             nth = int(position.removeprefix("write"))
@@ -186,18 +190,11 @@ def injected(position: str) -> Iterator[None]:
             mp.setattr(commit, "move_threads", move)
         else:
             assert position == "unmap"
-            real_unmap = commit.unmap_cave
-            failed = False
 
             def unmap(*args: object) -> None:
-                nonlocal failed
-                if failed:  # only the first: a rollback may unmap for real
-                    real_unmap(*args)  # type: ignore[arg-type]
-                    return
-                failed = True
-                raise InjectedFault(position)
+                raise RemoteSyscallError(position)  # what a failed munmap raises
 
-            mp.setattr(commit, "unmap_cave", unmap)
+            mp.setattr(provision, "unmap_cave", unmap)
         yield
 
 
@@ -219,7 +216,7 @@ def recorded() -> Iterator[list[str]]:
     letting them all happen."""
     events: list[str] = []
     real_write, real_verify = Transaction.write, Transaction.verify
-    real_move, real_unmap = commit.move_threads, commit.unmap_cave
+    real_move, real_unmap = commit.move_threads, provision.unmap_cave
 
     def write(self: Transaction, address: int, data: bytes) -> None:
         events.append(written(self.proc.pid, address))
@@ -241,7 +238,7 @@ def recorded() -> Iterator[list[str]]:
         mp.setattr(Transaction, "write", write)
         mp.setattr(Transaction, "verify", verify)
         mp.setattr(commit, "move_threads", move)
-        mp.setattr(commit, "unmap_cave", unmap)
+        mp.setattr(provision, "unmap_cave", unmap)
         yield events
 
 
@@ -292,6 +289,8 @@ def test_failure_after_writes_rolls_back(targets, start, scenario, position):
     before = state(targets, t, scenario)
     assert all(not s.startswith("running") for s in before.blocked.values()), before.blocked
 
+    if position == "unmap":
+        return _unmap_fails(targets, t, scenario)
     with injected(position), pytest.raises(InjectedFault, match=f"^{position}$"):
         scenario.op(targets, t.pid)
 
@@ -303,6 +302,19 @@ def test_failure_after_writes_rolls_back(targets, start, scenario, position):
     assert outcome.attempts == 1
     assert tuple(t.cmd(c) for c in scenario.probes) == scenario.after
     finish(targets, t, scenario)
+
+
+def _unmap_fails(targets: Targets, t: Target, s: Scenario) -> None:
+    """The removal is committed when the emptied cave is unmapped, after the stop: a
+    failure there fails nothing; the empty cave stays until the next operation."""
+    with injected("unmap"):
+        outcome = s.op(targets, t.pid)
+    assert outcome.action == "removed" and outcome.borrowed == 0
+    assert tuple(t.cmd(c) for c in s.probes) == s.after
+    assert live.status(t.pid) == [] and caves(t.pid)
+    assert live.repair(t.pid) == ["freed 2 retired trampolines"]
+    assert not caves(t.pid)
+    finish(targets, t, s)
 
 
 def finish(targets: Targets, t: Target, s: Scenario) -> None:

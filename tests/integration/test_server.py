@@ -169,6 +169,30 @@ def test_enroll_checkin_publish_download_revoke(
         assert updater.targets() == []
 
 
+def _raw_get(url: str, target: bytes) -> tuple[int, bytes]:
+    """A GET of exactly `target` on a raw socket: no client normalises the path."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), rest
+
+
+def test_the_repository_serves_nothing_outside_public(data_dir: Path, server: str) -> None:
+    status, _ = _raw_get(server, b"/repository/metadata/timestamp.json")
+    assert status == 200  # the raw client works
+    key = (data_dir / "repository/online/timestamp.key").read_bytes()
+    for outside in (b"/repository/../online/timestamp.key",
+                    b"/repository/%2e%2e/online/timestamp.key",
+                    b"/repository/metadata/../../online/timestamp.key",
+                    b"/repository/..%2fonline/timestamp.key"):  # fmt: skip
+        status, body = _raw_get(server, outside)
+        assert status in (400, 404) and key not in body, (outside, status)
+
+
 def test_server_needs_a_repository(tmp_path: Path) -> None:
     done = micropatch("server", "run", "--data-dir", tmp_path, "--listen", "127.0.0.1:1")
     assert done.returncode == 1

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -51,12 +53,13 @@ class Running:
         self.process: subprocess.Popen[bytes] | None = None
         self.workers = 1
 
-    def start(self) -> None:
+    def start(self, **env: str) -> None:
+        """Start it (with these environment variables too) and wait until it answers."""
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
                 ["micropatch", "server", "run", "--data-dir", self.data,
                  "--listen", f"127.0.0.1:{self.port}", "--workers", str(self.workers)],
-                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV},
+                stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **ENV, **env},
             )  # fmt: skip
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -239,15 +242,29 @@ def test_workers_see_a_change_at_the_next_check_in(data_dir: Path, make_artifact
         body = {"inventory_digest": "d", "modules": [module_of(data)]}
 
         def states() -> set[tuple[str, str]]:
-            """What 24 check-ins on new connections (spread over the processes) say."""
-            seen = set()
-            for _ in range(24):
-                r = httpx.post(f"{server.url}/api/v1/checkin", json=body, timeout=60,
+            """What every server process answers to a check-in (they must agree): new
+            connections until each process has answered at least twice (which one
+            answered: the one holding the server's end of the connection, from /proc)."""
+            workers = worker_pids(server)
+            assert len(workers) == 2, f"server processes: {workers}"
+            answers: dict[int, list[set[tuple[str, str]]]] = {pid: [] for pid in workers}
+            for _ in range(400):
+                if all(len(a) >= 2 for a in answers.values()):
+                    break
+                with httpx.Client(timeout=60) as c:  # one connection: open until the end
+                    r = c.post(f"{server.url}/api/v1/checkin", json=body,
                                headers={"Authorization": f"Bearer {credential}"})  # fmt: skip
-                assert r.status_code == 200, r.text
-                seen |= {(p["patch_id"], p["state"]) for p in r.json()["patches"]}
-                seen |= {(p["patch_id"], "revoked") for p in r.json()["revoked"]}
-            return seen
+                    assert r.status_code == 200, r.text
+                    pid = answered_by(r, server.port, workers)
+                seen = {(p["patch_id"], p["state"]) for p in r.json()["patches"]}
+                answers[pid].append(
+                    seen | {(p["patch_id"], "revoked") for p in r.json()["revoked"]}
+                )
+            else:
+                pytest.fail(f"400 check-ins did not reach every process: {answers}")
+            distinct = {frozenset(a) for pid in answers for a in answers[pid]}
+            assert len(distinct) == 1, f"the processes disagree: {answers}"
+            return set(distinct.pop())
 
         assert states() == set()  # every process has built its catalogue
         r = httpx.post(f"{server.url}/api/v1/patches", content=data, headers=ops, timeout=60)
@@ -265,6 +282,36 @@ def test_workers_see_a_change_at_the_next_check_in(data_dir: Path, make_artifact
         if server.process is not None and server.process.poll() is None:
             server.process.kill()
             server.process.wait()
+
+
+def worker_pids(server: Running) -> set[int]:
+    """The processes of `server run --workers N` that serve requests (its children)."""
+    assert server.process is not None
+    children = Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+    pids = {int(pid) for pid in children.read_text().split()}
+    # multiprocessing may start its resource tracker beside the workers
+    return {p for p in pids if b"resource_tracker" not in Path(f"/proc/{p}/cmdline").read_bytes()}
+
+
+def answered_by(response: httpx.Response, port: int, workers: set[int]) -> int:
+    """The process of `workers` that holds the server's end of the (still open)
+    connection `response` came on: its socket inode in /proc/net/tcp, then the
+    process with a file descriptor on that inode."""
+    _, client_port = response.extensions["network_stream"].get_extra_info("client_addr")
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(a.rsplit(":", 1)[1], 16) for a in fields[1:3])
+        if (local, remote) == (port, client_port):
+            inodes.add(f"socket:[{fields[9]}]")
+    holders = set()
+    for pid in workers:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    holders.add(pid)
+    assert len(holders) == 1, f"connection from port {client_port}: held by {holders}"
+    return holders.pop()
 
 
 def assert_whole(url: str) -> None:
@@ -302,3 +349,48 @@ def assert_whole(url: str) -> None:
             assert sizes and {n for _, _, n in sizes} == {20}, "an event batch half stored"
     finally:
         engine.dispose()
+
+
+def test_workers_die_with_their_parent(data_dir: Path) -> None:  # noqa: F811
+    """`server run --workers 2` killed by SIGKILL: its workers die too (PR_SET_PDEATHSIG)
+    and the port is free again at once, for a new server."""
+    if not ENV.get("MICROPATCH_SERVER_DATABASE"):
+        pytest.skip("--workers needs PostgreSQL: set MICROPATCH_TEST_POSTGRES=postgresql://…")
+    server = Running(data_dir)
+    server.workers = 2
+    server.start()
+    assert server.process is not None
+    children = [int(p) for p in
+                Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+                .read_text().split()]  # fmt: skip
+    workers = [pid for pid in children
+               if "app_from_environment" in _cmdline(pid) or "multiprocessing" in _cmdline(pid)]  # fmt: skip
+    assert workers, children
+    server.process.kill()
+    server.process.wait()
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and _state(pid) != "Z" for pid in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their parent"
+        time.sleep(0.1)
+    with socket.socket() as s:  # the port is free: nobody listens on it any more
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", server.port))
+    server.workers = 1
+    server.start()  # a new server on the same port
+    assert httpx.get(f"{server.url}/api/v1/health", timeout=10).status_code == 200
+    server.process.kill()
+    server.process.wait()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return "Z"

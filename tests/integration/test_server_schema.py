@@ -1,5 +1,10 @@
 """The OpenAPI schema fuzzed with schemathesis: whatever a client sends, the server
-answers with a 4xx or what the schema promises, never a server error."""
+answers with a 4xx or what the schema promises, never a server error.
+
+Every answer with a documented status has the documented body (JSON schema), content
+type and headers. Statuses the schema does not list (401, 403, 404, 409 on most
+routes) are not held against it: the API does not document them yet, so
+`status_code_conformance` would fail on every route (a follow-up for the server)."""
 
 from __future__ import annotations
 
@@ -52,10 +57,18 @@ def server_under_test() -> Iterator[None]:
     CURRENT.api.close()
 
 
+CHECKS = [
+    schemathesis.checks.not_a_server_error,
+    schemathesis.checks.response_schema_conformance,
+    schemathesis.checks.content_type_conformance,
+    schemathesis.checks.response_headers_conformance,
+]
+
+
 @schema.parametrize()
-@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
-def test_no_server_error(case: schemathesis.Case) -> None:
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+def test_answers_are_what_the_schema_promises(case: schemathesis.Case) -> None:
     api = CURRENT.api
     assert api is not None
     who = "fuzz-host" if case.path == "/api/v1/checkin" else "admin"
-    case.call_and_validate(headers=api.auth(who), checks=[schemathesis.checks.not_a_server_error])
+    case.call_and_validate(headers=api.auth(who), checks=CHECKS)

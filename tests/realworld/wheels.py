@@ -4,8 +4,9 @@
 
     so = wheel_member("pillow==12.1.0", "PIL/_imaging.cpython-311-x86_64-linux-gnu.so")
 
-`pip download --no-deps --only-binary=:all: --python-version 3.11` fetches the
-wheel once per pytest session (the files are deleted when it ends); the member
+`pip download --no-deps --only-binary=:all: --python-version 3.11` (or the
+`python` asked, for releases older than 3.11) fetches the wheel once per pytest
+session (the files are deleted when it ends); the member
 is unpacked beside it. If pip cannot fetch it (the index is unreachable), the
 calling test is skipped with pip's last error line.
 """
@@ -30,22 +31,24 @@ DOWNLOAD_TIMEOUT = 180.0
 
 _lock = threading.Lock()
 _root: list[Path] = []
-_fetched: dict[str, Path] = {}
-_failed: dict[str, str] = {}
+_fetched: dict[tuple[str, str], Path] = {}
+_failed: dict[tuple[str, str], str] = {}
 
 
-def wheel_member(requirement: str, member: str) -> Path:
-    """The file `member` of the cp311 wheel of `requirement` (pin it: `name==version`)."""
+def wheel_member(requirement: str, member: str, python: str = "3.11") -> Path:
+    """The file `member` of the wheel of `requirement` (pin it: `name==version`) for
+    CPython `python`."""
+    key = (requirement, python)
     with _lock:
-        if requirement in _failed:
-            pytest.skip(_failed[requirement])
-        if requirement not in _fetched:
+        if key in _failed:
+            pytest.skip(_failed[key])
+        if key not in _fetched:
             try:
-                _fetched[requirement] = _download(requirement)
+                _fetched[key] = _download(requirement, python)
             except _DownloadFailed as e:
-                _failed[requirement] = str(e)
+                _failed[key] = str(e)
                 pytest.skip(str(e))
-        wheel = _fetched[requirement]
+        wheel = _fetched[key]
         target = wheel.parent / "unpacked" / member
         if not target.exists():
             with zipfile.ZipFile(wheel) as archive:
@@ -58,24 +61,24 @@ def _index(path: Path) -> ModuleIndex:
     return ModuleIndex.open(path)
 
 
-def module_index(requirement: str, member: str) -> ModuleIndex:
+def module_index(requirement: str, member: str, python: str = "3.11") -> ModuleIndex:
     """`wheel_member`, opened as a ModuleIndex shared by the whole session, so its
     analyses are computed once for the explore and the diff tests."""
-    return _index(wheel_member(requirement, member))
+    return _index(wheel_member(requirement, member, python))
 
 
 class _DownloadFailed(Exception):
     pass
 
 
-def _download(requirement: str) -> Path:
+def _download(requirement: str, python: str) -> Path:
     if not _root:
         _root.append(Path(tempfile.mkdtemp(prefix="realworld-wheels-")))
         atexit.register(shutil.rmtree, _root[0], ignore_errors=True)
     directory = Path(tempfile.mkdtemp(dir=_root[0]))
     command = [
         sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-        "--no-input", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
+        "--no-input", "--no-deps", "--only-binary=:all:", "--python-version", python,
         "--timeout", "30", "--retries", "2", "-d", str(directory), requirement,
     ]  # fmt: skip
     try:

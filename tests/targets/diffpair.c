@@ -4,7 +4,9 @@
  * Seven record parsers of the same shape. The fix is one bounds check in
  * parse_name (the vulnerable build copies `len` bytes into a 32-byte field
  * without checking it), the usual shape of a security fix: the tests expect
- * `micropatch diff OLD NEW` to rank parse_name first.
+ * `micropatch diff OLD NEW` to rank parse_name first. The fixed build also
+ * changes constants only, as releases do (a version string, a key): those
+ * changes of operands must rank after the change of logic.
  */
 #include <stdio.h>
 #include <string.h>
@@ -19,6 +21,14 @@ struct record {
 };
 
 #define PARSER __attribute__((noinline, noclone))
+
+#ifdef FIXED
+#define RELEASE "1.0.1"
+#define TAG_KEY 0x5d
+#else
+#define RELEASE "1.0.0"
+#define TAG_KEY 0x5c
+#endif
 
 PARSER static int parse_kind(struct record *r, const unsigned char *p, int len)
 {
@@ -89,14 +99,14 @@ PARSER static int parse_tag(struct record *r, const unsigned char *p, int len)
     if (len < 16)
         return -1;
     for (int i = 0; i < 16; i++)
-        r->tag[i] = (unsigned char)(p[i] ^ 0x5c);
+        r->tag[i] = (unsigned char)(p[i] ^ TAG_KEY);
     return 16;
 }
 
 PARSER static void report(const struct record *r)
 {
-    printf("record kind=%d flags=%x name=%s value=%s note=%s\n", r->kind, r->flags, r->name,
-           r->value, r->note);
+    printf("record " RELEASE " kind=%d flags=%x name=%s value=%s note=%s\n", r->kind, r->flags,
+           r->name, r->value, r->note);
 }
 
 int main(int argc, char **argv)

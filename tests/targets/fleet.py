@@ -1,12 +1,13 @@
 """Hosts of a real fleet on one machine, for tests/integration/test_fleet_e2e.py and
 benchmarks/fleet_publish.py.
 
-Each "host" is a PID and UTS namespace (`unshare --pid --uts --mount-proc`, a
-`sleep` as its init, its own host name): its agent (`micropatch agent run`) and its
-targets are started in it with `nsenter`, so each agent sees (and patches) its own
-processes only, as on separate machines. The state directories, sockets and trust
-directories are separate; the file system is shared. Needs root, `unshare` and
-`nsenter`.
+Each "host" is a sandbox (targets/isolation.py: PID, mount and UTS namespaces, a
+`sleep` as its init, its own host name, a private tmpfs): its agent (`micropatch
+agent run`) and its targets are started in it with `nsenter`, so each agent sees
+(and patches) its own processes only, as on separate machines, and watches only
+its tmpfs (`filesystems` in its config), never the real host's filesystems. The
+state directories, sockets and trust directories are separate; the rest of the
+file system is shared. Needs root, `unshare` and `nsenter`.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from targets.harness import ARTIFACTS, CFLAGS, BuildError
+from targets.isolation import Sandbox
 
 from micropatch.agent.client import AgentClient
 from micropatch.build.artifact import build as build_artifact
@@ -85,34 +87,18 @@ def signed_guard(out: Path, module: Path, key: Path, *, id: str, version: int) -
 
 
 class Host:
-    """A PID namespace standing for one machine: an init, then an agent and targets."""
+    """A sandbox standing for one machine: an init, then an agent and targets."""
 
     def __init__(self, root: Path, name: str) -> None:
         self.name = name
         self.root = root / name
         self.root.mkdir()
         self.targets: list[NsTarget] = []
-        self.init_pid: int | None = None
-        self.init = subprocess.Popen(
-            ["unshare", "--pid", "--uts", "--fork", "--mount-proc", "--kill-child",
-             "sleep", "infinity"]
-        )  # fmt: skip
-        try:
-            self.init_pid = wait_for(self._child, 10, "the namespace's init")
-            subprocess.run([*self.enter(), "hostname", name], check=True)
-        except BaseException:
-            self.close()
-            raise
-
-    def _child(self) -> int | None:
-        try:
-            text = Path(f"/proc/{self.init.pid}/task/{self.init.pid}/children").read_text()
-        except OSError:
-            return None
-        return int(text.split()[0]) if text.split() else None
+        self.box = Sandbox(self.root / "fs", uts=name)
+        self.init_pid = self.box.init_pid
 
     def enter(self) -> list[str]:
-        return ["nsenter", "--target", str(self.init_pid), "--pid", "--mount", "--uts", "--"]
+        return self.box.enter()
 
     def start(self, program: Path) -> NsTarget:
         t = NsTarget([*self.enter(), str(program)])
@@ -122,11 +108,7 @@ class Host:
     def close(self) -> None:
         for t in self.targets:
             t.close()
-        if self.init_pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.init_pid, signal.SIGKILL)  # the namespace's init: all of it goes
-        self.init.kill()
-        self.init.wait()
+        self.box.close()
 
 
 class NsTarget:
@@ -199,7 +181,7 @@ class FleetAgent:
         shutil.copy(trusted, self.trust / trusted.name)
         shutil.copy(root_json, self.trust / "repository-root.json")
         self.config = d / "agent.toml"
-        self.config.write_text(config)
+        self.config.write_text(f"{config}filesystems = [{json.dumps(str(host.box.root))}]\n")
         self.command = list(command)
         self.client = AgentClient(self.socket, timeout=60)
         self.proc: subprocess.Popen[bytes] | None = None

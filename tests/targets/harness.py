@@ -10,20 +10,12 @@ as data, checked by ``tests/integration/test_targets.py``.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import select
 import shutil
-import signal
 import subprocess
-import tempfile
-import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
@@ -81,6 +73,8 @@ ARTIFACTS: tuple[Artifact, ...] = (
     Artifact("branchy", "branchy", ("branchy.c", "branchy_asm.S", "proto.c")),
     Artifact("seccomp", "seccomp", ("seccomp.c", "vuln_fn.c", "proto.c")),
     Artifact("spinner", "spinner", ("spinner.c", "spinner_asm.S", "workers.c", "proto.c")),
+    Artifact("waiters", "waiters", ("waiters.c", "vuln_fn.c", "proto.c")),
+    Artifact("frame", "frame", ("frame.c", "frame_asm.S", "proto.c")),
 )
 
 
@@ -129,6 +123,7 @@ SITES: tuple[Site, ...] = (
     Site("blocker", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
     Site("forker", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
     Site("seccomp", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
+    Site("waiters", "copy_packet", 0x8, 9, True, "83fe40 0f8f9f000000"),
     # threads: compute(x) = 2x + 1, the whole function is one site
     Site("threads", "compute", 0x0, 5, True, "8d443f01 c3", "lea eax,[rdi+rdi*1+0x1]; ret"),
     # redzone: rz_sum(n) = 14n + 91, locals at [rsp-0x78, rsp-0x8)
@@ -151,6 +146,8 @@ SITES: tuple[Site, ...] = (
         "488b5424f0",
         "rax = a[0]+..+a[12]; a[13] still live at [rsp-0x10]",
     ),
+    # frame: fr_scale(n) = 2n + 1001, a frame of 0x28 bytes, CFA rsp+0x30 at the site
+    Site("frame", "fr_scale", 0x1A, 5, True, "488b7c2408", "mov rdi,[rsp+0x8]; then a call"),
     # reloc
     Site("reloc", "reloc_fn", 0x0, 6, True, "3b3d", "cmp edi,[rip+reloc_magic]"),
     Site("reloc", "reloc_fn", 0x0, 13, True, "3b3d", "rip-relative cmp + je short + call"),
@@ -231,6 +228,8 @@ class Targets:
     branchy: Path
     seccomp: Path
     spinner: Path
+    waiters: Path
+    frame: Path
 
     def __init__(self, directory: Path, paths: dict[str, Path]) -> None:
         self.dir = directory
@@ -340,159 +339,5 @@ def elf_read(path: Path, vaddr: int, size: int) -> bytes:
     raise ValueError(f"{size} bytes at {vaddr:#x} are not in a loaded segment of {path}")
 
 
-class TargetError(AssertionError):
-    """A target did not answer as the protocol says (dead, hung, or garbled)."""
-
-
-class Target:
-    """A running target program, driven line by line.
-
-    ``Target(path, *args)`` starts the program and waits for its ``ready``
-    line.  Output is read through the file descriptor with ``select`` and a
-    private line buffer (a buffered text stream could hold a line that
-    ``select`` no longer sees).  stderr goes to a temporary file, so it can
-    never fill a pipe, and is quoted in every error.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        *args: str,
-        timeout: float = 30.0,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.path = Path(path)
-        self.args = args
-        self.timeout = timeout
-        self._buf = b""
-        # Lives as long as the Target; closed by close() or kill().
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
-        self._stderr_text = ""
-        self.proc = subprocess.Popen(
-            [str(self.path), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-            bufsize=0,
-            env=env,
-        )
-        try:
-            self.ready_line = self.readline()
-            if self.ready_line != f"ready {self.proc.pid}":
-                raise self._error(f"expected 'ready {self.proc.pid}', got {self.ready_line!r}")
-        except BaseException:
-            self.kill()
-            raise
-
-    def __repr__(self) -> str:
-        return f"Target({self.path.name!r}, pid={self.proc.pid}, returncode={self.returncode})"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.poll()
-
-    def alive(self) -> bool:
-        """True while the process has not exited (stopped or traced counts as alive)."""
-        return self.proc.poll() is None
-
-    def send(self, line: str) -> None:
-        """Send one command line without reading the answer."""
-        assert self.proc.stdin is not None
-        try:
-            self.proc.stdin.write(line.encode() + b"\n")
-        except (BrokenPipeError, ValueError) as e:
-            raise self._error(f"cannot send {line!r}: {e}") from None
-
-    def readline(self, timeout: float | None = None) -> str:
-        """The next line of output, without its newline."""
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        limit = self.timeout if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while b"\n" not in self._buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise self._error(f"no answer within {limit} s")
-            readable, _, _ = select.select([fd], [], [], left)
-            if not readable:
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    self.proc.wait(timeout=1)
-                raise self._error("output closed")
-            self._buf += chunk
-        line, self._buf = self._buf.split(b"\n", 1)
-        return line.decode(errors="replace")
-
-    def cmd(self, line: str, timeout: float | None = None) -> str:
-        """Send a command and return its one answer line."""
-        self.send(line)
-        return self.readline(timeout)
-
-    def close(self, timeout: float = 10.0) -> int:
-        """Ask the target to quit; kill it if it does not exit in time.  Returns its exit code."""
-        if self.alive():
-            try:
-                self.send("quit")
-                self.proc.wait(timeout=timeout)
-            except (TargetError, subprocess.TimeoutExpired):
-                self.kill()
-        self._cleanup()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        """SIGKILL (works on stopped and ptrace-stopped processes too) and reap."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait()
-        self._cleanup()
-
-    def stderr_text(self) -> str:
-        """Everything the target wrote to stderr so far."""
-        if not self._stderr.closed:
-            self._stderr.seek(0)
-            self._stderr_text = self._stderr.read().decode(errors="replace")
-        return self._stderr_text
-
-    def _cleanup(self) -> None:
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                with contextlib.suppress(OSError):
-                    stream.close()
-        self.stderr_text()
-        self._stderr.close()
-
-    def _error(self, what: str) -> TargetError:
-        code = self.proc.poll()
-        if code is None:
-            state = "still running"
-        elif code < 0:
-            state = f"killed by {signal.Signals(-code).name}"
-        else:
-            state = f"exited {code}"
-        stderr = self.stderr_text().strip()
-        return TargetError(
-            f"{self.path.name} (pid {self.proc.pid}, {state}): {what}"
-            + (f"\nstderr:\n{stderr}" if stderr else "")
-        )
-
-    def __enter__(self) -> Target:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-StartTarget = Callable[..., Target]
-"""The ``start`` fixture: ``start(name_or_path, *args, timeout=..., env=...) -> Target``."""
+# Driving a started target: targets/driver.py (imported from here, as before).
+from targets.driver import StartTarget, Target, TargetError  # noqa: E402, F401

@@ -5,13 +5,15 @@ and benchmarks/agent_exec.py.
 vuln_fn.c); `signed_fixes(out, paths)` builds and signs the bounds-check fix of
 copy_packet for np_exe and for libnpvuln.so; `Agent` runs NewProcesses in a
 child process (this file's `main`) with a minimal catalog of those artifacts,
-so that a test can SIGKILL it for real. The names are unique to these tests:
-the agent marks every filesystem for execs, and must not seize another
-program run on the host meanwhile.
+so that a test can SIGKILL it for real. The agent runs inside a sandbox
+(targets/isolation.py: its own PID and mount namespaces) and watches only the
+sandbox's private tmpfs, where the programs are built: it never marks the
+host's filesystems nor seizes a program run on the host meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -22,6 +24,9 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+if __name__ != "__main__":  # the agent child needs none of the test helpers
+    from targets.isolation import Sandbox, children
 
 SOURCE_DIR = Path(__file__).resolve().parent
 CFLAGS = (
@@ -34,19 +39,27 @@ UNPATCHED, PATCHED = "-2", "-1"
 
 def build(out: Path, cc: str | None = None) -> dict[str, Path]:
     """np_exe (copy_packet inside), libnpvuln.so, np_lib_main (DT_NEEDED libnpvuln.so,
-    rpath $ORIGIN), np_dlopen, np_thread_exec, np_reload, and np_plain (np_exe under another
-    name: unrelated)."""
+    rpath $ORIGIN), np_dlopen, np_thread_exec, np_reload, and np_plain (np_exe's source with
+    another build-id: another build, which no patch names)."""
     compiler = cc or os.environ.get("CC") or "cc"
     out.mkdir(parents=True, exist_ok=True)
     s = {
         n: str(SOURCE_DIR / n)
         for n in (
-            "np_main.c", "vuln_fn.c", "np_ctor.c", "np_dlopen.c", "np_thread_exec.c", "np_reload.c"
+            "np_main.c",
+            "vuln_fn.c",
+            "np_ctor.c",
+            "np_dlopen.c",
+            "np_thread_exec.c",
+            "np_reload.c",
+            "np_fdmap.c",
         )
     }
     commands = {
         "np_exe": ["-fPIE", "-pie", s["np_main.c"], s["vuln_fn.c"]],
-        "np_plain": ["-fPIE", "-pie", s["np_main.c"], s["vuln_fn.c"]],
+        "np_plain": [
+            "-fPIE", "-pie", "-Wl,--build-id=0x6e705f706c61696e", s["np_main.c"], s["vuln_fn.c"]
+        ],
         "libnpvuln.so": [
             "-fPIC", "-shared", "-Wl,-soname,libnpvuln.so", s["vuln_fn.c"], s["np_ctor.c"],
         ],
@@ -57,6 +70,7 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
         "np_dlopen": ["-fPIE", "-pie", s["np_dlopen.c"], "-ldl"],
         "np_thread_exec": ["-fPIE", "-pie", "-pthread", s["np_thread_exec.c"]],
         "np_reload": ["-fPIE", "-pie", s["np_reload.c"], "-ldl"],
+        "np_fdmap": ["-fPIE", "-pie", s["np_fdmap.c"]],
     }  # fmt: skip
     paths = {}
     for name, args in commands.items():
@@ -65,6 +79,23 @@ def build(out: Path, cc: str | None = None) -> dict[str, Path]:
         subprocess.run(cmd, check=True, capture_output=True, text=True)
         paths[name] = target
     return paths
+
+
+def build_linked(out: Path, name: str, library_dir: str, how: str, cc: str | None = None) -> Path:
+    """np_main with copy_packet in libnpvuln.so (out/libnpvuln.so at link time), found at
+    run time through `how`: "rpath" (DT_RPATH library_dir), "runpath" (DT_RUNPATH),
+    or "none" (LD_LIBRARY_PATH, or nothing)."""
+    compiler = cc or os.environ.get("CC") or "cc"
+    flags = {
+        "rpath": [f"-Wl,--disable-new-dtags,-rpath,{library_dir}"],
+        "runpath": [f"-Wl,--enable-new-dtags,-rpath,{library_dir}"],
+        "none": [],
+    }[how]
+    target = out / name
+    cmd = [compiler, *CFLAGS, f"-I{SOURCE_DIR}", "-o", str(target), "-fPIE", "-pie",
+           "-DNP_LIBRARY", *flags, str(SOURCE_DIR / "np_main.c"), f"-L{out}", "-lnpvuln"]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return target
 
 
 def signed_fixes(out: Path, paths: dict[str, Path]) -> tuple[Path, list[Path]]:
@@ -106,8 +137,10 @@ class StaticCatalog:
 
 
 def main(argv: list[str]) -> int:
-    """The agent child: `newproc.py PUBLIC_KEY LIBRARY_DIR ARTIFACT...`. Prints `ready`,
-    then one JSON line per event; `stats` on stdin prints the stats; EOF stops it."""
+    """The agent child: `newproc.py PUBLIC_KEY FILESYSTEM ARTIFACT...` (FILESYSTEM: a path
+    on the only filesystem watched). Prints `ready` once the index's first walk is
+    done, then one JSON line per event; `stats` on stdin prints the stats (the
+    index's under "index"); EOF stops it."""
     import logging
 
     from micropatch.agent.newproc import NewProcesses
@@ -116,7 +149,7 @@ def main(argv: list[str]) -> int:
     from micropatch.trust.policy import admit_file
 
     logging.basicConfig(level=os.environ.get("NP_LOG", "WARNING"), stream=sys.stderr)
-    public, library_dir, *artifacts = argv
+    public, filesystem, *artifacts = argv
     keys = [load_public_key(public)]
     catalog = StaticCatalog([admit_file(a, keys=keys) for a in artifacts])
     lock = threading.Lock()
@@ -124,37 +157,42 @@ def main(argv: list[str]) -> int:
     def report(event: Any) -> None:
         line = json.dumps({"kind": event.kind, "pid": event.pid, "patch_id": event.patch_id,
                            "module": event.module, "message": event.message,
-                           "when": event.data.get("when")})  # fmt: skip
+                           "when": event.data.get("when"), "data": event.data})  # fmt: skip
         with lock:
             print(line, flush=True)
 
     agent = NewProcesses(
-        catalog, report, modules=ModuleCache(), library_dirs=[library_dir],
+        catalog, report, modules=ModuleCache(), filesystems=[filesystem],
         hold_limit=float(os.environ.get("NP_HOLD_LIMIT", "0.05")),
-        workers=int(os.environ.get("NP_WORKERS", "4")),
+        workers=int(os.environ.get("NP_WORKERS", "64")),
     )  # fmt: skip
     agent.start()
+    if not agent.indexer.ready.wait(120):
+        print("index not ready", flush=True)
     print("ready", flush=True)
     for line in sys.stdin:
         if line.strip() == "stats":
             with lock:
-                print("stats " + json.dumps(agent.stats), flush=True)
+                print("stats " + json.dumps(agent.status()), flush=True)
     agent.stop()
     return 0
 
 
 class Agent:
-    """NewProcesses running in a child process (see `main`)."""
+    """NewProcesses running in a child process (see `main`) inside `box`, watching its
+    tmpfs only."""
 
     def __init__(
         self,
+        box: Sandbox,
         public: Path,
-        library_dir: Path,
         artifacts: list[Path],
         env: dict[str, str] | None = None,
     ) -> None:
+        self.box = box
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, str(public), str(library_dir), *map(str, artifacts)],
+            [*box.enter(), sys.executable, __file__, str(public), str(box.root),
+             *map(str, artifacts)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
             env={**os.environ, **(env or {})},
         )  # fmt: skip
@@ -216,6 +254,9 @@ class Agent:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            for pid in children(self.proc.pid):  # nsenter forked the agent
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(30)
 

@@ -33,7 +33,11 @@ def test_every_error_class_comes_back_as_itself(cls):
     back = _through_json(e)
     assert type(back) is cls
     assert (back.message, back.pid, back.patch_id, back.module, back.offset) == (
-        f"{cls.__name__} [rsp+0x10]", 7, "fix", None, 16
+        f"{cls.__name__} [rsp+0x10]",
+        7,
+        "fix",
+        None,
+        16,
     )
 
 

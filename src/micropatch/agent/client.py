@@ -14,6 +14,7 @@ import socket
 
 from micropatch import errors
 from micropatch.errors import ControlError, MicropatchError, from_wire
+from micropatch.files import read_bounded
 
 TYPE_CHECKING = False  # not imported from typing, which the quick path would pay for
 if TYPE_CHECKING:
@@ -29,7 +30,11 @@ def default_socket() -> str:
     """The socket the CLI talks to: $MICROPATCH_AGENT_SOCKET, else the default."""
     return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
+
 CONNECT_TIMEOUT = 2.0
+# trust.envelope.MAX_SIZE, not imported from there: it loads the trust layer (a test checks
+# they agree)
+MAX_ARTIFACT = 64 << 20
 
 
 class AgentClient:
@@ -102,9 +107,6 @@ class AgentClient:
 
     # --- the verbs ----------------------------------------------------------------
 
-    def ping(self) -> dict[str, Any]:
-        return dict(self.call("ping"))
-
     def status(self) -> dict[str, Any]:
         return dict(self.call("status"))
 
@@ -121,8 +123,7 @@ def artifact_arguments(path: str | Path) -> dict[str, str]:
     """An artifact file as request arguments: its bytes (the agent may not see our
     /tmp) and its name for messages."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = read_bounded(path, MAX_ARTIFACT)
     except OSError as e:
         raise errors.ArtifactError(f"{path}: cannot read: {e.strerror}") from e
     return {"artifact": binascii.b2a_base64(data, newline=False).decode("ascii"), "name": str(path)}

@@ -22,6 +22,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from micropatch.errors import ConfigError
+from micropatch.files import read_bounded
+
+MAX_CONFIG = 1 << 20
 
 __all__ = ["AgentConfig", "ConfigError", "default_config_text", "load_config"]
 
@@ -49,18 +52,25 @@ class AgentConfig(BaseModel):
     new_processes: bool = Field(
         default=True, description="Patch new processes at exec and library load (fanotify)."
     )
+    filesystems: list[str] = Field(
+        default_factory=list,
+        description="Watch execs on, and index for copies of patched modules, only the "
+        "filesystems holding these paths; empty: every local filesystem.",
+    )
     library_dirs: list[str] = Field(
         default_factory=list,
-        description="Directories to look for patched libraries in, besides the standard "
-        "ones, ld.so.conf's and those running processes map them from (e.g. a "
-        "virtualenv's bundled *.libs, so that their first load is patched too).",
+        description="Directories indexed for copies of patched modules besides the "
+        "watched filesystems (e.g. on a network filesystem, which is not indexed by "
+        "default); found at each walk, not kept current by events.",
     )
     hold_limit: float = Field(
         default=0.05, gt=0, description="Seconds an exec or open may be held before it is allowed."
     )
     metrics_port: int | None = Field(
-        default=None, ge=1, le=65535,
-        description="Prometheus endpoint on metrics_address:PORT; unset: off."
+        default=None,
+        ge=1,
+        le=65535,
+        description="Prometheus endpoint on metrics_address:PORT; unset: off.",
     )
     metrics_address: str = Field(
         default="127.0.0.1", description="Address of the metrics endpoint (localhost)."
@@ -69,22 +79,27 @@ class AgentConfig(BaseModel):
         default=None, description="Group whose members may use the read verbs (status, events)."
     )
     lock_timeout: float = Field(
-        default=30.0, ge=0,
-        description="Seconds to wait for another micropatch operation on one process."
+        default=30.0,
+        ge=0,
+        description="Seconds to wait for another micropatch operation on one process.",
     )
     checkin_interval: float | None = Field(
-        default=None, gt=0,
-        description="Seconds between two check-ins with the fleet server; unset: the server's."
+        default=None,
+        gt=0,
+        description="Seconds between two check-ins with the fleet server; unset: the server's.",
     )
     inventory_interval: float = Field(
-        default=60.0, gt=0,
-        description="Seconds between two scans of the modules the processes map (check-in)."
+        default=60.0,
+        gt=0,
+        description="Seconds between two scans of the modules the processes map (check-in).",
     )
     max_modules: int = Field(
         default=32, ge=1, description="Parsed module files kept in memory, least recently used out."
     )
     workers: int | None = Field(
-        default=None, ge=1, le=64,
+        default=None,
+        ge=1,
+        le=64,
         description="Running processes patched (or unpatched) at once by a pass; "
         "unset: one per CPU the agent may run on, at most 4.",
     )
@@ -105,7 +120,7 @@ def load_config(path: str | Path | None, *, missing_ok: bool = True) -> AgentCon
         return AgentConfig()
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_CONFIG)
     except FileNotFoundError:
         if missing_ok:
             return AgentConfig()

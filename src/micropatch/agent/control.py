@@ -38,8 +38,18 @@ log = logging.getLogger(__name__)
 
 READ_VERBS = frozenset({"ping", "status", "events", "process-status", "wait"})
 WRITE_VERBS = frozenset(
-    {"add", "enable", "disable", "exclude", "unexclude", "apply", "remove", "update", "rescan",
-     "enroll"}
+    {
+        "add",
+        "enable",
+        "disable",
+        "exclude",
+        "unexclude",
+        "apply",
+        "remove",
+        "update",
+        "rescan",
+        "enroll",
+    }
 )
 MAX_REQUEST = 96 << 20  # an artifact (64 MiB at most) in base64, and the rest
 UCRED = struct.Struct("3i")  # pid, uid, gid
@@ -143,7 +153,7 @@ class ControlServer:
                              daemon=True).start()  # fmt: skip
 
     def _allowed(self, conn: socket.socket) -> str:
-        """"all", "read", or raise ControlError."""
+        """ "all", "read", or raise ControlError."""
         pid, uid, gid = peer_credentials(conn)
         if uid == 0:
             return "all"

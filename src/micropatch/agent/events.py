@@ -82,16 +82,12 @@ class EventLog:
 
     def record(self, event: Event) -> None:
         """Thread-safe. A failure to write the history is logged, never raised: an
-        event must not stop the operation that reports it."""
+        event must not stop the operation that reports it.
+
+        The line on `stream` comes last: whoever sees it (a supervisor reading the
+        journal, a test) finds the event in the history, in the followers' queues and
+        in every sink (the metrics) already."""
         line = json.dumps({"event": event.kind, **event.to_json()}, default=str)
-        with self._lock:
-            try:
-                self._stream.write(line + "\n")
-                self._stream.flush()
-            except (OSError, ValueError):
-                pass  # stdout closed: the history still has it
-            followers = list(self._followers)
-            sinks = list(self._sinks)
         try:
             with self._db.write() as c:
                 c.execute(
@@ -103,6 +99,9 @@ class EventLog:
                 )  # fmt: skip
         except Exception:
             log.exception("cannot record event %s in the history", event.kind)
+        with self._lock:
+            followers = list(self._followers)
+            sinks = list(self._sinks)
         for filt, q in followers:
             if filt.matches(event):
                 q.put(event)
@@ -111,6 +110,12 @@ class EventLog:
                 sink(event)
             except Exception:
                 log.exception("event sink %r failed", sink)
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (OSError, ValueError):
+                pass  # stdout closed: the history has it
 
     __call__ = record
 

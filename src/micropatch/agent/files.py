@@ -38,8 +38,9 @@ class ModuleFile:
         return self.dev, self.ino
 
     def matches(self, target: TargetView) -> bool:
-        """This file is the target's module build (name, and every identity it pins)."""
-        if self.identity is None or target.module != self.name:
+        """This file is the target's module build: every identity it pins (build-id,
+        SHA-256) agrees, whatever the file's name (a wheel's renamed copy, a link)."""
+        if self.identity is None:
             return False
         if not target.build_id and not target.sha256:
             return False

@@ -16,7 +16,8 @@ from micropatch.agent.paths import (
     UNIT_DIR,
     UNIT_NAME,
 )
-from micropatch.systemd import Installed, entry_point, join, running, write_file
+from micropatch.files import write_atomic
+from micropatch.systemd import Installed, entry_point, join, running
 
 __all__ = ["Installed", "entry_point", "install", "systemd_running", "uninstall", "unit_text"]
 
@@ -105,14 +106,14 @@ def install(root: Path = Path("/"), *, command: str | None = None) -> Installed:
     done = Installed()
     unit = _under(root, UNIT_DIR) / UNIT_NAME
     unit.parent.mkdir(parents=True, exist_ok=True)
-    write_file(unit, unit_text(command or entry_point()), 0o644)
+    write_atomic(unit, unit_text(command or entry_point()), mode=0o644)
     done.written.append(unit)
     config = _under(root, DEFAULT_CONFIG)
     config.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
     if config.exists():
         done.kept.append(config)
     else:
-        write_file(config, default_config_text(), 0o644)
+        write_atomic(config, default_config_text(), mode=0o644)
         done.written.append(config)
     for directory, mode in ((DEFAULT_STATE_DIR, 0o700), (DEFAULT_TRUST_DIR, 0o755)):
         path = _under(root, directory)

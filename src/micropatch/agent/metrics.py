@@ -17,6 +17,8 @@ micropatch_failures_total{patch}          counter    failed applies/removes
 micropatch_crashes_total{patch}           counter    crashes of processes carrying the patch
 micropatch_auto_disabled_total{patch}     counter    crash auto-disables
 micropatch_exec_latency_seconds           histogram  time an exec was held
+micropatch_late_starts_total              counter    processes patched late (live)
+micropatch_missed_starts_total            counter    ... that ran unpatched anyway
 micropatch_events_total{kind}             counter    events by kind
 process_*                                 (agent's own CPU, RSS, fds)
 ========================================  =========  =====================
@@ -139,6 +141,17 @@ class Metrics:
         self.events_total = Counter(
             "micropatch_events", "Agent events, by kind.", ["kind"], registry=r
         )
+        self.late_starts_total = Counter(
+            "micropatch_late_starts",
+            "Processes patched live after mapping a patched module by a route the agent "
+            "could not hold (released by the watchdog, opened before it was watched).",
+            registry=r,
+        )
+        self.missed_starts_total = Counter(
+            "micropatch_missed_starts",
+            "Processes that took such a route and ran unpatched (exited first, or failed).",
+            registry=r,
+        )
         ProcessCollector(registry=r)  # the agent's own CPU and RSS: process_*
         for state in PATCH_STATES:
             self.patches.labels(state)  # present at 0 before the first update
@@ -179,8 +192,9 @@ class Metrics:
 
         ``blocked``: adds ``data["count"]`` (the increment since the last report,
         default 1) to the patch's counter; ``failed``: a failure of the patch;
-        ``crashed``: a crash of a process carrying the patch; ``disabled`` with
-        ``data["auto"]`` true (or ``data["reason"] == "crashes"``): an auto-disable.
+        ``crashed``: a crash of a process carrying the patch; ``late``: a late start
+        (``data["outcome"]``: patched or missed); ``disabled`` with ``data["auto"]``
+        true (or ``data["reason"] == "crashes"``): an auto-disable.
         """
         self.events_total.labels(event.kind).inc()
         patch = event.patch_id or ""
@@ -192,6 +206,9 @@ class Metrics:
             self.failures_total.labels(patch).inc()
         elif event.kind == "crashed":
             self.crashes_total.labels(patch).inc()
+        elif event.kind == "late":
+            late = event.data.get("outcome") == "patched"
+            (self.late_starts_total if late else self.missed_starts_total).inc()
         elif event.kind == "disabled" and (
             event.data.get("auto") or event.data.get("reason") == "crashes"
         ):

@@ -9,7 +9,7 @@ the process should carry. Unit-tested in tests/unit/agent/test_policy.py.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -140,8 +140,3 @@ def matches(target: Targeted, identity: Identified) -> bool:
     if target.build_id and (identity.build_id or "").lower() != target.build_id.lower():
         return False
     return not (target.sha256 and identity.sha256.lower() != target.sha256.lower())
-
-
-def wanted_ids(candidates: Iterable[str], info: ProcessInfo, view: PolicyView) -> set[str]:
-    """Of the patch ids whose target this process maps, those it should carry."""
-    return {patch_id for patch_id in candidates if wants(patch_id, info, view)}

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from micropatch.agent.coverage import coverage
 from micropatch.agent.events import Event, EventFilter
-from micropatch.agent.policy import DISABLED, ENABLED, Exclusion, exclusion, reasons_against
+from micropatch.agent.policy import DISABLED, ENABLED, exclusion, reasons_against
 from micropatch.agent.store import Stored
 from micropatch.errors import AgentError, UnknownPatch
 from micropatch.process.select import ProcessInfo
@@ -64,10 +65,13 @@ class Requests:
             if any(patch_id in stored_patches for patch_id in c.patches)
         }  # fmt: skip
         auto = self.state.auto_disabled()
+        new = self.new_processes
         patches = []
         for stored in sorted(stored_patches.values(), key=lambda s: s.id):
             carriers = [c for c in covered.values() if stored.id in c.patches]
             patches.append({
+                **coverage(stored, new, view.enabled(stored.id)),
+                "carriers": sorted(c.pid for c in carriers),
                 "id": stored.id, "version": stored.version,
                 "title": stored.admitted.patch.info.title,
                 "module": stored.admitted.patch.target.module,
@@ -93,7 +97,7 @@ class Requests:
                 {"pid": c.pid, "exe": c.exe, "patches": c.patches, "blocked": c.blocked}
                 for c in sorted(covered.values(), key=lambda c: c.pid)
             ],
-            "new_processes": dict(getattr(self.new_processes, "stats", None) or {}) or None,
+            "new_processes": new.status() if new is not None else None,
             "fleet": self.fleet.status(),
         }
 
@@ -214,6 +218,3 @@ class Requests:
             return data, str(args.get("name", "<artifact>"))
         except (KeyError, ValueError, TypeError) as e:
             raise AgentError(f"bad request: artifact must be base64 bytes ({e})") from None
-
-    def exclusion_list(self) -> list[Exclusion]:
-        return list(self.view().exclusions)

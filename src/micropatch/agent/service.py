@@ -13,7 +13,8 @@ Plug points for the parts built beside this one (one line each):
 - new processes (agent/newproc.py): `_plug_new_processes` attaches a
   `NewProcesses(agent, agent.report, modules=agent.modules, hold_limit=...)`;
   the Agent is its `Catalog` (`wanted`, `watched`, `changed`), and
-  `on_change(newproc.remark)` re-marks files on every policy/store change.
+  `on_change(newproc.wake)` makes its index look for the targets on every
+  policy/store change.
 - crashes (agent/crashes.py, process/connector.py): `_plug_crashes` sets
   `agent.crash_tracker` and attaches the exit watcher, which calls
   `agent.on_exit(pid, exit_signal)` for every process exit.
@@ -37,6 +38,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from micropatch.agent.config import AgentConfig
+from micropatch.agent.coverage import indexable
 from micropatch.agent.crashes import CrashTracker, ExitThread
 from micropatch.agent.db import Database
 from micropatch.agent.events import Event, EventLog, EventSink
@@ -47,7 +49,7 @@ from micropatch.agent.reconcile import PassResult, Reconciler
 from micropatch.agent.requests import Requests
 from micropatch.agent.store import ArtifactStore, PolicyState
 from micropatch.errors import FanotifyUnavailable, MicropatchError
-from micropatch.live.module import ModuleCache
+from micropatch.live.module import LoadedModule, ModuleCache
 from micropatch.patch.view import TargetView
 from micropatch.process.connector import ConnectorError
 from micropatch.process.select import ProcessInfo
@@ -55,10 +57,14 @@ from micropatch.trust.policy import Admitted
 
 if TYPE_CHECKING:
     from micropatch.agent.metrics import Metrics
+    from micropatch.build.plan import ExternalResolver, ModulePlan
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
 
 log = logging.getLogger(__name__)
+
+INDEX_WAIT = 300.0  # seconds READY waits for the first walk of the module index
+
 
 class Part(Protocol):
     """Something the agent starts after its store is loaded and stops first."""
@@ -98,6 +104,12 @@ class SharedModuleCache(ModuleCache):
         with self._lock:
             return super().get(file)
 
+    def plan(
+        self, admitted: Admitted, module: LoadedModule, external: ExternalResolver
+    ) -> ModulePlan:
+        with self._lock:
+            return super().plan(admitted, module, external)
+
 
 def sd_notify(state: str) -> bool:
     """Tell systemd (Type=notify) how we are: a datagram to $NOTIFY_SOCKET. False
@@ -120,9 +132,7 @@ def sd_notify(state: str) -> bool:
 class Agent(Exits, Requests):
     """The host agent. `run()` in the foreground, or `start()` / `stop()`."""
 
-    def __init__(
-        self, config: AgentConfig, paths: AgentPaths, *, stream: Any = None
-    ) -> None:
+    def __init__(self, config: AgentConfig, paths: AgentPaths, *, stream: Any = None) -> None:
         self.config = config
         self.paths = paths
         paths.create()
@@ -188,11 +198,11 @@ class Agent(Exits, Requests):
         return found
 
     def watched(self) -> list[TargetView]:
-        """The targets of every enabled patch (NEWPROC marks the matching files)."""
+        """The targets of every enabled patch (NEWPROC indexes and marks their copies),
+        each with the build-id its artifact was built against when the source pins
+        only the SHA-256 (the index's cheap key: the same bytes, the same build-id)."""
         view = self.view()
-        return [
-            s.admitted.patch.target for s in self.store.patches().values() if view.enabled(s.id)
-        ]
+        return [indexable(s) for s in self.store.patches().values() if view.enabled(s.id)]
 
     def changed(self) -> threading.Event:
         """Set on every policy or store change (`generation` counts them); the reader
@@ -228,7 +238,7 @@ class Agent(Exits, Requests):
         patched by the next pass over running processes, and an event says so."""
         if not self.config.new_processes:
             return
-        from micropatch.agent.newproc import LIBRARY_DIRS, NewProcesses
+        from micropatch.agent.newproc import NewProcesses
 
         def held(seconds: float) -> None:
             if self.metrics is not None:
@@ -236,7 +246,8 @@ class Agent(Exits, Requests):
 
         new = NewProcesses(
             self, self.report, modules=self.modules, hold_limit=self.config.hold_limit,
-            on_hold=held, library_dirs=(*LIBRARY_DIRS, *self.config.library_dirs),
+            on_hold=held, filesystems=self.config.filesystems,
+            library_dirs=self.config.library_dirs,
         )  # fmt: skip
         if self._plug(new, FanotifyUnavailable, "new processes are patched only by the pass"):
             self.new_processes = new
@@ -350,6 +361,8 @@ class Agent(Exits, Requests):
     def _work(self) -> None:
         try:
             self._pass(None)
+            if self.new_processes is not None:  # units ordered after us start held
+                self.new_processes.indexer.ready.wait(INDEX_WAIT)
         except Exception:
             log.exception("first pass")  # the agent still serves, and the next pass retries
         finally:

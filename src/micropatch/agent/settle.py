@@ -98,9 +98,7 @@ def settle(agent: Agent, patch_id: str, timeout: float) -> dict[str, Any]:
         after = result.number
 
 
-def _not_settled(
-    agent: Agent, patch_id: str, version: int, timeout: float, t: Tally | None
-) -> str:
+def _not_settled(agent: Agent, patch_id: str, version: int, timeout: float, t: Tally | None) -> str:
     head = f"{patch_id} v{version}: not settled within {timeout:g} s"
     if t is None:
         return (f"{head}: no pass over the running processes ended in that time; "

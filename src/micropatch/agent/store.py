@@ -36,8 +36,9 @@ from micropatch.errors import (
     NotAdmitted,
     SignatureError,
 )
+from micropatch.files import write_atomic
 from micropatch.trust.artifact import verify
-from micropatch.trust.envelope import MAX_SIZE, SUFFIX
+from micropatch.trust.envelope import SUFFIX, read
 from micropatch.trust.keys import PublicKey, load_public_key
 from micropatch.trust.policy import Admitted, admit
 
@@ -151,10 +152,8 @@ class ArtifactStore:
 
     def _load(self, path: Path) -> bool:
         try:
-            with open(path, "rb") as f:
-                data = f.read(MAX_SIZE + 1)
-            admitted = self.admit_bytes(data, str(path))
-        except (OSError, MicropatchError) as e:
+            admitted = self.admit_bytes(read(path), str(path))
+        except MicropatchError as e:
             self.reject(path, e)
             return False
         current = self._patches.get(admitted.id)
@@ -262,25 +261,11 @@ class ArtifactStore:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Write a root-only (0600) file atomically: a temporary file, fsync, rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    """Write a root-only (0600) file whole (micropatch.files.write_atomic), as AgentError."""
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        write_atomic(path, data, mode=0o600)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise AgentError(f"cannot write {path}: {e.strerror}") from e
-    with contextlib.suppress(OSError):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class PolicyState:

@@ -113,16 +113,6 @@ class Architecture(Protocol):
 
     def writes_stack(self, code: bytes, address: int) -> bool: ...
 
-    def exits(self, code: bytes, address: int) -> list[str]:
-        """The instructions of `code` that jump outside it, as text (a call returns:
-        it is not an exit)."""
-        ...
-
-    def stack_operands(self, code: bytes, address: int) -> list[str]:
-        """The instructions of `code` with an explicit stack-pointer-relative memory
-        operand, as text."""
-        ...
-
     def instruction_starts(self, code: bytes, address: int) -> list[int]: ...
 
     def listing(self, code: bytes, address: int) -> Sequence[Listed]: ...

@@ -28,6 +28,8 @@ from keystone import (
 )
 
 from micropatch.arch.x86_64.decode import IMMEDIATE_KINDS
+from micropatch.arch.x86_64.stack import trace
+from micropatch.bodies.frame import Frames, StackContext, check_stack
 from micropatch.errors import AssemblyError
 from micropatch.patch.asmtext import Line, Reference, parse_code, syntax_problem
 
@@ -43,6 +45,15 @@ _CHECK_ADDRESS = 0x10000000
 _RIP_MARKER = 0x3A5E0000
 _RIP_MARKER_STEP = 0x10
 _BRANCH_KINDS = frozenset({OpKind.NEAR_BRANCH16, OpKind.NEAR_BRANCH32, OpKind.NEAR_BRANCH64})
+# A reference as the operand of a direct branch: `call {x}`, `jne {x}`, `done: jmp {x}`.
+_BRANCH_BEFORE = re.compile(
+    r"(?:^|;)\s*(?:[A-Za-z_.][\w.]*\s*:\s*)*(?:(?:bnd|notrack)\s+)?"
+    r"(?P<mnemonic>j[a-z]{1,4}|call|loop[a-z]{0,2})\s+$",
+    re.IGNORECASE,
+)
+_ENDS = re.compile(r"\s*(?:;|$)")
+# A rel32 reaches +-2 GiB from the end of the branch; a body is far shorter than the margin.
+_REL32_REACH = (1 << 31) - (1 << 16)
 _REFERENCE_USES = (
     "use a reference as a branch target (jmp/call/jcc {x}), a 64-bit immediate "
     "(mov r64, {x}) or a RIP-relative operand ([rip + {x}])"
@@ -55,12 +66,20 @@ def check(code: str) -> None:
     assemble(code, _CHECK_ADDRESS, lambda _location: _CHECK_ADDRESS)
 
 
-def assemble(code: str, address: int, resolve: Callable[[str], int]) -> bytes:
+def assemble(
+    code: str,
+    address: int,
+    resolve: Callable[[str], int],
+    stack: StackContext | None = None,
+) -> bytes:
     """Machine code for `code` placed at `address`, each `{location}` replaced
     by `resolve(location)`, an absolute address.
 
-    Raises AssemblyError naming the line at fault; exceptions from `resolve`
-    propagate unchanged.
+    `[frame+N]` operands become the function's `[rsp+N]` for a body run
+    `stack.step` bytes below the function's rsp (`bodies.frame`); with `stack`,
+    the code is also held to the stack rules of `frame.check_stack` there.
+    Raises AssemblyError naming the line at fault (StackError for the stack
+    rules); exceptions from `resolve` propagate unchanged.
     """
     if not 0 <= address < _ADDRESS_LIMIT:
         raise ValueError(f"address {address:#x} is not a 64-bit address")
@@ -81,7 +100,19 @@ def assemble(code: str, address: int, resolve: Callable[[str], int]) -> bytes:
                     rip_refs[line.number, index] = line, piece
 
     markers = {site: _RIP_MARKER + i * _RIP_MARKER_STEP for i, site in enumerate(rip_refs)}
-    machine = _keystone(lines, values, markers, address)
+    step = stack.step if stack is not None else 0
+    plain = [_render(line, values, markers) for line in lines]
+    frames = Frames(plain, _described(lines))
+
+    def texts(rip: Mapping[_Site, int]) -> list[str]:
+        rendered = [_render(line, values, rip) for line in lines]
+        return frames.adjusted(rendered) if frames else rendered
+
+    if frames:
+        marked = _keystone(lines, frames.marked(plain), address)
+        frames.place(trace(marked, address), step)
+    _check_reach(lines, values, address)
+    machine = _keystone(lines, texts(markers), address)
     if rip_refs:
         next_ips = _marked_instructions(machine, address, markers)
         displacements = {}
@@ -92,16 +123,61 @@ def assemble(code: str, address: int, resolve: Callable[[str], int]) -> bytes:
             displacement = values[ref.location] - next_ips[marker]
             if not -(1 << 31) <= displacement < 1 << 31:
                 raise AssemblyError(
-                    f"{line.describe()}: {{{ref.location}}} at {values[ref.location]:#x} is "
-                    "beyond the +-2 GiB reach of a RIP-relative operand"
+                    f"{line.describe()}: {_named(ref.location, values)} is beyond the "
+                    "+-2 GiB reach of a RIP-relative operand"
                 )
             displacements[site] = displacement
         first = machine
-        machine = _keystone(lines, values, displacements, address)
+        machine = _keystone(lines, texts(displacements), address)
         if len(machine) != len(first):
             raise AssemblyError("the code changed size between assembly passes; simplify it")
     _verify(machine, address, lines, values)
+    if frames or stack is not None:
+        found = trace(machine, address)
+        ips = frames.verify(found, step) if frames else set()
+        if stack is not None:
+            check_stack(found, ips, stack)
     return machine
+
+
+def _described(lines: list[Line]) -> list[str]:
+    return [line.describe() for line in lines]
+
+
+def _named(location: str, values: Mapping[str, int]) -> str:
+    """`{location}` for a message, with its address if it is in the patched module
+    (the planner turns those into module offsets). Another module's symbol is
+    only placed at a stand-in address when building: no number is shown for it."""
+    if "!" in location:
+        return f"{{{location}}}"
+    return f"{{{location}}} ({values[location]:#x})"
+
+
+def _check_reach(lines: list[Line], values: Mapping[str, int], address: int) -> None:
+    """AssemblyError for a direct branch to a reference beyond a rel32's reach
+    (keystone would only say KS_ERR_ASM_FIXUP_INVALID)."""
+    for line in lines:
+        pieces = line.pieces
+        for index, piece in enumerate(pieces):
+            if not isinstance(piece, Reference) or piece.rip:
+                continue
+            before = pieces[index - 1] if index else ""
+            after = pieces[index + 1] if index + 1 < len(pieces) else ""
+            branch = _BRANCH_BEFORE.search(before) if isinstance(before, str) else None
+            if branch is None or not isinstance(after, str) or not _ENDS.match(after):
+                continue
+            if abs(values[piece.location] - address) < _REL32_REACH:
+                continue
+            advice = "load its address into a register first (`mov rax, {x}`, then `call rax`)"
+            if "!" in piece.location:
+                advice = (
+                    "another module is usually that far from the patched one: " + advice
+                )  # fmt: skip
+            raise AssemblyError(
+                f"{line.describe()}: {_named(piece.location, values)} is beyond the +-2 GiB "
+                f"reach of a rel32 `{branch.group('mnemonic')}` from the trampoline; "
+                + advice.replace("{x}", f"{{{piece.location}}}")
+            )
 
 
 def _render(line: Line, values: Mapping[str, int], rip: Mapping[_Site, int]) -> str:
@@ -113,10 +189,7 @@ def _render(line: Line, values: Mapping[str, int], rip: Mapping[_Site, int]) -> 
     )
 
 
-def _keystone(
-    lines: list[Line], values: Mapping[str, int], rip: Mapping[_Site, int], address: int
-) -> bytes:
-    rendered = [_render(line, values, rip) for line in lines]
+def _keystone(lines: list[Line], rendered: list[str], address: int) -> bytes:
     for line, text in zip(lines, rendered, strict=True):
         if not text.isascii():
             raise AssemblyError(f"{line.describe()}: non-ASCII character outside a comment")
@@ -230,7 +303,7 @@ def _verify(machine: bytes, address: int, lines: list[Line], values: Mapping[str
             if isinstance(piece, Reference) and values[piece.location] == value
         )
         raise AssemblyError(
-            f"{culprit.describe()}: {{{location}}} ({value:#x}) does not fit where it "
+            f"{culprit.describe()}: {_named(location, values)} does not fit where it "
             f"is used and would be silently truncated; {_REFERENCE_USES}"
         )
 

@@ -53,6 +53,7 @@ CFLAGS = (
 COMPILE_TIMEOUT = 60.0
 _SHOWN_LINES = 20
 
+
 class CCompileError(AssemblyError):
     """A C patchlet does not compile, or its object cannot be used as a patchlet body."""
 

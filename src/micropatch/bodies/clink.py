@@ -36,7 +36,6 @@ _DATA_HELP = (
 )
 
 
-
 def link(obj: bytes) -> CompiledC:
     """Lay out the code sections of a relocatable object in one blob and apply
     its PC-relative relocations; refuse anything else, naming the symbol."""

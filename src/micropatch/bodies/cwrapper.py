@@ -2,12 +2,11 @@
 on an aligned stack, take the registers back and act on its verdict.
 
 Like a guard, it relies on the engine stepping over the red zone before it
-except at a function's entry.
+except at a function's entry, and names the site's rsp `[frame]` (`bodies.frame`).
 """
 
 from __future__ import annotations
 
-from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.bodies.cbody import CCompileError, CompiledC
 from micropatch.bodies.guard import AT_ENTRY_ONLY
 
@@ -18,9 +17,9 @@ REGS = (
     "rflags",
 )  # fmt: skip
 _SLOT = {name: 8 * i for i, name in enumerate(REGS)}
-_FRAME = 8 * len(REGS)
 ARITHMETIC_FLAGS = 0x8D5  # CF PF AF ZF SF OF: what the C code may change in rflags
 KIND_CONTINUE, KIND_RETURN, KIND_JUMP = 0, 1, 2
+
 
 def c_source(
     compiled: CompiledC,
@@ -45,13 +44,12 @@ def c_source(
             "c: MP_BLOCKED needs a blocked-event counter, which this engine does not "
             "provide yet; remove it"
         )
-    red_zone = 0 if at_entry else RED_ZONE
     lines = ["pushfq"]
     lines += [f"push {name}" for name in reversed(REGS[8:16])]
     lines.append("lea rsp, [rsp - 0x8]")  # the rsp slot, filled below
     lines += [f"push {name}" for name in reversed(REGS[:7])]
     lines += [
-        f"lea rax, [rsp + {_FRAME + red_zone:#x}]",  # rsp at the patched location
+        "lea rax, [frame]",  # rsp at the patched location
         f"mov qword ptr [rsp + {_SLOT['rsp']:#x}], rax",
         f"mov r12, qword ptr [rsp + {_SLOT['rflags']:#x}]",  # r12, rbx: callee-saved
         "mov rbx, rsp",
@@ -86,8 +84,8 @@ def c_source(
     for index, location in enumerate(jumps):
         lines.append(f"mp_c_jump_{index}:")
         lines += _restore()
-        if red_zone:
-            lines.append(f"lea rsp, [rsp + {red_zone:#x}]")
+        if not at_entry:
+            lines.append("lea rsp, [frame]")  # back above the red zone the engine stepped over
         lines.append(f"jmp {{{location}}}")
     if returns:
         lines += ["mp_c_return:", f"mov qword ptr [rsp + {_SLOT['rax']:#x}], rdx"]

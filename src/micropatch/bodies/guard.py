@@ -9,7 +9,6 @@ except at a function's entry.
 
 from __future__ import annotations
 
-from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.patch.guard import Action, GuardError, Jump, Return
 from micropatch.patch.guardtree import (
     REGISTERS_64,
@@ -45,7 +44,6 @@ _HOLD_IF_SMALLER = frozenset({"<", "<=", "!="})
 _MIRRORED = {"<": ">", "<=": ">=", ">": "<", ">=": "<=", "==": "==", "!=": "!="}
 _IMM32_MIN = -(1 << 31)
 _IMM32_END = 1 << 31
-_SAVED = 3  # pushfq + two scratch registers
 
 
 def _hex(value: int) -> str:
@@ -53,12 +51,11 @@ def _hex(value: int) -> str:
 
 
 class _Generator:
-    """Branching code for a condition, with the stack shifted by `shift` bytes
-    from the site's rsp and two scratch registers."""
+    """Branching code for a condition, with two scratch registers. The site's rsp
+    is `frame` (`bodies.frame`): the assembler adds whatever the guard pushed."""
 
-    def __init__(self, scratch: tuple[str, str], shift: int) -> None:
+    def __init__(self, scratch: tuple[str, str]) -> None:
         self.scratch = scratch
-        self.shift = shift
         self.lines: list[str] = []
         self.labels = 0
 
@@ -133,7 +130,7 @@ class _Generator:
             return register, operand.value >= 1 << 63
         if isinstance(operand, Register):
             if operand.name == "rsp":
-                self.emit(f"lea {register}, [rsp + {self.shift:#x}]")
+                self.emit(f"lea {register}, [frame]")
             elif operand.name in REGISTERS_64:
                 self.emit(f"mov {register}, {operand.name}")
             else:
@@ -149,10 +146,10 @@ class _Generator:
         return register, operand.type == TYPES["u64"]
 
     def address(self, memory: Memory) -> str:
-        disp = memory.disp + (self.shift if memory.base == "rsp" else 0)
+        disp = memory.disp
         if not -(1 << 31) <= disp < 1 << 31:
             raise GuardError(f"displacement {disp:#x} does not fit in 32 bits")
-        text = memory.base
+        text = "frame" if memory.base == "rsp" else memory.base
         if memory.index:
             text += f" + {memory.index}*{memory.scale}"
         if disp:
@@ -191,9 +188,10 @@ def guard_source(
     """Assembly for a guard, to be assembled where the trampoline body runs.
 
     It relies on the engine's red-zone rule: the code pushes, so the engine
-    moves rsp down by RED_ZONE before it, except at a function's entry
-    (`at_entry`). `counter` is the address of the patchlet's 64-bit `blocked`
-    counter, required when the action says `blocked`.
+    moves rsp down by the red zone before it, except at a function's entry
+    (`at_entry`); `[frame+N]` is the site's `[rsp+N]` either way. `counter` is
+    the address of the patchlet's 64-bit `blocked` counter, required when the
+    action says `blocked`.
     """
     if isinstance(then.outcome, Return) and not at_entry:
         raise GuardError(f"then: 'return' {AT_ENTRY_ONLY}")
@@ -207,8 +205,7 @@ def guard_source(
     if len(free) < 2:
         raise GuardError("when: the condition reads too many registers to leave two for scratch")
     scratch = (free[0], free[1])
-    red_zone = 0 if at_entry else RED_ZONE
-    generator = _Generator(scratch, _SAVED * 8 + red_zone)
+    generator = _Generator(scratch)
     emit = generator.emit
     restore = [f"pop {scratch[1]}", f"pop {scratch[0]}", "popfq"]
     emit("pushfq")
@@ -222,8 +219,8 @@ def guard_source(
     generator.lines += restore
     outcome = then.outcome
     if isinstance(outcome, Jump):
-        if red_zone:
-            emit(f"lea rsp, [rsp + {red_zone:#x}]")
+        if not at_entry:
+            emit("lea rsp, [frame]")  # back above the red zone the engine stepped over
         emit(f"jmp {{{outcome.location}}}")
     else:
         if outcome.value is not None:

@@ -4,8 +4,9 @@ machine code at the address where its trampoline lands.
 `code` is assembled as written; a guard (`when` + `then`) and a C function
 (`c`) are first compiled to assembly that saves what it uses. Guard and C
 bodies always push (the flags first), so the engine steps over the red zone
-before them except at a function's entry; their generated code counts on
-exactly that when it reads rsp and when it leaves by a jump.
+before them except at a function's entry; their generated code names the
+function's stack as `[frame+N]` (`bodies.frame`) and restores rsp with
+`lea rsp, [frame]` before it leaves by a jump.
 
 A toolchain is an object, not module state: it owns the C compiler command and
 the cache of compiled C bodies, and a toolchain made for a signed artifact
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from micropatch.bodies.assemble import assemble
 from micropatch.bodies.cbody import CCompileError, CompiledC, compile_c, default_compiler
+from micropatch.bodies.frame import StackContext
 from micropatch.errors import MicropatchError, PatchFormatError
 
 if TYPE_CHECKING:
@@ -30,6 +32,8 @@ _T = TypeVar("_T")
 CACHE_SIZE = 64  # compiled C bodies kept per toolchain
 # Where `check` assembles bodies: any address a module could be loaded at.
 _CHECK_ADDRESS = 0x10000000
+# Without the module the site is not known: checked as if at a function's entry.
+_UNLOCATED = StackContext(step=0, located=False)
 
 
 class Toolchain:
@@ -111,9 +115,16 @@ class Toolchain:
             )
         return patchlet.code or ""
 
-    def assemble(self, code: str, address: int, resolve: Callable[[str], int]) -> bytes:
-        """Machine code for assembly `code` at `address` (see `bodies.assemble`)."""
-        return assemble(code, address, resolve)
+    def assemble(
+        self,
+        code: str,
+        address: int,
+        resolve: Callable[[str], int],
+        stack: StackContext | None = None,
+    ) -> bytes:
+        """Machine code for assembly `code` at `address` (see `bodies.assemble`);
+        with `stack`, held to the stack rules where it runs (`bodies.frame`)."""
+        return assemble(code, address, resolve, stack)
 
     def check(self, patch: Patch) -> None:
         """Compile and assemble every body at a stand-in address, as if at a
@@ -122,7 +133,9 @@ class Toolchain:
         for index, patchlet in enumerate(patch.patchlets):
             try:
                 at_entry = self.body_source(patchlet, at_entry=True, counter=_CHECK_ADDRESS)
-                self.assemble(at_entry, _CHECK_ADDRESS, lambda _location: _CHECK_ADDRESS)
+                self.assemble(
+                    at_entry, _CHECK_ADDRESS, lambda _location: _CHECK_ADDRESS, _UNLOCATED
+                )
             except MicropatchError as exc:
                 exc.within(
                     f"patch {patch.id}, patchlet[{index}] ({patchlet.at}): ", patch_id=patch.id

@@ -18,8 +18,9 @@ from micropatch.bodies.toolchain import Toolchain
 from micropatch.build.module import check_identity, elsewhere, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.errors import ArtifactError, MicropatchError, ModuleError
+from micropatch.files import read_bounded
 from micropatch.patch.model import Patch
-from micropatch.patch.source import parse_patch
+from micropatch.patch.source import MAX_SOURCE, parse_patch
 from micropatch.trust.artifact import Artifact, make
 from micropatch.trust.envelope import FORMAT, FORMAT_VERSION
 from micropatch.trust.keys import format_time, utc_now
@@ -43,16 +44,16 @@ def build(
     """
     source = Path(source)
     try:
-        data = source.read_bytes()
+        data = read_bounded(source, MAX_SOURCE)
     except OSError as exc:
         raise ArtifactError(f"{source}: cannot read patch source: {exc.strerror}") from None
     patch = parse_patch(data, str(source))
     text = data.decode("utf-8")  # parse_patch refused anything else
     toolchain = toolchain or Toolchain()
     toolchain.check(patch)
-    _check_name(patch, Path(module_file))
     module = open_module(module_file)
     check_identity(patch, module, str(source))
+    _check_name(patch, Path(module_file), module)
     planned = plan_patch(patch, module, toolchain, elsewhere)
     cave = placeholder_cave(module)
     for p in planned:
@@ -91,19 +92,39 @@ def build(
     return make(payload, str(source))
 
 
-def _check_name(patch: Patch, given: Path) -> None:
-    """Refuse a module named through a symbolic link whose name the patch targets:
-    processes map the file the link points to, under that file's name, so the
-    patch would never match one."""
+def _check_name(patch: Patch, given: Path, module: ModuleView) -> None:
+    """Refuse a module file whose name is not the patch's `[target] module`.
+
+    Processes map the file itself (a symbolic link resolved), and a patch matches
+    a mapped module by that file's name, at run time as here: a library's
+    DT_SONAME (`libfoo.so.1`, the loader's name for it, usually a link to
+    `libfoo.so.1.2.3`) or the name of a link would match no process.
+    """
     real = given.resolve()
     wanted = patch.target.module
-    if given.name == wanted and real.name != wanted:
+    if real.name == wanted:
+        return
+    fix = f'set [target] module = "{real.name}"'
+    if given.name == wanted:
         raise ModuleError(
             f"{given} is a symbolic link to {real}: processes that run it map "
             f"{real.name}, never {wanted}, so a patch for module {wanted!r} would match none; "
-            f'set [target] module = "{real.name}" and build against {real}',
+            f"{fix} and build against {real}",
             module=wanted,
         )
+    if module.image.soname == wanted:
+        raise ModuleError(
+            f"[target] module = {wanted!r} is the DT_SONAME of {given}, the name the loader "
+            f"looks it up by, but processes map the file itself, {real.name}, and a patch "
+            f"matches the mapped file's name, so it would match none; {fix}",
+            module=wanted,
+        )
+    raise ModuleError(
+        f"[target] module = {wanted!r}, but the module file {given} is {real.name}: a patch "
+        f"matches the mapped file's name, so it would match no process that maps this "
+        f"file; {fix}, or build against the file named {wanted}",
+        module=wanted,
+    )
 
 
 def _build_time() -> datetime.datetime:

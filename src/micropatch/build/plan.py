@@ -3,6 +3,14 @@
 Everything that can fail without touching the process fails here: unknown
 symbols, offsets inside instructions, branches into a site, bytes that do
 not match, code that does not assemble.
+
+A plan is made in module offsets (`ModulePlan`), the one coordinate system
+every process that maps the same build shares; `ModulePlan.at` places it at
+one mapping's load address. So a caller plans once per (module build, patch)
+and reuses the plan in every process (`live.module.ModuleCache.plan`), and a
+signed artifact, built for one exact build, carries its plan already: its
+recorded sites need no symbol table, function bounds or disassembly
+(`plan_recorded`).
 """
 
 from __future__ import annotations
@@ -10,21 +18,29 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
 from micropatch.elf.location import Location, parse_location
-from micropatch.errors import MicropatchError, OriginalBytesMismatch, SiteError, UnresolvedReference
+from micropatch.errors import (
+    BranchIntoSite,
+    MicropatchError,
+    OriginalBytesMismatch,
+    SiteError,
+    UnresolvedReference,
+)
 from micropatch.patch.asmtext import BLOCKED_REFERENCE
 
 if TYPE_CHECKING:
+    from micropatch.bodies.frame import StackContext
     from micropatch.bodies.toolchain import Toolchain
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
     from micropatch.patch.view import PatchletView, PatchView
+    from micropatch.trust.recorded import SiteFact
 
 UNCHECKED_WINDOW = 64  # bytes decoded at a site whose function bounds are not checked
 
@@ -37,6 +53,7 @@ class ModuleView(Protocol):
     def pid(self) -> int:
         """The process the module is mapped in; 0 for a file built against."""
         ...
+
     @property
     def name(self) -> str: ...
     @property
@@ -92,13 +109,44 @@ def _no_external(location: Location) -> int:
     )
 
 
-def plan_patch(
+@dataclass(frozen=True)
+class SitePlan:
+    """One patchlet's site, planned in module offsets."""
+
+    index: int
+    patchlet: PatchletView
+    offset: int  # module offset of the site
+    original: bytes  # the whole instructions the jump overwrites
+    resume: int | None  # module offset to continue at; None: after the site
+    at_entry: bool  # the site is a function's first byte (no red zone live yet)
+    skip_red_zone: bool
+    needs_counter: bool
+    expect: bytes  # bytes checked at the site in a process (see PlannedSite.expect)
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """A patch planned against one module build: the same for every mapping of it."""
+
+    patch: PatchView
+    arch: Architecture
+    sites: tuple[SitePlan, ...]
+
+    def at(
+        self, module: ModuleView, toolchain: Toolchain, external: ExternalResolver = _no_external
+    ) -> list[PlannedSite]:
+        """The plan at `module`'s load address; bodies assemble through `toolchain`,
+        references to other modules through `external` (this process's)."""
+        return [_placed(self.arch, s, module, toolchain, external) for s in self.sites]
+
+
+def plan_module(
     patch: PatchView,
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver = _no_external,
-) -> list[PlannedSite]:
-    """Every patchlet's site, checked, and its body ready to assemble anywhere.
+) -> ModulePlan:
+    """Every patchlet's site, checked, in module offsets.
 
     `toolchain` compiles the bodies (for a signed artifact: one holding the signed
     C code). `external` resolves references into other modules: in a process, from
@@ -106,11 +154,48 @@ def plan_patch(
     """
     machine = arch.get(patch.target.arch)
     try:
-        return _plan(machine, patch, module, toolchain, external)
+        return ModulePlan(patch, machine, _plan(machine, patch, module, toolchain, external))
     except MicropatchError as e:
         # The architecture speaks in addresses; authors write module offsets.
         e.args = (in_offsets(e.message, module), *e.args[1:])
         raise
+
+
+def plan_patch(
+    patch: PatchView,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver = _no_external,
+) -> list[PlannedSite]:
+    """Every patchlet's site, checked, and its body ready to assemble anywhere
+    (`plan_module`, placed at `module`)."""
+    return plan_module(patch, module, toolchain, external).at(module, toolchain, external)
+
+
+def plan_recorded(patch: PatchView, recorded: Sequence[SiteFact]) -> ModulePlan:
+    """The plan a signed artifact records: `build` planned and checked it against the
+    very build the artifact names (site, length, original bytes, resume, red zone),
+    so applying it needs none of the module's symbols. `patch` is the artifact's
+    (`trust.recorded.recorded_patch`: its `expect` are the recorded bytes)."""
+    sites = []
+    for facts in sorted(recorded, key=lambda f: f.patchlet):
+        patchlet = patch.patchlets[facts.patchlet]
+        sites.append(
+            SitePlan(
+                facts.patchlet,
+                patchlet,
+                facts.offset,
+                facts.original,
+                facts.resume,
+                # Guard and C bodies always push, so `build` skipped the red zone exactly
+                # when not at a function's entry; a code body does not ask.
+                not facts.skip_red_zone,
+                facts.skip_red_zone,
+                patchlet.counts_blocked,
+                patchlet.expect or facts.original,
+            )
+        )
+    return ModulePlan(patch, arch.get(patch.target.arch), tuple(sites))
 
 
 _ADDRESS = re.compile(r"\b0x[0-9a-fA-F]+\b")
@@ -137,51 +222,79 @@ def _plan(
     module: ModuleView,
     toolchain: Toolchain,
     external: ExternalResolver,
-) -> list[PlannedSite]:
+) -> tuple[SitePlan, ...]:
     planned = [
         _plan_patchlet(machine, toolchain, patch, i, p, module, external)
         for i, p in enumerate(patch.patchlets)
     ]
+    where = {p.index: f"patchlet[{p.index}] ({p.patchlet.at}) in {module.name}" for p in planned}
     for p in planned:
         for other in planned:
-            if p.resume is not None and other.site.address < p.resume < other.site.end:
+            end = other.offset + len(other.original)
+            if p.resume is not None and other.offset < p.resume < end:
                 raise SiteError(
-                    f"patch {patch.id}, {p.where}: resume target {p.resume:#x} is inside the site "
-                    f"of {other.where} ({other.site.address:#x}-{other.site.end:#x}), which the "
+                    f"patch {patch.id}, {where[p.index]}: resume target "
+                    f"{module.address(p.resume):#x} is inside the site of {where[other.index]} "
+                    f"({module.address(other.offset):#x}-{module.address(end):#x}), which the "
                     "jump overwrites"
                 )
-    ordered = sorted(planned, key=lambda s: s.site.address)
+    cave = _stand_in_cave(machine, module)
+    placed = [_placed(machine, p, module, toolchain, external) for p in planned]
+    _refuse_references_into_sites(machine, patch, placed, cave)
+    ordered = sorted(planned, key=lambda s: s.offset)
     for a, b in itertools.pairwise(ordered):
-        if b.site.address < a.site.end:
+        if b.offset < a.offset + len(a.original):
             raise SiteError(
-                f"patch {patch.id}: {a.where} and {b.where} overlap "
-                f"({a.site.address:#x}-{a.site.end:#x} and {b.site.address:#x}); "
-                "one site per location"
+                f"patch {patch.id}: {where[a.index]} and {where[b.index]} overlap "
+                f"({module.address(a.offset):#x}-{module.address(a.offset + len(a.original)):#x} "
+                f"and {module.address(b.offset):#x}); one site per location"
             )
-    return planned
+    return tuple(planned)
 
 
-def _refuse_below_red_zone(machine: Architecture, body: bytes, address: int) -> None:
-    """A code body run below the red zone must leave through its end, where rsp is
-    restored, and must not name the stack by rsp, whose value it does not share
-    with the function."""
-    for text in machine.exits(body, address):
-        raise SiteError(
-            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
-            f"it {machine.RED_ZONE} bytes below rsp to spare the red zone of a leaf function, "
-            f"and `{text}` leaves it before rsp is restored; jump out only from a body that "
-            "does not push or call, or patch at the function's entry, where no red zone is live"
-        )
-    for text in machine.stack_operands(body, address):
-        raise SiteError(
-            f"the body writes below rsp (push, call or a store under rsp), so the engine runs "
-            f"it with rsp lowered by {machine.RED_ZONE} bytes to spare the red zone of a leaf "
-            f"function: `{text}` would not address what it says in the function (its "
-            f"[rsp+N] is the body's [rsp+N+{machine.RED_ZONE:#x}] at entry, and moves with "
-            "every push); rsp-relative operands are refused in such a body. Read or write the "
-            "function's stack from a body that does not push, call or store below rsp (it runs "
-            "at the function's rsp), or patch at the function's entry"
-        )
+def _refuse_references_into_sites(
+    machine: Architecture, patch: PatchView, planned: list[PlannedSite], at: int
+) -> None:
+    """A body's jump (or call, or address) into the middle of a site, its own or
+    another patchlet's, would land in the bytes the jump overwrites."""
+    for p in planned:
+        for row in machine.listing(p.body_at(at, at), at):
+            for target, other in itertools.product(row.references, planned):
+                if not other.site.address < target < other.site.end:
+                    continue
+                raise BranchIntoSite(
+                    f"patch {patch.id}, {p.where}: `{row.text}` (body+{row.address - at:#x}) "
+                    f"refers to {target:#x}, inside the site of {other.where} "
+                    f"({other.site.address:#x}-{other.site.end:#x}), which the jump "
+                    "overwrites: go to the site's start, or past its end"
+                )
+
+
+def _stand_in_cave(machine: Architecture, module: ModuleView) -> int:
+    """A page past the module's end: where a cave could be, in reach of it."""
+    return (module.high + (1 << 20)) // machine.PAGE_SIZE * machine.PAGE_SIZE
+
+
+def _stack_context(
+    machine: Architecture, image: ElfImage, offset: int, at_entry: bool, skip_red_zone: bool
+) -> StackContext:
+    """Where the body runs, for `[frame+N]` and the stack rules: below the red zone
+    or not, and where the return address is (from .eh_frame's CFA at the site)."""
+    from micropatch.bodies.frame import StackContext
+
+    step = machine.RED_ZONE if skip_red_zone else 0
+    if at_entry:
+        return StackContext(step, return_slot=0, cfa="rsp+0x8 (a function's entry)")
+    cfa = image.cfa_at(offset)
+    if cfa is None:
+        return StackContext(step)
+    slot = cfa.offset - 8  # the return address is pushed just below the CFA
+    text = f"{cfa.register}{cfa.offset:+#x}"
+    if cfa.register == "rsp":
+        return StackContext(step, return_slot=slot, cfa=text)
+    if cfa.register == "rbp":
+        return StackContext(step, rbp_return_slot=slot, cfa=text)
+    return StackContext(step)
 
 
 def _plan_patchlet(
@@ -192,7 +305,7 @@ def _plan_patchlet(
     patchlet: PatchletView,
     module: ModuleView,
     external: ExternalResolver,
-) -> PlannedSite:
+) -> SitePlan:
     where = f"patchlet[{index}] ({patchlet.at}) in {module.name}"
     try:
         image = module.image
@@ -216,42 +329,81 @@ def _plan_patchlet(
                     f"expected bytes {patchlet.expect.hex(' ')}, the module file has "
                     f"{found.hex(' ')}: the patch was written for other code"
                 )
-        resume = (
-            None if patchlet.resume == "after" else module.address(image.resolve(patchlet.resume))
-        )
-
+        resume = None if patchlet.resume == "after" else image.resolve(patchlet.resume)
         counted = patchlet.counts_blocked
-
-        @functools.lru_cache(maxsize=16)
-        def body_at(at: int, counter: int) -> bytes:
-            """The body assembled at `at`, recording blocked events at `counter`."""
-
-            def resolve(reference: str) -> int:
-                if reference == BLOCKED_REFERENCE:
-                    return counter
-                location = parse_location(reference)
-                if location.module is not None:
-                    return external(location)
-                return module.address(image.resolve(reference))
-
-            code = toolchain.body_source(
-                patchlet, at_entry=at_entry, counter=counter if counted else None
-            )
-            return toolchain.assemble(code, at, resolve)
-
-        # Checked with a stand-in counter address near the site; the engine places the real one.
-        body = body_at(address, address)
-        # A function's entry has no live red zone yet; elsewhere a leaf may be using it.
-        skip_red_zone = not at_entry and machine.writes_stack(body, address)
-        # Guard and C bodies adjust their rsp operands and restore rsp before they jump out.
-        if skip_red_zone and patchlet.kind == "code":
-            _refuse_below_red_zone(machine, body, address)
+        # Checked at a stand-in trampoline (and counter) address past the module, as a
+        # cave would be, never over the module's code it may jump to; the engine places
+        # the real ones. A function's entry has no live red zone yet; elsewhere a leaf
+        # may be using it.
+        check_at = _stand_in_cave(machine, module)
+        probe = _assemble(toolchain, patchlet, at_entry, module, external, check_at, check_at)
+        skip_red_zone = not at_entry and machine.writes_stack(probe, check_at)
+        stack = _stack_context(machine, image, offset, at_entry, skip_red_zone)
+        # Every stack rule, where the body really runs.
+        _assemble(toolchain, patchlet, at_entry, module, external, check_at, check_at, stack)
     except MicropatchError as e:
         e.within(f"patch {patch.id}, {where}: ", patch_id=patch.id, module=module.name)
         raise
     expect = site.original
     if patchlet.expect is not None and len(patchlet.expect) > site.length:
         expect = patchlet.expect
+    return SitePlan(
+        index, patchlet, offset, site.original, resume, at_entry, skip_red_zone, counted, expect
+    )
+
+
+def _assemble(
+    toolchain: Toolchain,
+    patchlet: PatchletView,
+    at_entry: bool,
+    module: ModuleView,
+    external: ExternalResolver,
+    at: int,
+    counter: int,
+    stack: StackContext | None = None,
+) -> bytes:
+    """The patchlet's body assembled at `at`, recording blocked events at `counter`
+    (with `stack`: its `[frame+N]` rewritten and held to the stack rules)."""
+
+    def resolve(reference: str) -> int:
+        if reference == BLOCKED_REFERENCE:
+            return counter
+        location = parse_location(reference)
+        if location.module is not None:
+            return external(location)
+        return module.address(module.image.resolve(reference))
+
+    code = toolchain.body_source(
+        patchlet, at_entry=at_entry, counter=counter if patchlet.counts_blocked else None
+    )
+    return toolchain.assemble(code, at, resolve, stack)
+
+
+def _placed(
+    machine: Architecture,
+    s: SitePlan,
+    module: ModuleView,
+    toolchain: Toolchain,
+    external: ExternalResolver,
+) -> PlannedSite:
+    """A site plan at the module's load address: its instructions decoded there.
+    The stack rules were checked at build; placing needs only the body's step."""
+    from micropatch.bodies.frame import StackContext
+
+    stack = StackContext(machine.RED_ZONE if s.skip_red_zone else 0, located=False)
+
+    @functools.lru_cache(maxsize=16)
+    def body_at(at: int, counter: int) -> bytes:
+        return _assemble(toolchain, s.patchlet, s.at_entry, module, external, at, counter, stack)
+
     return PlannedSite(
-        machine, index, where, site, resume, body_at, skip_red_zone, counted, expect
+        machine,
+        s.index,
+        f"patchlet[{s.index}] ({s.patchlet.at}) in {module.name}",
+        machine.site_unchecked(s.original, module.address(s.offset)),
+        None if s.resume is None else module.address(s.resume),
+        body_at,
+        s.skip_red_zone,
+        s.needs_counter,
+        s.expect,
     )

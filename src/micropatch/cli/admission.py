@@ -4,10 +4,10 @@ keys, and call `trust.policy.admit` (which prints nothing: the caller shows
 
 from __future__ import annotations
 
-from micropatch.errors import ArtifactError, SignatureError
-from micropatch.trust.envelope import MAX_SIZE
-from micropatch.trust.keys import trusted_keys
-from micropatch.trust.policy import Admitted, admit, is_source
+from micropatch.errors import SignatureError
+from micropatch.trust.envelope import read
+from micropatch.trust.keys import PublicKey, trusted_keys
+from micropatch.trust.policy import Admitted, AdmittedPython, admit, admit_any, is_source
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -18,17 +18,28 @@ if TYPE_CHECKING:
 def load_for_apply(
     path: str | Path, trust: Sequence[str | Path] | None, allow_unsigned: bool
 ) -> Admitted:
-    """The patch `apply`, `update` and `dev run` may give the engine."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
+    """The native patch `dev run` may give the engine."""
+    data, keys = _read(path, trust, allow_unsigned)
+    return admit(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned)
+
+
+def load_any_for_apply(
+    path: str | Path, trust: Sequence[str | Path] | None, allow_unsigned: bool
+) -> Admitted | AdmittedPython:
+    """The patch `apply` and `update` may give an engine: its `runtime` says which."""
+    data, keys = _read(path, trust, allow_unsigned)
+    return admit_any(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned)
+
+
+def _read(
+    path: str | Path, trust: Sequence[str | Path] | None, allow_unsigned: bool
+) -> tuple[bytes, list[PublicKey] | None]:
+    data = read(path)
     keys = None
     if not is_source(data, str(path)):  # a source is refused, or admitted, without keys
         try:
-            keys = trusted_keys(trust or ())
+            keys = list(trusted_keys(trust or ()))
         except SignatureError:
             if not allow_unsigned:
                 raise
-    return admit(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned)
+    return data, keys

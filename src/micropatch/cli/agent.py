@@ -131,7 +131,9 @@ def uninstall(
         out.print(f"· kept {escape(path)}")
 
 
-PATCH_COLUMNS = ("patch", "version", "state", "module", "processes", "blocked", "auto-disabled")
+PATCH_COLUMNS = (
+    "patch", "version", "state", "module", "processes", "blocked", "auto-disabled", "copies",
+)  # fmt: skip
 
 
 @app.command()
@@ -143,9 +145,11 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
         return
     rows = [
         (p["id"], str(p["version"]), p["state"], p["module"], str(p["processes"]),
-         str(p["blocked"]), ",".join(a["exe"] for a in p["auto_disabled"]) or "-")
+         str(p["blocked"]), ",".join(a["exe"] for a in p["auto_disabled"]) or "-",
+         "-" if p.get("copies") is None else str(len(p["copies"])))
         for p in snapshot["patches"]
     ]  # fmt: skip
+    notes = _coverage_notes(snapshot)
     exclusions = [
         f"--{e['kind']} {e['pattern']}" + (f" --patch {e['patch_id']}" if e["patch_id"] else "")
         for e in snapshot["exclusions"]
@@ -179,6 +183,8 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
             out.print(table)
         for e in exclusions:
             out.print(f"excluded: {escape(e)}")
+        for note in notes:
+            out.print(escape(note))
         if fleet_line:
             out.print(escape(fleet_line))
         return
@@ -187,9 +193,33 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
         print("\t".join(row))
     for e in exclusions:
         print(f"# excluded: {e}")
+    for note in notes:
+        print(f"# {note}")
     if fleet_line:
         print(f"# {fleet_line}")
     print(f"# {summary}")
+
+
+def _coverage_notes(snapshot: dict[str, Any]) -> list[str]:
+    """Where each patch's module was found, warnings, and the new-process counts."""
+    notes = []
+    for p in snapshot["patches"]:
+        if p.get("warning"):
+            notes.append(f"warning: {p['id']}: {p['warning']}")
+        for path in p.get("copies") or []:
+            notes.append(f"copy of {p['id']}: {path}")
+    new = snapshot.get("new_processes")
+    if new:
+        index = new.get("index") or {}
+        skipped = ", ".join(f"{s['point']} ({s['fstype']})" for s in index.get("skipped", [])
+                            if s["reason"] != "pseudo filesystem")  # fmt: skip
+        notes.append(
+            f"new processes: {new['patched_exec']} patched at exec, {new['patched_load']} at "
+            f"load, {new['late']} late, {new['missed']} missed; index {index.get('state')}: "
+            f"{index.get('copies', 0)} copies on {len(index.get('filesystems', []))} filesystems"
+            + (f", not indexed: {skipped}" if skipped else "")
+        )
+    return notes
 
 
 def _ago(when: float) -> str:

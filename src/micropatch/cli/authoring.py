@@ -50,8 +50,23 @@ def build(
             "if missing). Default: the current directory.",
         ),
     ] = None,
+    python: Annotated[
+        str | None,
+        typer.Option(
+            "--python",
+            help="CPython patches: the interpreter of the target's Python version to compile "
+            "with (default: the one running micropatch).",
+        ),
+    ] = None,
 ) -> None:
     """Compile and verify a patch against its module file; write a signed artifact."""
+    from micropatch.cli.pyauthoring import build_python, is_python
+
+    if is_python(source):
+        build_python(source, module, key, destination(output), python)
+        return
+    if python is not None:
+        raise fail('--python is for CPython patches ([target] runtime = "cpython")')
     from rich.table import Table
 
     from micropatch.build.artifact import build as build_artifact
@@ -117,8 +132,13 @@ def sign(
 
     try:
         signer = keys.load_private_key(key)
-        built = artifact.load(artifact_file)
-        artifact.patch_of(built)  # never sign what cannot be applied
+        built = artifact.load_any(artifact_file)
+        if isinstance(built, artifact.PythonArtifact):  # never sign what cannot be applied
+            from micropatch.trust.pypayload import python_patch_of
+
+            python_patch_of(built.payload, built.name)
+        else:
+            artifact.patch_of(built)
         written = built.signed(signer).write(destination(output) or artifact_file)
     except MicropatchError as e:
         raise fail(str(e)) from None
@@ -135,13 +155,18 @@ def verify(
     """Check an artifact's content hash and its signature by a trusted, unexpired key."""
     from micropatch.trust import keys
     from micropatch.trust.artifact import patch_of
-    from micropatch.trust.policy import admit_file
+    from micropatch.trust.policy import AdmittedPython, admit_any_file
 
     try:
         # Everything apply checks (the id, a trusted signature, the recorded patch
         # against the recorded module identity and sites), and more: the whole payload
         # is valid, and the source parses and agrees with the facts too.
-        verified = admit_file(artifact_file, keys=keys.trusted_keys(trust or ()))
+        verified = admit_any_file(artifact_file, keys=keys.trusted_keys(trust or ()))
+        if isinstance(verified, AdmittedPython):
+            from micropatch.cli.pyauthoring import show_verified
+
+            show_verified(artifact_file, verified)
+            return
         built, verification = verified.artifact, verified.verification
         assert built is not None and verification is not None  # admitted with keys
         patch_of(built)

@@ -69,7 +69,9 @@ def run(
         _say(f"running {escape(command[0])} without {admitted.id} (--no-patch)")
     try:
         result = devrun.run(
-            command, None if no_patch else admitted, keep_going=keep_going,
+            command,
+            None if no_patch else admitted,
+            keep_going=keep_going,
             say=lambda text: _say(escape(text)),
         )
     except MicropatchError as e:

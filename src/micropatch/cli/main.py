@@ -44,16 +44,16 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
     """Complete or roll back an operation whose patcher was killed midway.
 
     Every apply, remove and update does this first by itself; `status` shows
-    such a process with the patch's state (applying, removing)."""
-    from micropatch import live
+    such a process with the patch's state (applying, removing). Either runtime."""
+    from micropatch.runtimes import engines
 
     if bool(pid) == all_:
         raise say.fail("name the processes with --pid PID (repeatable), or use --all")
-    pids = live.patched_pids() if all_ else list(pid or [])
+    pids = engines.patched_pids() if all_ else list(pid or [])
     failures = 0
     for p in pids:
         try:
-            done = live.repair(p)
+            done = engines.repair(p)
         except MicropatchError as e:
             failures += 1
             say.failed(f"pid {p}: {e}")

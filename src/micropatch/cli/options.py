@@ -68,9 +68,7 @@ def stderr_console() -> Console:
 
 
 # The options other commands share with the process commands: one help text (scope.py).
-TrustOption = Annotated[
-    list[Path] | None, typer.Option(*scope.TRUST.flags, help=scope.TRUST.help)
-]
+TrustOption = Annotated[list[Path] | None, typer.Option(*scope.TRUST.flags, help=scope.TRUST.help)]
 AllowUnsignedOption = Annotated[
     bool, typer.Option(*scope.ALLOW_UNSIGNED.flags, help=scope.ALLOW_UNSIGNED.help)
 ]

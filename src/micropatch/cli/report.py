@@ -12,6 +12,7 @@ from micropatch.cli import say
 from micropatch.errors import (
     AlreadyApplied,
     MicropatchError,
+    ModuleNotImported,
     NotApplied,
     ProcessExited,
     ProcessNotFound,
@@ -25,7 +26,9 @@ if TYPE_CHECKING:
     from micropatch.cli.transport import Result, Run
 
 GONE = (ProcessNotFound, ProcessExited)  # with --all: exited since the scan
-SKIPPED = (NotApplied, AlreadyApplied)  # with --all: its patches changed since the scan
+# with --all: its patches changed since the scan; a CPython interpreter in scope that
+# has not imported the patch's module (checked inside it: docs/python-patches.md)
+SKIPPED = (NotApplied, AlreadyApplied, ModuleNotImported)
 
 
 def show(

@@ -49,6 +49,12 @@ LOCK_TIMEOUT = Option(
     "Seconds to wait for another micropatch operation on the same process (default 30).",
     kind="float", minimum=0,
 )  # fmt: skip
+TIMEOUT = Option(
+    "timeout", ("--timeout",),
+    "CPython patches: how long the interpreter may take to reach a point where Python code "
+    "may run before the operation is cancelled, untouched (default 5).",
+    kind="float", minimum=0.01, metavar="SECONDS",
+)  # fmt: skip
 TRUST = Option(
     "trust", ("--trust",),
     "Trusted public key file (.pub) or directory of them (repeatable). "
@@ -62,7 +68,7 @@ ALLOW_UNSIGNED = Option(
 )  # fmt: skip
 
 SELECT = (PID, ALL, EXE, USER, UNIT, CGROUP, DRY_RUN)
-TUNING = (RETRIES, LOCK_TIMEOUT, STOP_TIMEOUT)
+TUNING = (RETRIES, LOCK_TIMEOUT, STOP_TIMEOUT, TIMEOUT)
 
 
 class Scope:
@@ -88,5 +94,9 @@ class Scope:
 
 def tuning(values: Values) -> dict[str, float]:
     """The engine's keyword arguments for the options given; its defaults for the others."""
-    given = {"retries": values["retries"], "stop_timeout": values["stop_timeout"]}
+    given = {
+        "retries": values["retries"],
+        "stop_timeout": values["stop_timeout"],
+        "timeout": values.get("timeout"),
+    }
     return {name: value for name, value in given.items() if value is not None}

@@ -28,6 +28,9 @@ def run(values: Values) -> None:
             answer = client.call("process-status", pids=named)
             states = answer["states"]
             unread = [(pid, from_wire(fields)) for pid, fields in answer["unread"]]
+            python, python_unread = _read_python(named)  # the agent carries none yet
+            states += python
+            unread += [(p, e) for p, e in python_unread if p not in {q for q, _ in unread}]
         else:
             states, unread = _read(named)
     except MicropatchError as e:
@@ -64,16 +67,33 @@ COMMANDS = {"status": STATUS}
 def _read(named: list[int]) -> tuple[list[dict[str, Any]], list[tuple[int, MicropatchError]]]:
     """The states (as the agent sends them) of the named processes, or of every
     patched one, read here."""
+
+    from micropatch.runtimes.engines import patched_pids, status
+
+    states, unread = [], []
+    for pid in named or patched_pids():
+        try:
+            states += status(pid)
+        except MicropatchError as e:
+            unread.append((pid, e))
+    return states, unread
+
+
+def _read_python(
+    named: list[int],
+) -> tuple[list[dict[str, Any]], list[tuple[int, MicropatchError]]]:
+    """The CPython patches, read here (from each interpreter's page)."""
     from dataclasses import asdict
 
-    from micropatch.live.states import patched_pids, status
+    from micropatch.runtimes.cpython.states import patched_pids, status
 
     states, unread = [], []
     for pid in named or patched_pids():
         try:
             states += [asdict(s) for s in status(pid)]
         except MicropatchError as e:
-            unread.append((pid, e))
+            if named:
+                unread.append((pid, e))
     return states, unread
 
 
@@ -81,10 +101,12 @@ def _row(s: dict[str, Any]) -> tuple[str, ...]:
     import time
 
     since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["applied_at"]))
-    sites = ",".join(f"{a:#x}" for a in s["sites"])
+    python = s.get("runtime") == "cpython"
+    sites = ",".join(str(a) if python else f"{a:#x}" for a in s["sites"])
     blocked = "-" if s["blocked"] is None else str(s["blocked"])
     version = str(s["version"])
     if s.get("state", "applied") != "applied":
         version += f" ({s['state']}: interrupted; `micropatch repair --pid {s['pid']}`)"
-    return (str(s["pid"]), s["process"], s["module"], s["patch_id"], version, sites, since,
+    module = f"{s['module']} (cpython)" if python else s["module"]
+    return (str(s["pid"]), s["process"], module, s["patch_id"], version, sites, since,
             blocked)  # fmt: skip

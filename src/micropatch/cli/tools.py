@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from micropatch.tools.diff.match import Change, DiffResult
+    from micropatch.tools.diff.match import DiffResult
+    from micropatch.tools.diff.rank import Change
     from micropatch.tools.explore import Line, Shown
 
 explore_app = typer.Typer(
@@ -139,7 +140,7 @@ def _render(line: Line, shown: Shown) -> str:
     for r in line.references:
         if r.kind == "string":
             comment.append(_quote(r.name or "", 50))
-        elif r.kind != "constant":
+        elif r.kind != "constant" and line.jump != r.target:  # a branch names its target
             comment.append(r.name or f"{r.kind} {r.target:#x}")
     site = line.site
     if not site.checked:
@@ -213,12 +214,11 @@ def diff(
     """Match the functions of two builds and rank those whose code changed,
     small changes first (the usual shape of a security fix)."""
     from micropatch.errors import MicropatchError
-    from micropatch.tools.diff.match import diff_modules
+    from micropatch.tools.diff.match import diff_files
     from micropatch.tools.diff.sidebyside import side_by_side
-    from micropatch.tools.module import ModuleIndex
 
     try:
-        result = diff_modules(ModuleIndex.open(old), ModuleIndex.open(new))
+        result = diff_files(old, new)
         if show is not None:
             rows = side_by_side(result, show)
     except MicropatchError as e:

@@ -23,10 +23,9 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
     from typing import Any
 
-    from micropatch import live
     from micropatch.agent.client import AgentClient
     from micropatch.cli.scope import Scope
-    from micropatch.live.fleet import Candidate, Selection
+    from micropatch.live.fleet import Candidate
 
     Result = tuple[int, "dict[str, Any] | MicropatchError"]
 
@@ -97,30 +96,38 @@ def directly(
     values: dict[str, Any],
     on_wait: Callable[[str], None],
 ) -> Run:
-    """Admit the patch here and run the engine on each process, one after the other."""
-    from micropatch import live
+    """Admit the patch here and run its runtime's engine on each process, one after
+    the other (`runtimes.engines` chooses the engine: the runtime is data in the
+    artifact, or, for remove, in the process's registry)."""
     from micropatch.cli.scope import tuning
+    from micropatch.runtimes import engines
 
     engine: dict[str, Any] = tuning(values)
     patch_id, admitted = subject, None
     if verb != "remove":
-        from micropatch.cli.admission import load_for_apply
-        from micropatch.live.module import ModuleCache
+        from micropatch.cli.admission import load_any_for_apply
 
-        admitted = load_for_apply(subject, values["trust"], values["allow_unsigned"])
+        admitted = load_any_for_apply(subject, values["trust"], values["allow_unsigned"])
         patch_id = admitted.id
-        engine["modules"] = ModuleCache()
+        if admitted.runtime == "native":
+            from micropatch.live.module import ModuleCache
 
-    def operation(pid: int) -> live.Outcome:
+            engine["modules"] = ModuleCache()
+
+    def operation(pid: int) -> Any:
         if verb == "remove":
-            return live.remove(patch_id, pid, **engine)
+            return engines.remove(patch_id, pid, **engine)
         assert admitted is not None
-        return (live.apply if verb == "apply" else live.update)(admitted, pid, **engine)
+        return (engines.apply if verb == "apply" else engines.update)(admitted, pid, **engine)
 
     selection = None
     pids = scope.pids
     if scope.filters is not None:
-        selection = _select(verb, patch_id, admitted, scope.filters)
+        from micropatch.process.select import Filters
+
+        f = scope.filters
+        filters = Filters.of(f["exe"], f["user"], f["unit"], f["cgroup"])
+        selection = engines.select(verb, patch_id, admitted, filters)
         pids = [c.pid for c in selection.targets]
     run = Run(_each(pids, operation, values["lock_timeout"], on_wait), total=len(pids))
     if admitted is not None:
@@ -134,23 +141,9 @@ def directly(
     return run
 
 
-def _select(
-    verb: str, patch_id: str, admitted: Any, filters: dict[str, list[str]]
-) -> Selection:
-    from micropatch.live import fleet
-    from micropatch.process.select import Filters
-
-    f = Filters.of(filters["exe"], filters["user"], filters["unit"], filters["cgroup"])
-    if verb == "apply":
-        return fleet.for_apply(admitted.patch.target.module, patch_id, f)
-    if verb == "remove":
-        return fleet.for_remove(patch_id, f)
-    return fleet.for_update(patch_id, admitted.version, f)
-
-
 def _each(
     pids: list[int],
-    operation: Callable[[int], live.Outcome],
+    operation: Callable[[int], Any],
     lock_timeout: float | None,
     on_wait: Callable[[str], None],
 ) -> Iterator[Result]:

@@ -59,4 +59,3 @@ def _annotation(option: Option) -> Any:
     if option.many:
         return Annotated[list[kind] | None, typer.Option(*option.flags, **settings)]  # type: ignore[valid-type]
     return Annotated[kind | None, typer.Option(*option.flags, **settings)]
-

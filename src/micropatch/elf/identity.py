@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from micropatch.elf.header import (
     EHDR_SIZE,
+    ELF_MAGIC,
+    PF_X,
     PHDR_SIZE,
+    PT_LOAD,
     PT_NOTE,
     parse_header,
     parse_program_headers,
@@ -24,6 +28,8 @@ from micropatch.errors import ElfError
 NT_GNU_BUILD_ID = 3
 _NOTE_HEADER = struct.Struct("<III")
 _CHUNK = 1 << 20
+PEEK_SIZE = 4096  # one read holds the headers and the notes of nearly every module
+_MAX_NOTES = 1 << 16  # notes read past the first page, at most
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,57 @@ def build_id_from_bytes(data: bytes) -> str | None:
             if found is not None:
                 return found
     return None
+
+
+@dataclass(frozen=True)
+class Peeked:
+    """What a few small reads say of a file: an x86-64 executable or shared object
+    (`module`), its GNU build-id if it has one, and where its executable segment
+    ends in the file (`extent`: a file shorter than that is not loadable, e.g. a
+    separate debug file, which carries the same build-id but no code)."""
+
+    module: bool
+    build_id: str | None = None
+    extent: int = 0
+
+
+NOT_A_MODULE = Peeked(False)
+
+
+def peek(read: Callable[[int, int], bytes]) -> Peeked:
+    """Classify a file from its first page (`read(offset, size)`, e.g. os.pread on
+    a descriptor): whether it is an x86-64 module and its build-id, without
+    reading or hashing the rest. What an index of every file on a host reads, so
+    it never raises on a file that is not ELF; OSError from `read` passes."""
+    head = read(0, PEEK_SIZE)
+    if head[:4] != ELF_MAGIC:
+        return NOT_A_MODULE
+    try:
+        header = parse_header(head, "file")
+        end = header.phoff + header.phnum * PHDR_SIZE
+        if end > len(head) and end <= _MAX_NOTES:
+            head += read(len(head), end - len(head))
+        phdrs = parse_program_headers(head, header)
+    except ElfError:
+        return NOT_A_MODULE
+    if phdrs is None:
+        return NOT_A_MODULE  # truncated: not a module anyone can load
+    extent = max(
+        (ph.offset + ph.filesz for ph in phdrs if ph.type == PT_LOAD and ph.flags & PF_X),
+        default=0,
+    )
+    for ph in phdrs:
+        if ph.type != PT_NOTE or not ph.filesz:
+            continue
+        size = min(ph.filesz, _MAX_NOTES)
+        if ph.offset + size <= len(head):
+            notes = head[ph.offset : ph.offset + size]
+        else:
+            notes = read(ph.offset, size)
+        found = _gnu_build_id(notes, ph.align)
+        if found is not None:
+            return Peeked(True, found, extent)
+    return Peeked(True, None, extent)
 
 
 def identify(file: BinaryIO) -> ModuleIdentity:

@@ -18,12 +18,13 @@ from typing import BinaryIO
 
 from elftools.common.exceptions import DWARFError, ELFError
 from elftools.construct import ConstructError
-from elftools.dwarf.callframe import FDE
+from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
 from elftools.elf.gnuversions import GNUVerDefSection, GNUVerSymSection
 from elftools.elf.sections import SymbolTableSection
 
 from micropatch.arch.x86_64.constants import PAGE_SIZE
+from micropatch.elf.ehframe import CfaRule, EhFrameError, Fde, cfa_at, parse_fdes
 from micropatch.elf.header import (
     ET_DYN,
     PF_X,
@@ -271,6 +272,19 @@ class ElfImage:
         """[start, end) module offsets of every .eh_frame FDE, in file order."""
         return list(self._fde_ranges)
 
+    @cached_property
+    def soname(self) -> str | None:
+        """The DT_SONAME of a shared library (`libfoo.so.1`), the name the loader
+        looks it up by; None if it has none."""
+        try:
+            for section in self._elf.iter_sections():
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags("DT_SONAME"):
+                        return str(tag.soname)  # type: ignore[attr-defined]
+        except _PARSE_ERRORS as exc:
+            raise ElfError(f"{self.name}: malformed dynamic section: {exc}") from exc
+        return None
+
     @property
     def elffile(self) -> ELFFile:
         """The pyelftools view of the file, for the other elf/ readers."""
@@ -329,18 +343,33 @@ class ElfImage:
                 suffixes[index] = ("@" if raw & _VERSYM_HIDDEN else "@@") + name
         return suffixes
 
+    def cfa_at(self, offset: int) -> CfaRule | None:
+        """The CFA rule (register + offset) at module offset `offset` from the .eh_frame
+        FDE covering it; None if none covers it or the rule is not register + offset."""
+        data, fdes = self._eh_frame
+        address = offset + self.image_base
+        for fde in fdes:
+            if fde.start <= address < fde.end:
+                try:
+                    return cfa_at(data, fde, address)
+                except EhFrameError as exc:
+                    raise ElfError(f"{self.name}: malformed .eh_frame: {exc}") from exc
+        return None
+
     @cached_property
     def _fde_ranges(self) -> list[tuple[int, int]]:
+        _, fdes = self._eh_frame
+        return [(f.start - self.image_base, f.end - self.image_base) for f in fdes]
+
+    @cached_property
+    def _eh_frame(self) -> tuple[bytes, list[Fde]]:
         try:
-            if not self._elf.has_section(".eh_frame"):
-                return []
-            ranges = []
-            for entry in self._elf.get_dwarf_info(follow_links=False).EH_CFI_entries():
-                if isinstance(entry, FDE):
-                    start = entry.header["initial_location"] - self.image_base
-                    ranges.append((start, start + entry.header["address_range"]))
-            return ranges
-        except _PARSE_ERRORS as exc:
+            section = self._elf.get_section_by_name(".eh_frame")
+            if section is None or section["sh_type"] == "SHT_NOBITS":
+                return b"", []
+            data = section.data()
+            return data, parse_fdes(data, section["sh_addr"])
+        except (*_PARSE_ERRORS, EhFrameError) as exc:
             raise ElfError(f"{self.name}: malformed .eh_frame: {exc}") from exc
 
     def _not_found_message(self, name: str) -> str:

@@ -15,16 +15,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from micropatch.arch.x86_64.abi import (
-    FRAME_SIZE,
     SYS_CLOSE,
     SYS_FTRUNCATE,
-    SYS_MEMFD_CREATE,
     SYS_MMAP,
     SYS_MPROTECT,
     SYS_MUNMAP,
 )
 from micropatch.arch.x86_64.constants import JUMP_REACH as REACH
-from micropatch.arch.x86_64.constants import PAGE_SIZE, RED_ZONE
+from micropatch.arch.x86_64.constants import PAGE_SIZE
 from micropatch.errors import CaveError, RemoteSyscallError
 from micropatch.faults import checkpoint
 from micropatch.live.module import CAVE_PREFIX
@@ -32,13 +30,11 @@ from micropatch.live.registry import REGISTRY_SIZE, Registry
 from micropatch.process.linux import (
     MAP_FIXED_NOREPLACE,
     MAP_PRIVATE,
-    MFD_CLOEXEC,
-    MFD_EXEC,
     PROT_EXEC,
     PROT_READ,
     PROT_WRITE,
 )
-from micropatch.process.maps import Mapping, mapping_at
+from micropatch.process.maps import Mapping
 from micropatch.process.memory import Memory
 
 if TYPE_CHECKING:
@@ -143,7 +139,7 @@ def map_cave(
             f"no free address range within ±2 GiB of {module.path} in process {module.pid} "
             "for a code cave"
         )
-    fd = _memfd(syscalls, memory, mappings)
+    fd = syscalls.memfd_create(CAVE_NAME)
     checkpoint("memfd-created")
     try:
         syscalls.checked(SYS_FTRUNCATE, fd, CAVE_SIZE)
@@ -175,30 +171,6 @@ def _make_counters_writable(syscalls: RemoteSyscalls, cave: int) -> None:
         raise syscalls.error(SYS_MPROTECT, result)
 
 
-def _memfd(syscalls: RemoteSyscalls, memory: Memory, mappings: list[Mapping]) -> int:
-    """memfd_create("micropatch") in the target; its name goes below the red zone for a moment."""
-    regs = syscalls.proc.regs(syscalls.tid)
-    # Below the red zone and below the frame of the remote call (process.syscall).
-    scratch = (regs.rsp - RED_ZONE - FRAME_SIZE - 64) & ~0xF
-    stack = mapping_at(mappings, scratch)
-    if stack is None or stack.perms[:2] != "rw" or not stack.contains(scratch + len(CAVE_NAME)):
-        raise CaveError(
-            f"process {syscalls.proc.pid}: thread {syscalls.tid} has no writable stack below "
-            f"rsp={regs.rsp:#x} to pass the cave's name"
-        )
-    saved = memory.read(scratch, len(CAVE_NAME))
-    memory.write(scratch, CAVE_NAME)
-    try:
-        fd = syscalls(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC | MFD_EXEC)
-        if fd == -errno.EINVAL:  # kernels before 6.3 know no MFD_EXEC
-            fd = syscalls.checked(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
-        elif fd < 0:
-            raise syscalls.error(SYS_MEMFD_CREATE, fd)
-    finally:
-        memory.write(scratch, saved)
-    return fd
-
-
 def unmap_cave(syscalls: RemoteSyscalls, cave: Cave) -> None:
     result = syscalls(SYS_MUNMAP, cave.address, cave.size)
     if result != 0:
@@ -217,10 +189,18 @@ def allocate_counter(taken: list[int], cave: Cave) -> int:
     raise CaveError(f"the cave at {cave.address:#x} has no free blocked-event counter left")
 
 
-def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, size: int) -> int:
+def allocate(
+    taken: list[tuple[int, int]],
+    cave_address: int,
+    cave_size: int,
+    size: int,
+    *,
+    start: int = REGISTRY_SIZE,
+) -> int:
     """First free, aligned slot of `size` bytes in the trampoline area of a cave
-    (`cave_size` excludes the counters page)."""
-    cursor = cave_address + REGISTRY_SIZE
+    (`cave_size` excludes the counters page; the area begins `start` bytes in, after
+    the registry)."""
+    cursor = cave_address + start
     for start, end in sorted(taken):
         if start - cursor >= size:
             return cursor
@@ -228,6 +208,6 @@ def allocate(taken: list[tuple[int, int]], cave_address: int, cave_size: int, si
     if cave_address + cave_size - cursor >= size:
         return cursor
     raise CaveError(
-        f"the cave at {cave_address:#x} is full ({cave_size - REGISTRY_SIZE} bytes of "
+        f"the cave at {cave_address:#x} is full ({cave_size - start} bytes of "
         "trampolines); remove unused patches first"
     )

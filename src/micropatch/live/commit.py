@@ -1,9 +1,9 @@
 """The ordered writes of one transaction, each step one the target survives.
 
 Every step below is taken with all threads stopped, through a journal
-(`Transaction`) that undoes it on any error. The order is what makes the
-patcher's own death harmless at any instant (see docs/engine.md, "Crash
-consistency"):
+(`Transaction`) that undoes it on any error. What is written was decided
+beforehand (`live.decide.Commit`); the order is what makes the patcher's own
+death harmless at any instant (see docs/engine.md, "Crash consistency"):
 
 apply:   trampolines -> registry says `applying` -> threads moved into the copies
          -> jumps, one by one -> registry says `applied`
@@ -19,66 +19,73 @@ state the registry records is one `live.recovery` completes or rolls back.
 from __future__ import annotations
 
 import logging
-import time
-import zlib
-from typing import TYPE_CHECKING
+from collections.abc import Collection
 
 from micropatch.arch import TrampolineLayout
-from micropatch.errors import MicropatchError, OriginalBytesMismatch
+from micropatch.errors import OriginalBytesMismatch
 from micropatch.faults import checkpoint
-from micropatch.live.cave import (
-    CAVE_SIZE,
-    COUNTER_SIZE,
-    COUNTERS_SIZE,
-    Cave,
-    allocate,
-    allocate_counter,
-    map_cave,
-    unmap_cave,
-)
+from micropatch.live.cave import CAVE_SIZE, Cave, map_cave, unmap_cave
+from micropatch.live.decide import Commit, SiteCheck, record
 from micropatch.live.module import LoadedModule
-from micropatch.live.registry import APPLYING, AppliedPatch, AppliedSite, Registry
+from micropatch.live.registry import AppliedPatch, Registry
 from micropatch.live.safety import PendingMove, in_use, into_copy
 from micropatch.live.transaction import Transaction
 
-if TYPE_CHECKING:
-    from micropatch.build.plan import PlannedSite
-    from micropatch.patch.view import PatchView
-
 log = logging.getLogger(__name__)
 
-TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
+
+def execute(tx: Transaction, commit: Commit, pending: list[PendingMove]) -> None:
+    """Make the commit's writes in their order. First, that every site holds what the
+    commit was decided against: if not, nothing is written."""
+    if commit.new is not None:
+        check_sites(tx, commit.checks, commit.caves, commit.new.id, commit.new)
+    if commit.new is not None:
+        checkpoint("cave-ready")
+    for address, data in commit.trampolines:
+        tx.write(address, data)
+    if commit.new is not None:
+        checkpoint("trampolines-written")
+    for address, data in commit.intent:
+        tx.write(address, data)
+    checkpoint("intent-recorded")
+    move_threads(tx, pending, commit.layouts)
+    if commit.old is not None:
+        # An update's jump replaces the old one's in place where both patch the same
+        # bytes: the code is never unpatched there, even for the patcher's death.
+        replaced = {(s.address, len(s.jump)) for s in commit.new.sites} if commit.new else set()
+        restore_sites(tx, commit.old, replaced)
+    if commit.new is not None:
+        write_jumps(tx, commit.new)
+    for address, data in commit.result:
+        tx.write(address, data)
+    checkpoint("committed")
+
+
+def check_sites(
+    tx: Transaction,
+    checks: list[SiteCheck],
+    caves: list[Cave],
+    patch_id: str,
+    applying: AppliedPatch | None = None,
+) -> None:
+    """Every site holds the module file's bytes (or the replaced patch's jump):
+    nothing else hooks it. `applying`: the patch these checks are for, if the
+    registries already list it."""
+    for check in checks:
+        found = tx.memory.read(check.address, len(check.expected))
+        if found != check.expected:
+            raise OriginalBytesMismatch(
+                f"patch {patch_id}, {check.where}: site {check.address:#x} in process "
+                f"{tx.proc.pid} holds {found.hex(' ')}, the patch expects "
+                f"{check.expected.hex(' ')}"
+                + _who_hooks(caves, check.address, check.address + len(check.expected), applying)
+            )
 
 
 def store(tx: Transaction, cave: Cave) -> None:
     """Write the cave's registry into the slot that does not hold the current one."""
-    cave.registry.seq += 1
-    tx.write(cave.address + cave.registry.slot, cave.registry.encode())
-
-
-def check_originals(
-    tx: Transaction,
-    caves: list[Cave],
-    patch: PatchView,
-    planned: list[PlannedSite],
-    replacing: AppliedPatch | None,
-) -> None:
-    """Every site holds the module file's bytes (or, where the patch being replaced
-    has a site, its jump): nothing else hooks it."""
-    for p in planned:
-        # `expect` may reach past the site (up to `resume`): all of it must match.
-        found = tx.memory.read(p.site.address, len(p.expect))
-        expected = bytearray(p.expect)
-        for old in replacing.sites if replacing else []:
-            for i, byte in enumerate(old.jump):
-                if 0 <= old.address + i - p.site.address < len(expected):
-                    expected[old.address + i - p.site.address] = byte
-        if found != expected:
-            raise OriginalBytesMismatch(
-                f"patch {patch.id}, {p.where}: site {p.site.address:#x} in process {tx.proc.pid} "
-                f"holds {found.hex(' ')}, the patch expects {p.expect.hex(' ')}"
-                + _who_hooks(caves, p.site.address, p.site.end)
-            )
+    for address, data in record(cave):
+        tx.write(address, data)
 
 
 def new_cave(tx: Transaction, caves: list[Cave], module: LoadedModule) -> Cave:
@@ -97,69 +104,47 @@ def new_cave(tx: Transaction, caves: list[Cave], module: LoadedModule) -> Cave:
     return cave
 
 
-def write_trampolines(
-    tx: Transaction, cave: Cave, patch: PatchView, planned: list[PlannedSite]
-) -> tuple[AppliedPatch, list[TrampolineLayout]]:
-    """Step 1 of apply: trampolines into free slots (nothing refers to them yet)."""
-    sites, layouts = [], []
-    for p, layout, counter in layout_all(cave, planned):
-        tx.write(layout.address, layout.code)
-        if counter:
-            tx.write(counter, bytes(COUNTER_SIZE))  # a slot may have counted for an old patch
-        layouts.append(layout)
-        sites.append(
-            AppliedSite(
-                p.index,
-                p.site.address,
-                p.site.original,
-                p.arch.site_jump(p.site, layout.address),
-                layout.address,
-                layout.size,
-                layout.tail,
-                counter,
-                list(layout.copies),
-                list(layout.body),
-                list(p.site.starts),
-                f"{zlib.crc32(layout.code):08x}",
-            )
-        )
-    checkpoint("trampolines-written")
-    title = patch.info.title or ""
-    return AppliedPatch(patch.id, patch.version, title, time.time(), sites, APPLYING), layouts
-
-
 def move_threads(
     tx: Transaction, pending: list[PendingMove], layouts: list[TrampolineLayout]
 ) -> None:
     """Threads stopped at a displaced instruction go to its copy, now: the copy is
     written and recorded, so they run correctly whether or not the jump follows."""
     for move in pending:
-        regs = tx.proc.regs(move.tid)
-        before = regs.rip
-        regs.rip = into_copy(move, layouts[move.index], regs)
-        log.debug(
-            "process %d: thread %d moves from %#x to %#x", tx.proc.pid, move.tid, before, regs.rip
-        )
-        tx.proc.set_regs(move.tid, regs)
-
-        def undo(tid: int = move.tid, rip: int = before) -> None:
-            back = tx.proc.regs(tid)
-            back.rip = rip
-            tx.proc.set_regs(tid, back)
-
-        tx.on_rollback(undo)
+        move_thread(tx, move.tid, into_copy(move, layouts[move.index], tx.proc.regs(move.tid)))
     if pending:
         checkpoint("threads-moved")
+
+
+def move_thread(tx: Transaction, tid: int, rip: int) -> None:
+    """Set a stopped thread's instruction pointer at once; moved back on rollback."""
+    regs = tx.proc.regs(tid)
+    before = regs.rip
+    regs.rip = rip
+    log.debug("process %d: thread %d moves from %#x to %#x", tx.proc.pid, tid, before, rip)
+    tx.proc.set_regs(tid, regs)
+
+    def undo() -> None:
+        back = tx.proc.regs(tid)
+        back.rip = before
+        tx.proc.set_regs(tid, back)
+
+    tx.on_rollback(undo)
 
 
 def write_jumps(tx: Transaction, patch: AppliedPatch) -> None:
     for index, site in enumerate(patch.sites):
         tx.write(site.address, site.jump)
-        checkpoint(f"jump-{index}-written")
+        checkpoint("jump-{index}-written", index=index)
 
 
-def restore_sites(tx: Transaction, patch: AppliedPatch) -> None:
+def restore_sites(
+    tx: Transaction, patch: AppliedPatch, replaced: Collection[tuple[int, int]] = ()
+) -> None:
+    """Put back the original bytes of the patch's sites, but for `replaced` ones
+    ((address, length) of the jumps that will overwrite them)."""
     for index, site in enumerate(patch.sites):
+        if (site.address, len(site.jump)) in replaced:
+            continue
         found = tx.memory.read(site.address, len(site.jump))
         if found != site.jump:
             raise OriginalBytesMismatch(
@@ -168,22 +153,32 @@ def restore_sites(tx: Transaction, patch: AppliedPatch) -> None:
                 "has rewritten it; not removing"
             )
         tx.write(site.address, site.original)
-        checkpoint(f"site-{index}-restored")
+        checkpoint("site-{index}-restored", index=index)
 
 
-def reclaim(tx: Transaction, caves: list[Cave], *, everything: bool = False) -> None:
-    """Free retired trampolines no thread can be in any more; unmap caves left empty.
+def needs_reclaim(cave: Cave) -> bool:
+    """Whether proving the cave's retired trampolines free pays now: the cave is left
+    without patches (to unmap it), or they take more than a quarter of it."""
+    retired = cave.registry.retired
+    crowded = sum(r.size for r in retired) * 4 > cave.size
+    return bool(retired) and (crowded or not cave.registry.patches)
+
+
+def finish(
+    tx: Transaction, caves: list[Cave], *, everything: bool = False, unmap: bool = True
+) -> list[Cave]:
+    """Free retired trampolines no thread can be in any more; read every write back;
+    unmap caves left empty, or, without `unmap`, return them for the caller to unmap
+    once the stop is over (`live.provision.release`).
 
     Proving a trampoline free means scanning every thread's stack, so it is done
-    only where it pays: a cave left without patches (to unmap it), one whose
-    retired trampolines take more than a quarter of its code area, or
-    `everything` (repair). The unmap comes last: the one step the journal cannot undo.
+    only where it pays (`needs_reclaim`), or for `everything` (repair). The unmap
+    comes last: the one step the journal cannot undo.
     """
     emptied = []
     for cave in caves:
         retired = cave.registry.retired
-        crowded = sum(r.size for r in retired) * 4 > cave.size
-        if retired and (everything or crowded or not cave.registry.patches):
+        if retired and (everything or needs_reclaim(cave)):
             busy = in_use(
                 tx.proc, tx.mappings, [(r.trampoline, r.trampoline + r.size) for r in retired]
             )
@@ -195,38 +190,19 @@ def reclaim(tx: Transaction, caves: list[Cave], *, everything: bool = False) -> 
         if not cave.registry.patches and not cave.registry.retired:
             emptied.append(cave)
     tx.verify()
+    if not unmap:
+        return emptied
     for cave in emptied:
         unmap_cave(tx.syscalls, cave)
         checkpoint("cave-unmapped")
+    return []
 
 
-def layout_all(
-    cave: Cave, planned: list[PlannedSite]
-) -> list[tuple[PlannedSite, TrampolineLayout, int]]:
-    """Where each trampoline (and blocked-event counter, 0 if none) goes in the cave,
-    and the trampoline laid out for that place."""
-    taken = cave.registry.used_ranges()
-    counters = cave.registry.used_counters()
-    code_size = cave.size - COUNTERS_SIZE
-    placed = []
-    for p in planned:
-        counter = allocate_counter(counters, cave) if p.needs_counter else 0
-        counters.append(counter)
-        estimate = p.trampoline(cave.address + code_size // 2, counter).size + TRAMPOLINE_SLACK
-        slot = allocate(taken, cave.address, code_size, estimate)
-        layout = p.trampoline(slot, counter)
-        if layout.size > estimate:
-            raise MicropatchError(
-                f"{p.where}: trampoline grew from {estimate} to {layout.size} bytes"
-            )
-        taken.append((slot, layout.end))
-        placed.append((p, layout, counter))
-    return placed
-
-
-def _who_hooks(caves: list[Cave], low: int, high: int) -> str:
+def _who_hooks(caves: list[Cave], low: int, high: int, applying: AppliedPatch | None) -> str:
     for cave in caves:
         for patch in cave.registry.patches:
+            if patch is applying:
+                continue
             for s in patch.sites:
                 if s.address < high and low < s.address + len(s.original):
                     return f": patch {patch.id} v{patch.version} already patches {s.address:#x}"

@@ -1,14 +1,15 @@
 """apply, remove, update: one transaction on one process each.
 
-Resolve and plan with the process running; then stop every thread, check
-that it is safe, prepare the cave, commit the site jumps and the registry,
-read everything back, and resume. If a thread is in the way, resume, wait a
-moment and try again; any error rolls back to the untouched state.
+Resolve, plan and decide with the process running (`live.prepare`; a new cave
+is provisioned by one borrowed thread, `live.provision`); then stop every
+thread, check that the registries are still the ones read and that no thread
+is in the way, make the writes, read them back, and resume. If a thread is in
+the way, resume, wait a moment and try again; any error rolls back to the
+untouched state.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Collection, Iterator
@@ -17,10 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from micropatch.errors import (
-    AlreadyApplied,
-    Downgrade,
     MicropatchError,
-    NotApplied,
     ProcessError,
     ProcessExited,
     ProcessNotFound,
@@ -30,14 +28,16 @@ from micropatch.errors import (
 from micropatch.faults import checkpoint
 from micropatch.live import commit
 from micropatch.live.cave import Cave, cave_of, read_caves
+from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
 from micropatch.live.lock import queued
 from micropatch.live.module import LoadedModule, ModuleCache, find_module, symbol_address
-from micropatch.live.recovery import leftovers, recover
-from micropatch.live.registry import APPLIED, REMOVING, AppliedPatch
-from micropatch.live.safety import Entering, Unsafe, place_threads
+from micropatch.live.prepare import Prepared, prepare, stub_range
+from micropatch.live.provision import provision, release, unprovision
+from micropatch.live.recovery import Recovered, recover
+from micropatch.live.registry import APPLIED
+from micropatch.live.safety import Entering, Unsafe, pending_call, place_threads
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import Mapping, read_maps
-from micropatch.process.memory import Memory
 from micropatch.process.procfs import check_alive
 from micropatch.process.world import (
     STOP_TIMEOUT,
@@ -47,8 +47,9 @@ from micropatch.process.world import (
     stop_world,
 )
 
-if TYPE_CHECKING:  # the planner (and the assembler) are loaded by apply and update only
+if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
     from micropatch.build.plan import PlannedSite
+    from micropatch.elf.location import Location
     from micropatch.trust.policy import Admitted
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,10 @@ class Outcome:
     attempts: int
     paused: float  # seconds the target was stopped, in the successful attempt
     moved: int = 0  # threads moved between a site and its relocated copy, in that attempt
-
-
-@dataclass(frozen=True)
-class _Change:
-    pid: int
-    add: Admitted | None
-    remove: str | None
-    modules: ModuleCache | None = None
-    stop_timeout: float = STOP_TIMEOUT
+    # Seconds one thread (the main one) was held alone before the stop to map a new
+    # cave (`live.provision`); the other threads ran meanwhile. 0: no cave was made.
+    borrowed: float = 0.0
+    recovered: tuple[str, ...] = ()  # what a killed patcher left, completed or rolled back
 
 
 def apply(
@@ -92,7 +88,7 @@ def apply(
     `modules`: a cache of parsed module files to share between calls (`--all`).
     `stop_timeout`: seconds every thread may take to stop; an attempt in which one
     does not is retried like one in which a thread is in the way (`retries`)."""
-    return _run(_Change(pid, patch, None, modules, stop_timeout), retries)
+    return _run(Change(pid, patch, None, modules, stop_timeout), retries)
 
 
 def remove(
@@ -103,7 +99,7 @@ def remove(
     stop_timeout: float = STOP_TIMEOUT,
 ) -> Outcome:
     """Restore the original code of every site of an applied patch."""
-    return _run(_Change(pid, None, patch_id, stop_timeout=stop_timeout), retries)
+    return _run(Change(pid, None, patch_id, stop_timeout=stop_timeout), retries)
 
 
 def update(
@@ -115,16 +111,31 @@ def update(
     stop_timeout: float = STOP_TIMEOUT,
 ) -> Outcome:
     """Replace the applied version of `patch.id` by this newer one, in one stop."""
-    return _run(_Change(pid, patch, patch.id, modules, stop_timeout), retries)
+    return _run(Change(pid, patch, patch.id, modules, stop_timeout), retries)
 
 
-def repair(pid: int) -> list[str]:
+def repair(pid: int, *, retries: int = DEFAULT_RETRIES) -> list[str]:
     """Complete or roll back whatever a killed patcher left in process `pid`
     (every other operation does this first, too); what was done."""
     check_alive(pid)
+    delay = RETRY_DELAY
     try:
-        with queued(pid), stop_world(pid) as proc:
-            return recover(proc, read_maps(pid), retired=True)
+        with queued(pid):
+            for _ in range(retries):
+                try:
+                    with stop_world(pid) as proc:
+                        mappings = read_maps(pid)
+                        pending_call(proc, stub_range(proc.memory, mappings))
+                        return recover(proc, mappings, retired=True).done
+                except Unsafe:
+                    time.sleep(delay)
+                    delay = min(delay * 2, MAX_RETRY_DELAY)
+            with stop_world(pid) as proc:
+                mappings = read_maps(pid)
+                pending_call(proc, stub_range(proc.memory, mappings))
+                return recover(proc, mappings, retired=True).done
+    except Unsafe as e:
+        raise UnsafeToPatch(f"process {pid}: cannot repair now: {e}; try again") from e
     except ProcessNotFound:
         raise ProcessExited(f"process {pid} exited during the operation") from None
 
@@ -153,22 +164,13 @@ def apply_held(
     as `apply` (recovery first, checks, cave, trampolines, registry, jumps, read-back,
     rollback on any error), without detaching anything. No retries: a thread in
     the way raises UnsafeToPatch at once, nothing changed."""
-    from micropatch.build.plan import plan_patch
-
-    change = _Change(proc.pid, patch, None, modules)
+    change = Change(proc.pid, patch, None, modules)
     try:
         mappings = read_maps(proc.pid)
-        cache = modules or ModuleCache()
-        module = find_module(proc.pid, mappings, patch.patch.target, cache)
-        planned = plan_patch(
-            patch.patch,
-            module,
-            patch.toolchain,
-            lambda location: symbol_address(proc.pid, mappings, location, cache),
-        )
+        module, planned = _plan(proc.pid, mappings, patch, modules or ModuleCache())
         _forget_remapped(proc, mappings, module)
         try:
-            sites, moved = _transact(proc, change, module, planned, leftovers(proc.pid))
+            sites, moved, _, _ = _transact(proc, change, module, planned, None, held=True)
         except Unsafe as e:
             raise UnsafeToPatch(
                 f"process {proc.pid}: not safe now: {e}; nothing was changed"
@@ -225,70 +227,74 @@ def _forget_remapped(proc: StoppedProcess, mappings: list[Mapping], module: Load
         tx.close()
 
 
-def _run(change: _Change, retries: int) -> Outcome:
-    patch_id = change.add.id if change.add else change.remove
+def _run(change: Change, retries: int) -> Outcome:
     try:
         # One operation per process at a time: wait for the lock of this pid
         # (live/lock.py) rather than meet a process another operation has stopped.
         with queued(change.pid):
             return _attempts(change, retries)
     except MicropatchError as e:
-        e.within(pid=change.pid, patch_id=patch_id)
+        e.within(pid=change.pid, patch_id=change.patch_id)
         raise
 
 
-def _attempts(change: _Change, retries: int) -> Outcome:
+def _attempts(change: Change, retries: int) -> Outcome:
+    """Plan, then stop, transact and resume; again after a pause while a thread is in
+    the way. Each attempt reads and decides anew before its stop."""
     check_alive(change.pid)
     module = planned = None
     if change.add is not None:
-        from micropatch.build.plan import plan_patch
-
-        mappings = read_maps(change.pid)
-        modules = change.modules or ModuleCache()
-        module = find_module(change.pid, mappings, change.add.patch.target, modules)
-        planned = plan_patch(
-            change.add.patch,
-            module,
-            change.add.toolchain,
-            lambda location: symbol_address(change.pid, mappings, location, modules),
-        )
-        _prepare(change.pid, module, planned)
-    # Read before the stop (the lock keeps it true): most processes have nothing to
-    # recover, and they should not pay for looking while stopped.
-    dirty = leftovers(change.pid)
+        cache = change.modules or ModuleCache()
+        module, planned = _plan(change.pid, read_maps(change.pid), change.add, cache)
+    provisioned: int | None = None  # a cave made for this operation, until it holds the patch
+    borrowed = 0.0  # seconds a thread was held alone, to map or unmap a cave
     delay = RETRY_DELAY
     reason = ""
     timeout: StopTimeout | None = None
-    for attempt in range(1, retries + 2):
-        try:
-            with stop_world(change.pid, timeout=change.stop_timeout) as proc:
-                sites, moved = _transact(proc, change, module, planned, dirty)
-            paused = proc.paused
-        except ProcessNotFound:
-            raise ProcessExited(f"process {change.pid} exited during the operation") from None
-        except (Unsafe, StopTimeout) as e:
-            reason = str(e)
-            timeout = e if isinstance(e, StopTimeout) else None
-            log.debug(
-                "process %d: attempt %d unsafe (%s); retry in %.0f ms",
-                change.pid,
-                attempt,
-                reason,
-                delay * 1e3,
-            )
-            time.sleep(delay)
-            delay = min(delay * 2, MAX_RETRY_DELAY)
-            continue
-        action = (
-            "applied" if change.remove is None else "removed" if change.add is None else "updated"
-        )
-        version = change.add.version if change.add else None
-        patch_id = change.add.id if change.add else str(change.remove)
-        log.info(
-            "process %d: %s %s (%d sites, %d attempts, %d threads moved, paused %.3f ms)",
-            change.pid, action, patch_id, sites, attempt, moved, paused * 1e3,
-        )  # fmt: skip
-        return Outcome(change.pid, patch_id, action, version, sites, attempt, paused, moved)
+    try:
+        for attempt in range(1, retries + 2):
+            try:
+                prepared = prepare(change, module, planned)
+                if prepared.needs_cave:
+                    assert module is not None
+                    provisioned, held = provision(change.pid, module, timeout=change.stop_timeout)
+                    borrowed += held
+                    prepared = prepare(change, module, planned)
+                with stop_world(change.pid, timeout=change.stop_timeout) as proc:
+                    sites, moved, recovered, emptied = _transact(
+                        proc, change, module, planned, prepared
+                    )
+            except ProcessNotFound:
+                raise ProcessExited(f"process {change.pid} exited during the operation") from None
+            except (Unsafe, StopTimeout) as e:
+                reason = str(e)
+                timeout = e if isinstance(e, StopTimeout) else None
+                log.debug(
+                    "process %d: attempt %d unsafe (%s); retry in %.0f ms",
+                    change.pid, attempt, reason, delay * 1e3,
+                )  # fmt: skip
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            provisioned = None  # committed: the cave holds the patch, and nothing can fail now
+            if emptied:
+                borrowed += release(change.pid, emptied, timeout=change.stop_timeout)
+            log.info(
+                "process %d: %s %s (%d sites, %d attempts, %d threads moved, paused %.3f ms)",
+                change.pid, change.action, change.patch_id, sites, attempt, moved,
+                proc.paused * 1e3,
+            )  # fmt: skip
+            version = change.add.version if change.add else None
+            return Outcome(
+                change.pid, change.patch_id, change.action, version, sites, attempt,
+                proc.paused, moved, borrowed, tuple(recovered.done),
+            )  # fmt: skip
+    except BaseException as e:
+        if provisioned is not None and not isinstance(e, ProcessExited):
+            unprovision(change.pid, provisioned, timeout=change.stop_timeout)
+        raise
+    if provisioned is not None:
+        unprovision(change.pid, provisioned, timeout=change.stop_timeout)
     if timeout is not None:
         raise timeout.within(f"gave up after {retries + 1} attempts; in the last, ")
     raise UnsafeToPatch(
@@ -299,59 +305,47 @@ def _attempts(change: _Change, retries: int) -> Outcome:
 
 def _transact(
     proc: StoppedProcess,
-    change: _Change,
+    change: Change,
     module: LoadedModule | None,
     planned: list[PlannedSite] | None,
-    dirty: bool = True,
-) -> tuple[int, int]:
-    """Returns the number of sites now patched and the number of threads moved.
-    `dirty`: a killed patcher may have left something to recover first."""
-    mappings = read_maps(proc.pid)
-    if dirty and recover(proc, mappings):
+    prepared: Prepared | None,
+    *,
+    held: bool = False,
+) -> tuple[int, int, Recovered, list[Cave]]:
+    """One attempt inside the stop: the number of sites now patched (or restored), the
+    number of threads moved, what recovery did, and the caves left empty, for the
+    caller to unmap after the stop (`held`: unmapped here, the caller's stop goes on).
+
+    Fast path: the decision `prepared` made before the stop, once its registries are
+    proved unchanged. Otherwise everything is read and decided here, after
+    recovering what a killed patcher left."""
+    recovered = Recovered()
+    mappings: list[Mapping] | None = None
+    made: Commit | None = None
+    if prepared is not None and prepared.commit is not None and prepared.holds(proc.memory):
+        pending_call(proc, prepared.stub)
+        made = prepared.commit
+    else:
         mappings = read_maps(proc.pid)
+        pending_call(proc, stub_range(proc.memory, mappings))
+        recovered = recover(proc, mappings)
+        if recovered:
+            mappings = read_maps(proc.pid)
     checkpoint("stopped")
-    caves = read_caves(proc.memory, mappings)
-    old_cave, old = _find_applied(caves, change.remove) if change.remove else (None, None)
-    _check(proc, change, caves, old)
-    placement = place_threads(
-        proc, [Entering(p.site, p.resume is None, p.where) for p in planned or []]
-    )
+    placement = place_threads(proc, _entering(planned))
     tx = Transaction(proc, mappings)
     try:
-        if change.add is not None and module is not None and planned is not None:
-            patch = change.add.patch
-            commit.check_originals(tx, caves, patch, planned, old)
-            cave = cave_of(caves, module) or commit.new_cave(tx, caves, module)
-            checkpoint("cave-ready")
-            new, layouts = commit.write_trampolines(tx, cave, patch, planned)
-            cave.registry.patches.append(new)
-            if old is not None and old_cave is not None:
-                old.state = REMOVING
-                if old_cave is not cave:
-                    commit.store(tx, old_cave)
-            commit.store(tx, cave)
-            checkpoint("intent-recorded")
-            commit.move_threads(tx, placement.pending, layouts)
-            if old is not None and old_cave is not None:
-                commit.restore_sites(tx, old)
-                old_cave.registry.retire(old)
-            commit.write_jumps(tx, new)
-            new.state = APPLIED
-            if old_cave is not None and old_cave is not cave:
-                commit.store(tx, old_cave)
-            commit.store(tx, cave)
-            count = len(new.sites)
-        else:
-            assert old is not None and old_cave is not None
-            old.state = REMOVING
-            commit.store(tx, old_cave)
-            checkpoint("intent-recorded")
-            commit.restore_sites(tx, old)
-            old_cave.registry.retire(old)
-            commit.store(tx, old_cave)
-            count = len(old.sites)
-        checkpoint("committed")
-        commit.reclaim(tx, caves)  # verifies every write; unmaps an emptied cave last
+        if made is None:
+            assert mappings is not None
+            caves = read_caves(proc.memory, mappings)
+            settled = _settled(change, caves, recovered)
+            if settled is not None:
+                return settled, 0, recovered, []
+            if module is not None and cave_of(caves, module) is None:
+                _first_cave(tx, change, caves, module, planned)
+            made = decide(change, caves, proc.status.name, module, planned)
+        commit.execute(tx, made, placement.pending)
+        emptied = commit.finish(tx, made.caves, unmap=held)  # verifies every write
     except BaseException:
         failures = tx.rollback()
         if failures and not exists(proc.pid):
@@ -364,56 +358,50 @@ def _transact(
         raise
     finally:
         tx.close()
-    return count, len(placement.pending)
+    return made.sites, len(placement.pending), recovered, emptied
 
 
-def _check(
-    proc: StoppedProcess, change: _Change, caves: list[Cave], old: AppliedPatch | None
+def _plan(
+    pid: int, mappings: list[Mapping], patch: Admitted, modules: ModuleCache
+) -> tuple[LoadedModule, list[PlannedSite]]:
+    """The patch's module in the process, and the patch planned at its address."""
+    module = find_module(pid, mappings, patch.patch.target, modules)
+
+    def external(location: Location) -> int:
+        return symbol_address(pid, mappings, location, modules)
+
+    plan = modules.plan(patch, module, external)
+    return module, plan.at(module, patch.toolchain, external)
+
+
+def _entering(planned: list[PlannedSite] | None) -> list[Entering]:
+    return [Entering(p.site, p.resume is None, p.where) for p in planned or []]
+
+
+def _first_cave(
+    tx: Transaction,
+    change: Change,
+    caves: list[Cave],
+    module: LoadedModule,
+    planned: list[PlannedSite] | None,
 ) -> None:
-    """Refuse what makes no sense, from the registry read inside the stop."""
-    if change.remove and old is None:
-        applied = ", ".join(f"{p.id} v{p.version}" for c in caves for p in c.registry.patches)
-        raise NotApplied(
-            f"patch {change.remove} is not applied to process {proc.pid} "
-            f"({proc.status.name}); applied there: {applied or 'none'}"
-        )
-    if change.add is not None and change.remove is None:
-        _, existing = _find_applied(caves, change.add.id)
-        if existing is not None:
-            raise AlreadyApplied(
-                f"patch {change.add.id} version {existing.version} is already applied to process "
-                f"{proc.pid}; use `micropatch update` to replace it"
-            )
-    if change.add is not None and old is not None and old.version == change.add.version:
-        raise AlreadyApplied(
-            f"patch {change.add.id} version {old.version} is already applied to process "
-            f"{proc.pid}; nothing to update"
-        )
-    if change.add is not None and old is not None and old.version > change.add.version:
-        raise Downgrade(
-            f"patch {change.add.id} version {old.version} is applied to process {proc.pid}, "
-            f"newer than version {change.add.version}: update refuses a downgrade; to go "
-            f"back, `micropatch remove {change.add.id}` then apply the older version"
-        )
+    """Map the module's first cave inside the stop (a held stop, or a prepared one that
+    no longer holds), once nothing else refuses the change: a refused change maps none."""
+    assert planned is not None
+    _, old = find_applied(caves, change.remove) if change.remove else (None, None)
+    refuse(change, tx.proc.status.name, caves, old)
+    commit.check_sites(tx, expected_sites(planned, old), caves, change.patch_id)
+    commit.new_cave(tx, caves, module)
 
 
-def _find_applied(
-    caves: list[Cave], patch_id: str | None
-) -> tuple[Cave | None, AppliedPatch | None]:
-    for cave in caves:
-        found = cave.registry.find(patch_id) if patch_id else None
-        if found is not None:
-            return cave, found
-    return None, None
-
-
-def _prepare(pid: int, module: LoadedModule, planned: list[PlannedSite]) -> None:
-    """Lay the trampolines out once before stopping, so that their bodies are assembled
-    (and cached) while the process still runs; in the stop, the same layout is a cache hit."""
-    with Memory(pid, writable=False) as memory:
-        cave = cave_of(read_caves(memory, read_maps(pid)), module)
-    if cave is not None:
-        with contextlib.suppress(MicropatchError):  # the real layout will report it
-            commit.layout_all(cave, planned)
-
-
+def _settled(change: Change, caves: list[Cave], recovered: Recovered) -> int | None:
+    """Sites, if recovering what a killed patcher left already did what the change asks
+    (it was interrupted doing the same): the change succeeds with nothing more to do."""
+    applied = {(p.id, p.version) for c in caves for p in c.registry.patches}
+    if change.add is not None:
+        key = (change.add.id, change.add.version)
+        return recovered.applied.get(key) if key in applied else None
+    gone = [n for (i, _), n in recovered.removed.items() if i == change.remove]
+    if gone and not any(i == change.remove for i, _ in applied):
+        return gone[0]
+    return None

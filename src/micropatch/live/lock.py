@@ -163,9 +163,7 @@ def holder(path: Path) -> Holder | None:
         os.close(fd)
 
 
-def _acquire(
-    pid: int, path: Path, timeout: float, on_wait: Callable[[str], None] | None
-) -> int:
+def _acquire(pid: int, path: Path, timeout: float, on_wait: Callable[[str], None] | None) -> int:
     deadline = time.monotonic() + timeout
     announced: Holder | None = None
     fd = _open(path)

@@ -17,10 +17,13 @@ from micropatch.process.maps import Mapping
 from micropatch.process.procfs import process_name
 
 if TYPE_CHECKING:  # at run time only the functions that read a module load the ELF code
+    from micropatch.build.plan import ExternalResolver, ModulePlan
     from micropatch.elf.identity import ModuleIdentity
     from micropatch.elf.image import ElfImage
     from micropatch.elf.location import Location
     from micropatch.patch.view import TargetView
+    from micropatch.trust.policy import Admitted
+    from micropatch.trust.recorded import ModuleFact
 
 CAVE_PREFIX = "/memfd:micropatch"
 
@@ -52,13 +55,48 @@ class LoadedModule:
 
 class ModuleCache:
     """Identity and parsed ELF per file, so that `--all` or an agent hashes and
-    parses each file once. Owned by the caller, bounded: the least recently used
-    entry (which holds the whole file) goes first."""
+    parses each file once, and the plans of signed patches per module build, so
+    that each is made once and placed in every process that maps the build.
+    Owned by the caller, bounded: the least recently used entry (a file's entry
+    holds the whole file) goes first."""
 
-    def __init__(self, max_entries: int = 8) -> None:
+    def __init__(self, max_entries: int = 8, max_plans: int = 64) -> None:
         self.max_entries = max_entries
+        self.max_plans = max_plans
         self._entries: OrderedDict[tuple[int, int, int, int], tuple[ModuleIdentity, ElfImage]]
         self._entries = OrderedDict()
+        self._plans: OrderedDict[str, ModulePlan] = OrderedDict()  # by artifact id
+
+    def plan(
+        self, admitted: Admitted, module: LoadedModule, external: ExternalResolver
+    ) -> ModulePlan:
+        """The plan of `admitted` against `module`'s build, in module offsets (place it
+        with `ModulePlan.at(module, ...)`). A signed artifact's plan is the one it
+        records (`build.plan.plan_recorded`: no symbol table is read), kept per artifact
+        (it names its build); an unsigned source is planned against the module each
+        time, with `external` resolving its references to other modules."""
+        from micropatch.build.plan import plan_module, plan_recorded
+        from micropatch.trust.recorded import RecordedPatch
+
+        patch, envelope = admitted.patch, admitted.envelope
+        if (
+            not isinstance(patch, RecordedPatch)
+            or patch.module is None
+            or envelope is None
+            or not _built_for(patch.module, module.identity)
+        ):
+            # Recorded offsets hold for the build they were recorded on; `find_module`
+            # refuses any other build first, and here it would be planned afresh.
+            return plan_module(patch, module, admitted.toolchain, external)
+        key = envelope.id  # its plan is in module offsets: the same for every mapping
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = plan_recorded(patch, patch.sites)
+            self._plans[key] = plan
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return plan
 
     def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
         with file:
@@ -78,6 +116,14 @@ class ModuleCache:
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return entry
+
+
+def _built_for(recorded: ModuleFact, identity: ModuleIdentity) -> bool:
+    """`identity` is the build an artifact recorded: the same file, or the same
+    build-id (the same link, stripped or not: code at the same offsets)."""
+    if identity.sha256 == recorded.sha256.lower():
+        return True
+    return recorded.build_id is not None and identity.build_id == recorded.build_id.lower()
 
 
 def module_groups(mappings: list[Mapping], name: str) -> list[list[Mapping]]:

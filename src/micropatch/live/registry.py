@@ -1,4 +1,4 @@
-"""The registry: what is applied to a process, kept in the first pages of its cave.
+"""The registry: what is applied to a process, kept in the first page of its cave.
 
 The state of a process lives in the process, so any later command, or an
 agent restarted after a crash, reads it back from memory instead of trusting
@@ -6,6 +6,13 @@ a file of ours. It is a JSON document in one of two slots, each with a header
 (magic, sequence number, length, CRC-32): a writer always writes the slot the
 current state is *not* in, so a patcher killed mid-write leaves the previous
 slot intact, and a reader takes the valid slot with the highest sequence.
+
+Both slots share the cave's first page, so a cave with a few patches keeps
+that page and its first trampoline page resident, nothing more. A document
+longer than its slot continues in that slot's own overflow area, written
+before the slot's header: the header, which holds the checksum, is the write
+that commits (`Layout`). Caves made before this layout (version 2: two 8 KiB
+slots at 0 and 8 KiB) are read and written in theirs.
 
 Each patch has a state: `applying` (intent recorded, jumps being written),
 `applied`, or `removing` (original bytes being restored). A patcher killed
@@ -20,15 +27,55 @@ import json
 import struct
 import zlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from micropatch.errors import CaveError
 
-MAGIC = b"MICROPATCH\x00\x02"
+MAGIC = b"MICROPATCH\x00\x03"
+MAGIC_V2 = b"MICROPATCH\x00\x02"
 HEADER = struct.Struct("<12sQII")  # magic, sequence, JSON length, CRC-32 of the JSON
-SLOT_SIZE = 2 * 4096
-REGISTRY_SIZE = 2 * SLOT_SIZE  # only the pages the JSON touches become resident
 APPLYING, APPLIED, REMOVING = "applying", "applied", "removing"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a registry version keeps its two slots. Slot i holds a header and, if
+    it fits, the JSON; a longer JSON goes to `overflow[i]` (None: no overflow,
+    the slot holds up to `slot_size` bytes in all)."""
+
+    magic: bytes
+    slots: tuple[int, int]
+    slot_size: int
+    overflow: tuple[int, int] | None
+    overflow_size: int
+    code_start: int  # offset in the cave of the first trampoline
+
+    @property
+    def capacity(self) -> int:
+        """The longest JSON a slot can hold."""
+        inline = self.slot_size - HEADER.size
+        return max(inline, self.overflow_size) if self.overflow else inline
+
+    def images(self, seq: int, body: bytes) -> list[tuple[int, bytes]]:
+        """(offset, bytes) to write, in this order, to record `body` as state `seq`."""
+        index = seq % 2
+        header = HEADER.pack(self.magic, seq, len(body), zlib.crc32(body))
+        if len(body) <= self.slot_size - HEADER.size:
+            return [(self.slots[index], header + body)]
+        assert self.overflow is not None and len(body) <= self.overflow_size
+        return [(self.overflow[index], body), (self.slots[index], header)]
+
+    def body_at(self, index: int, length: int) -> int:
+        """Where slot `index`'s JSON of `length` bytes is."""
+        if length <= self.slot_size - HEADER.size or self.overflow is None:
+            return self.slots[index] + HEADER.size
+        return self.overflow[index]
+
+
+PAGE = 4096
+LAYOUT = Layout(MAGIC, (0, PAGE // 2), PAGE // 2, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE)
+LAYOUT_V2 = Layout(MAGIC_V2, (0, 2 * PAGE), 2 * PAGE, None, 0, 4 * PAGE)
+REGISTRY_SIZE = LAYOUT.code_start
 
 
 @dataclass
@@ -78,11 +125,12 @@ class Registry:
     patches: list[AppliedPatch] = field(default_factory=list)
     retired: list[Retired] = field(default_factory=list)
     seq: int = 0
+    layout: Layout = field(default=LAYOUT, compare=False)
 
     @property
     def slot(self) -> int:
         """Offset in the cave of the slot this state is (to be) written to."""
-        return (self.seq % 2) * SLOT_SIZE
+        return self.layout.slots[self.seq % 2]
 
     def retire(self, patch: AppliedPatch) -> None:
         """Forget a patch, keeping its trampolines (and counters) out of reuse."""
@@ -102,21 +150,44 @@ class Registry:
             ranges += [(s.trampoline, s.trampoline + s.trampoline_size) for s in patch.sites]
         return sorted(ranges)
 
-    def encode(self) -> bytes:
-        """The slot's bytes: header and JSON (write them at `self.slot`)."""
-        doc = asdict(self)
-        for patch in doc["patches"]:
-            for site in patch["sites"]:
-                site["original"] = site["original"].hex()
-                site["jump"] = site["jump"].hex()
+    def body(self) -> bytes:
+        """The JSON document of this state."""
+        doc = {
+            "module_path": self.module_path,
+            "module_base": self.module_base,
+            "build_id": self.build_id,
+            "sha256": self.sha256,
+            "cave_size": self.cave_size,
+            "patches": [
+                {
+                    "id": p.id,
+                    "version": p.version,
+                    "title": p.title,
+                    "applied_at": p.applied_at,
+                    "sites": [_site_json(s) for s in p.sites],
+                    "state": p.state,
+                }
+                for p in self.patches
+            ],
+            "retired": [vars(r) for r in self.retired],
+            "seq": self.seq,
+        }
         body = json.dumps(doc, separators=(",", ":")).encode()
-        blob = HEADER.pack(MAGIC, self.seq, len(body), zlib.crc32(body)) + body
-        if len(blob) > SLOT_SIZE:
+        if len(body) > self.layout.capacity:
             raise CaveError(
-                f"too many patches for one cave: the registry needs {len(blob)} bytes, "
-                f"a slot holds {SLOT_SIZE}; remove unused patches first"
+                f"too many patches for one cave: the registry needs {len(body)} bytes, "
+                f"a slot holds {self.layout.capacity}; remove unused patches first"
             )
-        return blob
+        return body
+
+    def images(self) -> list[tuple[int, bytes]]:
+        """(offset in the cave, bytes) to write, in order, to record this state as `seq`."""
+        return self.layout.images(self.seq, self.body())
+
+    def encode(self) -> bytes:
+        """This state as one slot's bytes, header and JSON (for tests and tools)."""
+        body = self.body()
+        return HEADER.pack(self.layout.magic, self.seq, len(body), zlib.crc32(body)) + body
 
     @classmethod
     def read(cls, read: Callable[[int, int], bytes]) -> Registry | None:
@@ -124,24 +195,47 @@ class Registry:
 
         None if no slot was ever written (not a cave, or one whose creator died
         before recording anything). CaveError if slots exist but none is valid.
+        Reads the cave's first page, and an overflow area only when a slot uses it.
         """
+        page = read(0, PAGE)
+        magics = {page[at : at + len(MAGIC)] for at in LAYOUT.slots}
+        if MAGIC in magics:
+            return cls._read(LAYOUT, page, read)
+        v2 = page[: HEADER.size] + read(LAYOUT_V2.slots[1], HEADER.size)
+        if MAGIC_V2 in (v2[: len(MAGIC)], v2[HEADER.size : HEADER.size + len(MAGIC)]):
+            return cls._read(LAYOUT_V2, page, read)
+        if any(any(page[at : at + HEADER.size]) for at in LAYOUT.slots) or any(v2[HEADER.size :]):
+            raise CaveError("corrupt micropatch registry: no slot holds a micropatch registry")
+        return None
+
+    @classmethod
+    def heads(cls, layout: Layout, read: Callable[[int, int], bytes]) -> bytes:
+        """Both slots' headers: any new state changes them (its sequence), so equal
+        heads prove the registry is the one read before."""
+        return b"".join(read(at, HEADER.size) for at in layout.slots)
+
+    @classmethod
+    def _read(
+        cls, layout: Layout, page: bytes, read: Callable[[int, int], bytes]
+    ) -> Registry | None:
         found: list[Registry] = []
         problems = []
-        for slot in (0, SLOT_SIZE):
-            head = read(slot, HEADER.size)
+        for index, at in enumerate(layout.slots):
+            head = page[at : at + HEADER.size] if at < PAGE else read(at, HEADER.size)
             magic, seq, length, crc = HEADER.unpack_from(head)
-            if magic != MAGIC:
+            if magic != layout.magic:
                 if any(head):
-                    problems.append(f"slot at +{slot:#x}: not a micropatch registry")
+                    problems.append(f"slot at +{at:#x}: not a micropatch registry")
                 continue
-            if length > SLOT_SIZE - HEADER.size:
-                problems.append(f"slot at +{slot:#x}: length {length}")
+            if length > layout.capacity:
+                problems.append(f"slot at +{at:#x}: length {length}")
                 continue
-            body = read(slot + HEADER.size, length)
+            start = layout.body_at(index, length)
+            body = page[start : start + length] if start + length <= PAGE else read(start, length)
             if zlib.crc32(body) != crc:
-                problems.append(f"slot at +{slot:#x}: checksum mismatch (a torn write)")
+                problems.append(f"slot at +{at:#x}: checksum mismatch (a torn write)")
                 continue
-            found.append(cls._from_json(body, seq))
+            found.append(cls._from_json(body, seq, layout))
         if found:
             return max(found, key=lambda r: r.seq)
         if problems:
@@ -151,10 +245,15 @@ class Registry:
     @classmethod
     def decode(cls, blob: bytes) -> Registry | None:
         """One slot's bytes as `encode` made them; None if it is not a registry slot."""
-        return cls.read(lambda offset, size: blob[offset : offset + size].ljust(size, b"\0"))
+        magic, seq, length, crc = HEADER.unpack_from(blob.ljust(HEADER.size, b"\0"))
+        layout = {MAGIC: LAYOUT, MAGIC_V2: LAYOUT_V2}.get(magic)
+        body = blob[HEADER.size : HEADER.size + length]
+        if layout is None or len(body) != length or zlib.crc32(body) != crc:
+            return None
+        return cls._from_json(body, seq, layout)
 
     @classmethod
-    def _from_json(cls, body: bytes, seq: int) -> Registry:
+    def _from_json(cls, body: bytes, seq: int, layout: Layout) -> Registry:
         try:
             doc = json.loads(body)
             patches = [
@@ -186,6 +285,24 @@ class Registry:
                 patches=patches,
                 retired=[Retired(**r) for r in doc.get("retired", [])],
                 seq=seq,
+                layout=layout,
             )
         except (ValueError, KeyError, TypeError) as e:
             raise CaveError(f"corrupt micropatch registry: {e}") from None
+
+
+def _site_json(s: AppliedSite) -> dict[str, object]:
+    return {
+        "patchlet": s.patchlet,
+        "address": s.address,
+        "original": s.original.hex(),
+        "jump": s.jump.hex(),
+        "trampoline": s.trampoline,
+        "trampoline_size": s.trampoline_size,
+        "tail": s.tail,
+        "counter": s.counter,
+        "copies": s.copies,
+        "body": s.body,
+        "starts": s.starts,
+        "code_hash": s.code_hash,
+    }

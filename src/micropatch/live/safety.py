@@ -14,7 +14,7 @@ instruction pointer or stack refers to it (`in_use`).
 
 from __future__ import annotations
 
-import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from micropatch.arch import Site, TrampolineLayout
@@ -27,6 +27,7 @@ from micropatch.process.world import StoppedProcess
 _RESTARTING = frozenset({-512, -513, -514, -516})
 _SYSCALL_LENGTH = 2
 STACK_SCAN_LIMIT = 8 << 20
+_UPPER_BYTES = 6  # bytes 2..7 of a 64-bit word
 
 
 class Unsafe(Exception):
@@ -79,14 +80,14 @@ def place_threads(proc: StoppedProcess, entering: list[Entering]) -> Placement:
     return placement
 
 
-def thread_inside(proc: StoppedProcess, spans: list[tuple[int, int]]) -> int | None:
-    """A thread that would resume strictly inside one of the spans (a site about to
-    receive its jump), or None. Its first byte is fine: the jump starts there."""
+def pending_call(proc: StoppedProcess, stub: range) -> None:
+    """Unsafe if a thread is in the remote system call stub (`process.syscall`): a
+    patcher killed while borrowing it left it to make its call and restore its own
+    registers, which it has not done yet. Its call (an munmap of a cave, say) must
+    land before anything is decided about the caves."""
     for tid in proc.threads:
-        eff = effective_rip(proc.regs(tid))
-        if any(low < eff < high for low, high in spans):
-            return tid
-    return None
+        if proc.regs(tid).rip in stub:
+            raise Unsafe(f"thread {tid} is finishing a system call a killed micropatch started")
 
 
 def in_use(
@@ -95,12 +96,16 @@ def in_use(
     """Indexes of the `ranges` (retired trampolines) some thread may still be in: its
     instruction pointer, or any word on its stack (a return address), points there."""
     used: set[int] = set()
+    if not ranges:
+        return used
 
     def mark(word: int) -> None:
         for index, (low, high) in enumerate(ranges):
             if low <= word < high:
                 used.add(index)
 
+    low = min(low for low, _ in ranges)
+    high = max(high for _, high in ranges)
     for tid in proc.threads:
         regs = proc.regs(tid)
         mark(regs.rip)
@@ -110,13 +115,25 @@ def in_use(
             continue
         top = min(stack.end, regs.rsp + STACK_SCAN_LIMIT)
         start = regs.rsp & ~7
-        data = proc.memory.read(start, top - start)
-        low = min(low for low, _ in ranges) if ranges else 0
-        high = max(high for _, high in ranges) if ranges else 0
-        for (word,) in struct.iter_unpack("<Q", data[: len(data) & ~7]):
-            if low <= word < high:
-                mark(word)
+        for word in words_within(proc.memory.read(start, top - start), low, high):
+            mark(word)
     return used
+
+
+def words_within(data: bytes, low: int, high: int) -> Iterator[int]:
+    """The aligned little-endian 64-bit words of `data` in [low, high), found at the
+    speed of `bytes.find`: every such word's six high bytes are one of the few values
+    `word >> 16` takes in the range (a cave spans 64 KiB: one or two), so those are
+    searched for, at offsets 2 mod 8, and only the hits decoded."""
+    for upper in range(low >> 16, ((high - 1) >> 16) + 1):
+        needle = upper.to_bytes(_UPPER_BYTES, "little")
+        at = data.find(needle, 2)
+        while at != -1 and at + _UPPER_BYTES <= len(data):
+            if at % 8 == 2:
+                word = int.from_bytes(data[at - 2 : at + _UPPER_BYTES], "little")
+                if low <= word < high:
+                    yield word
+            at = data.find(needle, at + 1)
 
 
 def into_copy(move: PendingMove, layout: TrampolineLayout, regs: UserRegs) -> int:

@@ -7,11 +7,13 @@ leaves the target exactly as it was.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections.abc import Callable
 
 from micropatch.errors import MemoryAccessError
-from micropatch.process.maps import Mapping
+from micropatch.faults import checkpoint
+from micropatch.process.maps import Mapping, read_maps
 from micropatch.process.syscall import RemoteSyscalls
 from micropatch.process.world import StoppedProcess
 
@@ -19,13 +21,28 @@ log = logging.getLogger(__name__)
 
 
 class Transaction:
-    def __init__(self, proc: StoppedProcess, mappings: list[Mapping]) -> None:
+    def __init__(self, proc: StoppedProcess, mappings: list[Mapping] | None = None) -> None:
+        """`mappings`: the process's maps as read in this stop, or None to read them only
+        if something needs them (a remote system call, a stack scan)."""
         self.proc = proc
         self.memory = proc.memory
-        self.mappings = mappings
-        self.syscalls = RemoteSyscalls(proc, mappings)
+        self._mappings = mappings
+        self._syscalls: RemoteSyscalls | None = None
         self._undo: list[Callable[[], None]] = []
         self._written: list[tuple[int, bytes]] = []
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        if self._mappings is None:
+            self._mappings = read_maps(self.proc.pid)
+        return self._mappings
+
+    @property
+    def syscalls(self) -> RemoteSyscalls:
+        """System calls made by a borrowed thread (chosen, and its stub placed, on first use)."""
+        if self._syscalls is None:
+            self._syscalls = RemoteSyscalls(self.proc, self.mappings)
+        return self._syscalls
 
     def write(self, address: int, data: bytes) -> None:
         old = self.memory.read(address, len(data))
@@ -33,32 +50,38 @@ class Transaction:
         self.memory.write(address, data)
         self._undo.append(lambda: self.memory.write(address, old))
         self._written.append((address, data))
+        # Fault injection: the tests kill the patcher after each write of a stop in turn
+        # ("write-N"; "lone-write-N" in a stop of one thread, `lone_thread`).
+        self.proc.writes += 1
+        if self.proc.lone:
+            checkpoint("lone-write-{index}", index=self.proc.writes)
+        else:
+            checkpoint("write-{index}", index=self.proc.writes)
 
     def on_rollback(self, undo: Callable[[], None]) -> None:
         self._undo.append(undo)
 
     def verify(self) -> None:
-        """Read back everything written; the kernel said yes, but check.
+        """Read back everything written, one read per run of adjacent bytes; the kernel
+        said yes, but check.
 
         A later write may cover an earlier one (update restores a site, then
-        patches it again), so each range is compared with the final bytes.
+        patches it again): each run is compared with its final bytes.
         """
-        final: dict[int, int] = {}
-        for address, data in self._written:
-            final.update(zip(range(address, address + len(data)), data, strict=True))
-        for address, data in self._written:
-            wanted = bytes(final[a] for a in range(address, address + len(data)))
-            found = self.memory.read(address, len(data))
+        for start, wanted in final_runs(self._written):
+            found = self.memory.read(start, len(wanted))
             if found != wanted:
+                at = next(i for i, (a, b) in enumerate(zip(found, wanted, strict=True)) if a != b)
                 raise MemoryAccessError(
-                    f"process {self.proc.pid}: read-back at {address:#x} found {found.hex(' ')}, "
-                    f"wrote {wanted.hex(' ')}"
+                    f"process {self.proc.pid}: read-back at {start + at:#x} found "
+                    f"{found[at : at + 16].hex(' ')}, wrote {wanted[at : at + 16].hex(' ')}"
                 )
 
     def close(self) -> None:
         """End of the transaction, after commit or rollback: put back what the remote
         system calls borrowed (their stub's padding)."""
-        self.syscalls.close()
+        if self._syscalls is not None:
+            self._syscalls.close()
 
     def rollback(self) -> list[Exception]:
         """Undo everything, newest first; returns what could not be undone."""
@@ -72,3 +95,20 @@ class Transaction:
         self._undo.clear()
         self._written.clear()
         return failures
+
+
+def final_runs(writes: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+    """The bytes `writes` leave in memory, applied in order, as (start, bytes) runs of
+    adjacent or overlapping writes, lowest first."""
+    runs: list[tuple[int, int]] = []
+    for start, end in sorted((a, a + len(d)) for a, d in writes):
+        if runs and start <= runs[-1][1]:
+            runs[-1] = (runs[-1][0], max(runs[-1][1], end))
+        else:
+            runs.append((start, end))
+    images = {start: bytearray(end - start) for start, end in runs}
+    starts = [start for start, _ in runs]
+    for address, data in writes:
+        run = starts[bisect.bisect_right(starts, address) - 1]
+        images[run][address - run : address - run + len(data)] = data
+    return [(start, bytes(images[start])) for start in starts]

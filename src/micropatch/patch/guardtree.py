@@ -160,5 +160,3 @@ def registers_used(condition: Condition) -> set[str]:
 
     walk(condition)
     return found
-
-

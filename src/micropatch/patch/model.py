@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -106,6 +106,9 @@ class Target(_Model):
     """The `[target]` table: the one module build the patch applies to."""
 
     module: StrictStr
+    # Native is the default; a CPython patch (`runtime = "cpython"`) is a PythonPatch
+    # (patch/python.py). Not serialized: native artifacts keep their exact content.
+    runtime: Literal["native"] = Field("native", exclude=True)
     build_id: StrictStr | None = None
     sha256: StrictStr | None = None
     arch: StrictStr = "x86_64"

@@ -17,7 +17,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from micropatch.errors import PatchFormatError
+from micropatch.files import read_bounded
 from micropatch.patch.model import FieldProblem, Patch, PatchInfo, Patchlet, Target
+from micropatch.patch.python import RUNTIME, PythonPatch, PythonPatchlet, PythonTarget
+
+MAX_SOURCE = 4 << 20  # a patch source; real ones are a few KiB
 
 _TOML_POSITION = re.compile(
     r"(?P<what>.*) \(at (?:line (?P<line>\d+), column (?P<column>\d+)|(?P<end>end of document))\)"
@@ -28,6 +32,13 @@ _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
     ("patch",): PatchInfo,
     ("target",): Target,
     ("patchlet",): Patchlet,
+}
+
+_PYTHON_TABLES: dict[tuple[str, ...], type[BaseModel]] = {
+    (): PythonPatch,
+    ("patch",): PatchInfo,
+    ("target",): PythonTarget,
+    ("patchlet",): PythonPatchlet,
 }
 
 _EXPECTED = {
@@ -43,17 +54,28 @@ _EXPECTED = {
 
 def load_patch(path: str | Path) -> Patch:
     """Read and validate a patch source file."""
-    path = Path(path)
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_SOURCE)
     except OSError as exc:
         raise PatchFormatError(f"{path}: cannot read patch source: {exc.strerror}") from None
     return parse_patch(data, str(path))
 
 
 def parse_patch(text: str | bytes, source: str = "<string>") -> Patch:
-    """Validate a patch source given as text (or UTF-8 bytes); `source` names
-    it in error messages."""
+    """Validate a native patch source given as text (or UTF-8 bytes); `source`
+    names it in error messages. A CPython patch is refused: see `parse_source`."""
+    patch = parse_source(text, source)
+    if isinstance(patch, PythonPatch):
+        raise PatchFormatError(
+            f"{source}: a CPython patch ([target] runtime = {RUNTIME!r}), where a native patch "
+            "(a module file and its machine code) is expected"
+        )
+    return patch
+
+
+def parse_source(text: str | bytes, source: str = "<string>") -> Patch | PythonPatch:
+    """Validate a patch source of either runtime, chosen by `[target] runtime`
+    (native when absent)."""
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -68,10 +90,14 @@ def parse_patch(text: str | bytes, source: str = "<string>") -> Patch:
         raise PatchFormatError(f"{source}: {_toml_problem(exc)}") from None
     except RecursionError:
         raise PatchFormatError(f"{source}: invalid TOML: nested too deeply") from None
+    target = document.get("target")
+    python = isinstance(target, dict) and target.get("runtime") == RUNTIME
+    model: type[Patch] | type[PythonPatch] = PythonPatch if python else Patch
     try:
-        return Patch.model_validate(document)
+        return model.model_validate(document)
     except ValidationError as exc:
-        problems = [_problem(error) for error in exc.errors()]
+        tables = _PYTHON_TABLES if python else _TABLES
+        problems = [_problem(error, tables) for error in exc.errors()]
     if len(problems) == 1:
         raise PatchFormatError(f"{source}: {problems[0]}")
     listed = "".join(f"\n  {problem}" for problem in problems)
@@ -87,7 +113,7 @@ def _toml_problem(exc: tomllib.TOMLDecodeError) -> str:
     return f"invalid TOML at {where}: {match['what'][:1].lower()}{match['what'][1:]}"
 
 
-def _problem(error: ErrorDetails) -> str:
+def _problem(error: ErrorDetails, tables: dict[tuple[str, ...], type[BaseModel]]) -> str:
     loc = error["loc"]
     path = _path(loc)
     kind = error["type"]
@@ -102,7 +128,7 @@ def _problem(error: ErrorDetails) -> str:
             else ("required field is missing")
         )
     elif kind == "extra_forbidden":
-        text = "unknown field" + _suggestion(loc)
+        text = "unknown field" + _suggestion(loc, tables)
     elif kind == "value_error":
         cause = ctx.get("error")
         text = str(cause if cause is not None else error["msg"])
@@ -128,11 +154,11 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return text
 
 
-def _suggestion(loc: tuple[int | str, ...]) -> str:
+def _suggestion(loc: tuple[int | str, ...], tables: dict[tuple[str, ...], type[BaseModel]]) -> str:
     """The allowed field names of the table holding the unknown one, nearest
     first, so a misspelling points at its fix."""
     table = tuple(part for part in loc[:-1] if isinstance(part, str))
-    model = _TABLES.get(table)
+    model = tables.get(table)
     if model is None:
         return ""
     allowed = [field.alias or name for name, field in model.model_fields.items()]

@@ -39,6 +39,7 @@ from micropatch.arch.x86_64.abi import (
     FRAME_REGS,
     FRAME_SIZE,
     STUB,
+    SYS_MEMFD_CREATE,
     SYSCALL_ARG_REGS,
     SYSCALL_NAMES,
     UserRegs,
@@ -48,7 +49,7 @@ from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.errors import MicropatchError, ProcessExited, RemoteSyscallError
 from micropatch.faults import checkpoint
 from micropatch.process import ptrace, seccomp
-from micropatch.process.linux import PTRACE_O_TRACESYSGOOD, PTRACE_SYSCALL
+from micropatch.process.linux import MFD_CLOEXEC, MFD_EXEC, PTRACE_O_TRACESYSGOOD, PTRACE_SYSCALL
 from micropatch.process.maps import Mapping, mapping_at
 from micropatch.process.stub import slack
 from micropatch.process.world import StoppedProcess, wait_stop
@@ -146,7 +147,15 @@ class RemoteSyscalls:
         self.check_seccomp(nr, args)
         proc, tid = self.proc, self.tid
         thread = proc.threads[tid]
-        resume_with = continuation(proc.regs(tid))
+        stop_regs = proc.regs(tid)
+        if thread.restarted:
+            # Out of the stub the kernel restarts nothing, and re-running the call
+            # unconditionally would hide the EINTR a signal handler must see
+            # (process/restart.py): give the thread back its EINTR.
+            stop_regs = stop_regs.copy()
+            stop_regs.rax = (1 << 64) - errno.EINTR
+            thread.restarted = False
+        resume_with = continuation(stop_regs)
         # `ret 128` after the pops lands rsp exactly where it was: the red zone
         # between the frame and rsp is never touched.
         frame = resume_with.rsp - RED_ZONE - FRAME_SIZE
@@ -211,6 +220,31 @@ class RemoteSyscalls:
             raise self.error(nr, result)
         return result
 
+    def memfd_create(self, name: bytes) -> int:
+        """memfd_create(name) in the target, close-on-exec (and MFD_EXEC where the
+        kernel knows it, 6.3+). The name is passed below the red zone and below the
+        remote call's frame for the moment of the call, then the bytes are put back."""
+        memory = self.proc.memory
+        regs = self.proc.regs(self.tid)
+        scratch = (regs.rsp - RED_ZONE - FRAME_SIZE - 64) & ~0xF
+        stack = mapping_at(self.mappings, scratch)
+        if stack is None or stack.perms[:2] != "rw" or not stack.contains(scratch + len(name)):
+            raise RemoteSyscallError(
+                f"process {self.proc.pid}: thread {self.tid} has no writable stack below "
+                f"rsp={regs.rsp:#x} to pass the name of a memfd; nothing was changed"
+            )
+        saved = memory.read(scratch, len(name))
+        memory.write(scratch, name)
+        try:
+            fd = self(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC | MFD_EXEC)
+            if fd == -errno.EINVAL:  # kernels before 6.3 know no MFD_EXEC
+                fd = self.checked(SYS_MEMFD_CREATE, scratch, MFD_CLOEXEC)
+            elif fd < 0:
+                raise self.error(SYS_MEMFD_CREATE, fd)
+        finally:
+            memory.write(scratch, saved)
+        return fd
+
     def error(self, nr: int, result: int) -> RemoteSyscallError:
         err = -result
         name = SYSCALL_NAMES.get(nr, str(nr))
@@ -227,4 +261,3 @@ class RemoteSyscalls:
 def _choose_thread(proc: StoppedProcess) -> int:
     """The main thread if it holds no intercepted signal, else the first that holds none."""
     return min(proc.threads, key=lambda t: (proc.threads[t].pending_signal != 0, t != proc.pid))
-

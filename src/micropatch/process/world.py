@@ -22,12 +22,13 @@ from typing import TypeVar
 from micropatch.arch.x86_64.abi import UserRegs
 from micropatch.errors import (
     AlreadyTraced,
+    MicropatchError,
     ProcessError,
     ProcessExited,
     ProcessNotFound,
     StopTimeout,
 )
-from micropatch.process import ptrace
+from micropatch.process import ptrace, restart
 from micropatch.process.linux import PTRACE_EVENT_STOP, WALL
 from micropatch.process.memory import Memory
 from micropatch.process.priority import realtime
@@ -64,6 +65,9 @@ class Thread:
     saved_regs: UserRegs | None = None
     regs_dirty: bool = False
     stopped: bool = False  # seen in a ptrace stop: only then can it be detached
+    # Its -EINTR from a blocking call was made a restart (process/restart.py);
+    # saved_regs hold the restart code.
+    restarted: bool = False
 
 
 @dataclass
@@ -75,6 +79,8 @@ class StoppedProcess:
     memory: Memory
     threads: dict[int, Thread] = field(default_factory=dict)
     timeout: float = STOP_TIMEOUT  # seconds a thread may take to stop
+    writes: int = 0  # memory writes of the transactions in this stop (fault injection counts them)
+    lone: bool = False  # one thread stopped (`lone_thread`), not the world
     stopped_at: float = 0.0  # perf_counter() just before the first thread was seized
     resumed_at: float = 0.0  # perf_counter() just after the last one was let go
 
@@ -279,15 +285,7 @@ def _stop_all(proc: StoppedProcess) -> None:
                 proc.threads[tid] = Thread(tid)
                 seized.append(tid)
         for tid in seized:
-            stop = _wait_stop(pid, tid, deadline, proc.timeout)
-            if stop is None:
-                del proc.threads[tid]
-                continue
-            sig, event = stop & 0xFF, stop >> 8
-            if event != PTRACE_EVENT_STOP and sig != signal.SIGTRAP:
-                # A signal arrived before our interrupt: hold it, deliver it on detach.
-                proc.threads[tid].pending_signal = sig
-            proc.threads[tid].stopped = True
+            _await(proc, tid, deadline)
         fresh = [t for t in list_threads(pid) if t not in proc.threads]
     if not proc.threads:
         raise ProcessExited(f"process {pid} exited during the operation")
@@ -297,6 +295,38 @@ def _stop_all(proc: StoppedProcess) -> None:
         len(proc.threads),
         (time.perf_counter() - proc.stopped_at) * 1e3,
     )
+
+
+def _restart_unseen(proc: StoppedProcess, tid: int) -> None:
+    """If our interrupt ended a blocking call with an EINTR the kernel would not
+    restart, and restarting it cannot be told apart, make the kernel restart it."""
+    regs = proc.regs(tid)
+    if not restart.candidate(regs):
+        return
+    try:
+        if proc.memory.read(regs.rip - len(restart.SYSCALL_INSN), 2) != restart.SYSCALL_INSN:
+            return
+    except MicropatchError:
+        return
+    again = restart.restarted(regs)
+    _checked(proc.pid, lambda: ptrace.set_regs(tid, again))
+    thread = proc.threads[tid]
+    thread.saved_regs, thread.restarted = again, True
+
+
+def _await(proc: StoppedProcess, tid: int, deadline: float) -> None:
+    """Wait for a seized and interrupted thread to stop; forget it if it exited."""
+    stop = _wait_stop(proc.pid, tid, deadline, proc.timeout)
+    if stop is None:
+        del proc.threads[tid]
+        return
+    sig, event = stop & 0xFF, stop >> 8
+    if event != PTRACE_EVENT_STOP and sig != signal.SIGTRAP:
+        # A signal arrived before our interrupt: hold it, deliver it on detach.
+        proc.threads[tid].pending_signal = sig
+    proc.threads[tid].stopped = True
+    if event == PTRACE_EVENT_STOP:
+        _restart_unseen(proc, tid)
 
 
 @contextmanager
@@ -309,6 +339,39 @@ def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedPr
     priority where permitted (`process.priority.realtime`), so that a busy
     machine does not stretch the stop.
     """
+    proc = _new(pid, timeout)
+    with realtime():
+        try:
+            _stop_all(proc)
+            yield proc
+        finally:
+            proc.resume()
+
+
+@contextmanager
+def lone_thread(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedProcess]:
+    """Stop one thread of pid, the main one unless it has exited, and let every other
+    thread run on: enough to borrow it for system calls whose effects no other thread
+    can reach yet (mapping a cave nothing jumps to). Never enough to write code that
+    runs: that needs `stop_world`. Same priority and resume as `stop_world`."""
+    proc = _new(pid, timeout)
+    proc.lone = True
+    with realtime():
+        try:
+            proc.stopped_at = time.perf_counter()
+            tid = next((t for t in list_threads(pid) if not _exited(t)), None)
+            if tid is None or not _seize(pid, tid, proc.status):
+                raise ProcessExited(f"process {pid} exited during the operation")
+            proc.threads[tid] = Thread(tid)
+            _await(proc, tid, time.monotonic() + timeout)
+            if not proc.threads:
+                raise ProcessExited(f"process {pid} exited during the operation")
+            yield proc
+        finally:
+            proc.resume()
+
+
+def _new(pid: int, timeout: float) -> StoppedProcess:
     if timeout <= 0:
         raise ValueError(f"stop timeout must be positive, not {timeout}")
     status = check_alive(pid)
@@ -318,13 +381,15 @@ def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedPr
             f"({process_name(status.tracer_pid)}): only one tracer at a time is possible; "
             "detach the debugger or strace, then try again"
         )
-    proc = StoppedProcess(pid=pid, status=status, memory=Memory(pid), timeout=timeout)
-    with realtime():
-        try:
-            _stop_all(proc)
-            yield proc
-        finally:
-            proc.resume()
+    return StoppedProcess(pid=pid, status=status, memory=Memory(pid), timeout=timeout)
+
+
+def _exited(tid: int) -> bool:
+    """A thread that is gone or a zombie (a main thread that called pthread_exit)."""
+    try:
+        return read_status(tid).zombie
+    except ProcessError:
+        return True
 
 
 @contextmanager

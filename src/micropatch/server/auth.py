@@ -9,15 +9,13 @@ Three kinds of bearer secret, told apart by their prefix:
 Each is 32 random bytes; only its SHA-256 is stored, so a copy of the database
 grants nothing. Passwords (for `POST /api/v1/auth/token` and the web console's
 login, `server.console`) are stored as argon2id hashes, and failed logins are
-throttled per user name (`LoginThrottle`).
+throttled per user name and per address (`server.throttle`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 
 from argon2 import PasswordHasher
@@ -47,54 +45,25 @@ class Passwords:
 
     def __init__(self) -> None:
         self._hasher = PasswordHasher()
+        # Verified against when there is no stored hash (no such user, a user without
+        # a password), so that such a login takes as long as a wrong password.
+        self._dummy = self._hasher.hash(secrets.token_urlsafe(16))
 
     def hash(self, password: str) -> str:
         return self._hasher.hash(password)
 
     def verify(self, stored: str | None, password: str) -> bool:
+        """Whether `password` matches `stored`; as slow when there is nothing stored."""
         if not stored:
+            self._verify(self._dummy, password)
             return False
+        return self._verify(stored, password)
+
+    def _verify(self, stored: str, password: str) -> bool:
         try:
             return self._hasher.verify(stored, password)
         except (VerificationError, InvalidHashError):
             return False
-
-
-class LoginThrottle:
-    """Failed logins per user name, over a sliding window: past `limit` of them, that
-    name's logins are refused without checking the password until the oldest ages
-    out, so a password cannot be guessed faster than `limit` per `window`. Names
-    that do not exist count alike (no telling them apart). Kept in memory by each
-    server process: with `--workers N`, N times `limit`."""
-
-    def __init__(self, limit: int = 5, window: float = 900.0, names: int = 10_000) -> None:
-        self.limit, self.window, self.names = limit, window, names
-        self._failures: dict[str, list[float]] = {}
-        self._lock = threading.Lock()
-
-    def wait(self, name: str) -> float:
-        """Seconds before `name` may try again (0: now)."""
-        with self._lock:
-            recent = self._recent(name)
-            if len(recent) < self.limit:
-                return 0.0
-            return max(0.0, recent[-self.limit] + self.window - time.monotonic())
-
-    def failed(self, name: str) -> None:
-        with self._lock:
-            recent = self._recent(name)
-            recent.append(time.monotonic())
-            self._failures[name] = recent[-self.limit :]
-            if len(self._failures) > self.names:  # a flood of made-up names: forget the oldest
-                del self._failures[next(iter(self._failures))]
-
-    def succeeded(self, name: str) -> None:
-        with self._lock:
-            self._failures.pop(name, None)
-
-    def _recent(self, name: str) -> list[float]:
-        since = time.monotonic() - self.window
-        return [t for t in self._failures.get(name, ()) if t > since]
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select, update
+from sqlalchemy import Table, bindparam, case, delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import secret_hash
 from micropatch.server.catalogue import REVISION, ModuleKey
-from micropatch.server.fleet import Unauthorized
+from micropatch.server.errors import Unauthorized
 
 _hosts = cast(Table, m.Host.__table__)
 _groups = cast(Table, m.Group.__table__)
@@ -41,8 +41,11 @@ _HOST = (
     .join(_groups, _hosts.c.group_id == _groups.c.id)
     .where(_hosts.c.credential_hash == bindparam("credential_hash"))
 )  # fmt: skip
+_other = _hosts.alias("other")
+# Host names are unique: a host renamed to a name another host has keeps its own.
+_NAME_FREE = ~exists().where(_other.c.name == bindparam("name"), _other.c.id != _hosts.c.id)
 _KEEP: dict[str, Any] = {  # a value the agent did not send keeps the stored one
-    "name": func.coalesce(bindparam("name"), _hosts.c.name),
+    "name": func.coalesce(case((_NAME_FREE, bindparam("name"))), _hosts.c.name),
     "kernel": func.coalesce(bindparam("kernel"), _hosts.c.kernel),
     "agent_version": func.coalesce(bindparam("agent_version"), _hosts.c.agent_version),
 }

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from micropatch.errors import ServerError
+from micropatch.files import write_atomic
 from micropatch.systemd import (
     UNIT_DIR,
     Installed,
@@ -25,7 +26,6 @@ from micropatch.systemd import (
     quote,
     running,
     systemctl,
-    write_file,
 )
 
 UNIT_NAME = "micropatch-server.service"
@@ -164,7 +164,7 @@ def environment_text(database: str) -> str:
 
 def check_repository(data_dir: Path) -> None:
     """Refuse, as `server run` would, a data directory without a repository yet."""
-    from micropatch.server.app import REPOSITORY_DIR
+    from micropatch.server.context import REPOSITORY_DIR
     from micropatch.server.repository import Repository
 
     Repository(data_dir / REPOSITORY_DIR)  # raises RepositoryError, naming `repo init`
@@ -196,10 +196,10 @@ def install(
     stale = environment_file_of(unit)
     if env_text is not None:
         environment_file.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        write_file(environment_file, env_text, 0o600)
+        write_atomic(environment_file, env_text, mode=0o600)
         done.written.append(environment_file)
     unit_dir.mkdir(parents=True, exist_ok=True)
-    write_file(unit, text, 0o644)
+    write_atomic(unit, text, mode=0o644)
     done.written.append(unit)
     if stale is not None and (env_text is None or stale != environment_file) and stale.exists():
         stale.unlink()  # the password an older install kept there is no longer used

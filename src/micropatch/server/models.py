@@ -13,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Float,
     ForeignKey,
@@ -25,6 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "operator", "auditor")
+# Patch versions are 63-bit (PostgreSQL's bigint; SQLite's integer is 64-bit anyway).
+Version = BigInteger
 STATES = ("enabled", "disabled")
 EXCLUSION_KINDS = ("exe", "unit", "user")
 
@@ -41,6 +44,8 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str | None] = mapped_column(String(255))
     created: Mapped[float] = mapped_column(Float)
+    # When the user was disabled (None: enabled): its tokens and sessions are refused.
+    disabled: Mapped[float | None] = mapped_column(Float)
 
 
 class ApiToken(Base):
@@ -101,10 +106,12 @@ class Exclusion(Base):
 
 
 class Host(Base):
+    """An enrolled host; its name is unique."""
+
     __tablename__ = "hosts"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(String(255), unique=True, index=True)
     group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"), index=True)
     credential_hash: Mapped[str] = mapped_column(String(64), unique=True)
     enrolled: Mapped[float] = mapped_column(Float)
@@ -143,7 +150,7 @@ class Patch(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     patch_id: Mapped[str] = mapped_column(String(128), index=True)
-    version: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Version)
     artifact_id: Mapped[str] = mapped_column(String(64), unique=True)
     title: Mapped[str | None] = mapped_column(String(512))
     module_name: Mapped[str] = mapped_column(String(255))
@@ -186,7 +193,7 @@ class ProcessPatch(Base):
     unit: Mapped[str | None] = mapped_column(String(255))
     user: Mapped[str | None] = mapped_column(String(64))
     patch_id: Mapped[str] = mapped_column(String(128), index=True)
-    version: Mapped[int] = mapped_column(Integer)
+    version: Mapped[int] = mapped_column(Version)
     state: Mapped[str] = mapped_column(String(16))
 
 
@@ -204,7 +211,7 @@ class Event(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     exe: Mapped[str | None] = mapped_column(String(1024))
     patch_id: Mapped[str | None] = mapped_column(String(128))
-    version: Mapped[int | None] = mapped_column(Integer)
+    version: Mapped[int | None] = mapped_column(Version)
     module: Mapped[str | None] = mapped_column(String(255))
     message: Mapped[str] = mapped_column(Text, default="")
     data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -219,6 +226,18 @@ class Revision(Base):
 
     name: Mapped[str] = mapped_column(String(32), primary_key=True)
     value: Mapped[int] = mapped_column(Integer)
+
+
+class LoginFailure(Base):
+    """A failed login, by user name and source address: the throttle's memory, shared by
+    every server process (server/throttle.py); rows older than its window are deleted."""
+
+    __tablename__ = "login_failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    time: Mapped[float] = mapped_column(Float, index=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    address: Mapped[str] = mapped_column(String(64), index=True)
 
 
 class AuditEntry(Base):

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from micropatch.patch.model import VERSION_MAX
+from micropatch.server.validation import Items, nul_at
 
 Role = Literal["admin", "operator", "auditor"]
 State = Literal["enabled", "disabled"]
@@ -40,31 +41,11 @@ class _Body(_In):
     @model_validator(mode="before")
     @classmethod
     def _no_nul(cls, data: Any) -> Any:
-        where = _nul_at(data, ())
+        where = nul_at(data)
         if where is not None:
             raise ValueError(f"{'.'.join(map(str, where)) or 'body'}: must not contain NUL "
                              "characters")  # fmt: skip
         return data
-
-
-def _nul_at(value: Any, where: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
-    """Where the first NUL is in parsed JSON, or None."""
-    if isinstance(value, str):
-        return where if "\x00" in value else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(k, str) and "\x00" in k:
-                return (*where, k)
-            if k != "data":
-                found = _nul_at(v, (*where, k))
-                if found is not None:
-                    return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _nul_at(v, (*where, i))
-            if found is not None:
-                return found
-    return None
 
 
 # --- users and tokens --------------------------------------------------------------
@@ -85,6 +66,10 @@ class UserIn(_Body):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     role: Role
     password: str | None = Field(default=None, min_length=8, max_length=1024)
+    token_expires_in: float | None = Field(
+        default=None, gt=0, le=10 * 365 * 86400, allow_inf_nan=False,
+        description="seconds the user's first API token is valid; none: until revoked",
+    )  # fmt: skip
 
 
 class UserOut(BaseModel):
@@ -92,6 +77,32 @@ class UserOut(BaseModel):
     name: str
     role: str
     created: float
+    disabled: float | None = None  # when it was disabled
+
+
+class PasswordIn(_Body):
+    password: str = Field(min_length=8, max_length=1024)
+
+
+class TokenInfo(BaseModel):
+    """A user's API token (or console session), without its secret."""
+
+    id: int
+    user: str
+    label: str
+    created: float
+    expires: float | None
+
+
+class EnrollmentTokenInfo(BaseModel):
+    """An enrollment token, without its secret."""
+
+    id: int
+    group: str
+    created: float
+    expires: float | None
+    used: float | None
+    host_id: int | None
 
 
 class UserCreated(UserOut):
@@ -106,6 +117,7 @@ class EnrollmentTokenIn(_Body):
 
 
 class EnrollmentTokenOut(BaseModel):
+    id: int
     token: str  # shown once
     group: str
     expires: float | None
@@ -197,7 +209,7 @@ class CheckinRequest(_Body):
             items = data.get(name)
             if not isinstance(items, list) or len(items) > MAX_ITEMS[name]:
                 continue
-            data[name] = _valid_items(name, items, ignored)
+            data[name] = _ITEMS[name].valid(items, ignored)
         data["ignored"] = ignored
         return data
 
@@ -211,39 +223,8 @@ class CheckinRequest(_Body):
         return self
 
 
-_ITEMS: dict[str, type[BaseModel]] = {"modules": ModuleIn, "processes": ProcessIn,
-                                      "events": EventIn}  # fmt: skip
-
-
-_LISTS = {name: TypeAdapter(list[model]) for name, model in _ITEMS.items()}  # type: ignore[valid-type]
-
-
-def _valid_items(name: str, items: list[Any], ignored: list[str]) -> list[Any]:
-    """The items that are valid, as models; one line in `ignored` for each other.
-    The whole list in one go first (the common case, at pydantic's own speed)."""
-    if _nul_at(items, ()) is None:
-        try:
-            return list(_LISTS[name].validate_python(items))
-        except ValidationError:
-            pass
-    kept = []
-    for i, item in enumerate(items):
-        try:
-            if _nul_at(item, ()) is not None:
-                raise ValueError("must not contain NUL characters")
-            kept.append(_ITEMS[name].model_validate(item))
-        except (ValidationError, ValueError) as e:
-            ignored.append(f"{name}[{i}]: {_first_problem(e)}")
-    return kept
-
-
-def _first_problem(e: Exception) -> str:
-    if isinstance(e, ValidationError) and e.errors():
-        first = e.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        return f"{where + ': ' if where else ''}{first['msg']}{more}"
-    return str(e)
+_ITEMS = {name: Items(name, model) for name, model in
+          (("modules", ModuleIn), ("processes", ProcessIn), ("events", EventIn))}  # fmt: skip
 
 
 class ModuleRef(BaseModel):

@@ -29,6 +29,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from micropatch.errors import UpdateError
+from micropatch.files import read_bounded
 from micropatch.trust.keys import PublicKey
 from micropatch.trust.policy import Admitted, admit
 
@@ -122,7 +123,10 @@ class PatchUpdater:
                     "never published, or it was revoked"
                 )
             path = updater.find_cached_target(info) or updater.download_target(info)
-        return Path(path).read_bytes()
+        try:
+            return read_bounded(path, info.length)  # what TUF verified, nothing more
+        except OSError as e:
+            raise UpdateError(f"{self.url}: target {name}: cannot read {path}: {e.strerror}") from e
 
     def fetch(self, name: str) -> Admitted:
         """Download target `name` and admit it: TUF, then the artifact's own signature
@@ -175,8 +179,7 @@ class _explained:
 def _reason(exc: BaseException) -> str | None:
     if isinstance(exc, tuf_errors.ExpiredMetadataError):
         return (
-            "expired metadata (a freeze attack, or a repository whose online keys stopped "
-            "signing)"
+            "expired metadata (a freeze attack, or a repository whose online keys stopped signing)"
         )
     if isinstance(exc, tuf_errors.EqualVersionNumberError | tuf_errors.BadVersionNumberError):
         return (

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from micropatch.errors import SiteError
 from micropatch.tools.functions import Function
-from micropatch.tools.insn import format_instruction, near_branch_target, plan_site
+from micropatch.tools.insn import near_branch_target, plan_site
 from micropatch.tools.module import CALL_KINDS, ModuleIndex, Reference
 
 HINT_STRINGS = 3
@@ -145,20 +145,20 @@ def show(index: ModuleIndex, what: str) -> Shown:
     function, asked = index.locate(what)
     analysis = index.analyse(function)
     code = index.code(function)
-    instructions = index.decode(function)
-    window = _checked_window([i.ip for i in instructions], asked)
+    instructions = index.listing(function)
+    window = _checked_window([i.ip for i, _ in instructions], asked)
     by_ip: dict[int, list[Reference]] = {}
     for reference in analysis.references:
         by_ip.setdefault(reference.ip, []).append(reference)
     lines = []
-    for position, ins in enumerate(instructions):
+    for position, (ins, text) in enumerate(instructions):
         start = ins.ip - function.start
         site = _site(code, function.start, ins.ip) if window[0] <= position < window[1] else None
         lines.append(
             Line(
                 offset=ins.ip,
                 raw=code[start : start + ins.len],
-                text=format_instruction(ins),
+                text=text,
                 branch_target=ins.ip in analysis.branch_targets,
                 site=site if site is not None else SiteAnswer(checked=False, valid=False),
                 references=tuple(by_ip.get(ins.ip, ())),

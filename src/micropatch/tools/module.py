@@ -7,11 +7,10 @@ A `ModuleIndex` owns its caches; make one per module and drop it when done.
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from micropatch.elf.image import ElfImage
 from micropatch.elf.plt import Imports, read_imports
@@ -21,12 +20,10 @@ from micropatch.errors import FunctionBoundsUnknown, SymbolNotFound
 from micropatch.tools.functions import Function, list_functions
 from micropatch.tools.insn import (
     Instruction,
+    Shapes,
     decode,
-    ends_flow,
-    is_call,
-    is_conditional,
-    is_padding,
-    summarise,
+    format_instruction,
+    near_branch_target,
 )
 
 log = logging.getLogger(__name__)
@@ -44,12 +41,12 @@ CALL_KINDS = frozenset({"call", "tailcall", "import"})
 SMALL_CONSTANT = 0x1000
 
 
-@dataclass(frozen=True)
-class Reference:
+class Reference(NamedTuple):
     """What the instruction at `ip` refers to.
 
     `target` is a module offset, or the value for a constant; `name` is the
-    callee's or import's name, or the text of a string.
+    callee's or import's name, or the text of a string. (A named tuple: a large
+    module has hundreds of thousands.)
     """
 
     ip: int
@@ -73,7 +70,6 @@ class Analysis:
     instructions: int
     blocks: int
     tokens: tuple[int, ...]
-    mnemonics: Counter[int]
     valid: bool
 
     @property
@@ -103,15 +99,19 @@ class Analysis:
 class ModuleIndex:
     """Functions, imports and per-function analyses of one module file."""
 
-    def __init__(self, image: ElfImage) -> None:
+    def __init__(self, image: ElfImage, shapes: Shapes | None = None) -> None:
+        """`shapes`: a decoding cache to share with another module's index (two
+        builds of one module share most instruction encodings)."""
         self.image = image
         self.sections = SectionMap(image)
         self._analyses: dict[int, Analysis] = {}
         self._strings: dict[int, str | None] = {}
+        self._kinds: dict[int, tuple[RefKind, str | None]] = {}
+        self._shapes = shapes if shapes is not None else Shapes(SMALL_CONSTANT)
 
     @classmethod
-    def open(cls, path: str | Path) -> ModuleIndex:
-        return cls(ElfImage.open(path))
+    def open(cls, path: str | Path, shapes: Shapes | None = None) -> ModuleIndex:
+        return cls(ElfImage.open(path), shapes)
 
     @cached_property
     def imports(self) -> Imports:
@@ -190,6 +190,25 @@ class ModuleIndex:
         """The instructions of a function, by linear sweep from its start."""
         return decode(self.code(function), function.start)
 
+    def listing(self, function: Function) -> list[tuple[Instruction, str]]:
+        """Each instruction of `function` with its text, a direct call or jump out of
+        the function naming its target (`call xmlFree`, `call fn_9cb00`); jumps
+        inside the function keep their offset. `explore show` and `diff --show`
+        both print this."""
+        named = {
+            r.ip: r.name or f"fn_{r.target:x}"
+            for r in self.analyse(function).references
+            if r.kind in CALL_KINDS
+        }
+        rows = []
+        for ins in self.decode(function):
+            text = format_instruction(ins)
+            name = named.get(ins.ip)
+            if name is not None and near_branch_target(ins) is not None:
+                text = f"{text.rsplit(' ', 1)[0]} {name}"  # the target is the last operand
+            rows.append((ins, text))
+        return rows
+
     def label(self, offset: int) -> str | None:
         """The name of what lives at `offset`: an import (stub or slot), a function."""
         name = self.imports.name_of(offset)
@@ -229,6 +248,12 @@ class ModuleIndex:
         ]
 
     def _classify(self, address: int) -> tuple[RefKind, str | None]:
+        known = self._kinds.get(address)
+        if known is None:
+            known = self._kinds[address] = self._kind_of(address)
+        return known
+
+    def _kind_of(self, address: int) -> tuple[RefKind, str | None]:
         name = self.imports.stubs.get(address)
         if name is not None:
             return "import", name
@@ -246,39 +271,36 @@ class ModuleIndex:
     def _sweep(self, function: Function) -> Analysis:
         references: list[Reference] = []
         targets: set[int] = set()
-        tokens: list[int] = []
-        mnemonics: Counter[int] = Counter()
         conditionals = 0
         valid = True
         absolute = not self.image.is_pie_or_shared
         base = self.image.image_base
-        for ins in self.decode(function):
-            if ins.is_invalid:
-                valid = False
-            ip = ins.ip
-            form, target, values = summarise(ins, SMALL_CONSTANT)
-            mnemonics[ins.mnemonic] += 1
+        start, end = function.start, function.end
+        tokens, special = self._shapes.sweep(self.code(function), start)
+        for index, ip, next_ip, shape in special:
+            valid = valid and not shape.invalid
             extra: object = None
-            if target is not None:
-                if is_call(ins) or target not in function:
+            if shape.branch is not None:
+                target = next_ip + shape.branch
+                if shape.call or not start <= target < end:
                     kind, name = self._classify(target)
                     if kind == "function":
-                        kind = "call" if is_call(ins) else "tailcall"
+                        kind = "call" if shape.call else "tailcall"
                     elif kind == "import-data":
                         kind = "import"
                     references.append(Reference(ip, kind, target, name))
                     extra = ("c", name if kind == "import" else None)
                 else:
                     targets.add(target)
-                    conditionals += is_conditional(ins)
-            elif ins.is_ip_rel_memory_operand:
-                address = ins.ip_rel_memory_address
+                    conditionals += shape.conditional
+            elif shape.rip is not None:
+                address = (next_ip + shape.rip) % (1 << 64)
                 kind, name = self._classify(address)
-                if kind == "import-data" and (is_call(ins) or ends_flow(ins)):
+                if kind == "import-data" and (shape.call or shape.ends_flow):
                     kind = "import"  # call [rip+slot] (-fno-plt), or jmp [rip+slot]
                 references.append(Reference(ip, kind, address, name))
                 extra = (kind, name) if kind in ("string", "import", "import-data") else kind
-            for value in values:
+            for value in shape.values:
                 address = value - base
                 if absolute and value >= base and self.sections.containing(address):
                     kind, name = self._classify(address)
@@ -286,10 +308,9 @@ class ModuleIndex:
                     extra = (kind, name) if kind in ("string", "import", "import-data") else kind
                 else:
                     references.append(Reference(ip, "constant", value, None))
-            if not is_padding(ins):
-                tokens.append(hash((form, extra)))
-            if ends_flow(ins) and ins.next_ip < function.end:
-                targets.add(ins.next_ip)
+            tokens[index] = shape.token if extra is None else hash((shape.form, extra))
+            if shape.ends_flow and next_ip < end:
+                targets.add(next_ip)
         return Analysis(
             function=function,
             references=tuple(references),
@@ -297,6 +318,5 @@ class ModuleIndex:
             instructions=len(tokens),  # padding aside
             blocks=1 + len(targets) + conditionals,
             tokens=tuple(tokens),
-            mnemonics=mnemonics,
             valid=valid,
         )

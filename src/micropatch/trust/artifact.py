@@ -24,33 +24,40 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, Self, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from micropatch.bodies.cbody import CompiledC
 from micropatch.errors import ArtifactError
+from micropatch.files import write_atomic
 from micropatch.patch.model import Patch
 from micropatch.patch.source import parse_patch
 from micropatch.patch.view import readings
 from micropatch.trust.canonical import canonical_json, digest
-from micropatch.trust.envelope import MAX_SIZE, SUFFIX, Envelope, read_envelope
+from micropatch.trust.envelope import SUFFIX, Envelope, read, read_envelope
 from micropatch.trust.keys import PrivateKey, PublicKey, Signature
 from micropatch.trust.payload import Payload
+from micropatch.trust.pypayload import RUNTIME as PYTHON_RUNTIME
+from micropatch.trust.pypayload import PythonPayload
 from micropatch.trust.recorded import ModuleFact, SiteFact, check_facts, recorded_patch
 from micropatch.trust.signatures import Verification, verify_signatures
 
 # --- the artifact ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Artifact:
-    """A loaded or freshly built artifact. `name` says where it came from, for messages."""
+P = TypeVar("P", Payload, PythonPayload)
 
-    payload: Payload
+
+@dataclass(frozen=True)
+class _Signed(Generic[P]):
+    """What every artifact is, whatever its runtime: a payload, its canonical bytes
+    and signatures over them. `name` says where it came from, for messages."""
+
+    payload: P
     canonical: bytes  # exactly the bytes the id and signatures are over
     signatures: tuple[Signature, ...] = ()
     name: str = "<artifact>"
@@ -65,11 +72,13 @@ class Artifact:
         """`<patch-id>-v<version>-<first 12 hex of the id>.mpatch`"""
         return f"{self.payload.patch.id}-v{self.payload.patch.version}-{self.id[:12]}{SUFFIX}"
 
-    def signed(self, key: PrivateKey, now: datetime.datetime | None = None) -> Artifact:
+    def signed(self, key: PrivateKey, now: datetime.datetime | None = None) -> Self:
         """This artifact with one more signature (a key signs it once)."""
         signature = key.sign(self.canonical, now)
-        others = tuple(s for s in self.signatures if s.keyid != signature.keyid)
-        return Artifact(self.payload, self.canonical, (*others, signature), self.name)
+        others: tuple[Signature, ...] = tuple(
+            x for x in self.signatures if x.keyid != signature.keyid
+        )
+        return type(self)(self.payload, self.canonical, (*others, signature), self.name)
 
     def to_bytes(self) -> bytes:
         """The file: indented for people; the canonical form is recomputed on load."""
@@ -85,14 +94,22 @@ class Artifact:
         path = Path(path)
         if path.is_dir():
             path = path / self.file_name
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_bytes(self.to_bytes())
-            os.replace(tmp, path)  # readers never see half an artifact
+            return write_atomic(path, self.to_bytes(), mode=0o644)  # never half an artifact
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise ArtifactError(f"cannot write {path}: {exc.strerror}") from None
-        return path
+
+
+class Artifact(_Signed[Payload]):
+    """A native artifact: a patch of machine code in one module build."""
+
+
+class PythonArtifact(_Signed[PythonPayload]):
+    """A CPython artifact: a patch of Python functions in one module source
+    (docs/python-patches.md)."""
+
+
+AnyArtifact = Artifact | PythonArtifact
 
 
 def make(payload: Payload, name: str) -> Artifact:
@@ -100,33 +117,57 @@ def make(payload: Payload, name: str) -> Artifact:
     return Artifact(payload, canonical_json(payload.model_dump(mode="json")), (), name)
 
 
+def make_python(payload: PythonPayload, name: str) -> PythonArtifact:
+    """An unsigned CPython artifact of `payload`."""
+    return PythonArtifact(payload, canonical_json(payload.model_dump(mode="json")), (), name)
+
+
 # --- loading ----------------------------------------------------------------------
 
 
 def load(path: str | Path) -> Artifact:
-    """Read an artifact file and check its structure and id (not its signatures:
-    see `verify`). ArtifactError naming the file and the problem."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read artifact: {exc.strerror}") from None
-    return loads(data, str(path))
+    """Read a native artifact file and check its structure and id (not its
+    signatures: see `verify`). ArtifactError naming the file and the problem."""
+    return _native(load_any(path))
+
+
+def load_any(path: str | Path) -> AnyArtifact:
+    """Read an artifact file of either runtime (`load`)."""
+    return from_any_envelope(read_envelope(read(path), str(path)))
 
 
 def loads(data: bytes, name: str = "<artifact>") -> Artifact:
-    """Parse an artifact from bytes; `name` says where they came from in messages."""
+    """Parse a native artifact from bytes; `name` says where they came from in messages."""
     return from_envelope(read_envelope(data, name))
 
 
 def from_envelope(envelope: Envelope) -> Artifact:
-    """The artifact of a parsed envelope, its whole payload validated."""
+    """The native artifact of a parsed envelope, its whole payload validated."""
+    return _native(from_any_envelope(envelope))
+
+
+def from_any_envelope(envelope: Envelope) -> AnyArtifact:
+    """The artifact of a parsed envelope, of either runtime (`payload.runtime` is
+    "cpython" for a Python patch, absent for a native one)."""
+    python = envelope.payload.get("runtime") == PYTHON_RUNTIME
+    model: type[BaseModel] = PythonPayload if python else Payload
     try:
-        payload = Payload.model_validate(envelope.payload)
+        payload = model.model_validate(envelope.payload)
     except ValidationError as exc:
         raise ArtifactError(f"{envelope.name}: {_validation_problems(exc)}") from None
+    if isinstance(payload, PythonPayload):
+        return PythonArtifact(payload, envelope.canonical, envelope.signatures, envelope.name)
+    assert isinstance(payload, Payload)
     return Artifact(payload, envelope.canonical, envelope.signatures, envelope.name)
+
+
+def _native(artifact: AnyArtifact) -> Artifact:
+    if isinstance(artifact, PythonArtifact):
+        raise ArtifactError(
+            f"{artifact.name}: a CPython artifact (a patch of Python functions), where a native "
+            "one is expected"
+        )
+    return artifact
 
 
 def _validation_problems(exc: ValidationError) -> str:
@@ -154,7 +195,7 @@ def _validation_problems(exc: ValidationError) -> str:
 
 
 def verify(
-    artifact: Artifact, trusted: Iterable[PublicKey], now: datetime.datetime | None = None
+    artifact: AnyArtifact, trusted: Iterable[PublicKey], now: datetime.datetime | None = None
 ) -> Verification:
     """At least one signature over the canonical payload by a trusted, unexpired key;
     SignatureError saying why not."""

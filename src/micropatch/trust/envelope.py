@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch import __version__
 from micropatch.errors import ArtifactError
+from micropatch.files import read_bounded
 from micropatch.trust.canonical import canonical_json, digest
 from micropatch.trust.keys import Signature
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
 FORMAT = "micropatch-artifact"
 FORMAT_VERSION = 1
@@ -44,6 +46,15 @@ class Envelope:
     def id(self) -> str:
         """The content address: SHA-256 of the canonical payload, hex."""
         return digest(self.canonical)
+
+
+def read(path: str | Path) -> bytes:
+    """An artifact file's bytes, read once and at most MAX_SIZE of them; ArtifactError
+    naming the file and the problem (`larger than 64 MiB`)."""
+    try:
+        return read_bounded(path, MAX_SIZE)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read artifact: {exc.strerror}") from None
 
 
 def read_envelope(data: bytes, name: str = "<artifact>") -> Envelope:

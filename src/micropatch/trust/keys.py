@@ -27,6 +27,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from micropatch.errors import SignatureError
+from micropatch.files import read_bounded, write_atomic
 from micropatch.trust.paths import DEFAULT_TRUST_DIR, TRUST_DIR_VARIABLE
 
 ALGORITHM = "ed25519"
@@ -36,6 +37,7 @@ PUBLIC_SUFFIX = ".pub"
 PRIVATE_SUFFIX = ".key"
 SIGNATURE_CONTEXT = b"micropatch-artifact-signature-v1\x00"
 
+MAX_KEY_FILE = 64 << 10  # a key file is a few hundred bytes
 _KEY_BYTES = 32
 _SIGNATURE_BYTES = 64
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -209,14 +211,12 @@ def _dump(document: dict[str, Any]) -> bytes:
 
 
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     try:
-        fd = os.open(path, flags, mode)
-        try:
-            os.fchmod(fd, mode)  # an existing file keeps its mode through O_TRUNC
-            os.write(fd, data)
-        finally:
-            os.close(fd)
+        write_atomic(path, data, mode=mode, replace=force)
+    except FileExistsError:
+        raise SignatureError(
+            f"{path} already exists; pick another name, or pass --force to replace it"
+        ) from None
     except OSError as exc:
         raise SignatureError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -258,7 +258,7 @@ def load_private_key(path: str | Path) -> PrivateKey:
 
 def _read_key_file(path: Path) -> dict[str, Any]:
     try:
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_KEY_FILE)
     except OSError as exc:
         raise SignatureError(f"{path}: cannot read key file: {exc.strerror}") from None
     try:

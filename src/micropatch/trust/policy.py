@@ -29,15 +29,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from micropatch.bodies.toolchain import Toolchain
-from micropatch.errors import ArtifactError, NotAdmitted
-from micropatch.trust.envelope import MAX_SIZE, Envelope, read_envelope
+from micropatch.errors import MicropatchError, NotAdmitted
+from micropatch.trust.envelope import Envelope, read, read_envelope
 from micropatch.trust.keys import PublicKey
 from micropatch.trust.recorded import recorded_patch
 from micropatch.trust.signatures import Verification, verify_signatures
 
 if TYPE_CHECKING:
+    from micropatch.patch.python import PythonPatch
     from micropatch.patch.view import PatchView
-    from micropatch.trust.artifact import Artifact
+    from micropatch.trust.artifact import Artifact, PythonArtifact
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class Admitted:
     envelope: Envelope | None = None  # None: an unsigned TOML source
     verification: Verification | None = None  # None: signatures were not checked
     warnings: tuple[str, ...] = ()
+    runtime = "native"
 
     @property
     def id(self) -> str:
@@ -80,6 +82,36 @@ class Admitted:
         )
 
 
+@dataclass(frozen=True)
+class AdmittedPython:
+    """A CPython patch the policy lets through (always a built artifact: its code
+    is compiled for one Python version). `runtime` says which engine applies it."""
+
+    patch: PythonPatch
+    artifact: PythonArtifact
+    verification: Verification | None = None  # None: signatures were not checked
+    warnings: tuple[str, ...] = ()
+    runtime = "cpython"
+
+    @property
+    def id(self) -> str:
+        return self.patch.id
+
+    @property
+    def version(self) -> int:
+        return self.patch.version
+
+    def described(self, name: str) -> str | None:
+        """As `Admitted.described`, the module being a Python module."""
+        if self.verification is None:
+            return None
+        signers = ", ".join(k.describe() for k in self.verification.signers)
+        return (
+            f"verified {name}: {self.id} v{self.version} for Python module "
+            f"{self.patch.target.module}, signed by {signers}"
+        )
+
+
 def is_source(data: bytes, name: str = "") -> bool:
     """A TOML source rather than an artifact: by suffix, else by content (an
     artifact is a JSON object; a TOML document cannot start with `{`)."""
@@ -103,8 +135,31 @@ def admit(
     from in messages. `keys`: the trusted keys (None: none could be found,
     which only `allow_unsigned` accepts). `toolchain`: compiles an unsigned
     source's bodies (default: a new one). Raises NotAdmitted, ArtifactError,
-    SignatureError or PatchFormatError saying why.
+    SignatureError or PatchFormatError saying why; a CPython patch is refused
+    here (the agent does not carry them yet: see `admit_any`).
     """
+    admitted = admit_any(
+        data, name=name, keys=keys, allow_unsigned=allow_unsigned, toolchain=toolchain, now=now
+    )
+    if isinstance(admitted, AdmittedPython):
+        raise NotAdmitted(
+            f"{name} is a CPython artifact (a patch of Python functions), where a native patch "
+            "is expected"
+        )
+    return admitted
+
+
+def admit_any(
+    data: bytes,
+    *,
+    name: str,
+    keys: Sequence[PublicKey] | None,
+    allow_unsigned: bool = False,
+    toolchain: Toolchain | None = None,
+    now: datetime.datetime | None = None,
+) -> Admitted | AdmittedPython:
+    """`admit` for a patch of either runtime: the same rules for both. The runtime
+    is data in the artifact (`payload.runtime`), read after its signatures."""
     if is_source(data, name):
         if not allow_unsigned:
             raise NotAdmitted(
@@ -113,9 +168,16 @@ def admit(
                 "apply the .mpatch file; for development only, --allow-unsigned applies a "
                 "source as is"
             )
-        from micropatch.patch.source import parse_patch
+        from micropatch.patch.python import PythonPatch
+        from micropatch.patch.source import parse_source
 
-        patch = parse_patch(data, name)
+        patch = parse_source(data, name)
+        if isinstance(patch, PythonPatch):
+            raise NotAdmitted(
+                f"{name} is a CPython patch source: its code must first be compiled for the "
+                f"target's Python version (micropatch build {name} --module FILE.py "
+                "[--python PYTHON]); --allow-unsigned then applies the unsigned .mpatch"
+            )
         warning = f"applying the unsigned patch source {name} (--allow-unsigned: development only)"
         return Admitted(patch, toolchain or Toolchain(), warnings=(warning,))
     envelope = read_envelope(data, name)  # read once: the bytes verified are the bytes applied
@@ -128,14 +190,21 @@ def admit(
                 "install the signers' keys in the trust directory"
             )
         warnings = (
-            f"applying {name} without checking its signatures (--allow-unsigned: "
-            "development only)",
+            f"applying {name} without checking its signatures (--allow-unsigned: development only)",
         )
     else:
         verification = verify_signatures(name, envelope.canonical, envelope.signatures, keys, now)
         warnings = tuple(f"{name}: ignored a signature: {note}" for note in verification.ignored)
     # Read from the very bytes that were hashed and verified: what is applied is
     # what was signed, checked against the recorded module identity and sites.
+    if envelope.payload.get("runtime") == "cpython":
+        from micropatch.trust.artifact import PythonArtifact, from_any_envelope
+        from micropatch.trust.pypayload import python_patch_of
+
+        artifact = from_any_envelope(envelope)
+        assert isinstance(artifact, PythonArtifact)
+        patch_py = python_patch_of(artifact.payload, artifact.name)
+        return AdmittedPython(patch_py, artifact, verification, warnings)
     recorded, compiled = recorded_patch(envelope.payload, name)
     return Admitted(recorded, Toolchain.signed(compiled), envelope, verification, warnings)
 
@@ -149,17 +218,40 @@ def admit_file(
     now: datetime.datetime | None = None,
 ) -> Admitted:
     """`admit` for a file: reads it once, at most the largest artifact size."""
-    path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot read: {exc.strerror}") from exc
     return admit(
-        data,
+        read(path),
         name=str(path),
         keys=keys,
         allow_unsigned=allow_unsigned,
         toolchain=toolchain,
         now=now,
     )
+
+
+def admit_any_file(
+    path: str | Path,
+    *,
+    keys: Sequence[PublicKey] | None,
+    allow_unsigned: bool = False,
+    now: datetime.datetime | None = None,
+) -> Admitted | AdmittedPython:
+    """`admit_any` for a file: reads it once, at most the largest artifact size."""
+    data = read(path)
+    return admit_any(data, name=str(path), keys=keys, allow_unsigned=allow_unsigned, now=now)
+
+
+def runtime_of_file(path: str | Path) -> str | None:
+    """The runtime a patch file declares ("cpython"; "native" when it says none), read
+    without checking anything else; None if it cannot be read as a patch."""
+    import json
+    import tomllib
+
+    try:
+        data = read(path)
+        if not is_source(data, str(path)):
+            runtime = json.loads(data)["payload"].get("runtime")
+        else:
+            runtime = tomllib.loads(data.decode("utf-8")).get("target", {}).get("runtime")
+    except (MicropatchError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        return None
+    return str(runtime) if runtime else "native"

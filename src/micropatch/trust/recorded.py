@@ -68,6 +68,10 @@ class RecordedPatch(NamedTuple):
     info: RecordedInfo
     target: RecordedTarget
     patchlets: tuple[RecordedPatchlet, ...]
+    # Where `build` placed each patchlet in the module it names: the plan, in module
+    # offsets, that applying reuses (`build.plan.plan_recorded`).
+    module: ModuleFact | None = None
+    sites: tuple[SiteFact, ...] = ()
 
     @property
     def id(self) -> str:
@@ -79,11 +83,15 @@ class RecordedPatch(NamedTuple):
 
 
 class SiteFact(NamedTuple):
-    """What `build` proved about one patchlet's site, as `check_facts` needs it."""
+    """What `build` proved about one patchlet's site: what `check_facts` needs, and
+    where the site is (module offsets), for the planner."""
 
     patchlet: int
     at: str
     original: bytes
+    offset: int = 0
+    resume: int | None = None  # None: after the site
+    skip_red_zone: bool = False
 
 
 class ModuleFact(NamedTuple):
@@ -209,7 +217,16 @@ def recorded_patch(
         where = f"sites[{i}]"
         index = read.value(entry, where, "patchlet", int)
         original = read.hex(read.value(entry, where, "original", str), f"{where}.original")
-        sites.append(SiteFact(index, read.value(entry, where, "at", str), original))
+        sites.append(
+            SiteFact(
+                index,
+                read.value(entry, where, "at", str),
+                original,
+                read.value(entry, where, "offset", int),
+                read.value(entry, where, "resume", int, None),
+                read.value(entry, where, "skip_red_zone", bool),
+            )
+        )
         code = read.value(entry, where, "c_code", str, None)
         entry_offset = read.value(entry, where, "c_entry", int, None)
         if 0 <= index < len(patchlets) and code is not None and entry_offset is not None:
@@ -218,10 +235,8 @@ def recorded_patch(
                 compiled[source] = CompiledC(read.hex(code, f"{where}.c_code"), entry_offset)
     patch = RecordedPatch(info, target, tuple(patchlets))
     expects = check_facts(patch, module, sites, name)
-    filled = tuple(
-        p._replace(expect=e) for p, e in zip(patchlets, expects, strict=True)
-    )
-    return RecordedPatch(info, target, filled), compiled
+    filled = tuple(p._replace(expect=e) for p, e in zip(patchlets, expects, strict=True))
+    return RecordedPatch(info, target, filled, module, tuple(sites)), compiled
 
 
 class _Reader:

@@ -59,3 +59,8 @@ def test_workers_default_to_the_cpus_the_agent_may_run_on_at_most_4():
 
     assert AgentConfig().worker_count() == min(4, len(os.sched_getaffinity(0)))
     assert AgentConfig(workers=7).worker_count() == 7
+
+
+def test_a_huge_or_endless_file_is_refused_after_the_bound(tmp_path):
+    with pytest.raises(ConfigError, match=r"/dev/zero: cannot read: larger than 1 MiB"):
+        load_config("/dev/zero")

@@ -18,7 +18,11 @@ def test_operations_and_passes_keep_what_a_process_carries() -> None:
     c.note(10, "/bin/a", "applied", "p1", 1)
     c.note(10, "/bin/a", "applied", "p2", 3)
     got = c.get(10)
-    assert got is not None and (got.patches, got.pending, got.start) == ({"p1": 1, "p2": 3}, {}, 1010)
+    assert got is not None and (got.patches, got.pending, got.start) == (
+        {"p1": 1, "p2": 3},
+        {},
+        1010,
+    )
     c.note(10, "/bin/a", "removed", "p1", 1)
     assert c.get(10).patches == {"p2": 3}  # type: ignore[union-attr]
     c.remember(10, 1010, "/bin/a", {}, {}, read_ns=5)  # a pass: it carries nothing
@@ -35,7 +39,12 @@ def test_a_forked_child_carries_its_parents_patches_and_counts() -> None:
     child = c.forked(10, 20, ns=200)
     assert child is not None
     assert (child.exe, child.patches, child.blocked, child.parent, child.start) == (
-        "/usr/sbin/nginx", {"p1": 2}, {"p1": 4}, 10, 1020)
+        "/usr/sbin/nginx",
+        {"p1": 2},
+        {"p1": 4},
+        10,
+        1020,
+    )
     assert c.forked(99, 21, ns=200) is None  # an unpatched parent: nothing to inherit
     assert c.get(21) is None
     c.pending(10, "/usr/sbin/nginx", "p2", 1)  # being applied when it forks: inherited too

@@ -51,3 +51,23 @@ def test_record_is_thread_safe(tmp_path):
 def test_event_json_round_trip():
     e = Event("crashed", 3.5, 7, "/bin/y", message="died", data={"signal": 11})
     assert Event.from_json(json.loads(json.dumps(e.to_json()))) == e
+
+
+def test_the_line_comes_after_the_history_followers_and_sinks(tmp_path):
+    """Whoever reads the line (the journal, a test) finds the event everywhere else."""
+    seen_by_sink: list[str] = []
+
+    class Stream(io.StringIO):
+        def write(self, text: str) -> int:
+            at_write.append((
+                [e.kind for e in log.query()], list(seen_by_sink),
+                [e.kind for e in list(q.queue) if e is not None],
+            ))  # fmt: skip
+            return super().write(text)
+
+    at_write: list[tuple[list[str], list[str], list[str]]] = []
+    log = EventLog(Database(tmp_path / "agent.db"), Stream())
+    log.add_sink(lambda e: seen_by_sink.append(e.kind))
+    with log.follow() as q:
+        log.record(Event("blocked", 1.0, 10, message="1 blocked", data={"count": 1}))
+    assert at_write == [(["blocked"], ["blocked"], ["blocked"])]

@@ -170,7 +170,9 @@ def test_the_inventory_is_sent_only_when_the_server_does_not_hold_it(agent, serv
     agent.fleet._scanned = None  # rescan now
     agent.fleet.check_in()
     changed = server.checkins[-1]
-    assert changed["modules"] == modules and changed["inventory_digest"] != first["inventory_digest"]
+    assert (
+        changed["modules"] == modules and changed["inventory_digest"] != first["inventory_digest"]
+    )
     modules.reverse()
     agent.fleet._scanned = None
     agent.fleet.check_in()
@@ -273,7 +275,8 @@ def test_a_refusal_is_said_as_what_it_is_with_the_servers_message(agent, server)
         agent.fleet.check_in()
     agent.fleet._failed(failed.value)
     assert agent.events.query()[-1].message.startswith(
-        f"fleet server {server.url} failed the check-in (HTTP 500: Internal Server Error)")
+        f"fleet server {server.url} failed the check-in (HTTP 500: Internal Server Error)"
+    )
     assert not [e for e in agent.events.query() if "unreachable" in e.message]
     server.status = 200
     agent.fleet.check_in()

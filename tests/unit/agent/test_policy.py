@@ -12,7 +12,6 @@ from micropatch.agent.policy import (
     exclusion,
     matches,
     reasons_against,
-    wanted_ids,
     wants,
 )
 from micropatch.errors import SelectionError
@@ -23,9 +22,13 @@ SHELL = ProcessInfo(11, "/usr/bin/bash", 1000, "/user.slice/user-1000.slice", No
 ENABLED = {"fix-a": "enabled", "fix-b": "enabled", "fix-off": "disabled"}
 
 
+def wanted(candidates: list[str], info: ProcessInfo, view: PolicyView) -> set[str]:
+    return {patch_id for patch_id in candidates if wants(patch_id, info, view)}
+
+
 def test_enabled_patches_are_wanted_and_disabled_or_unknown_ones_not():
     view = PolicyView(ENABLED)
-    assert wanted_ids(["fix-a", "fix-b", "fix-off", "unknown"], NGINX, view) == {"fix-a", "fix-b"}
+    assert wanted(["fix-a", "fix-b", "fix-off", "unknown"], NGINX, view) == {"fix-a", "fix-b"}
     assert reasons_against("fix-off", NGINX, view) == ["disabled"]
     assert reasons_against("unknown", NGINX, view) == ["disabled"]
 
@@ -50,8 +53,8 @@ def test_exclusions_match_exe_unit_and_user(rule, nginx, shell):
 
 def test_an_exclusion_for_one_patch_leaves_the_others():
     view = PolicyView(ENABLED, (Exclusion("exe", "/usr/sbin/nginx", "fix-a"),))
-    assert wanted_ids(["fix-a", "fix-b"], NGINX, view) == {"fix-b"}
-    assert wanted_ids(["fix-a", "fix-b"], SHELL, view) == {"fix-a", "fix-b"}
+    assert wanted(["fix-a", "fix-b"], NGINX, view) == {"fix-b"}
+    assert wanted(["fix-a", "fix-b"], SHELL, view) == {"fix-a", "fix-b"}
     assert reasons_against("fix-a", NGINX, view) == [
         "excluded (--exe /usr/sbin/nginx --patch fix-a)"
     ]

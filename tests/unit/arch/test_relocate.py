@@ -199,7 +199,7 @@ def test_relocated_addresses_map_each_instruction() -> None:
     from micropatch.arch.x86_64.relocate import relocate, relocated_addresses
 
     original = 0x401000
-    ks_code = bytes.fromhex("85ff" "7404" "8d04bf")  # test edi,edi; je +4; lea eax,[rdi+rdi*4]
+    ks_code = bytes.fromhex("85ff74048d04bf")  # test edi,edi; je +4; lea eax,[rdi+rdi*4]
     instructions = decode(ks_code, original)
     new = 0x500000
     starts = relocated_addresses(instructions, new)

@@ -1,4 +1,5 @@
-"""The registry: two checksummed slots in the cave, patch states, retired trampolines."""
+"""The registry: two checksummed slots in the cave's first page (an overflow area
+each for long documents), patch states, retired trampolines; version 2 caves."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from micropatch.live.registry import (
     APPLIED,
     APPLYING,
     HEADER,
+    LAYOUT,
+    LAYOUT_V2,
     MAGIC,
+    PAGE,
     REGISTRY_SIZE,
     REMOVING,
-    SLOT_SIZE,
     AppliedPatch,
     AppliedSite,
     Registry,
@@ -26,6 +29,7 @@ from micropatch.live.registry import (
 )
 
 CAVE = 0x7F00_0000_0000
+SLOT = LAYOUT.slot_size
 
 
 def site(trampoline: int = 0x5555_1000_4000, size: int = 40, counter: int = 0) -> AppliedSite:
@@ -36,14 +40,14 @@ def site(trampoline: int = 0x5555_1000_4000, size: int = 40, counter: int = 0) -
     )  # fmt: skip
 
 
-def sample(seq: int = 0) -> Registry:
+def sample(seq: int = 0, sites: int = 1) -> Registry:
     return Registry(
         "/usr/lib/libfoo.so",
         0x5555_0000_0000,
         "ab12",
         "cd" * 32,
         65536,
-        [AppliedPatch("fix-1", 2, "a fix", 1700000000.5, [site()])],
+        [AppliedPatch("fix-1", 2, "a fix", 1700000000.5, [site() for _ in range(sites)])],
         seq=seq,
     )
 
@@ -63,12 +67,23 @@ class Slots:
         self.data[address - CAVE : address - CAVE + len(data)] = data
 
     def put(self, registry: Registry, torn: int | None = None) -> None:
-        """Write `registry` to its slot; `torn`: only that many bytes of it landed."""
-        blob = registry.encode()[:torn]
-        self.data[registry.slot : registry.slot + len(blob)] = blob
+        """Write `registry`'s images in order; `torn`: only that many bytes landed in all."""
+        left = len(self.data) if torn is None else torn
+        for offset, blob in registry.images():
+            blob = blob[:left]
+            self.data[offset : offset + len(blob)] = blob
+            left -= len(blob)
 
     def current(self) -> Registry | None:
         return Registry.read(self.read)
+
+    def pages(self) -> set[int]:
+        """The pages any read touched."""
+        return {
+            page
+            for at, size in self.reads
+            for page in range(at // PAGE, (at + size - 1) // PAGE + 1)
+        }
 
 
 def test_round_trip_of_one_slot() -> None:
@@ -101,8 +116,19 @@ def test_not_a_registry() -> None:
     assert Slots().current() is None  # a cave whose creator never wrote a slot
 
 
-def test_the_slot_alternates_with_the_sequence() -> None:
-    assert [sample(seq).slot for seq in range(4)] == [0, SLOT_SIZE, 0, SLOT_SIZE]
+def test_both_slots_share_the_first_page_and_alternate_with_the_sequence() -> None:
+    assert [sample(seq).slot for seq in range(4)] == [0, SLOT, 0, SLOT]
+    assert SLOT * 2 == PAGE and LAYOUT.code_start == REGISTRY_SIZE
+
+
+def test_a_small_registry_is_read_from_the_first_page_alone() -> None:
+    """The pages a reader touches become resident in the target (and the memfd's):
+    a cave with a few patches keeps only page 0 and its first trampoline page."""
+    slots = Slots()
+    slots.put(sample(seq=1))
+    slots.put(sample(seq=2))
+    assert slots.current() == sample(seq=2)
+    assert slots.pages() == {0}
 
 
 def test_the_valid_slot_with_the_highest_sequence_wins() -> None:
@@ -126,6 +152,39 @@ def test_a_torn_slot_falls_back_to_the_other() -> None:
         assert slots.current() == older, landed
 
 
+def test_a_long_registry_overflows_into_its_slot_s_own_area() -> None:
+    """The JSON goes first, the slot's header (with its checksum) last: torn anywhere,
+    the other slot stays in force; the other slot's overflow area is never touched."""
+    long = sample(seq=2, sites=8)
+    [(overflow, body), (slot, header)] = long.images()
+    assert (overflow, slot, len(header)) == (LAYOUT.overflow[0], 0, HEADER.size)  # type: ignore[index]
+    assert len(body) > SLOT - HEADER.size
+    slots = Slots()
+    slots.put(sample(seq=1))
+    slots.data[LAYOUT.overflow[1] : LAYOUT.overflow[1] + 8] = b"untouchd"  # type: ignore[index]
+    for landed in (10, len(body), len(body) + HEADER.size - 1):
+        slots.put(long, torn=landed)
+        assert slots.current() == sample(seq=1), landed
+    slots.put(long)
+    slots.reads.clear()
+    assert slots.current() == long
+    overflow = LAYOUT.overflow[0]  # type: ignore[index]
+    assert slots.pages() == {0, *range(overflow // PAGE, (overflow + len(body) - 1) // PAGE + 1)}
+    assert slots.data[LAYOUT.overflow[1] : LAYOUT.overflow[1] + 8] == b"untouchd"  # type: ignore[index]
+
+
+def test_a_slot_whose_old_overflow_is_overwritten_is_invalid() -> None:
+    """Slot 0 held a long state (seq 2) when seq 4, also long, is written into its
+    overflow area and the patcher dies before slot 0's header: slot 0's header no
+    longer matches its JSON, and slot 1 (seq 3) is in force."""
+    slots = Slots()
+    slots.put(sample(seq=2, sites=8))
+    slots.put(sample(seq=3))
+    other = sample(seq=4, sites=9)
+    slots.put(other, torn=len(other.images()[0][1]))
+    assert slots.current() == sample(seq=3)
+
+
 def test_a_checksum_mismatch_falls_back_to_the_other_slot() -> None:
     slots = Slots()
     slots.put(sample(seq=1))
@@ -133,19 +192,26 @@ def test_a_checksum_mismatch_falls_back_to_the_other_slot() -> None:
     body = HEADER.size + 10
     slots.data[body] ^= 0x01  # one bit of slot 0's JSON
     assert slots.current() == sample(seq=1)
-    slots.data[SLOT_SIZE + body] ^= 0x01  # and of slot 1's: nothing valid is left
+    slots.data[SLOT + body] ^= 0x01  # and of slot 1's: nothing valid is left
     with pytest.raises(CaveError, match=r"slot at \+0x0: checksum mismatch \(a torn write\)"):
         slots.current()
 
 
 def test_a_corrupt_header_is_reported_unless_the_other_slot_is_valid() -> None:
     slots = Slots()
-    slots.data[: HEADER.size] = HEADER.pack(MAGIC, 2, SLOT_SIZE, 0)  # a length no slot holds
-    slots.data[SLOT_SIZE : SLOT_SIZE + 4] = b"junk"
-    with pytest.raises(CaveError, match=r"slot at \+0x0: length 8192; slot at \+0x2000: not a"):
+    slots.data[: HEADER.size] = HEADER.pack(MAGIC, 2, 3 * PAGE, 0)  # a length no slot holds
+    slots.data[SLOT : SLOT + 4] = b"junk"
+    with pytest.raises(CaveError, match=r"slot at \+0x0: length 12288; slot at \+0x800: not a"):
         slots.current()
     slots.put(sample(seq=1))  # slot 1
     assert slots.current() == sample(seq=1)
+
+
+def test_junk_where_a_registry_should_be_is_corrupt() -> None:
+    slots = Slots()
+    slots.data[SLOT : SLOT + 4] = b"junk"
+    with pytest.raises(CaveError, match="no slot holds a micropatch registry"):
+        slots.current()
 
 
 def test_corrupt_json_with_a_valid_checksum() -> None:
@@ -154,14 +220,22 @@ def test_corrupt_json_with_a_valid_checksum() -> None:
         Registry.decode(HEADER.pack(MAGIC, 1, len(body), zlib.crc32(body)) + body)
 
 
-def test_read_reads_the_headers_and_only_the_json_s_length() -> None:
+def test_a_version_2_cave_is_read_and_written_in_its_own_layout() -> None:
+    """Caves made before the registry shared one page: 8 KiB slots at 0 and 8 KiB,
+    the first state (seq 1) in the second one, trampolines from 16 KiB."""
     slots = Slots()
-    reg = sample(seq=1)
-    slots.put(reg)
-    slots.current()
-    length = len(reg.encode()) - HEADER.size
-    header = HEADER.size
-    assert slots.reads == [(0, header), (SLOT_SIZE, header), (SLOT_SIZE + header, length)]
+    v2 = sample(seq=1)
+    v2.layout = LAYOUT_V2
+    assert v2.images() == [(2 * PAGE, v2.encode())]
+    slots.put(v2)
+    back = slots.current()
+    assert back == v2 and back is not None and back.layout is LAYOUT_V2
+    back.seq += 1
+    back.patches[0].state = REMOVING
+    assert [at for at, _ in back.images()] == [0]
+    slots.put(back)
+    assert slots.current() == back
+    assert LAYOUT_V2.code_start == 4 * PAGE
 
 
 def test_store_writes_the_slot_not_holding_the_current_state() -> None:
@@ -177,6 +251,15 @@ def test_store_writes_the_slot_not_holding_the_current_state() -> None:
     assert cave.registry.seq == 2 and slots.current() == cave.registry
     slots.data[HEADER.size] ^= 0xFF  # the second store, torn: slot 0
     assert slots.current() == first
+
+
+def test_heads_change_with_every_state() -> None:
+    slots = Slots()
+    slots.put(sample(seq=1))
+    before = Registry.heads(LAYOUT, slots.read)
+    assert len(before) == 2 * HEADER.size
+    slots.put(sample(seq=2))
+    assert Registry.heads(LAYOUT, slots.read) != before
 
 
 def test_retire_keeps_the_trampolines_and_counters_out_of_reuse() -> None:
@@ -200,8 +283,9 @@ def test_retire_keeps_the_trampolines_and_counters_out_of_reuse() -> None:
 def test_too_many_patches() -> None:
     reg = sample()
     reg.patches *= 200
-    with pytest.raises(CaveError, match=rf"the registry needs \d+ bytes, a slot holds {SLOT_SIZE}"):
-        reg.encode()
+    capacity = LAYOUT.capacity
+    with pytest.raises(CaveError, match=rf"the registry needs \d+ bytes, a slot holds {capacity}"):
+        reg.images()
 
 
 def test_allocate_first_fit() -> None:
@@ -210,5 +294,6 @@ def test_allocate_first_fit() -> None:
     assert allocate([], base, 65536, 100) == first
     assert allocate([(first, first + 100)], base, 65536, 50) == first + 112  # 16-aligned
     assert allocate([(first + 64, first + 100)], base, 65536, 64) == first  # a hole first
+    assert allocate([], base, 65536, 64, start=LAYOUT_V2.code_start) == base + 4 * PAGE
     with pytest.raises(CaveError, match="full"):
         allocate([], base, REGISTRY_SIZE + 32, 64)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from micropatch.arch import TrampolineLayout
 from micropatch.arch.x86_64.abi import UserRegs
@@ -21,8 +23,9 @@ from micropatch.live.safety import (
     effective_rip,
     in_use,
     into_copy,
+    pending_call,
     place_threads,
-    thread_inside,
+    words_within,
 )
 from micropatch.process.maps import Mapping
 from micropatch.process.syscall import continuation
@@ -209,11 +212,28 @@ def test_in_use_scans_a_bounded_stack() -> None:
     assert proc.memory.reads == [(huge.start, STACK_SCAN_LIMIT)]
 
 
-def test_thread_inside_a_site_about_to_be_jumped_is_found() -> None:
-    """Recovery rolls an interrupted apply forward only if no thread has since stopped
-    strictly inside a site still holding its original bytes (effective rip counts)."""
-    site = (HOT, HOT + 6)
-    assert thread_inside(FakeProc({1: regs(HOT), 2: regs(HOT + 6)}), [site]) is None  # type: ignore[arg-type]
-    assert thread_inside(FakeProc({1: regs(HOT), 7: regs(HOT + 4)}), [site]) == 7  # type: ignore[arg-type]
-    restarting = regs(HOT + 6, ERESTARTSYS, orig_rax=0)  # resumes at HOT + 4
-    assert thread_inside(FakeProc({9: restarting}), [site]) == 9  # type: ignore[arg-type]
+def test_a_thread_in_the_syscall_stub_makes_the_stop_unsafe() -> None:
+    """A patcher killed while it borrowed a thread left it in the stub with a call to
+    make (an munmap, say): nothing is decided until it has made it."""
+    stub = range(0x403000, 0x403000 + 30)
+    pending_call(FakeProc({1: regs(HOT), 2: regs(stub.stop)}), stub)  # type: ignore[arg-type]
+    pending_call(FakeProc({1: regs(HOT)}), range(0))  # type: ignore[arg-type]
+    for inside in (stub.start, stub.start + 2, stub.stop - 1):  # the syscall, then the pops
+        with pytest.raises(Unsafe, match="thread 7 is finishing a system call a killed"):
+            pending_call(FakeProc({1: regs(HOT), 7: regs(inside)}), stub)  # type: ignore[arg-type]
+
+
+@given(
+    st.integers(0, (1 << 47) - 1),
+    st.integers(1, 1 << 17),
+    st.lists(st.integers(0, (1 << 64) - 1) | st.integers(-200, 200), max_size=64),
+    st.integers(0, 7),
+)
+def test_words_within_finds_exactly_the_aligned_words_in_range(
+    low: int, size: int, picks: list[int], tail: int
+) -> None:
+    """The stack scan's search by high bytes finds what decoding every word finds."""
+    high = low + size
+    words = [p if p > 200 else (low + p * (size // 100 + 1)) % (1 << 64) for p in picks]
+    data = struct.pack(f"<{len(words)}Q", *words) + bytes(tail)
+    assert sorted(words_within(data, low, high)) == sorted(w for w in words if low <= w < high)

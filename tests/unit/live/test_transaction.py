@@ -51,6 +51,8 @@ class FakeProc:
 
     def __init__(self, memory: FakeMemory, threads: dict[int, int] | None = None) -> None:
         self.pid = 42
+        self.writes = 0
+        self.lone = False
         self.memory = memory
         self.threads = {tid: FakeThread(regs(rip)) for tid, rip in (threads or {42: 0}).items()}
 
@@ -131,7 +133,7 @@ def test_verify_finds_a_write_that_did_not_land() -> None:
     tx.write(BASE, b"\xaa" * 2)
     tx.write(BASE + 2, b"\xbb" * 3)
     with pytest.raises(
-        MemoryAccessError, match=r"process 42: read-back at 0x1002 found bb 03 bb, wrote bb bb bb"
+        MemoryAccessError, match=r"process 42: read-back at 0x1003 found 03 bb, wrote bb bb"
     ):
         tx.verify()
     tx.rollback()
@@ -217,10 +219,10 @@ def cave_with(patches: int, retired: list[tuple[int, int]]) -> Cave:
 
 
 def reclaim(tx: Transaction, caves: list[Cave], mp: pytest.MonkeyPatch) -> list[str]:
-    """Run commit.reclaim, scanning every cave (as repair does); its verify and
+    """Run commit.finish, scanning every cave (as repair does); its verify and
     unmap steps, in order."""
     steps = watch(tx, mp)
-    commit.reclaim(tx, caves, everything=True)
+    commit.finish(tx, caves, everything=True)
     return steps
 
 
@@ -299,7 +301,7 @@ def test_reclaim_does_not_unmap_when_the_read_back_fails(monkeypatch) -> None:
     memory.regions[CAVE][0] = 0  # the write did not land
     steps = watch(tx, monkeypatch)
     with pytest.raises(MemoryAccessError, match="read-back at 0x100000 found 00, wrote 01"):
-        commit.reclaim(tx, [cave_with(0, [A])], everything=True)
+        commit.finish(tx, [cave_with(0, [A])], everything=True)
     assert steps == ["verify"]
 
 
@@ -317,6 +319,6 @@ def test_reclaim_leaves_retired_trampolines_of_a_cave_in_use_for_later(monkeypat
     tx = Transaction(FakeProc(memory, {42: 0x1234}), [STACK])  # type: ignore[arg-type]
     cave = cave_with(1, [A, B])
     steps = watch(tx, monkeypatch)
-    commit.reclaim(tx, [cave])
+    commit.finish(tx, [cave])
     assert steps == ["verify"]
     assert cave.registry.retired != [] and stored(memory) is None

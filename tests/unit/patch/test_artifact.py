@@ -26,9 +26,10 @@ from micropatch.errors import (
     SignatureError,
     SymbolNotFound,
 )
-from micropatch.trust import artifact
+from micropatch.trust import artifact, envelope
 from micropatch.trust.artifact import Artifact, canonical_json, loads, patch_of
 from micropatch.trust.keys import generate_key
+from micropatch.trust.policy import admit_file
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}
@@ -164,10 +165,11 @@ def test_red_zone_and_resume_are_recorded(targets, tmp_path) -> None:
 
 
 def test_a_body_writing_only_the_functions_frame_runs_at_its_rsp(targets, tmp_path) -> None:
-    """[rsp+N] with N >= 0 is the function's frame: no step over the red zone, so
-    the body's [rsp+N] is the function's [rsp+N]."""
-    text = source(targets.redzone, [{"at": "rz_sum+0x7a", "code": "mov qword ptr [rsp+8], rax"}])
-    [site] = build(write_source(tmp_path, text), targets.redzone).payload.sites
+    """[rsp+N] with N >= 0 below the return address is the function's frame: no step
+    over the red zone, so the body's [rsp+N] is the function's [rsp+N]."""
+    code = "mov qword ptr [rsp+0x10], rax"  # fr_scale's limit (frame.c)
+    text = source(targets.frame, [{"at": "fr_scale+0x1a", "code": code}])
+    [site] = build(write_source(tmp_path, text), targets.frame).payload.sites
     assert not site.skip_red_zone
 
 
@@ -245,7 +247,10 @@ def test_module_named_through_a_symbolic_link(targets, tmp_path) -> None:
     link = tmp_path / "server-link"
     link.symlink_to(targets.vuln_pie)
     path = write_source(tmp_path, source(targets.vuln_pie, [FIX], name="server-link"))
-    with pytest.raises(ModuleError, match=r"symbolic link to .*vuln_pie: processes that run it map vuln_pie.*module = \"vuln_pie\""):
+    with pytest.raises(
+        ModuleError,
+        match=r"symbolic link to .*vuln_pie: processes that run it map vuln_pie.*module = \"vuln_pie\"",
+    ):
         build(path, link)
     # Named for the file it links to: built, and recorded under that name.
     art = build(write_source(tmp_path, source(targets.vuln_pie, [FIX])), link)
@@ -441,6 +446,22 @@ def test_source_errors_name_the_artifact(built: Artifact) -> None:
 def test_artifact_file_errors(tmp_path) -> None:
     with pytest.raises(ArtifactError, match=r"none\.mpatch: cannot read artifact"):
         artifact.load(tmp_path / "none.mpatch")
+    huge = tmp_path / "huge.mpatch"
+    with open(huge, "wb") as f:
+        f.truncate(envelope.MAX_SIZE + 1)  # sparse: costs no disk
+    with pytest.raises(
+        ArtifactError, match=r"huge\.mpatch: cannot read artifact: larger than 64 MiB"
+    ):
+        artifact.load(huge)
+    with pytest.raises(ArtifactError, match=r"/dev/zero: cannot read artifact: larger than 64 MiB"):
+        admit_file("/dev/zero", keys=None, allow_unsigned=True)  # an endless file: bounded
+
+
+def test_the_agent_client_bounds_artifacts_as_the_loader_does() -> None:
+    """agent/client.py keeps its own copy of the bound (it must not load the trust layer)."""
+    from micropatch.agent.client import MAX_ARTIFACT
+
+    assert MAX_ARTIFACT == envelope.MAX_SIZE
 
 
 # --- whatever the input, only MicropatchError escapes --------------------------------

@@ -6,10 +6,12 @@ import re
 
 import pytest
 
+from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.arch.x86_64.trampoline import writes_stack
 from micropatch.bodies.assemble import assemble
 from micropatch.bodies.cbody import HEADER, CCompileError, CompiledC
 from micropatch.bodies.cwrapper import ARITHMETIC_FLAGS, REGS, c_source
+from micropatch.bodies.frame import StackContext
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.patch.ctext import jump_indexes, uses_blocked, uses_return
 
@@ -67,7 +69,9 @@ def _run(source: str, registers: dict[str, int], *, at_entry: bool, jumps=("t0",
     # As the engine places it: the red zone is stepped over except at an entry.
     head = b"" if at_entry else bytes.fromhex("488da42480ffffff")
     tail = b"" if at_entry else bytes.fromhex("488da42480000000")
-    body = assemble(source, CODE + len(head), {"t0": TARGETS[0], "t1": TARGETS[1]}.__getitem__)
+    where = StackContext(step=0 if at_entry else RED_ZONE, return_slot=0 if at_entry else None)
+    resolve = {"t0": TARGETS[0], "t1": TARGETS[1]}.__getitem__
+    body = assemble(source, CODE + len(head), resolve, where)
     code = head + body + tail
     memory = {
         CODE: code + b"\x90" * 16,

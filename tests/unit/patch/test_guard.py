@@ -13,8 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.arch.x86_64.trampoline import writes_stack
 from micropatch.bodies.assemble import assemble
+from micropatch.bodies.frame import StackContext
 from micropatch.bodies.guard import guard_source
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import PatchFormatError
@@ -211,7 +213,7 @@ def test_too_many_registers() -> None:
 
 def test_guard_always_writes_the_stack() -> None:
     """The engine steps over the red zone only for bodies that write the stack;
-    the generated code counts on it (RED_ZONE shift) away from an entry."""
+    the generated code counts on it ([frame+N]) away from an entry."""
     code = assemble(
         guard_source(parse_when("esi > 64"), parse_then("jump f"), at_entry=False),
         CODE,
@@ -362,7 +364,9 @@ _UNSKIP = bytes.fromhex("488da42480000000")  # lea rsp,[rsp+0x80]
 def _trampoline(source: str, at_entry: bool) -> bytes:
     """The body as the engine places it: stepping over the red zone unless at entry."""
     head = b"" if at_entry else _SKIP
-    body = assemble(source, CODE + len(head), lambda location: {"target": TARGET}[location])
+    where = StackContext(step=0 if at_entry else RED_ZONE, return_slot=0 if at_entry else None)
+    resolve = {"target": TARGET}.__getitem__
+    body = assemble(source, CODE + len(head), resolve, where)
     return head + body + (b"" if at_entry else _UNSKIP)
 
 
@@ -490,4 +494,8 @@ def test_random_guards_raise_only_patch_format_errors(when: str, then: str) -> N
     for at_entry in (True, False):
         # Only `return` away from an entry, and `blocked`, are refused here.
         with contextlib.suppress(GuardError):
-            assemble(Toolchain().body_source(patch.patchlets[0], at_entry=at_entry), CODE, lambda _: TARGET)
+            assemble(
+                Toolchain().body_source(patch.patchlets[0], at_entry=at_entry),
+                CODE,
+                lambda _: TARGET,
+            )

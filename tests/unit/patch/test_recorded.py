@@ -102,12 +102,36 @@ def test_inconsistent_artifacts(built: Artifact, path, value, problem) -> None: 
 @pytest.mark.parametrize(
     ("path", "value", "problem"),
     [
-        (("payload", "patch", "model", "patchlet"), [], "payload.patch.model.patchlet: expected a non-empty list"),
-        (("payload", "patch", "model", "patchlet", 0, "at"), 7, r"patchlet\[0\]\.at: expected str, got 7"),
-        (("payload", "patch", "model", "patchlet", 0, "check_branches"), 1, "check_branches: expected bool"),
-        (("payload", "patch", "model", "patch", "version"), True, r"patch\.version: expected int, got True"),
-        (("payload", "patch", "model", "target"), None, "payload.patch.model.target: expected dict"),
-        (("payload", "patch", "model", "patchlet", 0, "jumps"), [1], "jumps: expected a list of strings"),
+        (
+            ("payload", "patch", "model", "patchlet"),
+            [],
+            "payload.patch.model.patchlet: expected a non-empty list",
+        ),
+        (
+            ("payload", "patch", "model", "patchlet", 0, "at"),
+            7,
+            r"patchlet\[0\]\.at: expected str, got 7",
+        ),
+        (
+            ("payload", "patch", "model", "patchlet", 0, "check_branches"),
+            1,
+            "check_branches: expected bool",
+        ),
+        (
+            ("payload", "patch", "model", "patch", "version"),
+            True,
+            r"patch\.version: expected int, got True",
+        ),
+        (
+            ("payload", "patch", "model", "target"),
+            None,
+            "payload.patch.model.target: expected dict",
+        ),
+        (
+            ("payload", "patch", "model", "patchlet", 0, "jumps"),
+            [1],
+            "jumps: expected a list of strings",
+        ),
         (("payload", "sites", 0, "original"), "zz", r"sites\[0\]\.original: 'zz' is not hex bytes"),
         (("payload", "module", "sha256"), None, "module.sha256: expected str, got None"),
     ],

@@ -126,11 +126,12 @@ class Api:
     def __init__(self, data_dir: Path, signing_key: PrivateKey) -> None:
         from fastapi.testclient import TestClient
 
-        from micropatch.server import fleet
-        from micropatch.server.app import Server, Settings, create_app
-        from micropatch.server.repository import Repository
+        from micropatch.server.app import create_app
+        from micropatch.server.ceremony import init_repository
+        from micropatch.server.context import Server, Settings
+        from micropatch.server.fleet import users
 
-        Repository.init(
+        init_repository(
             data_dir / "repository",
             offline_dir=data_dir / "offline",
             root_keys=1,
@@ -147,7 +148,7 @@ class Api:
         self.tokens: dict[str, str] = {}
         with self.server.database.session() as session:
             for role in ("admin", "operator", "auditor"):
-                _, self.tokens[role] = fleet.create_user(
+                _, self.tokens[role] = users.create_user(
                     session, self.server.passwords, role, role, None, "test"
                 )
 
@@ -160,9 +161,7 @@ class Api:
             "/api/v1/enrollment-tokens", json={"group": group}, headers=self.auth("admin")
         )
         assert r.status_code == 201, r.text
-        r = self.client.post(
-            "/api/v1/enroll", json={"token": r.json()["token"], "hostname": name}
-        )
+        r = self.client.post("/api/v1/enroll", json={"token": r.json()["token"], "hostname": name})
         assert r.status_code == 201, r.text
         self.tokens[name] = r.json()["credential"]
         return r.json()["host_id"], r.json()["credential"]

@@ -3,8 +3,19 @@ groups and policies, events, the audit log."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from typing import Any
+from urllib.parse import unquote
 
+import pytest
+from sqlalchemy import update
+
+from micropatch.server.context import Server
+from micropatch.server.errors import TooManyAttempts, Unauthorized
+from micropatch.server.fleet import users
+from micropatch.server.models import LoginFailure
+from micropatch.server.throttle import LoginThrottle
 from micropatch.trust.artifact import loads
 from micropatch.trust.keys import generate_key
 
@@ -30,6 +41,29 @@ def test_enroll_is_one_time(api: Api) -> None:
     assert again.status_code == 401 and "already used" in again.json()["detail"]
     bogus = api.client.post("/api/v1/enroll", json={"token": "mpe_nope", "hostname": "h3"})
     assert bogus.status_code == 401
+
+
+def test_host_names_are_unique(api: Api) -> None:
+    """A second host under a name taken is refused (409, its token kept for another
+    try); a host renamed to a taken name keeps its own name and checks in."""
+    first, _ = api.enroll("web")
+    r = api.client.post("/api/v1/enrollment-tokens", json={}, headers=api.auth("admin"))
+    token = r.json()["token"]
+    clash = api.client.post("/api/v1/enroll", json={"token": token, "hostname": "web"})
+    assert clash.status_code == 409, clash.text
+    assert f"host {first} is enrolled under the name 'web'" in clash.json()["detail"]
+    assert f"DELETE /api/v1/hosts/{first}" in clash.json()["detail"]
+    ok = api.client.post("/api/v1/enroll", json={"token": token, "hostname": "db"})
+    assert ok.status_code == 201, ok.text
+    api.tokens["db"] = ok.json()["credential"]
+    for name, expected in (("web", "db"), ("db2", "db2"), (None, "db2")):
+        r = api.client.post("/api/v1/checkin", json={"hostname": name}, headers=api.auth("db"))
+        assert r.status_code == 200, r.text
+        host = api.client.get(f"/api/v1/hosts/{ok.json()['host_id']}", headers=api.auth("admin"))
+        assert host.json()["name"] == expected
+    assert (
+        api.client.get(f"/api/v1/hosts/{first}", headers=api.auth("admin")).json()["name"] == "web"
+    )
 
 
 def test_a_batch_sent_again_is_stored_once(api: Api) -> None:
@@ -121,12 +155,12 @@ def test_publish_checkin_policy_revoke(api: Api, make_artifact: MakeArtifact) ->
                         headers=api.auth("web-1"))  # fmt: skip
     assert r.json()["patches"] == []
     assert [x["patch_id"] for x in r.json()["revoked"]] == ["fix-a"]
-    revoked_again = api.client.post(
-        "/api/v1/patches", content=data, headers=api.auth("operator")
-    )
+    revoked_again = api.client.post("/api/v1/patches", content=data, headers=api.auth("operator"))
     assert revoked_again.status_code == 409 and "revoked" in revoked_again.json()["detail"]
 
-    actions = [a["action"] for a in api.client.get("/api/v1/audit", headers=api.auth("auditor")).json()]
+    actions = [
+        a["action"] for a in api.client.get("/api/v1/audit", headers=api.auth("auditor")).json()
+    ]
     for action in ("patch.publish", "host.enroll", "policy.set", "patch.revoke"):
         assert action in actions
 
@@ -172,9 +206,7 @@ def test_inventory_is_kept_until_the_agent_sends_another(
     assert bad.status_code == 422
 
 
-def test_every_change_is_seen_by_the_next_check_in(
-    api: Api, make_artifact: MakeArtifact
-) -> None:
+def test_every_change_is_seen_by_the_next_check_in(api: Api, make_artifact: MakeArtifact) -> None:
     """The policy and the patches are cached per policy revision: a publish, a policy
     change, a new group, a host moved and a revocation each show at the next check-in."""
     first = make_artifact("fix-a", 1)
@@ -192,7 +224,9 @@ def test_every_change_is_seen_by_the_next_check_in(
     ops = api.auth("operator")
     assert api.client.post("/api/v1/patches", content=first, headers=ops).is_success
     assert patches() == [("fix-a", 1, "enabled", "/")]
-    assert api.client.post("/api/v1/patches", content=make_artifact("fix-a", 2), headers=ops).is_success
+    assert api.client.post(
+        "/api/v1/patches", content=make_artifact("fix-a", 2), headers=ops
+    ).is_success
     assert patches() == [("fix-a", 2, "enabled", "/")]
     r = api.client.post("/api/v1/groups", json={"path": "/web", "default_state": "disabled"},
                         headers=api.auth("admin"))  # fmt: skip
@@ -222,7 +256,10 @@ def test_publish_refuses_bad_artifacts(api: Api, make_artifact: MakeArtifact) ->
     assert r.status_code == 422, r.text
     # Another artifact under a published id and version.
     first = make_artifact("fix-v", 1)
-    assert api.client.post("/api/v1/patches", content=first, headers=api.auth("admin")).status_code == 201
+    assert (
+        api.client.post("/api/v1/patches", content=first, headers=api.auth("admin")).status_code
+        == 201
+    )
     other = make_artifact("fix-v", 1, code="nop\\nnop")  # same id and version, other code
     r = api.client.post("/api/v1/patches", content=other, headers=api.auth("admin"))
     assert r.status_code == 409 and "bump the version" in r.json()["detail"]
@@ -231,9 +268,16 @@ def test_publish_refuses_bad_artifacts(api: Api, make_artifact: MakeArtifact) ->
 def test_groups_and_inherited_policy(api: Api, make_artifact: MakeArtifact) -> None:
     admin, operator = api.auth("admin"), api.auth("operator")
     for path in ("/prod", "/prod/web"):
-        assert api.client.post("/api/v1/groups", json={"path": path}, headers=admin).status_code == 201
-    assert api.client.post("/api/v1/groups", json={"path": "/nope/x"}, headers=admin).status_code == 404
-    assert api.client.post("/api/v1/groups", json={"path": "/prod"}, headers=admin).status_code == 409
+        assert (
+            api.client.post("/api/v1/groups", json={"path": path}, headers=admin).status_code == 201
+        )
+    assert (
+        api.client.post("/api/v1/groups", json={"path": "/nope/x"}, headers=admin).status_code
+        == 404
+    )
+    assert (
+        api.client.post("/api/v1/groups", json={"path": "/prod"}, headers=admin).status_code == 409
+    )
     api.client.put("/api/v1/policies/prod", headers=operator, json={
         "patches": {"fix-a": "disabled"},
         "exclusions": [{"kind": "exe", "value": "/usr/bin/java*"}],
@@ -311,15 +355,113 @@ def test_failed_logins_are_throttled_per_name(api: Api) -> None:
     assert 0 < int(refused.headers["Retry-After"]) <= 900
     nobody = {"name": "nobody", "password": "x"}
     assert api.client.post("/api/v1/auth/token", json=nobody).status_code == 401
-    throttle = api.server.logins
-    throttle._failures["dave"] = [t - throttle.window for t in throttle._failures["dave"]]
+    # Kept in the database: another server process (`--workers`) refuses dave too.
+    other = Server(api.settings)
+    with pytest.raises(TooManyAttempts):
+        users.login(other.database, other.passwords, other.logins, "dave", "right-one", "10.0.0.9")
+    other.database.dispose()
+    # Audited without flooding: the first failure, and the one that reached the limit.
+    entries = api.client.get("/api/v1/audit", headers=api.auth("admin")).json()
+    failed = [e for e in entries if e["action"] == "user.login-failed"]
+    assert [(e["subject"], e["details"]["failures"]) for e in failed] == [
+        ("user:nobody", 1), ("user:dave", 5), ("user:dave", 1)
+    ]  # fmt: skip
+    assert failed[1]["details"]["throttled"] and failed[1]["details"]["address"] == "testclient"
+    with api.server.database.session() as session:  # the window slides
+        session.execute(update(LoginFailure).values(time=LoginFailure.time - 900))
     assert api.client.post("/api/v1/auth/token", json=login).status_code == 200  # aged out
+
+
+def raw_get(app: Any, raw_path: bytes) -> tuple[int, bytes]:
+    """GET exactly `raw_path`, as uvicorn hands a request line to the application (the
+    path percent-decoded, dot segments kept). httpx, and so the TestClient, removes
+    `../` before sending, even from an httpx.URL(raw_path=...)."""
+    path, _, query = raw_path.partition(b"?")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": unquote(path.decode("ascii")), "raw_path": path,
+        "query_string": query, "root_path": "", "headers": [(b"host", b"testserver")],
+        "client": ("127.0.0.1", 40000), "server": ("testserver", 80),
+    }  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        requested = False
+        done = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal requested
+            if not requested:
+                requested = True
+                return {"type": "http.request", "body": b"", "more_body": False}
+            await done.wait()  # the client hangs up once the answer is complete
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 30)
+
+    asyncio.run(run())
+    [start] = [m for m in sent if m["type"] == "http.response.start"]
+    return start["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_failed_logins_are_throttled_per_address(api: Api) -> None:
+    """Past 20 failures from an address (under any names) that address is refused, even
+    for a name without failures; another address is not."""
+    for i in range(20):
+        bad = {"name": f"guess-{i}", "password": "x"}
+        assert api.client.post("/api/v1/auth/token", json=bad).status_code == 401
+    refused = api.client.post("/api/v1/auth/token", json={"name": "admin", "password": "x"})
+    assert refused.status_code == 429 and "from testclient" in refused.json()["detail"]
+    with pytest.raises(Unauthorized):
+        users.login(api.server.database, api.server.passwords, api.server.logins, "admin", "x",
+              "10.0.0.9")  # fmt: skip
+
+
+def test_an_unknown_name_takes_as_long_as_a_wrong_password(api: Api) -> None:
+    """No telling names apart by time: an unknown name (and a user without a password)
+    costs an argon2 verification too. Medians of 7, within 40% of each other."""
+    import statistics
+    import time
+
+    api.client.post("/api/v1/users", json={"name": "erin", "role": "auditor",
+                                           "password": "right-one"}, headers=api.auth("admin"))  # fmt: skip
+    server = api.server
+    throttle = LoginThrottle(name_limit=100, address_limit=100)
+
+    def median(name: str) -> float:
+        times = []
+        for i in range(7):
+            start = time.perf_counter()
+            with pytest.raises(Unauthorized):
+                users.login(
+                    server.database, server.passwords, throttle, name, "wrong", f"10.1.{i}.1"
+                )
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    known, unknown, no_password = median("erin"), median("nobody-at-all"), median("auditor")
+    assert 0.6 < unknown / known < 1 / 0.6, (known, unknown)
+    assert 0.6 < no_password / known < 1 / 0.6, (known, no_password)
 
 
 def test_repository_is_served(api: Api) -> None:
     r = api.client.get("/repository/metadata/timestamp.json")
     assert r.status_code == 200 and r.json()["signed"]["_type"] == "timestamp"
-    assert api.client.get("/repository/../online/timestamp.key").status_code == 404
+    status, body = raw_get(api.app, b"/repository/metadata/timestamp.json")  # the helper works
+    assert status == 200 and json.loads(body)["signed"]["_type"] == "timestamp"
+    key = (api.server.repository.online_dir / "timestamp.key").read_bytes()
+    for outside in (b"/repository/../online/timestamp.key",
+                    b"/repository/%2e%2e/online/timestamp.key",
+                    b"/repository/metadata/../../online/timestamp.key",
+                    b"/repository/..%2fonline/timestamp.key",
+                    b"/repository/%2e%2e%2frepository.json"):  # fmt: skip
+        status, body = raw_get(api.app, outside)
+        assert status == 404 and key not in body, outside
 
 
 def test_values_no_database_can_hold(api: Api) -> None:
@@ -336,7 +478,11 @@ def test_values_no_database_can_hold(api: Api) -> None:
     assert ignored.startswith("processes[0]: patches.0.version: Input should be less than")
     held = api.client.get(f"/api/v1/hosts/{host_id}", headers=api.auth("admin")).json()
     assert [(p["pid"], p["version"]) for p in held["processes"]] == [(2, 2**63 - 1)]
-    r = api.client.post("/api/v1/checkin", headers=api.auth("h") | {"Content-Type": "application/json"}, content=b'{"events": [{"kind": "agent", "time": NaN}]}')
+    r = api.client.post(
+        "/api/v1/checkin",
+        headers=api.auth("h") | {"Content-Type": "application/json"},
+        content=b'{"events": [{"kind": "agent", "time": NaN}]}',
+    )
     assert r.status_code == 200 and r.json()["events_accepted"] == 0
     assert r.json()["ignored"][0].startswith("events[0]: time:")
     r = api.client.post("/api/v1/checkin", json={"hostname": "a\x00b"}, headers=api.auth("h"))
@@ -374,3 +520,62 @@ def test_hosts_and_events_by_page(api: Api) -> None:
         seen += [e["message"] for e in page]
         before = {"before": page[-1]["id"]}
     assert seen == ["e4", "e3", "e2", "e1", "e0"]
+
+
+def test_credential_lifecycle(api: Api) -> None:
+    """Through the API: a disabled user's token and console session are refused at
+    once, and work again once it is enabled; a new password ends its sessions;
+    tokens revoked one by one or all; an enrollment token listed and revoked."""
+    admin = api.auth("admin")
+    made = api.client.post("/api/v1/users", headers=admin, json={
+        "name": "fred", "role": "operator", "password": "fred-password", "token_expires_in": 60,
+    })  # fmt: skip
+    assert made.status_code == 201 and made.json()["disabled"] is None
+    token = {"Authorization": f"Bearer {made.json()['token']}"}
+    console = api.client.post("/console/login", data={"name": "fred",
+                              "password": "fred-password", "csrf": "c"},
+                              cookies={"mp_login": "c"}, follow_redirects=False)  # fmt: skip
+    assert console.status_code == 303, console.text
+    page = {"cookies": {"mp_session": console.cookies["mp_session"]}}
+    assert api.client.get("/api/v1/patches", headers=token).status_code == 200
+    assert api.client.get("/console/hosts", **page).status_code == 200
+
+    off = api.client.post("/api/v1/users/fred/disable", headers=admin)
+    assert off.status_code == 200 and off.json()["disabled"] is not None
+    refused = api.client.get("/api/v1/patches", headers=token)
+    assert refused.status_code == 401 and "disabled" in refused.json()["detail"]
+    assert api.client.get("/console/hosts", follow_redirects=False, **page).status_code in (
+        303,
+        401,
+    )
+    me = api.client.post("/api/v1/users/admin/disable", headers=admin)
+    assert me.status_code == 422 and "cannot disable itself" in me.json()["detail"]
+    assert api.client.post("/api/v1/users/fred/enable", headers=admin).status_code == 200
+    assert api.client.get("/api/v1/patches", headers=token).status_code == 200
+
+    r = api.client.put("/api/v1/users/fred/password", headers=admin,
+                       json={"password": "another-password"})  # fmt: skip
+    assert r.status_code == 200
+    assert api.client.get("/console/hosts", follow_redirects=False, **page).status_code in (
+        303,
+        401,
+    )  # its console session ended; its API token did not
+    assert api.client.get("/api/v1/patches", headers=token).status_code == 200
+
+    listed = api.client.get("/api/v1/tokens?user=fred", headers=admin).json()
+    assert [t["label"] for t in listed] == ["created with the user"]
+    assert listed[0]["expires"] - listed[0]["created"] == pytest.approx(60)
+    assert api.client.delete(f"/api/v1/tokens/{listed[0]['id']}", headers=admin).status_code == 204
+    assert api.client.get("/api/v1/patches", headers=token).status_code == 401
+    assert api.client.delete(f"/api/v1/tokens/{listed[0]['id']}", headers=admin).status_code == 404
+    gone = api.client.delete("/api/v1/users/auditor/tokens", headers=admin)
+    assert gone.status_code == 200 and len(gone.json()) == 1
+    assert api.client.get("/api/v1/patches", headers=api.auth("auditor")).status_code == 401
+
+    made = api.client.post("/api/v1/enrollment-tokens", headers=admin, json={}).json()
+    unused = api.client.get("/api/v1/enrollment-tokens?unused=true", headers=admin).json()
+    assert [t["id"] for t in unused] == [made["id"]]
+    assert api.client.delete(f"/api/v1/enrollment-tokens/{made['id']}",
+                             headers=admin).status_code == 204  # fmt: skip
+    late = api.client.post("/api/v1/enroll", json={"token": made["token"], "hostname": "h"})
+    assert late.status_code == 401

@@ -22,7 +22,15 @@ Endpoint = tuple[str, str, Any, set[str]]
 ENDPOINTS: list[Endpoint] = [
     ("GET", "/api/v1/users", None, ADMIN),
     ("POST", "/api/v1/users", lambda n: {"name": f"u{n}", "role": "auditor"}, ADMIN),
+    ("POST", "/api/v1/users/{victim}/disable", None, ADMIN),
+    ("POST", "/api/v1/users/{victim}/enable", None, ADMIN),
+    ("PUT", "/api/v1/users/{victim}/password", {"password": "a-new-password"}, ADMIN),
+    ("DELETE", "/api/v1/users/{victim}/tokens", None, ADMIN),
+    ("GET", "/api/v1/tokens", None, ADMIN),
+    ("DELETE", "/api/v1/tokens/{token}", None, ADMIN),
     ("POST", "/api/v1/enrollment-tokens", {"group": "/"}, ADMIN),
+    ("GET", "/api/v1/enrollment-tokens", None, ADMIN),
+    ("DELETE", "/api/v1/enrollment-tokens/{enrollment}", None, ADMIN),
     ("POST", "/api/v1/checkin", {"modules": []}, {"host"}),
     ("GET", "/api/v1/patches", None, ALL_USERS),
     ("GET", "/api/v1/patches/fix-m", None, ALL_USERS),
@@ -72,6 +80,17 @@ def test_matrix(world: tuple[Api, int, Callable[..., bytes]], endpoint: Endpoint
             group = f"/d{n}"
             api.client.post("/api/v1/groups", json={"path": group}, headers=api.auth("admin"))
             url = url.replace("{deletable}", group.lstrip("/"))
+        if "{victim}" in url or "{token}" in url:  # a user of its own each time
+            made = api.client.post("/api/v1/users", json={"name": f"v{n}", "role": "auditor"},
+                                   headers=api.auth("admin"))  # fmt: skip
+            url = url.replace("{victim}", f"v{n}")
+            tokens = api.client.get(f"/api/v1/tokens?user=v{n}", headers=api.auth("admin"))
+            assert made.status_code == 201 and tokens.status_code == 200, tokens.text
+            url = url.replace("{token}", str(tokens.json()[0]["id"]))
+        if "{enrollment}" in url:
+            made = api.client.post("/api/v1/enrollment-tokens", json={},
+                                   headers=api.auth("admin"))  # fmt: skip
+            url = url.replace("{enrollment}", str(made.json()["id"]))
         kw: dict[str, Any] = {"headers": api.auth(None if caller == "anonymous" else caller)}
         if caller == "host" and "{deletable-host}" in path:
             kw["headers"] = api.auth(f"gone{n}")  # even a host may not delete itself

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from micropatch.server import fleet
 from micropatch.server import models as m
-from micropatch.server.console import blocked_series, chart_svg
+from micropatch.server.console.dashboard import blocked_series, chart_svg
+from micropatch.server.fleet import users
 
 from .conftest import Api, MakeArtifact
 from .test_api import module_of
@@ -26,7 +26,7 @@ def console(api: Api) -> Iterator[Api]:
     """The API's server with a user of each role that has a password."""
     with api.server.database.session() as session:
         for role in ("admin", "operator", "auditor"):
-            fleet.create_user(session, api.server.passwords, f"{role}-web", role, PASSWORD, "test")
+            users.create_user(session, api.server.passwords, f"{role}-web", role, PASSWORD, "test")
     yield api
 
 
@@ -172,7 +172,9 @@ def test_pages_render_with_data(console: Api, make_artifact: MakeArtifact) -> No
     patches = client.get("/console/patches")
     assert "fix-web" in patches.text and "<td>1</td><td>1</td>" in patches.text
     events = client.get("/console/events", params={"kind": "blocked"})
-    assert events.text.count('class="kind-blocked"') == 2 and 'class="kind-applied"' not in events.text
+    assert (
+        events.text.count('class="kind-blocked"') == 2 and 'class="kind-applied"' not in events.text
+    )
     partial = client.get("/console/events", params={"kind": "applied"},
                          headers={"HX-Request": "true"})  # fmt: skip
     assert partial.text.lstrip().startswith('<div id="timeline">')
@@ -252,7 +254,9 @@ def test_csrf_refused_nothing_changed(
     assert policy_of(console, "/prod") == before
     assert console.client.get("/api/v1/patches/fix-web",
                               headers=console.auth("admin")).json()[0]["revoked"] is False  # fmt: skip
-    assert console.client.get("/api/v1/groups/new", headers=console.auth("admin")).status_code == 404
+    assert (
+        console.client.get("/api/v1/groups/new", headers=console.auth("admin")).status_code == 404
+    )
     audit_after = console.client.get("/api/v1/audit", headers=console.auth("admin")).json()
     assert len(audit_after) == audit_before
 
@@ -336,10 +340,10 @@ def test_blocked_series_and_chart(console: Api) -> None:
 
 def test_hosts_and_events_a_page_at_a_time(console: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     """A fleet has thousands of hosts and events: the pages show a page, and link on."""
-    from micropatch.server import console as pages
+    from micropatch.server.console import events, hosts
 
-    monkeypatch.setattr(pages, "HOSTS_PER_PAGE", 2)
-    monkeypatch.setattr(pages, "EVENTS_PER_PAGE", 3)
+    monkeypatch.setattr(hosts, "HOSTS_PER_PAGE", 2)
+    monkeypatch.setattr(events, "EVENTS_PER_PAGE", 3)
     for i in range(5):
         console.enroll(f"h{i}")
     events = [{"kind": "blocked", "time": 100.0 + n // 2, "pid": 1, "message": f"e{n}"}

@@ -22,6 +22,8 @@ from micropatch.server.database import (
 )
 
 POSTGRES = os.environ.get("MICROPATCH_TEST_POSTGRES")  # e.g. postgresql://postgres@127.0.0.1/test
+HEAD = "0003"
+VERSION_MAX = 2**63 - 1  # patch versions are 63-bit
 
 
 def urls(tmp_path: Path) -> list[str]:
@@ -52,7 +54,7 @@ def test_upgrade_from_empty_matches_the_models(tmp_path: Path, backend: str) -> 
         engine = make_engine(url)
     assert tables(engine) == set()
     migrate(engine)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == HEAD
     assert tables(engine) >= {t.name for t in m.Base.metadata.sorted_tables}
     with engine.connect() as connection:
         diff = compare_metadata(
@@ -66,7 +68,67 @@ def test_upgrade_from_empty_matches_the_models(tmp_path: Path, backend: str) -> 
         assert root is not None and root.default_state == "enabled"
         # A group after the seeded root gets a new id (PostgreSQL's sequence included).
         session.add(m.Group(path="/x", parent_id=root.id))
+        # 63-bit versions: bigint on PostgreSQL (integer would refuse 2**31), kept whole.
+        session.add(m.Patch(patch_id="big", version=VERSION_MAX, artifact_id="a" * 64,
+                            module_name="m", module_sha256="0" * 64, target="t", size=1,
+                            published=0.0, published_by="test", revoked=False))  # fmt: skip
+    with db.reading() as session:
+        assert session.scalar(select(m.Patch.version).where(m.Patch.patch_id == "big")) == (
+            VERSION_MAX
+        )
+    if backend == "postgresql":
+        with engine.connect() as c:
+            types = dict(c.exec_driver_sql(
+                "SELECT table_name, data_type FROM information_schema.columns "
+                "WHERE column_name = 'version' AND table_schema = 'public'"
+            ).all())  # fmt: skip
+        assert types == {"patches": "bigint", "process_patches": "bigint", "events": "bigint"}
     db.dispose()
+    engine.dispose()
+
+
+def test_reading_transactions_cannot_write(tmp_path: Path) -> None:
+    """`Database.reading` only reads: a write in it fails (SQLite query_only, PostgreSQL
+    READ ONLY), and nothing of it is kept."""
+    from sqlalchemy.exc import DBAPIError
+
+    for url in urls(tmp_path):
+        db = Database(url)
+        with pytest.raises(DBAPIError, match=r"(?i)read.?only|readonly"), db.reading() as session:
+            session.add(m.Group(path="/nope", parent_id=1))
+            session.flush()
+        with db.session() as session:  # the same pooled connection writes again
+            session.add(m.Group(path="/yes", parent_id=1))
+        with db.reading() as session:
+            paths = set(session.scalars(select(m.Group.path)))
+        assert "/yes" in paths and "/nope" not in paths
+        with db.session() as session:
+            session.query(m.Group).filter(m.Group.path == "/yes").delete()
+        db.dispose()
+
+
+def test_upgrade_to_0003_unique_host_names(tmp_path: Path) -> None:
+    """Hosts enrolled under one name before names were unique: the later ones are
+    renamed NAME~ID, and a third one under that name is refused."""
+    from sqlalchemy.exc import IntegrityError
+
+    engine = make_engine(database_url(tmp_path))
+    migrate(engine, "0002")
+    with engine.begin() as c:
+        for credential in ("a", "b"):
+            c.exec_driver_sql(
+                "INSERT INTO hosts (name, group_id, credential_hash, enrolled) "
+                f"VALUES ('web', 1, '{credential}', 0)"
+            )
+    migrate(engine)
+    assert current_revision(engine) == HEAD
+    with engine.connect() as c:
+        assert c.exec_driver_sql("SELECT id, name FROM hosts ORDER BY id").all() == [
+            (1, "web"), (2, "web~2")
+        ]  # fmt: skip
+    with pytest.raises(IntegrityError), engine.begin() as c:
+        c.exec_driver_sql("INSERT INTO hosts (name, group_id, credential_hash, enrolled) "
+                          "VALUES ('web', 1, 'c', 0)")  # fmt: skip
     engine.dispose()
 
 
@@ -86,7 +148,7 @@ def test_upgrade_from_0001_keeps_hosts(tmp_path: Path) -> None:
             "INSERT INTO hosts (name, group_id, credential_hash, enrolled) "
             "VALUES ('old', 1, 'x', 0)"
         )
-    migrate(engine)
+    migrate(engine, "0002")
     assert current_revision(engine) == "0002"
     with engine.connect() as c:
         assert c.exec_driver_sql("SELECT name, inventory_digest FROM hosts").all() == [
@@ -106,3 +168,25 @@ def test_upgrade_from_0001_keeps_hosts(tmp_path: Path) -> None:
 def test_unusable_database(tmp_path: Path) -> None:
     with pytest.raises(ServerError, match="database"):
         Database("nosuchdialect://x")
+
+
+def test_the_data_directory_is_private(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The data directory 0700 (an existing one readable by others tightened, and said);
+    the SQLite database 0600, created so before SQLite opens it."""
+    from micropatch.server.database import private_data_dir
+
+    fresh = tmp_path / "fresh" / "data"
+    private_data_dir(fresh)
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    loose = tmp_path / "loose"
+    loose.mkdir(mode=0o755)
+    loose.chmod(0o755)
+    with caplog.at_level("WARNING"):
+        private_data_dir(loose)
+    assert loose.stat().st_mode & 0o777 == 0o700 and "now 0700" in caplog.text
+    db = Database(database_url(loose))
+    assert (loose / "server.db").stat().st_mode & 0o777 == 0o600
+    db.dispose()
+    (loose / "server.db").chmod(0o644)
+    Database(database_url(loose)).dispose()
+    assert (loose / "server.db").stat().st_mode & 0o777 == 0o600

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from micropatch.errors import RepositoryError, SignatureError, UpdateError
+from micropatch.server.ceremony import init_repository, sign_root
+from micropatch.server.expiry import root_expiry_warning
 from micropatch.server.repository import Repository
 from micropatch.server.updater import PatchUpdater
 from micropatch.trust.artifact import loads
@@ -40,7 +42,7 @@ def publish(repo: Repository, data: bytes, key: PrivateKey, **kw: object) -> str
 
 @pytest.fixture
 def repo(tmp_path: Path, signing_key: PrivateKey) -> Repository:
-    ceremony = Repository.init(
+    ceremony = init_repository(
         tmp_path / "repo", offline_dir=tmp_path / "offline", targets_keys=[signing_key]
     )
     assert len(ceremony.root_keys) == 3
@@ -106,7 +108,7 @@ def test_rollback_of_timestamp_and_snapshot_is_refused(
     md = Metadata.from_bytes(new_timestamp)
     md.signed.version += 1
     md.signed.snapshot_meta = MetaFile(version=1)
-    from micropatch.server.repository import signer
+    from micropatch.server.tufkeys import signer
 
     md.signatures.clear()
     md.sign(signer(ts_key))
@@ -123,7 +125,7 @@ def test_freeze_expired_timestamp_is_refused(
 ) -> None:
     # A mirror that stopped updating serves metadata whose timestamp has expired.
     three_days_ago = utc_now() - datetime.timedelta(days=3)
-    Repository.init(
+    init_repository(
         tmp_path / "repo",
         offline_dir=tmp_path / "offline",
         targets_keys=[signing_key],
@@ -214,7 +216,7 @@ def test_forged_metadata_is_refused(
 ) -> None:
     from tuf.api.metadata import Metadata
 
-    from micropatch.server.repository import signer
+    from micropatch.server.tufkeys import signer
 
     path = repo.metadata_dir / "timestamp.json"
     md = Metadata.from_bytes(path.read_bytes())
@@ -247,13 +249,13 @@ def test_targets_key_required(repo: Repository, make_artifact: MakeArtifact) -> 
 
 def test_init_checks(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="root threshold 3"):
-        Repository.init(tmp_path / "r", root_keys=2, root_threshold=3)
+        init_repository(tmp_path / "r", root_keys=2, root_threshold=3)
     with pytest.raises(RepositoryError, match="not a micropatch repository"):
         Repository(tmp_path / "nothing")
-    ceremony = Repository.init(tmp_path / "r", root_keys=1, root_threshold=1, online_targets=True)
+    ceremony = init_repository(tmp_path / "r", root_keys=1, root_threshold=1, online_targets=True)
     assert ceremony.offline_dir == tmp_path / "r" / "offline-keys"
     with pytest.raises(RepositoryError, match="already a repository"):
-        Repository.init(tmp_path / "r")
+        init_repository(tmp_path / "r")
     repo = Repository(tmp_path / "r")
     assert len(repo.online_targets_keys()) == 1
     assert repo.refresh() == []  # everything fresh
@@ -268,7 +270,7 @@ def test_dedicated_online_targets_key(
 ) -> None:
     """Patch-signing keys offline: uploads are checked against them (--trust), the
     server signs targets with a key of its own."""
-    Repository.init(
+    init_repository(
         tmp_path / "r", root_keys=1, root_threshold=1, online_targets=True,
         trusted=[signing_key.public],
     )  # fmt: skip
@@ -305,7 +307,7 @@ def test_sign_root_renews_and_the_client_follows(
     }
 
     later = utc_now() + datetime.timedelta(days=200)
-    done = repo.sign_root(offline_root_keys(tmp_path)[1:], now=later)  # 2 of 3
+    done = sign_root(repo, offline_root_keys(tmp_path)[1:], now=later)  # 2 of 3
     assert (done.version, done.new_keys, done.threshold) == (2, (), 2)
     assert done.expires == later + datetime.timedelta(days=365) > v1_expires
     assert (repo.metadata_dir / "root.json").read_bytes() == done.path.read_bytes()
@@ -326,7 +328,7 @@ def test_sign_root_rotates_to_new_keys(
 ) -> None:
     from tuf.api.metadata import Metadata
 
-    from micropatch.server.repository import signer
+    from micropatch.server.tufkeys import signer
 
     old = offline_root_keys(tmp_path)
     updater = client(repo, served(repo.public), tmp_path, signing_key)
@@ -334,7 +336,8 @@ def test_sign_root_rotates_to_new_keys(
     # A lost key is named by its .pub, the others by (a prefix of) their key ids.
     remove = [str(tmp_path / "offline/root-1.pub"), old[1].public.keyid[:12],
               old[2].public.keyid]  # fmt: skip
-    done = repo.sign_root(
+    done = sign_root(
+        repo,
         old[:2], new_root_keys=3, root_threshold=2, offline_dir=tmp_path / "new-offline",
         remove_root_keys=remove,
     )  # fmt: skip
@@ -348,7 +351,7 @@ def test_sign_root_rotates_to_new_keys(
     # Version 3 signed by the old keys only: refused, before and after writing.
     with pytest.raises(RepositoryError, match=r"needs 2 signature\(s\) by root keys of version "
                        r"2 \(the keys clients trust now\), but 0 valid") as caught:  # fmt: skip
-        repo.sign_root(old)
+        sign_root(repo, old)
     assert "not root keys of version 2" in str(caught.value)
     assert not (repo.metadata_dir / "3.root.json").exists()
     forged = Metadata.from_bytes(done.path.read_bytes())
@@ -364,8 +367,8 @@ def test_sign_root_rotates_to_new_keys(
 
     # The new keys sign the next version; one of them is not enough.
     with pytest.raises(RepositoryError, match=r"needs 2 signature\(s\).*but 1 valid"):
-        repo.sign_root(new[:1])
-    assert repo.sign_root(new[1:]).version == 3
+        sign_root(repo, new[:1])
+    assert sign_root(repo, new[1:]).version == 3
     updater.refresh()
     assert trusted_root(tmp_path)["version"] == 3
 
@@ -375,23 +378,23 @@ def test_sign_root_needs_a_threshold_of_the_current_keys(repo: Repository, tmp_p
     old = offline_root_keys(tmp_path)
     with pytest.raises(RepositoryError, match=r"needs 2 signature\(s\) by root keys of version "
                        r"1 .*but 1 valid one\(s\) were given.*nothing was written") as caught:  # fmt: skip
-        repo.sign_root(old[:1])
+        sign_root(repo, old[:1])
     assert all(key.public.keyid[:16] in str(caught.value) for key in old)  # as in the .pub
     # New keys count for the new root, not for the one clients trust now.
     with pytest.raises(RepositoryError, match=r"version 1 .*but 1 valid"):
-        repo.sign_root(old[:1], new_root_keys=3, offline_dir=tmp_path / "new")
+        sign_root(repo, old[:1], new_root_keys=3, offline_dir=tmp_path / "new")
     assert not (tmp_path / "new").exists()
     # Signed by the keys it removes: the old root agrees, the new one does not.
     with pytest.raises(RepositoryError, match=r"needs 1 signature\(s\) by its own root keys, "
                        r"but 0 valid"):  # fmt: skip
-        repo.sign_root(old[:2], remove_root_keys=[old[0].public.keyid, old[1].public.keyid],
+        sign_root(repo, old[:2], remove_root_keys=[old[0].public.keyid, old[1].public.keyid],
                        root_threshold=1)  # fmt: skip
     with pytest.raises(RepositoryError, match="inside the repository"):
-        repo.sign_root(old, new_root_keys=1, offline_dir=repo.dir / "keys")
+        sign_root(repo, old, new_root_keys=1, offline_dir=repo.dir / "keys")
     with pytest.raises(RepositoryError, match="root threshold 4 must be between 1 and"):
-        repo.sign_root(old, root_threshold=4)
+        sign_root(repo, old, root_threshold=4)
     with pytest.raises(RepositoryError, match="no root key of version 1"):
-        repo.sign_root(old, remove_root_keys=["0123456789abcdef"])
+        sign_root(repo, old, remove_root_keys=["0123456789abcdef"])
     assert not (repo.metadata_dir / "2.root.json").exists()
     assert (repo.metadata_dir / "root.json").read_bytes() == root_json
 
@@ -399,16 +402,16 @@ def test_sign_root_needs_a_threshold_of_the_current_keys(repo: Repository, tmp_p
 def test_refresh_warns_before_the_root_expires(
     repo: Repository, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    assert repo.root_expiry_warning() is None
+    assert root_expiry_warning(repo) is None
     soon = utc_now() + datetime.timedelta(days=340)  # 25 days left of 365
     with caplog.at_level("WARNING", logger="micropatch.server.repository"):
         repo.refresh(soon)
     [record] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "expires in 25 day(s)" in record.getMessage()
     assert "micropatch repo sign-root" in record.getMessage()
-    assert "expired" in (repo.root_expiry_warning(soon + datetime.timedelta(days=30)) or "")
-    repo.sign_root(offline_root_keys(tmp_path)[:2], now=soon)
-    assert repo.root_expiry_warning(soon) is None
+    assert "expired" in (root_expiry_warning(repo, soon + datetime.timedelta(days=30)) or "")
+    sign_root(repo, offline_root_keys(tmp_path)[:2], now=soon)
+    assert root_expiry_warning(repo, soon) is None
     assert [(r, v) for r, v, _ in repo.roles()] == [
         ("root", 2), ("targets", 1), ("snapshot", 2), ("timestamp", 2)
     ]  # fmt: skip

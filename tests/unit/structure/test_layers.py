@@ -20,7 +20,8 @@ ROOT = Path(micropatch.__file__).parent
 RANK = {
     "errors": 0,
     "faults": 0,
-    "systemd": 0,  # writing units and asking systemctl: the agent's and the server's install
+    "files": 0,  # the one atomic writer and bounded reader: standard library only
+    "systemd": 1,  # unit files and systemctl: the agent's and the server's install
     "arch": 1,
     "elf": 2,
     "patch": 3,
@@ -29,6 +30,8 @@ RANK = {
     "build": 6,
     "process": 6,
     "live": 7,
+    # a second runtime beside live/: it shares the per-process lock (live/lock.py)
+    "runtimes": 8,
     "tools": 8,
     "agent": 8,
     "server": 8,
@@ -82,7 +85,8 @@ def test_no_import_reaches_up(path: Path) -> None:
     upward = [
         f"line {line}: micropatch.{target}"
         for line, name in _full_imports(path)
-        if (target := name.split(".")[1]) in RANK and target != own
+        if (target := name.split(".")[1]) in RANK
+        and target != own
         and RANK[target] >= RANK[own]
         and not any(own == o and (name == a or name.startswith(a + ".")) for o, a in ALLOWED)
     ]

@@ -10,8 +10,10 @@ from typer.testing import CliRunner
 
 from micropatch.cli.main import app
 from micropatch.errors import MicropatchError
-from micropatch.tools.diff.match import diff_modules
+from micropatch.tools.diff.match import diff_files, diff_modules
+from micropatch.tools.diff.rank import Change, rank_key
 from micropatch.tools.diff.sidebyside import side_by_side
+from micropatch.tools.functions import Function
 from micropatch.tools.module import ModuleIndex
 
 from .conftest import Build
@@ -29,6 +31,7 @@ def test_fixed_function_ranks_first(diff_pairs: dict[str, tuple[Build, Build]], 
     assert (first.new.start, first.new.end) == new.offset("parse_name")
     assert first.name is None  # stripped: matched by structure
     assert 0.0 < first.similarity < 1.0 and first.added > first.removed
+    assert first.kind == "logic" and first.conditions >= 1  # the check: a cmp and a jump
     # The look-alike parsers are matched to themselves and unchanged.
     for name in PARSERS:
         assert result.pairs[old.offset(name)[0]] == new.offset(name)[0], name
@@ -42,6 +45,12 @@ def test_side_by_side_shows_the_added_check(diff_pairs: dict[str, tuple[Build, B
     assert added and all(row.old_offset is None for row in added)
     assert any(row.new_text.startswith(("cmp", "j")) for row in added)
     assert any(row.tag == "=" for row in rows)  # context around the change
+    # report's version string changed; the call (a tail call at -O2) after it names
+    # printf on both sides.
+    rows = side_by_side(result, hex(old.offset("report")[0]))
+    texts = [text for row in rows for text in (row.old_text, row.new_text)]
+    calls = [text for text in texts if text.startswith(("call", "jmp"))]
+    assert calls and all("printf" in text and "0x" not in text for text in calls), calls
     with pytest.raises(MicropatchError, match="no symbol 'no_such_function'"):
         side_by_side(result, "no_such_function")
 
@@ -70,3 +79,44 @@ def test_cli_json_and_show(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
         app, ["diff", str(old.path), str(new.path), "--show", hex(old.offset("parse_name")[0])]
     )
     assert shown.exit_code == 0 and " + " in shown.stdout
+
+
+def test_diff_files_shares_one_decoding_cache_and_agrees(
+    diff_pairs: dict[str, tuple[Build, Build]],
+) -> None:
+    old, new = diff_pairs["O2"]
+    apart = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    shared = diff_files(old.path, new.path)
+    assert shared.pairs == apart.pairs
+    assert [c.as_json() for c in shared.changes] == [c.as_json() for c in apart.changes]
+
+
+@pytest.mark.parametrize("level", ["O0", "O2"])
+def test_constant_only_changes_rank_after_the_change_of_logic(
+    diff_pairs: dict[str, tuple[Build, Build]], level: str
+) -> None:
+    # The fixed build also changes a version string (report) and a key (parse_tag).
+    old, new = diff_pairs[level]
+    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    by_start = {c.old.start: (rank, c) for rank, c in enumerate(result.changes, 1)}
+    for name in ("report", "parse_tag"):
+        rank, change = by_start[old.offset(name)[0]]
+        assert change.kind == "operands", (name, change)
+        assert rank > 1, name
+    assert by_start[old.offset("parse_name")[0]][0] == 1
+
+
+def _change(kind: str, conditions: int, added: int, removed: int, method: str = "name") -> Change:
+    function = Function(0x1000, 0x1100, None, (), "symbol")
+    return Change(function, function, method, 0.9, added, removed, kind, conditions)  # type: ignore[arg-type]
+
+
+def test_rank_rule() -> None:
+    check = _change("logic", 1, 3, 0)  # a bounds check added
+    rewrite = _change("logic", 1, 400, 20)  # a new feature: grows the function
+    condition = _change("logic", 0, 1, 1)  # jl -> jle
+    move = _change("code", 0, 1, 0)
+    version = _change("operands", 0, 1, 1)
+    unsure = _change("logic", 2, 3, 0, method="fuzzy")
+    ranked = sorted([unsure, version, move, condition, rewrite, check], key=rank_key)
+    assert ranked == [check, rewrite, condition, move, version, unsure]

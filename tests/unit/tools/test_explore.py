@@ -79,6 +79,30 @@ def test_show_names_callers_callees_and_strings(
     assert 0x5A17 in {r.target for r in check.references if r.kind == "constant"}
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_calls_are_written_with_their_target_by_name(
+    explore_builds: dict[str, Build], variant: str
+) -> None:
+    build = explore_builds[variant]
+    shown = show(ModuleIndex.open(build.path), hex(build.offset("dispatch")[0]))
+    calls = [line.text for line in shown.lines if line.text.startswith("call")]
+    check = (
+        "check_header"
+        if not variant.endswith("stripped")
+        else f"fn_{build.offset('check_header')[0]:x}"
+    )
+    log = "log_line" if not variant.endswith("stripped") else f"fn_{build.offset('log_line')[0]:x}"
+    assert f"call {check}" in calls and f"call {log}" in calls, calls
+    log_shown = show(ModuleIndex.open(build.path), hex(build.offset("log_line")[0]))
+    texts = " ".join(line.text for line in log_shown.lines)
+    assert "strlen" in texts and "puts" in texts  # imports, through the PLT
+    for line in (*shown.lines, *log_shown.lines):  # no call or tail call left as a number
+        if line.text.startswith(("call", "jmp")) and line.jump is not None:
+            inside = shown.function.start <= line.jump < shown.function.end
+            inside = inside or log_shown.function.start <= line.jump < log_shown.function.end
+            assert inside or "0x" not in line.text, line.text
+
+
 def test_show_by_name_and_inside_an_instruction(explore_builds: dict[str, Build]) -> None:
     build = explore_builds["pie"]
     index = ModuleIndex.open(build.path)

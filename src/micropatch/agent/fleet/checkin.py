@@ -30,10 +30,11 @@ from typing import TYPE_CHECKING, Any
 from micropatch.agent.events import Event
 from micropatch.agent.fleet import enrollment, report
 from micropatch.agent.fleet.answer import Answer
-from micropatch.agent.fleet.enrollment import FLEET_FILE, Enrollment
+from micropatch.agent.fleet.enrollment import FLEET_FILE, MAX_FLEET_FILE, Enrollment
 from micropatch.agent.fleet.server_api import HttpError, agent_version, post_json
 from micropatch.agent.store import write_private
 from micropatch.errors import AgentError
+from micropatch.files import read_bounded
 
 if TYPE_CHECKING:
     from micropatch.agent.service import Agent
@@ -131,7 +132,7 @@ class Fleet:
     def _trusted_root(self) -> bytes:
         path = self.agent.paths.trust_dir / ROOT_NAME
         try:
-            return path.read_bytes()
+            return read_bounded(path, MAX_FLEET_FILE)
         except OSError:
             raise AgentError(
                 f"no trusted root for the repository: give --root ROOT.json (the "

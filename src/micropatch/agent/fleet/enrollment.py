@@ -15,10 +15,12 @@ from typing import Any
 from micropatch.agent.fleet.server_api import HttpError, agent_version, machine_id, post_json
 from micropatch.agent.store import write_private
 from micropatch.errors import AgentError
+from micropatch.files import read_bounded
 
 log = logging.getLogger(__name__)
 
 FLEET_FILE = "fleet.json"  # in the state directory
+MAX_FLEET_FILE = 1 << 20  # fleet.json, the repository's root metadata
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ def load(path: Path) -> Enrollment | None:
     """The enrollment kept at `path`; None if there is none (or it is unreadable,
     said in the log: the host is then not enrolled)."""
     try:
-        return Enrollment(**json.loads(path.read_text()))
+        return Enrollment(**json.loads(read_bounded(path, MAX_FLEET_FILE)))
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError) as e:

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 from micropatch.arch.x86_64.constants import JUMP_LENGTH, JUMP_REACH, NAME, PAGE_SIZE, RED_ZONE
 
 if TYPE_CHECKING:
-    from micropatch.arch.x86_64.disasm import exits as exits
     from micropatch.arch.x86_64.disasm import instruction_starts as instruction_starts
     from micropatch.arch.x86_64.disasm import listing as listing
     from micropatch.arch.x86_64.site import Site as Site
@@ -22,11 +21,9 @@ if TYPE_CHECKING:
     from micropatch.arch.x86_64.site import site_unchecked as site_unchecked
     from micropatch.arch.x86_64.trampoline import build_trampoline as build_trampoline
     from micropatch.arch.x86_64.trampoline import site_jump as site_jump
-    from micropatch.arch.x86_64.trampoline import stack_operands as stack_operands
     from micropatch.arch.x86_64.trampoline import writes_stack as writes_stack
 
 _WHERE = {
-    "exits": "disasm",
     "instruction_starts": "disasm",
     "listing": "disasm",
     "Site": "site",
@@ -34,7 +31,6 @@ _WHERE = {
     "site_unchecked": "site",
     "build_trampoline": "trampoline",
     "site_jump": "trampoline",
-    "stack_operands": "trampoline",
     "writes_stack": "trampoline",
 }
 
@@ -46,13 +42,11 @@ __all__ = [
     "RED_ZONE",
     "Site",
     "build_trampoline",
-    "exits",
     "instruction_starts",
     "listing",
     "plan_site",
     "site_jump",
     "site_unchecked",
-    "stack_operands",
     "writes_stack",
 ]
 

@@ -8,13 +8,20 @@ AUDIT_ARCH = 0xC000003E  # AUDIT_ARCH_X86_64: what seccomp filters see as the ar
 
 SYS_TGKILL = 234
 # system call numbers (arch/x86/entry/syscalls/syscall_64.tbl)
+SYS_OPEN = 2
 SYS_CLOSE = 3
 SYS_MMAP = 9
 SYS_MPROTECT = 10
 SYS_MUNMAP = 11
 SYS_FTRUNCATE = 77
+SYS_OPENAT = 257
 SYS_MEMFD_CREATE = 319
+SYS_OPENAT2 = 437
+SYS_OPENS = (SYS_OPEN, SYS_OPENAT, SYS_OPENAT2)  # those that return a new file descriptor
 SYSCALL_NAMES = {
+    SYS_OPEN: "open",
+    SYS_OPENAT: "openat",
+    SYS_OPENAT2: "openat2",
     SYS_CLOSE: "close",
     SYS_MMAP: "mmap",
     SYS_MPROTECT: "mprotect",

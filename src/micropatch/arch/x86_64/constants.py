@@ -16,4 +16,3 @@ JUMP_REACH = 1 << 31
 """How far a rel32 jump or RIP-relative operand reaches, either way."""
 
 INT3 = b"\xcc"
-SYSCALL_INSN = b"\x0f\x05"

@@ -1,5 +1,4 @@
-"""Instructions for people: listings with what each instruction refers to, and
-the exits of a body (for the planner's red-zone rule)."""
+"""Instructions for people: listings with what each instruction refers to."""
 
 from __future__ import annotations
 
@@ -9,7 +8,6 @@ from micropatch.arch.base import Listed
 from micropatch.arch.x86_64.decode import (
     decode,
     format_instruction,
-    is_call,
     near_branch_target,
 )
 
@@ -29,22 +27,6 @@ def listing(code: bytes, address: int) -> list[Listed]:
         raw = code[ins.ip - address : ins.ip - address + ins.len]
         rows.append(Listed(ins.ip, raw, format_instruction(ins), tuple(refs)))
     return rows
-
-
-def exits(code: bytes, address: int) -> list[str]:
-    """The instructions of `code` that jump outside it (its end included as inside).
-
-    A call is not an exit: it returns to the instruction after it, with rsp as
-    it was before the call.
-    """
-    found = []
-    for instruction in decode(code, address):
-        if is_call(instruction):
-            continue
-        target = near_branch_target(instruction)
-        if target is not None and not address <= target <= address + len(code):
-            found.append(format_instruction(instruction))
-    return found
 
 
 def instruction_starts(code: bytes, address: int) -> list[int]:

@@ -23,7 +23,6 @@ from iced_x86 import (
     MemoryOperand,
     Mnemonic,
     OpAccess,
-    OpKind,
     Register,
     Register_,
     RegisterExt,
@@ -33,9 +32,10 @@ from iced_x86 import (
 from micropatch.arch.base import Site as BaseSite
 from micropatch.arch.base import TrampolineLayout
 from micropatch.arch.x86_64.constants import INT3, JUMP_LENGTH, RED_ZONE
-from micropatch.arch.x86_64.decode import decode, format_instruction, is_invalid
+from micropatch.arch.x86_64.decode import decode, is_invalid
 from micropatch.arch.x86_64.relocate import jump, relocate, relocated_addresses
 from micropatch.arch.x86_64.site import Site
+from micropatch.arch.x86_64.stack import trace
 from micropatch.errors import SiteError
 
 _WRITES = frozenset(
@@ -105,26 +105,42 @@ def build_trampoline(
 
 
 def writes_stack(code: bytes, address: int) -> bool:
-    """True if patchlet ``code`` (at ``address``) may write below rsp or move rsp down.
+    """True if patchlet ``code`` (at ``address``) may write below its entry rsp or
+    move rsp down: such a body must step over the red zone first.
 
-    Such a body must step over the red zone first. Undecodable bytes count as
-    writing: the red zone is only left in place when that is proven safe. A
-    write at ``[rsp+N]`` (N >= 0, no index) writes the function's own frame,
-    above rsp, and does not count: such a body runs at the function's rsp, so
-    its ``[rsp+N]`` is the function's.
+    It follows what the code does (`stack.trace`), not its text: a store through
+    a register copied from rsp counts as one through rsp. Pushes, calls, stores
+    below the entry rsp, an rsp the trace loses, undecodable bytes, and code
+    reached only by a call or a computed jump (judged by its text) all count: the
+    red zone is only left in place when that is proven safe.
     """
-    for instruction in decode(code, address):
-        if is_invalid(instruction):
+    found = trace(code, address)
+    if found.pushes_below or found.undecodable or found.unknown:
+        return True
+    for access in found.accesses:
+        below = access.offset is None or access.offset < 0
+        if access.write and access.anchor == "rsp" and below:
             return True
-        if instruction.mnemonic in _RSP_UPWARD:
-            continue  # they move rsp up: nothing below the entry rsp is touched
-        info = _INFO.info(instruction)
-        for register in info.used_registers():
-            if _is_rsp(register.register) and register.access in _WRITES:
-                return True
-        for memory in info.used_memory():
-            if _is_rsp(memory.base) and memory.access in _WRITES and not _above_rsp(memory):
-                return True
+    return any(
+        _may_write_stack(instruction)
+        for instruction in decode(code, address)
+        if instruction.ip not in found.depths
+    )
+
+
+def _may_write_stack(instruction: Instruction) -> bool:
+    """Judged by its text alone: may this instruction write below rsp?"""
+    if is_invalid(instruction):
+        return True
+    if instruction.mnemonic in _RSP_UPWARD:
+        return False  # they move rsp up: nothing below the entry rsp is touched
+    info = _INFO.info(instruction)
+    for register in info.used_registers():
+        if _is_rsp(register.register) and register.access in _WRITES:
+            return True
+    for memory in info.used_memory():
+        if _is_rsp(memory.base) and memory.access in _WRITES and not _above_rsp(memory):
+            return True
     return False
 
 
@@ -134,25 +150,6 @@ def _above_rsp(memory: UsedMemory) -> bool:
         memory.displacement - (1 << 64) if memory.displacement >> 63 else memory.displacement
     )
     return memory.index == Register.NONE and displacement >= 0
-
-
-def stack_operands(code: bytes, address: int) -> list[str]:
-    """The instructions of ``code`` with an explicit rsp-relative memory operand, as text.
-
-    In a body run below the red zone such an operand is 128 bytes (plus any
-    pushes) off from what the same text means in the function; the planner
-    refuses them there. Pushes, pops, calls and returns use rsp implicitly and
-    are not listed.
-    """
-    found = []
-    for instruction in decode(code, address):
-        for operand in range(instruction.op_count):
-            if instruction.op_kind(operand) == OpKind.MEMORY and (
-                _is_rsp(instruction.memory_base) or _is_rsp(instruction.memory_index)
-            ):
-                found.append(format_instruction(instruction))
-                break
-    return found
 
 
 def _is_rsp(register: Register_) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import cached_property
 
 from micropatch.tools.functions import Function
 from micropatch.tools.module import Analysis
@@ -25,13 +26,17 @@ class Profile:
     callees: tuple[int, ...]  # called, or whose address is taken (a callback table)
     strings: frozenset[str]
     anchors: frozenset[str]
-    bag: Counter[int]
     blocks: int
 
     @property
     def size(self) -> int:
         """Number of instructions."""
         return len(self.tokens)
+
+    @cached_property
+    def bag(self) -> Counter[int]:
+        """The tokens as a multiset; made only for the functions compared fuzzily."""
+        return Counter(self.tokens)
 
 
 def profile(analysis: Analysis) -> Profile:
@@ -44,7 +49,6 @@ def profile(analysis: Analysis) -> Profile:
         callees=tuple(dict.fromkeys(analysis.code_references)),
         strings=strings,
         anchors=strings | frozenset(analysis.imports),
-        bag=Counter(analysis.tokens),
         blocks=analysis.blocks,
     )
 

@@ -11,67 +11,31 @@ over what is still unmatched:
 5. fuzzy likeness, only between functions of similar size (a sorted window,
    never all pairs), best pairs first; then the call graph again.
 
-A matched pair whose normalised code differs is a change. Changes are ranked
-with the small edits of confidently matched functions first, the usual shape
-of a security fix: a check (a block, a call) added to an otherwise identical
-function, before edits of operands only (a constant, a register).
+A matched pair whose normalised code differs is a change; `diff.rank` orders
+the changes, changes of logic (conditions, comparisons, calls) of surely
+matched functions first.
 """
 
 from __future__ import annotations
 
 import bisect
-import difflib
 import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
+from micropatch.tools.diff.rank import Change, change, rank_key
 from micropatch.tools.functions import Function
-from micropatch.tools.module import ModuleIndex
+from micropatch.tools.insn import Roles, Shapes
+from micropatch.tools.module import SMALL_CONSTANT, ModuleIndex
 
 log = logging.getLogger(__name__)
 
 FUZZY_THRESHOLD = 0.55
 FUZZY_WINDOW = 40  # candidates either side in size order
 SIZE_SLACK = 0.35  # a fuzzy candidate's size may differ by this fraction
-# Methods by confidence: a fuzzy match that differs is as likely a wrong match as a change.
-CONFIDENCE = {"name": 0, "exact": 0, "anchors": 0, "callgraph": 1, "fuzzy": 2}
-
-
-@dataclass(frozen=True)
-class Change:
-    """A matched function whose code changed; `added`/`removed` count instructions.
-
-    `structural` if the change adds or removes blocks, calls or imports used,
-    not only operands (a constant, a register, an instruction reordered).
-    """
-
-    old: Function
-    new: Function
-    method: str
-    similarity: float
-    added: int
-    removed: int
-    structural: bool
-
-    @property
-    def name(self) -> str | None:
-        return self.old.name or self.new.name
-
-    def as_json(self) -> dict[str, object]:
-        return {
-            "old_offset": self.old.start,
-            "new_offset": self.new.start,
-            "name": self.name,
-            "similarity": round(self.similarity, 4),
-            "old_end": self.old.end,
-            "new_end": self.new.end,
-            "method": self.method,
-            "added": self.added,
-            "removed": self.removed,
-            "structural": self.structural,
-        }
 
 
 @dataclass
@@ -102,6 +66,17 @@ class DiffResult:
     def only_new(self) -> list[Function]:
         taken = set(self.pairs.values())
         return [p.function for s, p in self.profiles_new.items() if s not in taken]
+
+
+def diff_files(old: str | Path, new: str | Path) -> DiffResult:
+    """`diff_modules` of two module files, decoded through one shared cache."""
+    shapes = Shapes(SMALL_CONSTANT)
+    old_index = ModuleIndex.open(old, shapes)
+    new_index = ModuleIndex.open(new, shapes)
+    old_index.analyses()
+    new_index.analyses()
+    shapes.clear()
+    return diff_modules(old_index, new_index)
 
 
 def diff_modules(old: ModuleIndex, new: ModuleIndex) -> DiffResult:
@@ -235,38 +210,15 @@ class _Matcher:
 
 def _rank(result: DiffResult) -> list[Change]:
     changes = []
+    roles = Roles()
     for a, b in result.pairs.items():
         old, new = result.profiles_old[a], result.profiles_new[b]
         if old.exact == new.exact:
             continue
-        matcher = difflib.SequenceMatcher(None, old.tokens, new.tokens, autojunk=False)
-        added = removed = 0
-        for tag, i1, i2, j1, j2 in matcher.get_opcodes():
-            if tag != "equal":
-                removed += i2 - i1
-                added += j2 - j1
-        structural = (
-            old.blocks != new.blocks
-            or old.anchors - old.strings != new.anchors - new.strings
-            or [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
-        )
-        ratio = matcher.ratio()
-        changes.append(
-            Change(old.function, new.function, result.how[a], ratio, added, removed, structural)
-        )
-    changes.sort(key=_rank_key)
+        moved = [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
+        changes.append(change(result.old, result.new, old, new, result.how[a], moved, roles))
+    changes.sort(key=rank_key)
     return changes
-
-
-def _rank_key(change: Change) -> tuple[int, bool, int, float]:
-    # Surely matched first, changes of structure before changes of operands only,
-    # then the smallest edit, then the most similar.
-    return (
-        CONFIDENCE[change.method],
-        not change.structural,
-        change.added + change.removed,
-        -change.similarity,
-    )
 
 
 def _group(

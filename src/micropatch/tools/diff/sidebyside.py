@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from micropatch.errors import ToolError
 from micropatch.tools.diff.match import DiffResult
-from micropatch.tools.insn import format_instruction, is_padding
+from micropatch.tools.insn import is_padding
 from micropatch.tools.module import ModuleIndex
 
 CONTEXT = 3
@@ -85,6 +85,4 @@ def _lines(index: ModuleIndex, start: int) -> list[tuple[int, str]]:
     function = index.at(start)
     if function is None:
         function = index.containing(start)
-    return [
-        (ins.ip, format_instruction(ins)) for ins in index.decode(function) if not is_padding(ins)
-    ]
+    return [(ins.ip, text) for ins, text in index.listing(function) if not is_padding(ins)]

@@ -1,0 +1,235 @@
+"""What every console page shares: the templates, who is looking (`Viewer`, from the
+session cookie), forms and their CSRF check, rendering and redirects.
+
+Sessions are server-side: logging in issues a 12-hour user token (a row of
+`api_tokens`) kept in an HttpOnly, SameSite=Strict cookie; logging out deletes the
+row. Every state-changing form is a POST carrying a CSRF token derived from the
+session (HMAC-SHA256 of the session's secret), checked before anything changes
+(`changer`).
+
+As in the API (`server.api`), a page's database work runs in one thread in a
+transaction of its own; finding the viewer reads in another.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, urlencode
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from micropatch import __version__
+from micropatch.errors import ServerError
+from micropatch.server import models as m
+from micropatch.server import schemas as s
+from micropatch.server.auth import ADMIN, PUBLISH, READ, USER_PREFIX, Principal
+from micropatch.server.context import Server, server_of
+from micropatch.server.errors import Invalid, NotFound, Unauthorized
+from micropatch.server.fleet import users
+
+PREFIX = "/console"
+SESSION_COOKIE = "mp_session"
+LOGIN_COOKIE = "mp_login"
+MAX_FORM = 64 << 10
+SERVER_DIR = Path(__file__).resolve().parent.parent  # templates/ and static/
+_CSRF_KEY = b"micropatch console csrf v1"
+HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data:; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+templates = Environment(
+    loader=FileSystemLoader(SERVER_DIR / "templates"),
+    autoescape=select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+)
+
+
+class LoginNeeded(Exception):
+    """No valid session: the browser goes to the login page."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
+class Forbidden(Exception):
+    """A logged-in user whose role may not do this (HTTP 403, an HTML page)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who is looking: the user, and the session's CSRF token for its forms."""
+
+    who: Principal
+    csrf: str
+
+    @property
+    def role(self) -> str:
+        return self.who.role or ""
+
+    @property
+    def can_change(self) -> bool:
+        return self.role in PUBLISH
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role in ADMIN
+
+    @property
+    def can_audit(self) -> bool:
+        return self.role in ADMIN | {"auditor"}
+
+
+def csrf_token(session_secret: str) -> str:
+    """The CSRF token of a session: only who holds the session's secret can make it."""
+    return hmac.new(_CSRF_KEY, session_secret.encode(), hashlib.sha256).hexdigest()
+
+
+def _when(value: float | None) -> str:
+    if value is None:
+        return "never"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(value))
+
+
+def _ago(value: float | None) -> str:
+    if value is None:
+        return "never"
+    delta = max(0.0, time.time() - value)
+    for size, unit in ((86400, "d"), (3600, "h"), (60, "min")):
+        if delta >= size:
+            return f"{int(delta // size)} {unit} ago"
+    return f"{int(delta)} s ago"
+
+
+templates.filters["when"] = _when
+templates.filters["ago"] = _ago
+
+
+def render(
+    request: Request, template: str, viewer: Viewer | None, status: int = 200, **context: Any
+) -> HTMLResponse:
+    page = templates.get_template(template).render(
+        request=request, viewer=viewer, prefix=PREFIX, version=__version__,
+        notice=request.query_params.get("done"), **context,
+    )  # fmt: skip
+    return HTMLResponse(page, status_code=status, headers=HEADERS)
+
+
+def back(path: str, message: str) -> RedirectResponse:
+    """After a POST: see the page again (303), with what was done."""
+    sep = "&" if "?" in path else "?"
+    return RedirectResponse(f"{PREFIX}{path}{sep}{urlencode({'done': message})}", 303)
+
+
+def failed(request: Request, viewer: Viewer, exc: ServerError) -> HTMLResponse:
+    """A refused change or a missing thing, as an error page."""
+    status = 404 if isinstance(exc, NotFound) else 422 if isinstance(exc, Invalid) else 409
+    return render(request, "error.html", viewer, status, title="Not done", message=str(exc))
+
+
+ServerDep = Annotated[Server, Depends(server_of)]
+
+
+def _viewer(request: Request, server: ServerDep) -> Viewer:
+    secret = request.cookies.get(SESSION_COOKIE, "")
+    if secret.startswith(USER_PREFIX):
+        with server.database.reading() as session:
+            try:
+                who = users.authenticate(session, secret)
+            except Unauthorized:
+                pass
+            else:
+                if who.kind == "user" and who.role in READ:
+                    return Viewer(who, csrf_token(secret))
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    raise LoginNeeded(target)
+
+
+ViewerDep = Annotated[Viewer, Depends(_viewer)]
+
+
+async def _form(request: Request) -> dict[str, str]:
+    """A url-encoded form (what every console form sends), its last value per name."""
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM:
+            raise HTTPException(413, "form too large")
+    kind = request.headers.get("content-type", "").split(";")[0].strip()
+    if body and kind != "application/x-www-form-urlencoded":
+        raise HTTPException(415, "the console's forms are application/x-www-form-urlencoded")
+    try:
+        fields = parse_qs(body.decode(), keep_blank_values=True, strict_parsing=False)
+    except (UnicodeDecodeError, ValueError):
+        raise HTTPException(400, "malformed form") from None
+    return {k: v[-1] for k, v in fields.items()}
+
+
+FormDep = Annotated[dict[str, str], Depends(_form)]
+
+
+def changer(viewer: Viewer, form: dict[str, str], allowed: frozenset[str] = PUBLISH) -> None:
+    """A state-changing POST: the CSRF token first, then the role; nothing changed
+    before both pass."""
+    if not hmac.compare_digest(form.get("csrf", ""), viewer.csrf):
+        raise Forbidden("missing or wrong CSRF token: reload the page and try again")
+    if viewer.role not in allowed:
+        raise Forbidden(
+            f"{viewer.who.actor} may not do this (needs the role {' or '.join(sorted(allowed))})"
+        )
+
+
+def set_cookie(response: Response, request: Request, name: str, value: str, age: int) -> None:
+    response.set_cookie(
+        name, value, max_age=age, path=PREFIX, httponly=True, samesite="strict",
+        secure=request.url.scheme == "https",
+    )  # fmt: skip
+
+
+def state_of(text: str) -> str | None:
+    """A state chosen in a form: enabled, disabled, or inherit (None)."""
+    if text in ("", "inherit"):
+        return None
+    if text not in m.STATES:
+        raise Invalid(f"state {text!r}: enabled, disabled or inherit")
+    return text
+
+
+def patch_ids(session: Session) -> list[str]:
+    return list(session.scalars(select(m.Patch.patch_id).distinct().order_by(m.Patch.patch_id)))
+
+
+def host_names(session: Session) -> dict[int, str]:
+    return {i: n for i, n in session.execute(select(m.Host.id, m.Host.name))}
+
+
+def event_kinds() -> list[str]:
+    from typing import get_args
+
+    return list(get_args(s.EventKind))
+
+
+def safe_next(target: str) -> str:
+    """Only a console path: never another site (an open redirect)."""
+    if target.startswith(f"{PREFIX}/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return f"{PREFIX}/"

@@ -1,0 +1,85 @@
+"""The lifecycle of users' credentials: disabling and enabling a user, setting its
+password, listing and revoking its API tokens (console sessions are tokens too)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from micropatch.server import models as m
+from micropatch.server.auth import Passwords
+from micropatch.server.errors import Invalid, NotFound
+from micropatch.server.fleet.records import audit
+
+MIN_PASSWORD = 8
+
+
+def user(session: Session, name: str) -> m.User:
+    found = session.scalar(select(m.User).where(m.User.name == name))
+    if found is None:
+        raise NotFound(f"no user {name!r}: `micropatch server admin list-users` lists them")
+    return found
+
+
+def users(session: Session) -> Sequence[m.User]:
+    return session.scalars(select(m.User).order_by(m.User.name)).all()
+
+
+def set_disabled(session: Session, name: str, disabled: bool, actor: str) -> m.User:
+    """Disable a user (its tokens and console sessions are refused from the next
+    request on; its password no longer logs in) or enable it again (its tokens that
+    have not expired work again)."""
+    row = user(session, name)
+    if disabled and actor == f"user:{name}":
+        raise Invalid(f"{actor} cannot disable itself: ask another administrator")
+    if (row.disabled is not None) != disabled:
+        row.disabled = time.time() if disabled else None
+        audit(session, actor, "user.disable" if disabled else "user.enable", f"user:{name}")
+    return row
+
+
+def set_password(
+    session: Session, passwords: Passwords, name: str, password: str, actor: str
+) -> m.User:
+    """A new login password for a user; its console sessions and login tokens end
+    (its API tokens made otherwise stay)."""
+    if len(password) < MIN_PASSWORD:
+        raise Invalid(f"the password must be at least {MIN_PASSWORD} characters")
+    row = user(session, name)
+    row.password_hash = passwords.hash(password)
+    sessions = m.ApiToken.label.in_(("login", "console"))
+    session.execute(delete(m.ApiToken).where(m.ApiToken.user_id == row.id, sessions))
+    audit(session, actor, "user.password", f"user:{name}")
+    return row
+
+
+def tokens(session: Session, name: str | None = None) -> Sequence[m.ApiToken]:
+    """Users' API tokens (of one user with `name`), the newest first."""
+    query = select(m.ApiToken).order_by(m.ApiToken.id.desc())
+    if name is not None:
+        query = query.where(m.ApiToken.user_id == user(session, name).id)
+    return session.scalars(query).all()
+
+
+def revoke_tokens(
+    session: Session, actor: str, *, token_id: int | None = None, name: str | None = None
+) -> list[int]:
+    """Revoke one API token by id, or every token of a user (its console sessions
+    included): refused from the next request on. The ids revoked."""
+    if (token_id is None) == (name is None):
+        raise Invalid("revoke a token by its id, or every token of a user by its name")
+    if token_id is not None:
+        row = session.get(m.ApiToken, token_id)
+        if row is None:
+            raise NotFound(f"no API token {token_id}: `GET /api/v1/tokens` lists them")
+        rows = [row]
+    else:
+        rows = list(tokens(session, name))
+    for row in rows:
+        session.delete(row)
+        audit(session, actor, "token.revoke", f"user:{row.user.name}", token=row.id,
+              label=row.label)  # fmt: skip
+    return [row.id for row in rows]
