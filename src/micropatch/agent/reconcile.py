@@ -2,7 +2,7 @@
 
 A pass looks at every process (or the ones named), `workers` at a time (threads:
 while one waits for a target's threads to stop, another works): the patches of the store
-whose module it maps (identity read from the process, `live.module.find_module`),
+whose module it maps (identity read from the process, `live.mapped.find_module`),
 the patches its registry says it carries (`live.states.status`: the registries
 are the truth, so a restarted agent neither patches twice nor forgets), and the
 policy; then applies, updates or removes. Blocked counters read from the caves
@@ -35,7 +35,7 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.live.lock import waiting
-from micropatch.live.module import CAVE_PREFIX, ModuleCache, find_module
+from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module
 from micropatch.live.states import PatchState, read_counters
 from micropatch.process.maps import parse_maps
 from micropatch.process.procfs import read_proc_text, start_time

@@ -49,11 +49,11 @@ from micropatch.agent.reconcile import PassResult, Reconciler
 from micropatch.agent.requests import Requests
 from micropatch.agent.store import ArtifactStore, PolicyState
 from micropatch.errors import FanotifyUnavailable, MicropatchError
-from micropatch.live.module import LoadedModule, ModuleCache
+from micropatch.live.mapped import LoadedModule, ModuleCache
 from micropatch.patch.view import TargetView
 from micropatch.process.connector import ConnectorError
 from micropatch.process.select import ProcessInfo
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 if TYPE_CHECKING:
     from micropatch.agent.metrics import Metrics
