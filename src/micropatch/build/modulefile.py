@@ -23,7 +23,7 @@ PLACEHOLDER_BASE = 0x7F00_0000_0000
 _CAVE_GAP = 1 << 20
 
 
-def open_module(path: str | Path) -> FileModule:
+def open_module(path: str | Path) -> PlacedModule:
     """A module file as if loaded: at PLACEHOLDER_BASE if it is position-independent,
     else at its own image base. No process is involved; `pid` is 0. Symbolic links
     are resolved: `name` is the name processes map."""
@@ -34,11 +34,11 @@ def open_module(path: str | Path) -> FileModule:
             image = ElfImage.from_file(f, path.name)
     except OSError as exc:
         raise ElfError(f"cannot read module file {path}: {exc.strerror}") from None
-    return _file_module(path, identity, image)
+    return _placed(path, identity, image)
 
 
 @dataclass(frozen=True)
-class FileModule:
+class PlacedModule:
     """A module file placed at an address, as the planner sees a loaded one."""
 
     path: str
@@ -63,9 +63,9 @@ class FileModule:
         return self.base + offset
 
 
-def _file_module(path: Path, identity: ModuleIdentity, image: ElfImage) -> FileModule:
+def _placed(path: Path, identity: ModuleIdentity, image: ElfImage) -> PlacedModule:
     base = PLACEHOLDER_BASE if image.is_pie_or_shared else image.image_base
-    return FileModule(str(path), base, identity, image)
+    return PlacedModule(str(path), base, identity, image)
 
 
 ELSEWHERE = 0x7FFF_F000_0000

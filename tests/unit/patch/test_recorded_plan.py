@@ -76,7 +76,7 @@ def test_placing_a_recorded_plan_reads_no_symbol_table(targets, tmp_path) -> Non
     admitted = _admitted(tmp_path, targets.vuln_pie, FIX)
     file = open_module(targets.vuln_pie)
     cache = ModuleCache()
-    plan = cache.plan(admitted, file, _unused)  # type: ignore[arg-type]  # a FileModule as loaded
+    plan = cache.plan(admitted, file, _unused)  # type: ignore[arg-type]  # a PlacedModule as loaded
     [site] = plan.at(file, admitted.toolchain)
     site.trampoline(file.base + 0x10_0000, file.base + 0x10_0800)
     assert "_tables" not in vars(file.image)  # the symbol tables were never parsed
