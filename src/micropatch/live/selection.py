@@ -83,10 +83,10 @@ def scan(
     pids: Iterable[int],
     filters: Filters,
     applied: Callable[[int], int | None],
-    wanted: Callable[[int | None], bool],
+    touches: Callable[[int | None], bool],
 ) -> Selection:
     """Of `pids`, those `filters` keep, each with the version of the patch
-    `applied` reads there (None: not applied): a target if `wanted` says so, else
+    `applied` reads there (None: not applied): a target if it `touches` it, else
     skipped. Any runtime's selection for `--all` is made here."""
     selection = Selection()
     for pid in pids:
@@ -101,5 +101,5 @@ def scan(
         except MicropatchError as e:
             selection.unreadable.append((pid, e))
             continue
-        (selection.targets if wanted(candidate.applied) else selection.skipped).append(candidate)
+        (selection.targets if touches(candidate.applied) else selection.skipped).append(candidate)
     return selection
