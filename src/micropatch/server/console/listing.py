@@ -1,0 +1,91 @@
+"""The hosts listing's query: search by name, a group (and the groups below it),
+online / stale / offline, a compliance state, a sort, a page. Filtering, sorting and
+paging happen in the database; the page's hosts alone are read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy.orm import Session
+
+from micropatch.server import models as m
+from micropatch.server.catalogue import Catalogue
+from micropatch.server.console.liveness import thresholds
+from micropatch.server.fleet import compliance
+
+SORTS: dict[str, Any] = {
+    "name": m.Host.name,
+    "group": m.Group.path,
+    "last_seen": m.Host.last_seen,
+    "id": m.Host.id,
+}
+
+
+@dataclass(frozen=True)
+class HostQuery:
+    """What the hosts page was asked for (its URL's parameters, checked)."""
+
+    q: str = ""
+    group: str = ""
+    state: str = ""  # online, stale, offline, or a compliance state
+    sort: str = "name"
+    descending: bool = False
+    page: int = 1
+
+    def params(self, **changed: Any) -> dict[str, Any]:
+        """The URL parameters of this query with some changed (links, the pager)."""
+        values = {"q": self.q, "group": self.group, "state": self.state, "sort": self.sort,
+                  "order": "desc" if self.descending else "asc", "page": self.page}  # fmt: skip
+        values.update(changed)
+        return {k: v for k, v in values.items() if v not in ("", None)}
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _filters(
+    query: HostQuery, catalogue: Catalogue, session: Session, interval: float, now: float
+) -> list[ColumnElement[bool]]:
+    where: list[ColumnElement[bool]] = []
+    if query.q:
+        where.append(m.Host.name.ilike(f"%{_escape_like(query.q)}%", escape="\\"))
+    if query.group and query.group != "/":  # a group and the groups below it
+        below = _escape_like(query.group.rstrip("/")) + "/%"
+        where.append(or_(m.Group.path == query.group, m.Group.path.like(below, escape="\\")))
+    online, stale = thresholds(interval, now)
+    if query.state == "online":
+        where.append(m.Host.last_seen >= online)
+    elif query.state == "stale":
+        where.append((m.Host.last_seen < online) & (m.Host.last_seen >= stale))
+    elif query.state == "offline":
+        where.append(or_(m.Host.last_seen.is_(None), m.Host.last_seen < stale))
+    elif query.state in compliance.STATES:
+        where.append(m.Host.id.in_(compliance.hosts_in_state(catalogue, session, query.state)))
+    return where
+
+
+def find_hosts(
+    session: Session,
+    catalogue: Catalogue,
+    query: HostQuery,
+    *,
+    interval: float,
+    now: float,
+    per_page: int,
+) -> tuple[list[tuple[m.Host, str]], int]:
+    """A page of (host, group path) and how many hosts match."""
+    where = _filters(query, catalogue, session, interval, now)
+    base = select(m.Host, m.Group.path).join(m.Group, m.Host.group_id == m.Group.id)
+    total = session.scalar(select(func.count()).select_from(base.where(*where).subquery())) or 0
+    column = SORTS.get(query.sort, m.Host.name)
+    order = column.desc() if query.descending else column.asc()
+    if query.sort == "last_seen":  # never checked in: last when ascending
+        order = column.desc().nulls_last() if query.descending else column.asc().nulls_first()
+    page = session.execute(
+        base.where(*where).order_by(order, m.Host.id)
+        .offset((query.page - 1) * per_page).limit(per_page)
+    ).all()  # fmt: skip
+    return [(h, path) for h, path in page], total
