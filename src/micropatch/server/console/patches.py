@@ -69,7 +69,7 @@ def confirm_revoke(
     if not rows:
         what = patch_id if number is None else f"{patch_id} v{number}"
         return failed(request, viewer, NotFound(f"no published, unrevoked patch {what}"))
-    return render(request, "revoke.html", viewer, patch_id=patch_id, version=version, rows=rows)
+    return render(request, "revoke.html", viewer, patch_id=patch_id, number=version, rows=rows)
 
 
 @router.post("/patches/revoke")
