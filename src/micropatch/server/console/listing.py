@@ -62,8 +62,9 @@ def _filters(
         where.append((m.Host.last_seen < online) & (m.Host.last_seen >= stale))
     elif query.state == "offline":
         where.append(or_(m.Host.last_seen.is_(None), m.Host.last_seen < stale))
-    elif query.state in compliance.STATES:
-        where.append(m.Host.id.in_(compliance.hosts_in_state(catalogue, session, query.state)))
+    elif query.state in compliance.STATES:  # computed once for the count and the page
+        ids = session.scalars(compliance.hosts_in_state(catalogue, session, query.state)).all()
+        where.append(m.Host.id.in_(ids))
     return where
 
 

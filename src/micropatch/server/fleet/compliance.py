@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import Select, and_, case, false, func, literal, select, tuple_, union_all
+from sqlalchemy import Select, and_, case, false, func, literal, or_, select, tuple_, union_all
 from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
@@ -51,10 +51,16 @@ def pairs(catalogue: Catalogue, session: Session, host_ids: list[int] | None = N
         .join(m.Patch, m.Patch.module_build_id == m.HostModule.build_id)
         .where(live, m.Patch.module_build_id.is_not(None), *only)
     )
+    # By SHA-256 only where the build-id did not match already (the index covers it).
+    other = or_(
+        m.Patch.module_build_id.is_(None),
+        m.HostModule.build_id.is_(None),
+        m.HostModule.build_id != m.Patch.module_build_id,
+    )
     by_sha256 = (
         select(m.HostModule.host_id, m.Patch.patch_id, m.Patch.version)
         .join(m.Patch, m.Patch.module_sha256 == m.HostModule.sha256)
-        .where(live, *only)
+        .where(live, other, *only)
     )
     matched = union_all(by_build_id, by_sha256).subquery()
     wanted = (
