@@ -108,6 +108,7 @@ def test_hosts_search_filter_sort_and_state(console: Api, make_artifact: MakeArt
     assert names(state="stale") == ["mail"] and names(state="offline") == ["lab-1"]
     assert names(sort="last_seen")[0] == "lab-1"  # never checked in: first
     assert names(sort="nonsense", state="bogus") == names()  # unknown values ignored
+    assert "5 hosts" in client.get("/console/hosts", params={"page": 9}).text  # past the end
     page = client.get("/console/hosts", params={"q": "web", "sort": "group"}).text
     assert "q=web" in page and "aria-sort" in page
 

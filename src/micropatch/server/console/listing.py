@@ -62,9 +62,8 @@ def _filters(
         where.append((m.Host.last_seen < online) & (m.Host.last_seen >= stale))
     elif query.state == "offline":
         where.append(or_(m.Host.last_seen.is_(None), m.Host.last_seen < stale))
-    elif query.state in compliance.STATES:  # computed once for the count and the page
-        ids = session.scalars(compliance.hosts_in_state(catalogue, session, query.state)).all()
-        where.append(m.Host.id.in_(ids))
+    elif query.state in compliance.STATES:
+        where.append(m.Host.id.in_(compliance.hosts_in_state(catalogue, session, query.state)))
     return where
 
 
@@ -77,16 +76,22 @@ def find_hosts(
     now: float,
     per_page: int,
 ) -> tuple[list[tuple[m.Host, str]], int]:
-    """A page of (host, group path) and how many hosts match."""
+    """A page of (host, group path) and how many hosts match: one statement (the
+    count is a window over the filtered hosts), a second only for a page past the end."""
     where = _filters(query, catalogue, session, interval, now)
-    base = select(m.Host, m.Group.path).join(m.Group, m.Host.group_id == m.Group.id)
-    total = session.scalar(select(func.count()).select_from(base.where(*where).subquery())) or 0
+    base = (
+        select(m.Host, m.Group.path, func.count().over().label("total"))
+        .join(m.Group, m.Host.group_id == m.Group.id)
+        .where(*where)
+    )
     column = SORTS.get(query.sort, m.Host.name)
     order = column.desc() if query.descending else column.asc()
     if query.sort == "last_seen":  # never checked in: last when ascending
         order = column.desc().nulls_last() if query.descending else column.asc().nulls_first()
     page = session.execute(
-        base.where(*where).order_by(order, m.Host.id)
-        .offset((query.page - 1) * per_page).limit(per_page)
-    ).all()  # fmt: skip
-    return [(h, path) for h, path in page], total
+        base.order_by(order, m.Host.id).offset((query.page - 1) * per_page).limit(per_page)
+    ).all()
+    if page:
+        return [(h, path) for h, path, _ in page], page[0].total
+    counted = select(func.count()).select_from(base.subquery())
+    return [], (session.scalar(counted) or 0) if query.page > 1 else 0
