@@ -162,7 +162,9 @@ def main() -> int:
     machine = {"cpus": os.cpu_count(), "load": os.getloadavg()}
     target = RESULTS / ("quick" if args.quick else "")
     target.mkdir(parents=True, exist_ok=True)
-    (target / "console.json").write_text(json.dumps({"command": command, "machine": machine, **out}, indent=1))
+    (target / "console.json").write_text(
+        json.dumps({"command": command, "machine": machine, **out}, indent=1)
+    )
     lines = [
         "# console: pages at a fleet's size", "",
         f"Command: `{command}`  ", f"Machine: {machine['cpus']} CPUs, load average "

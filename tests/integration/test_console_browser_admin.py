@@ -17,7 +17,7 @@ from unit.server.conftest import make_artifact, module, signing_key  # noqa: F40
 from micropatch.trust.artifact import loads
 
 from .test_console_browser import CHROMIUM, create_user, log_in, pytestmark, shot  # noqa: F401
-from .test_console_browser import chromium as chromium  # noqa: F401 (the fixture)
+from .test_console_browser import chromium as chromium
 from .test_server import data_dir, micropatch, server  # noqa: F401 (fixtures)
 from .test_server import database as _database  # noqa: F401 (the autouse fixture)
 
@@ -26,13 +26,13 @@ def seed(api: httpx.Client, admin: dict[str, str], data: bytes) -> dict[str, int
     """/prod with three hosts: web-1 carries the patch, web-2 has the module and not
     the patch, db-1 lacks the module."""
     facts = loads(data).payload.module
-    module = {"name": facts.name, "path": "/opt/libcheck.so", "build_id": facts.build_id,
+    loaded = {"name": facts.name, "path": "/opt/libcheck.so", "build_id": facts.build_id,
               "sha256": facts.sha256}  # fmt: skip
     r = api.post("/api/v1/groups", json={"path": "/prod"}, headers=admin)
     assert r.status_code == 201, r.text
     r = api.post("/api/v1/groups", json={"path": "/staging"}, headers=admin)
     ids = {}
-    for name, modules, carried in (("web-1", [module], True), ("web-2", [module], False),
+    for name, modules, carried in (("web-1", [loaded], True), ("web-2", [loaded], False),
                                    ("db-1", [], False)):  # fmt: skip
         r = api.post("/api/v1/enrollment-tokens", json={"group": "/prod"}, headers=admin)
         r = api.post("/api/v1/enroll", json={"token": r.json()["token"], "hostname": name})
@@ -51,7 +51,7 @@ def test_console_administration(
     server: str,  # noqa: F811
     make_artifact: Any,  # noqa: F811
     tmp_path: Path,
-    chromium: Any,  # noqa: F811
+    chromium: Any,
 ) -> None:
     operator = create_user(data_dir, "olga", "operator")
     admin_token = create_user(data_dir, "ada", "admin")
