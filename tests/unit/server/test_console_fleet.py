@@ -74,6 +74,7 @@ def test_compliance_counted_by_the_database(console: Api, make_artifact: MakeArt
     assert re.search(r'id="compliance"><span class="tag outdated">', host)
     patches = client.get("/console/patches").text
     assert "1 vulnerable" in patches and "1 outdated" in patches and "1 protected" in patches
+    assert "/console/hosts?patch=fix-web&amp;state=vulnerable" in patches
     # Revoking v2 makes v1 the newest: web-old is protected, web-new carries more than needed.
     r = console.client.post("/api/v1/patches/fix-web/revoke", json={"version": 2},
                             headers=console.auth("operator"))  # fmt: skip
@@ -104,6 +105,9 @@ def test_hosts_search_filter_sort_and_state(console: Api, make_artifact: MakeArt
     assert names(group="/prod/web") == ["web-new", "web-old"]
     assert names(state="vulnerable") == ["db-bare"]
     assert names(state="outdated", group="/prod") == ["web-old"]
+    assert names(patch="fix-web", state="outdated") == ["web-old"]  # the patches page's links
+    assert names(patch="fix-web") == ["db-bare", "web-new", "web-old"]  # enabled and relevant
+    assert names(patch="no-such-patch") == []
     assert names(state="online") == ["db-bare", "web-new", "web-old"]
     assert names(state="stale") == ["mail"] and names(state="offline") == ["lab-1"]
     assert names(sort="last_seen")[0] == "lab-1"  # never checked in: first
@@ -134,6 +138,8 @@ def test_root_404_and_docs(console: Api) -> None:  # noqa: F811
     assert r.status_code == 404 and r.headers["content-type"].startswith("text/html")
     assert "There is no console page /console/no/such/page" in r.text
     assert "Log out" in r.text  # the logged-in menu
+    r = client.get("/console/hosts/not-a-number")
+    assert r.status_code == 404 and "There is no console page" in r.text
     anonymous = console.client.get("/console/nothing-here")
     assert anonymous.status_code == 404 and "<html" in anonymous.text
     assert "<script" not in anonymous.text.split("</head>")[1]

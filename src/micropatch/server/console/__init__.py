@@ -19,6 +19,7 @@ from __future__ import annotations
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -58,13 +59,26 @@ def mount_console(app: FastAPI) -> None:
     async def _forbidden(request: Request, exc: Forbidden) -> Response:
         return render(request, "error.html", None, 403, title="Forbidden", message=exc.message)
 
+    async def _not_found(request: Request) -> Response:
+        viewer = await anyio.to_thread.run_sync(find_viewer, request)
+        return render(request, "error.html", viewer, 404, title="Not found",
+                      message=f"There is no console page {request.url.path}.")  # fmt: skip
+
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code != 404 or not request.url.path.startswith(f"{PREFIX}/"):
             return await http_exception_handler(request, exc)
-        viewer = await anyio.to_thread.run_sync(find_viewer, request)
-        return render(request, "error.html", viewer, 404, title="Not found",
-                      message=f"There is no console page {request.url.path}.")  # fmt: skip
+        return await _not_found(request)
+
+    api_invalid = app.exception_handlers[RequestValidationError]
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        """A console URL whose path does not parse (/console/hosts/abc) is not a page."""
+        if request.url.path.startswith(f"{PREFIX}/") and request.method == "GET":
+            return await _not_found(request)
+        answer = api_invalid(request, exc)
+        return answer if isinstance(answer, Response) else await answer
 
     for module in (session, dashboard, hosts, groups, patches, events, users, credentials,
                    enrollment):  # fmt: skip

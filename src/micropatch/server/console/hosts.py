@@ -47,11 +47,12 @@ def host_list(
     state: str = "",
     sort: str = "name",
     order: str = "asc",
+    patch: str = "",
     page: int = 1,
 ) -> Response:
     query = HostQuery(
         q=q.strip()[:255], group=group[:255],
-        state=state if state in STATES + compliance.STATES else "",
+        state=state if state in STATES + compliance.STATES else "", patch=patch[:128],
         sort=sort if sort in SORTS else "name", descending=order == "desc",
         page=max(1, min(page, s.INT_MAX // HOSTS_PER_PAGE)),
     )  # fmt: skip

@@ -30,13 +30,15 @@ class HostQuery:
     q: str = ""
     group: str = ""
     state: str = ""  # online, stale, offline, or a compliance state
+    patch: str = ""  # with a compliance state: that state for this patch
     sort: str = "name"
     descending: bool = False
     page: int = 1
 
     def params(self, **changed: Any) -> dict[str, Any]:
         """The URL parameters of this query with some changed (links, the pager)."""
-        values = {"q": self.q, "group": self.group, "state": self.state, "sort": self.sort,
+        values = {"q": self.q, "group": self.group, "state": self.state, "patch": self.patch,
+                  "sort": self.sort,
                   "order": "desc" if self.descending else "asc", "page": self.page}  # fmt: skip
         values.update(changed)
         return {k: v for k, v in values.items() if v not in ("", None)}
@@ -62,8 +64,10 @@ def _filters(
         where.append((m.Host.last_seen < online) & (m.Host.last_seen >= stale))
     elif query.state == "offline":
         where.append(or_(m.Host.last_seen.is_(None), m.Host.last_seen < stale))
-    elif query.state in compliance.STATES:
-        where.append(m.Host.id.in_(compliance.hosts_in_state(catalogue, session, query.state)))
+    if query.state in compliance.STATES or query.patch:
+        state = query.state if query.state in compliance.STATES else None
+        chosen = compliance.hosts_in_state(catalogue, session, state, query.patch or None)
+        where.append(m.Host.id.in_(chosen))
     return where
 
 

@@ -113,10 +113,18 @@ def fleet_counts(catalogue: Catalogue, session: Session) -> dict[str, int]:
     return counts
 
 
-def hosts_in_state(catalogue: Catalogue, session: Session, state: str) -> Select[Any]:
-    """The ids of the hosts whose state is `state` (a subquery for a host listing)."""
-    ranks = _host_ranks(catalogue, session).subquery()
-    return select(ranks.c.host_id).where(ranks.c.rank == _RANK[state])
+def hosts_in_state(
+    catalogue: Catalogue, session: Session, state: str | None, patch_id: str | None = None
+) -> Select[Any]:
+    """The ids of the hosts whose state is `state` (a subquery for a host listing); with
+    `patch_id`, their state for that patch (any state with `state` None: the hosts
+    that patch concerns)."""
+    if patch_id is None:
+        ranks = _host_ranks(catalogue, session).subquery()
+        return select(ranks.c.host_id).where(ranks.c.rank == _RANK[state or "protected"])
+    each = pairs(catalogue, session).subquery()
+    query = select(each.c.host_id).where(each.c.patch_id == patch_id)
+    return query if state is None else query.where(each.c.state == state)
 
 
 def host_states(
