@@ -277,7 +277,9 @@ def test_another_sessions_csrf_token_is_refused(console: Api, make_artifact: Mak
 # reading for every role, changing policies and revoking for admin and operator,
 # creating groups for admin, the audit log for admin and auditor.
 READS = ["/console/", "/console/hosts", "/console/hosts/1", "/console/groups",
-         "/console/groups/policy?path=/prod", "/console/patches", "/console/events"]  # fmt: skip
+         "/console/groups/policy?path=/prod", "/console/patches", "/console/events",
+         "/console/hosts?state=vulnerable&sort=last_seen", "/console/hosts/1/retire",
+         "/console/patches/revoke?patch_id=fix-web&version=1"]  # fmt: skip
 MATRIX = {
     "admin": {"audit": 200, "policy": 303, "revoke": 303, "group": 303},
     "operator": {"audit": 403, "policy": 303, "revoke": 303, "group": 403},
@@ -296,6 +298,7 @@ def test_role_matrix(console: Api, make_artifact: MakeArtifact, role: str) -> No
             assert 'method="post" action="/console/groups' not in r.text, url
             assert "/console/patches/revoke" not in r.text, url
             assert 'class="inline write"' not in r.text, url
+            assert 'class="write' not in r.text and "write confirm" not in r.text, url
     expected = MATRIX[role]
     r = client.get("/console/audit")
     assert r.status_code == expected["audit"]

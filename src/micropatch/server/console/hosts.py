@@ -19,7 +19,12 @@ from micropatch.server import schemas as s
 from micropatch.server.auth import ADMIN
 from micropatch.server.checkin import host_modules
 from micropatch.server.console.listing import SORTS, HostQuery, find_hosts
-from micropatch.server.console.liveness import STATES, liveness
+from micropatch.server.console.liveness import (
+    ONLINE_INTERVALS,
+    STALE_INTERVALS,
+    STATES,
+    liveness,
+)
 from micropatch.server.console.pages import (
     PREFIX,
     FormDep,
@@ -83,7 +88,8 @@ def host_list(
 
     return render(request, "hosts.html", viewer, rows=rows, total=total, pages=pages,
                   query=query, link=link, groups=group_paths, liveness_states=STATES,
-                  compliance_states=compliance.STATES)  # fmt: skip
+                  compliance_states=compliance.STATES, online_after=ONLINE_INTERVALS,
+                  stale_after=STALE_INTERVALS)  # fmt: skip
 
 
 @router.get("/hosts/{host_id}")
