@@ -243,3 +243,30 @@ def test_audit_pages_and_readable_details(console: Api, monkeypatch: pytest.Monk
         url = older[1] if older else ""
     assert seen.count("group.create") == 4 and seen.count("policy.set") == 1
     assert seen.index("policy.set") < seen.index("group.create")  # newest first
+
+
+def test_enrollment_page_lists_the_newest_used(
+    console: Api,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fleet uses a token per host: every unused token, only the newest used ones."""
+    from micropatch.server.console import enrollment
+
+    monkeypatch.setattr(enrollment, "USED_SHOWN", 1)
+    ids = [console.enroll(f"h{i}")[0] for i in range(3)]
+    r = console.client.post("/api/v1/enrollment-tokens", json={}, headers=console.auth("admin"))
+    assert r.status_code == 201
+    page = login(console, "admin").get("/console/enrollment").text
+    assert "of the 3 used, the 1 newest" in page
+    assert (
+        page.count("not yet") == 1 and f"host {ids[-1]}<" in page and f"host {ids[0]}<" not in page
+    )
+
+
+def test_expired_tokens_are_counted_not_listed(console: Api) -> None:  # noqa: F811
+    with console.server.database.session() as session:
+        rows = session.query(m.ApiToken).filter(m.ApiToken.label == "created with the user")
+        rows.filter(m.ApiToken.user_id == 1).update({"expires": 1.0})  # the API's "admin"
+    page = login(console, "admin").get("/console/tokens").text
+    assert "Not shown: 1 expired token or session" in page
+    assert '<a href="/console/users/admin">admin</a>' not in page

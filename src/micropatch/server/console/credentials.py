@@ -1,5 +1,6 @@
-"""/console/tokens (admin): every user's API tokens and console sessions, without
-their secrets; creating one with a lifetime (its secret shown once), revoking one."""
+"""/console/tokens (admin): users' API tokens and console sessions not expired yet,
+without their secrets (expired ones are only counted: they no longer work); creating
+one with a lifetime (its secret shown once), revoking one."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from sqlalchemy import func, select
 
 from micropatch.errors import ServerError
+from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import ADMIN
 from micropatch.server.console.pages import (
@@ -32,9 +35,12 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 def _page(request: Request, viewer: Viewer, server: Server, **extra: Any) -> Response:
     with server.database.reading() as session:
-        tokens = list(credentials.tokens(session))
+        tokens = list(credentials.tokens(session, unexpired=True))
+        expired = session.scalar(select(func.count()).select_from(m.ApiToken)) or 0
+        expired -= len(tokens)
         names = [u.name for u in credentials.users(session) if u.disabled is None]
-        return render(request, "tokens.html", viewer, tokens=tokens, names=names, **extra)
+        return render(request, "tokens.html", viewer, tokens=tokens, names=names,
+                      expired=expired, **extra)  # fmt: skip
 
 
 @router.get("/tokens")

@@ -1,4 +1,5 @@
-"""/console/enrollment (admin): one-time enrollment tokens, used or not; creating one
+"""/console/enrollment (admin): one-time enrollment tokens (every unused one, the
+newest used ones: a fleet uses one per host); creating one
 for a group with a lifetime (its secret and the enroll command shown once), revoking
 one no host used yet."""
 
@@ -8,7 +9,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from micropatch.errors import ServerError
 from micropatch.server import models as m
@@ -32,15 +33,20 @@ from micropatch.server.fleet import hosts
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 MAX_HOURS = 24 * 365
+USED_SHOWN = 50  # a fleet uses one token per host: only the newest used ones are listed
 
 
 def _page(request: Request, viewer: Viewer, server: Server, **extra: Any) -> Response:
     with server.database.reading() as session:
-        tokens = hosts.enrollment_tokens(session)
+        unused = hosts.enrollment_tokens(session, unused=True)
+        used = [t for t in hosts.enrollment_tokens(session, limit=USED_SHOWN + len(unused))
+                if t.used is not None][:USED_SHOWN]  # fmt: skip
+        used_total = session.scalar(select(func.count()).where(m.EnrollmentToken.used.is_not(None)))
         group_paths = list(session.scalars(select(m.Group.path).order_by(m.Group.path)))
     base = str(request.base_url).rstrip("/")
-    return render(request, "enrollment.html", viewer, tokens=tokens, groups=group_paths,
-                  server_url=base, **extra)  # fmt: skip
+    return render(request, "enrollment.html", viewer, tokens=unused + used, groups=group_paths,
+                  server_url=base, used_total=used_total or 0, used_shown=len(used),
+                  **extra)  # fmt: skip
 
 
 @router.get("/enrollment")

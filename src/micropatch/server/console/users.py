@@ -79,7 +79,7 @@ def user_page(name: str, request: Request, viewer: ViewerDep, server: ServerDep)
             found = credentials.user(session, name)
         except ServerError as exc:
             return failed(request, viewer, exc)
-        tokens = credentials.tokens(session, name)
+        tokens = credentials.tokens(session, name, unexpired=True)
         return render(request, "user.html", viewer, user=found, tokens=list(tokens))
 
 

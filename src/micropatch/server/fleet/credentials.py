@@ -7,7 +7,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
@@ -58,9 +58,14 @@ def set_password(
     return row
 
 
-def tokens(session: Session, name: str | None = None) -> Sequence[m.ApiToken]:
-    """Users' API tokens (of one user with `name`), the newest first."""
+def tokens(
+    session: Session, name: str | None = None, *, unexpired: bool = False
+) -> Sequence[m.ApiToken]:
+    """Users' API tokens (of one user with `name`; those not expired with `unexpired`),
+    the newest first."""
     query = select(m.ApiToken).order_by(m.ApiToken.id.desc())
+    if unexpired:
+        query = query.where(or_(m.ApiToken.expires.is_(None), m.ApiToken.expires > time.time()))
     if name is not None:
         query = query.where(m.ApiToken.user_id == user(session, name).id)
     return session.scalars(query).all()
