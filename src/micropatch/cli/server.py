@@ -71,12 +71,20 @@ def publish(
     server_extra()
     import httpx
 
+    from micropatch.trust.admission import is_source
+
     if not token:
         raise fail("no API token: pass --token or set MICROPATCH_TOKEN")
     try:
         data = artifact.read_bytes()
     except OSError as e:
         raise fail(f"{artifact}: cannot read: {e.strerror}") from None
+    if is_source(data, artifact.name):
+        raise fail(
+            f"{artifact} is a patch source; publish the signed artifact built from it "
+            f"(micropatch build {artifact} --module MODULE_FILE --key KEY.key writes "
+            "ID-vVERSION-HASH.mpatch)"
+        )
     try:
         response = httpx.post(
             f"{server.rstrip('/')}/api/v1/patches",
