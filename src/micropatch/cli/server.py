@@ -152,6 +152,8 @@ def server_run(
     host, port = _check_listen(listen)
     _check_workers(workers, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The migrations' own INFO is setup chatter; server.database says the revision reached.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = Settings(
         data_dir=data_dir,
         database=database,
