@@ -161,7 +161,8 @@ def server_run(
         repository_url=repository_url,
     )
     try:
-        private_data_dir(data_dir)
+        if data_dir.exists():  # else Server refuses it (no repository) before making it
+            private_data_dir(data_dir)
         server = Server(settings)  # the repository checked, the database migrated
     except MicropatchError as e:
         raise fail(str(e)) from None
