@@ -1,0 +1,49 @@
+"""Reading which modules a running interpreter imported, from its memory only: on
+every supported CPython installed here, with the interpreter running threads."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from micropatch.errors import InterpreterError
+from micropatch.runtimes.cpython.imports import has_module, imported
+from micropatch.runtimes.cpython.page import MAPS_NAME
+
+from .conftest import StartPy
+from .test_versions import SUPPORTED, _present
+
+
+@pytest.mark.parametrize("interpreter", SUPPORTED)
+def test_imported_modules_and_their_files(start_py: StartPy, shop: Path, interpreter: str) -> None:
+    python = _present(interpreter)
+    target = start_py("--workers", "busy:1,sleep:1", interpreter=python)
+    bare = start_py("--bare", interpreter=python)
+    found = imported(target.pid, ["shop.parsers", "shop", "sys", "absent.module"])
+    assert found.version.startswith(Path(python).name.removeprefix("python"))
+    assert found.modules == {
+        "shop.parsers": str(shop / "shop" / "parsers.py"),
+        "shop": str(shop / "shop" / "__init__.py"),
+        "sys": None,  # built in: no file
+    }
+    everything = imported(target.pid).modules
+    assert {"json", "threading", "shop.parsers"} <= set(everything)
+    assert has_module(target.pid, "shop.parsers")
+    assert not has_module(bare.pid, "shop.parsers")
+    # Read without touching either process: no page, and both still answer.
+    for t in (target, bare):
+        assert MAPS_NAME not in Path(f"/proc/{t.pid}/maps").read_text()
+    assert bare.ask("x") == "bare"
+    assert target.call("a:1")[0] == "('a', '1')"
+
+
+def test_a_process_that_is_not_python_is_refused() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(InterpreterError, match="not a CPython interpreter"):
+            imported(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
