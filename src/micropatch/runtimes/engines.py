@@ -171,10 +171,12 @@ def _python_selection(
 
     module = None
     if verb == "apply":
-        assert patch is not None and patch.runtime == "cpython"
+        from micropatch.trust.policy import AdmittedPython
+
+        assert isinstance(patch, AdmittedPython)
         payload = patch.artifact.payload
-        pids = states.interpreter_pids(payload.python.version)  # type: ignore[union-attr]
-        module = payload.module.name  # type: ignore[union-attr]
+        pids = states.interpreter_pids(payload.python.version)
+        module = payload.module.name
     else:
         pids = states.patched_pids()
     selection = Selection()
