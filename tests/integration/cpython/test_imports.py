@@ -47,3 +47,28 @@ def test_a_process_that_is_not_python_is_refused() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_inventory_of_interpreters_and_module_sources(start_py: StartPy, shop: Path) -> None:
+    import hashlib
+
+    from micropatch.runtimes.cpython.inventory import PythonInventory
+
+    target = start_py("--workers", "sleep:1")
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        inventory = PythonInventory()
+        [found] = inventory.interpreters([target.pid, other.pid])  # `sleep` is no Python
+        source = shop / "shop" / "parsers.py"
+        assert found.pid == target.pid and found.minor in ("3.11", "3.12", "3.13")
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        assert found.modules["shop.parsers"].path == str(source)
+        assert found.modules["shop.parsers"].sha256 == digest
+        assert "sys" not in found.modules  # no source file
+        rows = inventory.modules([found])
+        assert {"name": "shop.parsers", "path": str(source), "build_id": None,
+                "sha256": digest} in rows  # fmt: skip
+        assert MAPS_NAME not in Path(f"/proc/{target.pid}/maps").read_text()
+    finally:
+        other.kill()
+        other.wait()
