@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.events import KINDS, Event
 from micropatch.agent.policy import DISABLED, ENABLED, Exclusion, exclusion
-from micropatch.agent.store import Stored, write_private
+from micropatch.agent.store import AnyStored, write_private
 from micropatch.errors import AgentError, MicropatchError
 from micropatch.files import read_bounded
 
@@ -130,7 +130,7 @@ def inventory_digest(modules: list[dict[str, Any]], processes: list[dict[str, An
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _downloaded(stored: Stored) -> str:
+def _downloaded(stored: AnyStored) -> str:
     return f"downloaded {stored.path.name} from the fleet repository"
 
 

@@ -82,6 +82,7 @@ class PythonPass:
         self.lock_timeout = lock_timeout
         self.inventory = PythonInventory()
         self.interpreters: list[PythonProcess] = []  # as the last pass saw them
+        self._carrying: dict[int, tuple[int, ProcessInfo]] = {}  # pid -> (start, info)
         # The last failure of (pid, patch id, version, op): reported once, retried.
         self._failed: dict[tuple[int, str, int, str], str] = {}
 
@@ -103,7 +104,19 @@ class PythonPass:
         if pids is None:
             alive = {i.pid for i in self.interpreters}
             self._failed = {k: v for k, v in self._failed.items() if k[0] in alive}
+            self._carrying = {p: c for p, c in self._carrying.items() if p in alive}
         return done
+
+    def poll_blocked(self) -> None:
+        """Read the blocked counters of the interpreters that carry patches (a read of
+        each page through /proc/PID/mem: cheap enough every `blocked_interval`)."""
+        for pid, (start, info) in list(self._carrying.items()):
+            try:
+                if start_time(pid) != start:
+                    raise ProcessNotFound(f"process {pid} is gone")
+                self._count(start, info, states.status(pid))
+            except MicropatchError:
+                self._carrying.pop(pid, None)
 
     def modules(self) -> list[dict[str, object]]:
         """The Python modules of the last pass, for the check-in's inventory."""
@@ -131,7 +144,12 @@ class PythonPass:
                 self._operate("update", patch, info, done)
             elif current is not None and not wants(patch_id, info, view):
                 self._operate("remove", patch, info, done, current.version)
-        self._count(start, info, states.status(pid))
+        found = states.status(pid)
+        if found:
+            self._carrying[pid] = (start, info)
+        else:
+            self._carrying.pop(pid, None)
+        self._count(start, info, found)
 
     def _operate(
         self,

@@ -53,8 +53,9 @@ from micropatch.agent.policy import (
     reasons_against,
     wants,
 )
+from micropatch.agent.pythonpass import PythonPass
 from micropatch.agent.reconcile import Reconciler
-from micropatch.agent.store import ArtifactStore, PolicyState, Stored
+from micropatch.agent.store import AnyStored, ArtifactStore, PolicyState
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
 from micropatch.live.mapped import LoadedModule, ModuleCache
 from micropatch.patch.view import TargetView
@@ -155,6 +156,10 @@ class Agent:
             ops_lock=self.ops_lock, lock_timeout=config.lock_timeout,
         )  # fmt: skip
         self.events.add_sink(self.reconciler.note)
+        self.python_pass = PythonPass(
+            self.store.python_patches, self.store.recheck_python, self.state, self.report,
+            ops_lock=self.ops_lock, lock_timeout=config.lock_timeout,
+        )  # fmt: skip
         self.crash_tracker: CrashTracker | None = None  # set by _plug_crashes
         self.metrics: Metrics | None = None  # set by _plug_metrics
         self.new_processes: Any = None  # NEWPROC's NewProcesses, when plugged (its stats)
@@ -416,21 +421,24 @@ class Agent:
                     last_full = time.monotonic()
                 else:
                     self.reconciler.poll_blocked()
+                    self.python_pass.poll_blocked()
             except Exception:
                 log.exception("reconcile loop")
 
     def _pass(self, pids: Iterable[int] | None) -> None:
         started = time.monotonic()
+        pids = None if pids is None else list(pids)
         result = self.reconciler.run_pass(pids)
         self.reconciler.poll_blocked()
+        python = self.python_pass.run(pids)
         self.passes += 1
-        log.info("pass over %d processes in %.3f s: %s", result.seen,
-                 time.monotonic() - started, result)  # fmt: skip
+        log.info("pass over %d processes in %.3f s: %s; Python: %s", result.seen,
+                 time.monotonic() - started, result, python)  # fmt: skip
 
     def _sync_store(self) -> bool:
         if not self.store.sync():
             return False
-        for patch_id in self.store.patches():
+        for patch_id in [*self.store.patches(), *self.store.python_patches()]:
             self.state.ensure(patch_id, self.config.default_state)
         self._policy_changed(wake=False)
         return True
@@ -512,9 +520,9 @@ class Agent:
         data: bytes,
         name: str,
         state: str | None,
-        what: Callable[[Stored], str],
+        what: Callable[[AnyStored], str],
         details: dict[str, Any] | None = None,
-    ) -> tuple[Stored, Stored | None, str]:
+    ) -> tuple[AnyStored, AnyStored | None, str]:
         """Admit and store an artifact, set its state (None: keep it, default_state for
         a new patch) and say so in an event (`what` names how it came); returns it, the
         version it replaced, its state. The caller reconciles (`_policy_changed`)."""
@@ -577,10 +585,11 @@ class Agent:
         self._policy_changed()
         return {"exclusion": asdict(e), "removed": remove}
 
-    def _stored(self, patch_id: str) -> Stored:
+    def _stored(self, patch_id: str) -> AnyStored:
         stored = self.store.get(patch_id)
         if stored is None:
-            known = ", ".join(sorted(self.store.patches())) or "none"
+            known = ", ".join(sorted([*self.store.patches(), *self.store.python_patches()]))
+            known = known or "none"
             raise UnknownPatch(
                 f"no patch {patch_id} in the agent's store (known: {known}); "
                 "add it with `micropatch agent add ARTIFACT.mpatch`",

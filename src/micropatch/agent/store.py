@@ -46,12 +46,8 @@ from micropatch.trust.keys import PublicKey, load_public_key
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Stored:
-    """An admitted artifact in the store."""
-
-    admitted: Admitted
-    path: Path
+class _Identified:
+    admitted: Admitted | AdmittedPython
 
     @property
     def id(self) -> str:
@@ -63,19 +59,22 @@ class Stored:
 
 
 @dataclass(frozen=True)
-class StoredPython:
+class Stored(_Identified):
+    """An admitted (native) artifact in the store."""
+
+    admitted: Admitted
+    path: Path
+
+
+@dataclass(frozen=True)
+class StoredPython(_Identified):
     """An admitted CPython artifact in the store."""
 
     admitted: AdmittedPython
     path: Path
 
-    @property
-    def id(self) -> str:
-        return self.admitted.id
 
-    @property
-    def version(self) -> int:
-        return self.admitted.version
+AnyStored = Stored | StoredPython
 
 
 class ArtifactStore:
@@ -138,20 +137,16 @@ class ArtifactStore:
             return dict(self._patches)
 
     def python_patches(self) -> dict[str, AdmittedPython]:
-        """The CPython patches."""
         with self._lock:
             return {patch_id: s.admitted for patch_id, s in self._python.items()}
 
-    def get_python(self, patch_id: str) -> StoredPython | None:
-        with self._lock:
-            return self._python.get(patch_id)
-
-    def _everything(self) -> list[tuple[str, Stored | StoredPython]]:
+    def _everything(self) -> list[tuple[str, AnyStored]]:
         return [*self._patches.items(), *self._python.items()]
 
-    def get(self, patch_id: str) -> Stored | None:
+    def get(self, patch_id: str) -> AnyStored | None:
+        """A stored patch of either runtime."""
         with self._lock:
-            return self._patches.get(patch_id)
+            return self._patches.get(patch_id) or self._python.get(patch_id)
 
     def sync(self) -> bool:
         """Read what changed in the store directory since the last call (every file at
@@ -247,14 +242,14 @@ class ArtifactStore:
         ))  # fmt: skip
         return target
 
-    def add(self, data: bytes, name: str) -> tuple[Stored, Stored | None]:
-        """Admit an artifact and copy it into the store (temporary file, then rename:
-        the store never holds half a file). Returns it and the version it replaced.
-        Refuses an older version than the stored one (Downgrade)."""
-        admitted = self.admit_bytes(data, name)
+    def add(self, data: bytes, name: str) -> tuple[AnyStored, AnyStored | None]:
+        """Admit an artifact (native or CPython) and copy it into the store (temporary
+        file, then rename: the store never holds half a file). Returns it and the
+        version it replaced. Refuses an older version than the stored one (Downgrade)."""
+        admitted = self._admit_any(data, name)
         assert admitted.artifact is not None
         with self._lock:
-            current = self._patches.get(admitted.id)
+            current = self._patches.get(admitted.id) or self._python.get(admitted.id)
             if current is not None and current.version > admitted.version:
                 raise Downgrade(
                     f"the store holds {admitted.id} version {current.version}, newer than "
@@ -272,15 +267,20 @@ class ArtifactStore:
                 )
             path = self.paths.store / admitted.artifact.file_name
             write_private(path, data)
-            stored = Stored(admitted, path)
-            self._patches[admitted.id] = stored
+            self._patches.pop(admitted.id, None)
+            self._python.pop(admitted.id, None)
+            stored: AnyStored
+            if isinstance(admitted, AdmittedPython):
+                stored = self._python[admitted.id] = StoredPython(admitted, path)
+            else:
+                stored = self._patches[admitted.id] = Stored(admitted, path)
             st = path.stat()
             self._seen[path.name] = (st.st_size, st.st_mtime_ns)
             if current is not None:
                 self._discard(current.path, f"replaced by {path.name}")
             return stored, current
 
-    def drop(self, patch_id: str, why: str) -> Stored | StoredPython | None:
+    def drop(self, patch_id: str, why: str) -> AnyStored | None:
         """Take a patch out of the store (its file deleted): never applied again. The
         processes that carry it must have been unpatched first (the caller's job)."""
         with self._lock:
@@ -291,7 +291,7 @@ class ArtifactStore:
 
     def recheck_python(self, patch_id: str) -> AdmittedPython:
         """`recheck` for a CPython patch."""
-        stored = self._recheck(self.get_python(patch_id), patch_id)
+        stored = self._recheck(self._python.get(patch_id), patch_id)
         assert isinstance(stored, StoredPython)
         return stored.admitted
 
@@ -303,7 +303,7 @@ class ArtifactStore:
         assert isinstance(stored, Stored)
         return stored.admitted
 
-    def _recheck(self, stored: Stored | StoredPython | None, patch_id: str) -> object:
+    def _recheck(self, stored: AnyStored | None, patch_id: str) -> AnyStored:
         if stored is None:
             raise AgentError(f"patch {patch_id} is not in the store", patch_id=patch_id)
         artifact = stored.admitted.artifact

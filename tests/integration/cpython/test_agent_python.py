@@ -1,0 +1,77 @@
+"""A real agent (`micropatch agent run`, in its own sandbox) carrying a signed CPython
+patch: `agent add` patches the running interpreter that imported the module, live;
+blocked calls become events; disable removes it; `agent status` and the process
+status show it; an interpreter without the module is never touched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from targets.fleet import wait_for
+from targets.isolation import NsTarget, Sandbox, available
+
+from micropatch.runtimes.cpython import states
+from micropatch.runtimes.cpython.build import build
+from micropatch.runtimes.cpython.page import MAPS_NAME
+from micropatch.trust.keys import load_private_key
+
+from ..agentproc import AgentProcess
+from .conftest import HERE, patch_toml
+from .test_live import LONG
+
+pytestmark = pytest.mark.skipif(not available(), reason="needs root, unshare and nsenter")
+
+
+def _signed(shop: Path, python: str, key: Path) -> Path:
+    source = shop / "hdr-fix.toml"
+    source.write_text(patch_toml(shop, [{
+        "at": "parse_header", "when": "len(line) > limit",
+        "then": "blocked; raise ValueError('header too long')",
+    }]))  # fmt: skip
+    built = build(source, shop / "shop" / "parsers.py", python=python)
+    return built.signed(load_private_key(key)).write(shop / "out")
+
+
+def _interpreter(box: Sandbox, python: str, shop: Path, clib: Path, *args: str) -> NsTarget:
+    return NsTarget(box, python, "-u", str(HERE / "pyshop.py"), str(shop), "--clib", str(clib),
+                    *args)  # fmt: skip
+
+
+def _call(t: NsTarget, text: str) -> str:
+    t.send(f"call {text}")
+    return t.readline(20)
+
+
+def _kinds(agent: AgentProcess, kind: str) -> list[dict[str, Any]]:
+    return [e for e in agent.events() if e["kind"] == kind and e.get("patch_id") == "hdr-fix"]
+
+
+def test_agent_applies_counts_and_removes_a_python_patch(
+    box: Sandbox, agent: AgentProcess, keys: Path, shop: Path, python: str, clib: Path
+) -> None:
+    target = _interpreter(box, python, shop, clib)
+    bare = _interpreter(box, python, shop, clib, "--bare")
+    try:
+        agent.start()
+        done = agent.cli("add", _signed(shop, python, keys))
+        assert done.returncode == 0, done.stdout + done.stderr
+        [applied] = wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+        assert applied["pid"] == target.ns_pid and applied["module"] == "shop.parsers"
+        assert applied["data"]["runtime"] == "cpython"
+        assert "header too long" in _call(target, LONG)
+        [state] = states.status(target.pid)
+        assert (state.patch_id, state.version, state.blocked) == ("hdr-fix", 1, 3)
+        [blocked] = wait_for(lambda: _kinds(agent, "blocked"), 30, "the blocked event")
+        assert blocked["data"]["count"] == 3
+        assert MAPS_NAME not in Path(f"/proc/{bare.pid}/maps").read_text()
+
+        done = agent.cli("disable", "hdr-fix")
+        assert done.returncode == 0, done.stdout + done.stderr
+        wait_for(lambda: _kinds(agent, "removed"), 30, "the removed event")
+        assert states.status(target.pid) == []
+        assert "header too long" not in _call(target, LONG)
+    finally:
+        target.close()
+        bare.close()
