@@ -457,25 +457,29 @@ class Fleet:
         every = self.agent.config.inventory_interval
         now = time.monotonic()  # since boot: it may be smaller than `every`
         if self._scanned is None or not self._modules or now - self._scanned >= every:
-            self._modules = self.inventory.scan()
+            self._modules = self.inventory.scan() + self.agent.python_pass.modules()
             self._scanned = now
         return self._modules
 
     def _processes(self) -> list[dict[str, Any]]:
         from micropatch.process.select import read_info
 
+        carried = {
+            pid: (info.exe, p) for pid, (info, p) in self.agent.python_pass.carried().items()
+        }
+        for c in self.agent.reconciler.covered().values():
+            if c.patches:  # a Python interpreter may carry native patches too
+                carried[c.pid] = (c.exe, {**carried.get(c.pid, ("", {}))[1], **c.patches})
         out = []
-        for c in sorted(self.agent.reconciler.covered().values(), key=lambda c: c.pid):
-            if not c.patches:
-                continue
+        for pid, (exe, patches) in sorted(carried.items()):
             unit = user = None
             with contextlib.suppress(MicropatchError, OSError):
-                info = read_info(c.pid)
+                info = read_info(pid)
                 unit, user = info.unit, str(info.uid)
             out.append({
-                "pid": c.pid, "exe": c.exe or None, "unit": unit, "user": user,
+                "pid": pid, "exe": exe or None, "unit": unit, "user": user,
                 "patches": [{"patch_id": p, "version": v, "state": "applied"}
-                            for p, v in sorted(c.patches.items())],
+                            for p, v in sorted(patches.items())],
             })  # fmt: skip
         return out
 

@@ -82,7 +82,8 @@ class PythonPass:
         self.lock_timeout = lock_timeout
         self.inventory = PythonInventory()
         self.interpreters: list[PythonProcess] = []  # as the last pass saw them
-        self._carrying: dict[int, tuple[int, ProcessInfo]] = {}  # pid -> (start, info)
+        # pid -> (start, info, {patch id: version}) of the interpreters carrying patches
+        self._carrying: dict[int, tuple[int, ProcessInfo, dict[str, int]]] = {}
         # The last failure of (pid, patch id, version, op): reported once, retried.
         self._failed: dict[tuple[int, str, int, str], str] = {}
 
@@ -110,13 +111,17 @@ class PythonPass:
     def poll_blocked(self) -> None:
         """Read the blocked counters of the interpreters that carry patches (a read of
         each page through /proc/PID/mem: cheap enough every `blocked_interval`)."""
-        for pid, (start, info) in list(self._carrying.items()):
+        for pid, (start, info, _) in list(self._carrying.items()):
             try:
                 if start_time(pid) != start:
                     raise ProcessNotFound(f"process {pid} is gone")
                 self._count(start, info, states.status(pid))
             except MicropatchError:
                 self._carrying.pop(pid, None)
+
+    def carried(self) -> dict[int, tuple[ProcessInfo, dict[str, int]]]:
+        """The interpreters carrying Python patches, as the last pass saw them."""
+        return {pid: (info, dict(p)) for pid, (_, info, p) in list(self._carrying.items())}
 
     def modules(self) -> list[dict[str, object]]:
         """The Python modules of the last pass, for the check-in's inventory."""
@@ -146,7 +151,7 @@ class PythonPass:
                 self._operate("remove", patch, info, done, current.version)
         found = states.status(pid)
         if found:
-            self._carrying[pid] = (start, info)
+            self._carrying[pid] = (start, info, {s.patch_id: s.version for s in found})
         else:
             self._carrying.pop(pid, None)
         self._count(start, info, found)
