@@ -72,3 +72,44 @@ def test_inventory_of_interpreters_and_module_sources(start_py: StartPy, shop: P
     finally:
         other.kill()
         other.wait()
+
+
+CHURN = """\
+import sys, threading, types, json
+def churn():
+    i = 0
+    while True:
+        name = f"churn{i % 5000}"
+        if name in sys.modules:
+            del sys.modules[name]
+        else:
+            sys.modules[name] = types.ModuleType(name)
+        i += 1
+threading.Thread(target=churn, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_sys_modules_that_changes_while_read(python: str) -> None:
+    """A thread adds and deletes modules (resizing the dict) while it is read: each
+    read gives the stable modules, or says the dict kept changing; nothing else."""
+    from micropatch.errors import MemoryAccessError
+
+    proc = subprocess.Popen([python, "-c", CHURN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        read = torn = 0
+        for _ in range(40):
+            try:
+                found = imported(proc.pid, ["json", "sys", "threading"]).modules
+            except MemoryAccessError:
+                torn += 1
+                continue
+            assert set(found) == {"json", "sys", "threading"}, found
+            read += 1
+        assert read >= 20, (read, torn)
+    finally:
+        proc.kill()
+        proc.wait()
