@@ -36,7 +36,8 @@ DK_LOG2_SIZE, DK_LOG2_INDEX_BYTES, DK_KIND, DK_NENTRIES, DK_INDICES = 8, 9, 10, 
 DICT_KEYS_GENERAL, DICT_KEYS_UNICODE = 0, 1
 STR_LENGTH, STR_STATE = 16, 32
 MD_DICT = 16
-MAX_LOG2_SIZE = 18  # 262,144 slots: far more than any sys.modules or module dict (a bound on what a torn read makes us read)
+# 262,144 slots: more than any sys.modules or module dict; bounds what a torn read reads
+MAX_LOG2_SIZE = 18
 MAX_TEXT = 4096  # longest module name or file path read
 
 
