@@ -9,7 +9,7 @@ SHA-256) and the interpreter is the Python version its code was compiled for.
 The interpreter's page says what it carries (`runtimes.cpython.states`: the
 registry is the truth, so a restarted agent neither patches twice nor forgets).
 Then, with the policy (enabled, exclusions, pins, auto-disable: `agent.policy`),
-it applies, updates or removes, one operation at a time (`ops_lock`), each an
+it applies, updates or removes, under the agent's `ops` like its native passes, each an
 event. Blocked counters that grew become "blocked" events. A module imported
 after a pass is patched at the next one (`rescan_interval`, 60 s by default, or
 at once on `micropatch agent rescan`/SIGHUP). One process failing never stops a
@@ -21,8 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+from micropatch.agent.covered import Covered
 from micropatch.agent.events import Event, EventSink
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.store import PolicyState
@@ -71,14 +72,14 @@ class PythonPass:
         state: PolicyState,
         report: EventSink,
         *,
-        ops_lock: threading.RLock,
+        ops: threading.Semaphore,
         lock_timeout: float = 30.0,
     ) -> None:
         self.patches = patches  # the stored Python patches, by id
         self.recheck = recheck  # a stored patch, its signatures checked with today's keys
         self.state = state
         self.report = report
-        self.ops_lock = ops_lock
+        self.ops = ops  # the agent's operations at once (shared with the native passes)
         self.lock_timeout = lock_timeout
         self.inventory = PythonInventory()
         self.interpreters: list[PythonProcess] = []  # as the last pass saw them
@@ -119,9 +120,16 @@ class PythonPass:
             except MicropatchError:
                 self._carrying.pop(pid, None)
 
-    def carried(self) -> dict[int, tuple[ProcessInfo, dict[str, int]]]:
-        """The interpreters carrying Python patches, as the last pass saw them."""
-        return {pid: (info, dict(p)) for pid, (_, info, p) in list(self._carrying.items())}
+    def covered(self, native: Iterable[Covered]) -> list[Covered]:
+        """`native` (the processes the native passes cover) with the interpreters that
+        carry Python patches added, one entry per process (an interpreter may carry
+        native patches too)."""
+        merged = {c.pid: c for c in native}
+        for pid, (start, info, patches) in list(self._carrying.items()):
+            known = merged.get(pid)
+            carried = {**(known.patches if known else {}), **patches}
+            merged[pid] = Covered(pid, start, info.exe, carried)
+        return list(merged.values())
 
     def modules(self) -> list[dict[str, object]]:
         """The Python modules of the last pass, for the check-in's inventory."""
@@ -167,7 +175,7 @@ class PythonPass:
         pid, module = info.pid, patch.artifact.payload.module.name
         version = old_version if op == "remove" else patch.version
         try:
-            with self.ops_lock, waiting(self.lock_timeout):
+            with self.ops, waiting(self.lock_timeout):
                 if op == "remove":
                     outcome = engine.remove(patch.id, pid)
                 else:

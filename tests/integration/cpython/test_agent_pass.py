@@ -45,7 +45,7 @@ def _pass(
     events: list[Event] = []
     python_pass = PythonPass(
         lambda: dict(patches), lambda patch_id: patches[patch_id], state, events.append,
-        ops_lock=threading.RLock(),
+        ops=threading.BoundedSemaphore(1),
     )  # fmt: skip
     return python_pass, state, events
 
