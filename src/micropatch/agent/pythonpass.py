@@ -85,6 +85,7 @@ class PythonPass:
         self.interpreters: list[PythonProcess] = []  # as the last pass saw them
         # pid -> (start, info, {patch id: version}) of the interpreters carrying patches
         self._carrying: dict[int, tuple[int, ProcessInfo, dict[str, int]]] = {}
+        self._blocked: dict[int, dict[str, int]] = {}  # pid -> patch id -> blocked, last read
         # The last failure of (pid, patch id, version, op): reported once, retried.
         self._failed: dict[tuple[int, str, int, str], str] = {}
 
@@ -107,6 +108,7 @@ class PythonPass:
             alive = {i.pid for i in self.interpreters}
             self._failed = {k: v for k, v in self._failed.items() if k[0] in alive}
             self._carrying = {p: c for p, c in self._carrying.items() if p in alive}
+            self._blocked = {p: b for p, b in self._blocked.items() if p in alive}
         return done
 
     def poll_blocked(self) -> None:
@@ -128,7 +130,8 @@ class PythonPass:
         for pid, (start, info, patches) in list(self._carrying.items()):
             known = merged.get(pid)
             carried = {**(known.patches if known else {}), **patches}
-            merged[pid] = Covered(pid, start, info.exe, carried)
+            blocked = {**(known.blocked if known else {}), **self._blocked.get(pid, {})}
+            merged[pid] = Covered(pid, start, info.exe, carried, blocked)
         return list(merged.values())
 
     def modules(self) -> list[dict[str, object]]:
@@ -213,6 +216,7 @@ class PythonPass:
 
     def _count(self, start: int, info: ProcessInfo, found: list[PatchState]) -> None:
         """Blocked counters that grew since the last read become events (the delta)."""
+        self._blocked[info.pid] = {s.patch_id: s.blocked for s in found if s.blocked is not None}
         for s in found:
             if s.blocked is None:
                 continue

@@ -82,6 +82,20 @@ class Requests:
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == stored.id],
             })  # fmt: skip
+        # The interpreters carrying the store's CPython patches (agent/pythonpass.py) too.
+        covered = {c.pid: c for c in self.reconciler.python.covered(covered.values())}
+        for patch_id, admitted in sorted(self.store.python_patches().items()):
+            carriers = [c for c in covered.values() if patch_id in c.patches]
+            patches.append({
+                "copies": None, "warning": None, "carriers": sorted(c.pid for c in carriers),
+                "id": patch_id, "version": admitted.version, "runtime": "cpython",
+                "title": admitted.patch.info.title, "module": admitted.patch.target.module,
+                "state": view.states.get(patch_id, self.config.default_state),
+                "file": admitted.artifact.file_name, "processes": len(carriers),
+                "blocked": sum(c.blocked.get(patch_id, 0) for c in carriers),
+                "auto_disabled": [{"exe": e, "since": t, "reason": r}
+                                  for p, e, t, r in auto if p == patch_id],
+            })  # fmt: skip
         return {
             "ready": self.ready.is_set(),
             "pid": os.getpid(),

@@ -67,6 +67,20 @@ def test_agent_applies_counts_and_removes_a_python_patch(
         assert blocked["data"]["count"] == 3
         assert MAPS_NAME not in Path(f"/proc/{bare.pid}/maps").read_text()
 
+        # `agent status`: the patch with its runtime, carriers and blocked count.
+        def listed() -> dict[str, Any]:
+            [p] = [p for p in agent.status()["patches"] if p["id"] == "hdr-fix"]
+            return dict(p)
+
+        wait_for(lambda: listed()["blocked"] == 3, 30, "the blocked count in the status")
+        patch = listed()
+        assert (patch["runtime"], patch["processes"]) == ("cpython", 1)
+        assert patch["carriers"] == [target.ns_pid] and patch["module"] == "shop.parsers"
+        [process] = [c for c in agent.status()["processes"] if c["pid"] == target.ns_pid]
+        assert process["patches"] == {"hdr-fix": 1}
+        done = agent.cli("status")
+        assert done.returncode == 0 and "hdr-fix" in done.stdout, done.stdout + done.stderr
+
         done = agent.cli("disable", "hdr-fix")
         assert done.returncode == 0, done.stdout + done.stderr
         wait_for(lambda: _kinds(agent, "removed"), 30, "the removed event")
