@@ -10,9 +10,12 @@ type is `str` (the interpreter's exported `PyUnicode_Type`) in the compact
 ASCII form module names take. A module's file is its `__file__`, read the
 same way from the module's own dict.
 
-The process keeps running while it is read, so a dict may be resized under
-the reader: every pointer read is checked (types, sizes, bounds) before it is
-followed, a read that fails a check is tried again, and after
+The process keeps running while it is read, so a dict may change under the
+reader: every pointer read is checked (types, sizes, bounds) before it is
+followed; a dict's live entries must be as many as it says (`ma_used`: a
+table being filled by a resize has fewer), and its size, version tag and keys
+table (`ma_version_tag` moves with every change of a dict) the same after its
+entries were read as before; a read that fails any is tried again, and after
 `READ_ATTEMPTS` the process is reported unreadable. A name whose value is
 None (an import that is blocked) is not imported, as the runner's
 `sys.modules.get` sees it.
@@ -31,7 +34,7 @@ from micropatch.runtimes.cpython.interpreter import Interpreter, find_interprete
 
 READ_ATTEMPTS = 3
 OB_TYPE = 8
-MA_USED, MA_KEYS, MA_VALUES = 16, 32, 40
+MA_USED, MA_VERSION, MA_KEYS, MA_VALUES = 16, 24, 32, 40
 DK_LOG2_SIZE, DK_LOG2_INDEX_BYTES, DK_KIND, DK_NENTRIES, DK_INDICES = 8, 9, 10, 24, 32
 DICT_KEYS_GENERAL, DICT_KEYS_UNICODE = 0, 1
 STR_LENGTH, STR_STATE = 16, 32
@@ -39,6 +42,7 @@ MD_DICT = 16
 # 262,144 slots: more than any sys.modules or module dict; bounds what a torn read reads
 MAX_LOG2_SIZE = 18
 MAX_TEXT = 4096  # longest module name or file path read
+INLINE = 56  # characters read with a str's header (most module names)
 
 
 class _Torn(Exception):
@@ -87,6 +91,10 @@ class _Reader:
         self.str_type = _symbol(interpreter, "PyUnicode_Type")
         self.module_type = _symbol(interpreter, "PyModule_Type")
         self.none = _symbol(interpreter, "_Py_NoneStruct")
+        # The interned str "__file__": the key of every module's __file__ (importlib
+        # sets it as an attribute, whose names are interned), found once by its text,
+        # then recognised by its address without reading any other key.
+        self.file_key: int | None = None
 
     def _pointer(self, address: int) -> int:
         value: int = struct.unpack("<Q", self.memory.read(address, 8))[0]
@@ -96,19 +104,32 @@ class _Reader:
         interp = self.interpreter.main_interpreter(self.memory)
         modules = self._pointer(interp + self.interpreter.layout.interp_modules)
         found = {}
+        stamp = self._stamp(modules)
         for key, value in self._items(modules):
             name = self._str(key)
             if name is None or (wanted is not None and name not in wanted):
                 continue
             if value != self.none:
                 found[name] = self._file(value)
+        if self._stamp(modules) != stamp:
+            raise _Torn()  # changed while read: what was read may be anything
         return found
 
+    def _stamp(self, address: int) -> bytes:
+        """A dict's size, version tag and keys table: the same before and after a read
+        (the tag changes with every change of the dict) means the read saw one state."""
+        return self.memory.read(address + MA_USED, MA_VALUES - MA_USED)
+
     def _items(self, address: int) -> list[tuple[int, int]]:
-        """The (key, value) pointers of a dict's live entries."""
-        if not address or self._pointer(address + MA_VALUES):
+        """The (key, value) pointers of a dict's live entries, as many as it says it
+        holds (`ma_used`; a table being resized says fewer)."""
+        if not address:
+            raise _Torn()
+        used, _version, keys, values = struct.unpack(
+            "<qQQQ", self.memory.read(address + MA_USED, 32)
+        )
+        if values:
             raise _Torn()  # not a dict, or a split table (instance dicts only)
-        keys = self._pointer(address + MA_KEYS)
         head = self.memory.read(keys, DK_INDICES)
         log2_size, log2_index_bytes = head[DK_LOG2_SIZE], head[DK_LOG2_INDEX_BYTES]
         kind = head[DK_KIND]
@@ -126,13 +147,15 @@ class _Reader:
             key, value = fields[-2:]
             if key and value:
                 items.append((key, value))
+        if len(items) != used:
+            raise _Torn()
         return items
 
     def _str(self, address: int) -> str | None:
         """A compact ASCII str's text; None for any other object (a non-ASCII name
-        cannot be a patch's module)."""
+        cannot be a patch's module). One read for a short one."""
         size = self.interpreter.layout.ascii_size
-        head = self.memory.read(address, size)
+        head = self.memory.read(address, size + INLINE)
         if struct.unpack_from("<Q", head, OB_TYPE)[0] != self.str_type:
             return None
         length = struct.unpack_from("<q", head, STR_LENGTH)[0]
@@ -140,7 +163,9 @@ class _Reader:
         compact, ascii = state >> 5 & 1, state >> 6 & 1
         if not (compact and ascii) or not 0 <= length <= MAX_TEXT:
             return None
-        return self.memory.read(address + size, length).decode("ascii", "replace")
+        text = head[size : size + length] if length <= INLINE else (
+            self.memory.read(address + size, length))  # fmt: skip
+        return text.decode("ascii", "replace")
 
     def _file(self, module: int) -> str | None:
         """A module object's `__file__`, None if it has none (a built-in module)."""
@@ -149,10 +174,19 @@ class _Reader:
         namespace = self._pointer(module + MD_DICT)
         if not namespace:
             return None
-        for key, value in self._items(namespace):
-            if self._str(key) == "__file__":
-                return self._str(value)
-        return None
+        stamp = self._stamp(namespace)
+        items = self._items(namespace)
+        found = None
+        if self.file_key is not None:
+            found = next((self._str(v) for k, v in items if k == self.file_key), None)
+        else:
+            for key, value in items:
+                if self._str(key) == "__file__":
+                    self.file_key, found = key, self._str(value)
+                    break
+        if self._stamp(namespace) != stamp:
+            raise _Torn()
+        return found
 
 
 def _symbol(interpreter: Interpreter, name: str) -> int:
