@@ -65,10 +65,27 @@ def test_publish_offer_and_revoke_a_cpython_patch(
     assert (offered["patch_id"], offered["target"]) == ("hdr-fix", published["target"])
     assert offered["state"] == "enabled"
     other = {**module, "sha256": "0" * 64}  # another version of the file
-    r = api.client.post("/api/v1/checkin", json={"modules": [other]}, headers=api.auth("py-2"))
-    assert r.json()["patches"] == []
+    r2 = api.client.post("/api/v1/checkin", json={"modules": [other]}, headers=api.auth("py-2"))
+    assert r2.json()["patches"] == []
     [listed] = api.client.get("/api/v1/patches", headers=api.auth("auditor")).json()
     assert (listed["runtime"], listed["hosts_relevant"]) == ("cpython", 1)
+
+    # Compliance: the module is loaded and no process carries the patch, then one does.
+    from micropatch.server.fleet import compliance
+
+    def state() -> dict[int, dict[str, str]]:
+        with api.server.database.session() as session:
+            catalogue = api.server.catalogues.current(session)
+            return compliance.host_states(catalogue, session, [py1])
+
+    py1 = r.json()["host_id"]
+    assert state() == {py1: {"hdr-fix": "vulnerable"}}
+    carrying = {"pid": 7, "exe": "/usr/bin/python3.11",
+                "patches": [{"patch_id": "hdr-fix", "version": 1, "state": "applied"}]}  # fmt: skip
+    r = api.client.post("/api/v1/checkin", json={"modules": [module], "processes": [carrying]},
+                        headers=api.auth("py-1"))  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert state() == {py1: {"hdr-fix": "protected"}}
 
     page = login(api, "auditor").get("/console/patches")
     assert 'shop.parsers <span class="tag">CPython</span>' in page.text
