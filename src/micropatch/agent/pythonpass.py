@@ -94,8 +94,13 @@ class PythonPass:
         done = {"applied": 0, "updated": 0, "removed": 0, "failed": 0}
         patches = self.patches()
         view = self.state.view(_start_or_none)
-        self.interpreters = self.inventory.interpreters(pids)
-        for interpreter in self.interpreters:
+        fresh = self.inventory.interpreters(pids)
+        if pids is None:
+            self.interpreters = fresh
+        else:  # a pass over some processes: the others as last seen
+            named = set(pids)
+            self.interpreters = [i for i in self.interpreters if i.pid not in named] + fresh
+        for interpreter in fresh:
             try:
                 self._reconcile(interpreter, patches, view, done)
             except GONE:
