@@ -139,6 +139,15 @@ class PythonPass:
             merged[pid] = Covered(pid, start, info.exe, carried, blocked)
         return list(merged.values())
 
+    def forget(self, pid: int) -> Covered | None:
+        """An interpreter exited: what it carried (for crash accounting), forgotten."""
+        self._blocked.pop(pid, None)
+        carrying = self._carrying.pop(pid, None)
+        if carrying is None:
+            return None
+        start, info, patches = carrying
+        return Covered(pid, start, info.exe, dict(patches))
+
     def modules(self) -> list[dict[str, object]]:
         """The Python modules of the last pass, for the check-in's inventory."""
         return self.inventory.modules(self.interpreters)

@@ -123,7 +123,13 @@ class Reconciler:
         return self.carriers.get(pid)
 
     def forget(self, pid: int, exited_ns: int | None = None) -> Covered | None:
-        return self.carriers.forget(pid, exited_ns)
+        """Forget a process (it exited): what it carried, CPython patches included."""
+        native = self.carriers.forget(pid, exited_ns)
+        python = self.python.forget(pid)
+        if python is None or native is None:
+            return native or python
+        native.patches.update(python.patches)
+        return native
 
     def failure(self, pid: int, patch_id: str) -> str | None:
         """The last error of an operation of this patch on this process, if it failed."""

@@ -5,6 +5,8 @@ status show it; an interpreter without the module is never touched."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +91,27 @@ def test_agent_applies_counts_and_removes_a_python_patch(
     finally:
         target.close()
         bare.close()
+
+
+def test_a_crash_of_a_patched_interpreter_counts_against_the_patch(
+    keys: Path, shop: Path, python: str, clib: Path, tmp_path: Path
+) -> None:
+    # In the host's PID namespace (its own mount namespace and tmpfs): the kernel serves
+    # the proc connector's exit events only there (as tests/integration/test_agent_crashes).
+    box = Sandbox(tmp_path / "host", pid=False)
+    agent = AgentProcess(box, tmp_path, tmp_path / "agent.sock",
+                         "blocked_interval = 0.2\ncrash_limit = 1\n")  # fmt: skip
+    target = _interpreter(box, python, shop, clib)
+    try:
+        agent.start()
+        assert agent.cli("add", _signed(shop, python, keys)).returncode == 0
+        wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+        os.kill(target.pid, signal.SIGSEGV)
+        [crashed] = wait_for(lambda: _kinds(agent, "crashed"), 30, "the crashed event")
+        assert crashed["pid"] == target.ns_pid and crashed["data"]["patches"] == ["hdr-fix"]
+        [disabled] = wait_for(lambda: _kinds(agent, "disabled"), 30, "auto-disable")
+        assert disabled["data"]["auto"] is True and disabled["exe"] == crashed["exe"]
+    finally:
+        target.close()
+        agent.kill()
+        box.close()
