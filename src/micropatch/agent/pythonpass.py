@@ -94,7 +94,8 @@ class PythonPass:
         done = {"applied": 0, "updated": 0, "removed": 0, "failed": 0}
         patches = self.patches()
         view = self.state.view(_start_or_none)
-        fresh = self.inventory.interpreters(pids)
+        needed = {p.artifact.payload.module.name for p in patches.values()}
+        fresh = self.inventory.interpreters(pids, needed)
         if pids is None:
             self.interpreters = fresh
         else:  # a pass over some processes: the others as last seen

@@ -122,7 +122,7 @@ class Requests:
         reconcile live (a newer version updates the processes that carry the old).
         `update` (`agent update`): only a newer version of a stored patch."""
         if update:
-            admitted = self.store.admit_bytes(data, name)
+            admitted = self.store.admit_any_bytes(data, name)
             older = self._stored(admitted.id)
             if older.version >= admitted.version:
                 raise AgentError(

@@ -117,7 +117,8 @@ class ArtifactStore:
         """The admission policy with the keys trusted now (no unsigned patch, ever)."""
         return admit(data, name=name, keys=self._trusted(name))
 
-    def _admit_any(self, data: bytes, name: str) -> Admitted | AdmittedPython:
+    def admit_any_bytes(self, data: bytes, name: str) -> Admitted | AdmittedPython:
+        """`admit_bytes` for an artifact of either runtime."""
         return admit_any(data, name=name, keys=self._trusted(name))
 
     def _trusted(self, name: str) -> list[PublicKey]:
@@ -185,7 +186,7 @@ class ArtifactStore:
 
     def _load(self, path: Path) -> bool:
         try:
-            admitted = self._admit_any(read(path), str(path))
+            admitted = self.admit_any_bytes(read(path), str(path))
         except MicropatchError as e:
             self.reject(path, e)
             return False
@@ -246,7 +247,7 @@ class ArtifactStore:
         """Admit an artifact (native or CPython) and copy it into the store (temporary
         file, then rename: the store never holds half a file). Returns it and the
         version it replaced. Refuses an older version than the stored one (Downgrade)."""
-        admitted = self._admit_any(data, name)
+        admitted = self.admit_any_bytes(data, name)
         assert admitted.artifact is not None
         with self._lock:
             current = self._patches.get(admitted.id) or self._python.get(admitted.id)

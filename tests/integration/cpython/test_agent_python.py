@@ -26,12 +26,12 @@ from .test_live import LONG
 pytestmark = pytest.mark.skipif(not available(), reason="needs root, unshare and nsenter")
 
 
-def _signed(shop: Path, python: str, key: Path) -> Path:
-    source = shop / "hdr-fix.toml"
+def _signed(shop: Path, python: str, key: Path, version: int = 1) -> Path:
+    source = shop / f"hdr-fix-{version}.toml"
+    then = "blocked; raise ValueError('header too long')" if version == 1 else "return ('x', '')"
     source.write_text(patch_toml(shop, [{
-        "at": "parse_header", "when": "len(line) > limit",
-        "then": "blocked; raise ValueError('header too long')",
-    }]))  # fmt: skip
+        "at": "parse_header", "when": "len(line) > limit", "then": then,
+    }], version=version))  # fmt: skip
     built = build(source, shop / "shop" / "parsers.py", python=python)
     return built.signed(load_private_key(key)).write(shop / "out")
 
@@ -88,6 +88,14 @@ def test_agent_applies_counts_and_removes_a_python_patch(
         wait_for(lambda: _kinds(agent, "removed"), 30, "the removed event")
         assert states.status(target.pid) == []
         assert "header too long" not in _call(target, LONG)
+
+        # Enabled again, then `agent update` to version 2: updated in place.
+        assert agent.cli("enable", "hdr-fix").returncode == 0
+        wait_for(lambda: len(_kinds(agent, "applied")) == 2, 30, "applied again")
+        done = agent.cli("update", _signed(shop, python, keys, version=2))
+        assert done.returncode == 0, done.stdout + done.stderr
+        [updated] = wait_for(lambda: _kinds(agent, "updated"), 30, "the updated event")
+        assert updated["version"] == 2 and "('x', '')" in _call(target, LONG)
     finally:
         target.close()
         bare.close()

@@ -8,7 +8,8 @@ the names in its `sys.modules` with a `.py` file (`imports.imported`), each
 identified by the SHA-256 of that file as the process sees it
 (`/proc/PID/root` + its path), the identity a Python patch's `[target] sha256`
 names. A file is hashed once per version of it (device, inode, size, mtime),
-within a time budget per scan: what is left is hashed at the next scan.
+within a time budget per scan (what is left is hashed at the next scan), but
+the modules a patch targets always.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,8 +61,11 @@ class PythonInventory:
     def __init__(self) -> None:
         self._known: dict[tuple[int, int, int, int], str] = {}
 
-    def interpreters(self, pids: list[int] | None = None) -> list[PythonProcess]:
-        """The supported interpreters among `pids` (None: every process)."""
+    def interpreters(
+        self, pids: list[int] | None = None, needed: Collection[str] = ()
+    ) -> list[PythonProcess]:
+        """The supported interpreters among `pids` (None: every process). The modules
+        named in `needed` (those patches target) are hashed whatever the budget."""
         budget = time.monotonic() + HASH_BUDGET
         found = []
         for pid in pids if pids is not None else _all_pids():
@@ -72,7 +77,7 @@ class PythonInventory:
                 log.debug("process %d: its Python modules cannot be read: %s", pid, e)
                 continue
             modules = {
-                name: Source(path, self._hash(pid, path, budget))
+                name: Source(path, self._hash(pid, path, None if name in needed else budget))
                 for name, path in read.modules.items()
                 if path is not None and path.endswith(".py")
             }
@@ -92,14 +97,15 @@ class PythonInventory:
                     }  # fmt: skip
         return list(rows.values())
 
-    def _hash(self, pid: int, path: str, budget: float) -> str | None:
+    def _hash(self, pid: int, path: str, budget: float | None) -> str | None:
         try:
             with open(f"/proc/{pid}/root{path}", "rb") as f:
                 st = os.fstat(f.fileno())
                 key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
                 known = self._known.get(key)
                 if known is None:
-                    if time.monotonic() > budget or st.st_size > MAX_SOURCE:
+                    over = budget is not None and time.monotonic() > budget
+                    if over or st.st_size > MAX_SOURCE:
                         return None
                     known = self._known[key] = hashlib.sha256(f.read()).hexdigest()
                 return known
