@@ -84,15 +84,18 @@ def scan(
     filters: Filters,
     applied: Callable[[int], int | None],
     touches: Callable[[int | None], bool],
+    *,
+    keep: Callable[[int], bool] | None = None,
 ) -> Selection:
-    """Of `pids`, those `filters` keep, each with the version of the patch
-    `applied` reads there (None: not applied): a target if it `touches` it, else
-    skipped. Any runtime's selection for `--all` is made here."""
+    """Of `pids`, those `filters` keep (and `keep`, a test of the process itself,
+    if given), each with the version of the patch `applied` reads there (None: not
+    applied): a target if it `touches` it, else skipped. Any runtime's selection
+    for `--all` is made here."""
     selection = Selection()
     for pid in pids:
         try:
             info = read_info(pid)
-            if not filters.matches(info):
+            if not filters.matches(info) or (keep is not None and not keep(pid)):
                 continue
             candidate = Candidate(info, applied(pid))
         except (ProcessNotFound, ProcessExited):

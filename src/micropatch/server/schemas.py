@@ -306,6 +306,7 @@ class PatchOut(BaseModel):
     title: str | None
     target: str
     module: ModuleRef
+    runtime: str = "native"  # or "cpython" (docs/python-patches.md)
     size: int
     published: float
     published_by: str
