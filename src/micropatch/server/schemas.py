@@ -203,6 +203,11 @@ class CheckinRequest(_Body):
     # and answered back, so the agent knows what the server holds.
     inventory_digest: str | None = Field(default=None, max_length=128, pattern=r"^[!-~]*$")
     events: list[EventIn] = Field(default_factory=list, max_length=10_000)
+    # A held check-in (docs/server.md, "Push"): when the answer's `policy_digest` is
+    # still this one, the server answers when it changes, or after `wait` seconds
+    # (at most the `hold` it offered), instead of at once.
+    wait: int = Field(default=0, ge=0, le=3600)
+    policy_digest: str | None = Field(default=None, max_length=128, pattern=r"^[!-~]*$")
 
     @model_validator(mode="after")
     def _whole_inventory(self) -> Any:
@@ -279,6 +284,11 @@ class CheckinResponse(BaseModel):
     # sent without a digest): when it is not the agent's own, the agent sends its
     # inventory at the next check-in.
     inventory_digest: str | None = None
+    # The digest of group, policy, patches and revoked: sent back with `wait`, the
+    # check-in is held until they change. `hold`: the longest wait this server holds a
+    # check-in now (0: it does not; the agent checks in every checkin_interval).
+    policy_digest: str = ""
+    hold: int = 0
 
 
 # --- patches, groups, hosts, events, audit -----------------------------------------
