@@ -58,7 +58,7 @@ from typing import Any
 import httpx
 
 from benchmarks import peers, report
-from benchmarks.server import BenchError, Server, key_ceremony, micropatch
+from benchmarks.server_run import BenchError, Server, key_ceremony, micropatch
 from benchmarks.stats import median, summary
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"

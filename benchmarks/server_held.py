@@ -1,0 +1,210 @@
+"""The server benchmark's connection phases (issue 17.1 and 17.8), on the server
+`benchmarks/server.py` set up and enrolled its agents on:
+
+- **500 connections at once**: 500 check-ins sent together on 500 connections
+  (one in four with a bogus credential): every one answered (200, 401, or a fast
+  503 past the requests at work), none left unanswered; health answering after.
+- **Held check-ins**: every agent holds a check-in as the agent does (`wait` and the
+  answer's `policy_digest`: server/push.py), its first hold spread over the check-in
+  interval as a fleet in steady state is, re-sent when answered (after a random
+  0-WAKE_JITTER s when the answer changed, as the agent does). While they are held,
+  the check-in load of server.py runs beside them (its p99, errors); the server's
+  memory and file descriptors are read before and while they are held. Then the
+  root group's policy changes, which changes every host's answer: how long until
+  each held check-in is answered (the push), and the burst of check-ins after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from benchmarks.server_run import Server
+from benchmarks.simagents import HttpErrors, post, unchanged
+from benchmarks.stats import median, percentile
+
+BURST = 500  # connections at once
+HOLD = 60  # the `wait` an agent sends: the server's check-in interval
+WAKE_JITTER = 10.0  # seconds an agent waits, at most, before its next check-in after a change
+WAKE_TIMEOUT = 60.0  # how long the push may take before the held ones count as not woken
+OPENING = 200  # held check-ins being opened at once
+
+
+async def burst(url: str, credentials: list[str], n: int = BURST) -> dict[str, Any]:
+    """n check-ins at once, each on a connection of its own."""
+    statuses: dict[str, int] = {}
+    start = time.perf_counter()
+    connector = aiohttp.TCPConnector(limit=n + 10, force_close=True)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as c:
+
+        async def one(i: int) -> None:
+            secret = credentials[i % len(credentials)] if i % 4 else f"mph_bogus{i}"
+            try:
+                status, _ = await post(c, "/api/v1/checkin", unchanged(i % len(credentials)),
+                                       {"Authorization": f"Bearer {secret}"})  # fmt: skip
+                key = str(status)
+            except HttpErrors as e:
+                key = type(e).__name__
+            statuses[key] = statuses.get(key, 0) + 1
+
+        await asyncio.gather(*(one(i) for i in range(n)))
+        seconds = time.perf_counter() - start
+        health_start = time.perf_counter()
+        async with c.get("/api/v1/health") as r:
+            health = r.status
+    answered = sum(v for k, v in statuses.items() if k.isdigit())
+    return {
+        "connections": n,
+        "statuses": statuses,
+        "answered": answered,
+        "unanswered": n - answered,
+        "seconds": seconds,
+        "health_after": health,
+        "health_seconds": time.perf_counter() - health_start,
+    }
+
+
+def open_files(server: Server) -> int:
+    """File descriptors the server's processes hold (their sockets among them)."""
+    from benchmarks.server_run import children
+
+    if server.proc is None:
+        return 0
+    total = 0
+    for pid in (server.proc.pid, *children(server.proc.pid)):
+        with contextlib.suppress(OSError):
+            total += sum(1 for _ in Path(f"/proc/{pid}/fd").iterdir())
+    return total
+
+
+async def held_phase(
+    server: Server,
+    admin: str,
+    credentials: list[str],
+    load: Callable[[], Awaitable[dict[str, Any]]],
+) -> dict[str, Any]:
+    """Every agent holds a check-in; `load` (the check-in load) runs beside them;
+    then a policy change answers them all."""
+    url = server.url
+    rng = random.Random(17)
+    n = len(credentials)
+    stop = asyncio.Event()
+    digests: dict[int, str] = {}
+    woken_at: dict[int, float] = {}
+    errors: dict[str, int] = {}
+    resent = 0
+    holding = 0
+    opened = asyncio.Semaphore(OPENING)
+    connector = aiohttp.TCPConnector(limit=n + 100)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=HOLD + 60)
+    rss_before = server.rss_kib("VmRSS")
+    files_before = open_files(server)
+
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as c:
+        # Each host's digest of the answer it holds: from a check-in without wait.
+        status, first = await post(c, "/api/v1/checkin", unchanged(0),
+                                   {"Authorization": f"Bearer {credentials[0]}"})  # fmt: skip
+        if status != 200:
+            raise RuntimeError(f"check-in: {status} {first}")
+        start_digest = first["policy_digest"]
+
+        async def agent(i: int) -> None:
+            nonlocal resent, holding
+            headers = {"Authorization": f"Bearer {credentials[i]}"}
+            wait = rng.randint(5, HOLD)  # as a fleet in steady state: holds end spread
+            digest = start_digest
+            first_send = True
+            while not stop.is_set():
+                body = unchanged(i) | {"wait": wait, "policy_digest": digest}
+                try:
+                    if first_send:
+                        async with opened:
+                            task = asyncio.ensure_future(post(c, "/api/v1/checkin", body, headers))
+                            await asyncio.sleep(0.005)  # sent, most likely: the next one
+                        first_send = False
+                    else:
+                        task = asyncio.ensure_future(post(c, "/api/v1/checkin", body, headers))
+                    holding += 1
+                    try:
+                        status, answer = await task
+                    finally:
+                        holding -= 1
+                except HttpErrors as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    await asyncio.sleep(rng.uniform(1, 5))
+                    continue
+                if status != 200:
+                    errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
+                    await asyncio.sleep(rng.uniform(1, 5))
+                    continue
+                wait = HOLD
+                resent += 1
+                if answer["policy_digest"] != digest:
+                    digest = answer["policy_digest"]
+                    if digest != start_digest:
+                        woken_at.setdefault(i, time.perf_counter())
+                    await asyncio.sleep(rng.uniform(0, WAKE_JITTER))
+                digests[i] = digest
+
+        agents = [asyncio.create_task(agent(i)) for i in range(n)]
+        opening = time.perf_counter()
+        while holding < n and time.perf_counter() - opening < 120:
+            await asyncio.sleep(0.1)
+        opened_seconds = time.perf_counter() - opening
+        await asyncio.sleep(2)
+        held_files = open_files(server)
+        rss_held = server.rss_kib("VmRSS")
+        resent_before = resent
+        load_start = time.perf_counter()
+        checkin = await load()
+        load_seconds = time.perf_counter() - load_start
+        resent_during_load = resent - resent_before
+        rss_end_of_load = server.rss_kib("VmRSS")
+        holding_before_change = holding
+
+        # The push: the root group's default state changes every host's answer.
+        changed = time.perf_counter()
+        async with c.put("/api/v1/policies/", json={"default_state": "disabled"},
+                         headers={"Authorization": f"Bearer {admin}"}) as r:  # fmt: skip
+            status = r.status
+        if status != 200:
+            errors[f"policy change: HTTP {status}"] = 1
+        while len(woken_at) < n and time.perf_counter() - changed < WAKE_TIMEOUT:
+            await asyncio.sleep(0.05)
+        wake = [t - changed for t in woken_at.values()]
+        stop.set()
+        for task in agents:
+            task.cancel()
+        await asyncio.gather(*agents, return_exceptions=True)
+    return {
+        "agents": n,
+        "hold": HOLD,
+        "opened_seconds": opened_seconds,
+        "held_at_once": holding_before_change,
+        "server_files_before": files_before,
+        "server_files_held": held_files,
+        "server_rss_kib_before": rss_before,
+        "server_rss_kib_held": rss_held,
+        "server_rss_kib_end_of_load": rss_end_of_load,
+        "per_held_kib": (
+            (rss_held - rss_before) / n if rss_held is not None and rss_before is not None else None
+        ),
+        "checkin": checkin,
+        "resent_during_load": resent_during_load,
+        "resent_per_second": resent_during_load / load_seconds,
+        "errors": sum(errors.values()),
+        "error_kinds": errors,
+        "woken": len(wake),
+        "wake_p50": median(wake),
+        "wake_p95": percentile(wake, 95),
+        "wake_max": max(wake, default=float("nan")),
+        "policy_change_status": status,
+    }
