@@ -289,6 +289,9 @@ class CheckinResponse(BaseModel):
     # check-in now (0: it does not; the agent checks in every checkin_interval).
     policy_digest: str = ""
     hold: int = 0
+    # Seconds to wait before the next check-in: set in an answer a change woke, to
+    # spread the check-ins of the fleet it woke (server/push.py, WAKE_RATE).
+    after: float = 0.0
 
 
 # --- patches, groups, hosts, events, audit -----------------------------------------

@@ -14,7 +14,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from micropatch.server.admission import Admission
-from micropatch.server.push import POLL, Push
+from micropatch.server.catalogue import Catalogue
+from micropatch.server.push import POLL, WAKE_RATE, Push
 
 from .conftest import Api, MakeArtifact
 from .test_api import module_of
@@ -81,6 +82,7 @@ def test_publish_policy_and_revoke_wake_a_held_check_in(
         took = time.monotonic() - changed
         assert took < WOKEN_WITHIN, f"answered {took:.1f} s after the change"
         assert answer["policy_digest"] != digest
+        assert 0 <= answer["after"] <= 1 / WAKE_RATE  # one held: its return not spread
         return answer
 
     answer = held_through(
@@ -178,3 +180,13 @@ def test_held_check_ins_are_not_requests_at_work() -> None:
 
 async def _no_body() -> dict[str, Any]:
     return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def test_a_change_that_answers_many_spreads_their_return() -> None:
+    """The check-ins a change answered are told to come back over held / WAKE_RATE s."""
+    push = Push(capacity=20_000)
+    push.held = 10_000
+    push.publish(Catalogue(7, {}, {}, {}))
+    assert push.spread == 10_000 / WAKE_RATE
+    push.publish(Catalogue(6, {}, {}, {}))  # an older one changes nothing
+    assert push.spread == 10_000 / WAKE_RATE

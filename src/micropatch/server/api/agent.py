@@ -58,6 +58,7 @@ async def checkin(
         seconds = min(body.wait, answer.hold) * random.uniform(0.9, 1.0)  # held ones spread
         if await server.push.hold(seconds, done.revision, changed, _gone(request)):
             answer = newer[0]
+            answer.after = round(random.uniform(0, server.push.spread), 3)
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
