@@ -6,8 +6,8 @@
   503 past the requests at work), none left unanswered; health answering after.
 - **Held check-ins**: every agent holds a check-in as the agent does (`wait` and the
   answer's `policy_digest`: server/push.py), its first hold spread over the check-in
-  interval as a fleet in steady state is, re-sent when answered (after a random
-  0-WAKE_JITTER s when the answer changed, as the agent does). While they are held,
+  interval as a fleet in steady state is, re-sent when answered (after the answer's
+  `after` seconds when it changed, as the agent does). While they are held,
   the check-in load of server.py runs beside them (its p99, errors); the server's
   memory and file descriptors are read before and while they are held. Then the
   root group's policy changes, which changes every host's answer: how long until
@@ -32,7 +32,6 @@ from benchmarks.stats import median, percentile
 
 BURST = 500  # connections at once
 HOLD = 60  # the `wait` an agent sends: the server's check-in interval
-WAKE_JITTER = 10.0  # seconds an agent waits, at most, before its next check-in after a change
 WAKE_TIMEOUT = 60.0  # how long the push may take before the held ones count as not woken
 OPENING = 200  # held check-ins being opened at once
 
@@ -151,7 +150,7 @@ async def held_phase(
                     digest = answer["policy_digest"]
                     if digest != start_digest:
                         woken_at.setdefault(i, time.perf_counter())
-                    await asyncio.sleep(rng.uniform(0, WAKE_JITTER))
+                    await asyncio.sleep(float(answer.get("after") or 0))  # as the agent does
                 digests[i] = digest
 
         agents = [asyncio.create_task(agent(i)) for i in range(n)]
