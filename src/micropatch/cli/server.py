@@ -134,8 +134,8 @@ def server_run(
     import uvicorn
 
     from micropatch.errors import MicropatchError
-    from micropatch.server.admission import limit
     from micropatch.server.app import create_app
+    from micropatch.server.capacity import limit
     from micropatch.server.context import PARENT_VARIABLE, SETTINGS_VARIABLE, Server, Settings
     from micropatch.server.database import private_data_dir
 

@@ -27,8 +27,8 @@ from sqlalchemy.exc import DataError, IntegrityError
 from micropatch import __version__
 from micropatch.errors import MicropatchError, RepositoryError, ServerError
 from micropatch.server import errors
-from micropatch.server.admission import Admission
 from micropatch.server.api import PREFIX, routers
+from micropatch.server.capacity import Capacity
 from micropatch.server.context import PARENT_VARIABLE, Server, Settings
 from micropatch.server.database import POOL_SIZE
 from micropatch.server.fleet.patches import reconcile
@@ -129,7 +129,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     )
     app.state.server = server
     app.add_middleware(BodyLimit)  # every body limited while it is read
-    app.add_middleware(Admission, push=server.push)  # outermost: a 503 costs nothing
+    app.add_middleware(Capacity, push=server.push)  # outermost: a 503 costs nothing
     _handle_errors(app)
 
     @app.get(f"{PREFIX}/health", tags=["server"])

@@ -1,6 +1,6 @@
 """Held check-ins (server/push.py): answered when the host's answer changes — a publish,
 a policy change, a revocation — and only then; the requests at work bounded apart from
-them (server/admission.py)."""
+them (server/capacity.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from micropatch.server.admission import Admission
+from micropatch.server.capacity import Capacity
 from micropatch.server.catalogue import Catalogue
 from micropatch.server.push import POLL, WAKE_RATE, Push
 
@@ -143,7 +143,7 @@ def test_a_full_server_holds_nothing_and_says_so(api: Api, live: TestClient) -> 
 
 
 def test_held_check_ins_are_not_requests_at_work() -> None:
-    """Admission: past its requests at work, a 503 at once with Retry-After; a held
+    """Past its requests at work, a 503 at once with Retry-After; a held
     check-in does not count."""
     push = Push(capacity=10)
     release = asyncio.Event()
@@ -153,7 +153,7 @@ def test_held_check_ins_are_not_requests_at_work() -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b""})
 
-    admission = Admission(app, push=push, requests=1)
+    capacity = Capacity(app, push=push, requests=1)
 
     async def call() -> tuple[int, dict[bytes, bytes]]:
         sent: list[Any] = []
@@ -161,7 +161,7 @@ def test_held_check_ins_are_not_requests_at_work() -> None:
         async def send(message: Any) -> None:
             sent.append(message)
 
-        await admission({"type": "http", "path": "/"}, _no_body, send)
+        await capacity({"type": "http", "path": "/"}, _no_body, send)
         return sent[0]["status"], dict(sent[0]["headers"])
 
     async def scenario() -> None:

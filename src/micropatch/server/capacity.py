@@ -26,7 +26,7 @@ def limit() -> int:
     return REQUESTS + MAX_HELD
 
 
-class Admission:
+class Capacity:
     """ASGI middleware: 503 at once for a request past REQUESTS at work."""
 
     def __init__(self, app: ASGIApp, push: Push, requests: int = REQUESTS) -> None:
