@@ -171,8 +171,10 @@ class Target:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TargetError(f"target {self.proc.pid}: no answer within {timeout} s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            # poll, not select: a benchmark may hold more than 1,024 descriptors
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(left * 1000):
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:

@@ -47,12 +47,12 @@ async def checkin(
     `wait` and the answer's digest, held until that answer changes (server/push.py)."""
     done, catalogue = await anyio.to_thread.run_sync(_store, server, secret, body)
     repository = server.repository_url(request)
-    answer = _answer(server, done, catalogue, repository)
+    answer = _answer(server, done, catalogue, repository, body.ignored[:20])
     if body.wait and body.policy_digest == answer.policy_digest and answer.hold:
         newer: list[s.CheckinResponse] = []
 
         def changed(fresh: Catalogue) -> bool:
-            newer[:] = [_answer(server, done, fresh, repository)]
+            newer[:] = [_answer(server, done, fresh, repository, body.ignored[:20])]
             return newer[0].policy_digest != answer.policy_digest
 
         seconds = min(body.wait, answer.hold) * random.uniform(0.9, 1.0)  # held ones spread
@@ -83,7 +83,7 @@ def _store(server: Server, secret: str, body: s.CheckinRequest) -> tuple[Checked
 
 
 def _answer(
-    server: Server, done: CheckedIn, catalogue: Catalogue, repository: str
+    server: Server, done: CheckedIn, catalogue: Catalogue, repository: str, ignored: list[str]
 ) -> s.CheckinResponse:
     effective, relevant, revoked = hosts.host_policy(catalogue, done.group_id, done.modules)
     policy = groups.policy_out(effective, [r.patch_id for r in relevant])
@@ -99,6 +99,7 @@ def _answer(
         revoked=revoked,
         events_accepted=done.events_accepted,
         inventory_digest=done.inventory_digest,
+        ignored=ignored,
         policy_digest=digest,
         hold=server.push.offer(interval),
     )
