@@ -153,3 +153,21 @@ def test_backoff_has_jitter(agent, server):
     agent.fleet.enroll(server.url, "mpe_good", None)
     delays = {agent.fleet._failed(OSError("down")) for _ in range(8)}
     assert len(delays) > 1 and all(d <= checkin.MAX_BACKOFF for d in delays)
+
+
+def test_when_the_next_check_in_goes(agent, server):
+    """After a change (or the first answer): `after`; after a hold that ran to its end:
+    at once; after one not held (sent without wait, or answered at once unchanged):
+    the interval — never check-ins back to back."""
+    fleet = agent.fleet
+    answer = {"hold": 30, "policy_digest": "d1", "after": 0.5}
+    fleet._held(answer, 0, 0.01)
+    assert fleet._next_in == 0.5  # new: d1
+    fleet._held(answer | {"after": 0}, 30, 29.0)
+    assert fleet._next_in == 0.0  # held 29 s, unchanged
+    fleet._held(answer, 30, 0.01)
+    assert fleet._next_in is None  # meant to be held, answered at once, unchanged
+    fleet._held(answer, 0, 0.01)
+    assert fleet._next_in is None  # sent without wait (revocations under way)
+    fleet._held(answer | {"policy_digest": "d2", "after": 100}, 30, 3.0)
+    assert fleet._next_in == 60  # a change: after, at most the interval

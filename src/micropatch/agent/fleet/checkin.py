@@ -204,6 +204,8 @@ class Fleet:
             if self.answer.revoking:
                 with contextlib.suppress(Exception):
                     self.answer.drop_revoked()
+                if not self.answer.revoking and self._hold:
+                    self._wake.set()  # done: hold a check-in again, now
             # Revocations in progress are looked at often, the server every interval.
             wait = due - time.monotonic()
             self._wake.wait(max(0.0, min(wait, 0.2) if self.answer.revoking else wait))
@@ -320,8 +322,9 @@ class Fleet:
         return min(self._hold, int(self.interval()))
 
     def _held(self, answer: dict[str, Any], wait: int, took: float) -> None:
-        """What the answer says of the next check-in: at once (held), after `after`
-        (a change answered it), or after the interval (the server holds none)."""
+        """What the answer says of the next check-in: after `after` (a change answered
+        it, or the first answer), at once (a hold ran to its end), or after the
+        interval (the server holds none; this one was not held)."""
         digest = answer.get("policy_digest")
         changed = isinstance(digest, str) and digest != self._policy_digest
         self._policy_digest = digest if isinstance(digest, str) and digest else None
@@ -331,10 +334,14 @@ class Fleet:
         after = float(after) if isinstance(after, int | float) and after > 0 else 0.0
         if not self._hold or not self._policy_digest:
             self._next_in = None  # an older server, or one holding all it can
-        elif wait and not changed and took < NOT_HELD:
-            self._next_in = None  # sent to be held, answered at once unchanged: not held
-        else:
+        elif changed:
             self._next_in = min(after, self.interval())
+        elif wait and took >= NOT_HELD:
+            self._next_in = 0.0  # held to its end: hold the next one at once
+        else:
+            # Not held: sent without wait (revocations under way: the loop wakes the
+            # thread once they are done), or answered at once unchanged.
+            self._next_in = None
 
     def _update_enrollment(self, answer: dict[str, Any]) -> None:
         assert self.enrollment is not None
