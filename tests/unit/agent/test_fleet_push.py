@@ -167,7 +167,9 @@ def test_when_the_next_check_in_goes(agent, server):
     assert fleet._next_in == 0.0  # held 29 s, unchanged
     fleet._held(answer, 30, 0.01)
     assert fleet._next_in is None  # meant to be held, answered at once, unchanged
+    assert not fleet._rehold
     fleet._held(answer, 0, 0.01)
     assert fleet._next_in is None  # sent without wait (revocations under way)
+    assert fleet._rehold  # the loop checks in again once they are done
     fleet._held(answer | {"policy_digest": "d2", "after": 100}, 30, 3.0)
     assert fleet._next_in == 60  # a change: after, at most the interval

@@ -92,6 +92,7 @@ class Fleet:
         self._policy_digest: str | None = None
         self._hold = 0
         self._next_in: float | None = None  # None: the interval
+        self._rehold = False  # check in (held) once the revocations under way are done
         self._cancel = Cancel()
         self.checkins = 0
 
@@ -204,8 +205,9 @@ class Fleet:
             if self.answer.revoking:
                 with contextlib.suppress(Exception):
                     self.answer.drop_revoked()
-                if not self.answer.revoking and self._hold:
-                    self._wake.set()  # done: hold a check-in again, now
+            if self._rehold and not self.answer.revoking:
+                self._rehold = False  # revocations done: hold a check-in again, now
+                self._wake.set()
             # Revocations in progress are looked at often, the server every interval.
             wait = due - time.monotonic()
             self._wake.wait(max(0.0, min(wait, 0.2) if self.answer.revoking else wait))
@@ -339,9 +341,10 @@ class Fleet:
         elif wait and took >= NOT_HELD:
             self._next_in = 0.0  # held to its end: hold the next one at once
         else:
-            # Not held: sent without wait (revocations under way: the loop wakes the
-            # thread once they are done), or answered at once unchanged.
+            # Not held: answered at once unchanged, or sent without wait (revocations
+            # under way: the loop checks in again once they are done).
             self._next_in = None
+            self._rehold = not wait
 
     def _update_enrollment(self, answer: dict[str, Any]) -> None:
         assert self.enrollment is not None
