@@ -109,7 +109,8 @@ def markdown(data: dict[str, Any], kinds: Sequence[str]) -> str:
         lines.append(
             "Check-ins each agent made over the whole run (held ones included): "
             + ", ".join(f"{h} {n}" for h, n in data["checkins"].items())
-            + f" — one per interval, plus one per change ({len(changes) + 1} changes).\n"
+            + f", for {len(changes) + 1} changes: each change answers a held check-in, the "
+            "agent holds the next one; a hold that runs its course (the interval) is one more.\n"
         )
     notes = [
         f"{h} change {i + 1}: {c['agents'][h]['note']}"
