@@ -299,7 +299,8 @@ def measure(
                 server,
                 admin,
                 credentials,
-                lambda: checkin_load(server.url, credentials, rate, seconds),
+                lambda: checkin_load(server.url, credentials, server_held.PROBE_RATE, seconds),
+                rate,
             )
         )
         result["server_alive_at_end"] = server.proc is not None and server.proc.poll() is None

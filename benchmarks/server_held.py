@@ -5,10 +5,11 @@
   (one in four with a bogus credential): every one answered (200, 401, or a fast
   503 past the requests at work), none left unanswered; health answering after.
 - **Held check-ins**: every agent holds a check-in as the agent does (`wait` and the
-  answer's `policy_digest`: server/push.py), its first hold spread over the check-in
-  interval as a fleet in steady state is, re-sent when answered (after the answer's
-  `after` seconds when it changed, as the agent does). While they are held,
-  the check-in load of server.py runs beside them (its p99, errors); the server's
+  answer's `policy_digest`: server/push.py), the first ones sent at the fleet's
+  check-in rate (spread over the interval, as in steady state), each re-sent when
+  answered (after the answer's `after` seconds when it changed, as the agent does):
+  the fleet's own check-ins. While they are held, a probe of PROBE_RATE check-ins a
+  second without wait (server.py's check-in load) runs beside them (its p99, errors); the server's
   memory and file descriptors are read before and while they are held. Then the
   root group's policy changes, which changes every host's answer: how long until
   each held check-in is answered (the push), and the burst of check-ins after.
@@ -33,7 +34,7 @@ from benchmarks.stats import median, percentile
 BURST = 500  # connections at once
 HOLD = 60  # the `wait` an agent sends: the server's check-in interval
 WAKE_TIMEOUT = 60.0  # how long the push may take before the held ones count as not woken
-OPENING = 100  # held check-ins being opened at once (each first a check-in at work)
+PROBE_RATE = 10.0  # check-ins a second without wait, beside the held ones: their latency
 
 
 async def burst(url: str, credentials: list[str], n: int = BURST) -> dict[str, Any]:
@@ -105,19 +106,20 @@ async def held_phase(
     admin: str,
     credentials: list[str],
     load: Callable[[], Awaitable[dict[str, Any]]],
+    rate: float,
 ) -> dict[str, Any]:
-    """Every agent holds a check-in; `load` (the check-in load) runs beside them;
-    then a policy change answers them all."""
+    """Every agent holds a check-in, the first ones opened at `rate` a second (then
+    they come back at that rate by themselves: the fleet's own check-ins); `load`
+    (a probe of check-ins without wait) runs beside them; then a policy change
+    answers them all."""
     url = server.url
     rng = random.Random(17)
     n = len(credentials)
     stop = asyncio.Event()
-    digests: dict[int, str] = {}
     woken_at: dict[int, float] = {}
     errors: dict[str, int] = {}
     resent = 0
     holding = 0
-    opened = asyncio.Semaphore(OPENING)
     connector = aiohttp.TCPConnector(limit=n + 100)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=HOLD + 60)
     rss_before = server.rss_kib("VmRSS")
@@ -131,47 +133,41 @@ async def held_phase(
             raise RuntimeError(f"check-in: {status} {first}")
         start_digest = first["policy_digest"]
 
-        async def agent(i: int) -> None:
+        async def agent(i: int, due: float) -> None:
+            """One agent: its first check-in at `due` (the fleet's check-ins spread over
+            the interval, as in steady state), then as the agent does: held, sent
+            again when answered, after `after` when it changed; after a failure, the
+            agent's backoff (the interval doubled, with jitter)."""
             nonlocal resent, holding
             headers = {"Authorization": f"Bearer {credentials[i]}"}
-            wait = rng.randint(5, HOLD)  # as a fleet in steady state: holds end spread
             digest = start_digest
-            first_send = True
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
             while not stop.is_set():
-                body = unchanged(i) | {"wait": wait, "policy_digest": digest}
+                body = unchanged(i) | {"wait": HOLD, "policy_digest": digest}
+                holding += 1
                 try:
-                    if first_send:
-                        async with opened:
-                            task = asyncio.ensure_future(post(c, "/api/v1/checkin", body, headers))
-                            await asyncio.sleep(0.005)  # sent, most likely: the next one
-                        first_send = False
-                    else:
-                        task = asyncio.ensure_future(post(c, "/api/v1/checkin", body, headers))
-                    holding += 1
-                    try:
-                        status, answer = await task
-                    finally:
-                        holding -= 1
+                    status, answer = await post(c, "/api/v1/checkin", body, headers)
                 except HttpErrors as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-                    await asyncio.sleep(rng.uniform(1, 5))
-                    continue
+                    status, answer = 0, None
+                finally:
+                    holding -= 1
                 if status != 200:
-                    errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
-                    await asyncio.sleep(rng.uniform(1, 5))
+                    if status:
+                        errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
+                    await asyncio.sleep(rng.uniform(HOLD, 2 * HOLD))
                     continue
-                wait = HOLD
                 resent += 1
                 if answer["policy_digest"] != digest:
                     digest = answer["policy_digest"]
                     if digest != start_digest:
                         woken_at.setdefault(i, time.perf_counter())
                     await asyncio.sleep(float(answer.get("after") or 0))  # as the agent does
-                digests[i] = digest
 
-        agents = [asyncio.create_task(agent(i)) for i in range(n)]
         opening = time.perf_counter()
-        while holding < n and time.perf_counter() - opening < 120:
+        agents = [asyncio.create_task(agent(i, opening + i / rate)) for i in range(n)]
+        await asyncio.sleep(n / rate)
+        while holding < n and time.perf_counter() - opening < n / rate + 60:
             await asyncio.sleep(0.1)
         opened_seconds = time.perf_counter() - opening
         await asyncio.sleep(2)

@@ -107,7 +107,7 @@ def held_rows(row: Any) -> str:
             f"{_f(r['held']['server_rss_kib_held'] / 1024)}"),
         row("memory per held check-in (KiB)", lambda r: _f(r["held"]["per_held_kib"])),
         row("server file descriptors while held", lambda r: f"{r['held']['server_files_held']:,}"),
-        row("check-ins beside them: p50 / p99 (ms)",
+        row(f"probe check-ins beside them ({server_held.PROBE_RATE:g}/s): p50 / p99 (ms)",
             lambda r: f"{ms(r['held']['checkin']['latency']['p50'])} / "
             f"{ms(r['held']['checkin']['latency']['p99'])}"),
         row("check-ins beside them: errors", lambda r: str(r["held"]["checkin"]["errors"])),
