@@ -1,9 +1,13 @@
 """agent: enabling a patch for many running processes, idle cost, and the CLI through it.
 
 A real agent (`micropatch agent run`, temporary state directory, socket, trust
-directory and an empty configuration: every key at its default) and N idle
-copies of bench_target (one thread each, blocked in read() on its stdin; each
-a real process), in one run:
+directory, and a configuration with every key at its default but `filesystems`)
+and N idle copies of bench_target (one thread each, blocked in read() on its
+stdin; each a real process), in one run. The agent and the targets run in a
+sandbox (tests/targets/isolation.py: own PID and mount namespaces, a private
+tmpfs, the only filesystem the agent watches): the agent marks nothing of the
+host's filesystems and sees only the sandbox's processes, its "host". The
+direct CLI and the sweeps that see a process patched run on the host (host pids):
 
 1. Fleet: the patch (compute() returns 2x+2) is in the agent's store disabled
    (`agent add --disabled`); then `agent enable ID` → every process patched,
@@ -23,12 +27,13 @@ a real process), in one run:
    /proc/AGENT/stat, all threads) over IDLE seconds and its VmRSS (and VmHWM)
    from /proc/AGENT/status. Aims (issue 8): < 1% of one core, < 60 MB.
 3. Restart: with every process patched and bystanders (`sleep`) filling the
-   host to HOST_PROCESSES processes, the agent SIGKILLed (as the OOM killer
+   sandbox to HOST_PROCESSES processes, the agent SIGKILLed (as the OOM killer
    would) and started again: seconds from its start to ready (its first pass
    over every process on the host done), RESTARTS times; after each, every
    process's registry checked (the patch once, not twice). Aim (issue 18): ≤ 3 s.
 4. CLI: `micropatch apply ARTIFACT --pid PID` with the agent answering on its
-   socket (the command routes through it), against the same command run
+   socket (the command routes through it, with the target's pid in the sandbox,
+   as the agent sees it), against the same command run
    directly (`MICROPATCH_NO_AGENT=1`) and against `gdb -batch -p PID -ex 'set
    {unsigned char[5]}compute = {0xe9, ...}'` (peers.gdb_cli: the same 5-byte
    jump to compute_alt). One idle target (its one thread waiting on stdin: on
@@ -41,10 +46,10 @@ a real process), in one run:
    same request sent on the agent's socket from this process (what the agent
    itself takes), and a fresh interpreter importing the client's modules.
 
-new_processes is true in the configuration, but this build's agent plugs no
-new-process interception in (service._plug_new_processes is empty): execs
-are not held. The proc connector (crash auto-disable) is on: every exit on
-the host is an event the agent reads.
+new_processes is true (the default): the agent indexes and marks the sandbox's
+tmpfs and holds the execs there (none during the timed steps). The proc
+connector (crash auto-disable) serves no listener outside the host's PID
+namespace: the agent says so and runs on without it.
 """
 
 from __future__ import annotations
@@ -70,11 +75,12 @@ from benchmarks.agent_setup import (
     BenchError,
     Bystanders,
     Fleet,
+    Sandbox,
     Setup,
+    box_processes,
     bytecode,
     checked,
     cpu_ticks,
-    host_processes,
     prepare,
     registries,
     timed,
@@ -178,11 +184,12 @@ def idle(setup: Setup, agent: Agent, fleet: Fleet, seconds: float, spy: bool) ->
 
 
 def restarts(agent: Agent, fleet: Fleet, total: int, times: int) -> dict[str, Any]:
-    """The agent killed and started again with every process patched, `total` on the host."""
+    """The agent killed and started again with every process patched, `total` in its
+    sandbox."""
     seconds: list[float] = []
     wrong = 0
-    with Bystanders(total):
-        host = host_processes()
+    with Bystanders(agent.box, total):
+        host = box_processes(agent.box)
         for r in range(times):
             print(f"agent: restart {r + 1}/{times} ({host} processes)", file=sys.stderr)
             agent.crash()
@@ -201,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "--host-processes",
         type=int,
         default=HOST_PROCESSES,
-        help=f"processes on the host at restart, bystanders added (default {HOST_PROCESSES})",
+        help=f"processes in the sandbox at restart, bystanders added (default {HOST_PROCESSES})",
     )
     parser.add_argument(
         "--workers", type=int, default=None, help="the agent's `workers` (default: its default)"
@@ -236,13 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         "bytecode": bytecode(not args.no_compile),
     }
     failure: str | None = None
-    with tempfile.TemporaryDirectory(prefix="micropatch-bench-") as tmp:
-        setup = prepare(Path(tmp))
+    with (
+        tempfile.TemporaryDirectory(prefix="micropatch-bench-") as tmp,
+        Sandbox(Path(tmp) / "host", size="64m") as box,
+    ):
+        setup = prepare(Path(tmp), box)
         agent = Agent(setup, "" if args.workers is None else f"workers = {args.workers}\n")
         try:
             print(f"agent: starting {n} targets", file=sys.stderr)
             start = time.perf_counter()
-            with Fleet(setup.exe, n, setup.offset, setup.original) as fleet:
+            with Fleet(setup, n) as fleet:
                 data["fleet_start_seconds"] = time.perf_counter() - start
                 data["agent_ready_seconds"] = agent.start()
                 checked(agent.cli("add", "--disabled", setup.artifacts[AGENT_ID]))

@@ -59,8 +59,10 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
     if shutil.which("gdb") is None:
         tools.remove("gdb")
         errors["gdb"].append("no gdb on PATH")
-    with Target(setup.exe, spin=0, mainspin=False) as target:
-        pid = target.pid
+    assert setup.box is not None
+    with Target(setup.exe, spin=0, mainspin=False, enter=setup.box.enter()) as target:
+        pid = target.pid  # on the host: gdb, the direct CLI, /proc
+        ns_pid = target.ns_pid  # in the sandbox: the agent's pid for it
         address = module_base(pid, setup.exe) + setup.offset
         for run in range(warmup + runs):
             shift = run % len(tools)
@@ -73,12 +75,16 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
                         on = peers.gdb_cli(ctx, pid)
                     elif tool == "socket":
                         start = time.perf_counter()
-                        client.call("apply", **artifact_arguments(artifact), **request, pids=[pid])
+                        client.call(
+                            "apply", **artifact_arguments(artifact), **request, pids=[ns_pid]
+                        )
                         on = time.perf_counter() - start
                     else:
-                        env = via_agent if tool == "through_agent" else direct
+                        env, which = (
+                            (via_agent, ns_pid) if tool == "through_agent" else (direct, pid)
+                        )
                         start = time.perf_counter()
-                        done = checked(micropatch("apply", artifact, "--pid", pid, env=env))
+                        done = checked(micropatch("apply", artifact, "--pid", which, env=env))
                         on = time.perf_counter() - start
                         if tool == "through_agent" and "through the agent" not in done.stdout:
                             raise BenchError(f"not routed through the agent: {done.stdout!r}")
@@ -93,11 +99,11 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
                         off = time.perf_counter() - start
                     elif tool == "socket":
                         start = time.perf_counter()
-                        client.call("remove", patch_id=CLI_ID, **request, pids=[pid])
+                        client.call("remove", patch_id=CLI_ID, **request, pids=[ns_pid])
                         off = time.perf_counter() - start
                     else:
                         start = time.perf_counter()
-                        checked(micropatch("remove", CLI_ID, "--pid", pid, env=env))
+                        checked(micropatch("remove", CLI_ID, "--pid", which, env=env))
                         off = time.perf_counter() - start
                     if target.call(5) != 11:
                         raise BenchError("compute(5) != 11 after the undo")

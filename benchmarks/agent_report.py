@@ -61,15 +61,18 @@ def markdown(data: dict[str, Any]) -> str:
     n = data["processes"]
     cfg = data["agent_config"]
     workers = cfg.get("workers")
-    keys = "every key" if workers is None else f"workers = {workers}, every other key"
+    keys = "filesystems = the sandbox's tmpfs, "
+    keys += "every other key" if workers is None else f"workers = {workers}, every other key"
     lines = [
         f"A real agent (`micropatch agent run`; configuration: {keys} at its default, "
         f"rescan_interval = {cfg['rescan_interval']:g} s, blocked_interval = "
         f"{cfg['blocked_interval']:g} s, new_processes = {str(cfg['new_processes']).lower()}) "
         f"and {n} idle bench_target processes (one thread in read()). The agent was ready "
         f"{data['agent_ready_seconds']:.2f} s after its start with the {n} processes running. "
-        "Its new-process interception (fanotify) holds every exec on the host while it "
-        "decides, and its proc connector reads every exit on the host.",
+        "The agent and the targets run in a sandbox (own PID and mount namespaces, a private "
+        "tmpfs): the agent sees only the sandbox's processes and marks only its tmpfs "
+        "(fanotify, execs held there while it decides); the proc connector serves no "
+        "listener outside the host's PID namespace, so crash tracking is off.",
         "",
         _bytecode_note(data["bytecode"]),
         "",
@@ -166,7 +169,7 @@ def markdown(data: dict[str, Any]) -> str:
             f"## 3. The agent restarted with {n} processes patched",
             "",
             f"The agent SIGKILLed and started again, {r['n']} times, with the {n} processes "
-            f"patched and {again['host_processes']} processes on the host (`sleep` bystanders "
+            f"patched and {again['host_processes']} processes in its sandbox (`sleep` bystanders "
             "added): from its start to ready (its first pass over every process done), in ms, "
             f"**median / p90 / max**: {_cell(r)}. Registries wrong after (the patch missing "
             f"or twice): {again['registry_wrong']}.",

@@ -1,15 +1,20 @@
 """The agent benchmark's fixtures: bench_target built with a build-id of its own
 (no other process on the host carries that build, so the agent under test touches
-none of another run's), the signed artifacts, the agent as a real process, the
-fleet of idle targets, and how "patched" is seen from outside (/proc/PID/mem)."""
+none of another run's), the signed artifacts, the agent as a real process in a
+sandbox (tests/targets/isolation.py: its own PID and mount namespaces and a private
+tmpfs, the only filesystem it watches: it marks nothing of the host's and sees only
+the processes started there), the fleet of idle targets started in it, and how
+"patched" is seen from outside (/proc/PID/mem, by host pid)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +22,12 @@ from typing import Any
 
 from benchmarks import patches, peers
 from benchmarks.target import CFLAGS, SOURCE, Target, module_base, symbol_offsets
+
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from targets.isolation import Sandbox, children  # noqa: E402
 
 TIMEOUT = 120.0
 READY_TIMEOUT = 120.0
@@ -40,6 +51,7 @@ class Setup:
     artifacts: dict[str, Path] = field(default_factory=dict)
     trust: Path = Path()
     socket: Path = Path()
+    box: Sandbox | None = None  # where the agent and the targets run
 
 
 def micropatch(
@@ -80,7 +92,7 @@ def build_unique(directory: Path) -> Path:
     return exe
 
 
-def prepare(workdir: Path) -> Setup:
+def prepare(workdir: Path, box: Sandbox) -> Setup:
     """bench_target, a key pair the agent trusts, and the three signed artifacts."""
     from micropatch.build.artifact import build as build_artifact
     from micropatch.trust.keys import generate_key, load_private_key, write_key_pair
@@ -90,7 +102,7 @@ def prepare(workdir: Path) -> Setup:
     with open(exe, "rb") as f:
         f.seek(offset)  # -O2 PIE: .text's file offset equals its address offset
         original = f.read(5)
-    setup = Setup(workdir=workdir, exe=exe, offset=offset, original=original)
+    setup = Setup(workdir=workdir, exe=exe, offset=offset, original=original, box=box)
     keys = workdir / "keys"
     keys.mkdir()
     write_key_pair(generate_key("bench", expires_days=1), keys / "bench")
@@ -136,14 +148,19 @@ def bytecode(compile_: bool) -> dict[str, Any]:
 
 
 class Agent:
-    """`micropatch agent run` in the background; killed at the end whatever happens."""
+    """`micropatch agent run` in the background in the sandbox; killed at the end
+    whatever happens. `proc` is nsenter, `pid` the agent itself (on the host)."""
 
     def __init__(self, setup: Setup, config: str = "") -> None:
+        assert setup.box is not None
         self.setup = setup
+        self.box = setup.box
         self.root = setup.workdir
         self.config = self.root / "agent.toml"
-        self.config.write_text(config)  # "": every key at its default
+        # Every other key at its default; it watches the sandbox's filesystem only.
+        self.config.write_text(f"{config}filesystems = [{json.dumps(str(self.box.root))}]\n")
         self.proc: subprocess.Popen[bytes] | None = None
+        self._pid = 0
 
     def start(self) -> float:
         """Start it; seconds until it answers ready (store loaded, first pass done)."""
@@ -154,7 +171,7 @@ class Agent:
         start = time.perf_counter()
         with open(self.root / "agent.out", "wb") as out, open(self.root / "agent.err", "wb") as e:
             self.proc = subprocess.Popen(
-                [*peers._micropatch(), "agent", "run",
+                [*self.box.enter(), *peers._micropatch(), "agent", "run",
                  "--state-dir", str(self.root / "state"), "--socket", str(self.setup.socket),
                  "--trust-dir", str(self.setup.trust), "--config", str(self.config)],
                 stdout=out, stderr=e, start_new_session=True,
@@ -165,15 +182,17 @@ class Agent:
                 raise BenchError(f"the agent exited {self.proc.returncode}: {self.stderr()}")
             with contextlib.suppress(ControlError, OSError):
                 if self.client.call("ping")["ready"]:
-                    return time.perf_counter() - start
+                    ready = time.perf_counter() - start
+                    [self._pid] = children(self.proc.pid)  # nsenter forked the agent
+                    return ready
             if time.monotonic() > deadline:
                 raise BenchError(f"the agent was not ready within {READY_TIMEOUT} s")
             time.sleep(0.05)
 
     @property
     def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
+        assert self._pid, "the agent was not started"
+        return self._pid
 
     def stderr(self) -> str:
         with contextlib.suppress(OSError):
@@ -189,19 +208,28 @@ class Agent:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, sig)
+
     def crash(self) -> None:
         """SIGKILL: as the OOM killer would (the processes stay patched)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            self._signal(signal.SIGKILL)
             self.proc.wait()
 
     def kill(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        self.proc.send_signal(signal.SIGTERM)
+        if self._pid:
+            self._signal(signal.SIGTERM)
+        else:
+            self.proc.send_signal(signal.SIGTERM)  # nsenter passes it on
         try:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
+            if self._pid:
+                self._signal(signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
 
@@ -227,14 +255,17 @@ def vm_kib(pid: int) -> dict[str, int]:
 
 
 class Fleet:
-    """N idle bench_target processes; each killed at the end whatever happens."""
+    """N idle bench_target processes in the sandbox; each killed at the end whatever
+    happens. Keyed by host pid (what /proc and the direct CLI see)."""
 
-    def __init__(self, exe: Path, count: int, offset: int, original: bytes) -> None:
+    def __init__(self, setup: Setup, count: int) -> None:
+        assert setup.box is not None
+        exe, offset, original = setup.exe, setup.offset, setup.original
         self.targets: list[Target] = []
         self.sites: dict[int, int] = {}  # pid -> address of compute()
         try:
             for _ in range(count):
-                t = Target(exe, spin=0, mainspin=False)
+                t = Target(exe, spin=0, mainspin=False, enter=setup.box.enter())
                 self.targets.append(t)
                 self.sites[t.pid] = module_base(t.pid, exe) + offset
                 if len(self.sites) == 1 and entry(t.pid, self.sites[t.pid]) != original:
@@ -250,7 +281,7 @@ class Fleet:
     def close(self) -> None:
         for t in self.targets:
             if t.proc.poll() is None:
-                t.proc.kill()
+                t.kill()
         for t in self.targets:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 t.proc.wait(timeout=10)
@@ -268,24 +299,39 @@ class Fleet:
 
 
 class Bystanders:
-    """`sleep` processes until the host holds at least `total` processes (other programs,
-    which the agent looks at and leaves alone); killed at the end whatever happens."""
+    """`sleep` processes until the sandbox (the agent's host) holds at least `total`
+    processes (other programs, which the agent looks at and leaves alone), started by
+    one shell there; killed at the end whatever happens."""
 
-    def __init__(self, total: int) -> None:
-        self.procs: list[subprocess.Popen[bytes]] = []
-        try:
-            for _ in range(max(0, total - host_processes())):
-                self.procs.append(subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL))
-        except BaseException:
+    def __init__(self, box: Sandbox, total: int) -> None:
+        self.box = box
+        more = max(0, total - box_processes(box) - 1)  # the shell is one
+        script = f"i=0; while [ $i -lt {more} ]; do sleep 3600 & i=$((i+1)); done; echo up; wait"
+        self.shell = subprocess.Popen(
+            [*box.enter(), "sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        )
+        assert self.shell.stdout is not None
+        if self.shell.stdout.readline().strip() != b"up":
             self.close()
-            raise
+            raise BenchError("the bystanders did not start")
 
     def close(self) -> None:
-        for p in self.procs:
-            p.kill()
-        for p in self.procs:
-            p.wait()
-        self.procs.clear()
+        """The sleeps killed, the shell reaps them (no zombie left to the sandbox's
+        init, which reaps nothing) and exits."""
+        shells = children(self.shell.pid)
+        for sh in shells:
+            for pid in children(sh):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        try:
+            self.shell.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            for sh in shells:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(sh, signal.SIGKILL)
+            self.shell.wait()
+        if self.shell.stdout is not None:
+            self.shell.stdout.close()
 
     def __enter__(self) -> Bystanders:
         return self
@@ -294,8 +340,15 @@ class Bystanders:
         self.close()
 
 
-def host_processes() -> int:
-    return sum(name.isdigit() for name in os.listdir("/proc"))
+def box_processes(box: Sandbox) -> int:
+    """Processes in the sandbox's PID namespace (its init included)."""
+    ns = os.readlink(f"/proc/{box.init_pid}/ns/pid")
+    count = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/{name}/ns/pid") == ns
+    return count
 
 
 def entry(pid: int, address: int) -> bytes:
