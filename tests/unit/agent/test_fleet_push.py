@@ -130,6 +130,8 @@ def test_the_loop_waits_after_then_holds(agent, server):
     agent.fleet.stop()
     assert time.monotonic() - started < 3, "stop waited for the held check-in"
     assert agent.fleet._thread is not None and not agent.fleet._thread.is_alive()
+    assert agent.fleet.status()["failures"] == 0  # cut short by stop: not "unreachable"
+    assert not [e for e in agent.events.query() if "unreachable" in e.message]
 
 
 def test_a_silent_held_check_in_is_dead_after_the_wait_and_the_margin(agent, server, monkeypatch):

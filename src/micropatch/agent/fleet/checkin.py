@@ -200,6 +200,8 @@ class Fleet:
                     self.check_in()
                     delay = self.interval() if self._next_in is None else self._next_in
                 except Exception as e:
+                    if self._stopping.is_set():
+                        return  # a held check-in cut short by stop: not a failure
                     delay = self._failed(e)
                 due = time.monotonic() + delay
             if self.answer.revoking:
