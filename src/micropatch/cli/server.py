@@ -71,12 +71,20 @@ def publish(
     server_extra()
     import httpx
 
+    from micropatch.trust.admission import is_source
+
     if not token:
         raise fail("no API token: pass --token or set MICROPATCH_TOKEN")
     try:
         data = artifact.read_bytes()
     except OSError as e:
         raise fail(f"{artifact}: cannot read: {e.strerror}") from None
+    if is_source(data, artifact.name):
+        raise fail(
+            f"{artifact} is a patch source; publish the signed artifact built from it "
+            f"(micropatch build {artifact} --module MODULE_FILE --key KEY.key writes "
+            "ID-vVERSION-HASH.mpatch)"
+        )
     try:
         response = httpx.post(
             f"{server.rstrip('/')}/api/v1/patches",
@@ -142,6 +150,8 @@ def server_run(
     host, port = _check_listen(listen)
     _check_workers(workers, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The migrations' own INFO is setup chatter; server.database says the revision reached.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = Settings(
         data_dir=data_dir,
         database=database,
@@ -149,7 +159,8 @@ def server_run(
         repository_url=repository_url,
     )
     try:
-        private_data_dir(data_dir)
+        if data_dir.exists():  # else Server refuses it (no repository) before making it
+            private_data_dir(data_dir)
         server = Server(settings)  # the repository checked, the database migrated
     except MicropatchError as e:
         raise fail(str(e)) from None

@@ -20,7 +20,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -145,6 +145,12 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     from micropatch.server.console import mount_console
 
     mount_console(app)
+
+    @app.get("/", include_in_schema=False)
+    def landing() -> RedirectResponse:
+        """The server's address opened in a browser: the console (its login page)."""
+        return RedirectResponse("/console/", 307)
+
     _document_refusals(app)
     app.mount(
         "/repository",

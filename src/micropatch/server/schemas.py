@@ -319,6 +319,7 @@ class PatchOut(BaseModel):
     title: str | None
     target: str
     module: ModuleRef
+    runtime: str = "native"  # or "cpython" (docs/python-patches.md)
     size: int
     published: float
     published_by: str

@@ -262,13 +262,14 @@ class Fleet:
         enrolled = self.enrollment
         assert enrolled is not None
         agent = self.agent
-        stored, view = agent.store.patches(), agent.view()
+        stored, view = [*agent.store.patches(), *agent.store.python_patches()], agent.view()
         events, cursor, bad = report.events(self.db, self.cursor(), stored, view)
         if bad:
             self.answer.say("bad events", f"{bad} events of the history could not be sent "
                             "to the fleet server (see the agent's log)")  # fmt: skip
         modules = self._inventory()
-        processes = report.processes(agent.reconciler.covered().values(), stored, view)
+        covered = agent.reconciler.python.covered(agent.reconciler.covered().values())
+        processes = report.processes(covered, stored, view)
         digest = report.inventory_digest(modules, processes)
         body: dict[str, Any] = {
             "hostname": report.text(platform.node(), 255), "kernel": os.uname().release[:255],
@@ -358,7 +359,8 @@ class Fleet:
     def _inventory(self) -> list[dict[str, Any]]:
         every = self.agent.config.inventory_interval
         if self._scanned is None or time.monotonic() - self._scanned >= every:
-            self._modules = self.inventory.scan()
+            # the ELF modules mapped, and the Python modules of the last pass
+            self._modules = self.inventory.scan() + self.agent.reconciler.python.modules()
             self._scanned = time.monotonic()
         return self._modules
 
