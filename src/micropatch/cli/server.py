@@ -105,9 +105,6 @@ def publish(
 
 
 GRACE = 5  # seconds a stopping server gives the requests under way
-# Connections and requests a server process takes at once; beyond, it answers 503 at
-# once (an agent retries later) instead of queueing work it cannot do in time.
-LIMIT_CONCURRENCY = 256
 
 # --- server ----------------------------------------------------------------------------
 
@@ -146,6 +143,7 @@ def server_run(
 
     from micropatch.errors import MicropatchError
     from micropatch.server.app import create_app
+    from micropatch.server.capacity import limit
     from micropatch.server.context import PARENT_VARIABLE, SETTINGS_VARIABLE, Server, Settings
     from micropatch.server.database import private_data_dir
 
@@ -172,14 +170,14 @@ def server_run(
     if workers == 1:
         uvicorn.run(create_app(settings, server=server), host=address, port=port,
                     log_level="info", timeout_graceful_shutdown=GRACE,
-                    limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
+                    limit_concurrency=limit())  # fmt: skip
         return
     server.database.dispose()  # each worker opens its own
     os.environ[SETTINGS_VARIABLE] = json.dumps(settings.to_json())
     os.environ[PARENT_VARIABLE] = str(os.getpid())
     uvicorn.run("micropatch.server.app:app_from_environment", factory=True, workers=workers,
                 host=address, port=port, log_level="info",
-                timeout_graceful_shutdown=GRACE, limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
+                timeout_graceful_shutdown=GRACE, limit_concurrency=limit())  # fmt: skip
 
 
 @server_app.command("install")
