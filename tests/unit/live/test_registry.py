@@ -1,5 +1,6 @@
 """The registry: two checksummed slots in the cave's first page (an overflow area
-each for long documents), patch states, retired trampolines; version 2 caves."""
+each for long documents) beside the blocked-event counters, patch states, retired
+trampolines; caves of the earlier layouts (versions 2 and 3)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from micropatch.live.registry import (
     HEADER,
     LAYOUT,
     LAYOUT_V2,
+    LAYOUT_V3,
     MAGIC,
     PAGE,
     REGISTRY_SIZE,
@@ -118,7 +120,31 @@ def test_not_a_registry() -> None:
 
 def test_both_slots_share_the_first_page_and_alternate_with_the_sequence() -> None:
     assert [sample(seq).slot for seq in range(4)] == [0, SLOT, 0, SLOT]
-    assert SLOT * 2 == PAGE and LAYOUT.code_start == REGISTRY_SIZE
+    assert LAYOUT.counters == (2 * SLOT, PAGE) and LAYOUT.code_start == REGISTRY_SIZE
+
+
+def test_what_the_target_writes_is_outside_every_slot_and_checksum() -> None:
+    """Patchlets increment their counters, in the registry's page, while the process
+    runs: no slot, header or overflow area covers them, so neither the registry nor
+    a store is disturbed by them, and a store never touches them."""
+    start, end = LAYOUT.counters  # type: ignore[misc]
+    assert all(at + SLOT <= start for at in LAYOUT.slots)
+    assert LAYOUT.overflow is not None and min(LAYOUT.overflow) >= PAGE
+    slots = Slots()
+    slots.put(sample(seq=1))
+    slots.data[start:end] = b"\xff" * (end - start)  # every counter counted
+    assert slots.current() == sample(seq=1)
+    for registry in (sample(seq=2), sample(seq=3, sites=8)):
+        for offset, blob in registry.images():
+            assert offset + len(blob) <= start or offset >= PAGE, (offset, len(blob))
+        slots.put(registry)
+        assert slots.current() == registry
+    assert slots.data[start:end] == b"\xff" * (end - start)
+
+
+def test_a_patch_of_a_few_sites_fits_its_slot() -> None:
+    """The first page alone, with the counters, holds a registry of a few patches."""
+    assert len(sample(sites=3).body()) <= SLOT - HEADER.size
 
 
 def test_a_small_registry_is_read_from_the_first_page_alone() -> None:
@@ -201,7 +227,9 @@ def test_a_corrupt_header_is_reported_unless_the_other_slot_is_valid() -> None:
     slots = Slots()
     slots.data[: HEADER.size] = HEADER.pack(MAGIC, 2, 3 * PAGE, 0)  # a length no slot holds
     slots.data[SLOT : SLOT + 4] = b"junk"
-    with pytest.raises(CaveError, match=r"slot at \+0x0: length 12288; slot at \+0x800: not a"):
+    with pytest.raises(
+        CaveError, match=rf"slot at \+0x0: length 12288; slot at \+{SLOT:#x}: not a"
+    ):
         slots.current()
     slots.put(sample(seq=1))  # slot 1
     assert slots.current() == sample(seq=1)
@@ -236,6 +264,24 @@ def test_a_version_2_cave_is_read_and_written_in_its_own_layout() -> None:
     slots.put(back)
     assert slots.current() == back
     assert LAYOUT_V2.code_start == 4 * PAGE
+
+
+def test_a_version_3_cave_is_read_and_written_in_its_own_layout() -> None:
+    """Caves made by the previous version, found in a process patched before an
+    upgrade: 2 KiB slots filling the first page, counters in the cave's last page."""
+    slots = Slots()
+    v3 = sample(seq=1)
+    v3.layout = LAYOUT_V3
+    assert v3.images() == [(PAGE // 2, v3.encode())]
+    slots.put(v3)
+    back = slots.current()
+    assert back == v3 and back is not None and back.layout is LAYOUT_V3
+    back.seq += 1
+    back.patches[0].state = REMOVING
+    assert [at for at, _ in back.images()] == [0]
+    slots.put(back)
+    assert slots.current() == back
+    assert LAYOUT_V3.counter_area(65536) == (65536 - PAGE, 65536)
 
 
 def test_store_writes_the_slot_not_holding_the_current_state() -> None:
