@@ -14,10 +14,13 @@ pages read+execute and never writable (W^X), so a cave with a few patches
 keeps two pages resident, nothing more. A document longer than its slot
 continues in that slot's own overflow area, written before the slot's
 header: the header, which holds the checksum, is the write that commits
-(`Layout`). Caves made by earlier versions, found in a process patched
-before an upgrade, are read and written in their own layout (version 3:
-two 2 KiB slots, counters in the cave's last page; version 2: two 8 KiB
-slots at 0 and 8 KiB, counters in the last page).
+(`Layout`). The JSON is stored zlib-compressed (957 bytes become 441 for a
+two-site patch), so an update of a few sites, both versions recorded at
+once, still fits its slot in the first page. Caves made by earlier
+versions, found in a process patched before an upgrade, are read and
+written in their own layout (version 3: two 2 KiB slots of plain JSON,
+counters in the cave's last page; version 2: two 8 KiB slots at 0 and
+8 KiB, counters in the last page).
 
 Each patch has a state: `applying` (intent recorded, jumps being written),
 `applied`, or `removing` (original bytes being restored). A patcher killed
@@ -58,6 +61,7 @@ class Layout:
     # [start, end) of the blocked-event counters in the first page, which is then
     # writable with the registry; None: they are the cave's last page (v2, v3).
     counters: tuple[int, int] | None = None
+    compressed: bool = False  # the JSON is stored zlib-compressed (layout 4)
 
     @property
     def capacity(self) -> int:
@@ -97,7 +101,7 @@ PAGE = 4096
 COUNTERS = 1024  # 128 blocked-event counters of 8 bytes, at the end of the first page
 SLOT = (PAGE - COUNTERS) // 2
 LAYOUT = Layout(
-    MAGIC, (0, SLOT), SLOT, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE, (PAGE - COUNTERS, PAGE)
+    MAGIC, (0, SLOT), SLOT, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE, (PAGE - COUNTERS, PAGE), True
 )
 LAYOUT_V3 = Layout(MAGIC_V3, (0, PAGE // 2), PAGE // 2, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE)
 LAYOUT_V2 = Layout(MAGIC_V2, (0, 2 * PAGE), 2 * PAGE, None, 0, 4 * PAGE)
@@ -177,7 +181,7 @@ class Registry:
         return sorted(ranges)
 
     def body(self) -> bytes:
-        """The JSON document of this state."""
+        """The JSON document of this state, as its layout stores it."""
         doc = {
             "module_path": self.module_path,
             "module_base": self.module_base,
@@ -199,6 +203,8 @@ class Registry:
             "seq": self.seq,
         }
         body = json.dumps(doc, separators=(",", ":")).encode()
+        if self.layout.compressed:
+            body = zlib.compress(body, 6)
         if len(body) > self.layout.capacity:
             raise CaveError(
                 f"too many patches for one cave: the registry needs {len(body)} bytes, "
@@ -282,7 +288,7 @@ class Registry:
     @classmethod
     def _from_json(cls, body: bytes, seq: int, layout: Layout) -> Registry:
         try:
-            doc = json.loads(body)
+            doc = json.loads(zlib.decompress(body) if layout.compressed else body)
             patches = [
                 AppliedPatch(
                     id=p["id"],
@@ -314,7 +320,7 @@ class Registry:
                 seq=seq,
                 layout=layout,
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise CaveError(f"corrupt micropatch registry: {e}") from None
 
 
