@@ -14,7 +14,7 @@ import pytest
 from micropatch import live
 from micropatch.live import commit, provision
 from micropatch.live.cave import CAVE_SIZE, read_caves
-from micropatch.live.module import CAVE_PREFIX
+from micropatch.live.mapped import CAVE_PREFIX
 from micropatch.live.registry import LAYOUT, LAYOUT_V3, PAGE
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory

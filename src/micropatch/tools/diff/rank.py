@@ -37,8 +37,8 @@ from micropatch.tools.functions import Function
 from micropatch.tools.insn import ROLE_CALL, ROLE_CONDITION, ROLE_OTHER, Roles
 
 if TYPE_CHECKING:
+    from micropatch.tools.analysis import ModuleAnalysis
     from micropatch.tools.diff.features import Profile
-    from micropatch.tools.module import ModuleIndex
 
 # Methods by confidence: a fuzzy match that differs is as likely a wrong match as a change.
 CONFIDENCE = {"name": 0, "exact": 0, "anchors": 0, "callgraph": 1, "fuzzy": 2}
@@ -84,8 +84,8 @@ class Change:
 
 
 def change(
-    old_index: ModuleIndex,
-    new_index: ModuleIndex,
+    old_index: ModuleAnalysis,
+    new_index: ModuleAnalysis,
     old: Profile,
     new: Profile,
     method: str,
