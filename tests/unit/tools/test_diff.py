@@ -12,7 +12,7 @@ from micropatch.cli.main import app
 from micropatch.errors import MicropatchError
 from micropatch.tools.analysis import ModuleAnalysis
 from micropatch.tools.diff.match import diff_files, diff_modules
-from micropatch.tools.diff.rank import Change, rank_key
+from micropatch.tools.diff.rank import Change, check_key, rank
 from micropatch.tools.diff.sidebyside import side_by_side
 from micropatch.tools.functions import Function
 
@@ -111,12 +111,14 @@ def _change(kind: str, conditions: int, added: int, removed: int, method: str = 
     return Change(function, function, method, 0.9, added, removed, kind, conditions)  # type: ignore[arg-type]
 
 
-def test_rank_rule() -> None:
+def test_check_order() -> None:
     check = _change("logic", 1, 3, 0)  # a bounds check added
     rewrite = _change("logic", 1, 400, 20)  # a new feature: grows the function
     condition = _change("logic", 0, 1, 1)  # jl -> jle
     move = _change("code", 0, 1, 0)
     version = _change("operands", 0, 1, 1)
     unsure = _change("logic", 2, 3, 0, method="fuzzy")
-    ranked = sorted([unsure, version, move, condition, rewrite, check], key=rank_key)
-    assert ranked == [check, rewrite, condition, move, version, unsure]
+    ranked = sorted([unsure, version, move, condition, rewrite, check], key=check_key)
+    assert ranked == [check, rewrite, condition, move, unsure, version]
+    # Nothing gained: the order of novelty agrees, and the ranking is this order.
+    assert rank([unsure, version, move, condition, rewrite, check]) == ranked

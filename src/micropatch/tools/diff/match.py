@@ -12,8 +12,9 @@ over what is still unmatched:
    never all pairs), best pairs first; then the call graph again.
 
 A matched pair whose normalised code differs is a change; `diff.rank` orders
-the changes, changes of logic (conditions, comparisons, calls) of surely
-matched functions first.
+the changes, taking turns between the order of an added check (changes of
+logic in surely matched functions) and the order of novelty (the comparisons
+and calls gained that few other changes gained).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from micropatch.tools.analysis import SMALL_CONSTANT, ModuleAnalysis
 from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
-from micropatch.tools.diff.rank import Change, change, rank_key
+from micropatch.tools.diff.rank import Change, change, rank
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import Roles, Shapes
 
@@ -217,8 +218,7 @@ def _rank(result: DiffResult) -> list[Change]:
             continue
         moved = [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
         changes.append(change(result.old, result.new, old, new, result.how[a], moved, roles))
-    changes.sort(key=rank_key)
-    return changes
+    return rank(changes)
 
 
 def _group(
