@@ -28,7 +28,7 @@ from micropatch.errors import (
     ProcessNotFound,
     StopTimeout,
 )
-from micropatch.process import ptrace, restart
+from micropatch.process import ptrace, restart, seized
 from micropatch.process.linux import PTRACE_EVENT_STOP, WALL
 from micropatch.process.memory import Memory
 from micropatch.process.priority import realtime
@@ -112,7 +112,8 @@ class StoppedProcess:
         detached until it stops: it gets LET_GO_GRACE, after the others are
         gone. Failing that it stays seized by this thread, and enters a ptrace
         stop whenever it leaves its sleep; the next stop_world from this thread
-        takes it back (`_seize`), and this thread's exit lets it go.
+        takes it back (`_seize`), `seized.release()` lets it go once stopped, and
+        this thread's exit lets it go.
         """
         stragglers = []
         for thread in self.threads.values():
@@ -156,9 +157,11 @@ def _let_go(pid: int, tid: int, grace: float) -> None:
         if e.errno == errno.ESRCH:
             return
         raise
+    seized.remember(pid, tid)
     log.warning(
         "process %d: thread %d never stopped; it stays seized by this thread (and stops "
-        "when it wakes) until the next operation on the process or the end of this one",
+        "when it wakes) until the next operation on the process, seized.release() or the "
+        "end of this thread",
         pid,
         tid,
     )
