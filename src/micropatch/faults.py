@@ -23,12 +23,13 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 
 VARIABLE = "MICROPATCH_FAULT"
 ARM_VARIABLE = "MICROPATCH_FAULT_ARMED"
 ARMED = "for-tests"
 ACTION_VARIABLE = "MICROPATCH_FAULT_ACTION"
-ACTIONS = {"kill": signal.SIGKILL, "stop": signal.SIGSTOP}
+ACTIONS = ("kill", "stop")
 
 POINTS: dict[str, str] = {
     # live/ (docs/engine.md, "Crash consistency"; tests/integration/test_crash.py)
@@ -99,7 +100,13 @@ def checkpoint(point: str, *, index: int | None = None) -> None:
     if not known(wanted):
         raise ValueError(_unknown(wanted))
     if wanted == (point if index is None else point.format(index=index)):
-        os.kill(os.getpid(), ACTIONS.get(os.environ.get(ACTION_VARIABLE, ""), signal.SIGKILL))
+        if os.environ.get(ACTION_VARIABLE) == "stop":
+            # To this thread: it takes the stop itself, on its way out of tgkill. A
+            # signal to the process may be taken by another thread, a moment later,
+            # while this one (real-time in a stop) goes on and ends the stop first.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pattern(point: str) -> re.Pattern[str]:

@@ -54,6 +54,7 @@ from micropatch.agent.policy import (
     wants,
 )
 from micropatch.agent.reconcile import Reconciler
+from micropatch.agent.stopwatch import StopWatch
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
 from micropatch.live.module import LoadedModule, ModuleCache
@@ -177,6 +178,7 @@ class Agent:
 
         self.fleet = Fleet(self)
         self.attach(self.fleet)
+        self.stopwatch = StopWatch(config.stop_limit, paths.state_dir, self.report)
 
     # --- Catalog (what NEWPROC asks) ----------------------------------------------
 
@@ -342,7 +344,8 @@ class Agent:
 
     def start(self) -> None:
         """Load the store, listen, start the parts and the worker (which makes the
-        first pass, then says READY)."""
+        first pass, then says READY). The stop watchdog first: every stop is watched."""
+        self.stopwatch.start()
         self._sync_store()
         self.control.start()
         self._plug_metrics()
@@ -379,6 +382,7 @@ class Agent:
                 log.exception("stopping %r", part)
         if self._worker is not None:
             self._worker.join(timeout=60)
+        self.stopwatch.stop()
         self.events.close()
 
     def wake(self) -> None:

@@ -25,7 +25,7 @@ child that inherits the variable has not the pipe). The pipe's write end is
 non-blocking: a patcher never waits on its watchdog, whatever state that is in.
 Messages are single lines, each written in one write(2) below PIPE_BUF (so the
 threads of an agent never interleave them): "A <token> <monotonic> <seconds>
-<what>" arms, "D <token>" disarms, "L <token> <operation>" names the operation
+<pid> <what>" arms, "D <token>" disarms, "L <token> <operation>" names the operation
 the thread's next stops belong to (`operation`); the token is the stopping thread's id, the time
 CLOCK_MONOTONIC (the same for both processes), so a supervisor still starting
 counts from the arming, not from when it reads it.
@@ -70,7 +70,7 @@ while True:
     due = min((a[1] + a[2] + limit for a in armed.values()), default=None)
     now = time.monotonic()
     if due is not None and now >= due:
-        token, (depth, since, timeout, what) = min(
+        token, (depth, since, timeout, target, what) = min(
             armed.items(), key=lambda i: i[1][1] + i[1][2])
         held = now - since
         if labels.get(token):
@@ -84,7 +84,7 @@ while True:
             try:
                 tmp = f"{record}.{os.getpid()}"
                 with open(tmp, "w") as f:
-                    json.dump({"patcher": patcher, "what": what, "held": held,
+                    json.dump({"patcher": patcher, "pid": target, "what": what, "held": held,
                                "limit": timeout + limit, "time": time.time()}, f)
                 os.replace(tmp, record)
             except OSError as e:
@@ -100,11 +100,11 @@ while True:
             sys.exit(0)
         *lines, rest = (rest + data).split(b"\n")
         for line in lines:
-            word = line.decode(errors="replace").split(" ", 4)
-            if word[0] == "A" and len(word) == 5:
+            word = line.decode(errors="replace").split(" ", 5)
+            if word[0] == "A" and len(word) == 6:
                 old = armed.get(word[1])
                 armed[word[1]] = ((old[0] + 1, *old[1:]) if old else
-                                  (1, float(word[2]), float(word[3]), word[4]))
+                                  (1, float(word[2]), float(word[3]), int(word[4]), word[5]))
             elif word[0] == "L" and len(word) >= 2:
                 labels[word[1]] = " ".join(word[2:])
             elif word[0] == "D" and len(word) == 2 and word[1] in armed:
@@ -173,15 +173,16 @@ class Watchdog:
 
 
 @contextmanager
-def watched(what: str, timeout: float) -> Iterator[None]:
-    """Arm this process's watchdog, if it has one, for the block: a stop described by
-    `what` whose threads may take `timeout` seconds to stop."""
+def watched(pid: int, what: str, timeout: float) -> Iterator[None]:
+    """Arm this process's watchdog, if it has one, for the block: a stop of process
+    `pid`, described by `what`, whose threads may take `timeout` seconds to stop."""
     fd = _pipe()
     if fd is None:
         yield
         return
     token = threading.get_native_id()
-    line = f"A {token} {time.monotonic():.6f} {timeout:g} {' '.join(what.split())[:300]}\n"
+    words = " ".join(what.split())[:300]
+    line = f"A {token} {time.monotonic():.6f} {timeout:g} {pid} {words}\n"
     _send(fd, line)
     try:
         yield
@@ -207,7 +208,7 @@ def operation(label: str) -> Iterator[None]:
 
 def previous(record: Path) -> dict[str, object] | None:
     """What a supervisor recorded before it killed the previous patcher (and forget it):
-    {"patcher", "what", "held", "limit", "time"}, or None."""
+    {"patcher", "pid", "what", "held", "limit", "time"}, or None."""
     try:
         text = record.read_text()
     except FileNotFoundError:

@@ -341,7 +341,7 @@ def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedPr
     machine does not stretch the stop.
     """
     proc = _new(pid, timeout)
-    with watched(f"the stop of process {pid} ({proc.status.name})", timeout), realtime():
+    with watched(pid, f"the stop of process {pid} ({proc.status.name})", timeout), realtime():
         try:
             _stop_all(proc)
             yield proc
@@ -358,7 +358,7 @@ def lone_thread(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedP
     proc = _new(pid, timeout)
     proc.lone = True
     what = f"the stop of a thread of process {pid} ({proc.status.name})"
-    with watched(what, timeout), realtime():
+    with watched(pid, what, timeout), realtime():
         try:
             proc.stopped_at = time.perf_counter()
             tid = next((t for t in list_threads(pid) if not _exited(t)), None)
@@ -419,7 +419,7 @@ def held_world(
     proc.stopped_at = time.perf_counter()
     for tid in held:
         proc.threads[tid] = Thread(tid, stopped=True)
-    with watched(f"the stop of process {pid} ({status.name})", timeout), realtime():
+    with watched(pid, f"the stop of process {pid} ({status.name})", timeout), realtime():
         try:
             _stop_all(proc)
             yield proc

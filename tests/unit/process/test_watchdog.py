@@ -22,8 +22,8 @@ from micropatch.process.watchdog import Watchdog, operation, watched
 limit, mode, record = float(sys.argv[1]), sys.argv[2], sys.argv[3]
 dog = Watchdog.start(limit, record=Path(record) if record else None)
 print(dog.child, flush=True)
-with operation("apply fix-1"), watched("the stop of process 7 (target)", 0.1):
-    with watched("the stop of process 7 (target)", 0.1):  # nested: the outer one counts
+with operation("apply fix-1"), watched(7, "the stop of process 7 (target)", 0.1):
+    with watched(7, "the stop of process 7 (target)", 0.1):  # nested: the outer one counts
         pass
     if mode == "freeze":
         os.kill(os.getpid(), signal.SIGSTOP)
@@ -56,7 +56,7 @@ def test_a_frozen_patcher_is_killed_after_the_limit(tmp_path: Path) -> None:
     assert "micropatch: watchdog: the stop of process 7 (target) (apply fix-1) held its " in err
     assert "killed the patcher" in err and "completes or rolls back" in err
     said = json.loads(record.read_text())
-    assert said["what"] == "the stop of process 7 (target) (apply fix-1)"
+    assert said["what"] == "the stop of process 7 (target) (apply fix-1)" and said["pid"] == 7
     assert said["limit"] == 0.4 and 0.4 <= said["held"] < 1.4
     assert watchdog.previous(record) == said and not record.exists()
     assert watchdog.previous(record) is None
@@ -93,11 +93,11 @@ def test_only_the_process_the_variable_names_writes_to_the_pipe(monkeypatch) -> 
     os.set_blocking(read_end, False)
     try:
         monkeypatch.setenv(watchdog.VARIABLE, f"{os.getppid()}:{write_end}")
-        with watchdog.operation("apply x"), watchdog.watched("a stop", 1.0):
+        with watchdog.operation("apply x"), watchdog.watched(7, "a stop", 1.0):
             pass
         assert _pending(read_end) == b""
         monkeypatch.setenv(watchdog.VARIABLE, f"{os.getpid()}:{write_end}")
-        with watchdog.operation("apply  x"), watchdog.watched("a\nstop", 1.5):
+        with watchdog.operation("apply  x"), watchdog.watched(7, "a\nstop", 1.5):
             pass
         token = threading.get_native_id()
         lines = _pending(read_end).decode().splitlines()
@@ -107,7 +107,7 @@ def test_only_the_process_the_variable_names_writes_to_the_pipe(monkeypatch) -> 
             ["D", str(token)],
             ["L", str(token)],
         ]
-        assert lines[0].endswith(" apply x") and lines[1].endswith(" 1.5 a stop")
+        assert lines[0].endswith(" apply x") and lines[1].endswith(" 1.5 7 a stop")
     finally:
         os.close(read_end)
         os.close(write_end)
