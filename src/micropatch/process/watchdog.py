@@ -5,10 +5,11 @@ the patcher lets it go. A patcher that cannot (SIGSTOPped, swapped out and stuck
 I/O, a bug that loops) would hold a production process indefinitely. Nothing inside
 the patcher can help: a SIGSTOP stops all of its threads, and only the tracing thread
 may detach its tracees. So a separate process watches: `Watchdog.start` spawns a
-small supervisor (`python -I -S`, standard library only, its own session so that a
-terminal's ^C or ^Z does not reach it), and every stop (`process.world`) arms it when
-it begins and disarms it once the threads run again (`watched`). A stop armed for
-longer than its stop timeout (the time its threads may take to stop) plus `limit`
+small supervisor (`python -I -S`, standard library only, in its own session so
+that a terminal's ^C or ^Z does not reach it, real-time above the stops where
+permitted), and every stop (`process.world`) arms it when it begins and disarms
+it once the threads run again (`watched`). A stop armed for longer than its stop
+timeout (the time its threads may take to stop) plus `limit`
 makes the supervisor SIGKILL the patcher: the kernel detaches a dead tracer's
 tracees and they run again at once; the engine is crash-safe at every instant
 (docs/engine.md), so the next command on the process completes or rolls back what
@@ -25,10 +26,10 @@ child that inherits the variable has not the pipe). The pipe's write end is
 non-blocking: a patcher never waits on its watchdog, whatever state that is in.
 Messages are single lines, each written in one write(2) below PIPE_BUF (so the
 threads of an agent never interleave them): "A <token> <monotonic> <seconds>
-<pid> <what>" arms, "D <token>" disarms, "L <token> <operation>" names the operation
-the thread's next stops belong to (`operation`); the token is the stopping thread's id, the time
-CLOCK_MONOTONIC (the same for both processes), so a supervisor still starting
-counts from the arming, not from when it reads it.
+<pid> <what>" arms, "D <token>" disarms, "L <token> <operation>" names the
+operation the thread's next stops belong to (`operation`); the token is the
+stopping thread's id, the time CLOCK_MONOTONIC (the same for both processes), so
+a supervisor still starting counts from the arming, not from when it reads it.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from micropatch.process.priority import STOP_PRIORITY
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +154,7 @@ class Watchdog:
             raise
         finally:
             os.close(read_end)
+        _above_stops(child)
         os.set_blocking(write_end, False)
         os.environ[VARIABLE] = f"{os.getpid()}:{write_end}"
         log.debug("stop watchdog started (pid %d, limit %g s)", child, limit)
@@ -219,6 +223,18 @@ def previous(record: Path) -> dict[str, object] | None:
     except ValueError:
         return {"what": "a stop (unreadable record)", "held": 0.0}
     return value if isinstance(value, dict) else None
+
+
+def _above_stops(child: int) -> None:
+    """The supervisor at a real-time priority above the stops' (process/priority.py),
+    where permitted: a patcher spinning at its real-time priority (a bug) must not
+    keep it from the CPU. It only ever sleeps in select(), which makes this safe."""
+    try:
+        os.sched_setscheduler(
+            child, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(STOP_PRIORITY + 1)
+        )
+    except (OSError, ValueError) as e:
+        log.debug("stop watchdog at normal priority (%s)", e)
 
 
 def _pipe() -> int | None:
