@@ -59,15 +59,15 @@ VARIABLE = "MICROPATCH_WATCHDOG"
 DEFAULT_LIMIT = 3.0
 
 SUPERVISOR = r"""
-import json, os, select, signal, sys, time
+import os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 fd, patcher, limit, record = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 try:
     pidfd = os.pidfd_open(patcher)
 except OSError:
-    sys.exit(0)
+    os._exit(0)
 if os.getppid() != patcher:
-    sys.exit(0)
+    os._exit(0)
 armed, labels, rest = {}, {}, b""
 while True:
     due = min((a[1] + a[2] + limit for a in armed.values()), default=None)
@@ -85,6 +85,7 @@ while True:
                 "rolls back what it left (or run `micropatch repair`)")
         if record:
             try:
+                import json
                 tmp = f"{record}.{os.getpid()}"
                 with open(tmp, "w") as f:
                     json.dump({"patcher": patcher, "pid": target, "what": what, "held": held,
@@ -93,14 +94,14 @@ while True:
             except OSError as e:
                 said += f" (record {record} not written: {e})"
         print(said, file=sys.stderr, flush=True)
-        sys.exit(0)
+        os._exit(0)
     ready, _, _ = select.select([fd, pidfd], [], [], None if due is None else due - now)
     if pidfd in ready:
-        sys.exit(0)
+        os._exit(0)
     if fd in ready:
         data = os.read(fd, 65536)
         if not data:
-            sys.exit(0)
+            os._exit(0)
         *lines, rest = (rest + data).split(b"\n")
         for line in lines:
             word = line.decode(errors="replace").split(" ", 5)
