@@ -576,7 +576,7 @@ IMPORTS = (
     "iced_x86",
     "keystone",
     "cryptography",
-    "micropatch.trust.policy",
+    "micropatch.trust.admission",
     "micropatch.live",
     "micropatch.cli.main",
     "micropatch.agent.service",

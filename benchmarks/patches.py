@@ -43,7 +43,7 @@ def source(patch_id: str, build_id_hex: str, at: str, code: str, version: int = 
 
 def parse(text: str) -> Any:
     """The patch admitted as a development source, as `live.apply` takes it."""
-    from micropatch.trust.policy import admit
+    from micropatch.trust.admission import admit
 
     return admit(text.encode(), name="bench.toml", keys=None, allow_unsigned=True)
 
@@ -53,7 +53,7 @@ def engine_error() -> str | None:
     try:
         from micropatch import live  # noqa: F401
         from micropatch.elf.identity import identify  # noqa: F401
-        from micropatch.trust.policy import admit  # noqa: F401
+        from micropatch.trust.admission import admit  # noqa: F401
     except ImportError as e:
         return f"{type(e).__name__}: {e}"
     return None

@@ -352,7 +352,7 @@ def setup(ctx: Context) -> None:
             ctx.patch_path.write_text(text)
             # live.apply takes a patch the trust policy admitted: here, the unsigned
             # source, as `micropatch apply --allow-unsigned` admits it.
-            from micropatch.trust.policy import admit
+            from micropatch.trust.admission import admit
 
             ctx.patch = admit(
                 text.encode(), name=ctx.patch_path.name, keys=None, allow_unsigned=True

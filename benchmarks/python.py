@@ -61,7 +61,7 @@ GDB_CODE = "import sys; f = sys.modules['shop.parsers'].parse_header; f.__code__
 KILLER = """
 import sys
 from micropatch.runtimes.cpython import engine
-from micropatch.trust.policy import admit_any
+from micropatch.trust.admission import admit_any
 op, pid, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if op == "remove":
     engine.remove(path, pid)
@@ -106,7 +106,7 @@ def _shop(directory: Path) -> Path:
 
 def _artifact(directory: Path, module: Path) -> tuple[Any, Path]:
     from micropatch.runtimes.cpython.build import build
-    from micropatch.trust.policy import admit_any
+    from micropatch.trust.admission import admit_any
 
     digest = hashlib.sha256(module.read_bytes()).hexdigest()
     source = directory / "fix.toml"

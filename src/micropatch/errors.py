@@ -110,7 +110,7 @@ class SignatureError(MicropatchError):
 
 
 class NotAdmitted(SignatureError):
-    """The admission policy refuses a patch file: a source, or unverifiable without keys."""
+    """Admission refuses a patch file: a source, or unverifiable without keys."""
 
 
 # --- elf/ -------------------------------------------------------------------
@@ -206,7 +206,7 @@ class TracePermissionDenied(ProcessError):
 
 
 class SelectionError(MicropatchError):
-    """A filter of a fleet command (`--all --user ...`) cannot be understood."""
+    """A filter of `--all` (`--all --user ...`) cannot be understood."""
 
 
 class RemoteSyscallError(ProcessError):

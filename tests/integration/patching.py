@@ -11,7 +11,7 @@ from micropatch import live
 from micropatch.elf.identity import identify
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
-from micropatch.trust.policy import Admitted, admit
+from micropatch.trust.admission import Admitted, admit
 
 
 def build_id(path: Path) -> str:

@@ -36,7 +36,7 @@ PATCHED_V2 = ("1007", str(7 * 6 - 3))
 RUNNER = """
 import sys
 from micropatch import live
-from micropatch.trust.policy import admit
+from micropatch.trust.admission import admit
 op, pid, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if op == "remove":
     live.remove(path, pid)

@@ -131,7 +131,7 @@ def test_module_with_another_hash(targets, start):
     text = patch_source(targets.vuln_pie, [FIX]).replace(
         "build_id = ", 'sha256 = "' + "ab" * 32 + '"\n#'
     )
-    from micropatch.trust.policy import admit
+    from micropatch.trust.admission import admit
 
     patch = admit(text.encode(), name="fix.toml", keys=None, allow_unsigned=True)
     with pytest.raises(ModuleMismatch, match=r"sha256 [0-9a-f]{64} \(patch: (ab){32}\)") as e:

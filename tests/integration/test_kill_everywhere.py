@@ -36,7 +36,7 @@ from micropatch.live.cave import read_caves
 from micropatch.live.registry import APPLIED
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 from .patching import assert_untouched, make_patch
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from micropatch import live
 from micropatch.build.artifact import build
-from micropatch.live.module import ModuleCache
+from micropatch.live.mapped import ModuleCache
 from micropatch.process.maps import read_maps
-from micropatch.trust.policy import admit
+from micropatch.trust.admission import admit
 
 from .patching import assert_untouched, patch_source
 

@@ -31,7 +31,7 @@ from micropatch import live
 from micropatch.errors import RemoteSyscallError
 from micropatch.live import commit, provision
 from micropatch.live.cave import read_caves
-from micropatch.live.module import CAVE_PREFIX
+from micropatch.live.mapped import CAVE_PREFIX
 from micropatch.live.registry import REGISTRY_SIZE
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import read_maps

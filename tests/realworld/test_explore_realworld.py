@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from micropatch.tools.analysis import ModuleAnalysis
 from micropatch.tools.explore import list_entries, show
-from micropatch.tools.module import ModuleIndex
 from micropatch.tools.xref import xref
 
 from .wheels import module_index, wheel_member
@@ -23,7 +23,7 @@ PILLOW = ("pillow==12.1.0", "PIL/_imaging.cpython-311-x86_64-linux-gnu.so")
 LXML = ("lxml==6.0.0", "lxml/etree.cpython-311-x86_64-linux-gnu.so")
 
 
-def _module(requirement: str, member: str, patch: str) -> tuple[ModuleIndex, dict]:  # type: ignore[type-arg]
+def _module(requirement: str, member: str, patch: str) -> tuple[ModuleAnalysis, dict]:  # type: ignore[type-arg]
     source = tomllib.loads((PATCHES / patch / "patch.toml").read_text())
     path = wheel_member(requirement, member)
     if hashlib.sha256(path.read_bytes()).hexdigest() != source["target"]["sha256"]:
@@ -32,16 +32,16 @@ def _module(requirement: str, member: str, patch: str) -> tuple[ModuleIndex, dic
 
 
 @pytest.fixture(scope="module")
-def pillow() -> tuple[ModuleIndex, dict]:  # type: ignore[type-arg]
+def pillow() -> tuple[ModuleAnalysis, dict]:  # type: ignore[type-arg]
     return _module(*PILLOW, "pillow-CVE-2026-25990")
 
 
 @pytest.fixture(scope="module")
-def lxml() -> tuple[ModuleIndex, dict]:  # type: ignore[type-arg]
+def lxml() -> tuple[ModuleAnalysis, dict]:  # type: ignore[type-arg]
     return _module(*LXML, "lxml-CVE-2025-49796")
 
 
-def _check_sites(index: ModuleIndex, source: dict) -> None:  # type: ignore[type-arg]
+def _check_sites(index: ModuleAnalysis, source: dict) -> None:  # type: ignore[type-arg]
     for patchlet in source["patchlet"]:
         offset = int(patchlet["at"], 16)
         shown = show(index, hex(offset))
@@ -50,7 +50,7 @@ def _check_sites(index: ModuleIndex, source: dict) -> None:  # type: ignore[type
         assert line.site.expect == patchlet["expect"]
 
 
-def test_pillow_setimage_functions_and_sites(pillow: tuple[ModuleIndex, dict]) -> None:  # type: ignore[type-arg]
+def test_pillow_setimage_functions_and_sites(pillow: tuple[ModuleAnalysis, dict]) -> None:  # type: ignore[type-arg]
     index, source = pillow
     entries = {e.function.start: e.function for e in list_entries(index)}
     assert (entries[0x1B870].name, entries[0x1B870].end) == ("_setimage", 0x1B870 + 439)
@@ -63,7 +63,7 @@ def test_pillow_setimage_functions_and_sites(pillow: tuple[ModuleIndex, dict]) -
 
 
 def test_lxml_schematron_function_is_hinted_and_its_sites_valid(
-    lxml: tuple[ModuleIndex, dict],
+    lxml: tuple[ModuleAnalysis, dict],
 ) -> None:  # type: ignore[type-arg]
     index, source = lxml
     entries = {e.function.start: e for e in list_entries(index)}

@@ -21,7 +21,7 @@ import pytest
 
 from micropatch.runtimes.cpython import engine, states
 from micropatch.runtimes.cpython.build import build
-from micropatch.trust.policy import AdmittedPython, admit_any
+from micropatch.trust.admission import AdmittedPython, admit_any
 
 from .venvs import site_packages, venv_python
 

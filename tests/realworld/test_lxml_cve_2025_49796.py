@@ -24,7 +24,7 @@ import pytest
 
 from micropatch import live
 from micropatch.patch.source import load_patch
-from micropatch.trust.policy import admit
+from micropatch.trust.admission import admit
 
 from .venvs import site_packages, venv_python
 

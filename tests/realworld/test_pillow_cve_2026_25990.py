@@ -27,7 +27,7 @@ import pytest
 from micropatch import live
 from micropatch.patch.model import Patch
 from micropatch.process.maps import read_maps
-from micropatch.trust.policy import Admitted, admit
+from micropatch.trust.admission import Admitted, admit
 
 from .venvs import site_packages, venv_python
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from micropatch.tools.module import ModuleIndex
+from micropatch.tools.analysis import ModuleAnalysis
 
 DOWNLOAD_TIMEOUT = 180.0
 
@@ -57,12 +57,12 @@ def wheel_member(requirement: str, member: str, python: str = "3.11") -> Path:
 
 
 @functools.cache
-def _index(path: Path) -> ModuleIndex:
-    return ModuleIndex.open(path)
+def _index(path: Path) -> ModuleAnalysis:
+    return ModuleAnalysis.open(path)
 
 
-def module_index(requirement: str, member: str, python: str = "3.11") -> ModuleIndex:
-    """`wheel_member`, opened as a ModuleIndex shared by the whole session, so its
+def module_index(requirement: str, member: str, python: str = "3.11") -> ModuleAnalysis:
+    """`wheel_member`, opened as a ModuleAnalysis shared by the whole session, so its
     analyses are computed once for the explore and the diff tests."""
     return _index(wheel_member(requirement, member, python))
 

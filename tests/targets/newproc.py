@@ -144,9 +144,9 @@ def main(argv: list[str]) -> int:
     import logging
 
     from micropatch.agent.newproc import NewProcesses
-    from micropatch.live.module import ModuleCache
+    from micropatch.live.mapped import ModuleCache
+    from micropatch.trust.admission import admit_file
     from micropatch.trust.keys import load_public_key
-    from micropatch.trust.policy import admit_file
 
     logging.basicConfig(level=os.environ.get("NP_LOG", "WARNING"), stream=sys.stderr)
     public, filesystem, *artifacts = argv

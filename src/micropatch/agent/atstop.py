@@ -25,9 +25,9 @@ from micropatch.agent.events import Event, EventSink
 from micropatch.agent.files import ModuleFile
 from micropatch.errors import AlreadyApplied, MicropatchError
 from micropatch.live.engine import apply, apply_held, holding
-from micropatch.live.module import ModuleCache
+from micropatch.live.mapped import ModuleCache
 from micropatch.process.select import ProcessInfo
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
 

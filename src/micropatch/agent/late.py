@@ -39,7 +39,7 @@ from micropatch.agent.holds import READER_PRIORITY
 from micropatch.errors import MicropatchError
 from micropatch.process.priority import realtime
 from micropatch.process.select import ProcessInfo, all_pids, read_info
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from micropatch.process.select import Filters, read_info
 
 if TYPE_CHECKING:
     from micropatch.agent.service import Agent
-    from micropatch.live.fleet import Selection
+    from micropatch.live.selection import Selection
 
 VERBS = ("apply", "remove", "update")
 
@@ -30,7 +30,7 @@ VERBS = ("apply", "remove", "update")
 def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
     """One of apply, remove, update on the processes named (`pids`) or selected
     (`filters`: exe, user, unit, cgroup lists, as `--all` takes them)."""
-    from micropatch.live import fleet
+    from micropatch.live.selection import for_apply, for_remove, for_update
 
     if verb not in VERBS:
         raise AgentError(f"unknown verb {verb}")
@@ -56,12 +56,12 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
         selection: Selection
         if verb == "apply":
             assert admitted is not None
-            selection = fleet.for_apply(admitted.patch.target.module, patch_id, f)
+            selection = for_apply(admitted.patch.target.module, patch_id, f)
         elif verb == "remove":
-            selection = fleet.for_remove(patch_id, f)
+            selection = for_remove(patch_id, f)
         else:
             assert admitted is not None
-            selection = fleet.for_update(patch_id, admitted.version, f)
+            selection = for_update(patch_id, admitted.version, f)
         pids = [c.pid for c in selection.targets]
         answer["skipped"] = len(selection.skipped)
         answer["gone"] = selection.gone

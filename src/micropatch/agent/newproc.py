@@ -52,13 +52,13 @@ from micropatch.agent.modindex import Changes, ModuleIndex
 from micropatch.agent.seize import Following, Seizer
 from micropatch.agent.workers import Workers
 from micropatch.errors import ProcessError
-from micropatch.live.module import ModuleCache
+from micropatch.live.mapped import ModuleCache
 from micropatch.patch.view import TargetView
 from micropatch.process import fanotify
 from micropatch.process.priority import realtime
 from micropatch.process.procfs import read_status
 from micropatch.process.select import ProcessInfo
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
 

@@ -125,7 +125,7 @@ class Targeted(Protocol):
 
 def matches(target: Targeted, identity: Identified) -> bool:
     """A patch target is this module file: every identity field the patch gives agrees
-    (as live.module.find_module checks it)."""
+    (as live.mapped.find_module checks it)."""
     if not target.build_id and not target.sha256:
         return False
     if target.build_id and (identity.build_id or "").lower() != target.build_id.lower():

@@ -1,7 +1,7 @@
 """Running processes: make each one carry exactly what the policy wants.
 
 A pass looks at every process (or the ones named): the patches of the store
-whose module it maps (identity read from the process, `live.module.find_module`),
+whose module it maps (identity read from the process, `live.mapped.find_module`),
 the patches its registry says it carries (`live.states.status`: the registries
 are the truth, so a restarted agent neither patches twice nor forgets), and the
 policy; then applies, updates or removes. Blocked counters read from the caves
@@ -32,7 +32,7 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.live.lock import waiting
-from micropatch.live.module import CAVE_PREFIX, ModuleCache, find_module, module_groups
+from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module, module_groups
 from micropatch.live.states import PatchState, read_counters
 from micropatch.process.maps import read_maps
 from micropatch.process.procfs import start_time

@@ -34,7 +34,7 @@ from micropatch.process.priority import realtime
 from micropatch.process.procfs import read_status
 from micropatch.process.select import ProcessInfo, read_info
 from micropatch.process.tracing import exec_exit
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
 

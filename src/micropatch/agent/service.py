@@ -57,11 +57,11 @@ from micropatch.agent.reconcile import Reconciler
 from micropatch.agent.stopwatch import StopWatch
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
-from micropatch.live.module import LoadedModule, ModuleCache
+from micropatch.live.mapped import LoadedModule, ModuleCache
 from micropatch.patch.view import TargetView
 from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
 from micropatch.process.select import ProcessInfo
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 if TYPE_CHECKING:
     from micropatch.agent.metrics import Metrics

@@ -1,7 +1,7 @@
 """The agent's store and policy state.
 
 `ArtifactStore`: signed artifacts in STATE/store/, one file per patch id (its
-newest version). Each is admitted with `trust.policy.admit` (keys: the trust
+newest version). Each is admitted with `trust.admission.admit` (keys: the trust
 directory's *.pub) when it is loaded, and its signatures are checked again
 against the keys trusted at that moment before each apply. An artifact that
 does not pass — dropped into the store by hand, corrupt, signed by a key no
@@ -37,10 +37,10 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.files import write_atomic
+from micropatch.trust.admission import Admitted, admit
 from micropatch.trust.artifact import verify
 from micropatch.trust.envelope import SUFFIX, read
 from micropatch.trust.keys import PublicKey, load_public_key
-from micropatch.trust.policy import Admitted, admit
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from micropatch import __version__
 from micropatch.bodies.toolchain import Toolchain
-from micropatch.build.module import check_identity, elsewhere, open_module, placeholder_cave
+from micropatch.build.modulefile import check_identity, elsewhere, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.errors import ArtifactError, MicropatchError, ModuleError
 from micropatch.files import read_bounded

@@ -7,7 +7,7 @@ not match, code that does not assemble.
 A plan is made in module offsets (`ModulePlan`), the one coordinate system
 every process that maps the same build shares; `ModulePlan.at` places it at
 one mapping's load address. So a caller plans once per (module build, patch)
-and reuses the plan in every process (`live.module.ModuleCache.plan`), and a
+and reuses the plan in every process (`live.mapped.ModuleCache.plan`), and a
 signed artifact, built for one exact build, carries its plan already: its
 recorded sites need no symbol table, function bounds or disassembly
 (`plan_recorded`).

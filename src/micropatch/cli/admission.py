@@ -1,13 +1,13 @@
-"""The CLI's side of the admission policy: read the patch file, find the trusted
-keys, and call `trust.policy.admit` (which prints nothing: the caller shows
+"""The CLI's side of admission: read the patch file, find the trusted
+keys, and call `trust.admission.admit` (which prints nothing: the caller shows
 `Admitted.described` and `Admitted.warnings`)."""
 
 from __future__ import annotations
 
 from micropatch.errors import SignatureError
+from micropatch.trust.admission import Admitted, AdmittedPython, admit, admit_any, is_source
 from micropatch.trust.envelope import read
 from micropatch.trust.keys import PublicKey, trusted_keys
-from micropatch.trust.policy import Admitted, AdmittedPython, admit, admit_any, is_source
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

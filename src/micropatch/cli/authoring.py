@@ -154,8 +154,8 @@ def verify(
 ) -> None:
     """Check an artifact's content hash and its signature by a trusted, unexpired key."""
     from micropatch.trust import keys
+    from micropatch.trust.admission import AdmittedPython, admit_any_file
     from micropatch.trust.artifact import patch_of
-    from micropatch.trust.policy import AdmittedPython, admit_any_file
 
     try:
         # Everything apply checks (the id, a trusted signature, the recorded patch

@@ -87,7 +87,7 @@ def change(verb: str, subject: str, values: Values) -> None:
                 f"; to patch it for the first time, use `micropatch apply {subject} --pid {pid}`"
             )
 
-    status = report.show(verb, run, fleet=scope.filters is not None, hint=hint)
+    status = report.show(verb, run, selected=scope.filters is not None, hint=hint)
     if status:
         raise SystemExit(status)
 
@@ -99,6 +99,6 @@ def _python(verb: str, subject: str, scope: Scope) -> bool:
         from micropatch.runtimes.cpython.states import carriers
 
         return bool(carriers(subject, scope.pids or None))
-    from micropatch.trust.policy import runtime_of_file
+    from micropatch.trust.admission import runtime_of_file
 
     return runtime_of_file(subject) == "cpython"

@@ -13,7 +13,7 @@ from micropatch.errors import MicropatchError
 
 if TYPE_CHECKING:
     from micropatch.live import devrun
-    from micropatch.trust.policy import Admitted
+    from micropatch.trust.admission import Admitted
 
 app = typer.Typer(help="Developer tools: run a program with a patch applied from its start.")
 

@@ -20,19 +20,19 @@ from rich.text import Text
 from micropatch import live
 from micropatch.arch import Architecture, TrampolineLayout
 from micropatch.bodies.toolchain import Toolchain
-from micropatch.build.module import check_identity, open_module, placeholder_cave
+from micropatch.build.modulefile import check_identity, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
 from micropatch.cli.options import escape, fail, out
 from micropatch.errors import MicropatchError
 from micropatch.live.cave import read_caves
-from micropatch.live.module import LoadedModule, find_module, symbol_address
+from micropatch.live.mapped import LoadedModule, find_module, symbol_address
 from micropatch.live.registry import AppliedPatch
 from micropatch.patch.model import Patch
 from micropatch.patch.source import load_patch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
+from micropatch.trust.admission import is_source
 from micropatch.trust.artifact import Artifact, compiled_bodies, load, patch_of
-from micropatch.trust.policy import is_source
 
 
 class _Symbols:

@@ -8,13 +8,13 @@ from rich.markup import escape
 
 from micropatch.cli.options import fail, out, warn
 from micropatch.errors import MicropatchError
+from micropatch.trust.admission import AdmittedPython
 from micropatch.trust.artifact import PythonArtifact
-from micropatch.trust.policy import AdmittedPython
 
 
 def is_python(path: str | Path) -> bool:
     """Whether a patch file is a CPython patch (artifact or source), read cheaply."""
-    from micropatch.trust.policy import runtime_of_file
+    from micropatch.trust.admission import runtime_of_file
 
     return runtime_of_file(path) == "cpython"
 

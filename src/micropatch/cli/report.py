@@ -35,10 +35,10 @@ def show(
     verb: str,
     run: Run,
     *,
-    fleet: bool,
+    selected: bool,
     hint: Callable[[int, MicropatchError], None] | None = None,
 ) -> int:
-    """Print the run as it goes; its exit status. `fleet`: --all (a process gone or
+    """Print the run as it goes; its exit status. `selected`: --all (a process gone or
     changed since the scan is counted, not failed). `hint`: adds advice to an error."""
     if run.verified:
         say.ok(run.verified)
@@ -54,10 +54,10 @@ def show(
         if isinstance(result, MicropatchError):
             if hint is not None:
                 hint(pid, result)
-            if fleet and isinstance(result, GONE):
+            if selected and isinstance(result, GONE):
                 gone += 1
                 say.skipped(f"pid {pid}: gone ({result})")
-            elif fleet and isinstance(result, SKIPPED):
+            elif selected and isinstance(result, SKIPPED):
                 skipped += 1
                 say.skipped(f"pid {pid}: skipped ({result})")
             else:
@@ -68,9 +68,9 @@ def show(
         for line in result.get("recovered") or ():
             say.plain(f"pid {pid}: first {line}, left by an interrupted micropatch")
         say.ok(outcome_line(result) + (" (through the agent)" if run.agent else ""))
-    if not done + failures + skipped + gone and not fleet:
+    if not done + failures + skipped + gone and not selected:
         say.plain(f"no process to {verb}")
-    if fleet or done + failures > 1:
+    if selected or done + failures > 1:
         say.plain(f"{verb}: {done} done, {failures} failed, {skipped} skipped, {gone} gone")
     return 1 if failures else 0
 

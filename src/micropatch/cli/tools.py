@@ -49,11 +49,11 @@ def functions(module: ModuleArgument, as_json: JsonOption = False) -> None:
     Unnamed functions get a hint: the strings and imports they use.
     """
     from micropatch.errors import MicropatchError
+    from micropatch.tools.analysis import ModuleAnalysis
     from micropatch.tools.explore import list_entries
-    from micropatch.tools.module import ModuleIndex
 
     try:
-        entries = list_entries(ModuleIndex.open(module))
+        entries = list_entries(ModuleAnalysis.open(module))
     except MicropatchError as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -88,11 +88,11 @@ def show(
     """Disassemble the function holding FUNCTION: bounds, callers, callees,
     strings, branch targets, and where a site may start (with its `expect`)."""
     from micropatch.errors import MicropatchError
+    from micropatch.tools.analysis import ModuleAnalysis
     from micropatch.tools.explore import show as show_function
-    from micropatch.tools.module import ModuleIndex
 
     try:
-        shown = show_function(ModuleIndex.open(module), function)
+        shown = show_function(ModuleAnalysis.open(module), function)
     except MicropatchError as e:
         raise _fail(str(e)) from None
     if as_json:
@@ -181,13 +181,13 @@ def xref(
 ) -> None:
     """The functions that refer to a string, use a constant, or call a function."""
     from micropatch.errors import MicropatchError
-    from micropatch.tools.module import ModuleIndex
+    from micropatch.tools.analysis import ModuleAnalysis
     from micropatch.tools.xref import xref as find_references
 
     if kind not in ("auto", "string", "constant", "function"):
         raise _fail(f"--kind {kind!r}: choose auto, string, constant or function")
     try:
-        used, hits = find_references(ModuleIndex.open(module), query, kind)  # type: ignore[arg-type]
+        used, hits = find_references(ModuleAnalysis.open(module), query, kind)  # type: ignore[arg-type]
     except MicropatchError as e:
         raise _fail(str(e)) from None
     if as_json:

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
     from micropatch.agent.client import AgentClient
     from micropatch.cli.scope import Scope
-    from micropatch.live.fleet import Candidate
+    from micropatch.live.selection import Candidate
 
     Result = tuple[int, "dict[str, Any] | MicropatchError"]
 
@@ -110,7 +110,7 @@ def directly(
         admitted = load_any_for_apply(subject, values["trust"], values["allow_unsigned"])
         patch_id = admitted.id
         if admitted.runtime == "native":
-            from micropatch.live.module import ModuleCache
+            from micropatch.live.mapped import ModuleCache
 
             engine["modules"] = ModuleCache()
 

@@ -21,7 +21,7 @@ from rich.syntax import Syntax
 from micropatch import live
 from micropatch.elf.identity import identify
 from micropatch.errors import MicropatchError
-from micropatch.trust.policy import admit
+from micropatch.trust.admission import admit
 
 PATCH_TEMPLATE = '''\
 [patch]

@@ -25,7 +25,7 @@ from micropatch.arch.x86_64.constants import JUMP_REACH as REACH
 from micropatch.arch.x86_64.constants import PAGE_SIZE
 from micropatch.errors import CaveError, RemoteSyscallError
 from micropatch.faults import checkpoint
-from micropatch.live.module import CAVE_PREFIX
+from micropatch.live.mapped import CAVE_PREFIX
 from micropatch.live.registry import REGISTRY_SIZE, Registry
 from micropatch.process.linux import (
     MAP_FIXED_NOREPLACE,
@@ -38,7 +38,7 @@ from micropatch.process.maps import Mapping
 from micropatch.process.memory import Memory
 
 if TYPE_CHECKING:
-    from micropatch.live.module import LoadedModule
+    from micropatch.live.mapped import LoadedModule
     from micropatch.process.syscall import RemoteSyscalls
 
 CAVE_NAME = b"micropatch\x00"

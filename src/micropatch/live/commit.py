@@ -26,7 +26,7 @@ from micropatch.errors import OriginalBytesMismatch
 from micropatch.faults import checkpoint
 from micropatch.live.cave import CAVE_SIZE, Cave, map_cave, unmap_cave
 from micropatch.live.decide import Commit, SiteCheck, record
-from micropatch.live.module import LoadedModule
+from micropatch.live.mapped import LoadedModule
 from micropatch.live.registry import AppliedPatch, Registry
 from micropatch.live.safety import PendingMove, in_use, into_copy
 from micropatch.live.transaction import Transaction

@@ -25,7 +25,7 @@ from micropatch.live.cave import (
     allocate,
     allocate_counter,
 )
-from micropatch.live.module import LoadedModule, ModuleCache
+from micropatch.live.mapped import LoadedModule, ModuleCache
 from micropatch.live.registry import APPLIED, APPLYING, REMOVING, AppliedPatch, AppliedSite
 from micropatch.live.safety import Entering
 from micropatch.process.world import STOP_TIMEOUT
@@ -33,7 +33,7 @@ from micropatch.process.world import STOP_TIMEOUT
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
     from micropatch.build.plan import PlannedSite
     from micropatch.patch.view import PatchView
-    from micropatch.trust.policy import Admitted
+    from micropatch.trust.admission import Admitted
 
 TRAMPOLINE_SLACK = 32  # body encodings may differ by a few bytes between two addresses
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from micropatch.errors import MicropatchError
 from micropatch.live.engine import Outcome, apply
-from micropatch.live.module import module_groups
+from micropatch.live.mapped import module_groups
 from micropatch.live.states import PatchState, status
 from micropatch.process import ptrace
 from micropatch.process.launch import Breakpoint, Exit, Launched, spawn
@@ -34,7 +34,7 @@ from micropatch.process.linux import (
     WALL,
 )
 from micropatch.process.maps import read_maps
-from micropatch.trust.policy import Admitted
+from micropatch.trust.admission import Admitted
 
 AT_ENTRY_WHEN = "at entry"
 

@@ -30,7 +30,7 @@ from micropatch.live import commit
 from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
 from micropatch.live.lock import queued
-from micropatch.live.module import LoadedModule, ModuleCache, find_module, symbol_address
+from micropatch.live.mapped import LoadedModule, ModuleCache, find_module, symbol_address
 from micropatch.live.prepare import Prepared, prepare, stub_range
 from micropatch.live.provision import provision, release, unprovision
 from micropatch.live.recovery import Recovered, recover
@@ -51,7 +51,7 @@ from micropatch.process.world import (
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
     from micropatch.build.plan import PlannedSite
     from micropatch.elf.location import Location
-    from micropatch.trust.policy import Admitted
+    from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
 

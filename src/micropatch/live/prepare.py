@@ -22,7 +22,7 @@ from micropatch.arch.x86_64.abi import STUB
 from micropatch.errors import CaveError, MemoryAccessError, MicropatchError
 from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
-from micropatch.live.module import LoadedModule
+from micropatch.live.mapped import LoadedModule
 from micropatch.live.recovery import leftovers
 from micropatch.live.registry import Registry
 from micropatch.process.maps import Mapping, read_maps

@@ -30,7 +30,7 @@ from micropatch.errors import MicropatchError
 from micropatch.faults import checkpoint
 from micropatch.live.cave import CAVE_SIZE, Cave, unmap_cave
 from micropatch.live.commit import new_cave, store
-from micropatch.live.module import LoadedModule
+from micropatch.live.mapped import LoadedModule
 from micropatch.live.registry import Registry
 from micropatch.live.transaction import Transaction
 from micropatch.process.world import STOP_TIMEOUT, lone_thread

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from micropatch.arch.x86_64.abi import SYS_CLOSE, SYS_MUNMAP
 from micropatch.live.cave import CAVE_SIZE, orphan_caves, read_caves
 from micropatch.live.commit import finish, move_thread, store
-from micropatch.live.module import CAVE_PREFIX
+from micropatch.live.mapped import CAVE_PREFIX
 from micropatch.live.registry import APPLIED, APPLYING, REMOVING, AppliedPatch
 from micropatch.live.safety import effective_rip
 from micropatch.live.transaction import Transaction

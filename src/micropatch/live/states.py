@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from micropatch.errors import CaveError, MemoryAccessError, MicropatchError
 from micropatch.live.cave import COUNTER_SIZE, read_caves
-from micropatch.live.module import CAVE_PREFIX, module_groups
+from micropatch.live.mapped import CAVE_PREFIX, module_groups
 from micropatch.live.registry import AppliedPatch
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory

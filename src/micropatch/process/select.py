@@ -1,4 +1,4 @@
-"""Which processes a fleet command (`--all`) concerns: what /proc says of each one,
+"""Which processes `--all` concerns: what /proc says of each one,
 and the filters `--exe`, `--user`, `--unit` and `--cgroup`.
 
 Reads /proc only (exe link, status, cgroup): no process is stopped or traced.

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any
 from micropatch.errors import MicropatchError, ProcessExited, ProcessNotFound
 
 if TYPE_CHECKING:
-    from micropatch.live.fleet import Selection
+    from micropatch.live.selection import Selection
     from micropatch.process.select import Filters
-    from micropatch.trust.policy import Admitted, AdmittedPython
+    from micropatch.trust.admission import Admitted, AdmittedPython
 
     AnyAdmitted = Admitted | AdmittedPython
 
@@ -131,22 +131,22 @@ def select(verb: str, patch_id: str, patch: AnyAdmitted | None, filters: Filters
     """The processes of `--all`: apply, those that may hold the patch's module and
     do not carry it; remove, those that carry it; update, those that carry an
     older version (of the patch's runtime; remove: of either)."""
-    from micropatch.live import fleet
+    from micropatch.live.selection import Selection, for_apply, for_remove, for_update
 
     runtime = patch.runtime if patch is not None else None
     selections = []
     if runtime in (None, "native"):
         if verb == "apply":
             assert patch is not None
-            selections.append(fleet.for_apply(patch.patch.target.module, patch_id, filters))
+            selections.append(for_apply(patch.patch.target.module, patch_id, filters))
         elif verb == "remove":
-            selections.append(fleet.for_remove(patch_id, filters))
+            selections.append(for_remove(patch_id, filters))
         else:
             assert patch is not None
-            selections.append(fleet.for_update(patch_id, patch.version, filters))
+            selections.append(for_update(patch_id, patch.version, filters))
     if runtime in (None, "cpython"):
         selections.append(_python_selection(verb, patch_id, patch, filters))
-    merged = fleet.Selection()
+    merged = Selection()
     seen: set[int] = set()
     for s in selections:
         merged.targets += [c for c in s.targets if c.pid not in seen]
@@ -160,11 +160,11 @@ def select(verb: str, patch_id: str, patch: AnyAdmitted | None, filters: Filters
 def _python_selection(
     verb: str, patch_id: str, patch: AnyAdmitted | None, filters: Filters
 ) -> Selection:
-    """As `live.fleet` selects native processes: apply, every interpreter of the
+    """As `live.selection` selects native processes: apply, every interpreter of the
     patch's Python version that does not carry it (whether it imported the module
     is checked inside each: not imported, it is skipped); remove and update, the
     interpreters whose page records the patch."""
-    from micropatch.live.fleet import Candidate, Selection
+    from micropatch.live.selection import Candidate, Selection
     from micropatch.process.select import read_info
     from micropatch.runtimes.cpython import states
 

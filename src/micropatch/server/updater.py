@@ -10,7 +10,7 @@ Two independent checks stand between a mirror and a process:
    mix-and-match), and a target's bytes have the length and hash the signed
    targets metadata lists (no arbitrary artifact);
 2. the artifact's own signature, by a patch-signing key this host trusts
-   (`trust.policy.admit`): a repository that is compromised in full still
+   (`trust.admission.admit`): a repository that is compromised in full still
    cannot make a host apply a patch nobody it trusts signed.
 
 Every refusal is an `UpdateError` (or the `SignatureError` / `ArtifactError` of
@@ -30,8 +30,8 @@ from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
 from micropatch.errors import UpdateError
 from micropatch.files import read_bounded
+from micropatch.trust.admission import Admitted, admit
 from micropatch.trust.keys import PublicKey
-from micropatch.trust.policy import Admitted, admit
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class PatchUpdater:
 
     def fetch(self, name: str) -> Admitted:
         """Download target `name` and admit it: TUF, then the artifact's own signature
-        by a key of `keys` (`trust.policy.admit`)."""
+        by a key of `keys` (`trust.admission.admit`)."""
         data = self.download(name)
         return admit(data, name=f"{self.url}/targets/{name}", keys=self.keys)
 

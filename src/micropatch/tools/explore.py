@@ -11,9 +11,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from micropatch.errors import SiteError
+from micropatch.tools.analysis import CALL_KINDS, ModuleAnalysis, Reference
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import near_branch_target, plan_site
-from micropatch.tools.module import CALL_KINDS, ModuleIndex, Reference
 
 HINT_STRINGS = 3
 HINT_IMPORTS = 5
@@ -46,7 +46,7 @@ class FunctionEntry:
         return entry
 
 
-def list_entries(index: ModuleIndex) -> list[FunctionEntry]:
+def list_entries(index: ModuleAnalysis) -> list[FunctionEntry]:
     """Every function, with a hint when unnamed: the strings it uses that fewest
     other functions use (the telling ones first), and the imports it uses."""
     analyses = index.analyses()
@@ -140,7 +140,7 @@ class Shown:
         }
 
 
-def show(index: ModuleIndex, what: str) -> Shown:
+def show(index: ModuleAnalysis, what: str) -> Shown:
     """The function holding `what` (a name, `name+0xN`, `0xN` or `fn_<hex>`), in detail."""
     function, asked = index.locate(what)
     analysis = index.analyse(function)

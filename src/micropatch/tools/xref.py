@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from micropatch.errors import ToolError
+from micropatch.tools.analysis import ModuleAnalysis, Reference
 from micropatch.tools.functions import Function
-from micropatch.tools.module import ModuleIndex, Reference
 
 QueryKind = Literal["auto", "string", "constant", "function"]
 
@@ -34,7 +34,7 @@ class Hit:
         }
 
 
-def classify_query(index: ModuleIndex, query: str) -> QueryKind:
+def classify_query(index: ModuleAnalysis, query: str) -> QueryKind:
     """A number is a constant, a known function or import name a function, else text."""
     try:
         int(query, 0)
@@ -48,7 +48,9 @@ def classify_query(index: ModuleIndex, query: str) -> QueryKind:
     return "string"
 
 
-def xref(index: ModuleIndex, query: str, kind: QueryKind = "auto") -> tuple[QueryKind, list[Hit]]:
+def xref(
+    index: ModuleAnalysis, query: str, kind: QueryKind = "auto"
+) -> tuple[QueryKind, list[Hit]]:
     """The references to `query` in every function, in address order, and how
     the query was read."""
     if kind == "auto":
@@ -97,7 +99,7 @@ def _matches_string(text: str) -> _Predicate:
     return wanted
 
 
-def _matches_function(index: ModuleIndex, query: str) -> _Predicate:
+def _matches_function(index: ModuleAnalysis, query: str) -> _Predicate:
     imported = set(index.imports.slots.values()) | set(index.imports.stubs.values())
     if query in imported:
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from micropatch.runtimes.cpython.build import build
-from micropatch.trust.policy import AdmittedPython, admit_any
+from micropatch.trust.admission import AdmittedPython, admit_any
 
 HERE = Path(__file__).resolve().parent
 PYTHON = os.environ.get("MICROPATCH_TEST_PYTHON", "/usr/bin/python3.11")

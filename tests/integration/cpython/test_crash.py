@@ -24,7 +24,7 @@ POINTS = ["py-memfd-created", "py-page-mapped", "py-page-ready", "py-operation-w
 RUNNER = """
 import sys
 from micropatch.runtimes.cpython import engine
-from micropatch.trust.policy import admit_any
+from micropatch.trust.admission import admit_any
 op, pid, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 if op == "remove":
     engine.remove(path, pid)

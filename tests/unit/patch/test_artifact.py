@@ -27,9 +27,9 @@ from micropatch.errors import (
     SymbolNotFound,
 )
 from micropatch.trust import artifact, envelope
+from micropatch.trust.admission import admit_file
 from micropatch.trust.artifact import Artifact, canonical_json, loads, patch_of
 from micropatch.trust.keys import generate_key
-from micropatch.trust.policy import admit_file
 
 NOW = datetime.datetime(2030, 1, 1, tzinfo=datetime.UTC)
 FIX = {"at": "copy_packet", "code": "cmp esi, 64\njle ok\nmov esi, -1\nok:"}

@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from micropatch.errors import ArtifactError, MicropatchError, SignatureError
+from micropatch.trust.admission import admit
 from micropatch.trust.artifact import Artifact, patch_of
 from micropatch.trust.keys import generate_key
-from micropatch.trust.policy import admit
 from micropatch.trust.recorded import RecordedPatch
 
 from .test_artifact import NOW, _document, _leaves, _set, built, resealed  # noqa: F401
@@ -180,7 +180,7 @@ def test_admitting_an_artifact_loads_no_model_framework(built: Artifact, tmp_pat
     code = (
         "import sys\n"
         "from micropatch.trust.keys import load_public_key\n"
-        "from micropatch.trust.policy import admit\n"
+        "from micropatch.trust.admission import admit\n"
         f"data = open({str(path)!r}, 'rb').read()\n"
         f"a = admit(data, name='a', keys=[load_public_key({str(tmp_path / 'k.pub')!r})])\n"
         "print(a.patch.patchlets[0].kind, a.described('a') is not None)\n"

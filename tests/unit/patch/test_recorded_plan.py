@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from micropatch.build.artifact import build
-from micropatch.build.module import open_module
+from micropatch.build.modulefile import open_module
 from micropatch.build.plan import plan_module, plan_recorded
 from micropatch.elf.identity import ModuleIdentity
-from micropatch.live.module import ModuleCache
-from micropatch.trust.policy import Admitted, admit
+from micropatch.live.mapped import ModuleCache
+from micropatch.trust.admission import Admitted, admit
 from micropatch.trust.recorded import RecordedPatch
 
 from .test_artifact import FIX, source, write_source

@@ -10,11 +10,11 @@ from typer.testing import CliRunner
 
 from micropatch.cli.main import app
 from micropatch.errors import MicropatchError
+from micropatch.tools.analysis import ModuleAnalysis
 from micropatch.tools.diff.match import diff_files, diff_modules
-from micropatch.tools.diff.rank import Change, rank_key
+from micropatch.tools.diff.rank import Change, check_key, rank
 from micropatch.tools.diff.sidebyside import side_by_side
 from micropatch.tools.functions import Function
-from micropatch.tools.module import ModuleIndex
 
 from .conftest import Build
 
@@ -24,7 +24,7 @@ PARSERS = ("parse_kind", "parse_flags", "parse_name", "parse_value", "parse_note
 @pytest.mark.parametrize("level", ["O0", "O2"])
 def test_fixed_function_ranks_first(diff_pairs: dict[str, tuple[Build, Build]], level: str) -> None:
     old, new = diff_pairs[level]
-    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    result = diff_modules(ModuleAnalysis.open(old.path), ModuleAnalysis.open(new.path))
     assert result.changes, "the fix must show as a change"
     first = result.changes[0]
     assert (first.old.start, first.old.end) == old.offset("parse_name")
@@ -39,7 +39,7 @@ def test_fixed_function_ranks_first(diff_pairs: dict[str, tuple[Build, Build]], 
 
 def test_side_by_side_shows_the_added_check(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
     old, new = diff_pairs["O2"]
-    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    result = diff_modules(ModuleAnalysis.open(old.path), ModuleAnalysis.open(new.path))
     rows = side_by_side(result, hex(old.offset("parse_name")[0]))
     added = [row for row in rows if row.tag == "+"]
     assert added and all(row.old_offset is None for row in added)
@@ -57,7 +57,7 @@ def test_side_by_side_shows_the_added_check(diff_pairs: dict[str, tuple[Build, B
 
 def test_identical_builds_have_no_changes(diff_pairs: dict[str, tuple[Build, Build]]) -> None:
     old, _ = diff_pairs["O0"]
-    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(old.path))
+    result = diff_modules(ModuleAnalysis.open(old.path), ModuleAnalysis.open(old.path))
     assert result.changes == [] and not result.only_old and not result.only_new
 
 
@@ -85,7 +85,7 @@ def test_diff_files_shares_one_decoding_cache_and_agrees(
     diff_pairs: dict[str, tuple[Build, Build]],
 ) -> None:
     old, new = diff_pairs["O2"]
-    apart = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    apart = diff_modules(ModuleAnalysis.open(old.path), ModuleAnalysis.open(new.path))
     shared = diff_files(old.path, new.path)
     assert shared.pairs == apart.pairs
     assert [c.as_json() for c in shared.changes] == [c.as_json() for c in apart.changes]
@@ -97,7 +97,7 @@ def test_constant_only_changes_rank_after_the_change_of_logic(
 ) -> None:
     # The fixed build also changes a version string (report) and a key (parse_tag).
     old, new = diff_pairs[level]
-    result = diff_modules(ModuleIndex.open(old.path), ModuleIndex.open(new.path))
+    result = diff_modules(ModuleAnalysis.open(old.path), ModuleAnalysis.open(new.path))
     by_start = {c.old.start: (rank, c) for rank, c in enumerate(result.changes, 1)}
     for name in ("report", "parse_tag"):
         rank, change = by_start[old.offset(name)[0]]
@@ -111,12 +111,14 @@ def _change(kind: str, conditions: int, added: int, removed: int, method: str = 
     return Change(function, function, method, 0.9, added, removed, kind, conditions)  # type: ignore[arg-type]
 
 
-def test_rank_rule() -> None:
+def test_check_order() -> None:
     check = _change("logic", 1, 3, 0)  # a bounds check added
     rewrite = _change("logic", 1, 400, 20)  # a new feature: grows the function
     condition = _change("logic", 0, 1, 1)  # jl -> jle
     move = _change("code", 0, 1, 0)
     version = _change("operands", 0, 1, 1)
     unsure = _change("logic", 2, 3, 0, method="fuzzy")
-    ranked = sorted([unsure, version, move, condition, rewrite, check], key=rank_key)
-    assert ranked == [check, rewrite, condition, move, version, unsure]
+    ranked = sorted([unsure, version, move, condition, rewrite, check], key=check_key)
+    assert ranked == [check, rewrite, condition, move, unsure, version]
+    # Nothing gained: the order of novelty agrees, and the ranking is this order.
+    assert rank([unsure, version, move, condition, rewrite, check]) == ranked

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from micropatch.arch.x86_64.site import plan_site
 from micropatch.cli.main import app
 from micropatch.errors import SiteError
+from micropatch.tools.analysis import ModuleAnalysis
 from micropatch.tools.explore import list_entries, show
-from micropatch.tools.module import ModuleIndex
 from micropatch.tools.xref import xref
 
 from .conftest import EXPLORE_VARIANTS, Build
@@ -27,7 +27,7 @@ LOCAL = ("check_header", "log_line", "dispatch", "branchy_loop")
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_functions_have_the_symbols_bounds(explore_builds: dict[str, Build], variant: str) -> None:
     build = explore_builds[variant]
-    entries = {e.function.start: e for e in list_entries(ModuleIndex.open(build.path))}
+    entries = {e.function.start: e for e in list_entries(ModuleAnalysis.open(build.path))}
     for name in (*LOCAL, "summarise", "main"):
         start, end = build.offset(name)
         entry = entries[start]
@@ -42,7 +42,7 @@ def test_functions_have_the_symbols_bounds(explore_builds: dict[str, Build], var
 @pytest.mark.parametrize("variant", ["pie-stripped", "nopie-stripped"])
 def test_unnamed_functions_get_hints(explore_builds: dict[str, Build], variant: str) -> None:
     build = explore_builds[variant]
-    entries = {e.function.start: e for e in list_entries(ModuleIndex.open(build.path))}
+    entries = {e.function.start: e for e in list_entries(ModuleAnalysis.open(build.path))}
     check = entries[build.offset("check_header")[0]]
     assert check.strings == ("bad header magic\n",)
     assert "stderr" in check.imports  # gcc turns fputs of a literal into fwrite
@@ -59,7 +59,7 @@ def test_show_names_callers_callees_and_strings(
     explore_builds: dict[str, Build], variant: str
 ) -> None:
     build = explore_builds[variant]
-    index = ModuleIndex.open(build.path)
+    index = ModuleAnalysis.open(build.path)
     dispatch_start = build.offset("dispatch")[0]
     check_start = build.offset("check_header")[0]
     log_start = build.offset("log_line")[0]
@@ -84,7 +84,7 @@ def test_calls_are_written_with_their_target_by_name(
     explore_builds: dict[str, Build], variant: str
 ) -> None:
     build = explore_builds[variant]
-    shown = show(ModuleIndex.open(build.path), hex(build.offset("dispatch")[0]))
+    shown = show(ModuleAnalysis.open(build.path), hex(build.offset("dispatch")[0]))
     calls = [line.text for line in shown.lines if line.text.startswith("call")]
     check = (
         "check_header"
@@ -93,7 +93,7 @@ def test_calls_are_written_with_their_target_by_name(
     )
     log = "log_line" if not variant.endswith("stripped") else f"fn_{build.offset('log_line')[0]:x}"
     assert f"call {check}" in calls and f"call {log}" in calls, calls
-    log_shown = show(ModuleIndex.open(build.path), hex(build.offset("log_line")[0]))
+    log_shown = show(ModuleAnalysis.open(build.path), hex(build.offset("log_line")[0]))
     texts = " ".join(line.text for line in log_shown.lines)
     assert "strlen" in texts and "puts" in texts  # imports, through the PLT
     for line in (*shown.lines, *log_shown.lines):  # no call or tail call left as a number
@@ -105,7 +105,7 @@ def test_calls_are_written_with_their_target_by_name(
 
 def test_show_by_name_and_inside_an_instruction(explore_builds: dict[str, Build]) -> None:
     build = explore_builds["pie"]
-    index = ModuleIndex.open(build.path)
+    index = ModuleAnalysis.open(build.path)
     start, end = build.offset("branchy_loop")
     by_name = show(index, "branchy_loop")
     assert (by_name.function.start, by_name.function.end, by_name.asked) == (start, end, start)
@@ -118,7 +118,7 @@ def test_show_by_name_and_inside_an_instruction(explore_builds: dict[str, Build]
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_site_answers_are_plan_sites(explore_builds: dict[str, Build], variant: str) -> None:
     build = explore_builds[variant]
-    index = ModuleIndex.open(build.path)
+    index = ModuleAnalysis.open(build.path)
     refused = accepted = 0
     for name in LOCAL:
         start, end = build.offset(name)
@@ -142,7 +142,7 @@ def test_site_answers_are_plan_sites(explore_builds: dict[str, Build], variant: 
 def test_loop_head_is_a_branch_target_and_refuses_sites_over_it(
     explore_builds: dict[str, Build],
 ) -> None:
-    shown = show(ModuleIndex.open(explore_builds["pie"].path), "branchy_loop")
+    shown = show(ModuleAnalysis.open(explore_builds["pie"].path), "branchy_loop")
     targets = [n for n, line in enumerate(shown.lines) if line.branch_target]
     assert targets
     branch_refusals = [line for line in shown.lines if "branches to" in line.site.reason]
@@ -157,7 +157,7 @@ def test_documented_harness_sites(targets: Targets) -> None:
     for site in SITES:
         path = targets.path(site.target)
         offset = targets.site_offset(site)
-        shown = show(ModuleIndex.open(path), hex(offset))
+        shown = show(ModuleAnalysis.open(path), hex(offset))
         line = next(line for line in shown.lines if line.offset == offset)
         assert line.site.valid == site.valid, (site, line.site.reason)
         if site.valid:  # the documented site may take more instructions than the minimum
@@ -171,7 +171,7 @@ def test_documented_harness_sites(targets: Targets) -> None:
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_xref_string_constant_and_function(explore_builds: dict[str, Build], variant: str) -> None:
     build = explore_builds[variant]
-    index = ModuleIndex.open(build.path)
+    index = ModuleAnalysis.open(build.path)
     check = build.offset("check_header")[0]
     log = build.offset("log_line")[0]
     dispatch = build.offset("dispatch")[0]

@@ -44,7 +44,7 @@ from micropatch.runtimes.cpython import arming
 from micropatch.runtimes.cpython import page as P
 from micropatch.runtimes.cpython.build import helper_text
 from micropatch.runtimes.cpython.interpreter import Interpreter, find_interpreter
-from micropatch.trust.policy import AdmittedPython
+from micropatch.trust.admission import AdmittedPython
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import cached_property
 
+from micropatch.tools.analysis import Analysis
 from micropatch.tools.functions import Function
-from micropatch.tools.module import Analysis
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ over what is still unmatched:
    never all pairs), best pairs first; then the call graph again.
 
 A matched pair whose normalised code differs is a change; `diff.rank` orders
-the changes, changes of logic (conditions, comparisons, calls) of surely
-matched functions first.
+the changes, taking turns between the order of an added check (changes of
+logic in surely matched functions) and the order of novelty (the comparisons
+and calls gained that few other changes gained).
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from micropatch.tools.analysis import SMALL_CONSTANT, ModuleAnalysis
 from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
-from micropatch.tools.diff.rank import Change, change, rank_key
+from micropatch.tools.diff.rank import Change, change, rank
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import Roles, Shapes
-from micropatch.tools.module import SMALL_CONSTANT, ModuleIndex
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,8 @@ SIZE_SLACK = 0.35  # a fuzzy candidate's size may differ by this fraction
 class DiffResult:
     """The pairs (old start -> new start), how each was matched, and the ranked changes."""
 
-    old: ModuleIndex
-    new: ModuleIndex
+    old: ModuleAnalysis
+    new: ModuleAnalysis
     pairs: dict[int, int]
     how: dict[int, str]
     profiles_old: dict[int, Profile]
@@ -71,15 +72,15 @@ class DiffResult:
 def diff_files(old: str | Path, new: str | Path) -> DiffResult:
     """`diff_modules` of two module files, decoded through one shared cache."""
     shapes = Shapes(SMALL_CONSTANT)
-    old_index = ModuleIndex.open(old, shapes)
-    new_index = ModuleIndex.open(new, shapes)
+    old_index = ModuleAnalysis.open(old, shapes)
+    new_index = ModuleAnalysis.open(new, shapes)
     old_index.analyses()
     new_index.analyses()
     shapes.clear()
     return diff_modules(old_index, new_index)
 
 
-def diff_modules(old: ModuleIndex, new: ModuleIndex) -> DiffResult:
+def diff_modules(old: ModuleAnalysis, new: ModuleAnalysis) -> DiffResult:
     """Match the functions of `old` and `new` and rank the changed ones."""
     result = DiffResult(
         old=old,
@@ -217,8 +218,7 @@ def _rank(result: DiffResult) -> list[Change]:
             continue
         moved = [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
         changes.append(change(result.old, result.new, old, new, result.how[a], moved, roles))
-    changes.sort(key=rank_key)
-    return changes
+    return rank(changes)
 
 
 def _group(

@@ -1,26 +1,39 @@
-"""Ranking the changed functions of a diff: changes of logic first.
+"""Ranking the changed functions of a diff: the fix first.
 
-The rule (docs/finding-the-site.md, "How diff ranks"):
+A fix adds a check to code that stays, or rewrites the code it fixes with
+comparisons and calls it did not have. So the changes are put in two orders
+and taken from them in turn, each once: the first of the check order, the
+first of the novelty order, the second of the check order, and so on
+(docs/finding-the-site.md, "How diff ranks").
 
-1. How surely the pair is matched: by name, identical code or the same strings
+The check order (`check_key`):
+
+1. Changes of operands only last: the same instructions in the same order,
+   only their constants, strings or registers differ (a line number in an
+   assertion, a version string, register allocation).
+2. How surely the pair is matched: by name, identical code or the same strings
    and imports first; by the call graph next; by fuzzy likeness last (a fuzzy
    pair that differs is as likely a wrong match as a change).
-2. What the edit touches. **logic**: the function's conditions (conditional
+3. What the edit touches. **logic**: the function's conditions (conditional
    jumps, moves and sets), comparisons (`cmp`, `test`) and calls, in order,
    are not the same: one was added or removed, a condition changed (`jl` to
    `jle`), a bound changed (a comparison's constant), or a call goes to
    another function. Registers do not count: a register allocated
    differently is not a change of logic. **code**: other instructions come
-   or go (a move, some arithmetic). **operands**: the same instructions in
-   the same order, only their constants, strings or registers differ (a line
-   number in an assertion, a version string, register allocation).
-3. Among changes of logic, those that add conditions (more conditional jumps,
+   or go (a move, some arithmetic).
+4. Among changes of logic, those that add conditions (more conditional jumps,
    moves and sets after the change than before) first: a security fix adds a
    check.
-4. The smallest change of size (instructions added minus removed, either
+5. The smallest change of size (instructions added minus removed, either
    way): a check added to existing code leaves the function about as long as
    it was, where new features grow it and rewrites shrink it.
-5. The smallest edit (instructions added plus removed), then the most similar.
+6. The smallest edit (instructions added plus removed), then the most similar.
+
+The novelty order (`novelty_key`): operands-only changes and fuzzy matches
+last, then the most novel: the comparisons and calls the new code gained, each
+weighted by how rare that gain is among all the changes of the diff
+(`diff.novelty`): a bound checked in one function is news, a kind of
+comparison a new compiler brings to every function is not.
 
 The edit is the longest common subsequence of the two functions' normalised
 instructions (rapidfuzz's bit-parallel LCS).
@@ -28,17 +41,18 @@ instructions (rapidfuzz's bit-parallel LCS).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from rapidfuzz.distance import LCSseq
 
+from micropatch.tools.diff.novelty import Gain, gain, logic, weigh
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import ROLE_CALL, ROLE_CONDITION, ROLE_OTHER, Roles
 
 if TYPE_CHECKING:
+    from micropatch.tools.analysis import ModuleAnalysis
     from micropatch.tools.diff.features import Profile
-    from micropatch.tools.module import ModuleIndex
 
 # Methods by confidence: a fuzzy match that differs is as likely a wrong match as a change.
 CONFIDENCE = {"name": 0, "exact": 0, "anchors": 0, "callgraph": 1, "fuzzy": 2}
@@ -51,7 +65,9 @@ class Change:
     """A matched function whose code changed; `added`/`removed` count instructions.
 
     `kind` is what the edit touches (logic, code, operands: see the module
-    docstring); `conditions` is how many more conditions the new code has.
+    docstring); `conditions` is how many more conditions the new code has;
+    `gained` the comparisons and calls it has more of, and `novelty` their
+    weight against the whole diff's (`rank` sets it).
     """
 
     old: Function
@@ -62,6 +78,8 @@ class Change:
     removed: int
     kind: Kind
     conditions: int
+    gained: Gain = ()
+    novelty: float = 0.0
 
     @property
     def name(self) -> str | None:
@@ -80,12 +98,13 @@ class Change:
             "removed": self.removed,
             "kind": self.kind,
             "conditions": self.conditions,
+            "novelty": round(self.novelty, 3),
         }
 
 
 def change(
-    old_index: ModuleIndex,
-    new_index: ModuleIndex,
+    old_index: ModuleAnalysis,
+    new_index: ModuleAnalysis,
     old: Profile,
     new: Profile,
     method: str,
@@ -108,19 +127,59 @@ def change(
     conditions = _count(new_roles) - _count(old_roles)
     total = old.size + new.size
     similarity = 2 * common / total if total else 1.0
-    return Change(old.function, new.function, method, similarity, added, removed, kind, conditions)
+    gained = gain(logic(old_roles, old.tokens), logic(new_roles, new.tokens))
+    return Change(
+        old.function, new.function, method, similarity, added, removed, kind, conditions, gained
+    )
 
 
-def rank_key(change: Change) -> tuple[int, int, bool, int, int, float]:
-    """Sort key, the rule of the module docstring: the surest match, logic first,
-    conditions added, the smallest change of size, the smallest edit."""
+def rank(changes: list[Change]) -> list[Change]:
+    """The changes with their novelty (against each other), in turn from the
+    two orders of the module docstring: `check_key`'s first, `novelty_key`'s
+    first, `check_key`'s second, and so on, each change once."""
+    weighed = [
+        replace(c, novelty=n)
+        for c, n in zip(changes, weigh([c.gained for c in changes]), strict=True)
+    ]
+    orders = [sorted(weighed, key=check_key), sorted(weighed, key=novelty_key)]
+    ranked: list[Change] = []
+    taken: set[int] = set()
+    positions = [0, 0]
+    while len(ranked) < len(weighed):
+        for which, order in enumerate(orders):
+            while positions[which] < len(order) and id(order[positions[which]]) in taken:
+                positions[which] += 1
+            if positions[which] < len(order):
+                taken.add(id(order[positions[which]]))
+                ranked.append(order[positions[which]])
+    return ranked
+
+
+CheckKey = tuple[bool, int, int, bool, int, int, float]
+
+
+def check_key(change: Change) -> CheckKey:
+    """The order of a check added to code: operands-only last, the surest match,
+    logic first, conditions added, the smallest change of size, the smallest edit."""
     return (
+        change.kind == "operands",
         CONFIDENCE[change.method],
         KIND_ORDER[change.kind],
         not (change.kind == "logic" and change.conditions > 0),
         abs(change.added - change.removed),
         change.added + change.removed,
         -change.similarity,
+    )
+
+
+def novelty_key(change: Change) -> tuple[bool, bool, float, CheckKey]:
+    """The order of new logic: operands-only last, fuzzy matches last, the most
+    novel first (ties in `check_key`'s order)."""
+    return (
+        change.kind == "operands",
+        change.method == "fuzzy",
+        -round(change.novelty, 6),
+        check_key(change),
     )
 
 

@@ -6,9 +6,9 @@ import difflib
 from dataclasses import dataclass
 
 from micropatch.errors import ToolError
+from micropatch.tools.analysis import ModuleAnalysis
 from micropatch.tools.diff.match import DiffResult
 from micropatch.tools.insn import is_padding
-from micropatch.tools.module import ModuleIndex
 
 CONTEXT = 3
 WIDTH = 48
@@ -80,7 +80,7 @@ def side_by_side(result: DiffResult, what: str) -> list[Row]:
     return rows
 
 
-def _lines(index: ModuleIndex, start: int) -> list[tuple[int, str]]:
+def _lines(index: ModuleAnalysis, start: int) -> list[tuple[int, str]]:
     """(offset, text) of the instructions that have tokens, in the same order."""
     function = index.at(start)
     if function is None:

@@ -1,7 +1,7 @@
 """One module opened for the author tools: its functions, imports, and what each
 function's code refers to, computed once per function in one linear sweep.
 
-A `ModuleIndex` owns its caches; make one per module and drop it when done.
+A `ModuleAnalysis` owns its caches; make one per module and drop it when done.
 """
 
 from __future__ import annotations
@@ -96,11 +96,11 @@ class Analysis:
         ]
 
 
-class ModuleIndex:
+class ModuleAnalysis:
     """Functions, imports and per-function analyses of one module file."""
 
     def __init__(self, image: ElfImage, shapes: Shapes | None = None) -> None:
-        """`shapes`: a decoding cache to share with another module's index (two
+        """`shapes`: a decoding cache to share with another module's analysis (two
         builds of one module share most instruction encodings)."""
         self.image = image
         self.sections = SectionMap(image)
@@ -110,7 +110,7 @@ class ModuleIndex:
         self._shapes = shapes if shapes is not None else Shapes(SMALL_CONSTANT)
 
     @classmethod
-    def open(cls, path: str | Path, shapes: Shapes | None = None) -> ModuleIndex:
+    def open(cls, path: str | Path, shapes: Shapes | None = None) -> ModuleAnalysis:
         return cls(ElfImage.open(path), shapes)
 
     @cached_property

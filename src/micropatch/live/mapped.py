@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # at run time only the functions that read a module load the 
     from micropatch.elf.image import ElfImage
     from micropatch.elf.location import Location
     from micropatch.patch.view import TargetView
-    from micropatch.trust.policy import Admitted
+    from micropatch.trust.admission import Admitted
     from micropatch.trust.recorded import ModuleFact
 
 CAVE_PREFIX = "/memfd:micropatch"

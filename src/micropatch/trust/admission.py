@@ -1,4 +1,4 @@
-"""The one admission policy: what may be applied to a process, with which keys.
+"""Admission, in one place: what may be applied to a process, with which keys.
 
 `admit` takes the bytes of a patch file (a signed artifact, or a TOML source),
 the trusted keys and the options, and returns an `Admitted` patch or raises a
@@ -7,7 +7,7 @@ run`, the agent and the server all call it, and each decides what to show.
 The live engine takes only an `Admitted`, so nothing reaches a process
 without passing here.
 
-The policy:
+The rules:
 - a signed artifact is admitted if its id matches its content and at least
   one signature is by a trusted, unexpired key; the signatures are checked
   before anything in the payload is read, the patch is read from the very
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Admitted:
-    """A patch the policy lets through, with the toolchain that compiles its bodies."""
+    """A patch admission lets through, with the toolchain that compiles its bodies."""
 
     patch: PatchView
     toolchain: Toolchain
@@ -84,7 +84,7 @@ class Admitted:
 
 @dataclass(frozen=True)
 class AdmittedPython:
-    """A CPython patch the policy lets through (always a built artifact: its code
+    """A CPython patch admission lets through (always a built artifact: its code
     is compiled for one Python version). `runtime` says which engine applies it."""
 
     patch: PythonPatch
@@ -131,7 +131,7 @@ def admit(
     toolchain: Toolchain | None = None,
     now: datetime.datetime | None = None,
 ) -> Admitted:
-    """Apply the policy to the bytes of a patch file; `name` says where they came
+    """Admit or refuse the bytes of a patch file; `name` says where they came
     from in messages. `keys`: the trusted keys (None: none could be found,
     which only `allow_unsigned` accepts). `toolchain`: compiles an unsigned
     source's bodies (default: a new one). Raises NotAdmitted, ArtifactError,

@@ -18,7 +18,7 @@ from micropatch.process.select import Filters, ProcessInfo, read_info
 
 @dataclass(frozen=True)
 class Candidate:
-    """A process in the scope of a fleet command, and the version of the patch
+    """A process in the scope of `--all`, and the version of the patch
     applied there (None: not applied)."""
 
     info: ProcessInfo
