@@ -69,7 +69,7 @@ def _stats(samples: list[float]) -> dict[str, float]:
 def common_case(exe: Path, rounds: int) -> dict[str, Any]:
     from micropatch import live
     from micropatch.process.watchdog import VARIABLE, Watchdog, watched
-    from micropatch.trust.policy import admit
+    from micropatch.trust.admission import admit
 
     text = patches.source(PATCH_ID, patches.build_id(exe), "compute", patches.PLUS_ONE)
     patch = admit(text.encode(), name="bench.toml", keys=None, allow_unsigned=True)
