@@ -52,7 +52,13 @@ class StopWatch:
                 pid=pid if isinstance(pid, int) else None, message=message,
                 data={"held": held, "limit": limit, "patcher": said.get("patcher")},
             ))  # fmt: skip
-        self._dog = Watchdog.start(self.limit, record=self.record)
+        try:
+            self._dog = Watchdog.start(self.limit, record=self.record)
+        except OSError as e:
+            self.report(Event(
+                "agent", time.time(), message=f"stop watchdog not started ({e}): a stop held "
+                "by a frozen agent is not ended; restart the agent to try again",
+            ))  # fmt: skip
 
     def stop(self) -> None:
         if self._dog is not None:

@@ -153,11 +153,11 @@ def _each(
     from dataclasses import asdict
 
     from micropatch.live.lock import waiting
-    from micropatch.process.watchdog import DEFAULT_LIMIT, Watchdog
+    from micropatch.process.watchdog import DEFAULT_LIMIT, watching
 
     if not pids:
         return
-    with Watchdog.start(limit or DEFAULT_LIMIT), waiting(lock_timeout, on_wait=on_wait):
+    with watching(limit or DEFAULT_LIMIT), waiting(lock_timeout, on_wait=on_wait):
         for pid in pids:
             try:
                 yield pid, asdict(operation(pid))

@@ -178,6 +178,24 @@ class Watchdog:
 
 
 @contextmanager
+def watching(limit: float = DEFAULT_LIMIT, *, record: Path | None = None) -> Iterator[bool]:
+    """This process's stops watched for the block (`Watchdog.start`, then `close`);
+    yields whether they are. A supervisor that cannot be spawned (no process left
+    under RLIMIT_NPROC, the interpreter gone from disk) is said, and the stops run
+    unwatched, as they would without a watchdog, rather than not at all."""
+    try:
+        dog = Watchdog.start(limit, record=record)
+    except OSError as e:
+        log.warning("the stop watchdog could not start (%s): stops are not watched", e)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        dog.close()
+
+
+@contextmanager
 def watched(pid: int, what: str, timeout: float) -> Iterator[None]:
     """Arm this process's watchdog, if it has one, for the block: a stop of process
     `pid`, described by `what`, whose threads may take `timeout` seconds to stop."""

@@ -125,3 +125,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_a_supervisor_that_cannot_start_is_said_and_stops_run_unwatched(
+    monkeypatch, caplog
+) -> None:
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python3")
+    monkeypatch.delenv(watchdog.VARIABLE, raising=False)
+    with watchdog.watching(1.0) as on:
+        assert on is False and watchdog.VARIABLE not in os.environ
+        with watchdog.watched(7, "a stop", 1.0):  # no pipe: nothing to arm
+            pass
+    assert "the stop watchdog could not start" in caplog.text
+    assert "stops are not watched" in caplog.text
