@@ -71,34 +71,11 @@ if os.getppid() != patcher:
 armed, labels, rest = {}, {}, b""
 while True:
     due = min((a[1] + a[2] + limit for a in armed.values()), default=None)
-    now = time.monotonic()
-    if due is not None and now >= due:
-        token, (depth, since, timeout, target, what) = min(
-            armed.items(), key=lambda i: i[1][1] + i[1][2])
-        held = now - since
-        if labels.get(token):
-            what += f" ({labels[token]})"
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        said = (f"micropatch: watchdog: {what} held its threads {held:.1f} s "
-                f"(limit {timeout + limit:g} s): killed the patcher (pid {patcher}) so that "
-                "they run again; the next micropatch command on that process completes or "
-                "rolls back what it left (or run `micropatch repair`)")
-        if record:
-            try:
-                import json
-                tmp = f"{record}.{os.getpid()}"
-                with open(tmp, "w") as f:
-                    json.dump({"patcher": patcher, "pid": target, "what": what, "held": held,
-                               "limit": timeout + limit, "time": time.time()}, f)
-                os.replace(tmp, record)
-            except OSError as e:
-                said += f" (record {record} not written: {e})"
-        print(said, file=sys.stderr, flush=True)
-        os._exit(0)
-    ready, _, _ = select.select([fd, pidfd], [], [], None if due is None else due - now)
+    wait = None if due is None else max(0.0, due - time.monotonic())
+    ready, _, _ = select.select([fd, pidfd], [], [], wait)
     if pidfd in ready:
         os._exit(0)
-    if fd in ready:
+    if fd in ready:  # every line written is read before a kill is decided
         data = os.read(fd, 65536)
         if not data:
             os._exit(0)
@@ -117,6 +94,32 @@ while True:
                     armed[word[1]] = (depth - 1, *kept)
                 else:
                     del armed[word[1]]
+        continue
+    now = time.monotonic()
+    if due is None or now < due:
+        continue
+    token, (depth, since, timeout, target, what) = min(
+        armed.items(), key=lambda i: i[1][1] + i[1][2])
+    held = now - since
+    if labels.get(token):
+        what += f" ({labels[token]})"
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    said = (f"micropatch: watchdog: {what} held its threads {held:.1f} s "
+            f"(limit {timeout + limit:g} s): killed the patcher (pid {patcher}) so that "
+            "they run again; the next micropatch command on that process completes or "
+            "rolls back what it left (or run `micropatch repair`)")
+    if record:
+        try:
+            import json
+            tmp = f"{record}.{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"patcher": patcher, "pid": target, "what": what, "held": held,
+                           "limit": timeout + limit, "time": time.time()}, f)
+            os.replace(tmp, record)
+        except OSError as e:
+            said += f" (record {record} not written: {e})"
+    print(said, file=sys.stderr, flush=True)
+    os._exit(0)
 """
 
 

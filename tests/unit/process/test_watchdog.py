@@ -29,6 +29,17 @@ with operation("apply fix-1"), watched(7, "the stop of process 7 (target)", 0.1)
         os.kill(os.getpid(), signal.SIGSTOP)
 if mode == "disarmed":
     time.sleep(2 * (limit + 0.1) + 0.5)
+if mode == "late":  # the supervisor reads the arming, is held up, and finds the disarm late
+    import fcntl, struct, termios
+    def unread():
+        return struct.unpack("i", fcntl.ioctl(dog.fd, termios.FIONREAD, bytes(4)))[0]
+    with watched(7, "the stop of process 7 (target)", 0.1):
+        while unread():
+            time.sleep(0.001)
+        os.kill(dog.child, signal.SIGSTOP)
+    time.sleep(limit + 0.3)  # past the deadline, the disarm unread
+    os.kill(dog.child, signal.SIGCONT)
+    time.sleep(0.5)
 if mode == "exit":
     sys.exit(0)
 dog.close()
@@ -67,6 +78,12 @@ def test_a_disarmed_stop_is_not_killed() -> None:
     out, err = child.communicate(timeout=30)
     assert (child.returncode, out.split()[1:]) == (0, ["done"]), err
     assert "watchdog" not in err
+
+
+def test_a_disarm_read_late_is_read_before_any_kill() -> None:
+    child = _patcher(0.2, "late")
+    out, err = child.communicate(timeout=30)
+    assert (child.returncode, out.split()[1:]) == (0, ["done"]), err
 
 
 def test_the_supervisor_ends_with_its_patcher() -> None:
