@@ -8,6 +8,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -146,22 +147,42 @@ def diagnose(pid: int) -> list[str]:
     return lines
 
 
+def _only_child(pid: int) -> int:
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise TargetError(f"process {pid} has children {children}, not one")
+    return int(children[0])
+
+
 class Target:
     """One running bench_target; see the C file for its arguments and commands."""
 
     def __init__(
-        self, exe: Path, *, spin: int, blocked: int = 0, burn: int = 0, mainspin: bool = True
+        self,
+        exe: Path,
+        *,
+        spin: int,
+        blocked: int = 0,
+        burn: int = 0,
+        mainspin: bool = True,
+        enter: Sequence[str] = (),
     ):
+        """`enter`: a command prefix that runs it elsewhere (`nsenter` into a sandbox's
+        PID namespace, which forks it): `pid` is then its id on this host, `ns_pid` there."""
         self.exe = exe
         self.argv = [str(exe), str(spin), str(blocked), str(burn), "1" if mainspin else "0"]
         self.proc = subprocess.Popen(
-            self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True
+            [*enter, *self.argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
         )
         self._buffer = b""
         line = self.read_line(timeout=30)
         if not line.startswith("ready "):
             raise TargetError(f"{self.argv}: expected 'ready PID', got {line!r}")
-        self.pid = int(line.split()[1])
+        self.ns_pid = int(line.split()[1])
+        self.pid = _only_child(self.proc.pid) if enter else self.ns_pid
 
     def read_line(self, timeout: float = 30) -> str:
         assert self.proc.stdout is not None
@@ -171,8 +192,10 @@ class Target:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TargetError(f"target {self.proc.pid}: no answer within {timeout} s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if not ready:
+            # poll, not select: a benchmark may hold more than 1,024 descriptors
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            if not poller.poll(left * 1000):
                 continue
             chunk = os.read(fd, 4096)
             if not chunk:
@@ -237,12 +260,19 @@ class Target:
             try:
                 self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.kill()
                 self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
                 with contextlib.suppress(OSError):
                     stream.close()
+
+    def kill(self) -> None:
+        """SIGKILL the program itself (not only the prefix that started it)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.kill()
 
     def __enter__(self) -> Target:
         return self

@@ -149,6 +149,10 @@ def test_new_processes_are_patched_before_their_code_runs(targets, box, tmp_path
         events = a.events()
         whens = {(e["patch_id"], e["data"]["when"]) for e in kinds(events, "applied")}
         assert whens == {("exe-fix", "exec"), ("lib-fix", "load")}
+        for e in kinds(events, "applied"):  # every one says what happened (issue 15.5)
+            assert e["message"].startswith(f"applied {e['patch_id']} v1 to "), e
+            assert f" in pid {e['pid']} (" in e["message"], e
+            assert f"at its {e['data']['when']}, before any of its code ran" in e["message"], e
         status = a.status()
         assert status["new_processes"]["patched_exec"] == 5
         patches = {p["id"]: p for p in status["patches"]}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -268,25 +269,51 @@ def test_without_cap_net_admin_the_error_says_so(crasher: Path, tmp_path: Path) 
         assert "CAP_NET_ADMIN" in result.stdout
 
 
-def test_a_real_crash_reaches_the_tracker_through_carried(crasher: Path) -> None:
-    """Exit timestamps are CLOCK_MONOTONIC (time.monotonic_ns), which Carried compares."""
-    from micropatch.agent.crashes import Carried, CrashTracker, on_exit
+FORK_AND_ABORT = """
+import os, sys
+print("ready", flush=True)
+sys.stdin.read(1)
+child = os.fork()
+if child == 0:
+    os.abort()  # the forked child crashes, without an exec
+os.waitpid(child, 0)
+"""
 
-    carried, tracker = Carried(), CrashTracker(limit=2, window=60)
-    disabled: list[str] = []
-    with ExitWatcher() as watcher:
-        for _ in range(2):
-            before = time.monotonic_ns()
-            proc = subprocess.Popen([str(crasher), "abrt"])
-            carried.set(proc.pid, str(crasher), ["fix-1"], since_ns=before)
-            leader = _exits_of(watcher, proc.pid)[-1]
-            proc.wait(10)
-            assert before <= leader.timestamp_ns <= time.monotonic_ns()
-            crash = on_exit(carried, leader)
-            assert crash is not None and crash.signal == signal.SIGABRT
-            disabled += tracker.record(crash.exe, crash.patches, time.time())
-    assert disabled == ["fix-1"]
-    assert len(carried) == 0
+
+def test_a_real_forked_child_crash_is_known_through_its_parent() -> None:
+    """Fork, exec and exit timestamps are CLOCK_MONOTONIC (time.monotonic_ns), which
+    Carriers compares: a child forked by a process known to carry a patch, and
+    crashing, is known for what it inherited when its exit arrives."""
+    from micropatch.agent.covered import Carriers
+
+    carriers = Carriers(lambda pid: 1)
+    with ExitWatcher(("exit", "fork", "exec")) as watcher:
+        parent = subprocess.Popen(
+            [sys.executable, "-c", FORK_AND_ABORT], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )  # fmt: skip
+        assert parent.stdout is not None and parent.stdout.readline() == b"ready\n"
+        before = time.monotonic_ns()  # a read of its registry, after its exec
+        carriers.remember(parent.pid, 1, sys.executable, {"fix-1": 1}, {}, read_ns=before)
+        assert parent.stdin is not None
+        parent.stdin.write(b"x")
+        parent.stdin.close()
+        parent.wait(10)
+        child = exit = None
+        deadline = time.monotonic() + 10
+        while exit is None and time.monotonic() < deadline:
+            for event in watcher.read(1.0):
+                if isinstance(event, ForkEvent) and event.parent_tgid == parent.pid:
+                    assert event.child_pid == event.child_tgid  # a process, not a thread
+                    assert before <= event.timestamp_ns <= time.monotonic_ns()
+                    child = carriers.forked(parent.pid, event.child_pid, event.timestamp_ns)
+                elif isinstance(event, ExecEvent):
+                    carriers.execed(event.tgid, event.timestamp_ns)
+                elif isinstance(event, ExitEvent) and child and event.pid == child.pid:
+                    exit = event
+    assert child is not None and exit is not None, "no fork or exit of the parent's child"
+    gone = carriers.forget(exit.pid, exit.timestamp_ns)
+    assert gone is not None and gone.carried() == ["fix-1"] and gone.parent == parent.pid
+    assert exit.crashed and exit.signal == signal.SIGABRT
 
 
 def test_the_exit_thread_calls_back_for_process_exits_only(crasher: Path) -> None:

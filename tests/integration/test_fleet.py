@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from micropatch import live
 from micropatch.cli.main import app
-from micropatch.live import engine, fleet
+from micropatch.live import engine, selection
 
 from .patching import make_patch, patch_source
 
@@ -129,14 +129,14 @@ def test_a_process_gone_after_the_scan_is_not_a_failure(start, tmp_path, program
     module = tmp_path / "libvuln.so"
     for t in (a, b):
         live.apply(make_patch(module, [FIX], id="fleet-fix"), t.pid)
-    real = fleet.for_remove
+    real = selection.for_remove
 
     def scan_then_exit(*args, **kwargs):
-        selection = real(*args, **kwargs)
+        chosen = real(*args, **kwargs)
         a.kill()  # exits between the scan and its operation
-        return selection
+        return chosen
 
-    monkeypatch.setattr(fleet, "for_remove", scan_then_exit)
+    monkeypatch.setattr(selection, "for_remove", scan_then_exit)
     result = CliRunner().invoke(app, ["remove", "fleet-fix", "--all", "--exe", f"{tmp_path}/*"])
     assert result.exit_code == 0, result.output
     assert "remove: 1 done, 0 failed, 0 skipped, 1 gone" in result.output

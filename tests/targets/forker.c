@@ -10,6 +10,9 @@
  *                answers "child <result>" (or "child failed signal <sig>" /
  *                "child failed exit <code>").  A child forked after a patch
  *                inherits the patched pages.
+ *   forkexec ->  fork(); the child execs /bin/sh, which kills itself with SIGSEGV;
+ *                the parent answers "child failed signal 11" (a crash of another
+ *                program, not of this one's code).
  *   spawn    ->  forks a long-lived child, "spawned <pid>".  Patch the
  *                parent after spawn: the child is a separate process.
  *   ccall N  ->  the spawned child computes copy_packet(source, N),
@@ -94,6 +97,26 @@ static void fork_call(int n)
     }
 }
 
+/* "forkexec": a child that execs another program, which crashes. */
+static void fork_exec(void)
+{
+    int status;
+    char how[64];
+
+    pid_t pid = fork();
+    if (pid < 0) {
+        proto_reply("error fork failed");
+        return;
+    }
+    if (pid == 0) {
+        execl("/bin/sh", "sh", "-c", "kill -SEGV $$", (char *)NULL);
+        _exit(127);
+    }
+    waitpid(pid, &status, 0);
+    describe_exit(how, sizeof how, status);
+    proto_reply("child failed %s", how);
+}
+
 static void spawn(void)
 {
     int cmd[2], res[2];
@@ -172,6 +195,8 @@ int main(void)
             proto_reply("%d", copy_packet(source, (int)n));
         else if (proto_arg_int(line, "fork", &n))
             fork_call((int)n);
+        else if (proto_is(line, "forkexec"))
+            fork_exec();
         else if (proto_is(line, "spawn"))
             spawn();
         else if (proto_arg_int(line, "ccall", &n))

@@ -112,7 +112,7 @@ class StopPatcher:
         self.event(
             "applied", pid, module, patch=patch, exe=info.exe,
             message=f"applied {patch.id} v{patch.version} to {module.name} in pid {pid} "
-            f"({info.exe}) at its {when}" if when != "late" else
+            f"({info.exe}) at its {when}, before any of its code ran" if when != "late" else
             f"applied {patch.id} v{patch.version} to {module.name} in pid {pid} ({info.exe}), late",
             data={"when": when, "sites": sites, "ms": round(ms, 3)},
         )  # fmt: skip

@@ -13,7 +13,7 @@ import os
 import socket
 
 from micropatch import errors
-from micropatch.errors import ControlError, from_wire
+from micropatch.errors import ControlError, MicropatchError, from_wire
 from micropatch.files import read_bounded
 
 TYPE_CHECKING = False  # not imported from typing, which the quick path would pay for
@@ -67,11 +67,24 @@ class AgentClient:
     def _request(self, op: str, arguments: dict[str, Any]) -> tuple[socket.socket, Any]:
         sock = self._connect()
         try:
-            sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
+            try:
+                sock.sendall(json.dumps({"op": op, **arguments}).encode() + b"\n")
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # The agent answered before it read the whole request (it refused the
+                # peer: a write verb of a large artifact hits this): its answer says why.
+                with sock.makefile("rb") as early:
+                    try:
+                        message = _read(early, self.path)
+                    except (ControlError, ValueError):
+                        raise ControlError(f"agent at {self.path}: {e}") from None
+                raise _result_error(message) from None
             stream = sock.makefile("rb")
         except OSError as e:
             sock.close()
             raise ControlError(f"agent at {self.path}: {e}") from None
+        except MicropatchError:
+            sock.close()
+            raise
         return sock, stream
 
     def call(self, op: str, **arguments: Any) -> Any:
@@ -145,3 +158,11 @@ def _result(message: dict[str, Any]) -> Any:
     if message.get("ok"):
         return message.get("result")
     raise from_wire(message.get("error") or {})
+
+
+def _result_error(message: Any) -> MicropatchError:
+    """The error an early answer carries (an answer before the request was read is
+    never a success)."""
+    if isinstance(message, dict) and not message.get("ok"):
+        return from_wire(message.get("error") or {})
+    return ControlError(f"the agent answered before reading the request: {message!r}")

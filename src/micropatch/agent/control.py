@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-READ_VERBS = frozenset({"ping", "status", "events", "process-status"})
+READ_VERBS = frozenset({"ping", "status", "events", "process-status", "wait"})
 WRITE_VERBS = frozenset(
     {
         "add",
@@ -166,7 +166,9 @@ class ControlServer:
         )
 
     def _serve(self, conn: socket.socket) -> None:
-        with conn, conn.makefile("rwb") as stream:
+        # Answers go out with sendall, unbuffered: a client that hung up (a follower
+        # stopped with ^C) is an OSError here, never a buffer left to flush at close.
+        with conn, conn.makefile("rb") as stream:
             try:
                 access = self._allowed(conn)
                 line = stream.readline(MAX_REQUEST + 1)
@@ -187,20 +189,20 @@ class ControlServer:
                         "read-only group may use status and events"
                     )
                 if op == "events" and request.get("follow"):
-                    self._follow(stream, request)
+                    self._follow(conn, request)
                     return
                 result = self._dispatch(op, request)
-                _send(stream, {"ok": True, "result": result})
+                _send(conn, {"ok": True, "result": result})
             except MicropatchError as e:
                 with contextlib.suppress(OSError):
-                    _send(stream, {"ok": False, "error": to_wire(e)})
+                    _send(conn, {"ok": False, "error": to_wire(e)})
             except OSError:
                 return  # the client went away
             except Exception as e:
                 log.exception("control request failed")
                 with contextlib.suppress(OSError):
                     failure = AgentError(f"internal error: {e!r}")
-                    _send(stream, {"ok": False, "error": to_wire(failure)})
+                    _send(conn, {"ok": False, "error": to_wire(failure)})
 
     def _dispatch(self, op: str, args: dict[str, Any]) -> Any:
         from micropatch.agent import manual
@@ -214,9 +216,16 @@ class ControlServer:
             return manual.status(args)
         if op == "events":
             return [e.to_json() for e in agent.events_since(_filter(args), args.get("limit"))]
+        if op == "wait":
+            from micropatch.agent.settle import settle
+
+            timeout = args.get("timeout", 60.0)
+            if not isinstance(timeout, int | float) or not 0 < timeout <= 86400:
+                raise ControlError(f"bad request: timeout {timeout!r}: seconds, up to a day")
+            return settle(agent, str(args["patch_id"]), float(timeout))
         if op == "add":
             data, name = agent.decode_artifact(args)
-            return agent.add(data, name, args.get("state"))
+            return agent.add(data, name, args.get("state"), update=bool(args.get("update")))
         if op in ("enable", "disable"):
             return agent.set_enabled(str(args["patch_id"]), op == "enable")
         if op in ("exclude", "unexclude"):
@@ -229,23 +238,23 @@ class ControlServer:
             return {}
         return manual.run(agent, op, args)
 
-    def _follow(self, stream: Any, args: dict[str, Any]) -> None:
+    def _follow(self, conn: socket.socket, args: dict[str, Any]) -> None:
         filt = _filter(args)
         with self.agent.events.follow(filt) as q:
             history = self.agent.events_since(filt, args.get("limit"))
-            _send(stream, {"ok": True, "result": [e.to_json() for e in history]})
+            _send(conn, {"ok": True, "result": [e.to_json() for e in history]})
             sent = {(e.time, e.kind, e.pid, e.patch_id) for e in history}
             while not self._stopping.is_set():
                 try:
                     event = q.get(timeout=1.0)
                 except queue.Empty:
-                    _send(stream, {"keepalive": True})  # finds a client that hung up
+                    _send(conn, {"keepalive": True})  # finds a client that hung up
                     continue
                 if event is None:
                     return
                 if (event.time, event.kind, event.pid, event.patch_id) in sent:
                     continue  # recorded between follow() and the query: already sent
-                _send(stream, {"event": event.to_json()})
+                _send(conn, {"event": event.to_json()})
 
 
 def _answers(path: Path) -> bool:
@@ -263,6 +272,5 @@ def _filter(args: dict[str, Any]) -> EventFilter:
     return EventFilter(tuple(kinds), args.get("patch_id"), args.get("pid"), args.get("since"))
 
 
-def _send(stream: Any, message: dict[str, Any]) -> None:
-    stream.write(json.dumps(message, default=str).encode() + b"\n")
-    stream.flush()
+def _send(conn: socket.socket, message: dict[str, Any]) -> None:
+    conn.sendall(json.dumps(message, default=str).encode() + b"\n")

@@ -7,23 +7,22 @@ counts one crash against every patch it carried, for its executable. When a
 the agent disables that patch for that executable (docs/agent.md).
 
 The exit event arrives after the process is gone, when its registry can no
-longer be read, so the agent keeps `Carried` up to date itself: what it
-applied, removed, or found in a scan, per pid.
+longer be read, so the agent keeps what each process carries itself
+(agent/covered.py), from its passes and operations and from the proc
+connector's fork and exec events, which `ExitThread` reads along with the
+exits: a worker forked from a patched master carries the master's patches.
 
-Pure bookkeeping, no kernel: the agent feeds it `process.connector` events.
+`CrashTracker` is pure bookkeeping, no kernel.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import NamedTuple
 
-from micropatch.process.connector import ExitEvent, ExitWatcher, Overrun
+from micropatch.process.connector import ExecEvent, ExitEvent, ExitWatcher, ForkEvent, Overrun
 
 log = logging.getLogger(__name__)
 
@@ -97,126 +96,12 @@ class CrashTracker:
             times.popleft()
 
 
-class Carrying(NamedTuple):
-    """What one process carried: its executable and the patch ids applied in it.
-
-    ``since_ns`` (CLOCK_MONOTONIC, like the connector's timestamps) is when the
-    agent began to patch or scan it: an exit event older than that is of an
-    earlier process that had the same pid.
-    """
-
-    exe: str
-    patches: frozenset[str]
-    since_ns: int
-
-
-class Carried:
-    """pid -> (exe, patch ids) for every patched process, kept by the agent.
-
-    Update it whenever a patch is applied or removed and after each scan; on a
-    process exit, `forget` returns what it carried. Thread-safe.
-    """
-
-    def __init__(self) -> None:
-        self._by_pid: dict[int, Carrying] = {}
-        self._lock = threading.Lock()
-
-    def set(
-        self, pid: int, exe: str, patches: Iterable[str], *, since_ns: int | None = None
-    ) -> None:
-        """The whole truth about pid (after a scan of its registry, or at exec).
-        No patches: pid is forgotten. Pass ``since_ns=time.monotonic_ns()`` taken
-        *before* patching or reading, so a crash right after still counts."""
-        ids = frozenset(patches)
-        since = time.monotonic_ns() if since_ns is None else since_ns
-        with self._lock:
-            if ids:
-                self._by_pid[pid] = Carrying(exe, ids, since)
-            else:
-                self._by_pid.pop(pid, None)
-
-    def add(self, pid: int, exe: str, patch_id: str, *, since_ns: int | None = None) -> None:
-        """patch_id was applied in pid (running exe)."""
-        with self._lock:
-            old = self._by_pid.get(pid)
-            if old is not None and old.exe == exe:
-                self._by_pid[pid] = old._replace(patches=old.patches | {patch_id})
-                return
-            since = time.monotonic_ns() if since_ns is None else since_ns
-            self._by_pid[pid] = Carrying(exe, frozenset({patch_id}), since)
-
-    def discard(self, pid: int, patch_id: str) -> None:
-        """patch_id was removed from pid."""
-        with self._lock:
-            old = self._by_pid.get(pid)
-            if old is None:
-                return
-            rest = old.patches - {patch_id}
-            if rest:
-                self._by_pid[pid] = old._replace(patches=rest)
-            else:
-                del self._by_pid[pid]
-
-    def forget(self, pid: int, *, exited_ns: int | None = None) -> Carrying | None:
-        """pid exited: drop it and return what it carried. With ``exited_ns`` (the exit
-        event's timestamp), an entry recorded after that exit is of a newer process
-        that reused the pid: it is kept and None returned."""
-        with self._lock:
-            entry = self._by_pid.get(pid)
-            if entry is None:
-                return None
-            if exited_ns is not None and exited_ns and entry.since_ns > exited_ns:
-                return None
-            del self._by_pid[pid]
-            return entry
-
-    def get(self, pid: int) -> Carrying | None:
-        with self._lock:
-            return self._by_pid.get(pid)
-
-    def __getitem__(self, pid: int) -> Carrying:
-        with self._lock:
-            return self._by_pid[pid]
-
-    def __contains__(self, pid: object) -> bool:
-        with self._lock:
-            return pid in self._by_pid
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._by_pid)
-
-    def snapshot(self) -> dict[int, Carrying]:
-        with self._lock:
-            return dict(self._by_pid)
-
-
-@dataclass(frozen=True)
-class Crash:
-    """A patched process crashed: what the agent reports and counts."""
-
-    pid: int
-    exe: str
-    patches: frozenset[str]
-    signal: int
-    core_dumped: bool
-
-
-def on_exit(carried: Carried, event: ExitEvent) -> Crash | None:
-    """Handle one connector exit event: forget the process; a Crash if it was a
-    patched process killed by a crash signal. Thread exits are ignored."""
-    if not event.process_exit:
-        return None
-    entry = carried.forget(event.pid, exited_ns=event.timestamp_ns)
-    if entry is None or not event.crashed or event.signal is None:
-        return None
-    return Crash(event.pid, entry.exe, entry.patches, event.signal, event.core_dumped)
-
-
 class ExitThread:
-    """The agent's part that follows process exits: a thread reading the proc
-    connector, calling ``on_exit(event)`` for every process exit (thread-group
-    leaders only) and ``on_overrun()`` when the kernel dropped events (rescan).
+    """The agent's part that follows processes: a thread reading the proc connector,
+    calling ``on_exit(event)`` for every process exit (thread-group leaders only),
+    ``on_fork(event)`` for every new process (not thread) and ``on_exec(event)`` for
+    every exec, when given, and ``on_overrun()`` when the kernel dropped events
+    (rescan).
 
     `start` subscribes in the calling thread, so a `ConnectorError` (no
     privilege, a container) reaches the agent, which can run on without crash
@@ -227,16 +112,22 @@ class ExitThread:
         self,
         on_exit: Callable[[ExitEvent], None],
         on_overrun: Callable[[], None] | None = None,
+        *,
+        on_fork: Callable[[ForkEvent], None] | None = None,
+        on_exec: Callable[[ExecEvent], None] | None = None,
     ) -> None:
         self._on_exit = on_exit
         self._on_overrun = on_overrun
+        self._on_fork = on_fork
+        self._on_exec = on_exec
         self._watcher: ExitWatcher | None = None
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         if self._thread is not None:
             return
-        self._watcher = ExitWatcher(("exit",)).open()
+        kinds = ["exit"] + ["fork"] * bool(self._on_fork) + ["exec"] * bool(self._on_exec)
+        self._watcher = ExitWatcher(kinds).open()
         self._thread = threading.Thread(target=self._run, name="exits", daemon=True)
         self._thread.start()
 
@@ -254,10 +145,17 @@ class ExitThread:
         assert watcher is not None
         for event in watcher:
             try:
-                if isinstance(event, Overrun):
-                    if self._on_overrun is not None:
-                        self._on_overrun()
-                elif isinstance(event, ExitEvent) and event.process_exit:
-                    self._on_exit(event)
+                if isinstance(event, ExitEvent):
+                    if event.process_exit:
+                        self._on_exit(event)
+                elif isinstance(event, ForkEvent):
+                    # A new process, not a thread (whose child_pid is not its tgid).
+                    if self._on_fork is not None and event.child_pid == event.child_tgid:
+                        self._on_fork(event)
+                elif isinstance(event, ExecEvent):
+                    if self._on_exec is not None:
+                        self._on_exec(event)
+                elif isinstance(event, Overrun) and self._on_overrun is not None:
+                    self._on_overrun()
             except Exception:
                 log.exception("exit watcher: handling %s failed", event)

@@ -4,7 +4,7 @@ one in tests)."""
 
 from __future__ import annotations
 
-import shlex
+import os
 import subprocess
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from micropatch.agent.paths import (
     UNIT_NAME,
 )
 from micropatch.files import write_atomic
-from micropatch.systemd import Installed, entry_point, running
+from micropatch.systemd import Installed, entry_point, join, running
 
 __all__ = ["Installed", "entry_point", "install", "systemd_running", "uninstall", "unit_text"]
 
@@ -26,9 +26,17 @@ UNIT_TEMPLATE = """\
 [Unit]
 Description=micropatch host agent: keeps every process patched by policy
 Documentation=https://github.com/micropatch/micropatch/blob/main/docs/agent.md
+# Before every service it protects: a service with the default dependencies starts
+# after basic.target, which waits for this agent to say READY (its first pass done),
+# so those services start patched. Hence no default dependencies of its own (they
+# would order it after basic.target): only what it needs, the local file systems.
+DefaultDependencies=no
 After=local-fs.target
-# Start before the services it protects, so that they start patched.
-Before=multi-user.target
+RequiresMountsFor={mounts}
+Before=basic.target
+# Stopped at shutdown, after the services it protects (the reverse order).
+Conflicts=shutdown.target
+Before=shutdown.target
 
 [Service]
 Type=notify
@@ -42,18 +50,21 @@ KillMode=mixed
 TimeoutStopSec=30
 # It must ptrace (CAP_SYS_PTRACE), read /proc/PID/map_files and mark filesystems with
 # fanotify (CAP_SYS_ADMIN), read every process's files (CAP_DAC_READ_SEARCH), own its
-# socket for a read-only group (CAP_CHOWN), and read exits (proc connector, netlink).
+# socket for a read-only group (CAP_CHOWN), read exits (proc connector, netlink), and
+# run at SCHED_FIFO while a target is stopped (CAP_SYS_NICE): on a loaded machine the
+# stop window and every held exec wait for a CPU without it.
 CapabilityBoundingSet=CAP_SYS_PTRACE CAP_SYS_ADMIN CAP_DAC_OVERRIDE CAP_DAC_READ_SEARCH
 CapabilityBoundingSet=CAP_CHOWN CAP_FOWNER CAP_KILL CAP_SYS_RESOURCE CAP_NET_ADMIN
+CapabilityBoundingSet=CAP_SYS_NICE
 NoNewPrivileges=yes
 # No private mounts (PrivateTmp, ProtectHome, ProtectSystem=strict): fanotify marks
-# and the identity of mapped files must see the host's own mount table.
+# and the identity of mapped files must see the host's own mount table. No
+# RestrictRealtime either: the engine's stop window runs at SCHED_FIFO.
 ProtectSystem=full
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectClock=yes
 ProtectHostname=yes
-RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 SystemCallArchitectures=native
@@ -62,7 +73,7 @@ UMask=0077
 OOMScoreAdjust=-500
 
 [Install]
-WantedBy=multi-user.target
+WantedBy=basic.target
 """
 
 
@@ -74,11 +85,13 @@ def unit_text(
     trust_dir: str = DEFAULT_TRUST_DIR,
     config: str = DEFAULT_CONFIG,
 ) -> str:
-    exec_start = shlex.join([
+    exec_start = join([
         command, "agent", "run", "--state-dir", state_dir, "--socket", socket,
         "--trust-dir", trust_dir, "--config", config,
     ])  # fmt: skip
-    return UNIT_TEMPLATE.format(exec_start=exec_start)
+    # The state, its configuration and the command itself must be mounted first.
+    mounts = join(sorted({state_dir, os.path.dirname(config), os.path.dirname(command)}))
+    return UNIT_TEMPLATE.format(exec_start=exec_start, mounts=mounts)
 
 
 def systemd_running(root: Path) -> bool:

@@ -69,7 +69,7 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
     lock_timeout = args.get("lock_timeout")
     for pid in pids:
         try:
-            with agent.ops_lock, waiting(agent.config.lock_timeout if lock_timeout is None
+            with agent.ops, waiting(agent.config.lock_timeout if lock_timeout is None
                                          else float(lock_timeout)):  # fmt: skip
                 if verb == "remove":
                     outcome = live.remove(patch_id, pid, **tuning)

@@ -14,7 +14,7 @@ micropatch_patches{state}                 gauge      patches in the store by sta
 micropatch_processes_covered              gauge      processes carrying a patch
 micropatch_blocked_total{patch}           counter    exploit attempts blocked
 micropatch_failures_total{patch}          counter    failed applies/removes
-micropatch_crashes_total                  counter    patched processes crashed
+micropatch_crashes_total{patch}           counter    crashes of processes carrying the patch
 micropatch_auto_disabled_total{patch}     counter    crash auto-disables
 micropatch_exec_latency_seconds           histogram  time an exec was held
 micropatch_late_starts_total              counter    processes patched late (live)
@@ -121,7 +121,9 @@ class Metrics:
         )
         self.crashes_total = Counter(
             "micropatch_crashes",
-            "Patched processes that died of SIGSEGV, SIGBUS, SIGILL, SIGABRT or SIGTRAP.",
+            "Crashes (SIGSEGV, SIGBUS, SIGILL, SIGABRT, SIGTRAP) of processes carrying a "
+            "patch, forked children included, per patch carried.",
+            ["patch"],
             registry=r,
         )
         self.auto_disabled_total = Counter(
@@ -190,9 +192,9 @@ class Metrics:
 
         ``blocked``: adds ``data["count"]`` (the increment since the last report,
         default 1) to the patch's counter; ``failed``: a failure of the patch;
-        ``crashed``: a crash; ``late``: a late start (``data["outcome"]``: patched or
-        missed); ``disabled`` with ``data["auto"]`` true (or
-        ``data["reason"] == "crashes"``): an auto-disable.
+        ``crashed``: a crash of a process carrying the patch; ``late``: a late start
+        (``data["outcome"]``: patched or missed); ``disabled`` with ``data["auto"]``
+        true (or ``data["reason"] == "crashes"``): an auto-disable.
         """
         self.events_total.labels(event.kind).inc()
         patch = event.patch_id or ""
@@ -203,7 +205,7 @@ class Metrics:
         elif event.kind == "failed":
             self.failures_total.labels(patch).inc()
         elif event.kind == "crashed":
-            self.crashes_total.inc()
+            self.crashes_total.labels(patch).inc()
         elif event.kind == "late":
             late = event.data.get("outcome") == "patched"
             (self.late_starts_total if late else self.missed_starts_total).inc()

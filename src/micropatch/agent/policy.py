@@ -103,6 +103,15 @@ def wants(patch_id: str, info: ProcessInfo, view: PolicyView) -> bool:
     return not reasons_against(patch_id, info, view)
 
 
+def covers(patch_id: str, info: ProcessInfo, view: PolicyView) -> bool:
+    """Whether the policy has this process in scope for this patch (what the agent
+    reports to the fleet): not excluded from it, unless an operator's pin put it
+    there. Disabled or not, the patch's carriers are reported as they are."""
+    if view.pins.get((patch_id, info.pid)):
+        return True
+    return not any(e.concerns(patch_id) and e.matches(info) for e in view.exclusions)
+
+
 class Identified(Protocol):
     """A module file's identity (elf.identity.ModuleIdentity has this shape)."""
 

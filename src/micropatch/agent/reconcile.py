@@ -1,6 +1,7 @@
 """Running processes: make each one carry exactly what the policy wants.
 
-A pass looks at every process (or the ones named): the patches of the store
+A pass looks at every process (or the ones named), `workers` at a time (threads:
+while one waits for a target's threads to stop, another works): the patches of the store
 whose module it maps (identity read from the process, `live.mapped.find_module`),
 the patches its registry says it carries (`live.states.status`: the registries
 are the truth, so a restarted agent neither patches twice nor forgets), and the
@@ -15,9 +16,11 @@ import os
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from micropatch import live
+from micropatch.agent.covered import Carriers, Covered
 from micropatch.agent.events import Event, EventSink
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
@@ -32,43 +35,15 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.live.lock import waiting
-from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module, module_groups
+from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module
 from micropatch.live.states import PatchState, read_counters
-from micropatch.process.maps import read_maps
-from micropatch.process.procfs import start_time
+from micropatch.process.maps import parse_maps
+from micropatch.process.procfs import read_proc_text, start_time
 from micropatch.process.select import ProcessInfo, all_pids, read_info
 
 log = logging.getLogger(__name__)
 
 GONE = (ProcessNotFound, ProcessExited)
-
-
-@dataclass
-class Covered:
-    """What the agent last saw of a process that carries (or should carry) patches."""
-
-    pid: int
-    start: int
-    exe: str
-    patches: dict[str, int] = field(default_factory=dict)  # patch id -> version applied
-    blocked: dict[str, int] = field(default_factory=dict)  # patch id -> blocked count
-    # patch id -> addresses of its blocked counters; None: not read since the last change
-    counters: dict[str, tuple[int, ...]] | None = None
-    # patch id -> version being applied now: not yet `patches` (status), but a crash
-    # in the meantime counts against it (crash auto-disable)
-    pending: dict[str, int] = field(default_factory=dict)
-
-    def copy(self) -> Covered:
-        counters = None if self.counters is None else dict(self.counters)
-        return Covered(
-            self.pid,
-            self.start,
-            self.exe,
-            dict(self.patches),
-            dict(self.blocked),
-            counters,
-            dict(self.pending),
-        )
 
 
 @dataclass
@@ -78,6 +53,11 @@ class PassResult:
     updated: int = 0
     removed: int = 0
     failed: int = 0
+    number: int = 0  # which pass of the agent (counted from 1 as they begin)
+    # patch id -> the processes mapping its module that the policy wants to carry it,
+    # and those it wants not to (what `agent ... --wait` compares the carriers with)
+    wanted: dict[str, set[int]] = field(default_factory=dict)
+    unwanted: dict[str, set[int]] = field(default_factory=dict)
 
 
 def alive(pid: int, start: int) -> bool:
@@ -95,7 +75,8 @@ def _start_or_none(pid: int) -> int | None:
 
 
 class Reconciler:
-    """Passes over the running processes, one operation at a time (`ops_lock`)."""
+    """Passes over the running processes; at most `workers` operations at once, all of
+    the agent's together (`ops`, shared with the socket's operations)."""
 
     def __init__(
         self,
@@ -104,16 +85,18 @@ class Reconciler:
         report: EventSink,
         *,
         modules: ModuleCache,
-        ops_lock: threading.RLock,
+        ops: threading.Semaphore,
         lock_timeout: float = 30.0,
+        workers: int = 1,
     ) -> None:
         self.store = store
         self.state = state
         self.report = report
         self.modules = modules
-        self.ops_lock = ops_lock
+        self.ops = ops
         self.lock_timeout = lock_timeout
-        self._covered: dict[int, Covered] = {}
+        self.workers = workers
+        self.carriers = Carriers(_start_or_none)
         self._lock = threading.Lock()
         # The last failure of each (pid, patch id, version, op): the same error on the
         # next pass is retried but not reported again (one event, not one a minute).
@@ -122,68 +105,54 @@ class Reconciler:
     # --- what the agent knows ---------------------------------------------------
 
     def covered(self) -> dict[int, Covered]:
-        with self._lock:
-            return {pid: c.copy() for pid, c in self._covered.items()}
+        return self.carriers.all()
 
     def note(self, event: Event) -> None:
         """Keep `covered` true when something else (new processes, the socket) patches."""
         if event.pid is None or event.patch_id is None:
             return
-        with self._lock:
-            c = self._covered.get(event.pid)
-            if event.kind in ("applied", "updated") and event.version is not None:
-                if c is None:
-                    start = _start_or_none(event.pid)
-                    if start is None:
-                        return
-                    c = self._covered[event.pid] = Covered(event.pid, start, event.exe or "")
-                c.patches[event.patch_id] = event.version
-                c.pending.pop(event.patch_id, None)
-                c.counters = None
-            elif event.kind == "removed" and c is not None:
-                c.patches.pop(event.patch_id, None)
-                c.blocked.pop(event.patch_id, None)
-                c.counters = None
-
-    def _pending(self, pid: int, exe: str, patch_id: str, version: int | None) -> None:
-        """Record that this version of a patch is being applied to pid (None: no more)."""
-        with self._lock:
-            c = self._covered.get(pid)
-            if c is None:
-                if version is None:
-                    return
-                start = _start_or_none(pid)
-                if start is None:
-                    return
-                c = self._covered[pid] = Covered(pid, start, exe)
-            if version is None:
-                c.pending.pop(patch_id, None)
-            else:
-                c.pending[patch_id] = version
+        self.carriers.note(event.pid, event.exe or "", event.kind, event.patch_id, event.version)
 
     def get(self, pid: int) -> Covered | None:
         """What is known of one process (a copy), or None."""
-        with self._lock:
-            c = self._covered.get(pid)
-            return c.copy() if c else None
+        return self.carriers.get(pid)
 
-    def forget(self, pid: int) -> Covered | None:
+    def forget(self, pid: int, exited_ns: int | None = None) -> Covered | None:
+        return self.carriers.forget(pid, exited_ns)
+
+    def failure(self, pid: int, patch_id: str) -> str | None:
+        """The last error of an operation of this patch on this process, if it failed."""
         with self._lock:
-            return self._covered.pop(pid, None)
+            return next((m for k, m in self._failed.items() if k[:2] == (pid, patch_id)), None)
+
+    def forked(self, parent: int, child: int, ns: int) -> None:
+        """A fork (proc connector): the child carries its parent's patches, and their
+        blocked counters as they were (copies of the parent's pages): those counts
+        are the parent's, not to be reported again for the child."""
+        c = self.carriers.forked(parent, child, ns)
+        if c is None or not c.start:
+            return
+        for patch_id, count in c.blocked.items():
+            if count and self.state.counted(child, c.start, patch_id) is None:
+                self.state.count(child, c.start, patch_id, count)
+
+    def execed(self, pid: int, ns: int) -> None:
+        """An exec (proc connector): the old image's patches are gone."""
+        self.carriers.execed(pid, ns)
 
     # --- passes -----------------------------------------------------------------
 
-    def run_pass(self, pids: Iterable[int] | None = None) -> PassResult:
+    def run_pass(self, pids: Iterable[int] | None = None, number: int = 0) -> PassResult:
         """Reconcile every process (or those named); prune what is gone."""
-        result = PassResult()
+        result = PassResult(number=number)
         full = pids is None
         patches = self.store.patches()
         view = self.state.view(_start_or_none)
         me = os.getpid()
-        for pid in all_pids() if pids is None else pids:
-            if pid == me:
-                continue
-            result.seen += 1
+        todo = [pid for pid in (all_pids() if pids is None else pids) if pid != me]
+        result.seen = len(todo)
+
+        def one(pid: int) -> None:
             try:
                 self._reconcile(pid, patches, view, result)
             except GONE:
@@ -192,13 +161,19 @@ class Reconciler:
                 log.debug("process %d: %s", pid, e)
             except Exception:
                 log.exception("process %d: unexpected error; the pass goes on", pid)
+
+        if self.workers > 1 and len(todo) > 1:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="reconcile") as pool:
+                for _ in pool.map(one, todo):
+                    pass
+        else:
+            for pid in todo:
+                one(pid)
         if full:
             self.state.prune(alive)
+            self.carriers.retain(lambda c: alive(c.pid, c.start))
+            live_pids = set(all_pids())
             with self._lock:
-                for pid, c in list(self._covered.items()):
-                    if not alive(pid, c.start):
-                        del self._covered[pid]
-                live_pids = set(all_pids())
                 self._failed = {k: v for k, v in self._failed.items() if k[0] in live_pids}
         return result
 
@@ -222,35 +197,38 @@ class Reconciler:
                 log.debug("process %d: cannot read its counters: %s", pid, e)
                 continue
             self._count(pid, c.start, c.exe, states)
-            with self._lock:
-                known = self._covered.get(pid)
-                if known is not None:
-                    known.counters = {s.patch_id: s.counters for s in states if s.counters}
+            self.carriers.set_counters(pid, {s.patch_id: s.counters for s in states if s.counters})
 
     def _reconcile(
         self, pid: int, patches: dict[str, Stored], view: PolicyView, result: PassResult
     ) -> None:
-        mappings = read_maps(pid)
-        has_cave = any(m.path.startswith(CAVE_PREFIX) for m in mappings)
-        named = [
-            s for s in patches.values()
-            if module_groups(mappings, s.admitted.patch.target.module)
-        ]  # fmt: skip
+        text = read_proc_text(pid, "maps")
+        # Most processes map no patched module and carry nothing: one look at the raw
+        # text (a name ends its line) settles it without parsing the maps.
+        has_cave = CAVE_PREFIX in text
+        names = {s.admitted.patch.target.module for s in patches.values()}
+        if not has_cave and not any(f"/{name}\n" in text or f"/{name} (deleted)\n" in text
+                                    for name in names):  # fmt: skip
+            return
+        mappings = parse_maps(text)
+        mapped = {m.name for m in mappings if m.inode}
+        named = [s for s in patches.values() if s.admitted.patch.target.module in mapped]
         if not named and not has_cave:
             return
         info = read_info(pid)
         if not info.exe:
             return
         start = start_time(pid)
+        read_ns = time.monotonic_ns()  # what is read from here on is known from then
         states = live.status(pid) if has_cave else []
         if any(s.state != "applied" for s in states):
-            with self.ops_lock, waiting(self.lock_timeout):
+            with self.ops, waiting(self.lock_timeout):
                 for line in live.repair(pid):
                     log.info("process %d: repair: %s", pid, line)
             states = live.status(pid)
         applied = {s.patch_id: s for s in states}
         if not named and not any(s.patch_id in patches for s in states):
-            self._remember(pid, start, info.exe, states)
+            self._remember(pid, start, info.exe, states, read_ns)
             return
         # The patches whose module identity this process maps.
         matching: list[Stored] = []
@@ -263,7 +241,10 @@ class Reconciler:
         touched = False
         for stored in matching:
             current = applied.get(stored.id)
-            if wants(stored.id, info, view):
+            wanted = wants(stored.id, info, view)
+            with self._lock:
+                (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
+            if wanted:
                 if current is None:
                     touched |= self._operate("apply", stored, info, result)
                 elif current.version < stored.version:
@@ -271,22 +252,21 @@ class Reconciler:
         for patch_id, current in applied.items():
             carried = patches.get(patch_id)
             if carried is not None and not wants(patch_id, info, view):
+                with self._lock:
+                    result.unwanted.setdefault(patch_id, set()).add(pid)
                 touched |= self._operate("remove", carried, info, result, current.version)
         if touched:
             states = live.status(pid)
-        self._remember(pid, start, info.exe, states)
+        self._remember(pid, start, info.exe, states, read_ns)
         self._count(pid, start, info.exe, states)
 
-    def _remember(self, pid: int, start: int, exe: str, states: list[PatchState]) -> None:
-        with self._lock:
-            if not states:
-                self._covered.pop(pid, None)
-                return
-            c = self._covered.get(pid)
-            if c is None or c.start != start:
-                c = self._covered[pid] = Covered(pid, start, exe)
-            c.patches = {s.patch_id: s.version for s in states}
-            c.counters = {s.patch_id: s.counters for s in states if s.counters}
+    def _remember(
+        self, pid: int, start: int, exe: str, states: list[PatchState], read_ns: int
+    ) -> None:
+        self.carriers.remember(
+            pid, start, exe, {s.patch_id: s.version for s in states},
+            {s.patch_id: s.counters for s in states if s.counters}, read_ns,
+        )  # fmt: skip
 
     @staticmethod
     def _counters_moved(pid: int, c: Covered) -> bool:
@@ -305,10 +285,7 @@ class Reconciler:
             if s.blocked is None:
                 continue
             before = self.state.counted(pid, start, s.patch_id)
-            with self._lock:
-                c = self._covered.get(pid)
-                if c is not None:
-                    c.blocked[s.patch_id] = s.blocked
+            self.carriers.set_blocked(pid, s.patch_id, s.blocked)
             if before == s.blocked:
                 continue
             self.state.count(pid, start, s.patch_id, s.blocked)
@@ -335,9 +312,9 @@ class Reconciler:
             # Pending before the jumps are written: a process that crashes the instant
             # it is patched counts against the patch (crash auto-disable), even if it
             # dies before this thread reports the outcome.
-            self._pending(info.pid, info.exe, stored.id, stored.version)
+            self.carriers.pending(info.pid, info.exe, stored.id, stored.version)
         try:
-            with self.ops_lock, waiting(self.lock_timeout):
+            with self.ops, waiting(self.lock_timeout):
                 if op == "remove":
                     outcome = live.remove(stored.id, info.pid)
                 else:
@@ -350,16 +327,18 @@ class Reconciler:
             log.debug("process %d: %s", info.pid, e)  # changed meanwhile: next pass sees it
             return True
         except (SignatureError, ArtifactError):
-            self._pending(info.pid, info.exe, stored.id, None)
+            self.carriers.pending(info.pid, info.exe, stored.id, None)
             return False  # rejected by recheck, with its event
         except MicropatchError as e:
-            self._pending(info.pid, info.exe, stored.id, None)
-            result.failed += 1
+            self.carriers.pending(info.pid, info.exe, stored.id, None)
             key = (info.pid, stored.id, stored.version, op)
-            if self._failed.get(key) == str(e):
+            with self._lock:
+                result.failed += 1
+                again = self._failed.get(key) == str(e)
+                self._failed[key] = str(e)
+            if again:
                 log.debug("process %d: %s again: %s", info.pid, op, e)
                 return False
-            self._failed[key] = str(e)
             fields = e.fields()
             self.report(Event(
                 "failed", time.time(), info.pid, info.exe, stored.id,
@@ -367,9 +346,10 @@ class Reconciler:
                 f"{op} {stored.id} in pid {info.pid}: {e}", {"op": op, **fields},
             ))  # fmt: skip
             return False
-        self._failed.pop((info.pid, stored.id, stored.version, op), None)
         kind = {"apply": "applied", "update": "updated", "remove": "removed"}[op]
-        setattr(result, kind, getattr(result, kind) + 1)
+        with self._lock:
+            self._failed.pop((info.pid, stored.id, stored.version, op), None)
+            setattr(result, kind, getattr(result, kind) + 1)
         version = old_version if op == "remove" else stored.version
         self.report(Event(
             kind, time.time(), info.pid, info.exe, stored.id, version, module,

@@ -3,10 +3,11 @@ composed; threads; sd_notify; and where the other parts plug in.
 
 Threads: the main thread waits for SIGTERM/SIGINT; the worker reconciles
 (at start, on every change, every `rescan_interval`) and reads blocked
-counters and the store directory every `blocked_interval`; the control server
-answers each connection in a thread of its own. Every operation on a process
-holds `ops_lock`, so the agent never has two of its own on the host at once
-(the per-process lock of live/lock.py still orders it against the CLI).
+counters and the store directory every `blocked_interval`, a pass running its
+processes `workers` at a time; the control server answers each connection in a
+thread of its own. Every operation on a process takes one of `workers` slots of
+`ops`, so the agent never has more than that of its own on the host at once
+(the per-process lock of live/lock.py orders each against the CLI).
 
 Plug points for the parts built beside this one (one line each):
 - new processes (agent/newproc.py): `_plug_new_processes` attaches a
@@ -19,14 +20,13 @@ Plug points for the parts built beside this one (one line each):
   `agent.on_exit(pid, exit_signal)` for every process exit.
 - metrics (agent/metrics.py): `_plug_metrics` attaches it; `add_sink` gives
   it every event, `snapshot()` the gauges.
-- the fleet (agent/fleet.py): `Fleet(agent)` is attached in `__init__`; its
+- the fleet (agent/fleet/): `Fleet(agent)` is attached in `__init__`; its
   thread checks in once enrolled (`enroll`), applies the server's policy
   through `state` and `add`'s path, and `drop`s revoked patches.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import logging
 import os
@@ -35,31 +35,23 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, BinaryIO, Protocol
 
 from micropatch.agent.config import AgentConfig
-from micropatch.agent.coverage import coverage, indexable
+from micropatch.agent.coverage import indexable
 from micropatch.agent.crashes import CrashTracker, ExitThread
 from micropatch.agent.db import Database
-from micropatch.agent.events import Event, EventFilter, EventLog, EventSink
+from micropatch.agent.events import Event, EventLog, EventSink
+from micropatch.agent.exits import Exits
 from micropatch.agent.paths import AgentPaths
-from micropatch.agent.policy import (
-    DISABLED,
-    ENABLED,
-    PolicyView,
-    exclusion,
-    matches,
-    reasons_against,
-    wants,
-)
-from micropatch.agent.reconcile import Reconciler
-from micropatch.agent.stopwatch import StopWatch
-from micropatch.agent.store import ArtifactStore, PolicyState, Stored
-from micropatch.errors import AgentError, FanotifyUnavailable, MicropatchError, UnknownPatch
+from micropatch.agent.policy import PolicyView, matches, wants
+from micropatch.agent.reconcile import PassResult, Reconciler
+from micropatch.agent.requests import Requests
+from micropatch.agent.store import ArtifactStore, PolicyState
+from micropatch.errors import FanotifyUnavailable, MicropatchError
 from micropatch.live.mapped import LoadedModule, ModuleCache
 from micropatch.patch.view import TargetView
-from micropatch.process.connector import CRASH_SIGNALS, ConnectorError
+from micropatch.process.connector import ConnectorError
 from micropatch.process.select import ProcessInfo
 from micropatch.trust.admission import Admitted
 
@@ -137,7 +129,7 @@ def sd_notify(state: str) -> bool:
     return True
 
 
-class Agent:
+class Agent(Exits, Requests):
     """The host agent. `run()` in the foreground, or `start()` / `stop()`."""
 
     def __init__(self, config: AgentConfig, paths: AgentPaths, *, stream: Any = None) -> None:
@@ -150,10 +142,12 @@ class Agent:
         self.store = ArtifactStore(paths, self.report)
         self.state = PolicyState(self.db)
         self.modules = SharedModuleCache(config.max_modules)  # the one cache of the agent
-        self.ops_lock = threading.RLock()
+        # At most `workers` operations of the agent's on the host at once (passes, the
+        # socket's); live/lock.py still orders each process's against the CLI's.
+        self.ops = threading.BoundedSemaphore(config.worker_count())
         self.reconciler = Reconciler(
-            self.store, self.state, self.report, modules=self.modules,
-            ops_lock=self.ops_lock, lock_timeout=config.lock_timeout,
+            self.store, self.state, self.report, modules=self.modules, ops=self.ops,
+            lock_timeout=config.lock_timeout, workers=config.worker_count(),
         )  # fmt: skip
         self.events.add_sink(self.reconciler.note)
         self.crash_tracker: CrashTracker | None = None  # set by _plug_crashes
@@ -163,6 +157,9 @@ class Agent:
         self.ready = threading.Event()
         self.generation = 0
         self.passes = 0  # full passes over the running processes completed
+        self._pass_done = threading.Condition()  # notified at the end of every pass
+        self._begun = 0  # passes begun
+        self._last_pass: PassResult | None = None
         self._changed = threading.Event()
         self._change_callbacks: list[Callable[[], None]] = []
         self._parts: list[Part] = []
@@ -178,7 +175,6 @@ class Agent:
 
         self.fleet = Fleet(self)
         self.attach(self.fleet)
-        self.stopwatch = StopWatch(config.stop_limit, paths.state_dir, self.report)
 
     # --- Catalog (what NEWPROC asks) ----------------------------------------------
 
@@ -262,7 +258,13 @@ class Agent:
         connector's exit events (process/connector.py). Without the connector (an
         old kernel, a container) the agent runs on without it, and says so."""
         self.crash_tracker = CrashTracker(self.config.crash_limit, self.config.crash_window)
-        exits = ExitThread(on_exit=lambda ev: self.on_exit(ev.pid, ev.signal), on_overrun=self.wake)
+        lineage = self.reconciler
+        exits = ExitThread(
+            on_exit=lambda ev: self.on_exit(ev.pid, ev.signal, ev.timestamp_ns),
+            on_overrun=self.wake,
+            on_fork=lambda ev: lineage.forked(ev.parent_tgid, ev.child_pid, ev.timestamp_ns),
+            on_exec=lambda ev: lineage.execed(ev.tgid, ev.timestamp_ns),
+        )  # fmt: skip
         self._plug(exits, ConnectorError, "crash auto-disable is off")
 
     def _plug(self, part: Part, unavailable: type[Exception], consequence: str) -> bool:
@@ -275,6 +277,21 @@ class Agent:
             return False
         self._parts.append(_Started(part))
         return True
+
+    def _check_realtime(self) -> None:
+        """The engine's stop window and the hold of new processes run at SCHED_FIFO
+        (process/priority.py); without it they still work, slower under load: said
+        once, at start, rather than silently."""
+        from micropatch.process.priority import realtime_refused
+
+        refused = realtime_refused()
+        if refused is not None:
+            self.report(Event(
+                "agent", time.time(), pid=os.getpid(), data={"realtime": refused},
+                message=f"cannot run at real-time priority (SCHED_FIFO: {refused}): on a "
+                "loaded machine stop windows and held execs will wait for a CPU; give the "
+                "agent CAP_SYS_NICE and no RestrictRealtime (as `agent install` does)",
+            ))  # fmt: skip
 
     def _plug_metrics(self) -> None:
         """The Prometheus endpoint, only when config.metrics_port is set."""
@@ -293,59 +310,12 @@ class Agent:
         ))  # fmt: skip
         self._parts.append(_Started(metrics))
 
-    def carried(self, pid: int) -> tuple[str | None, list[str]]:
-        """The executable of process pid and the patch ids it carried when last seen
-        (kept up to date by every applied/updated/removed event), or was being given."""
-        c = self.reconciler.get(pid)
-        return (c.exe, sorted({*c.patches, *c.pending})) if c else (None, [])
-
-    def on_exit(self, pid: int, exit_signal: int | None) -> None:
-        """A process exited (the exit watcher calls this); a crash signal makes it a
-        crash of the patches it carried."""
-        exe, patches = self.carried(pid)
-        self.reconciler.forget(pid)
-        if exit_signal in CRASH_SIGNALS and exe and patches:
-            self.on_crash(pid, exe, int(exit_signal), patches)
-
-    def on_crash(self, pid: int, exe: str, sig: int, patches: Iterable[str]) -> None:
-        """A patched process died of a crash signal: a "crashed" event, and, through
-        the crash tracker, auto-disable for (patch, exe) at the limit."""
-        patches = sorted(patches)
-        try:
-            name = signal.Signals(sig).name
-        except ValueError:
-            name = f"signal {sig}"
-        self.report(Event(
-            "crashed", time.time(), pid, exe, message=f"pid {pid} ({exe}) died of {name} "
-            f"carrying {', '.join(patches)}", data={"signal": sig, "patches": patches},
-        ))  # fmt: skip
-        if self.crash_tracker is None:
-            return
-        for patch_id in self.crash_tracker.record(exe, patches, time.time()):
-            self.auto_disable(
-                patch_id, exe,
-                f"{self.config.crash_limit} crashes within {self.config.crash_window:g} s",
-            )  # fmt: skip
-
-    def auto_disable(self, patch_id: str, exe: str, reason: str) -> None:
-        """Disable a patch for one executable, live, with a "disabled" event."""
-        if not self.state.auto_disable(patch_id, exe, reason):
-            return
-        stored = self.store.get(patch_id)
-        self.report(Event(
-            "disabled", time.time(), exe=exe, patch_id=patch_id,
-            version=stored.version if stored else None,
-            message=f"{patch_id} auto-disabled for {exe}: {reason}",
-            data={"auto": True, "reason": reason},
-        ))  # fmt: skip
-        self._policy_changed()
-
     # --- life -----------------------------------------------------------------
 
     def start(self) -> None:
         """Load the store, listen, start the parts and the worker (which makes the
-        first pass, then says READY). The stop watchdog first: every stop is watched."""
-        self.stopwatch.start()
+        first pass, then says READY)."""
+        self._check_realtime()
         self._sync_store()
         self.control.start()
         self._plug_metrics()
@@ -382,7 +352,6 @@ class Agent:
                 log.exception("stopping %r", part)
         if self._worker is not None:
             self._worker.join(timeout=60)
-        self.stopwatch.stop()
         self.events.close()
 
     def wake(self) -> None:
@@ -425,11 +394,34 @@ class Agent:
 
     def _pass(self, pids: Iterable[int] | None) -> None:
         started = time.monotonic()
-        result = self.reconciler.run_pass(pids)
-        self.reconciler.poll_blocked()
-        self.passes += 1
+        with self._pass_done:
+            self._begun += 1
+            result = PassResult(number=self._begun)
+        try:
+            result = self.reconciler.run_pass(pids, result.number)
+            self.reconciler.poll_blocked()
+        finally:
+            with self._pass_done:
+                self.passes += 1
+                self._last_pass = result
+                self._pass_done.notify_all()
         log.info("pass over %d processes in %.3f s: %s", result.seen,
                  time.monotonic() - started, result)  # fmt: skip
+
+    def passes_begun(self) -> int:
+        with self._pass_done:
+            return self._begun
+
+    def await_pass(self, after: int, deadline: float) -> PassResult | None:
+        """The result of the first pass begun after pass number `after` (so it saw
+        every change made before `passes_begun()` returned `after`), once it is done;
+        None if none is done by `deadline` (monotonic)."""
+        with self._pass_done:
+            done = self._pass_done.wait_for(
+                lambda: self._last_pass is not None and self._last_pass.number > after,
+                timeout=max(0.0, deadline - time.monotonic()),
+            )  # fmt: skip
+            return self._last_pass if done else None
 
     def _sync_store(self) -> bool:
         if not self.store.sync():
@@ -451,160 +443,6 @@ class Agent:
                 log.exception("change callback %r", callback)
         if wake:
             self.wake()
-
-    # --- requests (the control socket's verbs) ------------------------------------
-
-    def snapshot(self) -> dict[str, Any]:
-        """`agent status`: patches, their state, processes covered, blocked counts."""
-        view = self.view()
-        stored_patches = self.store.patches()
-        # Processes that carry a patch of the store (others may carry patches applied by hand).
-        covered = {
-            pid: c for pid, c in self.reconciler.covered().items()
-            if any(patch_id in stored_patches for patch_id in c.patches)
-        }  # fmt: skip
-        auto = self.state.auto_disabled()
-        new = self.new_processes
-        patches = []
-        for stored in sorted(stored_patches.values(), key=lambda s: s.id):
-            carriers = [c for c in covered.values() if stored.id in c.patches]
-            patches.append({
-                **coverage(stored, new, view.enabled(stored.id)),
-                "carriers": sorted(c.pid for c in carriers),
-                "id": stored.id, "version": stored.version,
-                "title": stored.admitted.patch.info.title,
-                "module": stored.admitted.patch.target.module,
-                "state": view.states.get(stored.id, self.config.default_state),
-                "file": stored.path.name,
-                "processes": len(carriers),
-                "blocked": sum(c.blocked.get(stored.id, 0) for c in carriers),
-                "auto_disabled": [{"exe": e, "since": t, "reason": r}
-                                  for p, e, t, r in auto if p == stored.id],
-            })  # fmt: skip
-        return {
-            "ready": self.ready.is_set(),
-            "pid": os.getpid(),
-            "started": self.started,
-            "generation": self.generation,
-            "passes": self.passes,
-            "default_state": self.config.default_state,
-            "state_dir": str(self.paths.state_dir),
-            "trust_dir": str(self.paths.trust_dir),
-            "patches": patches,
-            "exclusions": [asdict(e) for e in view.exclusions],
-            "processes": [
-                {"pid": c.pid, "exe": c.exe, "patches": c.patches, "blocked": c.blocked}
-                for c in sorted(covered.values(), key=lambda c: c.pid)
-            ],
-            "new_processes": new.status() if new is not None else None,
-            "fleet": self.fleet.status(),
-        }
-
-    def add(self, data: bytes, name: str, state: str | None = None) -> dict[str, Any]:
-        """`agent add`: admit, store, set the state (default_state for a new patch),
-        reconcile live (a newer version updates the processes that carry the old)."""
-        stored, replaced, current = self.keep(data, name, state, lambda s: f"added {s.path.name}")
-        self._policy_changed()
-        return {
-            "id": stored.id, "version": stored.version, "state": current,
-            "file": stored.path.name, "replaced": replaced.version if replaced else None,
-            "warnings": list(stored.admitted.warnings),
-        }  # fmt: skip
-
-    def keep(
-        self,
-        data: bytes,
-        name: str,
-        state: str | None,
-        what: Callable[[Stored], str],
-        details: dict[str, Any] | None = None,
-    ) -> tuple[Stored, Stored | None, str]:
-        """Admit and store an artifact, set its state (None: keep it, default_state for
-        a new patch) and say so in an event (`what` names how it came); returns it, the
-        version it replaced, its state. The caller reconciles (`_policy_changed`)."""
-        stored, replaced = self.store.add(data, name)
-        if state is not None:
-            self.state.set_state(stored.id, state)
-        current = self.state.ensure(stored.id, self.config.default_state)
-        self.report(Event(
-            "agent", time.time(), patch_id=stored.id, version=stored.version,
-            module=stored.admitted.patch.target.module,
-            message=f"{what(stored)} ({current})"
-            + (f", replacing version {replaced.version}" if replaced else ""),
-            data=details or {},
-        ))  # fmt: skip
-        return stored, replaced, current
-
-    def drop(self, patch_id: str, why: str) -> None:
-        """Take a patch out of the store (a revocation), with an event; the processes
-        no longer carry it (it was disabled and reconciled first)."""
-        stored = self.store.drop(patch_id, why)
-        if stored is None:
-            return
-        self.report(Event(
-            "agent", time.time(), patch_id=patch_id, version=stored.version,
-            message=f"{stored.path.name} dropped from the store: {why}",
-        ))  # fmt: skip
-        self._policy_changed()
-
-    def enroll(self, url: str, token: str, root: str | None) -> dict[str, Any]:
-        """`agent enroll`: this host's credential from a one-time token (agent/fleet.py)."""
-        return self.fleet.enroll(url, token, root)
-
-    def set_enabled(self, patch_id: str, enabled: bool) -> dict[str, Any]:
-        stored = self._stored(patch_id)
-        state = ENABLED if enabled else DISABLED
-        self.state.set_state(patch_id, state)
-        if enabled and self.crash_tracker is not None:
-            self.crash_tracker.reset(patch_id)  # a fresh start: old crashes no longer count
-        self.report(Event(
-            "agent" if enabled else "disabled", time.time(), patch_id=patch_id,
-            version=stored.version, message=f"{patch_id} {state} by the operator",
-        ))  # fmt: skip
-        self._policy_changed()
-        return {"id": patch_id, "state": state}
-
-    def exclude(self, kind: str, value: str, patch_id: str | None, remove: bool) -> dict[str, Any]:
-        if patch_id:
-            self._stored(patch_id)
-        e = exclusion(kind, value, patch_id)
-        done = self.state.unexclude(e) if remove else self.state.exclude(e)
-        if not done:
-            raise AgentError(
-                f"no exclusion {e.describe()}" if remove else f"already excluded: {e.describe()}"
-            )
-        self.report(Event(
-            "agent", time.time(), patch_id=patch_id,
-            message=f"{'removed exclusion' if remove else 'excluded'} {e.describe()}",
-            data={"kind": e.kind, "pattern": e.pattern},
-        ))  # fmt: skip
-        self._policy_changed()
-        return {"exclusion": asdict(e), "removed": remove}
-
-    def _stored(self, patch_id: str) -> Stored:
-        stored = self.store.get(patch_id)
-        if stored is None:
-            known = ", ".join(sorted(self.store.patches())) or "none"
-            raise UnknownPatch(
-                f"no patch {patch_id} in the agent's store (known: {known}); "
-                "add it with `micropatch agent add ARTIFACT.mpatch`",
-                patch_id=patch_id,
-            )
-        return stored
-
-    def why(self, info: ProcessInfo, patch_id: str) -> list[str]:
-        """Why a patch is not on a process (for messages)."""
-        return reasons_against(patch_id, info, self.view())
-
-    def events_since(self, filt: EventFilter, limit: int | None) -> list[Event]:
-        return self.events.query(filt, limit)
-
-    def decode_artifact(self, args: dict[str, Any]) -> tuple[bytes, str]:
-        try:
-            data = base64.b64decode(args["artifact"], validate=True)
-            return data, str(args.get("name", "<artifact>"))
-        except (KeyError, ValueError, TypeError) as e:
-            raise AgentError(f"bad request: artifact must be base64 bytes ({e})") from None
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -3,8 +3,9 @@
 The agent's stops run in its own threads (ptrace requests come from the tracing
 thread, and the agent's workers trace a new process from its exec to its
 detach), so a stop cannot be moved into a child process, and nothing inside a
-frozen agent can end one. The agent starts the supervisor of process/watchdog.py:
-a stop held longer than its stop timeout plus `stop_limit` gets the agent
+frozen agent can end one. `micropatch agent run` starts the supervisor of
+process/watchdog.py for its process (an Agent used in another process, a
+test's, starts none): a stop held longer than its stop timeout plus `stop_limit` gets the agent
 SIGKILLed; the kernel lets the stopped threads go at once, and systemd restarts
 the agent (Restart=on-failure), whose first pass repairs what the stop left
 (agent/reconcile.py). Before the kill the supervisor writes what it ended to

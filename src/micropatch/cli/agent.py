@@ -37,6 +37,17 @@ SocketOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
+WaitOption = Annotated[
+    bool,
+    typer.Option(
+        "--wait",
+        help="Return once every matching running process carries the patch (or, disabled, "
+        "none does), and say how many.",
+    ),
+]
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=0.1, max=86400, help="Seconds --wait waits at most.")
+]
 
 
 def _client(socket: Path | None) -> AgentClient:
@@ -65,12 +76,15 @@ def run(
 ) -> None:
     """Run the agent in the foreground (systemd Type=notify, or a terminal).
 
-    Events go to stdout as JSON lines (journald keeps them) and to the history."""
+    Events go to stdout as JSON lines (journald keeps them) and to the history. The
+    process's stops are watched (agent/stopwatch.py) from before the agent starts
+    until it has stopped."""
     import logging
 
     from micropatch.agent.config import load_config
     from micropatch.agent.paths import AgentPaths
     from micropatch.agent.service import Agent
+    from micropatch.agent.stopwatch import StopWatch
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -79,11 +93,14 @@ def run(
         agent = Agent(settings, AgentPaths(state_dir, socket, trust_dir))
     except MicropatchError as e:
         raise fail(str(e)) from None
+    watch = StopWatch(settings.stop_limit, agent.paths.state_dir, agent.report)
+    watch.start()
     try:
         agent.run()
     except MicropatchError as e:
         raise fail(str(e)) from None
     finally:
+        watch.stop()
         agent.close()
 
 
@@ -217,6 +234,36 @@ def _ago(when: float) -> str:
     return f"{max(0.0, time.time() - when):.0f} s ago"
 
 
+def _settle(socket: Path | None, patch_id: str, timeout: float) -> None:
+    """--wait: until the running processes are as the policy says; how many carry it."""
+    done = _call(socket, "wait", patch_id=patch_id, timeout=timeout)
+    n = done["carriers"]
+    where = f"{n} running process{'es' if n != 1 else ''}"
+    if done["state"] == "enabled":
+        out.print(f"[green]✓[/] {patch_id} v{done['version']} carried by {where} "
+                  f"({done['seconds']:.1f} s)")  # fmt: skip
+    else:
+        left = f"still carried by {where} (pinned by an operator)" if n else "carried by none"
+        out.print(f"[green]✓[/] {patch_id} {left} ({done['seconds']:.1f} s)")
+
+
+def _add(
+    socket: Path | None, artifact: Path, state: str | None, update: bool, wait: bool,
+    timeout: float,
+) -> None:  # fmt: skip
+    from micropatch.agent.client import artifact_arguments
+
+    try:
+        arguments = artifact_arguments(artifact)
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    done = _call(socket, "add", **arguments, state=state, update=update)
+    replaced = f", replacing version {done['replaced']}" if done["replaced"] else ""
+    out.print(f"[green]✓[/] added {done['id']} v{done['version']} ({done['state']}){replaced}")
+    if wait:
+        _settle(socket, done["id"], timeout)
+
+
 @app.command()
 def add(
     artifact: Annotated[Path, typer.Argument(help="Signed artifact (.mpatch).")],
@@ -224,41 +271,55 @@ def add(
         bool | None,
         typer.Option("--enabled/--disabled", help="State of the patch (default: default_state)."),
     ] = None,
+    wait: WaitOption = False,
+    timeout: TimeoutOption = 60.0,
     socket: SocketOption = None,
 ) -> None:
     """Add a signed patch to the agent's store: running processes get it live (a newer
     version of a stored patch replaces it, updating them)."""
-    from micropatch.agent.client import artifact_arguments
-
-    try:
-        arguments = artifact_arguments(artifact)
-    except MicropatchError as e:
-        raise fail(str(e)) from None
     state = None if enabled is None else "enabled" if enabled else "disabled"
-    done = _call(socket, "add", **arguments, state=state)
-    replaced = f", replacing version {done['replaced']}" if done["replaced"] else ""
-    out.print(f"[green]✓[/] added {done['id']} v{done['version']} ({done['state']}){replaced}")
+    _add(socket, artifact, state, False, wait, timeout)
+
+
+@app.command()
+def update(
+    artifact: Annotated[Path, typer.Argument(help="Signed artifact (.mpatch): a newer version.")],
+    wait: WaitOption = False,
+    timeout: TimeoutOption = 60.0,
+    socket: SocketOption = None,
+) -> None:
+    """Replace a stored patch by a newer version (refused if the store does not hold the
+    patch, or holds this version or a newer one): its carriers are updated live."""
+    _add(socket, artifact, None, True, wait, timeout)
 
 
 @app.command()
 def enable(
     patch_id: Annotated[str, typer.Argument(help="Id of a stored patch.")],
+    wait: WaitOption = False,
+    timeout: TimeoutOption = 60.0,
     socket: SocketOption = None,
 ) -> None:
     """Enable a patch: every matching process gets it, live (and its crash
     auto-disables are lifted)."""
     _call(socket, "enable", patch_id=patch_id)
     out.print(f"[green]✓[/] {patch_id} enabled")
+    if wait:
+        _settle(socket, patch_id, timeout)
 
 
 @app.command()
 def disable(
     patch_id: Annotated[str, typer.Argument(help="Id of a stored patch.")],
+    wait: WaitOption = False,
+    timeout: TimeoutOption = 60.0,
     socket: SocketOption = None,
 ) -> None:
     """Disable a patch: it is removed from every process, live."""
     _call(socket, "disable", patch_id=patch_id)
     out.print(f"[green]✓[/] {patch_id} disabled")
+    if wait:
+        _settle(socket, patch_id, timeout)
 
 
 @app.command()

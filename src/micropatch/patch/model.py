@@ -41,6 +41,9 @@ RESUME_AFTER = "after"
 ARCHITECTURES = ("x86_64",)
 
 _SLUG = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+# A version fits a signed 64-bit integer (SQLite's and PostgreSQL's bigint, the
+# agent's database, the fleet server's schema and columns): 63 bits everywhere.
+VERSION_MAX = 2**63 - 1
 _HEX = re.compile(r"(?:[0-9a-fA-F]{2})+")
 _CVE = re.compile(r"CVE-\d{4}-\d{4,}")
 _ARCH_ALIASES = frozenset({"x86-64", "amd64", "x64", "X86_64", "AMD64"})
@@ -74,7 +77,7 @@ class PatchInfo(_Model):
     """The `[patch]` table: what the patch is."""
 
     id: StrictStr
-    version: Annotated[StrictInt, Field(ge=1)]
+    version: Annotated[StrictInt, Field(ge=1, le=VERSION_MAX)]
     title: StrictStr | None = None
     description: StrictStr | None = None
     cves: tuple[Annotated[StrictStr, AfterValidator(_cve_id)], ...] = ()

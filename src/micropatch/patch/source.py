@@ -136,6 +136,8 @@ def _problem(error: ErrorDetails, tables: dict[tuple[str, ...], type[BaseModel]]
             path = _path((*loc, cause.field))
     elif kind == "greater_than_equal":
         text = f"must be at least {ctx['ge']}, got {given!r}"
+    elif kind == "less_than_equal":
+        text = f"must be at most {ctx['le']}, got {given!r}"
     elif kind in ("tuple_type", "list_type") and loc[-1] != "patchlet":
         text = f"must be an array of strings, got {_toml_type(given)}"
     elif kind in _EXPECTED:

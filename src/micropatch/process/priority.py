@@ -80,3 +80,23 @@ def _restore(policy: int, param: os.sched_param) -> None:
         # Only CAP_SYS_NICE may clear RESET_ON_FORK; a thread raised through
         # RLIMIT_RTPRIO alone keeps the flag, harmless at a normal priority.
         os.sched_setscheduler(0, policy | os.SCHED_RESET_ON_FORK, param)
+
+
+def realtime_refused(priority: int = STOP_PRIORITY) -> str | None:
+    """Why this thread may not run at SCHED_FIFO `priority` (None: it may). Tries it
+    and goes back at once: for a daemon to say so at start, not at its first stop."""
+    try:
+        with _probe(priority):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+@contextmanager
+def _probe(priority: int) -> Iterator[None]:
+    policy, param = os.sched_getscheduler(0), os.sched_getparam(0)
+    os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(priority))
+    try:
+        yield
+    finally:
+        _restore(policy, param)

@@ -114,6 +114,8 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         description="Enrollment, check-in, publishing, groups and policies (docs/server.md).",
+        docs_url=None,  # served from the package, not a CDN: console/apidocs.py
+        redoc_url=None,
     )
     app.state.server = server
     app.add_middleware(BodyLimit)  # every body limited while it is read

@@ -169,8 +169,9 @@ class HostModule(Base):
 
     __tablename__ = "host_modules"
     __table_args__ = (
-        Index("ix_host_modules_build_id", "build_id"),
-        Index("ix_host_modules_sha256", "sha256"),
+        # Covering the joins from a patch's module to the hosts that load it (compliance).
+        Index("ix_host_modules_build_id_host", "build_id", "host_id"),
+        Index("ix_host_modules_sha256_host", "sha256", "build_id", "host_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

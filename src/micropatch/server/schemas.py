@@ -10,6 +10,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from micropatch.patch.model import VERSION_MAX
+from micropatch.server.validation import Items, nul_at
+
 Role = Literal["admin", "operator", "auditor"]
 State = Literal["enabled", "disabled"]
 ExclusionKind = Literal["exe", "unit", "user"]
@@ -18,7 +21,8 @@ EventKind = Literal[
     "skipped", "agent",
 ]  # fmt: skip
 Name = Field(min_length=1, max_length=255)
-INT_MAX = 2**31 - 1  # the columns are 32-bit integers (PostgreSQL's integer)
+INT_MAX = 2**31 - 1  # ids, pids, counts: 32-bit integer columns (PostgreSQL's integer)
+# VERSION_MAX: a patch version, 63 bits wherever it is stored or sent (patch/model.py)
 
 
 class _In(BaseModel):
@@ -37,31 +41,11 @@ class _Body(_In):
     @model_validator(mode="before")
     @classmethod
     def _no_nul(cls, data: Any) -> Any:
-        where = _nul_at(data, ())
+        where = nul_at(data)
         if where is not None:
             raise ValueError(f"{'.'.join(map(str, where)) or 'body'}: must not contain NUL "
                              "characters")  # fmt: skip
         return data
-
-
-def _nul_at(value: Any, where: tuple[str | int, ...]) -> tuple[str | int, ...] | None:
-    """Where the first NUL is in parsed JSON, or None."""
-    if isinstance(value, str):
-        return where if "\x00" in value else None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            if isinstance(k, str) and "\x00" in k:
-                return (*where, k)
-            if k != "data":
-                found = _nul_at(v, (*where, k))
-                if found is not None:
-                    return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = _nul_at(v, (*where, i))
-            if found is not None:
-                return found
-    return None
 
 
 # --- users and tokens --------------------------------------------------------------
@@ -167,7 +151,7 @@ class ModuleIn(_In):
 
 class AppliedIn(_In):
     patch_id: str = Field(min_length=1, max_length=128)
-    version: int = Field(ge=0, le=INT_MAX)
+    version: int = Field(ge=0, le=VERSION_MAX)
     state: str = Field(default="applied", max_length=16)
 
 
@@ -185,10 +169,13 @@ class EventIn(_In):
     pid: int | None = Field(default=None, ge=1, le=INT_MAX)
     exe: str | None = Field(default=None, max_length=1024)
     patch_id: str | None = Field(default=None, max_length=128)
-    version: int | None = Field(default=None, ge=0, le=INT_MAX)
+    version: int | None = Field(default=None, ge=0, le=VERSION_MAX)
     module: str | None = Field(default=None, max_length=255)
     message: str = Field(default="", max_length=4096)
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+MAX_ITEMS = {"modules": 100_000, "processes": 100_000, "events": 10_000}  # in a check-in
 
 
 class CheckinRequest(_Body):
@@ -197,12 +184,34 @@ class CheckinRequest(_Body):
     agent_version: str | None = Field(default=None, max_length=64)
     # The inventory: sent when it changed (then both lists, a missing one meaning
     # empty), left out (null) when the server already holds it.
-    modules: list[ModuleIn] | None = Field(default=None, max_length=100_000)
-    processes: list[ProcessIn] | None = Field(default=None, max_length=100_000)
+    modules: list[ModuleIn] | None = Field(default=None, max_length=MAX_ITEMS["modules"])
+    processes: list[ProcessIn] | None = Field(default=None, max_length=MAX_ITEMS["processes"])
     # The inventory's digest, as the agent computes it: stored with a sent inventory
     # and answered back, so the agent knows what the server holds.
     inventory_digest: str | None = Field(default=None, max_length=128, pattern=r"^[!-~]*$")
-    events: list[EventIn] = Field(default_factory=list, max_length=10_000)
+    events: list[EventIn] = Field(default_factory=list, max_length=MAX_ITEMS["events"])
+    # What was left out of the lists above, one line each: set here, never sent.
+    ignored: list[str] = Field(default_factory=list, exclude=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _item_by_item(cls, data: Any) -> Any:
+        """One bad item never costs the rest of a check-in: each module, process and
+        event is validated on its own; one that fails is left out and named in
+        `ignored`. (Runs before `_Body`'s whole-body NUL check, so an item holding a
+        NUL is left out alone.) A list longer than its limit is refused whole."""
+        if not isinstance(data, dict):
+            return data
+        if "ignored" in data:
+            raise ValueError("ignored: the server's to say, not a field of a check-in")
+        data, ignored = dict(data), list[str]()
+        for name in _ITEMS:
+            items = data.get(name)
+            if not isinstance(items, list) or len(items) > MAX_ITEMS[name]:
+                continue
+            data[name] = _ITEMS[name].valid(items, ignored)
+        data["ignored"] = ignored
+        return data
 
     @model_validator(mode="after")
     def _whole_inventory(self) -> Any:
@@ -212,6 +221,10 @@ class CheckinRequest(_Body):
             else:
                 self.processes = []
         return self
+
+
+_ITEMS = {name: Items(name, model) for name, model in
+          (("modules", ModuleIn), ("processes", ProcessIn), ("events", EventIn))}  # fmt: skip
 
 
 class ModuleRef(BaseModel):
@@ -279,6 +292,8 @@ class CheckinResponse(BaseModel):
     # sent without a digest): when it is not the agent's own, the agent sends its
     # inventory at the next check-in.
     inventory_digest: str | None = None
+    # Items of the check-in left out because they were not valid (the first ones).
+    ignored: list[str] = Field(default_factory=list)
 
 
 # --- patches, groups, hosts, events, audit -----------------------------------------
@@ -302,7 +317,7 @@ class PatchOut(BaseModel):
 
 class RevokeIn(_Body):
     version: int | None = Field(
-        default=None, ge=0, le=INT_MAX, description="one version; none: every version"
+        default=None, ge=0, le=VERSION_MAX, description="one version; none: every version"
     )
 
 

@@ -40,6 +40,7 @@ def test_values_from_toml(tmp_path):
         ("metrics_port = 70000", "metrics_port"),
         ("no_such_key = 1", "no_such_key"),
         ("crash_limit = ", "not valid TOML"),
+        ("workers = 0", "workers"),
     ],
 )
 def test_bad_values_are_refused_with_the_key(tmp_path, text, problem):
@@ -51,6 +52,13 @@ def test_bad_values_are_refused_with_the_key(tmp_path, text, problem):
 
 def test_the_installed_default_file_parses_to_the_defaults():
     assert AgentConfig.model_validate(tomllib.loads(default_config_text())) == AgentConfig()
+
+
+def test_workers_default_to_the_cpus_the_agent_may_run_on_at_most_4():
+    import os
+
+    assert AgentConfig().worker_count() == min(4, len(os.sched_getaffinity(0)))
+    assert AgentConfig(workers=7).worker_count() == 7
 
 
 def test_a_huge_or_endless_file_is_refused_after_the_bound(tmp_path):

@@ -1,13 +1,10 @@
-"""CrashTracker and Carried (agent/crashes.py): pure bookkeeping."""
+"""CrashTracker (agent/crashes.py): pure bookkeeping."""
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
-from micropatch.agent.crashes import Carried, CrashTracker, on_exit
-from micropatch.process.connector import ExitEvent
+from micropatch.agent.crashes import CrashTracker
 
 
 def test_the_limit_trips_once_per_patch_and_exe() -> None:
@@ -69,83 +66,3 @@ def test_prune_drops_old_pairs() -> None:
 def test_bad_settings_are_refused(limit: int, window: float) -> None:
     with pytest.raises(ValueError, match="crash_"):
         CrashTracker(limit, window)
-
-
-def test_carried_follows_apply_remove_and_scan() -> None:
-    carried = Carried()
-    carried.add(10, "/bin/a", "p1", since_ns=100)
-    carried.add(10, "/bin/a", "p2", since_ns=200)
-    assert carried[10].patches == {"p1", "p2"}
-    assert carried[10].since_ns == 100  # the first patching: the process's entry
-    exe, patches, _ = carried[10]
-    assert (exe, patches) == ("/bin/a", {"p1", "p2"})
-    carried.discard(10, "p1")
-    assert carried[10].patches == {"p2"}
-    carried.discard(10, "p2")
-    assert 10 not in carried
-    carried.discard(10, "p2")  # nothing: no error
-    carried.set(11, "/bin/b", ["p3"])
-    carried.set(12, "/bin/b", [])
-    assert len(carried) == 1
-    carried.set(11, "/bin/b", [])
-    assert len(carried) == 0
-
-
-def test_an_exec_replaces_the_exe() -> None:
-    carried = Carried()
-    carried.add(10, "/bin/a", "p1")
-    carried.add(10, "/bin/b", "p2")  # the pid exec'd another program
-    assert carried[10].exe == "/bin/b"
-    assert carried[10].patches == {"p2"}
-
-
-def test_forget_returns_what_the_process_carried_once() -> None:
-    carried = Carried()
-    carried.set(10, "/bin/a", ["p1"], since_ns=100)
-    entry = carried.forget(10, exited_ns=500)
-    assert entry is not None and entry.patches == {"p1"}
-    assert carried.forget(10) is None
-
-
-def test_forget_keeps_a_newer_process_with_the_same_pid() -> None:
-    carried = Carried()
-    carried.set(10, "/bin/new", ["p1"], since_ns=1000)
-    assert carried.forget(10, exited_ns=900) is None  # the old process's exit, read late
-    assert carried[10].exe == "/bin/new"
-
-
-def _exit(pid: int, tgid: int, code: int, stamp: int = 10**12) -> ExitEvent:
-    return ExitEvent(pid, tgid, code, signal.SIGCHLD, timestamp_ns=stamp)
-
-
-def test_on_exit_reports_a_crash_of_a_patched_process() -> None:
-    carried = Carried()
-    carried.set(10, "/bin/a", ["p1", "p2"], since_ns=5)
-    crash = on_exit(carried, _exit(10, 10, signal.SIGSEGV | 0x80))
-    assert crash is not None
-    assert (crash.pid, crash.exe, crash.patches) == (10, "/bin/a", {"p1", "p2"})
-    assert crash.signal == signal.SIGSEGV and crash.core_dumped
-    assert 10 not in carried
-
-
-def test_on_exit_ignores_threads_normal_exits_kills_and_unpatched() -> None:
-    carried = Carried()
-    for pid in (10, 11, 12):
-        carried.set(pid, "/bin/a", ["p"], since_ns=5)
-    assert on_exit(carried, _exit(13, 10, signal.SIGSEGV)) is None  # a thread
-    assert 10 in carried
-    assert on_exit(carried, _exit(10, 10, 1 << 8)) is None  # exit(1)
-    assert on_exit(carried, _exit(11, 11, signal.SIGKILL)) is None
-    assert on_exit(carried, _exit(99, 99, signal.SIGSEGV)) is None  # not patched
-    assert 10 not in carried and 11 not in carried and 12 in carried
-
-
-def test_crashes_feed_the_tracker() -> None:
-    carried, tracker = Carried(), CrashTracker(limit=2, window=60)
-    disabled = []
-    for n, pid in enumerate((20, 21)):
-        carried.set(pid, "/bin/a", ["p"], since_ns=5)
-        crash = on_exit(carried, _exit(pid, pid, signal.SIGABRT))
-        assert crash is not None
-        disabled += tracker.record(crash.exe, crash.patches, float(n))
-    assert disabled == ["p"]

@@ -31,6 +31,7 @@ class FakeServer:
         self.status = 200
         self.answer: dict[str, Any] = {}
         self.digest: str | None = None  # the inventory digest the server holds
+        self.error: dict[str, Any] | None = None  # the body of an error status
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -56,6 +57,8 @@ class FakeServer:
                              "policy": {"patches": [], "exclusions": []},
                              "events_accepted": len(body["events"]),
                              "inventory_digest": fake.digest, **fake.answer}  # fmt: skip
+                    if status >= 400 and fake.error is not None:
+                        reply = fake.error
                 data = json.dumps(reply).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
@@ -121,11 +124,11 @@ def test_no_root_no_enrollment(agent, server, tmp_path):
 def test_events_are_sent_once_across_failures_and_restarts(agent, server, tmp_path):
     agent.report(Event("agent", time.time(), message="before enrollment"))
     agent.fleet.enroll(server.url, "mpe_good", None)
-    agent.report(Event("blocked", time.time(), pid=5, patch_id="p", message="one"))
+    agent.report(Event("agent", time.time(), pid=5, message="one"))
     agent.fleet.check_in()
     assert sent(server)[-1] == "one" and "before enrollment" not in sent(server)
     assert any(m.startswith("enrolled with") for m in sent(server))
-    agent.report(Event("blocked", time.time(), pid=5, patch_id="p", message="two"))
+    agent.report(Event("agent", time.time(), pid=5, message="two"))
     server.status = 500  # the server fails: the cursor stays
     with pytest.raises(HttpError):
         agent.fleet.check_in()
@@ -233,3 +236,48 @@ def test_a_repository_that_fails_is_said_once_and_the_check_in_goes_on(agent, se
     said = [e for e in agent.events.query() if e.message.startswith("fleet repository")]
     assert len(said) == 1 and agent.fleet.status()["failures"] == 0
     assert agent.store.patches() == {}
+
+
+def test_a_refusal_is_said_as_what_it_is_with_the_servers_message(agent, server):
+    """Issue 15.7: a 4xx is not "unreachable": the event says the server refused the
+    check-in, with what the server said (a validation error's first problems)."""
+    agent.fleet.enroll(server.url, "mpe_good", None)
+    agent.fleet.check_in()
+    server.status = 422
+    server.error = {"detail": [
+        {"loc": ["body", "processes", 0, "patches", 0, "version"], "type": "less_than_equal",
+         "msg": "Input should be less than or equal to 2147483647"},
+        {"loc": ["body", "events", 3, "version"], "msg": "Input should be less than or equal to 2147483647"},
+    ]}  # fmt: skip
+    for _ in range(3):
+        with pytest.raises(HttpError) as refused:
+            agent.fleet.check_in()
+        agent.fleet._failed(refused.value)
+    said = [e.message for e in agent.events.query() if e.message.startswith("fleet server")]
+    assert said == [
+        f"fleet server {server.url} refused the check-in (HTTP 422): processes.0.patches.0."
+        "version: Input should be less than or equal to 2147483647; events.3.version: Input "
+        "should be less than or equal to 2147483647; working on with the patches and policy "
+        "at hand, retrying"
+    ]  # once, not once per attempt
+    assert agent.fleet.status()["last_error"].startswith("HTTP 422: processes.0.patches.0.version")
+    server.status, server.error = 401, {"detail": "unknown host credential"}
+    with pytest.raises(HttpError) as refused:
+        agent.fleet.check_in()
+    agent.fleet._failed(refused.value)
+    said = [e.message for e in agent.events.query() if e.message.startswith("fleet server")]
+    assert said[-1].startswith(f"fleet server {server.url} refused the check-in (HTTP 401): "
+                               "unknown host credential;")  # fmt: skip
+    assert said[-1].endswith("enroll it again (agent enroll)")
+    server.status = 500
+    server.error = {"detail": "Internal Server Error"}
+    with pytest.raises(HttpError) as failed:
+        agent.fleet.check_in()
+    agent.fleet._failed(failed.value)
+    assert agent.events.query()[-1].message.startswith(
+        f"fleet server {server.url} failed the check-in (HTTP 500: Internal Server Error)"
+    )
+    assert not [e for e in agent.events.query() if "unreachable" in e.message]
+    server.status = 200
+    agent.fleet.check_in()
+    assert agent.events.query()[-1].message.endswith("took a check-in again after 5 failed ones")

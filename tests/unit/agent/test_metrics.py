@@ -46,8 +46,9 @@ def test_scraped_names_and_values(metrics: Metrics) -> None:
     metrics.record(_Event("blocked", "fix-a", {"count": 3}))
     metrics.record(_Event("blocked", "fix-a", {"count": 2}))
     metrics.record(_Event("failed", "fix-b"))
-    metrics.record(_Event("crashed", None, {"signal": 11}))
-    metrics.record(_Event("crashed", None, {"signal": 6}))
+    metrics.record(_Event("crashed", "fix-a", {"signal": 11, "patches": ["fix-a", "fix-b"]}))
+    metrics.record(_Event("crashed", "fix-b", {"signal": 11, "patches": ["fix-a", "fix-b"]}))
+    metrics.record(_Event("crashed", "fix-a", {"signal": 6, "patches": ["fix-a"]}))
     metrics.record(_Event("disabled", "fix-a", {"auto": True}))
     metrics.record(_Event("disabled", "fix-b"))  # by hand: not an auto-disable
     metrics.record(_Event("applied", "fix-a"))
@@ -60,7 +61,8 @@ def test_scraped_names_and_values(metrics: Metrics) -> None:
     assert s[("micropatch_processes_covered", ())] == 42
     assert s[("micropatch_blocked_total", (("patch", "fix-a"),))] == 5
     assert s[("micropatch_failures_total", (("patch", "fix-b"),))] == 1
-    assert s[("micropatch_crashes_total", ())] == 2
+    assert s[("micropatch_crashes_total", (("patch", "fix-a"),))] == 2
+    assert s[("micropatch_crashes_total", (("patch", "fix-b"),))] == 1
     assert s[("micropatch_auto_disabled_total", (("patch", "fix-a"),))] == 1
     assert ("micropatch_auto_disabled_total", (("patch", "fix-b"),)) not in s
     assert s[("micropatch_events_total", (("kind", "blocked"),))] == 2
@@ -78,7 +80,6 @@ def test_every_metric_is_present_before_any_update(metrics: Metrics) -> None:
     assert {
         "micropatch_patches",
         "micropatch_processes_covered",
-        "micropatch_crashes_total",
         "micropatch_exec_latency_seconds_count",
     } <= names
 

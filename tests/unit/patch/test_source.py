@@ -112,6 +112,11 @@ MALFORMED = [
         r"patch\.version: must be at least 1, got 0",
     ),
     (
+        "version past 63 bits",
+        VALID.replace("version = 2", "version = 9223372036854775808"),
+        r"patch\.version: must be at most 9223372036854775807, got 9223372036854775808",
+    ),
+    (
         "version string",
         VALID.replace("version = 2", 'version = "2"'),
         r"patch\.version: must be an integer, got the string '2'",

@@ -51,6 +51,9 @@ RUNTIME_FILES = {
     "micropatch/demo/vulnerable.c": "demo/runner.py",
     "micropatch/server/migrations/env.py": "alembic, run by server/database.py migrate",
     "micropatch/server/migrations/script.py.mako": "alembic's template of a new revision",
+    "micropatch/server/static/swagger/swagger-ui-bundle.js": "console/apidocs.py: /docs",
+    "micropatch/server/static/swagger/swagger-ui.css": "console/apidocs.py: /docs",
+    "micropatch/server/static/swagger/LICENSE": "swagger-ui-dist's licence (Apache-2.0)",
 }
 _OPENS = re.compile(r"__file__|importlib\.resources|from importlib import resources")
 

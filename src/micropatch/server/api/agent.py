@@ -64,5 +64,6 @@ def checkin(
         revoked=revoked,
         events_accepted=done.events_accepted,
         inventory_digest=done.inventory_digest,
+        ignored=body.ignored[:20],
     )
     return Response(answer.model_dump_json(), media_type="application/json")

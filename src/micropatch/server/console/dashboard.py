@@ -1,6 +1,7 @@
-"""/console/: the dashboard: hosts (and how many checked in lately), protected
-processes, published patches, blocked attempts per hour as an SVG chart drawn here
-(no script), recent events."""
+"""/console/: the dashboard: hosts (online, stale, offline), how many are
+vulnerable, outdated, protected (`fleet.compliance`, counted by the database),
+protected processes, published patches, blocked attempts per hour as an SVG chart
+drawn here (no script), recent events."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
+from micropatch.server.console.liveness import thresholds
 from micropatch.server.console.pages import PREFIX, ServerDep, ViewerDep, host_names, render
-from micropatch.server.fleet import records
+from micropatch.server.fleet import compliance, records
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -23,10 +25,19 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 @router.get("/")
 def dashboard(request: Request, viewer: ViewerDep, server: ServerDep) -> Response:
     now = time.time()
-    fresh = now - 3 * server.settings.checkin_interval
+    online_after, stale_after = thresholds(server.settings.checkin_interval, now)
     with server.database.reading() as session:
         hosts = session.scalar(select(func.count()).select_from(m.Host)) or 0
-        online = session.scalar(select(func.count()).where(m.Host.last_seen >= fresh)) or 0
+        online = session.scalar(select(func.count()).where(m.Host.last_seen >= online_after)) or 0
+        stale = (
+            session.scalar(
+                select(func.count()).where(
+                    m.Host.last_seen < online_after, m.Host.last_seen >= stale_after
+                )
+            )
+            or 0
+        )
+        counts = compliance.fleet_counts(server.catalogues.current(session), session)
         protected = (
             session.scalar(
                 select(func.count()).select_from(
@@ -48,9 +59,10 @@ def dashboard(request: Request, viewer: ViewerDep, server: ServerDep) -> Respons
             or 0
         )
         events = records.events(session, limit=10)
-        names = host_names(session)
+        names = host_names(session, {e.host_id for e in events})
     return render(
-        request, "dashboard.html", viewer, hosts=hosts, online=online, protected=protected,
+        request, "dashboard.html", viewer, hosts=hosts, online=online, stale=stale,
+        offline=hosts - online - stale, compliance=counts, protected=protected,
         patches=patches, blocked=sum(n for _, n in series), chart=chart_svg(series),
         events=events, names=names,
     )  # fmt: skip

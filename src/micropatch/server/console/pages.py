@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -120,8 +121,33 @@ def _ago(value: float | None) -> str:
     return f"{int(delta)} s ago"
 
 
+_TIMES = frozenset({"expires", "time", "created", "used", "disabled"})
+
+
+def _text(key: str, value: Any) -> str:
+    """One audit detail as a person reads it: times as dates, lists and mappings
+    spelled out (not JSON)."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if key in _TIMES and isinstance(value, int | float):
+        return _when(value) + " UTC"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {_text(str(k), v)}" for k, v in value.items()) or "none"
+    if isinstance(value, list | tuple):
+        return ", ".join(_text(key, v) for v in value) or "none"
+    return "" if value is None else str(value)
+
+
+def _readable(details: Any) -> list[tuple[str, str]]:
+    """An audit entry's details as (name, text) pairs; empty ones left out."""
+    if not isinstance(details, dict):
+        return [("details", str(details))] if details else []
+    return [(str(k), _text(str(k), v)) for k, v in details.items() if v not in (None, [], {}, "")]
+
+
 templates.filters["when"] = _when
 templates.filters["ago"] = _ago
+templates.filters["readable"] = _readable
 
 
 def render(
@@ -149,17 +175,25 @@ def failed(request: Request, viewer: Viewer, exc: ServerError) -> HTMLResponse:
 ServerDep = Annotated[Server, Depends(server_of)]
 
 
-def _viewer(request: Request, server: ServerDep) -> Viewer:
+def find_viewer(request: Request) -> Viewer | None:
+    """Who holds the request's session cookie, if anyone (a page that shows to
+    everyone, such as the 404, still shows the logged-in user's menu)."""
     secret = request.cookies.get(SESSION_COOKIE, "")
     if secret.startswith(USER_PREFIX):
-        with server.database.reading() as session:
+        with server_of(request).database.reading() as session:
             try:
                 who = users.authenticate(session, secret)
             except Unauthorized:
-                pass
-            else:
-                if who.kind == "user" and who.role in READ:
-                    return Viewer(who, csrf_token(secret))
+                return None
+            if who.kind == "user" and who.role in READ:
+                return Viewer(who, csrf_token(secret))
+    return None
+
+
+def _viewer(request: Request) -> Viewer:
+    viewer = find_viewer(request)
+    if viewer is not None:
+        return viewer
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     raise LoginNeeded(target)
 
@@ -218,8 +252,13 @@ def patch_ids(session: Session) -> list[str]:
     return list(session.scalars(select(m.Patch.patch_id).distinct().order_by(m.Patch.patch_id)))
 
 
-def host_names(session: Session) -> dict[int, str]:
-    return {i: n for i, n in session.execute(select(m.Host.id, m.Host.name))}
+def host_names(session: Session, ids: Iterable[int]) -> dict[int, str]:
+    """The names of these hosts (those a page shows: never the whole fleet)."""
+    wanted = list(ids)
+    if not wanted:
+        return {}
+    query = select(m.Host.id, m.Host.name).where(m.Host.id.in_(wanted))
+    return {i: n for i, n in session.execute(query)}
 
 
 def event_kinds() -> list[str]:
@@ -233,3 +272,22 @@ def safe_next(target: str) -> str:
     if target.startswith(f"{PREFIX}/") and not target.startswith("//") and "\\" not in target:
         return target
     return f"{PREFIX}/"
+
+
+def admin_only(viewer: Viewer, what: str) -> None:
+    """A page only an admin reads (users, tokens, enrollment)."""
+    if not viewer.is_admin:
+        raise Forbidden(f"{viewer.who.actor} may not see {what} (needs the role admin)")
+
+
+MAX_DAYS = 3650
+
+
+def days_of(text: str, what: str) -> float | None:
+    """A lifetime typed in days ("" or "0": none) as seconds."""
+    text = text.strip()
+    if text in ("", "0"):
+        return None
+    if not text.isdigit() or not 0 < int(text) <= MAX_DAYS:
+        raise Invalid(f"{what}: a whole number of days from 1 to {MAX_DAYS}, or empty for none")
+    return int(text) * 86400.0

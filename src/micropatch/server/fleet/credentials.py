@@ -1,18 +1,20 @@
-"""The lifecycle of users' credentials: disabling and enabling a user, setting its
-password, listing and revoking its API tokens (console sessions are tokens too)."""
+"""The lifecycle of users' credentials: disabling, enabling and deleting a user,
+setting its password, creating, listing and revoking its API tokens (console
+sessions are tokens too)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.orm import Session
 
 from micropatch.server import models as m
-from micropatch.server.auth import Passwords
+from micropatch.server.auth import Passwords, secret_hash
 from micropatch.server.errors import Invalid, NotFound
 from micropatch.server.fleet.records import audit
+from micropatch.server.fleet.users import issue_token
 
 MIN_PASSWORD = 8
 
@@ -56,9 +58,14 @@ def set_password(
     return row
 
 
-def tokens(session: Session, name: str | None = None) -> Sequence[m.ApiToken]:
-    """Users' API tokens (of one user with `name`), the newest first."""
+def tokens(
+    session: Session, name: str | None = None, *, unexpired: bool = False
+) -> Sequence[m.ApiToken]:
+    """Users' API tokens (of one user with `name`; those not expired with `unexpired`),
+    the newest first."""
     query = select(m.ApiToken).order_by(m.ApiToken.id.desc())
+    if unexpired:
+        query = query.where(or_(m.ApiToken.expires.is_(None), m.ApiToken.expires > time.time()))
     if name is not None:
         query = query.where(m.ApiToken.user_id == user(session, name).id)
     return session.scalars(query).all()
@@ -83,3 +90,33 @@ def revoke_tokens(
         audit(session, actor, "token.revoke", f"user:{row.user.name}", token=row.id,
               label=row.label)  # fmt: skip
     return [row.id for row in rows]
+
+
+def create_token(
+    session: Session, name: str, label: str, ttl: float | None, actor: str
+) -> tuple[str, m.ApiToken]:
+    """A new API token for a user (its secret returned once; valid for `ttl` seconds,
+    or until revoked)."""
+    row = user(session, name)
+    if row.disabled is not None:
+        raise Invalid(f"user {name!r} is disabled: enable it first")
+    label = " ".join(label.split())[:64] or "api"
+    if label in ("login", "console"):
+        raise Invalid(f"the label {label!r} is kept for sessions: choose another")
+    secret = issue_token(session, row, label, ttl=ttl)
+    session.flush()
+    token = session.scalar(select(m.ApiToken).where(m.ApiToken.token_hash == secret_hash(secret)))
+    assert token is not None
+    audit(session, actor, "token.create", f"user:{name}", token=token.id, label=label,
+          expires=token.expires)  # fmt: skip
+    return secret, token
+
+
+def delete_user(session: Session, name: str, actor: str) -> None:
+    """Delete a user and its tokens and sessions (the audit log keeps what it did)."""
+    row = user(session, name)
+    if actor == f"user:{name}":
+        raise Invalid(f"{actor} cannot delete itself: ask another administrator")
+    session.execute(delete(m.ApiToken).where(m.ApiToken.user_id == row.id))
+    session.delete(row)
+    audit(session, actor, "user.delete", f"user:{name}", role=row.role)

@@ -36,9 +36,12 @@ def create_enrollment_token(
     return token, row
 
 
-def enrollment_tokens(session: Session, *, unused: bool = False) -> list[s.EnrollmentTokenInfo]:
-    """Enrollment tokens, the newest first (only those not used yet with `unused`)."""
-    query = select(m.EnrollmentToken).order_by(m.EnrollmentToken.id.desc())
+def enrollment_tokens(
+    session: Session, *, unused: bool = False, limit: int | None = None
+) -> list[s.EnrollmentTokenInfo]:
+    """Enrollment tokens, the newest first (only those not used yet with `unused`; the
+    `limit` newest)."""
+    query = select(m.EnrollmentToken).order_by(m.EnrollmentToken.id.desc()).limit(limit)
     if unused:
         query = query.where(m.EnrollmentToken.used.is_(None))
     return [

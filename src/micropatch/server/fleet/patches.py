@@ -93,10 +93,17 @@ def publish(
 
 
 def revoke(
-    session: Session, repository: Repository, patch_id: str, version: int | None, actor: str
+    session: Session,
+    repository: Repository,
+    patch_id: str,
+    version: int | None,
+    actor: str,
+    *,
+    reason: str | None = None,
 ) -> list[m.Patch]:
     """Revoke one version, or every version, of a patch: removed from the TUF targets,
-    reported to hosts as revoked so their agents remove it live."""
+    reported to hosts as revoked so their agents remove it live. The `reason` (the
+    console asks for one) goes to the audit log."""
     query = select(m.Patch).where(m.Patch.patch_id == patch_id, m.Patch.revoked.is_(False))
     if version is not None:
         query = query.where(m.Patch.version == version)
@@ -110,9 +117,10 @@ def revoke(
     session.flush()
     sync_repository(session, repository)
     bump(session)
+    why = {"reason": reason} if reason else {}
     for row in rows:
         audit(session, actor, "patch.revoke", f"patch:{row.patch_id}", version=row.version,
-              artifact_id=row.artifact_id)  # fmt: skip
+              artifact_id=row.artifact_id, **why)  # fmt: skip
     return rows
 
 

@@ -52,10 +52,13 @@ def events(
 
 
 def audit_entries(
-    session: Session, *, since: float | None = None, limit: int = 1000
+    session: Session, *, since: float | None = None, before: int | None = None, limit: int = 1000
 ) -> Sequence[m.AuditEntry]:
-    """The audit log, newest first."""
+    """The audit log, newest first; `before`: only entries older than that id (the
+    next page)."""
     query = select(m.AuditEntry).order_by(m.AuditEntry.id.desc()).limit(limit)
     if since is not None:
         query = query.where(m.AuditEntry.time >= since)
+    if before is not None:
+        query = query.where(m.AuditEntry.id < before)
     return session.scalars(query).all()
