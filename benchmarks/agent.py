@@ -238,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     data: dict[str, Any] = {
         "processes": n,
         "agent_config": AgentConfig(workers=args.workers).model_dump(),
+        "worker_count": AgentConfig(workers=args.workers).worker_count(),
         "target": {"source": "benchmarks/targets/bench_target.c", "build": build_command()},
         "period": PERIOD,
         "bytecode": bytecode(not args.no_compile),

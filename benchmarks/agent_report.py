@@ -62,7 +62,12 @@ def markdown(data: dict[str, Any]) -> str:
     cfg = data["agent_config"]
     workers = cfg.get("workers")
     keys = "filesystems = the sandbox's tmpfs, "
-    keys += "every other key" if workers is None else f"workers = {workers}, every other key"
+    count = data.get("worker_count")
+    keys += (
+        f"workers unset ({count} here), every other key"
+        if workers is None
+        else (f"workers = {workers}, every other key")
+    )
     lines = [
         f"A real agent (`micropatch agent run`; configuration: {keys} at its default, "
         f"rescan_interval = {cfg['rescan_interval']:g} s, blocked_interval = "

@@ -36,30 +36,38 @@ Publish → applied on three real agents is measured by benchmarks/fleet_publish
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import faulthandler
-import functools
-import hashlib
 import json
 import os
 import random
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import httpx
-
-from benchmarks import peers, report
+from benchmarks import report, server_held
+from benchmarks.server_report import markdown
+from benchmarks.server_run import Server, key_ceremony, micropatch, postgres
+from benchmarks.simagents import (
+    CHANGED,
+    CONCURRENCY,
+    EVENT_BATCH,
+    MODULES,
+    PROCESSES,
+    REQUEST_TIMEOUT,
+    HttpErrors,
+    _bounded,
+    client,
+    events,
+    inventory,
+    post,
+    setup_agents,
+    unchanged,
+)
 from benchmarks.stats import median, percentile
 
 NAME = "server"
@@ -70,276 +78,7 @@ SECONDS = 60.0
 QUICK_SECONDS = 10.0
 EVENT_SECONDS = 20.0
 QUICK_EVENT_SECONDS = 5.0
-EVENT_BATCH = 100
-CONCURRENCY = 8  # requests in flight while enrolling and ingesting events
-MODULES = 30
-SHARED_MODULES = 24  # libraries every host maps; the rest are the host's own
-PROCESSES = 5
-CHANGED = 0.1  # of the check-ins under load, those whose inventory changed (sent whole)
-P99_AIM = 0.100
-EVENTS_AIM = 1000.0
-READY_TIMEOUT = 120.0
-REQUEST_TIMEOUT = 30.0
 CONNECTIONS = 100  # the check-in load client's connections
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class BenchError(Exception):
-    """The server could not be set up or measured."""
-
-
-def micropatch(*args: object, env: dict[str, str] | None = None) -> str:
-    done = subprocess.run(
-        [*peers._micropatch(), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, **(env or {})},
-    )
-    if done.returncode != 0:
-        raise BenchError(f"micropatch {' '.join(map(str, args[:3]))}: {done.stderr.strip()[-600:]}")
-    return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def key_ceremony(workdir: Path) -> Path:
-    """A data directory whose repository signs targets online (as the tests set it up)."""
-    from micropatch.trust.keys import generate_key, write_key_pair
-
-    keys = workdir / "keys"
-    keys.mkdir()
-    private, _ = write_key_pair(generate_key("patches"), keys / "patches")
-    data = workdir / "data"
-    micropatch(
-        "repo", "init", data / "repository", "--offline-dir", workdir / "offline",
-        "--root-keys", 1, "--root-threshold", 1, "--targets-key", private, "--online-targets",
-    )  # fmt: skip
-    return data
-
-
-@contextlib.contextmanager
-def postgres(workdir: Path) -> Iterator[str]:
-    """A throwaway PostgreSQL cluster (.ci/postgres); its URL."""
-    directory = workdir / "pg"
-    done = subprocess.run(
-        [str(ROOT / ".ci/postgres"), str(directory), str(free_port())],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        raise BenchError(f".ci/postgres: {done.stderr.strip()[-600:]}")
-    try:
-        yield done.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run(
-            [str(ROOT / ".ci/postgres"), "stop", str(directory / "data")],
-            capture_output=True,
-            timeout=120,
-        )
-
-
-@dataclass
-class Server:
-    data: Path
-    database: str | None
-    workers: int = 1
-    proc: subprocess.Popen[bytes] | None = None
-    url: str = ""
-    log: Path = Path()
-    checkin_interval: int = 60  # seconds, what the server tells its agents
-
-    def start(self) -> float:
-        port = free_port()
-        self.log = self.data.parent / f"server-{port}.log"
-        database = ["--database", self.database] if self.database else []
-        if self.workers > 1:
-            database += ["--workers", str(self.workers)]
-        start = time.perf_counter()
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [*peers._micropatch(), "server", "run", "--data-dir", str(self.data),
-                 "--listen", f"127.0.0.1:{port}",
-                 "--checkin-interval", str(self.checkin_interval), *database],
-                stdout=subprocess.DEVNULL, stderr=log,
-            )  # fmt: skip
-        url = f"http://127.0.0.1:{port}"
-        while time.perf_counter() - start < READY_TIMEOUT:
-            with contextlib.suppress(httpx.HTTPError):  # every worker may not be up yet
-                if httpx.get(f"{url}/api/v1/health", timeout=5).status_code == 200:
-                    self.url = url
-                    return time.perf_counter() - start
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise BenchError(f"the server did not start: {self.tail()}")
-
-    def tail(self) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-1500:]
-        except OSError:
-            return ""
-
-    def rss_kib(self) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return None
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-# --- what an agent sends -------------------------------------------------------------
-
-
-def _hex(seed: str, n: int) -> str:
-    return hashlib.sha256(seed.encode()).hexdigest()[:n]
-
-
-SHARED = [
-    {"name": f"lib{i}.so.1", "path": f"/usr/lib/x86_64-linux-gnu/lib{i}.so.1",
-     "build_id": _hex(f"build{i}", 40), "sha256": _hex(f"file{i}", 64)}
-    for i in range(SHARED_MODULES)
-]  # fmt: skip
-
-
-def inventory(agent: int, generation: int = 0) -> dict[str, Any]:
-    """The host's modules and processes, and their digest; `generation` counts the
-    changes (each moves the patched process to a new pid, as a restart does)."""
-    own = [
-        {"name": f"app{agent}-{j}", "path": f"/opt/app{j}/bin/app{agent}",
-         "build_id": _hex(f"b{agent}-{j}", 40), "sha256": _hex(f"f{agent}-{j}", 64)}
-        for j in range(MODULES - SHARED_MODULES)
-    ]  # fmt: skip
-    processes = [
-        {"pid": 1000 + p + 10 * generation, "exe": f"/opt/app{p}/bin/app{agent}",
-         "unit": f"app{p}.service",
-         "user": "www-data",
-         "patches": [{"patch_id": "fix-int", "version": 1, "state": "applied"}] if p == 0 else []}
-        for p in range(PROCESSES)
-    ]  # fmt: skip
-    modules = SHARED + own
-    digest = hashlib.sha256(json.dumps([modules, processes]).encode()).hexdigest()
-    return {"hostname": f"bench-{agent}", "kernel": "6.18.0", "agent_version": "0.1",
-            "modules": modules, "processes": processes, "inventory_digest": digest}  # fmt: skip
-
-
-@functools.cache
-def unchanged(agent: int, generation: int = 0) -> dict[str, Any]:
-    """What an agent sends when the server holds its inventory: the digest only."""
-    body = inventory(agent, generation)
-    return {k: v for k, v in body.items() if k not in ("modules", "processes")}
-
-
-KINDS = ["applied", "removed", "skipped", "agent"]
-
-
-def events(n: int, rng: random.Random) -> list[dict[str, Any]]:
-    base = time.time()
-    return [
-        {"kind": rng.choice(KINDS), "time": base + i * 1e-6, "pid": 1000 + i % PROCESSES,
-         "exe": "/opt/app0/bin/app", "patch_id": "fix-int", "version": 1,
-         "message": f"bench event {i}", "data": {"seq": i}}
-        for i in range(n)
-    ]  # fmt: skip
-
-
-# --- the measurements ---------------------------------------------------------------
-
-
-async def _bounded(n: int, concurrency: int, one: Any) -> list[Any]:
-    results: list[Any] = [None] * n
-    queue = iter(range(n))
-
-    async def worker() -> None:
-        for i in queue:
-            results[i] = await one(i)
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return results
-
-
-# The load client is aiohttp: httpx cost the client about 3 ms of CPU per request on
-# this machine (aiohttp 0.35 ms), as much as the server it shares the CPUs with.
-HttpErrors = (aiohttp.ClientError, TimeoutError)
-
-
-def client(url: str, connections: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        url,
-        connector=aiohttp.TCPConnector(limit=connections),
-        timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT),
-    )
-
-
-async def post(
-    c: aiohttp.ClientSession, path: str, body: Any, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    """POST `body` (JSON, or bytes already encoded): the status and the JSON answered
-    (the text if it is not JSON)."""
-    if isinstance(body, bytes):
-        headers = {**(headers or {}), "Content-Type": "application/json"}
-        request = c.post(path, data=body, headers=headers)
-    else:
-        request = c.post(path, json=body, headers=headers)
-    async with request as r:
-        text = await r.text()
-        try:
-            return r.status, json.loads(text)
-        except ValueError:
-            return r.status, text
-
-
-async def setup_agents(url: str, admin: str, n: int) -> dict[str, Any]:
-    """n enrollment tokens through the admin API, then n enrolled agents."""
-    async with client(url, CONCURRENCY) as c:
-        auth = {"Authorization": f"Bearer {admin}"}
-
-        async def token(_i: int) -> str:
-            status, answer = await post(c, "/api/v1/enrollment-tokens", {}, auth)
-            if status != 201:
-                raise BenchError(f"enrollment-tokens: {status} {str(answer)[:300]}")
-            return str(answer["token"])
-
-        start = time.perf_counter()
-        tokens = await _bounded(n, CONCURRENCY, token)
-        token_seconds = time.perf_counter() - start
-
-        async def enroll(i: int) -> str:
-            body = {"token": tokens[i], "hostname": f"bench-{i}", "kernel": "6.18.0",
-                    "agent_version": "0.1", "machine_id": _hex(f"m{i}", 32)}  # fmt: skip
-            status, answer = await post(c, "/api/v1/enroll", body)
-            if status != 201:
-                raise BenchError(f"enroll: {status} {str(answer)[:300]}")
-            return str(answer["credential"])
-
-        start = time.perf_counter()
-        credentials = await _bounded(n, CONCURRENCY, enroll)
-        enroll_seconds = time.perf_counter() - start
-    return {
-        "credentials": credentials,
-        "tokens_seconds": token_seconds,
-        "tokens_per_second": n / token_seconds,
-        "enroll_seconds": enroll_seconds,
-        "enroll_per_second": n / enroll_seconds,
-    }
 
 
 async def first_checkins(url: str, credentials: list[str]) -> dict[str, Any]:
@@ -552,92 +291,23 @@ def measure(
         print(f"server: check-ins at {rate:.1f}/s for {seconds:g} s", file=sys.stderr)
         result["checkin"] = asyncio.run(checkin_load(server.url, credentials, rate, seconds))
         result["server_peak_rss_kib"] = server.rss_kib()
+        print(f"server: {server_held.BURST} connections at once", file=sys.stderr)
+        result["burst"] = asyncio.run(server_held.burst(server.url, credentials))
+        print(f"server: {n} held check-ins, check-ins at {rate:.1f}/s beside", file=sys.stderr)
+        result["held"] = asyncio.run(
+            server_held.held_phase(
+                server,
+                admin,
+                credentials,
+                lambda: checkin_load(server.url, credentials, server_held.PROBE_RATE, seconds),
+                rate,
+            )
+        )
         result["server_alive_at_end"] = server.proc is not None and server.proc.poll() is None
     finally:
         server.stop()
         result["server_log_tail"] = server.tail()[-800:] if "error" in server.tail().lower() else ""
     return result
-
-
-def _f(x: float | None, fmt: str = "{:.1f}") -> str:
-    return "?" if x is None or x != x else fmt.format(x)
-
-
-def markdown(data: dict[str, Any]) -> str:
-    dbs = [d for d in ("sqlite", "postgresql") if d in data["databases"]]
-    res = data["databases"]
-    head = "| | " + " | ".join(dbs) + " |\n|---|" + "---|" * len(dbs) + "\n"
-
-    def row(label: str, get: Any) -> str:
-        cells = []
-        for d in dbs:
-            try:
-                cells.append(get(res[d]))
-            except (KeyError, TypeError):
-                cells.append(res[d].get("error", "?") if isinstance(res[d], dict) else "?")
-        return f"| {label} | " + " | ".join(cells) + " |\n"
-
-    ms = report.ms
-    lines = [
-        f"{data['agents']:,} agents enrolled, then each agent's first check-in with its "
-        f"whole inventory ({MODULES} modules, {PROCESSES} processes), {CONCURRENCY} in "
-        f"flight; check-ins of {EVENT_BATCH} events, {CONCURRENCY} in flight, for "
-        f"{data['event_seconds']:g} s; then check-ins at {data['rate']:.1f}/s "
-        f"(10,000 agents every 60 s) for {data['seconds']:g} s, open loop (latency from each "
-        f"check-in's due time), {CHANGED:.0%} of them with a changed inventory (sent whole), "
-        f"the others with its digest only, as the agent does. Client and server on the "
-        "same machine.\n",
-    ]
-    if data.get("note"):
-        lines.append(f"**{data['note']}**\n")
-    table = head
-    table += row("server processes", lambda r: str(r.get("workers", 1)))
-    table += row("enrollment tokens via admin API (s)", lambda r: _f(r["setup"]["tokens_seconds"]))
-    table += row("enrollments (s)", lambda r: _f(r["setup"]["enroll_seconds"]))
-    table += row("first check-ins, whole inventory (/s)",
-                 lambda r: _f(r["first_checkins"]["per_second"]))  # fmt: skip
-    table += row("first check-in p50 / p99 (ms)",
-                 lambda r: f"{ms(r['first_checkins']['p50'])} / "
-                 f"{ms(r['first_checkins']['p99'])}")  # fmt: skip
-    table += row("first check-in errors", lambda r: str(r["first_checkins"]["errors"]))
-    table += row("check-ins due", lambda r: f"{r['checkin']['checkins']:,}")
-    table += row("check-in p50 (ms)", lambda r: ms(r["checkin"]["latency"]["p50"]))
-    table += row("check-in p99 (ms)", lambda r: ms(r["checkin"]["latency"]["p99"]))
-    table += row("check-in max (ms)", lambda r: ms(r["checkin"]["latency"]["max"]))
-    table += row("of which inventory sent: p50 / p99 (ms)",
-                 lambda r: f"{ms(r['checkin']['inventory_sent_p50'])} / "
-                 f"{ms(r['checkin']['inventory_sent_p99'])}")  # fmt: skip
-    table += row("achieved rate (/s)", lambda r: _f(r["checkin"]["rate_achieved"]))
-    table += row("errors", lambda r: str(r["checkin"]["errors"]))
-    table += row("error kinds", lambda r: json.dumps(r["checkin"]["error_kinds"]) or "-")
-    table += row("events ingested (/s)", lambda r: _f(r["events"]["events_per_second"], "{:.0f}"))
-    table += row("event check-in p50 (ms)", lambda r: ms(r["events"]["checkin_p50"]))
-    table += row("event errors", lambda r: str(r["events"]["errors"]))
-    table += row("server peak RSS (MiB)", lambda r: _f(r["server_peak_rss_kib"] / 1024))
-    lines.append(table)
-    aims = []
-    pg = res.get("postgresql", {})
-    if "checkin" in pg:
-        c = pg["checkin"]
-        met = c["latency"]["p99"] < P99_AIM and c["errors"] == 0
-        aims.append(
-            f"- check-in p99 < 100 ms with PostgreSQL, 0 errors: "
-            f"{'met' if met else 'missed'} ({ms(c['latency']['p99'])} ms, {c['errors']} errors)"
-        )
-    else:
-        aims.append("- check-in p99 < 100 ms with PostgreSQL: not measured in this run")
-    for d in dbs:
-        if "events" in res[d]:
-            e = res[d]["events"]["events_per_second"]
-            aims.append(
-                f"- events ≥ 1,000/s ({d}): {'met' if e >= EVENTS_AIM else 'missed'} ({e:.0f}/s)"
-            )
-    aims.append(
-        "- publish → applied on three real agents: see fleet_publish.md "
-        "(`python -m benchmarks.fleet_publish`)"
-    )
-    lines.append("Aims (issue 9):\n\n" + "\n".join(aims) + "\n")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

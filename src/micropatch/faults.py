@@ -35,7 +35,7 @@ POINTS: dict[str, str] = {
     # live/ (docs/engine.md, "Crash consistency"; tests/integration/test_crash.py)
     "stopped": "every thread of the target stopped, recovery done, nothing written",
     "memfd-created": "the cave's memfd created in the target, not yet mapped",
-    "cave-mapped": "the cave mapped in the target, its counters page not yet writable",
+    "cave-mapped": "the cave mapped in the target, its registry page not yet writable",
     "cave-ready": "the patch's cave exists (new or reused), no trampoline written",
     "trampolines-written": "the trampolines written into the cave, no jump yet",
     "intent-recorded": "the registry records the change as in progress",

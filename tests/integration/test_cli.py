@@ -191,3 +191,16 @@ def test_any_other_command_builds_only_its_own_part_of_the_cli(tmp_path):
     helped = micropatch("--help")  # every command, with its help
     for name in ("apply", "status", "repair", "build", "agent", "explore", "publish"):
         assert f" {name} " in helped.stdout
+
+
+def test_update_of_a_patch_not_applied_says_how_to_apply_it(targets, start, signed):
+    """The advice is a command that works: with the keys the update was given."""
+    t = start("vuln_pie")
+    artifact, env = signed
+    key = Path(env["MICROPATCH_TRUST_DIR"]) / "dev.pub"
+    done = micropatch("update", artifact, "--pid", t.pid, "--trust", key)
+    assert done.returncode == 1
+    message = " ".join(done.stderr.split())
+    assert f"patch test-fix is not applied to process {t.pid}" in message, done.stderr
+    assert f"use `micropatch apply {artifact} --pid {t.pid} --trust {key}`" in message, message
+    assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])

@@ -345,3 +345,28 @@ def test_the_exit_thread_calls_back_for_process_exits_only(crasher: Path) -> Non
         part.stop()
     assert len(ours) == 2  # the crashing thread's own exit is not a process exit
     assert all(e.process_exit and e.signal == signal.SIGSEGV for e in ours)
+
+
+SUBSCRIBE = """
+import time
+from micropatch.agent.crashes import ExitThread
+from micropatch.process.connector import ConnectorError
+started = time.monotonic()
+try:
+    ExitThread(lambda event: None).start()
+    print("subscribed")
+except ConnectorError as e:
+    print(f"{time.monotonic() - started:.3f}", e)
+"""
+
+
+def test_an_agent_in_a_pid_namespace_of_its_own_is_told_at_once(box) -> None:
+    """The kernel ignores a proc connector listener outside the host's PID namespace
+    without an error; such an agent (a container's) is told so at once, not after the
+    acknowledgement's 2 s timeout at every start."""
+    done = box.run(sys.executable, "-c", SUBSCRIBE, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seconds, _, message = done.stdout.strip().partition(" ")
+    assert message.startswith("the proc connector serves only listeners in the host's initial"), done.stdout  # fmt: skip
+    assert "runs in a pid namespace of its own" in message
+    assert float(seconds) < 1.0  # the acknowledgement was not waited for

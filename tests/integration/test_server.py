@@ -197,6 +197,10 @@ def test_server_needs_a_repository(tmp_path: Path) -> None:
     done = micropatch("server", "run", "--data-dir", tmp_path, "--listen", "127.0.0.1:1")
     assert done.returncode == 1
     assert "micropatch repo init" in done.stderr
+    # A data directory mistyped is not made (empty, and without its repository).
+    done = micropatch("server", "run", "--data-dir", tmp_path / "typo", "--listen", "127.0.0.1:1")
+    assert done.returncode == 1 and "micropatch repo init" in done.stderr
+    assert not (tmp_path / "typo").exists()
 
 
 def test_server_workers_need_postgresql(data_dir: Path) -> None:

@@ -108,17 +108,21 @@ class AgentConfig(BaseModel):
         ge=1,
         le=64,
         description="Running processes patched (or unpatched) at once by a pass; "
-        "unset: one per CPU the agent may run on, at most 4.",
+        "unset: two per CPU the agent may run on, at most 8.",
     )
 
     def worker_count(self) -> int:
-        """`workers`, or one per CPU the agent may run on (at most 4: more threads than
-        CPUs would contend for the interpreter's lock; not measured). Measured, 200
-        processes on 2 CPUs: enable → all patched 5.3 s with 1 worker, 2.4 s with 2
-        (benchmarks/results/agent_workers1.md, agent_workers2.md)."""
+        """`workers`, or two per CPU the agent may run on, at most 8: a patch spends
+        most of its time waiting (for the target's threads to stop, for the CPU when
+        its real-time stop window ends), which another worker fills. Measured, 500
+        processes on 2 loaded CPUs, enable → all patched: 5.0-6.6 s with 2 workers,
+        2.5 s with 4, 3.0-3.2 s with 8, 3.1-3.9 s with 6 or 12 (more contend for the
+        CPUs and the interpreter's lock); the bound of 8 is not measured on more CPUs.
+        Before the engine's real-time stop window, 200 processes: 5.3 s with 1 worker,
+        2.4 s with 2 (benchmarks/results/agent_workers1.md, agent_workers2.md)."""
         import os
 
-        return self.workers or max(1, min(4, len(os.sched_getaffinity(0))))
+        return self.workers or max(1, min(8, 2 * len(os.sched_getaffinity(0))))
 
 
 def load_config(path: str | Path | None, *, missing_ok: bool = True) -> AgentConfig:

@@ -191,7 +191,13 @@ class ControlServer:
                 if op == "events" and request.get("follow"):
                     self._follow(conn, request)
                     return
-                result = self._dispatch(op, request)
+                try:
+                    result = self._dispatch(op, request)
+                except OSError as e:
+                    # The request's own work failed (a file, a process): an answer,
+                    # not the silence the client's hanging up gets below.
+                    log.exception("control request %s failed", op)
+                    raise AgentError(f"{op} failed: {e}") from e
                 _send(conn, {"ok": True, "result": result})
             except MicropatchError as e:
                 with contextlib.suppress(OSError):

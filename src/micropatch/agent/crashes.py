@@ -22,9 +22,18 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 
-from micropatch.process.connector import ExecEvent, ExitEvent, ExitWatcher, ForkEvent, Overrun
+from micropatch.process.connector import (
+    ConnectorError,
+    ExecEvent,
+    ExitEvent,
+    ExitWatcher,
+    ForkEvent,
+    Overrun,
+)
 
 log = logging.getLogger(__name__)
+
+INITIAL_NAMESPACES = {"pid": 0xEFFFFFFC, "user": 0xEFFFFFFD}  # kind -> inode on the host
 
 
 class CrashTracker:
@@ -126,6 +135,15 @@ class ExitThread:
     def start(self) -> None:
         if self._thread is not None:
             return
+        own = own_namespace()
+        if own is not None:
+            # The kernel ignores such a listener without an error: said now, not after
+            # the connector's acknowledgement timeout (2 s of every start).
+            raise ConnectorError(
+                "the proc connector serves only listeners in the host's initial user and "
+                f"PID namespaces, and this agent runs in a {own} namespace of its own (a "
+                "container's): run the agent on the host to follow crashes"
+            )
         kinds = ["exit"] + ["fork"] * bool(self._on_fork) + ["exec"] * bool(self._on_exec)
         self._watcher = ExitWatcher(kinds).open()
         self._thread = threading.Thread(target=self._run, name="exits", daemon=True)
@@ -159,3 +177,18 @@ class ExitThread:
                     self._on_overrun()
             except Exception:
                 log.exception("exit watcher: handling %s failed", event)
+
+
+def own_namespace() -> str | None:
+    """ "pid" or "user" if this process runs in such a namespace of its own, not the
+    host's initial one (whose inode numbers are fixed: PROC_PID_INIT_INO,
+    PROC_USER_INIT_INO in linux/proc_ns.h); None if in both initial ones, or unknown."""
+    import os
+
+    for kind, inode in INITIAL_NAMESPACES.items():
+        try:
+            if os.stat(f"/proc/self/ns/{kind}").st_ino != inode:
+                return kind
+        except OSError:
+            continue
+    return None

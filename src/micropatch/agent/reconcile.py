@@ -23,6 +23,7 @@ from micropatch import live
 from micropatch.agent.covered import Carriers, Covered
 from micropatch.agent.events import Event, EventSink
 from micropatch.agent.policy import PolicyView, wants
+from micropatch.agent.pythonpass import PythonPass
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
 from micropatch.errors import (
     AlreadyApplied,
@@ -58,6 +59,7 @@ class PassResult:
     # and those it wants not to (what `agent ... --wait` compares the carriers with)
     wanted: dict[str, set[int]] = field(default_factory=dict)
     unwanted: dict[str, set[int]] = field(default_factory=dict)
+    python: dict[str, int] = field(default_factory=dict)  # the CPython pass's counts
 
 
 def alive(pid: int, start: int) -> bool:
@@ -97,6 +99,9 @@ class Reconciler:
         self.lock_timeout = lock_timeout
         self.workers = workers
         self.carriers = Carriers(_start_or_none)
+        # The store's CPython patches over the host's interpreters (agent/pythonpass.py).
+        self.python = PythonPass(store.python_patches, store.recheck_python, state, report,
+                                 ops=ops, lock_timeout=lock_timeout)  # fmt: skip
         self._lock = threading.Lock()
         # The last failure of each (pid, patch id, version, op): the same error on the
         # next pass is retried but not reported again (one event, not one a minute).
@@ -118,7 +123,13 @@ class Reconciler:
         return self.carriers.get(pid)
 
     def forget(self, pid: int, exited_ns: int | None = None) -> Covered | None:
-        return self.carriers.forget(pid, exited_ns)
+        """Forget a process (it exited): what it carried, CPython patches included."""
+        native = self.carriers.forget(pid, exited_ns)
+        python = self.python.forget(pid)
+        if python is None or native is None:
+            return native or python
+        native.patches.update(python.patches)
+        return native
 
     def failure(self, pid: int, patch_id: str) -> str | None:
         """The last error of an operation of this patch on this process, if it failed."""
@@ -175,6 +186,7 @@ class Reconciler:
             live_pids = set(all_pids())
             with self._lock:
                 self._failed = {k: v for k, v in self._failed.items() if k[0] in live_pids}
+        result.python = self.python.run(None if full else todo)
         return result
 
     def poll_blocked(self) -> None:
@@ -182,7 +194,9 @@ class Reconciler:
 
         Cheap when nothing happened (the common case, every few seconds on every
         covered process): only the counters are read, at the addresses the last full
-        read gave; a change, or a counter that cannot be read, takes the full read."""
+        read gave; a change, or a counter that cannot be read, takes the full read.
+        The CPython patches' counters are read from the interpreters' pages."""
+        self.python.poll_blocked()
         for pid, c in self.covered().items():
             if not c.patches or (c.counters is not None and not self._counters_moved(pid, c)):
                 continue

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from micropatch.agent.coverage import coverage
 from micropatch.agent.events import Event, EventFilter
 from micropatch.agent.policy import DISABLED, ENABLED, exclusion, reasons_against
-from micropatch.agent.store import Stored
+from micropatch.agent.store import AnyStored
 from micropatch.errors import AgentError, UnknownPatch
 from micropatch.process.select import ProcessInfo
 
@@ -82,6 +82,20 @@ class Requests:
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == stored.id],
             })  # fmt: skip
+        # The interpreters carrying the store's CPython patches (agent/pythonpass.py) too.
+        covered = {c.pid: c for c in self.reconciler.python.covered(covered.values())}
+        for patch_id, admitted in sorted(self.store.python_patches().items()):
+            carriers = [c for c in covered.values() if patch_id in c.patches]
+            patches.append({
+                "copies": None, "warning": None, "carriers": sorted(c.pid for c in carriers),
+                "id": patch_id, "version": admitted.version, "runtime": "cpython",
+                "title": admitted.patch.info.title, "module": admitted.patch.target.module,
+                "state": view.states.get(patch_id, self.config.default_state),
+                "file": admitted.artifact.file_name, "processes": len(carriers),
+                "blocked": sum(c.blocked.get(patch_id, 0) for c in carriers),
+                "auto_disabled": [{"exe": e, "since": t, "reason": r}
+                                  for p, e, t, r in auto if p == patch_id],
+            })  # fmt: skip
         return {
             "ready": self.ready.is_set(),
             "pid": os.getpid(),
@@ -108,7 +122,7 @@ class Requests:
         reconcile live (a newer version updates the processes that carry the old).
         `update` (`agent update`): only a newer version of a stored patch."""
         if update:
-            admitted = self.store.admit_bytes(data, name)
+            admitted = self.store.admit_any_bytes(data, name)
             older = self._stored(admitted.id)
             if older.version >= admitted.version:
                 raise AgentError(
@@ -129,9 +143,9 @@ class Requests:
         data: bytes,
         name: str,
         state: str | None,
-        what: Callable[[Stored], str],
+        what: Callable[[AnyStored], str],
         details: dict[str, Any] | None = None,
-    ) -> tuple[Stored, Stored | None, str]:
+    ) -> tuple[AnyStored, AnyStored | None, str]:
         """Admit and store an artifact, set its state (None: keep it, default_state for
         a new patch) and say so in an event (`what` names how it came); returns it, the
         version it replaced, its state. The caller reconciles (`_policy_changed`)."""
@@ -194,10 +208,11 @@ class Requests:
         self._policy_changed()
         return {"exclusion": asdict(e), "removed": remove}
 
-    def _stored(self, patch_id: str) -> Stored:
+    def _stored(self, patch_id: str) -> AnyStored:
         stored = self.store.get(patch_id)
         if stored is None:
-            known = ", ".join(sorted(self.store.patches())) or "none"
+            ids = [*self.store.patches(), *self.store.python_patches()]
+            known = ", ".join(sorted(ids)) or "none"
             raise UnknownPatch(
                 f"no patch {patch_id} in the agent's store (known: {known}); "
                 "add it with `micropatch agent add ARTIFACT.mpatch`",

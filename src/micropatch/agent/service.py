@@ -426,7 +426,7 @@ class Agent(Exits, Requests):
     def _sync_store(self) -> bool:
         if not self.store.sync():
             return False
-        for patch_id in self.store.patches():
+        for patch_id in [*self.store.patches(), *self.store.python_patches()]:
             self.state.ensure(patch_id, self.config.default_state)
         self._policy_changed(wake=False)
         return True

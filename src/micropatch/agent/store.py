@@ -1,8 +1,9 @@
 """The agent's store and policy state.
 
 `ArtifactStore`: signed artifacts in STATE/store/, one file per patch id (its
-newest version). Each is admitted with `trust.admission.admit` (keys: the trust
-directory's *.pub) when it is loaded, and its signatures are checked again
+newest version), native or CPython (`python_patches()`, applied by
+`agent.pythonpass`). Each is admitted with `trust.admission.admit_any` (keys:
+the trust directory's *.pub) when it is loaded, and its signatures are checked again
 against the keys trusted at that moment before each apply. An artifact that
 does not pass — dropped into the store by hand, corrupt, signed by a key no
 longer trusted — is moved to store/rejected/ and never applied.
@@ -37,7 +38,7 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.files import write_atomic
-from micropatch.trust.admission import Admitted, admit
+from micropatch.trust.admission import Admitted, AdmittedPython, admit, admit_any
 from micropatch.trust.artifact import verify
 from micropatch.trust.envelope import SUFFIX, read
 from micropatch.trust.keys import PublicKey, load_public_key
@@ -45,12 +46,8 @@ from micropatch.trust.keys import PublicKey, load_public_key
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Stored:
-    """An admitted artifact in the store."""
-
-    admitted: Admitted
-    path: Path
+class _Identified:
+    admitted: Admitted | AdmittedPython
 
     @property
     def id(self) -> str:
@@ -61,6 +58,25 @@ class Stored:
         return self.admitted.version
 
 
+@dataclass(frozen=True)
+class Stored(_Identified):
+    """An admitted (native) artifact in the store."""
+
+    admitted: Admitted
+    path: Path
+
+
+@dataclass(frozen=True)
+class StoredPython(_Identified):
+    """An admitted CPython artifact in the store."""
+
+    admitted: AdmittedPython
+    path: Path
+
+
+AnyStored = Stored | StoredPython
+
+
 class ArtifactStore:
     """Signed artifacts, admitted; `patches()` is what the agent may apply."""
 
@@ -69,6 +85,7 @@ class ArtifactStore:
         self._report = report
         self._lock = threading.RLock()
         self._patches: dict[str, Stored] = {}
+        self._python: dict[str, StoredPython] = {}
         self._seen: dict[str, tuple[int, int]] = {}  # file name -> (size, mtime_ns)
         self._keys: tuple[tuple[tuple[str, int, int], ...], tuple[PublicKey, ...]] | None = None
 
@@ -98,23 +115,39 @@ class ArtifactStore:
 
     def admit_bytes(self, data: bytes, name: str) -> Admitted:
         """The admission policy with the keys trusted now (no unsigned patch, ever)."""
+        return admit(data, name=name, keys=self._trusted(name))
+
+    def admit_any_bytes(self, data: bytes, name: str) -> Admitted | AdmittedPython:
+        """`admit_bytes` for an artifact of either runtime."""
+        return admit_any(data, name=name, keys=self._trusted(name))
+
+    def _trusted(self, name: str) -> list[PublicKey]:
         keys = self.keys()
         if not keys:
             raise NotAdmitted(
                 f"{name}: no trusted keys in {self.paths.trust_dir}: install the signers' "
                 "public keys (*.pub) there"
             )
-        return admit(data, name=name, keys=keys)
+        return keys
 
     # --- the store ----------------------------------------------------------
 
     def patches(self) -> dict[str, Stored]:
+        """The native patches."""
         with self._lock:
             return dict(self._patches)
 
-    def get(self, patch_id: str) -> Stored | None:
+    def python_patches(self) -> dict[str, AdmittedPython]:
         with self._lock:
-            return self._patches.get(patch_id)
+            return {patch_id: s.admitted for patch_id, s in self._python.items()}
+
+    def _everything(self) -> list[tuple[str, AnyStored]]:
+        return [*self._patches.items(), *self._python.items()]
+
+    def get(self, patch_id: str) -> AnyStored | None:
+        """A stored patch of either runtime."""
+        with self._lock:
+            return self._patches.get(patch_id) or self._python.get(patch_id)
 
     def sync(self) -> bool:
         """Read what changed in the store directory since the last call (every file at
@@ -132,9 +165,10 @@ class ArtifactStore:
             changed = False
             for name in set(self._seen) - set(entries):
                 del self._seen[name]
-                for patch_id, stored in list(self._patches.items()):
+                for patch_id, stored in self._everything():
                     if stored.path.name == name:
-                        del self._patches[patch_id]
+                        self._patches.pop(patch_id, None)
+                        self._python.pop(patch_id, None)
                         changed = True
                         self._report(Event(
                             "agent", time.time(), patch_id=patch_id, version=stored.version,
@@ -152,10 +186,12 @@ class ArtifactStore:
 
     def _load(self, path: Path) -> bool:
         try:
-            admitted = self.admit_bytes(read(path), str(path))
+            admitted = self.admit_any_bytes(read(path), str(path))
         except MicropatchError as e:
             self.reject(path, e)
             return False
+        if isinstance(admitted, AdmittedPython):
+            return self._load_python(admitted, path)
         current = self._patches.get(admitted.id)
         if current is not None and current.path != path:
             if current.version >= admitted.version:
@@ -164,6 +200,16 @@ class ArtifactStore:
                 return False
             self._discard(current.path, f"replaced by {path.name}")
         self._patches[admitted.id] = Stored(admitted, path)
+        return current is None or current.path != path or current.version != admitted.version
+
+    def _load_python(self, admitted: AdmittedPython, path: Path) -> bool:
+        current = self._python.get(admitted.id)
+        if current is not None and current.path != path:
+            if current.version >= admitted.version:
+                self._discard(path, f"older than {current.path.name}")
+                return False
+            self._discard(current.path, f"replaced by {path.name}")
+        self._python[admitted.id] = StoredPython(admitted, path)
         return current is None or current.path != path or current.version != admitted.version
 
     def _discard(self, path: Path, why: str) -> None:
@@ -176,9 +222,10 @@ class ArtifactStore:
         """Move a refused artifact aside (store/rejected/) with an event; never applied."""
         with self._lock:
             self._seen.pop(path.name, None)
-            for patch_id, stored in list(self._patches.items()):
+            for patch_id, stored in self._everything():
                 if stored.path == path:
-                    del self._patches[patch_id]
+                    self._patches.pop(patch_id, None)
+                    self._python.pop(patch_id, None)
             self.paths.rejected.mkdir(mode=0o700, parents=True, exist_ok=True)
             target: Path | None = self.paths.rejected / f"{path.name}.{int(time.time() * 1e3)}"
             try:
@@ -196,14 +243,14 @@ class ArtifactStore:
         ))  # fmt: skip
         return target
 
-    def add(self, data: bytes, name: str) -> tuple[Stored, Stored | None]:
-        """Admit an artifact and copy it into the store (temporary file, then rename:
-        the store never holds half a file). Returns it and the version it replaced.
-        Refuses an older version than the stored one (Downgrade)."""
-        admitted = self.admit_bytes(data, name)
+    def add(self, data: bytes, name: str) -> tuple[AnyStored, AnyStored | None]:
+        """Admit an artifact (native or CPython) and copy it into the store (temporary
+        file, then rename: the store never holds half a file). Returns it and the
+        version it replaced. Refuses an older version than the stored one (Downgrade)."""
+        admitted = self.admit_any_bytes(data, name)
         assert admitted.artifact is not None
         with self._lock:
-            current = self._patches.get(admitted.id)
+            current = self._patches.get(admitted.id) or self._python.get(admitted.id)
             if current is not None and current.version > admitted.version:
                 raise Downgrade(
                     f"the store holds {admitted.id} version {current.version}, newer than "
@@ -221,28 +268,43 @@ class ArtifactStore:
                 )
             path = self.paths.store / admitted.artifact.file_name
             write_private(path, data)
-            stored = Stored(admitted, path)
-            self._patches[admitted.id] = stored
+            self._patches.pop(admitted.id, None)
+            self._python.pop(admitted.id, None)
+            stored: AnyStored
+            if isinstance(admitted, AdmittedPython):
+                stored = self._python[admitted.id] = StoredPython(admitted, path)
+            else:
+                stored = self._patches[admitted.id] = Stored(admitted, path)
             st = path.stat()
             self._seen[path.name] = (st.st_size, st.st_mtime_ns)
             if current is not None:
                 self._discard(current.path, f"replaced by {path.name}")
             return stored, current
 
-    def drop(self, patch_id: str, why: str) -> Stored | None:
+    def drop(self, patch_id: str, why: str) -> AnyStored | None:
         """Take a patch out of the store (its file deleted): never applied again. The
         processes that carry it must have been unpatched first (the caller's job)."""
         with self._lock:
-            stored = self._patches.pop(patch_id, None)
+            stored = self._patches.pop(patch_id, None) or self._python.pop(patch_id, None)
             if stored is not None:
                 self._discard(stored.path, why)
             return stored
+
+    def recheck_python(self, patch_id: str) -> AdmittedPython:
+        """`recheck` for a CPython patch."""
+        stored = self._recheck(self._python.get(patch_id), patch_id)
+        assert isinstance(stored, StoredPython)
+        return stored.admitted
 
     def recheck(self, patch_id: str) -> Admitted:
         """The stored patch, its signatures checked again against the keys trusted now
         (a key removed from the trust directory, or expired, no longer admits it).
         A failure rejects the artifact and raises."""
-        stored = self.get(patch_id)
+        stored = self._recheck(self.get(patch_id), patch_id)
+        assert isinstance(stored, Stored)
+        return stored.admitted
+
+    def _recheck(self, stored: AnyStored | None, patch_id: str) -> AnyStored:
         if stored is None:
             raise AgentError(f"patch {patch_id} is not in the store", patch_id=patch_id)
         artifact = stored.admitted.artifact
@@ -257,7 +319,7 @@ class ArtifactStore:
             e.within(patch_id=patch_id)
             self.reject(stored.path, e)
             raise
-        return stored.admitted
+        return stored
 
 
 def write_private(path: Path, data: bytes) -> None:

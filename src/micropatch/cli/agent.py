@@ -414,5 +414,8 @@ def _show_event(event: dict[str, Any], as_json: bool) -> None:
     import time
 
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
-    where = f" pid {event['pid']}" if event.get("pid") is not None else ""
-    print(f"{when} {event['kind']:<8}{where} {event.get('message', '')}", flush=True)
+    message = event.get("message", "")
+    pid = event.get("pid")
+    # Most messages are whole sentences naming their pid already: it is not said twice.
+    where = f" pid {pid}" if pid is not None and f"pid {pid}" not in message else ""
+    print(f"{when} {event['kind']:<8}{where} {message}", flush=True)

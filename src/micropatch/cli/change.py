@@ -83,8 +83,10 @@ def change(verb: str, subject: str, values: Values) -> None:
 
     def hint(pid: int, e: MicropatchError) -> None:
         if verb == "update" and isinstance(e, NotApplied):
+            keys = "".join(f" --trust {key}" for key in values.get("trust") or ())
             e.hint(
-                f"; to patch it for the first time, use `micropatch apply {subject} --pid {pid}`"
+                "; to patch it for the first time, use "
+                f"`micropatch apply {subject} --pid {pid}{keys}`"
             )
 
     status = report.show(verb, run, selected=scope.filters is not None, hint=hint)

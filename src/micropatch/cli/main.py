@@ -23,6 +23,14 @@ from micropatch.errors import MicropatchError
 HELP = "In-memory micropatching of running Linux x86-64 processes."
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from micropatch import __version__
+
+        print(f"micropatch {__version__}")
+        raise typer.Exit()
+
+
 def _options(
     verbose: Annotated[
         int,
@@ -34,6 +42,12 @@ def _options(
             "move, retry and rollback.",
         ),
     ] = 0,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Show the version and exit."
+        ),
+    ] = False,
 ) -> None:
     from micropatch.cli.entry import configure_logging
 

@@ -71,12 +71,20 @@ def publish(
     server_extra()
     import httpx
 
+    from micropatch.trust.admission import is_source
+
     if not token:
         raise fail("no API token: pass --token or set MICROPATCH_TOKEN")
     try:
         data = artifact.read_bytes()
     except OSError as e:
         raise fail(f"{artifact}: cannot read: {e.strerror}") from None
+    if is_source(data, artifact.name):
+        raise fail(
+            f"{artifact} is a patch source; publish the signed artifact built from it "
+            f"(micropatch build {artifact} --module MODULE_FILE --key KEY.key writes "
+            "ID-vVERSION-HASH.mpatch)"
+        )
     try:
         response = httpx.post(
             f"{server.rstrip('/')}/api/v1/patches",
@@ -97,9 +105,6 @@ def publish(
 
 
 GRACE = 5  # seconds a stopping server gives the requests under way
-# Connections and requests a server process takes at once; beyond, it answers 503 at
-# once (an agent retries later) instead of queueing work it cannot do in time.
-LIMIT_CONCURRENCY = 256
 
 # --- server ----------------------------------------------------------------------------
 
@@ -138,12 +143,15 @@ def server_run(
 
     from micropatch.errors import MicropatchError
     from micropatch.server.app import create_app
+    from micropatch.server.capacity import limit
     from micropatch.server.context import PARENT_VARIABLE, SETTINGS_VARIABLE, Server, Settings
     from micropatch.server.database import private_data_dir
 
     host, port = _check_listen(listen)
     _check_workers(workers, database)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The migrations' own INFO is setup chatter; server.database says the revision reached.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = Settings(
         data_dir=data_dir,
         database=database,
@@ -151,7 +159,8 @@ def server_run(
         repository_url=repository_url,
     )
     try:
-        private_data_dir(data_dir)
+        if data_dir.exists():  # else Server refuses it (no repository) before making it
+            private_data_dir(data_dir)
         server = Server(settings)  # the repository checked, the database migrated
     except MicropatchError as e:
         raise fail(str(e)) from None
@@ -161,14 +170,14 @@ def server_run(
     if workers == 1:
         uvicorn.run(create_app(settings, server=server), host=address, port=port,
                     log_level="info", timeout_graceful_shutdown=GRACE,
-                    limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
+                    limit_concurrency=limit())  # fmt: skip
         return
     server.database.dispose()  # each worker opens its own
     os.environ[SETTINGS_VARIABLE] = json.dumps(settings.to_json())
     os.environ[PARENT_VARIABLE] = str(os.getpid())
     uvicorn.run("micropatch.server.app:app_from_environment", factory=True, workers=workers,
                 host=address, port=port, log_level="info",
-                timeout_graceful_shutdown=GRACE, limit_concurrency=LIMIT_CONCURRENCY)  # fmt: skip
+                timeout_graceful_shutdown=GRACE, limit_concurrency=limit())  # fmt: skip
 
 
 @server_app.command("install")

@@ -1,8 +1,7 @@
 """What a runtime's operations return: an Outcome per operation, a PatchState per
 applied patch (the fields of `live.Outcome` and `live.states.PatchState`, so the
 CLI prints both runtimes one way). `runtimes.engines` dispatches between the
-engines; docs/python-patches.md ("Phase 2") proposes the interface the agent
-will use.
+engines; the agent's CPython pass (`agent/pythonpass.py`) reads these too.
 """
 
 from __future__ import annotations

@@ -161,23 +161,29 @@ def _python_selection(
     verb: str, patch_id: str, patch: AnyAdmitted | None, filters: Filters
 ) -> Selection:
     """As `live.selection` selects native processes: apply, every interpreter of the
-    patch's Python version that does not carry it (whether it imported the module
-    is checked inside each: not imported, it is skipped); remove and update, the
-    interpreters whose page records the patch."""
+    patch's Python version that imported its module (read from its memory, so an
+    interpreter without it is never touched) and does not carry it; remove and
+    update, the interpreters whose page records the patch."""
     from micropatch.live.selection import Candidate, Selection
     from micropatch.process.select import read_info
     from micropatch.runtimes.cpython import states
+    from micropatch.runtimes.cpython.imports import has_module
 
+    module = None
     if verb == "apply":
-        assert patch is not None and patch.runtime == "cpython"
-        pids = states.interpreter_pids(patch.artifact.payload.python.version)  # type: ignore[union-attr]
+        from micropatch.trust.admission import AdmittedPython
+
+        assert isinstance(patch, AdmittedPython)
+        payload = patch.artifact.payload
+        pids = states.interpreter_pids(payload.python.version)
+        module = payload.module.name
     else:
         pids = states.patched_pids()
     selection = Selection()
     for pid in pids:
         try:
             info = read_info(pid)
-            if not filters.matches(info):
+            if not filters.matches(info) or (module and not has_module(pid, module)):
                 continue
             applied = next((s.version for s in states.status(pid) if s.patch_id == patch_id), None)
         except (ProcessNotFound, ProcessExited):

@@ -7,6 +7,7 @@ instead).
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import logging
 import os
@@ -19,7 +20,7 @@ from typing import Any
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy.exc import DataError, IntegrityError
 
@@ -27,10 +28,12 @@ from micropatch import __version__
 from micropatch.errors import MicropatchError, RepositoryError, ServerError
 from micropatch.server import errors
 from micropatch.server.api import PREFIX, routers
+from micropatch.server.capacity import Capacity
 from micropatch.server.context import PARENT_VARIABLE, Server, Settings
 from micropatch.server.database import POOL_SIZE
 from micropatch.server.fleet.patches import reconcile
 from micropatch.server.limits import BodyLimit
+from micropatch.server.push import follow
 
 log = logging.getLogger(__name__)
 THREADS = POOL_SIZE  # requests served at once by one server process
@@ -103,11 +106,20 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
             target=_keep_fresh, args=(server, stop), name="repository-refresh", daemon=True
         )
         thread.start()
+        # Held check-ins (server/push.py) woken by the policy revision, whichever
+        # process or command changed it.
+        server.push.start()
+        follower = threading.Thread(
+            target=follow, args=(server, asyncio.get_running_loop(), stop), name="push-follow",
+            daemon=True,
+        )  # fmt: skip
+        follower.start()
         try:
             yield
         finally:
             stop.set()
             thread.join(timeout=5)
+            follower.join(timeout=5)
 
     app = FastAPI(
         title="micropatch fleet server",
@@ -119,6 +131,7 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     )
     app.state.server = server
     app.add_middleware(BodyLimit)  # every body limited while it is read
+    app.add_middleware(Capacity, push=server.push)  # outermost: a 503 costs nothing
     _handle_errors(app)
 
     @app.get(f"{PREFIX}/health", tags=["server"])
@@ -132,6 +145,12 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
     from micropatch.server.console import mount_console
 
     mount_console(app)
+
+    @app.get("/", include_in_schema=False)
+    def landing() -> RedirectResponse:
+        """The server's address opened in a browser: the console (its login page)."""
+        return RedirectResponse("/console/", 307)
+
     _document_refusals(app)
     app.mount(
         "/repository",

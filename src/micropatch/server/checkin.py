@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import secret_hash
+from micropatch.server.blocked import bound
 from micropatch.server.catalogue import REVISION, ModuleKey
 from micropatch.server.errors import Unauthorized
 
@@ -37,7 +38,7 @@ _events = cast(Table, m.Event.__table__)
 # Who is checking in, and what the server holds for them, in one statement.
 _HOST = (
     select(_hosts.c.id, _hosts.c.group_id, _hosts.c.inventory_digest, _groups.c.path,
-           REVISION.scalar_subquery())
+           REVISION.scalar_subquery(), _hosts.c.last_seen)
     .join(_groups, _hosts.c.group_id == _groups.c.id)
     .where(_hosts.c.credential_hash == bindparam("credential_hash"))
 )  # fmt: skip
@@ -92,7 +93,7 @@ def check_in(session: Session, credential: str, request: s.CheckinRequest) -> Ch
     found = db.execute(_HOST, {"credential_hash": secret_hash(credential)}).one_or_none()
     if found is None:
         raise Unauthorized("unknown or expired credentials")
-    host_id, group_id, digest, group_path, revision = found
+    host_id, group_id, digest, group_path, revision, last_seen = found
     seen: dict[str, Any] = {
         "host_id": host_id, "now": now, "name": request.hostname or None,
         "kernel": request.kernel or None, "agent_version": request.agent_version or None,
@@ -104,7 +105,8 @@ def check_in(session: Session, credential: str, request: s.CheckinRequest) -> Ch
         modules = _store_inventory(session, host_id, request.modules, request.processes or [])
         digest = request.inventory_digest
         db.execute(_SEEN_WITH_INVENTORY, seen | {"digest": digest})
-    accepted = _store_events(session, host_id, now, request.events)
+    elapsed = None if last_seen is None else now - last_seen
+    accepted = _store_events(session, host_id, now, elapsed, request.events)
     return CheckedIn(host_id, revision or 0, group_id, group_path, modules, digest, accepted)
 
 
@@ -137,7 +139,9 @@ def _store_inventory(
     return [(build_id, sha256) for _, _, build_id, sha256 in rows]
 
 
-def _store_events(session: Session, host_id: int, now: float, given: list[s.EventIn]) -> int:
+def _store_events(
+    session: Session, host_id: int, now: float, elapsed: float | None, given: list[s.EventIn]
+) -> int:
     if not given:
         return 0
     events = [{"host_id": host_id, "received": now, **e.model_dump()} for e in given]
@@ -156,5 +160,6 @@ def _store_events(session: Session, host_id: int, now: float, given: list[s.Even
             stored.add(fact)
             fresh.append(e)
     if fresh:
+        bound(fresh, elapsed, host_id)  # blocked counts: server/blocked.py
         db.execute(_ADD_EVENTS, fresh)
     return len(fresh)

@@ -15,6 +15,7 @@ from starlette.requests import Request
 from micropatch.server.auth import Passwords
 from micropatch.server.catalogue import Catalogues
 from micropatch.server.database import Database, database_url
+from micropatch.server.push import Push, held_capacity
 from micropatch.server.repository import Repository
 from micropatch.server.throttle import LoginThrottle
 
@@ -46,7 +47,8 @@ class Settings:
 
 
 class Server:
-    """What a running server holds: the database, the repository, the password hasher."""
+    """What a running server holds: the database, the repository, the password hasher,
+    the held check-ins."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -57,6 +59,7 @@ class Server:
         self.passwords = Passwords()
         self.catalogues = Catalogues()
         self.logins = LoginThrottle()
+        self.push = Push(held_capacity())  # check-ins held until their answer changes
 
     def repository_url(self, request: Request) -> str:
         if self.settings.repository_url:

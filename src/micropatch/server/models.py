@@ -156,6 +156,8 @@ class Patch(Base):
     module_name: Mapped[str] = mapped_column(String(255))
     module_build_id: Mapped[str | None] = mapped_column(String(128), index=True)
     module_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    # "native", or "cpython": module_sha256 is then the SHA-256 of the module's source
+    runtime: Mapped[str] = mapped_column(String(16), default="native", server_default="native")
     target: Mapped[str] = mapped_column(String(255))  # the TUF target name
     size: Mapped[int] = mapped_column(Integer)
     published: Mapped[float] = mapped_column(Float)

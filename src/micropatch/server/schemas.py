@@ -192,6 +192,11 @@ class CheckinRequest(_Body):
     events: list[EventIn] = Field(default_factory=list, max_length=MAX_ITEMS["events"])
     # What was left out of the lists above, one line each: set here, never sent.
     ignored: list[str] = Field(default_factory=list, exclude=True)
+    # A held check-in (docs/server.md, "Push"): when the answer's `policy_digest` is
+    # still this one, the server answers when it changes, or after `wait` seconds
+    # (at most the `hold` it offered), instead of at once.
+    wait: int = Field(default=0, ge=0, le=3600)
+    policy_digest: str | None = Field(default=None, max_length=128, pattern=r"^[!-~]*$")
 
     @model_validator(mode="before")
     @classmethod
@@ -294,6 +299,14 @@ class CheckinResponse(BaseModel):
     inventory_digest: str | None = None
     # Items of the check-in left out because they were not valid (the first ones).
     ignored: list[str] = Field(default_factory=list)
+    # The digest of group, policy, patches and revoked: sent back with `wait`, the
+    # check-in is held until they change. `hold`: the longest wait this server holds a
+    # check-in now (0: it does not; the agent checks in every checkin_interval).
+    policy_digest: str = ""
+    hold: int = 0
+    # Seconds to wait before the next check-in: set in an answer a change woke, to
+    # spread the check-ins of the fleet it woke (server/push.py, WAKE_RATE).
+    after: float = 0.0
 
 
 # --- patches, groups, hosts, events, audit -----------------------------------------
@@ -306,6 +319,7 @@ class PatchOut(BaseModel):
     title: str | None
     target: str
     module: ModuleRef
+    runtime: str = "native"  # or "cpython" (docs/python-patches.md)
     size: int
     published: float
     published_by: str

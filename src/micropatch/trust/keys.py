@@ -195,6 +195,12 @@ def write_key_pair(key: PrivateKey, stem: Path, *, force: bool = False) -> tuple
     """
     private_path = stem.with_name(stem.name + PRIVATE_SUFFIX)
     public_path = stem.with_name(stem.name + PUBLIC_SUFFIX)
+    try:  # `keys/release`: a directory made for keys is private, as the key file is
+        stem.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SignatureError(
+            f"cannot create the directory {stem.parent} for {private_path.name}: {exc.strerror}"
+        ) from None
     if not force:
         for path in (private_path, public_path):
             if path.exists():

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from micropatch.runtimes.cpython.page import MAPS_NAME
 from micropatch.trust.keys import generate_key, write_key_pair
 
 from .conftest import GUARD, StartPy, patch_toml
@@ -79,11 +80,10 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     assert "no micropatch applied" in micropatch("status", "--pid", target.pid).stdout
 
 
-def test_apply_all_skips_interpreters_without_the_module(
+def test_apply_all_passes_over_interpreters_without_the_module(
     start_py: StartPy, shop: Path, python: str, tmp_path: Path
 ) -> None:
-    # --all --exe: only the interpreters of this test, never another process of the
-    # host (an apply runs a check inside every interpreter of its version in scope).
+    # --all --exe: only the interpreters of this test, never another process of the host.
     own = tmp_path / "bin" / Path(python).name
     own.parent.mkdir()
     shutil.copy2(python, own)
@@ -92,12 +92,16 @@ def test_apply_all_skips_interpreters_without_the_module(
     write_key_pair(generate_key("dev"), shop / "dev")
     v1 = _build(shop, python, 1, GUARD["then"])
     target = start_py(interpreter=str(own))
-    start_py("--bare", interpreter=str(own))  # never imports shop.parsers
+    bare = start_py("--bare", interpreter=str(own))  # never imports shop.parsers
     done = micropatch("apply", v1, "--all", "--exe", str(own), "--trust", shop / "dev.pub")
     text = done.stdout + done.stderr
     assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in text, text
-    assert "1 done, 0 failed, 1 skipped" in text, text
+    assert "1 done, 0 failed, 0 skipped" in text, text
     assert target.call(LONG) == BLOCKED_LONG
+    # Read from memory that it lacks the module: never touched, no page mapped.
+    assert MAPS_NAME in Path(f"/proc/{target.pid}/maps").read_text()
+    assert MAPS_NAME not in Path(f"/proc/{bare.pid}/maps").read_text()
+    assert bare.ask("x") == "bare"
     done = micropatch("remove", "hdr-fix", "--all", "--exe", str(own))
     assert done.returncode == 0 and "1 done" in done.stdout + done.stderr
     assert target.call(LONG) == ORIGINAL_LONG

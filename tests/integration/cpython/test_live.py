@@ -88,18 +88,8 @@ def test_class_method_and_bound_method(start_py: StartPy, shop: Path, python: st
     assert target.call(LONG) == ORIGINAL_LONG
 
 
-GIL_ONLY = pytest.param(
-    "gil:1",
-    marks=pytest.mark.xfail(
-        reason="open (issue 19): with the only other thread a C loop that takes the GIL "
-        "back at once, an idle machine often gives NoSafePoint after 5 s",
-        strict=False,
-    ),
-)
-
-
 @pytest.mark.parametrize(
-    "workers", ["busy:2", "sleep:2", "cloop:2", GIL_ONLY, "busy:1,sleep:1,cloop:1,gil:1"]
+    "workers", ["busy:2", "sleep:2", "cloop:2", "gil:1", "busy:1,sleep:1,cloop:1,gil:1"]
 )
 def test_threads_busy_sleeping_or_in_c(
     start_py: StartPy, shop: Path, python: str, workers: str

@@ -54,10 +54,10 @@ def test_the_installed_default_file_parses_to_the_defaults():
     assert AgentConfig.model_validate(tomllib.loads(default_config_text())) == AgentConfig()
 
 
-def test_workers_default_to_the_cpus_the_agent_may_run_on_at_most_4():
+def test_workers_default_to_two_per_cpu_the_agent_may_run_on_at_most_8():
     import os
 
-    assert AgentConfig().worker_count() == min(4, len(os.sched_getaffinity(0)))
+    assert AgentConfig().worker_count() == min(8, 2 * len(os.sched_getaffinity(0)))
     assert AgentConfig(workers=7).worker_count() == 7
 
 

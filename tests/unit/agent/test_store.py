@@ -138,3 +138,31 @@ def test_another_artifact_of_a_stored_version_is_refused(setup, targets, tmp_pat
     signer = setup_key(paths)
     with pytest.raises(AgentError, match="give a new build a new version"):
         store.add(other.signed(signer).to_bytes(), "other.mpatch")
+
+
+def test_cpython_artifacts_are_kept_beside_native_ones(setup, tmp_path):
+    import sys
+
+    from micropatch.runtimes.cpython.build import build as build_python
+
+    store, events, _artifact, paths = setup
+    (tmp_path / "parsers.py").write_text("def parse(line):\n    return line\n")
+    import hashlib
+
+    digest = hashlib.sha256((tmp_path / "parsers.py").read_bytes()).hexdigest()
+    (tmp_path / "py.toml").write_text(
+        '[patch]\nid = "py-fix"\nversion = 1\n\n[target]\nruntime = "cpython"\n'
+        f'module = "parsers"\nsha256 = "{digest}"\n\n[[patchlet]]\nat = "parse"\n'
+        'when = "len(line) > 9"\nthen = "return \'\'"\n'
+    )
+    built = build_python(tmp_path / "py.toml", tmp_path / "parsers.py", python=sys.executable)
+    (paths.store / built.file_name).write_bytes(built.signed(setup_key(paths)).to_bytes())
+    (paths.store / "unsigned.mpatch").write_bytes(built.to_bytes())
+    assert store.sync()
+    assert store.patches() == {} and list(store.python_patches()) == ["py-fix"]
+    assert store.recheck_python("py-fix").artifact.payload.module.name == "parsers"
+    [rejected] = [e for e in events if e.kind == "rejected"]
+    assert "unsigned.mpatch" in rejected.message  # never admitted, moved aside
+    dropped = store.drop("py-fix", "revoked")
+    assert dropped is not None and store.python_patches() == {}
+    assert not (paths.store / built.file_name).exists()

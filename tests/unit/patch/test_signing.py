@@ -72,6 +72,16 @@ def test_existing_key_files_are_kept(pair: tuple[Path, Path], tmp_path: Path) ->
     assert stat.S_IMODE(pair[0].stat().st_mode) == 0o600
 
 
+def test_key_directory_is_created_private(tmp_path: Path) -> None:
+    """`keys generate keys/release` (docs/signing.md): the directory is made, 0700."""
+    private_path, public_path = write_key_pair(generate_key("release"), tmp_path / "k" / "release")
+    assert private_path.exists() and public_path.exists()
+    assert stat.S_IMODE((tmp_path / "k").stat().st_mode) == 0o700
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SignatureError, match=r"cannot create the directory .*/file for"):
+        write_key_pair(generate_key("release"), tmp_path / "file" / "release")
+
+
 @pytest.mark.parametrize("name", ["", "a b", "../x", "-x", "x" * 65, "ключ"])
 def test_bad_key_names(name: str) -> None:
     with pytest.raises(SignatureError, match="is not a key name"):

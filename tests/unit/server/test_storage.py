@@ -22,7 +22,7 @@ from micropatch.server.database import (
 )
 
 POSTGRES = os.environ.get("MICROPATCH_TEST_POSTGRES")  # e.g. postgresql://postgres@127.0.0.1/test
-HEAD = "0004"
+HEAD = "0006"
 VERSION_MAX = 2**63 - 1  # patch versions are 63-bit
 
 

@@ -32,11 +32,11 @@ RANK = {
     "live": 7,
     # a second runtime beside live/: it shares the per-process lock (live/lock.py)
     "runtimes": 8,
-    "tools": 8,
-    "agent": 8,
-    "server": 8,
-    "demo": 9,
-    "cli": 10,
+    "tools": 9,
+    "agent": 9,
+    "server": 9,
+    "demo": 10,
+    "cli": 11,
 }
 
 

@@ -44,6 +44,7 @@ OPENERS = {
     "server/console/pages.py": "SERVER_DIR / templates (Jinja2) and / static (StaticFiles)",
     "runtimes/cpython/build.py": "helper_text: the package's own .py files, sent to a target",
     "runtimes/cpython/runner.py": "a target module's __file__ (in the target), no package file",
+    "runtimes/cpython/imports.py": "a target module's __file__, read from its memory, no package file",
 }
 RUNTIME_FILES = {
     "micropatch/py.typed": "PEP 561: the package is typed",

@@ -21,10 +21,10 @@ from micropatch.errors import MicropatchError
 
 if TYPE_CHECKING:
     from micropatch.agent.service import Agent
-    from micropatch.agent.store import Stored
+    from micropatch.agent.store import AnyStored
 
 
-def _downloaded(stored: Stored) -> str:
+def _downloaded(stored: AnyStored) -> str:
     return f"downloaded {stored.path.name} from the fleet repository"
 
 
@@ -161,7 +161,8 @@ class Answer:
             if stored is None:
                 del self.revoking[patch_id]
                 continue
-            carried = any(patch_id in c.patches for c in agent.reconciler.covered().values())
+            everywhere = agent.reconciler.python.covered(agent.reconciler.covered().values())
+            carried = any(patch_id in c.patches for c in everywhere)
             if carried or agent.passes <= passes:
                 continue  # the reconciler has not removed it everywhere yet
             agent.drop(patch_id, "revoked by the fleet server")

@@ -7,9 +7,18 @@ successful check-in, by id: the cursor is in agent.db and moves only when the
 server has answered, so an event is never lost and, after a restart, never sent
 twice) and applies the answer (`answer.Answer`).
 
+A server that holds check-ins (its answers carry `hold`: docs/server.md, "Push")
+gets the next one at once, with `wait` and the digest of the answer in hand: it
+answers when that answer changes — a publish, a policy change, a revocation
+reaches the agent within seconds — or after the wait (the check-in interval), so
+there are no more check-ins than before. An older server (no `hold`) is checked in
+with every interval. The held request is cut short by `stop`, and a connection
+that stays silent past the wait plus HOLD_MARGIN counts as dead (a network cut);
+a server killed closes it at once.
+
 The server unreachable, or refusing a check-in: the agent goes on with what it
-has, retries with exponential backoff, and says what happened in one "agent"
-event (a refusal with the server's own message), and in one when it is back.
+has, retries with exponential backoff and jitter, and says what happened in one
+"agent" event (a refusal with the server's own message), and in one when it is back.
 
 Layering: nothing of the server but `server.updater` is imported (in `answer`).
 """
@@ -22,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import random
 import threading
 import time
 import urllib.error
@@ -31,7 +41,13 @@ from micropatch.agent.events import Event
 from micropatch.agent.fleet import enrollment, report
 from micropatch.agent.fleet.answer import Answer
 from micropatch.agent.fleet.enrollment import FLEET_FILE, MAX_FLEET_FILE, Enrollment
-from micropatch.agent.fleet.server_api import HttpError, agent_version, post_json
+from micropatch.agent.fleet.server_api import (
+    HTTP_TIMEOUT,
+    Cancel,
+    HttpError,
+    agent_version,
+    post_json,
+)
 from micropatch.agent.store import write_private
 from micropatch.errors import AgentError
 from micropatch.files import read_bounded
@@ -43,6 +59,8 @@ log = logging.getLogger(__name__)
 
 ROOT_NAME = "repository-root.json"  # the trusted TUF root, beside the trusted keys
 MAX_BACKOFF = 600.0
+HOLD_MARGIN = 15.0  # seconds past its wait a held check-in may stay silent: then it is dead
+NOT_HELD = 1.0  # a check-in sent with wait answered this fast, unchanged, was not held
 SERVER_EXTRA = ("tuf",)  # what the TUF client (server/updater.py) needs beyond the agent
 
 
@@ -69,6 +87,14 @@ class Fleet:
         self.last_checkin: float | None = None
         self.last_error: str | None = None
         self._failure_said: str | None = None  # what the event of this streak said
+        # Held check-ins: the last answer's digest, the hold the server offered (0: it
+        # holds none) and how long to wait before the next check-in (`after`).
+        self._policy_digest: str | None = None
+        self._hold = 0
+        self._next_in: float | None = None  # None: the interval
+        self._rehold = False  # check in (held) once the revocations under way are done
+        self._cancel = Cancel()
+        self.checkins = 0
 
     # --- life ---------------------------------------------------------------
 
@@ -87,6 +113,7 @@ class Fleet:
     def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
+        self._cancel.cancel()  # a held check-in ends now
         if self._thread is not None:
             self._thread.join(timeout=5)  # a daemon thread: a hung request never holds the stop
 
@@ -154,6 +181,7 @@ class Fleet:
             "repository": e.repository, "checkin_interval": self.interval(),
             "last_checkin": self.last_checkin, "failures": self.failures,
             "last_error": self.last_error, "event_cursor": self.cursor(),
+            "hold": self._hold, "checkins": self.checkins,
         }  # fmt: skip
 
     # --- the loop -------------------------------------------------------------
@@ -168,15 +196,20 @@ class Fleet:
                 self._wake.wait(3600.0)
                 continue
             if time.monotonic() >= due:
-                delay = self.interval()
                 try:
                     self.check_in()
+                    delay = self.interval() if self._next_in is None else self._next_in
                 except Exception as e:
+                    if self._stopping.is_set():
+                        return  # a held check-in cut short by stop: not a failure
                     delay = self._failed(e)
                 due = time.monotonic() + delay
             if self.answer.revoking:
                 with contextlib.suppress(Exception):
                     self.answer.drop_revoked()
+            if self._rehold and not self.answer.revoking:
+                self._rehold = False  # revocations done: hold a check-in again, now
+                self._wake.set()
             # Revocations in progress are looked at often, the server every interval.
             wait = due - time.monotonic()
             self._wake.wait(max(0.0, min(wait, 0.2) if self.answer.revoking else wait))
@@ -220,20 +253,23 @@ class Fleet:
             self._failure_said = kind
             self.agent.report(Event("agent", time.time(), pid=os.getpid(), message=message,
                                     data=data))  # fmt: skip
-        return float(min(MAX_BACKOFF, self.interval() * 2 ** min(self.failures, 16)))
+        self._next_in = None
+        backoff = min(MAX_BACKOFF, self.interval() * 2 ** min(self.failures, 16))
+        return float(backoff * random.uniform(0.5, 1.0))  # jitter: a fleet comes back spread
 
     def check_in(self) -> dict[str, Any]:
         """One check-in: report, then apply the answer."""
         enrolled = self.enrollment
         assert enrolled is not None
         agent = self.agent
-        stored, view = agent.store.patches(), agent.view()
+        stored, view = [*agent.store.patches(), *agent.store.python_patches()], agent.view()
         events, cursor, bad = report.events(self.db, self.cursor(), stored, view)
         if bad:
             self.answer.say("bad events", f"{bad} events of the history could not be sent "
                             "to the fleet server (see the agent's log)")  # fmt: skip
         modules = self._inventory()
-        processes = report.processes(agent.reconciler.covered().values(), stored, view)
+        covered = agent.reconciler.python.covered(agent.reconciler.covered().values())
+        processes = report.processes(covered, stored, view)
         digest = report.inventory_digest(modules, processes)
         body: dict[str, Any] = {
             "hostname": report.text(platform.node(), 255), "kernel": os.uname().release[:255],
@@ -241,7 +277,16 @@ class Fleet:
         }  # fmt: skip
         if digest != self._acknowledged:  # the server does not hold this inventory yet
             body["modules"], body["processes"] = modules, processes
-        answer = post_json(f"{enrolled.server}/api/v1/checkin", body, enrolled.credential)
+        wait = self._wait()
+        if wait:
+            body["wait"], body["policy_digest"] = wait, self._policy_digest
+        sent = time.monotonic()
+        answer = post_json(
+            f"{enrolled.server}/api/v1/checkin", body, enrolled.credential,
+            timeout=wait + HOLD_MARGIN if wait else HTTP_TIMEOUT, cancel=self._cancel,
+        )  # fmt: skip
+        self.checkins += 1
+        self._held(answer, wait, time.monotonic() - sent)
         self._set_cursor(cursor)  # the server has them: never sent again
         # What the server holds now: when it is not this digest (a server restored
         # from an older backup, say), the next check-in sends the inventory again.
@@ -271,6 +316,39 @@ class Fleet:
             self.wake()  # more to send
         return answer
 
+    def _wait(self) -> int:
+        """How long the next check-in may be held (0: not at all): the server's hold,
+        at most this agent's interval; none while revocations are followed closely
+        (the loop looks at them every 0.2 s) or the agent is stopping."""
+        if not self._hold or not self._policy_digest or self.answer.revoking:
+            return 0
+        if self._stopping.is_set() or self.interval() < 1:
+            return 0
+        return min(self._hold, int(self.interval()))
+
+    def _held(self, answer: dict[str, Any], wait: int, took: float) -> None:
+        """What the answer says of the next check-in: after `after` (a change answered
+        it, or the first answer), at once (a hold ran to its end), or after the
+        interval (the server holds none; this one was not held)."""
+        digest = answer.get("policy_digest")
+        changed = isinstance(digest, str) and digest != self._policy_digest
+        self._policy_digest = digest if isinstance(digest, str) and digest else None
+        hold = answer.get("hold")
+        self._hold = hold if isinstance(hold, int) and hold > 0 else 0
+        after = answer.get("after")
+        after = float(after) if isinstance(after, int | float) and after > 0 else 0.0
+        if not self._hold or not self._policy_digest:
+            self._next_in = None  # an older server, or one holding all it can
+        elif changed:
+            self._next_in = min(after, self.interval())
+        elif wait and took >= NOT_HELD:
+            self._next_in = 0.0  # held to its end: hold the next one at once
+        else:
+            # Not held: answered at once unchanged, or sent without wait (revocations
+            # under way: the loop checks in again once they are done).
+            self._next_in = None
+            self._rehold = not wait
+
     def _update_enrollment(self, answer: dict[str, Any]) -> None:
         assert self.enrollment is not None
         new = self.enrollment.updated(answer)
@@ -281,7 +359,8 @@ class Fleet:
     def _inventory(self) -> list[dict[str, Any]]:
         every = self.agent.config.inventory_interval
         if self._scanned is None or time.monotonic() - self._scanned >= every:
-            self._modules = self.inventory.scan()
+            # the ELF modules mapped, and the Python modules of the last pass
+            self._modules = self.inventory.scan() + self.agent.reconciler.python.modules()
             self._scanned = time.monotonic()
         return self._modules
 

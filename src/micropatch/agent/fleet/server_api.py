@@ -5,7 +5,10 @@ server said (docs/server.md, "Agent protocol")."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
+import socket
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -50,16 +53,75 @@ def describe_detail(detail: Any) -> str:
     return "" if detail is None else json.dumps(detail)[:500]
 
 
-def post_json(url: str, body: dict[str, Any], credential: str | None = None) -> dict[str, Any]:
-    """POST JSON, the answer's JSON. URLError/OSError when the server cannot be reached,
-    HttpError for an error status (with the server's message)."""
+class Cancel:
+    """Cuts short, from another thread, a request that may wait long (a held check-in):
+    its socket is shut down, and the request fails at once with an OSError."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self.cancelled = False
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._socket = sock
+            if self.cancelled:
+                self._shut()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            self._shut()
+
+    def _shut(self) -> None:
+        if self._socket is not None:
+            with contextlib.suppress(OSError):
+                self._socket.shutdown(socket.SHUT_RDWR)
+
+
+def _opener(cancel: Cancel) -> urllib.request.OpenerDirector:
+    """urllib (its proxies, its TLS) with each connection's socket handed to `cancel`."""
+
+    class Connection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            super().connect()
+            cancel.attach(self.sock)
+
+    class TlsConnection(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            super().connect()
+            cancel.attach(self.sock)
+
+    class Handler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Connection, req)
+
+    class TlsHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(TlsConnection, req, context=self._context)  # type: ignore[attr-defined]
+
+    return urllib.request.build_opener(Handler, TlsHandler)
+
+
+def post_json(
+    url: str,
+    body: dict[str, Any],
+    credential: str | None = None,
+    *,
+    timeout: float = HTTP_TIMEOUT,
+    cancel: Cancel | None = None,
+) -> dict[str, Any]:
+    """POST JSON, the answer's JSON. URLError/OSError when the server cannot be reached
+    (or the answer takes more than `timeout` s between two reads, or `cancel` cut it
+    short), HttpError for an error status (with the server's message)."""
     request = urllib.request.Request(
         url, data=json.dumps(body, default=str).encode(), method="POST",
         headers={"Content-Type": "application/json", "Accept": "application/json",
                  **({"Authorization": f"Bearer {credential}"} if credential else {})},
     )  # fmt: skip
     try:
-        with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
+        opened = _opener(cancel).open if cancel is not None else urllib.request.urlopen
+        with opened(request, timeout=timeout) as response:
             answer = json.loads(response.read() or b"{}")
     except urllib.error.HTTPError as e:
         try:

@@ -3,7 +3,10 @@
 This file runs in three interpreters: the patcher's, the one `build` compiles
 with (`--python`, any supported version) and the target's (inside the runner).
 So it imports only the standard library and uses no `from __future__` import
-(its text is joined with the compiler's or the runner's).
+(its text is joined with the compiler's or the runner's). Inside a target it
+imports nothing it can avoid: an import reads files, which releases the GIL,
+and a thread that keeps the GIL long (a C extension) then delays the runner by
+as long as it keeps it, at every release (`sha256`).
 
 The identity is the SHA-256 of a canonical, length-prefixed encoding of what
 decides behaviour: argument counts, flags, the bytecode (`co_code`, which is
@@ -17,17 +20,29 @@ by a comment above it, is the same code; the module file's own SHA-256 pins
 the file.
 """
 
-import hashlib
-import struct
+import sys
 
 IDENTITY_VERSION = 1
 
 
+def sha256(data: bytes) -> bytes:
+    """The SHA-256 of `data`, by hashlib if the process imported it, else by the C
+    module behind it (3.11: `_sha256`, 3.12+: `_sha2`; built in on Debian's)."""
+    for name in ("hashlib", "_sha2", "_sha256"):
+        if name in sys.modules:
+            return bytes(sys.modules[name].sha256(data).digest())
+    for name in ("_sha2", "_sha256"):
+        if name in sys.builtin_module_names:
+            return bytes(__import__(name).sha256(data).digest())
+    import hashlib
+
+    return hashlib.sha256(data).digest()
+
+
 def code_identity(code: object) -> str:
     """The identity of a code object, 64 hex digits."""
-    digest = hashlib.sha256(b"micropatch-code-identity-%d\0" % IDENTITY_VERSION)
-    digest.update(_code_bytes(code))
-    return digest.hexdigest()
+    prefix = b"micropatch-code-identity-%d\0" % IDENTITY_VERSION
+    return sha256(prefix + _code_bytes(code)).hex()
 
 
 def _code_bytes(code: object) -> bytes:
@@ -68,4 +83,4 @@ def _value(value: object) -> bytes:
 
 
 def _tagged(tag: bytes, body: bytes) -> bytes:
-    return tag + struct.pack("<Q", len(body)) + body
+    return tag + len(body).to_bytes(8, "little") + body

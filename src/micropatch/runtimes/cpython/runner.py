@@ -19,10 +19,13 @@ nothing of the target was changed.
 """
 
 import sys
-from typing import Any
 
+if __package__ or "typing" in sys.modules:
+    from typing import Any
+else:  # run as text in a process that never imported typing: no import (see codeid.py)
+    Any = object  # type: ignore[assignment,misc]
 if __package__:  # imported from micropatch (tests); run as text, codeid.py comes first
-    from micropatch.runtimes.cpython.codeid import code_identity
+    from micropatch.runtimes.cpython.codeid import code_identity, sha256
 
 Doc = dict[str, Any]
 STATE_MODULE = "__micropatch_cpython__"
@@ -76,24 +79,12 @@ def _u32(page: memoryview, offset: int) -> int:
     return int.from_bytes(page[offset : offset + 4], "little")
 
 
-def _registry(page: memoryview, o: Doc) -> tuple[int, list[Doc]]:
-    import hashlib
-
+def _registry(page: memoryview, o: Doc) -> tuple[int, bytes]:
+    """The selector and the registry in force (b"" if none), as written."""
     selector = _u32(page, o["selector"])
     slot = o["slots"][selector]
     length = _u32(page, slot)
-    if not length:
-        return selector, []
-    data = bytes(page[slot + 36 : slot + 36 + length])
-    if hashlib.sha256(data).digest() != bytes(page[slot + 4 : slot + 36]):
-        raise Refusal("registry", "the registry in the interpreter's page is corrupt")
-    return selector, _parse_registry(data)
-
-
-def _parse_registry(data: bytes) -> list[Doc]:
-    import json
-
-    return list(json.loads(data.decode("ascii"))["patches"])
+    return selector, bytes(page[slot + 36 : slot + 36 + length])
 
 
 def _resolve(module: object, qualname: str) -> Any:
@@ -130,8 +121,6 @@ def _check_interpreter(patch: Doc) -> None:
 
 
 def _check_module(patch: Doc) -> object:
-    import hashlib
-
     module = sys.modules.get(patch["module"])
     if module is None:
         raise Refusal("not-imported", f"module {patch['module']} is not imported")
@@ -140,7 +129,7 @@ def _check_module(patch: Doc) -> object:
     if not isinstance(path, str) or not path.endswith(".py"):
         raise Refusal("no-source", f"module {patch['module']} has no Python source file ({path!r})")
     with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+        digest = sha256(f.read()).hex()
     if digest != patch["sha256"]:
         raise Refusal(
             "source-mismatch",
@@ -200,6 +189,7 @@ def _prepare(request: Doc, state: Any, page: memoryview) -> tuple[list[list[Any]
         _check_interpreter(patch)
         module = _check_module(patch)
         record = {key: patch[key] for key in ("id", "version", "title", "module", "sha256")}
+        record["applied_at"] = request["now"]
         record["functions"] = []
         for fact in patch["functions"]:
             function = _resolve(module, fact["at"])
@@ -230,14 +220,11 @@ def _free_counter(o: Doc, taken: Any, page: memoryview) -> int:
     raise Refusal("counters", "no free blocked-attempt counter left")
 
 
-def _registry_document(
-    patches: Doc, counters: Doc, now: float, previous: list[Doc], changed: str | None
-) -> bytes:
-    since = {p["id"]: p.get("applied_at", now) for p in previous if p["id"] != changed}
+def _registry_document(patches: Doc, counters: Doc, now: float) -> bytes:
     entries = [{
         "id": r["id"], "version": r["version"], "title": r["title"], "module": r["module"],
         "sha256": r["sha256"], "functions": [f[0] for f in r["functions"]],
-        "applied_at": since.get(r["id"], now),
+        "applied_at": r.get("applied_at", now),
         "counter": counters.get(r["id"]),
     } for r in patches.values()]  # fmt: skip
     python = ".".join(map(str, sys.version_info[:3]))
@@ -250,22 +237,22 @@ def _state_module() -> tuple[Any, bool]:
         return existing, False
     state: Any = type(sys)(STATE_MODULE)
     state.__doc__ = "micropatch: the Python patches applied to this process (do not change)"
-    state.patches, state.counters, state.graveyard = {}, {}, []
+    state.patches, state.counters, state.graveyard, state.document = {}, {}, [], b""
     return state, True
 
 
 def _commit(request: Doc, page: memoryview, keep: list[Any]) -> Doc:
-    import hashlib
     import itertools
 
     o = request["offsets"]
-    selector, previous = _registry(page, o)
+    selector, in_force = _registry(page, o)
     state, new_module = _state_module()
-    ids = sorted(getattr(state, "patches", {}))
-    if ids != sorted(p["id"] for p in previous):
-        recorded = [p["id"] for p in previous]
+    # (A record made by an older runner has no `document`: its registry is taken as is.)
+    if in_force != getattr(state, "document", in_force):
+        ids = sorted(getattr(state, "patches", {}))
         raise Refusal(
-            "registry", f"the registry ({recorded}) and the interpreter's record ({ids}) disagree"
+            "registry",
+            f"the registry in the interpreter's page and the interpreter's record ({ids}) disagree",
         )
     swaps, patches, counters = _prepare(request, state, page)
     probe = lambda: None  # noqa: E731
@@ -274,20 +261,21 @@ def _commit(request: Doc, page: memoryview, keep: list[Any]) -> Doc:
         blocked_ns = {"modules": sys.modules, "name": STATE_MODULE, "page": page}
         exec(BLOCKED_SOURCE, blocked_ns)
         state.blocked = blocked_ns["blocked"]
-    changed = request["patch"]["id"] if request.get("patch") else None
-    document = _registry_document(patches, counters, request["now"], previous, changed)
+    document = _registry_document(patches, counters, request["now"])
     slot = o["slots"][1 - selector]
     if len(document) + 36 > o["slot_size"]:
         raise Refusal("registry", "the registry would not fit its slot")
     page[slot : slot + 4] = len(document).to_bytes(4, "little")
-    page[slot + 4 : slot + 36] = hashlib.sha256(document).digest()
+    page[slot + 4 : slot + 36] = sha256(document)
     page[slot + 36 : slot + 36 + len(document)] = document
     functions = [s[0] for s in swaps]
     names = ["__code__"] * len(swaps)
     state.graveyard = [s[1] for s in swaps]  # freed next time
     steps: list[Any] = [
         map(setattr, functions, names, [s[2] for s in swaps]),
-        map(setattr, [state, state], ["patches", "counters"], [patches, counters]),
+        map(
+            setattr, [state] * 3, ["patches", "counters", "document"], [patches, counters, document]
+        ),
     ]
     if new_module:
         steps.append(map(sys.modules.__setitem__, [STATE_MODULE], [state]))

@@ -60,6 +60,9 @@ class Layout:
     tstate_eval_breaker: int | None  # 3.13: one per thread
     calls_bit: int  # the eval breaker bit for pending calls
     main_thread_only: bool  # pending calls run only in the main thread (3.11)
+    # Read only (runtimes/cpython/imports.py): sys.modules, and str objects.
+    interp_modules: int  # PyInterpreterState.modules (3.12+: .imports.modules)
+    ascii_size: int  # sizeof(PyASCIIObject): a compact ASCII str's characters follow
 
 
 LAYOUTS = {
@@ -73,6 +76,7 @@ LAYOUTS = {
         pending_call_size=16, pending_lock=112, pending_mutex=None, pending_flag=120,
         pending_count=None, pending_max=None, interp_eval_breaker=100,
         tstate_eval_breaker=None, calls_bit=1, main_thread_only=True,
+        interp_modules=888, ascii_size=48,
     ),
     "3.12": Layout(
         version="3.12", releases=(1,),
@@ -84,6 +88,7 @@ LAYOUTS = {
         pending_call_size=16, pending_lock=408, pending_mutex=None, pending_flag=416,
         pending_count=None, pending_max=None, interp_eval_breaker=368,
         tstate_eval_breaker=None, calls_bit=1, main_thread_only=False,
+        interp_modules=944, ascii_size=40,
     ),
     "3.13": Layout(
         version="3.13", releases=(0,),
@@ -95,6 +100,7 @@ LAYOUTS = {
         pending_call_size=24, pending_lock=None, pending_mutex=40, pending_flag=None,
         pending_count=44, pending_max=48, interp_eval_breaker=None,
         tstate_eval_breaker=24, calls_bit=1 << 2, main_thread_only=False,
+        interp_modules=7656, ascii_size=40,
     ),
 }  # fmt: skip
 

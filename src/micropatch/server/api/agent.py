@@ -3,6 +3,11 @@ protocol")."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
+
+import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
@@ -10,7 +15,9 @@ from micropatch.server import schemas as s
 from micropatch.server.api import PREFIX
 from micropatch.server.api.deps import Secret, ServerDep, unauthorized
 from micropatch.server.auth import HOST_PREFIX
-from micropatch.server.checkin import check_in
+from micropatch.server.catalogue import Catalogue
+from micropatch.server.checkin import CheckedIn, check_in
+from micropatch.server.context import Server
 from micropatch.server.errors import Unauthorized
 from micropatch.server.fleet import groups, hosts, users
 
@@ -33,13 +40,34 @@ def enroll(body: s.EnrollRequest, request: Request, server: ServerDep) -> s.Enro
 
 
 @router.post("/checkin", response_model=s.CheckinResponse)
-def checkin(
+async def checkin(
     body: s.CheckinRequest, secret: Secret, request: Request, server: ServerDep
 ) -> Response:
-    """Inventory, applied state and new events in; policy and relevant patches out."""
+    """Inventory, applied state and new events in; policy and relevant patches out. With
+    `wait` and the answer's digest, held until that answer changes (server/push.py)."""
+    done, catalogue = await anyio.to_thread.run_sync(_store, server, secret, body)
+    repository = server.repository_url(request)
+    answer = _answer(server, done, catalogue, repository, body.ignored[:20])
+    if body.wait and body.policy_digest == answer.policy_digest and answer.hold:
+        newer: list[s.CheckinResponse] = []
+
+        def changed(fresh: Catalogue) -> bool:
+            newer[:] = [_answer(server, done, fresh, repository, body.ignored[:20])]
+            return newer[0].policy_digest != answer.policy_digest
+
+        seconds = min(body.wait, answer.hold) * random.uniform(0.9, 1.0)  # held ones spread
+        if await server.push.hold(seconds, done.revision, changed, _gone(request)):
+            answer = newer[0]
+            answer.after = round(random.uniform(0, server.push.spread), 3)
+    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+def _store(server: Server, secret: str, body: s.CheckinRequest) -> tuple[CheckedIn, Catalogue]:
+    """The check-in's one transaction (in a request thread): the host's report stored,
+    the catalogue of the revision it read."""
     # Every host, every interval: the authentication is this transaction's first
     # statement, not a dependency (a thread hop of its own cost more than the database
-    # work), and the answer is serialised once.
+    # work).
     with server.database.session() as session:
         if not secret.startswith(HOST_PREFIX):
             try:
@@ -51,19 +79,46 @@ def checkin(
             done = check_in(session, secret, body)
         except Unauthorized as exc:
             raise unauthorized(str(exc)) from None
-        effective, relevant, revoked = hosts.host_policy(
-            server.catalogues.current(session, done.revision), done.group_id, done.modules
-        )
-    answer = s.CheckinResponse(
+        return done, server.catalogues.current(session, done.revision)
+
+
+def _answer(
+    server: Server, done: CheckedIn, catalogue: Catalogue, repository: str, ignored: list[str]
+) -> s.CheckinResponse:
+    effective, relevant, revoked = hosts.host_policy(catalogue, done.group_id, done.modules)
+    policy = groups.policy_out(effective, [r.patch_id for r in relevant])
+    digest = policy_digest(done.group, policy, relevant, revoked)
+    interval = server.settings.checkin_interval
+    return s.CheckinResponse(
         host_id=done.host_id,
         group=done.group,
-        checkin_interval=server.settings.checkin_interval,
-        repository=server.repository_url(request),
-        policy=groups.policy_out(effective, [r.patch_id for r in relevant]),
+        checkin_interval=interval,
+        repository=repository,
+        policy=policy,
         patches=relevant,
         revoked=revoked,
         events_accepted=done.events_accepted,
         inventory_digest=done.inventory_digest,
-        ignored=body.ignored[:20],
+        ignored=ignored,
+        policy_digest=digest,
+        hold=server.push.offer(interval),
     )
-    return Response(answer.model_dump_json(), media_type="application/json")
+
+
+def policy_digest(
+    group: str,
+    policy: s.EffectivePolicy,
+    patches: list[s.RelevantPatch],
+    revoked: list[s.RevokedPatch],
+) -> str:
+    """The digest of what a check-in answer tells the agent to do."""
+    what = [group, policy.model_dump(), [p.model_dump() for p in patches],
+            [r.model_dump() for r in revoked]]  # fmt: skip
+    canonical = json.dumps(what, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+async def _gone(request: Request) -> None:
+    """Returns when the client closed its connection (its body is read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

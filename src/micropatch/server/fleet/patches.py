@@ -75,6 +75,7 @@ def publish(
         module_name=facts["module"]["name"],
         module_build_id=facts["module"]["build_id"],
         module_sha256=facts["module"]["sha256"],
+        runtime=facts["runtime"],
         target=artifact.file_name,
         size=len(data),
         published=time.time(),
@@ -132,6 +133,7 @@ def patch_out(session: Session, row: m.Patch, *, counts: bool = False) -> s.Patc
         title=row.title,
         target=row.target,
         module=module_ref(row),
+        runtime=row.runtime,
         size=row.size,
         published=row.published,
         published_by=row.published_by,
@@ -166,6 +168,7 @@ def facts(row: m.Patch) -> dict[str, Any]:
         "version": row.version,
         "title": row.title,
         "artifact_id": row.artifact_id,
+        "runtime": row.runtime,
         "module": {"name": row.module_name, "build_id": row.module_build_id,
                    "sha256": row.module_sha256},
     }  # fmt: skip

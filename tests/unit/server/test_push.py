@@ -1,0 +1,192 @@
+"""Held check-ins (server/push.py): answered when the host's answer changes — a publish,
+a policy change, a revocation — and only then; the requests at work bounded apart from
+them (server/capacity.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from micropatch.server.capacity import Capacity
+from micropatch.server.catalogue import Catalogue
+from micropatch.server.push import POLL, WAKE_RATE, Push
+
+from .conftest import Api, MakeArtifact
+from .test_api import module_of
+
+WOKEN_WITHIN = 5.0  # seconds: the issue's bound (POLL is 0.5 s)
+
+
+class Held:
+    """A check-in with `wait` sent from a thread of its own: its answer and how long it took."""
+
+    def __init__(self, client: TestClient, token: str, body: dict[str, Any]) -> None:
+        self.answer: dict[str, Any] = {}
+        self.status = 0
+        self.seconds = 0.0
+
+        def send() -> None:
+            started = time.monotonic()
+            r = client.post("/api/v1/checkin", json=body,
+                            headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+            self.seconds = time.monotonic() - started
+            self.status, self.answer = r.status_code, r.json()
+
+        self.thread = threading.Thread(target=send)
+        self.thread.start()
+
+    def result(self, timeout: float = 60.0) -> dict[str, Any]:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the held check-in was never answered"
+        assert self.status == 200, self.answer
+        return self.answer
+
+
+def wait_held(api: Api, n: int) -> None:
+    """Until the server holds n check-ins (a bounded poll: the request is in flight)."""
+    deadline = time.monotonic() + 30
+    while api.server.push.held != n:
+        assert time.monotonic() < deadline, f"{api.server.push.held} held, not {n}"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def live(api: Api) -> Iterator[TestClient]:
+    """The API with its lifespan running (the revision follower)."""
+    with TestClient(api.app) as client:
+        yield client
+
+
+def test_publish_policy_and_revoke_wake_a_held_check_in(
+    api: Api, live: TestClient, make_artifact: MakeArtifact
+) -> None:
+    data = make_artifact("fix-push", 1)
+    api.enroll("web-1")
+    first = live.post("/api/v1/checkin", json={"modules": [module_of(data)]},
+                      headers=api.auth("web-1")).json()  # fmt: skip
+    assert first["hold"] == 60 and first["patches"] == []
+    ops = api.auth("operator")
+
+    def held_through(change: Any, digest: str) -> dict[str, Any]:
+        held = Held(live, api.tokens["web-1"], {"wait": 60, "policy_digest": digest})
+        wait_held(api, 1)
+        changed = time.monotonic()
+        change()
+        answer = held.result()
+        took = time.monotonic() - changed
+        assert took < WOKEN_WITHIN, f"answered {took:.1f} s after the change"
+        assert answer["policy_digest"] != digest
+        assert 0 <= answer["after"] <= 1 / WAKE_RATE  # one held: its return not spread
+        return answer
+
+    answer = held_through(
+        lambda: live.post("/api/v1/patches", content=data, headers=ops), first["policy_digest"]
+    )
+    assert [(p["patch_id"], p["state"]) for p in answer["patches"]] == [("fix-push", "enabled")]
+    answer = held_through(
+        lambda: live.put("/api/v1/policies/", json={"patches": {"fix-push": "disabled"}},
+                         headers=ops),
+        answer["policy_digest"],
+    )  # fmt: skip
+    assert [(p["patch_id"], p["state"]) for p in answer["patches"]] == [("fix-push", "disabled")]
+    answer = held_through(
+        lambda: live.post("/api/v1/patches/fix-push/revoke", json={}, headers=ops),
+        answer["policy_digest"],
+    )
+    assert answer["patches"] == [] and [r["patch_id"] for r in answer["revoked"]] == ["fix-push"]
+    assert api.server.push.held == 0
+
+
+def test_a_change_for_other_hosts_does_not_wake_it(
+    api: Api, live: TestClient, make_artifact: MakeArtifact
+) -> None:
+    """A patch for a module the host does not map: the hold runs to its end (`wait`,
+    spread by up to 10% less), and the answer is the one the agent has."""
+    api.enroll("db-1")
+    first = live.post("/api/v1/checkin", json={"modules": []}, headers=api.auth("db-1")).json()
+    held = Held(live, api.tokens["db-1"], {"wait": 3, "policy_digest": first["policy_digest"]})
+    wait_held(api, 1)
+    live.post("/api/v1/patches", content=make_artifact("fix-other", 1),
+              headers=api.auth("operator"))  # fmt: skip
+    answer = held.result()
+    assert answer["policy_digest"] == first["policy_digest"] and answer["patches"] == []
+    assert 3 * 0.9 - POLL <= held.seconds < 3 + 5, held.seconds
+
+
+def test_an_agent_without_the_answer_gets_it_at_once(api: Api, live: TestClient) -> None:
+    """A digest that is not the answer's (a new agent, a lost answer): no hold."""
+    api.enroll("web-2")
+    started = time.monotonic()
+    r = live.post("/api/v1/checkin", json={"wait": 60, "policy_digest": "stale"},
+                  headers=api.auth("web-2"))  # fmt: skip
+    assert r.status_code == 200 and time.monotonic() - started < 5
+    assert r.json()["policy_digest"] not in ("", "stale")
+
+
+def test_a_full_server_holds_nothing_and_says_so(api: Api, live: TestClient) -> None:
+    """At capacity it offers no hold (hold 0: check in every interval) and answers a
+    check-in sent with `wait` at once."""
+    api.enroll("web-3")
+    api.server.push.capacity = 0
+    first = live.post("/api/v1/checkin", json={}, headers=api.auth("web-3")).json()
+    assert first["hold"] == 0
+    started = time.monotonic()
+    r = live.post("/api/v1/checkin", json={"wait": 60, "policy_digest": first["policy_digest"]},
+                  headers=api.auth("web-3"))  # fmt: skip
+    assert r.status_code == 200 and time.monotonic() - started < 5
+
+
+def test_held_check_ins_are_not_requests_at_work() -> None:
+    """Past its requests at work, a 503 at once with Retry-After; a held
+    check-in does not count."""
+    push = Push(capacity=10)
+    release = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    capacity = Capacity(app, push=push, requests=1)
+
+    async def call() -> tuple[int, dict[bytes, bytes]]:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await capacity({"type": "http", "path": "/"}, _no_body, send)
+        return sent[0]["status"], dict(sent[0]["headers"])
+
+    async def scenario() -> None:
+        first = asyncio.ensure_future(call())
+        await asyncio.sleep(0)
+        status, headers = await call()  # the one at work is still there
+        assert status == 503 and headers[b"retry-after"] == b"2"
+        push.held = 1  # it is held, now: not at work
+        second = asyncio.ensure_future(call())
+        await asyncio.sleep(0)
+        release.set()
+        assert (await first)[0] == 200 and (await second)[0] == 200
+
+    asyncio.run(scenario())
+
+
+async def _no_body() -> dict[str, Any]:
+    return {"type": "http.request", "body": b"", "more_body": False}
+
+
+def test_a_change_that_answers_many_spreads_their_return() -> None:
+    """The check-ins a change answered are told to come back over held / WAKE_RATE s."""
+    push = Push(capacity=20_000)
+    push.held = 10_000
+    push.publish(Catalogue(7, {}, {}, {}))
+    assert push.spread == 10_000 / WAKE_RATE
+    push.publish(Catalogue(6, {}, {}, {}))  # an older one changes nothing
+    assert push.spread == 10_000 / WAKE_RATE
