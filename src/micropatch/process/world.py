@@ -40,6 +40,7 @@ from micropatch.process.procfs import (
     process_name,
     read_status,
 )
+from micropatch.process.watchdog import watched
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,7 @@ def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedPr
     machine does not stretch the stop.
     """
     proc = _new(pid, timeout)
-    with realtime():
+    with watched(pid, f"the stop of process {pid} ({proc.status.name})", timeout), realtime():
         try:
             _stop_all(proc)
             yield proc
@@ -359,7 +360,8 @@ def lone_thread(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedP
     runs: that needs `stop_world`. Same priority and resume as `stop_world`."""
     proc = _new(pid, timeout)
     proc.lone = True
-    with realtime():
+    what = f"the stop of a thread of process {pid} ({proc.status.name})"
+    with watched(pid, what, timeout), realtime():
         try:
             proc.stopped_at = time.perf_counter()
             tid = next((t for t in list_threads(pid) if not _exited(t)), None)
@@ -420,7 +422,7 @@ def held_world(
     proc.stopped_at = time.perf_counter()
     for tid in held:
         proc.threads[tid] = Thread(tid, stopped=True)
-    with realtime():
+    with watched(pid, f"the stop of process {pid} ({status.name})", timeout), realtime():
         try:
             _stop_all(proc)
             yield proc
