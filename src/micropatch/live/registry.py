@@ -236,6 +236,16 @@ class Registry:
         v2 = page[: HEADER.size] + read(LAYOUT_V2.slots[1], HEADER.size)
         if MAGIC_V2 in (v2[: len(MAGIC)], v2[HEADER.size : HEADER.size + len(MAGIC)]):
             return cls._read(LAYOUT_V2, page, read)
+        family = MAGIC[:-1]
+        newer = {
+            page[at + len(family)] for at in (0, *LAYOUT.slots) if page[at:].startswith(family)
+        }
+        if newer and max(newer) > MAGIC[-1]:
+            raise CaveError(
+                f"this process's micropatch registry has layout {max(newer)}, written by a "
+                f"newer micropatch than this one (which reads layouts up to {MAGIC[-1]}); "
+                "use that version for this process"
+            )
         heads = {*LAYOUT.slots, *LAYOUT_V3.slots}
         if any(any(page[at : at + HEADER.size]) for at in heads) or any(v2[HEADER.size :]):
             raise CaveError("corrupt micropatch registry: no slot holds a micropatch registry")

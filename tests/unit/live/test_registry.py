@@ -264,6 +264,14 @@ def test_junk_where_a_registry_should_be_is_corrupt() -> None:
         slots.current()
 
 
+def test_a_cave_of_a_newer_layout_is_named_so_not_corrupt() -> None:
+    slots = Slots()
+    newer = MAGIC[:-1] + bytes([MAGIC[-1] + 1])
+    slots.data[0 : HEADER.size] = HEADER.pack(newer, 1, 0, 0)
+    with pytest.raises(CaveError, match=rf"layout {MAGIC[-1] + 1}, written by a newer micropatch"):
+        slots.current()
+
+
 @pytest.mark.parametrize(
     "body", [zlib.compress(b'{"module_path": 1'), b'{"module_path": 1'], ids=["json", "zlib"]
 )
