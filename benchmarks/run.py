@@ -21,6 +21,7 @@ from benchmarks import (
     python,
     server,
     soak,
+    watchdog,
 )
 
 BENCHMARKS = {
@@ -38,6 +39,7 @@ BENCHMARKS = {
     "server": server,
     "fleet_publish": fleet_publish,
     "python": python,
+    "watchdog": watchdog,
 }
 
 

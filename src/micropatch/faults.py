@@ -4,7 +4,10 @@
 armed that point: MICROPATCH_FAULT names it *and* MICROPATCH_FAULT_ARMED is
 "for-tests" (`environment(point)` gives both). The second switch exists so that
 a stray MICROPATCH_FAULT in an operator's environment can never kill an agent or
-a patcher: nothing but a test sets both.
+a patcher: nothing but a test sets both. `environment(point, action="stop")`
+makes the process stop itself there (SIGSTOP, MICROPATCH_FAULT_ACTION) instead:
+a patcher frozen at that point, for the stop watchdog's tests
+(process/watchdog.py).
 
 Every point is listed here, in POINTS, with what has happened when it is reached;
 `tests/unit/test_faults.py` checks that each `checkpoint(...)` in the source names
@@ -20,16 +23,19 @@ from __future__ import annotations
 import os
 import re
 import signal
+import threading
 
 VARIABLE = "MICROPATCH_FAULT"
 ARM_VARIABLE = "MICROPATCH_FAULT_ARMED"
 ARMED = "for-tests"
+ACTION_VARIABLE = "MICROPATCH_FAULT_ACTION"
+ACTIONS = ("kill", "stop")
 
 POINTS: dict[str, str] = {
     # live/ (docs/engine.md, "Crash consistency"; tests/integration/test_crash.py)
     "stopped": "every thread of the target stopped, recovery done, nothing written",
     "memfd-created": "the cave's memfd created in the target, not yet mapped",
-    "cave-mapped": "the cave mapped in the target, its counters page not yet writable",
+    "cave-mapped": "the cave mapped in the target, its registry page not yet writable",
     "cave-ready": "the patch's cave exists (new or reused), no trampoline written",
     "trampolines-written": "the trampolines written into the cave, no jump yet",
     "intent-recorded": "the registry records the change as in progress",
@@ -68,11 +74,14 @@ POINTS: dict[str, str] = {
 }
 
 
-def environment(point: str) -> dict[str, str]:
-    """The environment variables that make a process die at `point` (for tests)."""
+def environment(point: str, action: str = "kill") -> dict[str, str]:
+    """The environment variables that make a process die (or stop: `action`) at
+    `point` (for tests)."""
     if not known(point):
         raise ValueError(_unknown(point))
-    return {VARIABLE: point, ARM_VARIABLE: ARMED}
+    if action not in ACTIONS:
+        raise ValueError(f"fault action {action!r}: one of {', '.join(ACTIONS)}")
+    return {VARIABLE: point, ARM_VARIABLE: ARMED, ACTION_VARIABLE: action}
 
 
 def known(name: str) -> bool:
@@ -81,7 +90,8 @@ def known(name: str) -> bool:
 
 
 def checkpoint(point: str, *, index: int | None = None) -> None:
-    """Die here, at once and without cleanup, if a test armed this point."""
+    """Die here, at once and without cleanup (or stop here, SIGSTOP), if a test armed
+    this point."""
     wanted = os.environ.get(VARIABLE)
     if wanted is None or os.environ.get(ARM_VARIABLE) != ARMED:
         return
@@ -90,7 +100,13 @@ def checkpoint(point: str, *, index: int | None = None) -> None:
     if not known(wanted):
         raise ValueError(_unknown(wanted))
     if wanted == (point if index is None else point.format(index=index)):
-        os.kill(os.getpid(), signal.SIGKILL)
+        if os.environ.get(ACTION_VARIABLE) == "stop":
+            # To this thread: it takes the stop itself, on its way out of tgkill. A
+            # signal to the process may be taken by another thread, a moment later,
+            # while this one (real-time in a stop) goes on and ends the stop first.
+            signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _pattern(point: str) -> re.Pattern[str]:

@@ -185,7 +185,8 @@ def test_return_mid_function_is_refused_untouched(targets, start, body):
     ids=["guard", "asm", "c"],
 )
 def test_blocked_events_are_counted(targets, start, body):
-    """Each blocked attempt increments the patchlet's counter in the cave's writable page."""
+    """Each blocked attempt increments the patchlet's counter in the cave's writable page
+    (the registry's, never executable)."""
     t = start("vuln_pie")
     patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", **body}])
     live.apply(patch, t.pid)

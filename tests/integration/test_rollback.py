@@ -32,7 +32,7 @@ from micropatch.errors import RemoteSyscallError
 from micropatch.live import commit, provision
 from micropatch.live.cave import read_caves
 from micropatch.live.mapped import CAVE_PREFIX
-from micropatch.live.registry import REGISTRY_SIZE
+from micropatch.live.registry import LAYOUT, REGISTRY_SIZE
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
@@ -200,13 +200,14 @@ def injected(position: str) -> Iterator[None]:
 
 def written(pid: int, address: int) -> str:
     """What a write at `address` is: in a cave, its registry, a trampoline or a
-    counter (the cave's last page); outside, a site."""
+    counter (at the end of the registry's first page); outside, a site."""
+    start, end = LAYOUT.counters  # type: ignore[misc]
     for m in read_maps(pid):
         if m.path.startswith(CAVE_PREFIX) and m.start <= address < m.end:
-            cave = m.start - m.offset
-            if address - cave < REGISTRY_SIZE:
-                return "registry"
-            return "counter" if "w" in m.perms else "trampoline"
+            offset = address - (m.start - m.offset)
+            if start <= offset < end:
+                return "counter"
+            return "registry" if offset < REGISTRY_SIZE else "trampoline"
     return "site"
 
 

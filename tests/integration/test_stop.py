@@ -3,14 +3,19 @@ its child leaves) makes the attempt fail cleanly, retried within --retries."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from micropatch import live
+from micropatch.agent.workers import Workers, in_own_thread
 from micropatch.errors import StopTimeout
+from micropatch.process import seized
 from micropatch.process.procfs import read_status
 from micropatch.process.world import stop_world
 
@@ -132,3 +137,73 @@ def test_cli_stop_timeout(stuck: subprocess.Popen[str]) -> None:
     assert "did not stop within 0.05 s" in " ".join(done.stderr.split())
     # The command has exited, and with it the tracer: nothing holds the thread.
     assert read_status(stuck.pid).tracer_pid == 0
+
+
+def _wake(stuck: subprocess.Popen[str]) -> None:
+    assert stuck.stdin is not None
+    stuck.stdin.write("x")
+    stuck.stdin.flush()
+
+
+def _runs_untraced(stuck: subprocess.Popen[str]) -> None:
+    assert stuck.stdout is not None
+    assert stuck.stdout.readline() == "alive 12\n"  # it ran on: not kept in a ptrace stop
+    assert read_status(stuck.pid).tracer_pid == 0
+
+
+def test_release_lets_go_a_thread_left_seized_once_it_stops(stuck: subprocess.Popen[str]) -> None:
+    with pytest.raises(StopTimeout), stop_world(stuck.pid, timeout=0.1):
+        pass
+    assert seized.release() == 1  # asleep still: held
+    _wake(stuck)
+    deadline = time.monotonic() + 10
+    while seized.release() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert seized.release() == 0
+    _runs_untraced(stuck)
+
+
+def test_an_agent_worker_that_holds_a_thread_ends_and_lets_it_go(
+    stuck: subprocess.Popen[str],
+) -> None:
+    """The agent's long-lived workers: the one whose stop timed out ends (its exit
+    detaches), rather than keeping the target's thread stopped once it wakes."""
+    workers = Workers(2, keep=2, idle=30)
+    workers.start()
+    failed = threading.Event()
+
+    def job() -> None:
+        with contextlib.suppress(StopTimeout), stop_world(stuck.pid, timeout=0.1):
+            pass
+        failed.set()
+
+    try:
+        workers.submit(job)
+        assert failed.wait(10)
+        deadline = time.monotonic() + 10
+        while len(workers._threads) > 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(workers._threads) == 1  # the holder ended
+        _wake(stuck)
+        _runs_untraced(stuck)
+        ran = threading.Event()
+        workers.submit(ran.set)  # the pool still works
+        assert ran.wait(10)
+    finally:
+        workers.stop()
+
+
+def test_in_own_thread_leaves_nothing_seized(stuck: subprocess.Popen[str]) -> None:
+    def attempt() -> None:
+        with stop_world(stuck.pid, timeout=0.1):
+            pass
+
+    with pytest.raises(StopTimeout):
+        in_own_thread(attempt)
+    # Let go as its tracer ends (the OS thread outlives the Python thread's join by a hair).
+    deadline = time.monotonic() + 5
+    while read_status(stuck.pid).tracer_pid and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert read_status(stuck.pid).tracer_pid == 0
+    _wake(stuck)
+    _runs_untraced(stuck)

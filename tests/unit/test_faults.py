@@ -88,3 +88,24 @@ def test_an_armed_unknown_point_is_refused_at_the_first_checkpoint() -> None:
     done = _run({faults.VARIABLE: "stoped", faults.ARM_VARIABLE: faults.ARMED})
     assert done.returncode == 1 and "survived" not in done.stdout
     assert "ValueError: MICROPATCH_FAULT='stoped' names no fault point" in done.stderr
+
+
+def test_armed_to_stop_it_stops_there() -> None:
+    """action="stop": the process stops itself at the point (SIGSTOP), to be continued."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MICROPATCH_FAULT")}
+    env = {**clean, **faults.environment("stopped", action="stop")}
+    child = subprocess.Popen([sys.executable, "-c", RUN, "0"], env=env,
+                             stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        _pid, status = os.waitpid(child.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == signal.SIGSTOP
+        os.kill(child.pid, signal.SIGCONT)
+        child.returncode = None
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert (child.returncode, out) == (0, "survived\n")
+    with pytest.raises(ValueError, match="fault action 'freeze': one of kill, stop"):
+        faults.environment("stopped", action="freeze")

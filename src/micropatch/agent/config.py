@@ -93,6 +93,13 @@ class AgentConfig(BaseModel):
         gt=0,
         description="Seconds between two scans of the modules the processes map (check-in).",
     )
+    stop_limit: float = Field(
+        default=3.0,
+        gt=0,
+        description="Seconds a stop of a process may last beyond its stop timeout before "
+        "the stop watchdog kills the agent so that the process runs again (systemd "
+        "restarts the agent, which repairs what the stop left).",
+    )
     max_modules: int = Field(
         default=32, ge=1, description="Parsed module files kept in memory, least recently used out."
     )

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 KINDS = (
     "applied", "removed", "updated", "failed", "blocked", "crashed",
-    "disabled", "rejected", "skipped", "agent",
+    "disabled", "rejected", "skipped", "agent", "watchdog",
 )  # fmt: skip
 
 

@@ -36,6 +36,7 @@ from micropatch.agent.atstop import StopPatcher
 from micropatch.agent.files import ModuleFile
 from micropatch.agent.follow import mapped_names
 from micropatch.agent.holds import READER_PRIORITY
+from micropatch.agent.workers import in_own_thread
 from micropatch.errors import MicropatchError
 from micropatch.process.priority import realtime
 from micropatch.process.select import ProcessInfo, all_pids, read_info
@@ -232,7 +233,9 @@ class LateWatch:
         if not work:
             return
         try:
-            applied, failed = self.patcher.live(f.pid, info, work, "late", names)
+            applied, failed = in_own_thread(
+                lambda: self.patcher.live(f.pid, info, work, "late", names)
+            )
         except OSError:  # the engine reading /proc/PID/map_files of a process just gone
             self._missed(f, work[0][0], "it exited before it could be patched")
             return

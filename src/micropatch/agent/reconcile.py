@@ -25,6 +25,7 @@ from micropatch.agent.events import Event, EventSink
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.pythonpass import PythonPass
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
+from micropatch.agent.workers import in_own_thread
 from micropatch.errors import (
     AlreadyApplied,
     ArtifactError,
@@ -173,20 +174,20 @@ class Reconciler:
             except Exception:
                 log.exception("process %d: unexpected error; the pass goes on", pid)
 
-        if self.workers > 1 and len(todo) > 1:
-            with ThreadPoolExecutor(self.workers, thread_name_prefix="reconcile") as pool:
+        # In threads that end with the pass, even one: a target thread a stop could not
+        # let go is let go at their end (process/seized.py), not kept by this thread.
+        if todo:
+            workers = min(self.workers, len(todo))
+            with ThreadPoolExecutor(workers, thread_name_prefix="reconcile") as pool:
                 for _ in pool.map(one, todo):
                     pass
-        else:
-            for pid in todo:
-                one(pid)
         if full:
             self.state.prune(alive)
             self.carriers.retain(lambda c: alive(c.pid, c.start))
             live_pids = set(all_pids())
             with self._lock:
                 self._failed = {k: v for k, v in self._failed.items() if k[0] in live_pids}
-        result.python = self.python.run(None if full else todo)
+        result.python = in_own_thread(lambda: self.python.run(None if full else todo))
         return result
 
     def poll_blocked(self) -> None:

@@ -26,12 +26,16 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
+from micropatch.process import seized
 from micropatch.process.priority import realtime
 
 log = logging.getLogger(__name__)
 
 Job = Callable[[], None]
+T = TypeVar("T")
 
 
 class Workers:
@@ -157,3 +161,18 @@ class Workers:
                 job()
             except Exception:
                 log.exception("a new-process job failed")
+            if seized.release():
+                # A thread of a target never stopped and is still seized by this one:
+                # this thread's end lets it go (process/seized.py); another takes its place.
+                log.warning("%s: ending, to let go a thread it could not detach", me.name)
+                with self._lock:
+                    self._threads.discard(me)
+                return
+
+
+def in_own_thread(work: Callable[[], T]) -> T:
+    """`work()` in a thread that ends with it: whatever target thread its stops
+    could not let go is let go by the kernel at that end (process/seized.py), never
+    kept stopped by a long-lived thread of the agent."""
+    with ThreadPoolExecutor(1, thread_name_prefix=threading.current_thread().name) as pool:
+        return pool.submit(work).result()

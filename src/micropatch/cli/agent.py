@@ -76,12 +76,15 @@ def run(
 ) -> None:
     """Run the agent in the foreground (systemd Type=notify, or a terminal).
 
-    Events go to stdout as JSON lines (journald keeps them) and to the history."""
+    Events go to stdout as JSON lines (journald keeps them) and to the history. The
+    process's stops are watched (agent/stopwatch.py) from before the agent starts
+    until it has stopped."""
     import logging
 
     from micropatch.agent.config import load_config
     from micropatch.agent.paths import AgentPaths
     from micropatch.agent.service import Agent
+    from micropatch.agent.stopwatch import StopWatch
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -90,11 +93,14 @@ def run(
         agent = Agent(settings, AgentPaths(state_dir, socket, trust_dir))
     except MicropatchError as e:
         raise fail(str(e)) from None
+    watch = StopWatch(settings.stop_limit, agent.paths.state_dir, agent.report)
+    watch.start()
     try:
         agent.run()
     except MicropatchError as e:
         raise fail(str(e)) from None
     finally:
+        watch.stop()
         agent.close()
 
 

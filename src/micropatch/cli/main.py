@@ -63,11 +63,14 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
 
     if bool(pid) == all_:
         raise say.fail("name the processes with --pid PID (repeatable), or use --all")
+    from micropatch.process.watchdog import watching
+
     pids = engines.patched_pids() if all_ else list(pid or [])
     failures = 0
     for p in pids:
         try:
-            done = engines.repair(p)
+            with watching():
+                done = engines.repair(p)
         except MicropatchError as e:
             failures += 1
             say.failed(f"pid {p}: {e}")

@@ -65,6 +65,8 @@ def show(
                 say.failed(f"pid {pid}: {result}")
             continue
         done += 1
+        for line in result.get("recovered") or ():
+            say.plain(f"pid {pid}: first {line}, left by an interrupted micropatch")
         say.ok(outcome_line(result) + (" (through the agent)" if run.agent else ""))
     if not done + failures + skipped + gone and not selected:
         say.plain(f"no process to {verb}")

@@ -1,6 +1,6 @@
 """The options of the commands that act on running processes, declared once
 (see `spec.py`): which processes (--pid, or --all and its filters), how
-(--retries, --stop-timeout, --lock-timeout) and with which trust."""
+(--retries, --stop-timeout, --lock-timeout, --watchdog) and with which trust."""
 
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ TIMEOUT = Option(
     "may run before the operation is cancelled, untouched (default 5).",
     kind="float", minimum=0.01, metavar="SECONDS",
 )  # fmt: skip
+WATCHDOG = Option(
+    "watchdog", ("--watchdog",),
+    "How long a stop may hold a process beyond --stop-timeout before a watchdog kills "
+    "this command so that the process runs again; the next command completes or rolls "
+    "back what it left (default 3).",
+    kind="float", minimum=0.01, metavar="SECONDS",
+)  # fmt: skip
 TRUST = Option(
     "trust", ("--trust",),
     "Trusted public key file (.pub) or directory of them (repeatable). "
@@ -68,7 +75,7 @@ ALLOW_UNSIGNED = Option(
 )  # fmt: skip
 
 SELECT = (PID, ALL, EXE, USER, UNIT, CGROUP, DRY_RUN)
-TUNING = (RETRIES, LOCK_TIMEOUT, STOP_TIMEOUT, TIMEOUT)
+TUNING = (RETRIES, LOCK_TIMEOUT, STOP_TIMEOUT, WATCHDOG, TIMEOUT)
 
 
 class Scope:

@@ -129,7 +129,8 @@ def directly(
         filters = Filters.of(f["exe"], f["user"], f["unit"], f["cgroup"])
         selection = engines.select(verb, patch_id, admitted, filters)
         pids = [c.pid for c in selection.targets]
-    run = Run(_each(pids, operation, values["lock_timeout"], on_wait), total=len(pids))
+    each = _each(pids, operation, values["lock_timeout"], on_wait, values.get("watchdog"))
+    run = Run(each, total=len(pids))
     if admitted is not None:
         run.verified = admitted.described(subject)
         run.warnings = list(admitted.warnings)
@@ -146,12 +147,17 @@ def _each(
     operation: Callable[[int], Any],
     lock_timeout: float | None,
     on_wait: Callable[[str], None],
+    limit: float | None,
 ) -> Iterator[Result]:
+    """Each operation's result, with this process's stops watched (process/watchdog.py)."""
     from dataclasses import asdict
 
     from micropatch.live.lock import waiting
+    from micropatch.process.watchdog import DEFAULT_LIMIT, watching
 
-    with waiting(lock_timeout, on_wait=on_wait):
+    if not pids:
+        return
+    with watching(limit or DEFAULT_LIMIT), waiting(lock_timeout, on_wait=on_wait):
         for pid in pids:
             try:
                 yield pid, asdict(operation(pid))

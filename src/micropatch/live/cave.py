@@ -3,8 +3,9 @@
 A cave is a memfd named "micropatch" mapped private and read+execute within
 ±2 GiB of its module (a `jmp rel32` reaches it), so anyone can see a patched
 process in /proc/PID/maps. We fill it through /proc/PID/mem (copy-on-write
-pages of the tracee), never by mapping it writable. Its first pages hold the
-registry.
+pages of the tracee), never by mapping code writable. Its first pages hold the
+registry and the blocked-event counters, mapped read+write and never
+executable; the trampolines follow, read+execute (`registry.Layout`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from micropatch.arch.x86_64.constants import PAGE_SIZE
 from micropatch.errors import CaveError, RemoteSyscallError
 from micropatch.faults import checkpoint
 from micropatch.live.mapped import CAVE_PREFIX
-from micropatch.live.registry import REGISTRY_SIZE, Registry
+from micropatch.live.registry import LAYOUT, REGISTRY_SIZE, Layout, Registry
 from micropatch.process.linux import (
     MAP_FIXED_NOREPLACE,
     MAP_PRIVATE,
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 CAVE_NAME = b"micropatch\x00"
 CAVE_SIZE = 64 * 1024
-COUNTERS_SIZE = PAGE_SIZE  # the cave's last page: read+write, never executable
 COUNTER_SIZE = 8
 
 ALIGN = 16
@@ -65,11 +65,12 @@ def read_caves(memory: Memory, mappings: list[Mapping]) -> list[Cave]:
     caves = []
     for m in mappings:
         if not m.path.startswith(CAVE_PREFIX) or m.offset != 0:
-            continue  # offset 0 of the memfd: the cave's start (the counters page follows)
+            continue  # offset 0 of the memfd: the cave's start (other mappings of it follow)
         registry = Registry.read(_reader(memory, m.start))
         if registry is not None:
-            # The mapping is split (code, then the writable counters page): the
-            # registry, not the first mapping, knows the cave's whole size.
+            # The mapping is split (writable registry, then code; or, made by an
+            # earlier version, code, then a writable counters page): the registry,
+            # not the first mapping, knows the cave's whole size.
             caves.append(Cave(m.start, registry.cave_size, registry))
     return caves
 
@@ -130,9 +131,15 @@ def candidate_addresses(mappings: list[Mapping], module: LoadedModule, size: int
 
 
 def map_cave(
-    syscalls: RemoteSyscalls, memory: Memory, mappings: list[Mapping], module: LoadedModule
+    syscalls: RemoteSyscalls,
+    memory: Memory,
+    mappings: list[Mapping],
+    module: LoadedModule,
+    layout: Layout = LAYOUT,
 ) -> int:
-    """Create the memfd and map it near the module; returns its address."""
+    """Create the memfd and map it near the module, its `layout`'s data pages
+    writable; returns its address. (An earlier `layout` only in tests: an upgrade
+    finds such caves in running processes.)"""
     candidates = candidate_addresses(mappings, module, CAVE_SIZE)
     if not candidates:
         raise CaveError(
@@ -150,7 +157,7 @@ def map_cave(
             )  # fmt: skip
             if result == hint:
                 checkpoint("cave-mapped")
-                _make_counters_writable(syscalls, hint)
+                _make_data_writable(syscalls, hint, layout)
                 return hint
             if result > 0:  # an old kernel ignored MAP_FIXED_NOREPLACE and put it elsewhere
                 syscalls(SYS_MUNMAP, result, CAVE_SIZE)
@@ -161,11 +168,11 @@ def map_cave(
         syscalls(SYS_CLOSE, fd)
 
 
-def _make_counters_writable(syscalls: RemoteSyscalls, cave: int) -> None:
-    """The last page holds blocked-event counters that patchlets increment: writable,
-    not executable, so no page of the cave is ever both (W^X)."""
-    counters = cave + CAVE_SIZE - COUNTERS_SIZE
-    result = syscalls(SYS_MPROTECT, counters, COUNTERS_SIZE, PROT_READ | PROT_WRITE)
+def _make_data_writable(syscalls: RemoteSyscalls, cave: int, layout: Layout) -> None:
+    """The registry's pages hold blocked-event counters that patchlets increment:
+    writable, not executable, so no page of the cave is ever both (W^X)."""
+    start, end = layout.writable_area(CAVE_SIZE)
+    result = syscalls(SYS_MPROTECT, cave + start, end - start, PROT_READ | PROT_WRITE)
     if result != 0:
         syscalls(SYS_MUNMAP, cave, CAVE_SIZE)
         raise syscalls.error(SYS_MPROTECT, result)
@@ -181,9 +188,9 @@ def unmap_cave(syscalls: RemoteSyscalls, cave: Cave) -> None:
 
 
 def allocate_counter(taken: list[int], cave: Cave) -> int:
-    """A free 8-byte counter slot in the cave's writable page."""
-    first = cave.address + cave.size - COUNTERS_SIZE
-    for slot in range(first, first + COUNTERS_SIZE, COUNTER_SIZE):
+    """A free 8-byte counter slot in the cave's counter area (writable, not code)."""
+    start, end = cave.registry.layout.counter_area(cave.size)
+    for slot in range(cave.address + start, cave.address + end, COUNTER_SIZE):
         if slot not in taken:
             return slot
     raise CaveError(f"the cave at {cave.address:#x} has no free blocked-event counter left")
@@ -198,8 +205,8 @@ def allocate(
     start: int = REGISTRY_SIZE,
 ) -> int:
     """First free, aligned slot of `size` bytes in the trampoline area of a cave
-    (`cave_size` excludes the counters page; the area begins `start` bytes in, after
-    the registry)."""
+    (the area begins `start` bytes in, after the registry, and ends `cave_size`
+    bytes in: `Layout.code_end`)."""
     cursor = cave_address + start
     for start, end in sorted(taken):
         if start - cursor >= size:

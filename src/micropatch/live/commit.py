@@ -27,7 +27,7 @@ from micropatch.faults import checkpoint
 from micropatch.live.cave import CAVE_SIZE, Cave, map_cave, unmap_cave
 from micropatch.live.decide import Commit, SiteCheck, record
 from micropatch.live.mapped import LoadedModule
-from micropatch.live.registry import AppliedPatch, Registry
+from micropatch.live.registry import LAYOUT, AppliedPatch, Layout, Registry
 from micropatch.live.safety import PendingMove, in_use, into_copy
 from micropatch.live.transaction import Transaction
 
@@ -88,15 +88,19 @@ def store(tx: Transaction, cave: Cave) -> None:
         tx.write(address, data)
 
 
-def new_cave(tx: Transaction, caves: list[Cave], module: LoadedModule) -> Cave:
-    """Map a cave near the module; unmapped again on rollback."""
-    address = map_cave(tx.syscalls, tx.memory, tx.mappings, module)
+def new_cave(
+    tx: Transaction, caves: list[Cave], module: LoadedModule, layout: Layout = LAYOUT
+) -> Cave:
+    """Map a cave near the module; unmapped again on rollback. (An earlier `layout`
+    only in tests: an upgrade finds such caves in running processes.)"""
+    address = map_cave(tx.syscalls, tx.memory, tx.mappings, module, layout)
     registry = Registry(
         module_path=module.path,
         module_base=module.base,
         build_id=module.identity.build_id,
         sha256=module.identity.sha256,
         cave_size=CAVE_SIZE,
+        layout=layout,
     )
     cave = Cave(address, CAVE_SIZE, registry)
     caves.append(cave)

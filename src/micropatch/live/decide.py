@@ -20,7 +20,6 @@ from micropatch.arch import TrampolineLayout
 from micropatch.errors import AlreadyApplied, Downgrade, MicropatchError, NotApplied
 from micropatch.live.cave import (
     COUNTER_SIZE,
-    COUNTERS_SIZE,
     Cave,
     allocate,
     allocate_counter,
@@ -225,14 +224,14 @@ def layout_all(
     and the trampoline laid out for that place."""
     taken = cave.registry.used_ranges()
     counters = cave.registry.used_counters()
-    code_size = cave.size - COUNTERS_SIZE
+    code_end = cave.registry.layout.code_end(cave.size)
     start = cave.registry.layout.code_start
     placed = []
     for p in planned:
         counter = allocate_counter(counters, cave) if p.needs_counter else 0
         counters.append(counter)
-        estimate = p.trampoline(cave.address + code_size // 2, counter).size + TRAMPOLINE_SLACK
-        slot = allocate(taken, cave.address, code_size, estimate, start=start)
+        estimate = p.trampoline(cave.address + code_end // 2, counter).size + TRAMPOLINE_SLACK
+        slot = allocate(taken, cave.address, code_end, estimate, start=start)
         layout = p.trampoline(slot, counter)
         if layout.size > estimate:
             raise MicropatchError(

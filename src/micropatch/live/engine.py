@@ -39,6 +39,7 @@ from micropatch.live.safety import Entering, Unsafe, pending_call, place_threads
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import Mapping, read_maps
 from micropatch.process.procfs import check_alive
+from micropatch.process.watchdog import operation
 from micropatch.process.world import (
     STOP_TIMEOUT,
     StoppedProcess,
@@ -120,7 +121,7 @@ def repair(pid: int, *, retries: int = DEFAULT_RETRIES) -> list[str]:
     check_alive(pid)
     delay = RETRY_DELAY
     try:
-        with queued(pid):
+        with queued(pid), operation("repair"):
             for _ in range(retries):
                 try:
                     with stop_world(pid) as proc:
@@ -225,7 +226,8 @@ def _run(change: Change, retries: int) -> Outcome:
     try:
         # One operation per process at a time: wait for the lock of this pid
         # (live/lock.py) rather than meet a process another operation has stopped.
-        with queued(change.pid):
+        verb = {"applied": "apply", "removed": "remove", "updated": "update"}[change.action]
+        with queued(change.pid), operation(f"{verb} {change.patch_id}"):
             return _attempts(change, retries)
     except MicropatchError as e:
         e.within(pid=change.pid, patch_id=change.patch_id)

@@ -7,12 +7,20 @@ a file of ours. It is a JSON document in one of two slots, each with a header
 current state is *not* in, so a patcher killed mid-write leaves the previous
 slot intact, and a reader takes the valid slot with the highest sequence.
 
-Both slots share the cave's first page, so a cave with a few patches keeps
-that page and its first trampoline page resident, nothing more. A document
-longer than its slot continues in that slot's own overflow area, written
-before the slot's header: the header, which holds the checksum, is the write
-that commits (`Layout`). Caves made before this layout (version 2: two 8 KiB
-slots at 0 and 8 KiB) are read and written in theirs.
+Both slots share the cave's first page with the blocked-event counters that
+patchlets increment (a fixed area at the page's end, which no header or
+checksum covers): that page is read+write and never executable, the code
+pages read+execute and never writable (W^X), so a cave with a few patches
+keeps two pages resident, nothing more. A document longer than its slot
+continues in that slot's own overflow area, written before the slot's
+header: the header, which holds the checksum, is the write that commits
+(`Layout`). The JSON is stored zlib-compressed (957 bytes become 441 for a
+two-site patch), so an update of a few sites, both versions recorded at
+once, still fits its slot in the first page. Caves made by earlier
+versions, found in a process patched before an upgrade, are read and
+written in their own layout (version 3: two 2 KiB slots of plain JSON,
+counters in the cave's last page; version 2: two 8 KiB slots at 0 and
+8 KiB, counters in the last page).
 
 Each patch has a state: `applying` (intent recorded, jumps being written),
 `applied`, or `removing` (original bytes being restored). A patcher killed
@@ -31,7 +39,8 @@ from dataclasses import dataclass, field
 
 from micropatch.errors import CaveError
 
-MAGIC = b"MICROPATCH\x00\x03"
+MAGIC = b"MICROPATCH\x00\x04"
+MAGIC_V3 = b"MICROPATCH\x00\x03"
 MAGIC_V2 = b"MICROPATCH\x00\x02"
 HEADER = struct.Struct("<12sQII")  # magic, sequence, JSON length, CRC-32 of the JSON
 APPLYING, APPLIED, REMOVING = "applying", "applied", "removing"
@@ -49,6 +58,10 @@ class Layout:
     overflow: tuple[int, int] | None
     overflow_size: int
     code_start: int  # offset in the cave of the first trampoline
+    # [start, end) of the blocked-event counters in the first page, which is then
+    # writable with the registry; None: they are the cave's last page (v2, v3).
+    counters: tuple[int, int] | None = None
+    compressed: bool = False  # the JSON is stored zlib-compressed (layout 4)
 
     @property
     def capacity(self) -> int:
@@ -65,6 +78,18 @@ class Layout:
         assert self.overflow is not None and len(body) <= self.overflow_size
         return [(self.overflow[index], body), (self.slots[index], header)]
 
+    def counter_area(self, cave_size: int) -> tuple[int, int]:
+        """[start, end) offsets in the cave of its blocked-event counters."""
+        return self.counters or (cave_size - PAGE, cave_size)
+
+    def code_end(self, cave_size: int) -> int:
+        """Where the trampoline area, which starts at `code_start`, ends."""
+        return cave_size if self.counters else cave_size - PAGE
+
+    def writable_area(self, cave_size: int) -> tuple[int, int]:
+        """[start, end) offsets of the cave's read+write pages (all others: read+execute)."""
+        return (0, self.code_start) if self.counters else (cave_size - PAGE, cave_size)
+
     def body_at(self, index: int, length: int) -> int:
         """Where slot `index`'s JSON of `length` bytes is."""
         if length <= self.slot_size - HEADER.size or self.overflow is None:
@@ -73,7 +98,12 @@ class Layout:
 
 
 PAGE = 4096
-LAYOUT = Layout(MAGIC, (0, PAGE // 2), PAGE // 2, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE)
+COUNTERS = 1024  # 128 blocked-event counters of 8 bytes, at the end of the first page
+SLOT = (PAGE - COUNTERS) // 2
+LAYOUT = Layout(
+    MAGIC, (0, SLOT), SLOT, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE, (PAGE - COUNTERS, PAGE), True
+)
+LAYOUT_V3 = Layout(MAGIC_V3, (0, PAGE // 2), PAGE // 2, (PAGE, 3 * PAGE), 2 * PAGE, 5 * PAGE)
 LAYOUT_V2 = Layout(MAGIC_V2, (0, 2 * PAGE), 2 * PAGE, None, 0, 4 * PAGE)
 REGISTRY_SIZE = LAYOUT.code_start
 
@@ -151,7 +181,7 @@ class Registry:
         return sorted(ranges)
 
     def body(self) -> bytes:
-        """The JSON document of this state."""
+        """The JSON document of this state, as its layout stores it."""
         doc = {
             "module_path": self.module_path,
             "module_base": self.module_base,
@@ -173,6 +203,8 @@ class Registry:
             "seq": self.seq,
         }
         body = json.dumps(doc, separators=(",", ":")).encode()
+        if self.layout.compressed:
+            body = zlib.compress(body, 6)
         if len(body) > self.layout.capacity:
             raise CaveError(
                 f"too many patches for one cave: the registry needs {len(body)} bytes, "
@@ -198,13 +230,24 @@ class Registry:
         Reads the cave's first page, and an overflow area only when a slot uses it.
         """
         page = read(0, PAGE)
-        magics = {page[at : at + len(MAGIC)] for at in LAYOUT.slots}
-        if MAGIC in magics:
-            return cls._read(LAYOUT, page, read)
+        for layout in (LAYOUT, LAYOUT_V3):
+            if layout.magic in {page[at : at + len(MAGIC)] for at in layout.slots}:
+                return cls._read(layout, page, read)
         v2 = page[: HEADER.size] + read(LAYOUT_V2.slots[1], HEADER.size)
         if MAGIC_V2 in (v2[: len(MAGIC)], v2[HEADER.size : HEADER.size + len(MAGIC)]):
             return cls._read(LAYOUT_V2, page, read)
-        if any(any(page[at : at + HEADER.size]) for at in LAYOUT.slots) or any(v2[HEADER.size :]):
+        family = MAGIC[:-1]
+        newer = {
+            page[at + len(family)] for at in (0, *LAYOUT.slots) if page[at:].startswith(family)
+        }
+        if newer and max(newer) > MAGIC[-1]:
+            raise CaveError(
+                f"this process's micropatch registry has layout {max(newer)}, written by a "
+                f"newer micropatch than this one (which reads layouts up to {MAGIC[-1]}); "
+                "use that version for this process"
+            )
+        heads = {*LAYOUT.slots, *LAYOUT_V3.slots}
+        if any(any(page[at : at + HEADER.size]) for at in heads) or any(v2[HEADER.size :]):
             raise CaveError("corrupt micropatch registry: no slot holds a micropatch registry")
         return None
 
@@ -246,7 +289,7 @@ class Registry:
     def decode(cls, blob: bytes) -> Registry | None:
         """One slot's bytes as `encode` made them; None if it is not a registry slot."""
         magic, seq, length, crc = HEADER.unpack_from(blob.ljust(HEADER.size, b"\0"))
-        layout = {MAGIC: LAYOUT, MAGIC_V2: LAYOUT_V2}.get(magic)
+        layout = {MAGIC: LAYOUT, MAGIC_V3: LAYOUT_V3, MAGIC_V2: LAYOUT_V2}.get(magic)
         body = blob[HEADER.size : HEADER.size + length]
         if layout is None or len(body) != length or zlib.crc32(body) != crc:
             return None
@@ -255,7 +298,7 @@ class Registry:
     @classmethod
     def _from_json(cls, body: bytes, seq: int, layout: Layout) -> Registry:
         try:
-            doc = json.loads(body)
+            doc = json.loads(zlib.decompress(body) if layout.compressed else body)
             patches = [
                 AppliedPatch(
                     id=p["id"],
@@ -287,7 +330,7 @@ class Registry:
                 seq=seq,
                 layout=layout,
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, zlib.error) as e:
             raise CaveError(f"corrupt micropatch registry: {e}") from None
 
 

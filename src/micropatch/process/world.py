@@ -28,7 +28,7 @@ from micropatch.errors import (
     ProcessNotFound,
     StopTimeout,
 )
-from micropatch.process import ptrace, restart
+from micropatch.process import ptrace, restart, seized
 from micropatch.process.linux import PTRACE_EVENT_STOP, WALL
 from micropatch.process.memory import Memory
 from micropatch.process.priority import realtime
@@ -40,6 +40,7 @@ from micropatch.process.procfs import (
     process_name,
     read_status,
 )
+from micropatch.process.watchdog import watched
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class StoppedProcess:
         detached until it stops: it gets LET_GO_GRACE, after the others are
         gone. Failing that it stays seized by this thread, and enters a ptrace
         stop whenever it leaves its sleep; the next stop_world from this thread
-        takes it back (`_seize`), and this thread's exit lets it go.
+        takes it back (`_seize`), `seized.release()` lets it go once stopped, and
+        this thread's exit lets it go.
         """
         stragglers = []
         for thread in self.threads.values():
@@ -156,9 +158,11 @@ def _let_go(pid: int, tid: int, grace: float) -> None:
         if e.errno == errno.ESRCH:
             return
         raise
+    seized.remember(pid, tid)
     log.warning(
         "process %d: thread %d never stopped; it stays seized by this thread (and stops "
-        "when it wakes) until the next operation on the process or the end of this one",
+        "when it wakes) until the next operation on the process, seized.release() or the "
+        "end of this thread",
         pid,
         tid,
     )
@@ -340,7 +344,7 @@ def stop_world(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedPr
     machine does not stretch the stop.
     """
     proc = _new(pid, timeout)
-    with realtime():
+    with watched(pid, f"the stop of process {pid} ({proc.status.name})", timeout), realtime():
         try:
             _stop_all(proc)
             yield proc
@@ -356,7 +360,8 @@ def lone_thread(pid: int, *, timeout: float = STOP_TIMEOUT) -> Iterator[StoppedP
     runs: that needs `stop_world`. Same priority and resume as `stop_world`."""
     proc = _new(pid, timeout)
     proc.lone = True
-    with realtime():
+    what = f"the stop of a thread of process {pid} ({proc.status.name})"
+    with watched(pid, what, timeout), realtime():
         try:
             proc.stopped_at = time.perf_counter()
             tid = next((t for t in list_threads(pid) if not _exited(t)), None)
@@ -417,7 +422,7 @@ def held_world(
     proc.stopped_at = time.perf_counter()
     for tid in held:
         proc.threads[tid] = Thread(tid, stopped=True)
-    with realtime():
+    with watched(pid, f"the stop of process {pid} ({status.name})", timeout), realtime():
         try:
             _stop_all(proc)
             yield proc

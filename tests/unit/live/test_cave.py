@@ -10,7 +10,6 @@ from micropatch.live.cave import (
     ALIGN,
     CAVE_SIZE,
     COUNTER_SIZE,
-    COUNTERS_SIZE,
     REACH,
     Cave,
     allocate,
@@ -18,6 +17,9 @@ from micropatch.live.cave import (
     candidate_addresses,
 )
 from micropatch.live.registry import (
+    LAYOUT,
+    LAYOUT_V2,
+    LAYOUT_V3,
     REGISTRY_SIZE,
     AppliedPatch,
     AppliedSite,
@@ -28,7 +30,8 @@ from micropatch.process.maps import Mapping
 
 BASE = 0x7F00_0000_0000
 FIRST = BASE + REGISTRY_SIZE
-CODE = CAVE_SIZE - COUNTERS_SIZE
+CODE = CAVE_SIZE  # the code runs to the cave's end
+COUNTERS = BASE + PAGE_SIZE - 1024  # in the registry's page, after both slots
 
 
 def test_allocate_after_the_registry_and_aligned() -> None:
@@ -58,15 +61,33 @@ def test_allocate_exact_fit_at_the_end_then_full() -> None:
         allocate([(FIRST, FIRST + 16)], BASE, CODE, room - 15)
 
 
-def test_counters_are_in_the_last_page() -> None:
+def test_counters_share_the_registry_page_after_its_slots() -> None:
     cave = Cave(BASE, CAVE_SIZE, Registry("/m", 0, None, "", CAVE_SIZE))
-    page = BASE + CAVE_SIZE - COUNTERS_SIZE
-    assert allocate_counter([], cave) == page
-    assert allocate_counter([page, page + 2 * COUNTER_SIZE], cave) == page + COUNTER_SIZE
-    every = list(range(page, page + COUNTERS_SIZE, COUNTER_SIZE))
-    assert allocate_counter(every[1:], cave) == page
+    assert BASE + LAYOUT.slots[1] + LAYOUT.slot_size == COUNTERS  # no slot reaches them
+    assert allocate_counter([], cave) == COUNTERS
+    assert allocate_counter([COUNTERS, COUNTERS + 16], cave) == COUNTERS + COUNTER_SIZE
+    every = list(range(COUNTERS, BASE + PAGE_SIZE, COUNTER_SIZE))
+    assert len(every) == 128
+    assert allocate_counter(every[1:], cave) == COUNTERS
     with pytest.raises(CaveError, match="no free blocked-event counter"):
         allocate_counter(every, cave)
+
+
+@pytest.mark.parametrize("layout", [LAYOUT_V3, LAYOUT_V2])
+def test_a_cave_of_an_earlier_layout_keeps_its_counters_in_its_last_page(layout) -> None:  # type: ignore[no-untyped-def]
+    """A process patched before an upgrade: its cave's counters stay where they are,
+    and the code ends before them."""
+    cave = Cave(BASE, CAVE_SIZE, Registry("/m", 0, None, "", CAVE_SIZE, layout=layout))
+    last = BASE + CAVE_SIZE - PAGE_SIZE
+    assert allocate_counter([], cave) == last
+    assert allocate_counter([last], cave) == last + COUNTER_SIZE
+    assert layout.code_end(CAVE_SIZE) == CAVE_SIZE - PAGE_SIZE
+    assert layout.writable_area(CAVE_SIZE) == (CAVE_SIZE - PAGE_SIZE, CAVE_SIZE)
+
+
+def test_the_registry_pages_are_the_writable_ones_and_the_code_the_rest() -> None:
+    assert LAYOUT.writable_area(CAVE_SIZE) == (0, LAYOUT.code_start)
+    assert LAYOUT.code_end(CAVE_SIZE) == CAVE_SIZE
 
 
 def site(trampoline: int, size: int, counter: int = 0) -> AppliedSite:
@@ -91,7 +112,7 @@ def test_registry_used_ranges_and_counters_span_every_patch() -> None:
 def test_retired_trampolines_and_counters_are_never_reused() -> None:
     """A thread may still run in a removed patch's trampoline, or increment its counter:
     until reclaimed, a retired slot is as taken as a live one."""
-    page = BASE + CAVE_SIZE - COUNTERS_SIZE
+    page = COUNTERS
     cave = Cave(BASE, CAVE_SIZE, Registry("/m", 0, None, "", CAVE_SIZE))
     registry = cave.registry
     registry.patches = [AppliedPatch("a", 1, "", 0.0, [site(FIRST + 64, 16, page + 8)])]

@@ -1,9 +1,11 @@
 """The registry: two checksummed slots in the cave's first page (an overflow area
-each for long documents), patch states, retired trampolines; version 2 caves."""
+each for long documents) beside the blocked-event counters, patch states, retired
+trampolines; caves of the earlier layouts (versions 2 and 3)."""
 
 from __future__ import annotations
 
 import json
+import random
 import zlib
 from types import SimpleNamespace
 
@@ -18,6 +20,7 @@ from micropatch.live.registry import (
     HEADER,
     LAYOUT,
     LAYOUT_V2,
+    LAYOUT_V3,
     MAGIC,
     PAGE,
     REGISTRY_SIZE,
@@ -40,16 +43,25 @@ def site(trampoline: int = 0x5555_1000_4000, size: int = 40, counter: int = 0) -
     )  # fmt: skip
 
 
-def sample(seq: int = 0, sites: int = 1) -> Registry:
+def sample(seq: int = 0, sites: int = 1, title: str = "a fix") -> Registry:
     return Registry(
         "/usr/lib/libfoo.so",
         0x5555_0000_0000,
         "ab12",
         "cd" * 32,
         65536,
-        [AppliedPatch("fix-1", 2, "a fix", 1700000000.5, [site() for _ in range(sites)])],
+        [AppliedPatch("fix-1", 2, title, 1700000000.5, [site() for _ in range(sites)])],
         seq=seq,
     )
+
+
+def long(seq: int, size: int = 2 * SLOT) -> Registry:
+    """A registry whose stored (compressed) document is longer than `size` bytes:
+    a title that does not compress."""
+    title = random.Random(seq).randbytes(size).hex()
+    registry = sample(seq, title=title)
+    assert len(registry.body()) > size
+    return registry
 
 
 class Slots:
@@ -102,10 +114,11 @@ def test_states_and_retired_trampolines_round_trip() -> None:
 
 
 def test_a_registry_without_states_or_retired_reads_as_applied() -> None:
-    doc = json.loads(sample().encode()[HEADER.size :])
+    """As the first versions wrote them (layout 2)."""
+    doc = json.loads(zlib.decompress(sample().encode()[HEADER.size :]))
     del doc["patches"][0]["state"], doc["retired"]
     body = json.dumps(doc).encode()
-    back = Registry.decode(HEADER.pack(MAGIC, 4, len(body), zlib.crc32(body)) + body)
+    back = Registry.decode(HEADER.pack(LAYOUT_V2.magic, 4, len(body), zlib.crc32(body)) + body)
     assert back is not None and back.patches[0].state == APPLIED and back.retired == []
     assert back.seq == 4
 
@@ -118,7 +131,42 @@ def test_not_a_registry() -> None:
 
 def test_both_slots_share_the_first_page_and_alternate_with_the_sequence() -> None:
     assert [sample(seq).slot for seq in range(4)] == [0, SLOT, 0, SLOT]
-    assert SLOT * 2 == PAGE and LAYOUT.code_start == REGISTRY_SIZE
+    assert LAYOUT.counters == (2 * SLOT, PAGE) and LAYOUT.code_start == REGISTRY_SIZE
+
+
+def test_what_the_target_writes_is_outside_every_slot_and_checksum() -> None:
+    """Patchlets increment their counters, in the registry's page, while the process
+    runs: no slot, header or overflow area covers them, so neither the registry nor
+    a store is disturbed by them, and a store never touches them."""
+    start, end = LAYOUT.counters  # type: ignore[misc]
+    assert all(at + SLOT <= start for at in LAYOUT.slots)
+    assert LAYOUT.overflow is not None and min(LAYOUT.overflow) >= PAGE
+    slots = Slots()
+    slots.put(sample(seq=1))
+    slots.data[start:end] = b"\xff" * (end - start)  # every counter counted
+    assert slots.current() == sample(seq=1)
+    for registry in (sample(seq=2), long(seq=3)):
+        for offset, blob in registry.images():
+            assert offset + len(blob) <= start or offset >= PAGE, (offset, len(blob))
+        slots.put(registry)
+        assert slots.current() == registry
+    assert slots.data[start:end] == b"\xff" * (end - start)
+
+
+def test_an_update_of_a_few_sites_fits_its_slot() -> None:
+    """The first page alone, with the counters, holds a registry of a few patches:
+    here an update's intent, both versions of a 4-site patch recorded at once,
+    with sites that do not repeat each other (the JSON is stored compressed)."""
+    registry = sample()
+    registry.patches = [
+        AppliedPatch(
+            "fix-1", version, "a fix", 1700000000.5,
+            [site(0x5555_1000_4000 + 0x1357 * (4 * version + i)) for i in range(4)],
+        )
+        for version in (1, 2)
+    ]  # fmt: skip
+    assert len(registry.body()) <= SLOT - HEADER.size
+    assert len(json.loads(zlib.decompress(registry.body()))["patches"]) == 2
 
 
 def test_a_small_registry_is_read_from_the_first_page_alone() -> None:
@@ -155,19 +203,19 @@ def test_a_torn_slot_falls_back_to_the_other() -> None:
 def test_a_long_registry_overflows_into_its_slot_s_own_area() -> None:
     """The JSON goes first, the slot's header (with its checksum) last: torn anywhere,
     the other slot stays in force; the other slot's overflow area is never touched."""
-    long = sample(seq=2, sites=8)
-    [(overflow, body), (slot, header)] = long.images()
+    long_one = long(seq=2)
+    [(overflow, body), (slot, header)] = long_one.images()
     assert (overflow, slot, len(header)) == (LAYOUT.overflow[0], 0, HEADER.size)  # type: ignore[index]
     assert len(body) > SLOT - HEADER.size
     slots = Slots()
     slots.put(sample(seq=1))
     slots.data[LAYOUT.overflow[1] : LAYOUT.overflow[1] + 8] = b"untouchd"  # type: ignore[index]
     for landed in (10, len(body), len(body) + HEADER.size - 1):
-        slots.put(long, torn=landed)
+        slots.put(long_one, torn=landed)
         assert slots.current() == sample(seq=1), landed
-    slots.put(long)
+    slots.put(long_one)
     slots.reads.clear()
-    assert slots.current() == long
+    assert slots.current() == long_one
     overflow = LAYOUT.overflow[0]  # type: ignore[index]
     assert slots.pages() == {0, *range(overflow // PAGE, (overflow + len(body) - 1) // PAGE + 1)}
     assert slots.data[LAYOUT.overflow[1] : LAYOUT.overflow[1] + 8] == b"untouchd"  # type: ignore[index]
@@ -178,9 +226,9 @@ def test_a_slot_whose_old_overflow_is_overwritten_is_invalid() -> None:
     overflow area and the patcher dies before slot 0's header: slot 0's header no
     longer matches its JSON, and slot 1 (seq 3) is in force."""
     slots = Slots()
-    slots.put(sample(seq=2, sites=8))
+    slots.put(long(seq=2))
     slots.put(sample(seq=3))
-    other = sample(seq=4, sites=9)
+    other = long(seq=4, size=3 * SLOT)
     slots.put(other, torn=len(other.images()[0][1]))
     assert slots.current() == sample(seq=3)
 
@@ -201,7 +249,9 @@ def test_a_corrupt_header_is_reported_unless_the_other_slot_is_valid() -> None:
     slots = Slots()
     slots.data[: HEADER.size] = HEADER.pack(MAGIC, 2, 3 * PAGE, 0)  # a length no slot holds
     slots.data[SLOT : SLOT + 4] = b"junk"
-    with pytest.raises(CaveError, match=r"slot at \+0x0: length 12288; slot at \+0x800: not a"):
+    with pytest.raises(
+        CaveError, match=rf"slot at \+0x0: length 12288; slot at \+{SLOT:#x}: not a"
+    ):
         slots.current()
     slots.put(sample(seq=1))  # slot 1
     assert slots.current() == sample(seq=1)
@@ -214,8 +264,18 @@ def test_junk_where_a_registry_should_be_is_corrupt() -> None:
         slots.current()
 
 
-def test_corrupt_json_with_a_valid_checksum() -> None:
-    body = b'{"module_path": 1'
+def test_a_cave_of_a_newer_layout_is_named_so_not_corrupt() -> None:
+    slots = Slots()
+    newer = MAGIC[:-1] + bytes([MAGIC[-1] + 1])
+    slots.data[0 : HEADER.size] = HEADER.pack(newer, 1, 0, 0)
+    with pytest.raises(CaveError, match=rf"layout {MAGIC[-1] + 1}, written by a newer micropatch"):
+        slots.current()
+
+
+@pytest.mark.parametrize(
+    "body", [zlib.compress(b'{"module_path": 1'), b'{"module_path": 1'], ids=["json", "zlib"]
+)
+def test_corrupt_json_with_a_valid_checksum(body: bytes) -> None:
     with pytest.raises(CaveError, match="corrupt micropatch registry"):
         Registry.decode(HEADER.pack(MAGIC, 1, len(body), zlib.crc32(body)) + body)
 
@@ -236,6 +296,24 @@ def test_a_version_2_cave_is_read_and_written_in_its_own_layout() -> None:
     slots.put(back)
     assert slots.current() == back
     assert LAYOUT_V2.code_start == 4 * PAGE
+
+
+def test_a_version_3_cave_is_read_and_written_in_its_own_layout() -> None:
+    """Caves made by the previous version, found in a process patched before an
+    upgrade: 2 KiB slots filling the first page, counters in the cave's last page."""
+    slots = Slots()
+    v3 = sample(seq=1)
+    v3.layout = LAYOUT_V3
+    assert v3.images() == [(PAGE // 2, v3.encode())]
+    slots.put(v3)
+    back = slots.current()
+    assert back == v3 and back is not None and back.layout is LAYOUT_V3
+    back.seq += 1
+    back.patches[0].state = REMOVING
+    assert [at for at, _ in back.images()] == [0]
+    slots.put(back)
+    assert slots.current() == back
+    assert LAYOUT_V3.counter_area(65536) == (65536 - PAGE, 65536)
 
 
 def test_store_writes_the_slot_not_holding_the_current_state() -> None:
@@ -281,8 +359,7 @@ def test_retire_keeps_the_trampolines_and_counters_out_of_reuse() -> None:
 
 
 def test_too_many_patches() -> None:
-    reg = sample()
-    reg.patches *= 200
+    reg = sample(title=random.Random(0).randbytes(LAYOUT.capacity).hex())
     capacity = LAYOUT.capacity
     with pytest.raises(CaveError, match=rf"the registry needs \d+ bytes, a slot holds {capacity}"):
         reg.images()

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from micropatch.process import connector
-from micropatch.process.connector import (
+from micropatch.process import connector, procevents
+from micropatch.process.procevents import (
     CN_MSG,
     EXIT_DATA,
     NLMSGHDR,
@@ -27,15 +27,15 @@ def test_layouts_match_the_kernel() -> None:
     assert EXIT_DATA.size == 24  # the largest union member with comm (4+4+16)
 
 
-def _message(what: int, union: bytes, *, idx: int = 1, kind: int = connector.NLMSG_DONE) -> bytes:
+def _message(what: int, union: bytes, *, idx: int = 1, kind: int = procevents.NLMSG_DONE) -> bytes:
     event = PROC_EVENT_HEAD.pack(what, 0, 12345) + union.ljust(24, b"\0")
     cn = CN_MSG.pack(idx, 1, 7, 0, len(event), 0) + event
     return NLMSGHDR.pack(NLMSGHDR.size + len(cn), kind, 0, 7, 0) + cn
 
 
 def test_an_exit_event_decodes_at_offset_36() -> None:
-    data = _message(connector.PROC_EVENT_EXIT, EXIT_DATA.pack(10, 10, 0x8B, 17, 1, 1))
-    assert data[36:40] == struct.pack("=I", connector.PROC_EVENT_EXIT)
+    data = _message(procevents.PROC_EVENT_EXIT, EXIT_DATA.pack(10, 10, 0x8B, 17, 1, 1))
+    assert data[36:40] == struct.pack("=I", procevents.PROC_EVENT_EXIT)
     (event,) = parse(data)
     assert event == ExitEvent(10, 10, 0x8B, 17, 1, 1, 12345)
     assert isinstance(event, ExitEvent)
@@ -47,17 +47,17 @@ def test_an_exit_event_decodes_at_offset_36() -> None:
 
 def test_exec_fork_and_several_messages_in_one_datagram() -> None:
     data = (
-        _message(connector.PROC_EVENT_FORK, struct.pack("=iiii", 1, 1, 5, 5))
-        + _message(connector.PROC_EVENT_EXEC, struct.pack("=ii", 5, 5))
-        + _message(connector.PROC_EVENT_COMM, b"")  # not decoded: skipped
-        + _message(connector.PROC_EVENT_EXIT, EXIT_DATA.pack(5, 5, 0, 17, 1, 1), idx=2)
-        + _message(connector.PROC_EVENT_EXIT, EXIT_DATA.pack(5, 5, 0, 17, 1, 1), kind=2)
+        _message(procevents.PROC_EVENT_FORK, struct.pack("=iiii", 1, 1, 5, 5))
+        + _message(procevents.PROC_EVENT_EXEC, struct.pack("=ii", 5, 5))
+        + _message(procevents.PROC_EVENT_COMM, b"")  # not decoded: skipped
+        + _message(procevents.PROC_EVENT_EXIT, EXIT_DATA.pack(5, 5, 0, 17, 1, 1), idx=2)
+        + _message(procevents.PROC_EVENT_EXIT, EXIT_DATA.pack(5, 5, 0, 17, 1, 1), kind=2)
     )
     assert parse(data) == [ForkEvent(1, 1, 5, 5, 12345), ExecEvent(5, 5, 12345)]
 
 
 def test_truncated_data_is_ignored() -> None:
-    data = _message(connector.PROC_EVENT_EXIT, EXIT_DATA.pack(5, 5, 0, 17, 1, 1))
+    data = _message(procevents.PROC_EVENT_EXIT, EXIT_DATA.pack(5, 5, 0, 17, 1, 1))
     assert parse(data[:30]) == []
     assert parse(b"") == []
 
