@@ -44,6 +44,7 @@ def test_the_scans_find_a_process_by_its_maps_and_never_this_one() -> None:
     import subprocess
     import tempfile
     import time
+    from pathlib import Path
 
     from micropatch.process.maps import pids_mentioning, pids_whose_maps
 
@@ -52,9 +53,11 @@ def test_the_scans_find_a_process_by_its_maps_and_never_this_one() -> None:
         shutil.copy(shutil.which("sleep") or "/bin/sleep", sleeper)
         child = subprocess.Popen([sleeper, "30"])
         try:
-            deadline = time.monotonic() + 10  # until the child has exec'd the copy
-            while os.path.realpath(f"/proc/{child.pid}/exe") != sleeper:
-                assert time.monotonic() < deadline, "the child did not exec"
+            # Until the copy is mapped (its /proc/PID/exe changes before the loader
+            # maps it): a bounded wait on what the scans read.
+            deadline = time.monotonic() + 10
+            while sleeper not in Path(f"/proc/{child.pid}/maps").read_text():
+                assert time.monotonic() < deadline, "the child did not exec the copy"
                 time.sleep(0.01)
             named = pids_whose_maps(lambda maps: any(m.path == sleeper for m in maps))
             assert named == [child.pid]
