@@ -112,8 +112,10 @@ class StopPatcher:
         self.event(
             "applied", pid, module, patch=patch, exe=info.exe,
             message=f"applied {patch.id} v{patch.version} to {module.name} in pid {pid} "
-            f"({info.exe}) at its {when}, before any of its code ran" if when != "late" else
-            f"applied {patch.id} v{patch.version} to {module.name} in pid {pid} ({info.exe}), late",
+            f"({info.exe}) at its {when}, before any of its code ran"
+            if when not in ("late", "running") else
+            f"applied {patch.id} v{patch.version} to {module.name} in pid {pid} ({info.exe}), "
+            + ("late" if when == "late" else "running"),
             data={"when": when, "sites": sites, "ms": round(ms, 3)},
         )  # fmt: skip
 

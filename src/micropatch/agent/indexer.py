@@ -17,7 +17,8 @@ every 10 s: a new filesystem is marked and walked.
 
 What the index gains or loses goes to `on_change` (NewProcesses marks or
 unmarks the files for library loads); the inodes it gains to `on_found` (the
-late watch looks for processes that mapped or opened them before).
+late watch looks for processes that mapped or opened them before; with `True`
+when the walk was only for new patches, whose processes were running already).
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Indexer:
         filesystems: Sequence[str] = (),
         extra_dirs: Sequence[str] = (),
         on_change: Callable[[Changes], None] = lambda _: None,
-        on_found: Callable[[set[Inode]], None] = lambda _: None,
+        on_found: Callable[[set[Inode], bool], None] = lambda _found, _running: None,
         on_mount: Callable[[Mount], None] = lambda _: None,
         tick: Callable[[], None] = lambda: None,
     ) -> None:
@@ -92,6 +93,7 @@ class Indexer:
         self._mount_fds: dict[int, int] = {}  # fsid -> descriptor of the mount's root
         self._targets: list[TargetView] | None = None
         self._walk_needed = False
+        self._walk_why: set[str] = set()  # targets, overflow, mounts: why the next walk
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake_r, self._wake_w = -1, -1
@@ -206,6 +208,7 @@ class Indexer:
                     next_mounts = time.monotonic() + MOUNTS_INTERVAL
                     if self._read_mounts() and self.index.wanted.targets:
                         self._walk_needed = True
+                        self._walk_why.add("mounts")
                         continue
                 poller.poll(1000)
                 with contextlib.suppress(OSError):
@@ -225,9 +228,13 @@ class Indexer:
             self.on_change(([], removed))
         if new:
             self._walk_needed = True
+            self._walk_why.add("targets")
 
     def _walk_all(self) -> None:
         self._walk_needed = False
+        # Copies found only because patches were added (or the agent started): the
+        # processes mapping them were running already, not starts the agent missed.
+        running, self._walk_why = self._walk_why == {"targets"}, set()
         self.walking = True
         stats = WalkStats()
         found: set[Inode] = set()
@@ -260,7 +267,7 @@ class Indexer:
             stats.files, stats.modules, stats.hashed, stats.seconds, len(self.index.copies()),
         )  # fmt: skip
         if found:
-            self.on_found(found)
+            self.on_found(found, running)
 
     def _between(self) -> bool:
         """Between two walk steps: events read now, so that none waits a whole walk."""
@@ -289,6 +296,7 @@ class Indexer:
                 if event.overflow:
                     self.overflows += 1
                     self._walk_needed = True
+                    self._walk_why.add("overflow")
                     log.warning("file event queue overflow: the index is walked again")
                     continue
                 fid = event.fid
@@ -333,7 +341,7 @@ class Indexer:
         finally:
             os.close(dfd)
         if found:
-            self.on_found(found)
+            self.on_found(found, False)
 
     def _walk_moved(self, path: str) -> set[Inode]:
         """A directory renamed into place (a venv, an unpacked tree): walk it."""

@@ -53,6 +53,9 @@ MAX_FOLLOWED = 4096  # processes followed at once; more are left to the periodic
 RELEASED = "released by the watchdog"
 OPENED_BEFORE = "opened before it was watched"
 MAPPED_BEFORE = "mapped before it was watched"
+# Not late: running when its patch was added (or the agent started); patched as a
+# running process is (an `applied` event), not counted among late starts.
+RUNNING = "running when its patch was added"
 
 
 class Wants(Protocol):
@@ -89,7 +92,7 @@ class LateWatch:
         self.copy_of = copy_of
         self.count = count
         self._followed: dict[int, _Followed] = {}
-        self._scans: list[tuple[set[Inode], float]] = []
+        self._scans: list[tuple[set[Inode], float, bool]] = []
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -114,13 +117,14 @@ class LateWatch:
             self._add(pid, set(inodes), reason, since, time.monotonic() + RELEASED_FOR, exec)
             self._cond.notify()
 
-    def scan(self, inodes: Iterable[Inode]) -> None:
+    def scan(self, inodes: Iterable[Inode], running: bool = False) -> None:
         """Every process that maps or holds open one of these (new) copies: patched
-        now, or followed while it holds them."""
+        now, or followed while it holds them. `running`: found only because patches
+        were added, so a process that maps them already is a running one, not late."""
         found = set(inodes)
         if found:
             with self._cond:
-                self._scans.append((found, time.monotonic()))
+                self._scans.append((found, time.monotonic(), running))
                 self._cond.notify()
 
     def followed(self) -> int:
@@ -164,9 +168,9 @@ class LateWatch:
                     wake = min((f.due for f in self._followed.values()), default=now + 3600)
                     self._cond.wait(max(0.0, wake - now))
                     continue
-            for inodes, since in scans:
+            for inodes, since, running in scans:
                 try:
-                    self._scan(inodes, since)
+                    self._scan(inodes, since, running)
                 except Exception:
                     log.exception("looking for processes using new copies failed")
             for f in due:
@@ -176,7 +180,7 @@ class LateWatch:
                     log.exception("following process %d failed", f.pid)
                     self._done(f)
 
-    def _scan(self, inodes: set[Inode], since: float) -> None:
+    def _scan(self, inodes: set[Inode], since: float, running: bool) -> None:
         me = os.getpid()
         for pid in all_pids():
             if pid == me:
@@ -190,7 +194,7 @@ class LateWatch:
             if mapped or held:
                 with self._cond:
                     until = time.monotonic() + RELEASED_FOR if mapped else None
-                    reason = MAPPED_BEFORE if mapped else OPENED_BEFORE
+                    reason = (RUNNING if running else MAPPED_BEFORE) if mapped else OPENED_BEFORE
                     self._add(pid, mapped | held, reason, since, until, False)
 
     def _look(self, f: _Followed) -> None:
@@ -233,8 +237,9 @@ class LateWatch:
         if not work:
             return
         try:
+            when = "running" if f.reason == RUNNING else "late"
             applied, failed = in_own_thread(
-                lambda: self.patcher.live(f.pid, info, work, "late", names)
+                lambda: self.patcher.live(f.pid, info, work, when, names)
             )
         except OSError:  # the engine reading /proc/PID/map_files of a process just gone
             self._missed(f, work[0][0], "it exited before it could be patched")
@@ -245,8 +250,8 @@ class LateWatch:
         if failed and not applied:
             self._missed(f, work[0][0], "its patches failed (see the failed events)")
             return
-        if not applied:
-            return  # carried already: another path was first
+        if not applied or f.reason == RUNNING:
+            return  # carried already (another path was first), or not late: `applied` said it
         delay = (time.monotonic() - f.since) * 1e3
         self.count("late")
         module = work[0][0]
@@ -259,6 +264,8 @@ class LateWatch:
         )  # fmt: skip
 
     def _missed(self, f: _Followed, module: ModuleFile | None, why: str) -> None:
+        if f.reason == RUNNING:
+            return  # not a start: its failures are `failed` events, its exit no miss
         self.count("missed")
         self.patcher.event(
             "late", f.pid, module,
