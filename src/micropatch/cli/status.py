@@ -39,6 +39,8 @@ def run(values: Values) -> None:
     unread = [(pid, error) for pid, error in unread if named or not isinstance(error, GONE)]
     for pid, error in unread:
         say.failed(f"pid {pid}: {error}")
+    if not named and client is None:
+        _say_hidden()
     rows = [_row(s) for s in states]
     unread_pids = {pid for pid, _ in unread}
     read = [p for p in named if p not in unread_pids]
@@ -110,3 +112,28 @@ def _row(s: dict[str, Any]) -> tuple[str, ...]:
     module = f"{s['module']} (cpython)" if python else s["module"]
     return (str(s["pid"]), s["process"], module, s["patch_id"], version, sites, since,
             blocked)  # fmt: skip
+
+
+def _say_hidden() -> None:
+    """Not root: processes of other users cannot be read, and their patches would be
+    left out without a word."""
+    import os
+
+    if os.geteuid() == 0:
+        return
+    from micropatch.process.select import all_pids
+
+    hidden = 0
+    for pid in all_pids():
+        try:
+            with open(f"/proc/{pid}/maps", "rb") as f:
+                f.read(1)
+        except PermissionError:
+            hidden += 1
+        except OSError:
+            continue  # gone
+    if hidden:
+        say.warning(
+            f"{hidden} processes of other users could not be read, so patches applied to "
+            "them are not shown; run as root to see every process"
+        )
