@@ -231,9 +231,21 @@ def diff(
                 print(row.render())
         return
     if as_json:
+        if result.churned:
+            typer.echo(_churn_note(result), err=True)
         _dump([change.as_json() for change in result.changes])
         return
     _print_diff(result, limit)
+
+
+def _churn_note(result: DiffResult) -> str:
+    return (
+        f"note: {len(result.changes)} of {result.matched} matched functions changed "
+        "(another compiler or other flags?): ranked by the constants, compared bounds, "
+        "calls and early returns each one gained; a compiler's churn may still rank high: "
+        "read the top with `micropatch explore show`, or start from what the advisory "
+        "names (`micropatch explore xref`)"
+    )
 
 
 def _print_diff(result: DiffResult, limit: int) -> None:
@@ -243,6 +255,8 @@ def _print_diff(result: DiffResult, limit: int) -> None:
         f"{len(result.changes)} changed, {len(result.only_old)} only in old, "
         f"{len(result.only_new)} only in new"
     )
+    if result.churned:
+        print(_churn_note(result))
     print(f"{'rank':>4} {'old':>10} {'new':>10} {'sim':>5} {'+/-':>7}  name (matched by)")
     for rank, change in enumerate(result.changes[:limit], 1):
         print(_change_line(rank, change))

@@ -6,6 +6,7 @@ from here, so moving the architecture code is a change to this file alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple, cast
 
 from iced_x86 import (
@@ -39,6 +40,8 @@ __all__ = [
     "is_call",
     "is_conditional",
     "is_padding",
+    "is_return",
+    "kept_constants",
     "near_branch_target",
     "plan_site",
     "role",
@@ -68,6 +71,7 @@ def _register_classes() -> dict[int, object]:
 _REGISTER_CLASS = _register_classes()
 _SIGN_EXTENDED = frozenset({OpKind.IMMEDIATE8TO64, OpKind.IMMEDIATE32TO64})
 _SIGNED_64 = 1 << 64
+_STACK_POINTERS = frozenset({Register.RSP, Register.ESP})
 _ENDS_FLOW = frozenset(
     {
         FlowControl.UNCONDITIONAL_BRANCH,
@@ -87,6 +91,54 @@ def is_conditional(instruction: Instruction) -> bool:
 def ends_flow(instruction: Instruction) -> bool:
     """True if execution never falls through to the next instruction (jmp, ret, ud2)."""
     return instruction.flow_control in _ENDS_FLOW
+
+
+def is_return(instruction: Instruction) -> bool:
+    """True for a return (ret)."""
+    return instruction.flow_control == FlowControl.RETURN
+
+
+_MULTIPLIES = frozenset({Mnemonic.IMUL, Mnemonic.MUL})
+_MULTIPLIER_REACH = 4  # instructions between a mov of a magic number and its mul
+
+
+def kept_constants(instructions: Sequence[Instruction]) -> tuple[set[int], set[int]]:
+    """(immediates, compared immediates) of a function, as a compiler keeps them
+    from the source: without the stack frame's size (add/sub rsp) and without
+    multipliers (a division by a constant becomes a multiplication by a magic
+    number: the immediate of a mul, or of a mov a mul follows closely), which
+    change with the compiler. Compared: the immediates of cmp and test."""
+    found: set[int] = set()
+    compared: set[int] = set()
+    for at, instruction in enumerate(instructions):
+        mnemonic = instruction.mnemonic
+        if mnemonic in _MULTIPLIES or (
+            instruction.op0_kind == OpKind.REGISTER and instruction.op0_register in _STACK_POINTERS
+        ):
+            continue
+        if mnemonic == Mnemonic.MOV and any(
+            later.mnemonic in _MULTIPLIES
+            for later in instructions[at + 1 : at + 1 + _MULTIPLIER_REACH]
+        ):
+            continue
+        for operand in range(instruction.op_count):
+            kind = instruction.op_kind(operand)
+            if kind in IMMEDIATE_KINDS:
+                value = _signed(instruction.immediate(operand))
+                found.add(value)
+                if mnemonic in _COMPARISONS:
+                    compared.add(value)
+    return found, compared
+
+
+def _signed(value: int) -> int:
+    """An immediate as the source wrote it: negative ones negative, whether the
+    compiler encoded them in 8, 32 or 64 bits."""
+    if value >= 1 << 63:
+        value -= _SIGNED_64
+    if 1 << 31 <= value < 1 << 32:
+        value -= 1 << 32
+    return value
 
 
 def is_padding(instruction: Instruction) -> bool:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from micropatch.tools.analysis import SMALL_CONSTANT, ModuleAnalysis
+from micropatch.tools.diff.churn import by_outline, churned, outlines
 from micropatch.tools.diff.features import Profile, bag_similarity, fuzzy_score, profile
 from micropatch.tools.diff.rank import Change, change, rank
 from micropatch.tools.functions import Function
@@ -58,6 +59,13 @@ class DiffResult:
     @property
     def methods(self) -> Counter[str]:
         return Counter(self.how.values())
+
+    @property
+    def churned(self) -> bool:
+        """Most matched functions changed: the builds differ throughout (another
+        compiler, other flags), and the ranking cannot set a fix apart from that
+        churn (docs/finding-the-site.md, "When most functions changed")."""
+        return churned(len(self.changes), self.matched)
 
     @property
     def only_old(self) -> list[Function]:
@@ -218,7 +226,10 @@ def _rank(result: DiffResult) -> list[Change]:
             continue
         moved = [result.pairs.get(c, -1) for c in old.callees] != list(new.callees)
         changes.append(change(result.old, result.new, old, new, result.how[a], moved, roles))
-    return rank(changes)
+    ranked = rank(changes)
+    if churned(len(ranked), result.matched):
+        return by_outline(ranked, outlines(ranked, result.old, result.new))
+    return ranked
 
 
 def _group(
