@@ -14,7 +14,8 @@ over what is still unmatched:
 A matched pair whose normalised code differs is a change; `diff.rank` orders
 the changes, taking turns between the order of an added check (changes of
 logic in surely matched functions) and the order of novelty (the comparisons
-and calls gained that few other changes gained).
+and calls gained that few other changes gained). When most matched functions
+changed (another compiler), `diff.churn` orders them by what a compiler keeps.
 """
 
 from __future__ import annotations
