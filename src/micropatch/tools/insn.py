@@ -44,6 +44,7 @@ __all__ = [
     "kept_constants",
     "near_branch_target",
     "plan_site",
+    "restores_frame",
     "role",
     "summarise",
 ]
@@ -98,6 +99,14 @@ def is_return(instruction: Instruction) -> bool:
     return instruction.flow_control == FlowControl.RETURN
 
 
+def restores_frame(instruction: Instruction) -> bool:
+    """True for an epilogue's work: pop, leave, or moving the stack pointer."""
+    return instruction.mnemonic in _FRAME_RESTORES or (
+        instruction.op0_kind == OpKind.REGISTER and instruction.op0_register in _STACK_POINTERS
+    )
+
+
+_FRAME_RESTORES = frozenset({Mnemonic.POP, Mnemonic.LEAVE})
 _MULTIPLIES = frozenset({Mnemonic.IMUL, Mnemonic.MUL})
 _MULTIPLIER_REACH = 4  # instructions between a mov of a magic number and its mul
 

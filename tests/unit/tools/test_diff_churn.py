@@ -60,6 +60,11 @@ def test_a_branch_leads_to_a_return_straight_or_through_a_jump() -> None:
     assert through.exits == 1
     tested = _outline("test esi, esi; je more; ret; more: cmp edx, 1; je done; ret; done: ret")
     assert tested.exits == 1  # `je more` reaches another test first; `je done` a return
+    epilogue = "add rsp, 0x48; pop rbx; pop rbp; pop r12; pop r13; pop r14; pop r15; ret"
+    error = "mov dword ptr [r12 + 8], -1; mov eax, -1; "
+    assert _outline(f"test esi, esi; jl bail; ret; bail: {error}{epilogue}").exits == 1
+    work = "add eax, 1; add eax, 2; add eax, 3; add eax, 4; add eax, 5; "
+    assert _outline(f"test esi, esi; jl more; ret; more: {work}{epilogue}").exits == 0
 
 
 def _change(start: int) -> Change:

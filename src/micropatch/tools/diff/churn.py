@@ -37,6 +37,7 @@ from micropatch.tools.insn import (
     is_return,
     kept_constants,
     near_branch_target,
+    restores_frame,
 )
 
 if TYPE_CHECKING:
@@ -48,7 +49,9 @@ if TYPE_CHECKING:
 
 SMALL = 256  # immediates below this are a compiler's as often as the program's, unless compared
 BUILTINS = frozenset({"memcpy", "memset", "memmove", "memcmp", "strlen", "strcmp", "bzero"})
-EXIT_REACH = 12  # instructions followed from a branch's target to find a return
+# Instructions from a branch's target to its return, the frame's restoring aside:
+# an error path sets an error code and a return value, maybe through a jump.
+EXIT_REACH = 4
 
 Feature = tuple[str, int | str]
 
@@ -112,16 +115,18 @@ def by_outline(changes: list[Change], pairs: Sequence[Pair]) -> list[Change]:
 
 def _returns(instructions: Sequence[Instruction], at: dict[int, int], start: int | None) -> bool:
     """True if the code from `start` reaches a return within `EXIT_REACH`
-    instructions without a conditional branch (following jumps)."""
-    position = start
-    for _ in range(EXIT_REACH):
-        if position is None or position >= len(instructions):
+    instructions, the frame's restoring aside, with no conditional branch on the
+    way (following jumps)."""
+    position, steps = start, 0
+    for _ in range(len(instructions)):
+        if position is None or position >= len(instructions) or steps > EXIT_REACH:
             return False
         instruction = instructions[position]
         if is_return(instruction):
             return True
         if is_conditional(instruction):
             return False
+        steps += not restores_frame(instruction)
         if ends_flow(instruction):
             target = near_branch_target(instruction)
             position = at.get(target) if target is not None else None
