@@ -84,3 +84,9 @@ def test_readme_fleet_flow_and_credentials(data_dir: Path, server: str) -> None:
     assert bad.returncode == 1 and "user name 'bad name'" in bad.stderr
     gone = micropatch("server", "admin", "disable-user", "nobody", *admin)
     assert gone.returncode == 1 and "no user 'nobody'" in gone.stderr
+
+    # Deleted: gone from the list, its tokens refused.
+    done = micropatch("server", "admin", "delete-user", "alice", *admin)
+    assert done.returncode == 0 and done.stdout.strip() == "deleted alice", done.stderr
+    assert micropatch("server", "admin", "list-users", *admin).stdout == ""
+    assert users(session).status_code == 401

@@ -164,6 +164,20 @@ def admin_enable_user(
     print(f"enabled {name}")
 
 
+@admin_app.command("delete-user")
+def admin_delete_user(
+    name: NameArgument, data_dir: DataDirOption = DEFAULT_DATA_DIR,
+    database: DatabaseOption = None,
+) -> None:  # fmt: skip
+    """Delete a user with its tokens and console sessions (refused at once); the audit
+    log keeps what it did."""
+    from micropatch.server.fleet import credentials
+
+    _in_session(data_dir, database,
+                lambda session: credentials.delete_user(session, name, ACTOR))  # fmt: skip
+    print(f"deleted {name}")
+
+
 @admin_app.command("set-password")
 def admin_set_password(
     name: NameArgument,

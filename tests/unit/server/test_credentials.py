@@ -58,6 +58,17 @@ def test_credential_lifecycle(api: Api) -> None:
     assert gone.status_code == 200 and len(gone.json()) == 1
     assert api.client.get("/api/v1/patches", headers=api.auth("auditor")).status_code == 401
 
+    # Deleted: its tokens refused at once, its name free again, itself never.
+    fresh = api.client.post("/api/v1/auth/token", json={"name": "fred",
+                            "password": "another-password"}).json()["token"]  # fmt: skip
+    assert api.client.delete("/api/v1/users/fred", headers=admin).status_code == 204
+    fred = {"Authorization": f"Bearer {fresh}"}
+    assert api.client.get("/api/v1/patches", headers=fred).status_code == 401
+    assert "fred" not in [u["name"] for u in api.client.get("/api/v1/users", headers=admin).json()]
+    assert api.client.delete("/api/v1/users/fred", headers=admin).status_code == 404
+    me = api.client.delete("/api/v1/users/admin", headers=admin)
+    assert me.status_code == 422 and "cannot delete itself" in me.json()["detail"]
+
     made = api.client.post("/api/v1/enrollment-tokens", headers=admin, json={}).json()
     unused = api.client.get("/api/v1/enrollment-tokens?unused=true", headers=admin).json()
     assert [t["id"] for t in unused] == [made["id"]]

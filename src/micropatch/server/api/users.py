@@ -64,6 +64,14 @@ def enable_user(name: UserName, who: Administrator, server: ServerDep) -> s.User
         return user_out(credentials.set_disabled(session, name, False, who.actor))
 
 
+@router.delete("/users/{name}", status_code=204)
+def delete_user(name: UserName, who: Administrator, server: ServerDep) -> None:
+    """Delete a user with its tokens and console sessions (refused at once); the audit
+    log keeps what it did. An administrator cannot delete itself."""
+    with server.database.session() as session:
+        credentials.delete_user(session, name, who.actor)
+
+
 @router.put("/users/{name}/password", response_model=s.UserOut)
 def set_password(
     name: UserName, body: s.PasswordIn, who: Administrator, server: ServerDep
