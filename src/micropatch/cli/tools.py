@@ -242,9 +242,9 @@ def _churn_note(result: DiffResult) -> str:
     return (
         f"note: {len(result.changes)} of {result.matched} matched functions changed "
         "(another compiler or other flags?): ranked by the constants, compared bounds, "
-        "calls and early returns each one gained; a compiler's churn may still rank high: "
-        "read the top with `micropatch explore show`, or start from what the advisory "
-        "names (`micropatch explore xref`)"
+        "calls and early returns each one gained; a compiler's churn may still rank high. "
+        "Better: diff a build of the new release by the old compiler (another wheel tag) "
+        "if there is one, or start from what the advisory names (`micropatch explore xref`)"
     )
 
 
