@@ -36,13 +36,18 @@ LARGE = 5_000_000  # bytes: the pairs the speed aim is about
 PAIRS_FILE = Path(__file__).parent / "diff_pairs.toml"
 
 
-def fetch(requirement: str, python: str, members: list[str], directory: Path) -> list[Path]:
-    """`members` of the wheel of `requirement` for CPython `python`, downloaded with pip."""
-    into = directory / f"{requirement}-py{python}"
+def fetch(
+    requirement: str, python: str, members: list[str], directory: Path, platform: str | None = None
+) -> list[Path]:
+    """`members` of the wheel of `requirement` for CPython `python` (and the wheel
+    `platform` tag asked, else pip's choice), downloaded with pip."""
+    into = directory / f"{requirement}-py{python}{f'-{platform}' if platform else ''}"
     if not into.exists():
+        tags = ["--platform", platform] if platform else []
         subprocess.run(
             [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
-             "--only-binary=:all:", "--python-version", python, "-d", str(into), requirement],
+             "--only-binary=:all:", "--python-version", python, *tags, "-d", str(into),
+             requirement],
             check=True, timeout=300,
         )  # fmt: skip
     (wheel,) = into.glob("*.whl")
@@ -86,8 +91,9 @@ def run_objdump(objdump: str, old: Path, new: Path) -> tuple[float, float]:
 
 def measure(pair: dict[str, Any], trials: int, tmp: Path, objdump: str | None) -> dict[str, Any]:
     python = pair.get("python", "3.11")
-    (old,) = fetch(pair["old"], python, [pair["member"]], tmp)
-    (new,) = fetch(pair["new"], python, [pair.get("new_member", pair["member"])], tmp)
+    platform = pair.get("platform")
+    (old,) = fetch(pair["old"], python, [pair["member"]], tmp, platform)
+    (new,) = fetch(pair["new"], python, [pair.get("new_member", pair["member"])], tmp, platform)
     seconds, cpu, rss, baseline, baseline_cpu = [], [], [], [], []
     changes: list[dict[str, Any]] = []
     for _ in range(trials):

@@ -22,9 +22,9 @@ TOP = 5
 
 
 def _diff(pair: dict[str, Any]) -> DiffResult:
-    python = pair.get("python", "3.11")
-    old = module_index(pair["old"], pair["member"], python)
-    new = module_index(pair["new"], pair.get("new_member", pair["member"]), python)
+    python, platform = pair.get("python", "3.11"), pair.get("platform")
+    old = module_index(pair["old"], pair["member"], python, platform)
+    new = module_index(pair["new"], pair.get("new_member", pair["member"]), python, platform)
     return diff_modules(old, new)
 
 

@@ -31,20 +31,22 @@ DOWNLOAD_TIMEOUT = 180.0
 
 _lock = threading.Lock()
 _root: list[Path] = []
-_fetched: dict[tuple[str, str], Path] = {}
-_failed: dict[tuple[str, str], str] = {}
+_fetched: dict[tuple[str, str, str | None], Path] = {}
+_failed: dict[tuple[str, str, str | None], str] = {}
 
 
-def wheel_member(requirement: str, member: str, python: str = "3.11") -> Path:
+def wheel_member(
+    requirement: str, member: str, python: str = "3.11", platform: str | None = None
+) -> Path:
     """The file `member` of the wheel of `requirement` (pin it: `name==version`) for
-    CPython `python`."""
-    key = (requirement, python)
+    CPython `python`, and the wheel `platform` tag asked (else pip's choice)."""
+    key = (requirement, python, platform)
     with _lock:
         if key in _failed:
             pytest.skip(_failed[key])
         if key not in _fetched:
             try:
-                _fetched[key] = _download(requirement, python)
+                _fetched[key] = _download(requirement, python, platform)
             except _DownloadFailed as e:
                 _failed[key] = str(e)
                 pytest.skip(str(e))
@@ -61,17 +63,19 @@ def _index(path: Path) -> ModuleAnalysis:
     return ModuleAnalysis.open(path)
 
 
-def module_index(requirement: str, member: str, python: str = "3.11") -> ModuleAnalysis:
+def module_index(
+    requirement: str, member: str, python: str = "3.11", platform: str | None = None
+) -> ModuleAnalysis:
     """`wheel_member`, opened as a ModuleAnalysis shared by the whole session, so its
     analyses are computed once for the explore and the diff tests."""
-    return _index(wheel_member(requirement, member, python))
+    return _index(wheel_member(requirement, member, python, platform))
 
 
 class _DownloadFailed(Exception):
     pass
 
 
-def _download(requirement: str, python: str) -> Path:
+def _download(requirement: str, python: str, platform: str | None) -> Path:
     if not _root:
         _root.append(Path(tempfile.mkdtemp(prefix="realworld-wheels-")))
         atexit.register(shutil.rmtree, _root[0], ignore_errors=True)
@@ -80,6 +84,7 @@ def _download(requirement: str, python: str) -> Path:
         sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
         "--no-input", "--no-deps", "--only-binary=:all:", "--python-version", python,
         "--timeout", "30", "--retries", "2", "-d", str(directory), requirement,
+        *(["--platform", platform] if platform else []),
     ]  # fmt: skip
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=DOWNLOAD_TIMEOUT)
