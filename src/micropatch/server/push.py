@@ -14,6 +14,10 @@ database connection, only its socket. What wakes it is the policy revision
 thread of each server process while it holds check-ins: a change made through
 any process (`--workers N`) or by `server admin` wakes the check-ins held in
 every process, on SQLite and PostgreSQL alike, without LISTEN/NOTIFY.
+
+Before it is held, such a check-in is stored like any; those that arrive while
+STORING are being stored wait for their turn on the event loop (`Push.turn`), so a
+burst of them is taken at the rate the database writes, not refused.
 """
 
 from __future__ import annotations
