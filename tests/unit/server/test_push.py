@@ -31,13 +31,14 @@ class Held:
         self.answer: dict[str, Any] = {}
         self.status = 0
         self.seconds = 0.0
+        self.headers: Any = {}
 
         def send() -> None:
             started = time.monotonic()
             r = client.post("/api/v1/checkin", json=body,
                             headers={"Authorization": f"Bearer {token}"})  # fmt: skip
             self.seconds = time.monotonic() - started
-            self.status, self.answer = r.status_code, r.json()
+            self.status, self.answer, self.headers = r.status_code, r.json(), r.headers
 
         self.thread = threading.Thread(target=send)
         self.thread.start()
@@ -238,21 +239,33 @@ async def _ok(scope: Any, receive: Any, send: Any) -> None:
 
 
 def test_a_check_in_that_waits_too_long_for_its_turn_is_busy(api: Api) -> None:
-    """No turn to store it within half its wait: 503 with Retry-After, and nothing
-    stored (its inventory is not the server's)."""
+    """The database busy with a long write, the one turn taken by a check-in waiting
+    for it: the next one queues, and gets no turn within half its wait: 503 with
+    Retry-After, nothing stored (its inventory is not the server's). The first is
+    stored and answered once the database is free."""
     api.enroll("web-4")
-    api.server.push.storing = 0  # every turn taken
+    api.enroll("web-5")
+    api.server.push.storing = 1
+    inventory = {"inventory_digest": "ab" * 32, "modules": [], "processes": []}
     with TestClient(api.app) as client:
-        started = time.monotonic()
-        r = client.post("/api/v1/checkin", json={"wait": 1, "policy_digest": "x",
-                        "inventory_digest": "ab" * 32, "modules": [], "processes": []},
-                        headers=api.auth("web-4"))  # fmt: skip
-        assert r.status_code == 503 and "Retry-After" in r.headers
-        assert "busy with other check-ins for 0.5 s" in r.json()["detail"]
-        assert 0.5 <= time.monotonic() - started < 5
-        assert api.server.push.queued == 0
-        api.server.push.storing = 1
-    with TestClient(api.app) as client:  # a new lifespan: the turns as set
+        with api.server.database.session():  # the long write
+            first = Held(client, api.tokens["web-5"], {"wait": 60, "policy_digest": "x"})
+            deadline = time.monotonic() + 30
+            while not api.server.push._turns.locked():  # the first has the one turn
+                assert time.monotonic() < deadline and first.thread.is_alive()
+                time.sleep(0.01)
+            second = Held(
+                client, api.tokens["web-4"], {"wait": 1, "policy_digest": "x"} | inventory
+            )
+            while api.server.push.queued != 1:  # the second waits for it
+                assert time.monotonic() < deadline and second.thread.is_alive()
+                time.sleep(0.01)
+            second.thread.join(30)
+            assert second.status == 503 and "Retry-After" in second.headers, second.answer
+            assert "busy with other check-ins for 0.5 s" in second.answer["detail"]
+            assert 0.5 <= second.seconds < 5 and api.server.push.queued == 0
+        assert first.result()["policy_digest"] != "x"  # stored, answered at once
+    with TestClient(api.app) as client:
         r = client.post("/api/v1/checkin", json={}, headers=api.auth("web-4"))
         assert r.status_code == 200 and r.json()["inventory_digest"] is None
 
