@@ -29,13 +29,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import tempfile
 from pathlib import Path
 
 
 def write_atomic(path: str | Path, data: bytes | str, *, mode: int, replace: bool = True) -> Path:
     """Write `data` (str: UTF-8) as the whole of `path`, created with `mode`; see above.
     Returns the path."""
+    import tempfile  # here: readers (status, the agent's client) need not load it
+
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
