@@ -63,7 +63,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import patches, peers, report
+from benchmarks import patches, peer_tools, report
 from benchmarks.agent_cli import cli_runs
 from benchmarks.agent_profile import Spy, import_footprint
 from benchmarks.agent_report import CPU_AIM, ENABLE_AIM, markdown
@@ -106,7 +106,7 @@ RESTARTS = 3
 def fleet_rounds(setup: Setup, agent: Agent, fleet: Fleet, rounds: int) -> dict[str, Any]:
     """Interleaved rounds: agent enable, agent disable, direct apply --all, remove --all."""
     direct_env = {"MICROPATCH_NO_AGENT": "1", "MICROPATCH_TRUST_DIR": str(setup.trust)}
-    mp = peers._micropatch()
+    mp = peer_tools.micropatch_command()
     sock = ["--socket", str(setup.socket)]
     steps = {
         "agent_enable": ([*mp, "agent", "enable", AGENT_ID, *sock], {}, True, AGENT_ID),
@@ -151,7 +151,8 @@ def idle(setup: Setup, agent: Agent, fleet: Fleet, seconds: float, spy: bool) ->
     With spy, py-spy records that enable (not one of the timed rounds) apart."""
     with Spy(agent, "enable") if spy else contextlib.nullcontext() as enable_spy:
         out = timed(
-            [*peers._micropatch(), "agent", "enable", AGENT_ID, "--socket", str(setup.socket)],
+            [*peer_tools.micropatch_command(), "agent", "enable", AGENT_ID,
+             "--socket", str(setup.socket)],
             {}, fleet.sites, setup.original, True,
         )  # fmt: skip
     if "error" in out:

@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import peers
+from benchmarks import peer_tools
 from benchmarks.agent_setup import CLI_ID, Agent, BenchError, Setup, checked, micropatch
 from benchmarks.stats import summary
 from benchmarks.target import Target, TargetError, module_base, symbol_offsets
@@ -42,7 +42,7 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
     artifact = str(setup.artifacts[CLI_ID])
     offsets = symbol_offsets(setup.exe, ["compute", "compute_alt"])
     rel = offsets["compute_alt"] - (offsets["compute"] + 5)
-    ctx = peers.Context(exe=setup.exe, workdir=setup.workdir)
+    ctx = peer_tools.Context(exe=setup.exe, workdir=setup.workdir)
     ctx.jump = b"\xe9" + rel.to_bytes(4, "little", signed=True)
     apply_s: dict[str, list[float]] = {t: [] for t in CLI_TOOLS}
     remove_s: dict[str, list[float]] = {t: [] for t in CLI_TOOLS}
@@ -72,7 +72,7 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
                     if target.call(5) != 11:
                         raise BenchError("compute(5) != 11 before the tool")
                     if tool == "gdb":
-                        on = peers.gdb_cli(ctx, pid)
+                        on = peer_tools.gdb_cli(ctx, pid)
                     elif tool == "socket":
                         start = time.perf_counter()
                         client.call(
@@ -107,7 +107,7 @@ def cli_runs(setup: Setup, agent: Agent, runs: int, warmup: int) -> dict[str, An
                         off = time.perf_counter() - start
                     if target.call(5) != 11:
                         raise BenchError("compute(5) != 11 after the undo")
-                except (BenchError, peers.ToolFailed, TargetError, OSError,
+                except (BenchError, peer_tools.ToolFailed, TargetError, OSError,
                         subprocess.SubprocessError) as e:  # fmt: skip
                     errors[tool].append(f"{type(e).__name__}: {e}")
                     if not target.alive():

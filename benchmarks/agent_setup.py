@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks import patches, peers
+from benchmarks import patches, peer_tools
 from benchmarks.target import CFLAGS, SOURCE, Target, module_base, symbol_offsets
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -58,7 +58,7 @@ def micropatch(
     *args: object, env: dict[str, str] | None = None, timeout: float = TIMEOUT
 ) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [*peers._micropatch(), *map(str, args)],
+        [*peer_tools.micropatch_command(), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -171,7 +171,7 @@ class Agent:
         start = time.perf_counter()
         with open(self.root / "agent.out", "wb") as out, open(self.root / "agent.err", "wb") as e:
             self.proc = subprocess.Popen(
-                [*self.box.enter(), *peers._micropatch(), "agent", "run",
+                [*self.box.enter(), *peer_tools.micropatch_command(), "agent", "run",
                  "--state-dir", str(self.root / "state"), "--socket", str(self.setup.socket),
                  "--trust-dir", str(self.setup.trust), "--config", str(self.config)],
                 stdout=out, stderr=e, start_new_session=True,

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks import peers
+from benchmarks import peer_tools
 from benchmarks.server_run import BenchError, Server, key_ceremony, micropatch
 
 TESTS = Path(__file__).resolve().parent.parent / "tests"
@@ -62,7 +62,8 @@ class Fleet:
                 host = Host(workdir, name)
                 self.hosts.append(host)
                 self.targets.append(host.start(self.module))
-                agent = FleetAgent(host, public, root, config, command=peers._micropatch())
+                command = peer_tools.micropatch_command()
+                agent = FleetAgent(host, public, root, config, command=command)
                 self.agents.append(agent)
                 agent.start()
                 token = micropatch("server", "admin", "enrollment-token", "--data-dir", data)

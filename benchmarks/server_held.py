@@ -120,7 +120,9 @@ async def held_phase(
     errors: dict[str, int] = {}
     resent = 0
     holding = 0
-    connector = aiohttp.TCPConnector(limit=n + 100)
+    # A connection per check-in, as the agent (urllib) makes: a pooled one that the
+    # server closed while it idled (keep-alive, 5 s) would fail as ServerDisconnected.
+    connector = aiohttp.TCPConnector(limit=n + 100, force_close=True)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=HOLD + 60)
     rss_before = server.rss_kib("VmRSS")
     files_before = open_files(server)

@@ -10,6 +10,7 @@ from benchmarks.simagents import CHANGED, CONCURRENCY, EVENT_BATCH, MODULES, PRO
 
 P99_AIM = 0.100
 EVENTS_AIM = 1000.0
+PUSH_AIM = 5.0  # seconds, p95 of a change reaching every held agent (issue 17.8)
 
 
 def _f(x: float | None, fmt: str = "{:.1f}") -> str:
@@ -86,11 +87,22 @@ def markdown(data: dict[str, Any]) -> str:
             aims.append(
                 f"- events ≥ 1,000/s ({d}): {'met' if e >= EVENTS_AIM else 'missed'} ({e:.0f}/s)"
             )
+    for d in dbs:
+        if "held" in res[d]:
+            h = res[d]["held"]
+            met = h["woken"] == h["agents"] and h["wake_p95"] <= PUSH_AIM
+            aims.append(
+                f"- push (issue 17.8), {d}: a policy change answers all "
+                f"{h['agents']:,} agents holding check-ins, p95 ≤ {PUSH_AIM:g} s: "
+                f"{'met' if met else 'missed'} ({h['woken']:,} answered, p95 "
+                f"{_f(h['wake_p95'], '{:.2f}')} s; {h['held_at_once']:,} held at once, "
+                f"{h['errors']} errors)"
+            )
     aims.append(
         "- publish → applied on three real agents: see fleet_publish.md "
         "(`python -m benchmarks.fleet_publish`)"
     )
-    lines.append("Aims (issue 9):\n\n" + "\n".join(aims) + "\n")
+    lines.append("Aims (issues 9 and 17):\n\n" + "\n".join(aims) + "\n")
     return "\n".join(lines)
 
 

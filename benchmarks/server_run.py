@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks import peers
+from benchmarks import peer_tools
 
 READY_TIMEOUT = 120.0
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ class BenchError(Exception):
 
 def micropatch(*args: object, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(
-        [*peers._micropatch(), *map(str, args)],
+        [*peer_tools.micropatch_command(), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -100,7 +100,7 @@ class Server:
         start = time.perf_counter()
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [*peers._micropatch(), "server", "run", "--data-dir", str(self.data),
+                [*peer_tools.micropatch_command(), "server", "run", "--data-dir", str(self.data),
                  "--listen", f"127.0.0.1:{port}",
                  "--checkin-interval", str(self.checkin_interval), *database],
                 stdout=subprocess.DEVNULL, stderr=log,

@@ -108,21 +108,23 @@ class AgentConfig(BaseModel):
         ge=1,
         le=64,
         description="Running processes patched (or unpatched) at once by a pass; "
-        "unset: two per CPU the agent may run on, at most 8.",
+        "unset: one per CPU the agent may run on, at least 2, at most 8.",
     )
 
     def worker_count(self) -> int:
-        """`workers`, or two per CPU the agent may run on, at most 8: a patch spends
-        most of its time waiting (for the target's threads to stop, for the CPU when
-        its real-time stop window ends), which another worker fills. Measured, 500
-        processes on 2 loaded CPUs, enable → all patched: 5.0-6.6 s with 2 workers,
-        2.5 s with 4, 3.0-3.2 s with 8, 3.1-3.9 s with 6 or 12 (more contend for the
-        CPUs and the interpreter's lock); the bound of 8 is not measured on more CPUs.
-        Before the engine's real-time stop window, 200 processes: 5.3 s with 1 worker,
-        2.4 s with 2 (benchmarks/results/agent_workers1.md, agent_workers2.md)."""
+        """`workers`, or one per CPU the agent may run on, at least 2, at most 8. A patch
+        waits (for the target's threads to stop) less than it computes since the engine
+        stays real-time for a whole operation and lays each trampoline out once; more
+        workers then mostly contend for the interpreter's lock. Measured, 500 processes
+        on 2 loaded CPUs (load 3.4), enable → all patched, 3 rounds each, one after the
+        other: 1.96 s median with 2 workers, 2.54 s with 4 (benchmarks/results/
+        agent_workers.md). Before those engine changes: 5.0-6.6 s with 2, 2.5 s with 4,
+        3.0-3.2 s with 8; 200 processes: 5.3 s with 1, 2.4 s with 2
+        (agent_workers1.md, agent_workers2.md). The bound of 8 is not measured on more
+        CPUs."""
         import os
 
-        return self.workers or max(1, min(8, 2 * len(os.sched_getaffinity(0))))
+        return self.workers or max(2, min(8, len(os.sched_getaffinity(0))))
 
 
 def load_config(path: str | Path | None, *, missing_ok: bool = True) -> AgentConfig:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from micropatch.arch import TrampolineLayout
-from micropatch.errors import AlreadyApplied, Downgrade, MicropatchError, NotApplied
+from micropatch.errors import AlreadyApplied, CaveError, Downgrade, MicropatchError, NotApplied
 from micropatch.live.cave import (
     COUNTER_SIZE,
     Cave,
@@ -230,13 +230,38 @@ def layout_all(
     for p in planned:
         counter = allocate_counter(counters, cave) if p.needs_counter else 0
         counters.append(counter)
-        estimate = p.trampoline(cave.address + code_end // 2, counter).size + TRAMPOLINE_SLACK
-        slot = allocate(taken, cave.address, code_end, estimate, start=start)
-        layout = p.trampoline(slot, counter)
-        if layout.size > estimate:
-            raise MicropatchError(
-                f"{p.where}: trampoline grew from {estimate} to {layout.size} bytes"
-            )
-        taken.append((slot, layout.end))
+        layout = _first_free(p, taken, cave, code_end, start, counter)
+        if layout is None:
+            estimate = p.trampoline(cave.address + code_end // 2, counter).size + TRAMPOLINE_SLACK
+            slot = allocate(taken, cave.address, code_end, estimate, start=start)
+            layout = p.trampoline(slot, counter)
+            if layout.size > estimate:
+                raise MicropatchError(
+                    f"{p.where}: trampoline grew from {estimate} to {layout.size} bytes"
+                )
+        taken.append((layout.address, layout.end))
         placed.append((p, layout, counter))
     return placed
+
+
+def _first_free(
+    p: PlannedSite,
+    taken: list[tuple[int, int]],
+    cave: Cave,
+    code_end: int,
+    start: int,
+    counter: int,
+) -> TrampolineLayout | None:
+    """The trampoline laid out at the cave's first free place, if it fits there: where a
+    new or compact cave puts it, assembled once. None: it does not fit there (or the cave
+    is full), and the caller estimates its size elsewhere first and allocates for that."""
+    try:
+        first = allocate(taken, cave.address, code_end, 1, start=start)
+    except CaveError:
+        return None
+    layout = p.trampoline(first, counter)
+    try:
+        fits = allocate(taken, cave.address, code_end, layout.size, start=start) == first
+    except CaveError:
+        return None
+    return layout if fits else None

@@ -31,13 +31,14 @@ from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
 from micropatch.live.lock import queued
 from micropatch.live.mapped import LoadedModule, ModuleCache, find_module, symbol_address
-from micropatch.live.prepare import Prepared, prepare, stub_range
+from micropatch.live.prepare import Prepared, prepare, provided, stub_range
 from micropatch.live.provision import provision, release, unprovision
 from micropatch.live.recovery import Recovered, recover
 from micropatch.live.registry import APPLIED
 from micropatch.live.safety import Entering, Unsafe, pending_call, place_threads
 from micropatch.live.transaction import Transaction
 from micropatch.process.maps import Mapping, read_maps
+from micropatch.process.priority import realtime
 from micropatch.process.procfs import check_alive
 from micropatch.process.watchdog import operation
 from micropatch.process.world import (
@@ -242,6 +243,21 @@ def _attempts(change: Change, retries: int) -> Outcome:
     if change.add is not None:
         cache = change.modules or ModuleCache()
         module, planned = _plan(change.pid, read_maps(change.pid), change.add, cache)
+    # From here to the end the thread is real-time once (where permitted), not once
+    # per stop: a thread that drops its priority gives its CPU to whatever waits for
+    # it, on a loaded machine for a time slice or more, between the borrowed thread's
+    # stop and the stop of every thread. Nothing below spins (process/priority.py).
+    with realtime():
+        return _stops(change, module, planned, retries)
+
+
+def _stops(
+    change: Change,
+    module: LoadedModule | None,
+    planned: list[PlannedSite] | None,
+    retries: int,
+) -> Outcome:
+    """The attempts: provision a cave if needed, stop, transact, resume (`_attempts`)."""
     provisioned: int | None = None  # a cave made for this operation, until it holds the patch
     borrowed = 0.0  # seconds a thread was held alone, to map or unmap a cave
     delay = RETRY_DELAY
@@ -253,9 +269,10 @@ def _attempts(change: Change, retries: int) -> Outcome:
                 prepared = prepare(change, module, planned)
                 if prepared.needs_cave:
                     assert module is not None
+                    assert planned is not None
                     provisioned, held = provision(change.pid, module, timeout=change.stop_timeout)
                     borrowed += held
-                    prepared = prepare(change, module, planned)
+                    prepared = provided(change, module, planned, prepared, provisioned)
                 with stop_world(change.pid, timeout=change.stop_timeout) as proc:
                     sites, moved, recovered, emptied = _transact(
                         proc, change, module, planned, prepared

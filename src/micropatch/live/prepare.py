@@ -14,6 +14,7 @@ the stop (`Prepared.commit` is None).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -101,6 +102,42 @@ def prepare(
             prepared.commit = decide(change, caves, name, module, planned)
         except MicropatchError:
             pass  # decided again in the stop, which raises it with the process stopped
+    return prepared
+
+
+def provided(
+    change: Change,
+    module: LoadedModule,
+    planned: list[PlannedSite],
+    first: Prepared,
+    cave: int,
+) -> Prepared:
+    """`prepare` again once `live.provision` has mapped an empty cave at `cave` for the
+    reading `first` (which found it needed), without reading the whole process again.
+
+    The maps, the leftovers of a killed patcher (none, or no cave would have been made)
+    and the stub's place were read before the cave was made, and the process's lock has
+    kept every other micropatch operation out since: only the registries can have
+    changed, and they are read again, the new cave's included, by address. The change is
+    decided from them; the stop checks, as after `prepare`, that they still hold."""
+    with Memory(change.pid, writable=False) as memory:
+        caves = []
+        try:
+            for address in [*(c.address for c in first.caves), cave]:
+                registry = Registry.read(_reader(memory, address))
+                if registry is None:  # not as provisioned: read everything again
+                    return prepare(change, module, planned)
+                caves.append(Cave(address, registry.cave_size, registry))
+            heads = {
+                c.address: Registry.heads(c.registry.layout, _reader(memory, c.address))
+                for c in caves
+            }
+        except (CaveError, MemoryAccessError):
+            return Prepared([], {}, None, first.stub)  # the stop reads again
+        prepared = Prepared(caves, heads, None, first.stub)
+        # What cannot be decided here is decided again in the stop, which raises it.
+        with contextlib.suppress(MicropatchError):
+            prepared.commit = decide(change, caves, process_name(change.pid), module, planned)
     return prepared
 
 

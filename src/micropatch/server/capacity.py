@@ -4,7 +4,8 @@ A server process takes at most REQUESTS requests at work at once: past that it
 answers 503 at once (the agent retries with backoff) instead of queueing work it
 cannot do in time. A check-in held until its answer changes (`server.push`) is
 not at work: it waits on the event loop, with no thread and no database
-connection, so it does not count; those have their own limit (`Push.capacity`).
+connection, so it does not count, nor does one queued for its turn to be stored
+(`Push.turn`); those have their own limit (`Push.capacity`).
 uvicorn's own limit (`limit`) is the sum: every connection it accepts is either.
 """
 
@@ -39,7 +40,7 @@ class Capacity:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.in_flight - self.push.held >= self.requests:
+        if self.in_flight - self.push.held - self.push.queued >= self.requests:
             await _busy(send, self.requests)
             return
         self.in_flight += 1

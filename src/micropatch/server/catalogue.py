@@ -14,8 +14,9 @@ what it holds (and is rebuilt at the next request), never newer.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -65,6 +66,9 @@ class Catalogue:
     effective: dict[int, p.Effective]  # by group id
     by_build_id: dict[str, list[PatchRow]]
     by_sha256: dict[str, list[PatchRow]]
+    # What check-ins computed from this catalogue alone, kept for the next ones (the
+    # answers shared by hosts: api/agent.py); it goes with the catalogue.
+    memo: dict[Hashable, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def policy(self, group_id: int) -> p.Effective:
         return self.effective[group_id]

@@ -14,6 +14,10 @@ database connection, only its socket. What wakes it is the policy revision
 thread of each server process while it holds check-ins: a change made through
 any process (`--workers N`) or by `server admin` wakes the check-ins held in
 every process, on SQLite and PostgreSQL alike, without LISTEN/NOTIFY.
+
+Before it is held, such a check-in is stored like any; those that arrive while
+STORING are being stored wait for their turn on the event loop (`Push.turn`), so a
+burst of them is taken at the rate the database writes, not refused.
 """
 
 from __future__ import annotations
@@ -23,13 +27,14 @@ import contextlib
 import logging
 import resource
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from micropatch.errors import MicropatchError
 from micropatch.server.catalogue import Catalogue, revision
+from micropatch.server.errors import Busy
 
 if TYPE_CHECKING:
     from micropatch.server.context import Server
@@ -43,6 +48,9 @@ RESERVED_FILES = 1024  # file descriptors kept for everything else (requests, da
 # so that they come at about this rate (a second, per server process) instead of all
 # at once. Three agents: a few ms; 10,000 in one process: up to 40 s.
 WAKE_RATE = 250.0
+# Check-ins sent with `wait` are stored this many at a time (per process); the others
+# queue on the event loop for a turn (`Push.turn`), the other requests keep their threads.
+STORING = 4
 
 
 def held_capacity(wanted: int = MAX_HELD) -> int:
@@ -71,27 +79,59 @@ def held_capacity(wanted: int = MAX_HELD) -> int:
 class Push:
     """The check-ins one server process holds, and the newest catalogue that wakes them.
 
-    `hold` and `publish` run on the event loop; `held` is read by the follower thread
-    (a plain int: whether to read the revision at all)."""
+    `turn`, `hold` and `publish` run on the event loop; `held` is read by the follower
+    thread (a plain int: whether to read the revision at all)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, storing: int = STORING) -> None:
         self.capacity = capacity
+        self.storing = storing
         self.held = 0
+        self.queued = 0  # check-ins with `wait` waiting for their turn to be stored
         self._catalogue: Catalogue | None = None
         self._changed = asyncio.Event()
+        self._turns = asyncio.Semaphore(storing)
         self.spread = 0.0  # seconds over which the check-ins the last change answered return
 
     def start(self) -> None:
-        """Before serving, on the loop that serves (an asyncio.Event is bound to the
-        first loop that waits on it; a server's app may be run by more than one)."""
-        self.held = 0
+        """Before serving, on the loop that serves (asyncio's events and semaphores are
+        bound to the first loop that waits on them; a server's app may be run by more
+        than one)."""
+        self.held = self.queued = 0
         self._catalogue = None
         self._changed = asyncio.Event()
+        self._turns = asyncio.Semaphore(self.storing)
+
+    def full(self) -> bool:
+        return self.held + self.queued >= self.capacity
 
     def offer(self, interval: int) -> int:
         """The longest hold to offer an agent now: the check-in interval, or 0 when
         this process holds as many as it can (that agent checks in every interval)."""
-        return interval if self.held < self.capacity else 0
+        return 0 if self.full() else interval
+
+    @contextlib.asynccontextmanager
+    async def turn(self, seconds: float) -> AsyncIterator[None]:
+        """A turn to store a check-in that will be held (STORING at a time), waited for
+        on the event loop: not a request at work (server/capacity.py), so a burst of
+        agents — a fleet's first check-ins, the check-ins a change answered — is taken
+        at the rate the database stores them (SQLite: one writer) instead of refused
+        with 503, which sends each agent into a backoff of an interval or more.
+        Busy (503) after `seconds` without one."""
+        self.queued += 1
+        try:
+            async with asyncio.timeout(seconds):
+                await self._turns.acquire()
+        except TimeoutError:
+            raise Busy(
+                f"the database stayed busy with other check-ins for {seconds:g} s: "
+                "check in again shortly"
+            ) from None
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self._turns.release()
 
     async def hold(
         self,

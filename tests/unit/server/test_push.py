@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from micropatch.server.capacity import Capacity
 from micropatch.server.catalogue import Catalogue
+from micropatch.server.errors import Busy
 from micropatch.server.push import POLL, WAKE_RATE, Push
 
 from .conftest import Api, MakeArtifact
@@ -30,13 +31,14 @@ class Held:
         self.answer: dict[str, Any] = {}
         self.status = 0
         self.seconds = 0.0
+        self.headers: Any = {}
 
         def send() -> None:
             started = time.monotonic()
             r = client.post("/api/v1/checkin", json=body,
                             headers={"Authorization": f"Bearer {token}"})  # fmt: skip
             self.seconds = time.monotonic() - started
-            self.status, self.answer = r.status_code, r.json()
+            self.status, self.answer, self.headers = r.status_code, r.json(), r.headers
 
         self.thread = threading.Thread(target=send)
         self.thread.start()
@@ -190,3 +192,107 @@ def test_a_change_that_answers_many_spreads_their_return() -> None:
     assert push.spread == 10_000 / WAKE_RATE
     push.publish(Catalogue(6, {}, {}, {}))  # an older one changes nothing
     assert push.spread == 10_000 / WAKE_RATE
+
+
+def test_check_ins_that_wait_queue_for_their_turn_not_at_work() -> None:
+    """A check-in with `wait` past the STORING being stored waits for its turn, not
+    at work (no 503 while other requests are at work); Busy once it waited its
+    time; no turn is lost."""
+    push = Push(capacity=10, storing=1)
+
+    async def scenario() -> None:
+        push.start()
+        release = asyncio.Event()
+
+        async def store(seconds: float = 5.0) -> str:
+            async with push.turn(seconds):
+                await release.wait()
+                return "stored"
+
+        first = asyncio.ensure_future(store())
+        second = asyncio.ensure_future(store())
+        await asyncio.sleep(0.01)
+        assert push.queued == 1  # the second waits for its turn
+        capacity = Capacity(_ok, push=push, requests=2)
+        sent: list[Any] = []
+        capacity.in_flight = 2  # both are in flight: one at work, one queued
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        await capacity({"type": "http", "path": "/"}, _no_body, send)
+        assert sent[0]["status"] == 200  # one at work of two: the queued one is not
+        with pytest.raises(Busy, match=r"busy with other check-ins for 0\.05 s"):
+            await store(0.05)
+        assert push.queued == 1
+        release.set()
+        assert await first == "stored" and await second == "stored"
+        assert push.queued == 0
+        assert await asyncio.wait_for(store(), 1) == "stored"  # the turn came back
+
+    asyncio.run(scenario())
+
+
+async def _ok(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def test_a_check_in_that_waits_too_long_for_its_turn_is_busy(api: Api) -> None:
+    """The database busy with a long write, the one turn taken by a check-in waiting
+    for it: the next one queues, and gets no turn within half its wait: 503 with
+    Retry-After, nothing stored (its inventory is not the server's). The first is
+    stored and answered once the database is free."""
+    api.enroll("web-4")
+    api.enroll("web-5")
+    api.server.push.storing = 1
+    inventory = {"inventory_digest": "ab" * 32, "modules": [], "processes": []}
+    with TestClient(api.app) as client:
+        with api.server.database.session():  # the long write
+            first = Held(client, api.tokens["web-5"], {"wait": 60, "policy_digest": "x"})
+            deadline = time.monotonic() + 30
+            while not api.server.push._turns.locked():  # the first has the one turn
+                assert time.monotonic() < deadline and first.thread.is_alive()
+                time.sleep(0.01)
+            second = Held(
+                client, api.tokens["web-4"], {"wait": 1, "policy_digest": "x"} | inventory
+            )
+            while api.server.push.queued != 1:  # the second waits for it
+                assert time.monotonic() < deadline and second.thread.is_alive()
+                time.sleep(0.01)
+            second.thread.join(30)
+            assert second.status == 503 and "Retry-After" in second.headers, second.answer
+            assert "busy with other check-ins for 0.5 s" in second.answer["detail"]
+            assert 0.5 <= second.seconds < 5 and api.server.push.queued == 0
+        assert first.result()["policy_digest"] != "x"  # stored, answered at once
+    with TestClient(api.app) as client:
+        r = client.post("/api/v1/checkin", json={}, headers=api.auth("web-4"))
+        assert r.status_code == 200 and r.json()["inventory_digest"] is None
+
+
+def test_hosts_with_the_same_patches_share_their_answer(
+    api: Api, live: TestClient, make_artifact: MakeArtifact
+) -> None:
+    """One answer computed per group and set of relevant patches, and only shared by
+    hosts that are told the same: another group, or another module, another answer."""
+    data = make_artifact("fix-share", 1)
+    live.post("/api/v1/patches", content=data, headers=api.auth("operator"))
+    live.post("/api/v1/groups", json={"path": "/web", "default_state": "disabled"},
+              headers=api.auth("admin"))  # fmt: skip
+    for name, group in (("a-1", "/"), ("a-2", "/"), ("b-1", "/"), ("w-1", "/web")):
+        api.enroll(name, group)
+    other = {"name": "libz.so", "path": "/lib/libz.so", "build_id": "cd" * 20, "sha256": "ef" * 32}
+    sent = {"a-1": [module_of(data)], "a-2": [module_of(data), other], "b-1": [other],
+            "w-1": [module_of(data)]}  # fmt: skip
+    answers = {
+        name: live.post(
+            "/api/v1/checkin", json={"modules": modules, "processes": []}, headers=api.auth(name)
+        ).json()
+        for name, modules in sent.items()
+    }
+    digest = {name: a["policy_digest"] for name, a in answers.items()}
+    assert digest["a-1"] == digest["a-2"] != digest["b-1"] != digest["w-1"] != digest["a-1"]
+    assert [p["state"] for p in answers["w-1"]["patches"]] == ["disabled"]
+    assert answers["b-1"]["patches"] == [] and len(answers["a-2"]["patches"]) == 1
+    with api.server.database.reading() as session:
+        assert len(api.server.catalogues.current(session).memo) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import time
 
 import anyio.to_thread
 from fastapi import APIRouter, HTTPException, Request
@@ -15,13 +16,15 @@ from micropatch.server import schemas as s
 from micropatch.server.api import PREFIX
 from micropatch.server.api.deps import Secret, ServerDep, unauthorized
 from micropatch.server.auth import HOST_PREFIX
-from micropatch.server.catalogue import Catalogue
+from micropatch.server.catalogue import Catalogue, ModuleKey
 from micropatch.server.checkin import CheckedIn, check_in
 from micropatch.server.context import Server
 from micropatch.server.errors import Unauthorized
 from micropatch.server.fleet import groups, hosts, users
 
 router = APIRouter(prefix=PREFIX, tags=["agent"])
+QUEUED = 0.5  # of its wait, the longest a check-in waits for its turn to be stored
+MEMO = 10_000  # answers kept per catalogue (`_shared`)
 
 
 @router.post("/enroll", response_model=s.EnrollResponse, status_code=201)
@@ -45,20 +48,28 @@ async def checkin(
 ) -> Response:
     """Inventory, applied state and new events in; policy and relevant patches out. With
     `wait` and the answer's digest, held until that answer changes (server/push.py)."""
-    done, catalogue = await anyio.to_thread.run_sync(_store, server, secret, body)
+    push, wait = server.push, body.wait or 0
+    started = time.monotonic()
+    if wait and not push.full():  # an agent that waits: so may its check-in, for a turn
+        async with push.turn(wait * QUEUED):
+            done, catalogue = await anyio.to_thread.run_sync(_store, server, secret, body)
+    else:
+        done, catalogue = await anyio.to_thread.run_sync(_store, server, secret, body)
     repository = server.repository_url(request)
     answer = _answer(server, done, catalogue, repository, body.ignored[:20])
-    if body.wait and body.policy_digest == answer.policy_digest and answer.hold:
+    # Held as long as the agent waits (less up to 10%, so that the holds spread), less
+    # the time it took to get here: the agent's own timeout is its wait plus a margin.
+    seconds = min(wait, answer.hold) * random.uniform(0.9, 1.0) - (time.monotonic() - started)
+    if seconds > 0 and body.policy_digest == answer.policy_digest:
         newer: list[s.CheckinResponse] = []
 
         def changed(fresh: Catalogue) -> bool:
             newer[:] = [_answer(server, done, fresh, repository, body.ignored[:20])]
             return newer[0].policy_digest != answer.policy_digest
 
-        seconds = min(body.wait, answer.hold) * random.uniform(0.9, 1.0)  # held ones spread
-        if await server.push.hold(seconds, done.revision, changed, _gone(request)):
+        if await push.hold(seconds, done.revision, changed, _gone(request)):
             answer = newer[0]
-            answer.after = round(random.uniform(0, server.push.spread), 3)
+            answer.after = round(random.uniform(0, push.spread), 3)
     return Response(answer.model_dump_json(), media_type="application/json")
 
 
@@ -85,9 +96,7 @@ def _store(server: Server, secret: str, body: s.CheckinRequest) -> tuple[Checked
 def _answer(
     server: Server, done: CheckedIn, catalogue: Catalogue, repository: str, ignored: list[str]
 ) -> s.CheckinResponse:
-    effective, relevant, revoked = hosts.host_policy(catalogue, done.group_id, done.modules)
-    policy = groups.policy_out(effective, [r.patch_id for r in relevant])
-    digest = policy_digest(done.group, policy, relevant, revoked)
+    policy, relevant, revoked, digest = _shared(catalogue, done.group_id, done.group, done.modules)
     interval = server.settings.checkin_interval
     return s.CheckinResponse(
         host_id=done.host_id,
@@ -103,6 +112,26 @@ def _answer(
         policy_digest=digest,
         hold=server.push.offer(interval),
     )
+
+
+Shared = tuple[s.EffectivePolicy, list[s.RelevantPatch], list[s.RevokedPatch], str]
+
+
+def _shared(catalogue: Catalogue, group_id: int, group: str, modules: list[ModuleKey]) -> Shared:
+    """What a host is told to do, and its digest: computed once per catalogue for the
+    hosts of a group that have the same relevant and revoked patches (most of a
+    fleet: a change that answers every held check-in computes it a few times, not
+    once per host). At most MEMO of them are kept per catalogue."""
+    live, revoked = catalogue.relevant(modules)
+    key = (group_id, group, *(r.artifact_id for r in live), None, *(r.artifact_id for r in revoked))
+    found: Shared | None = catalogue.memo.get(key)
+    if found is None:
+        effective, relevant, gone = hosts.decided(catalogue.policy(group_id), live, revoked)
+        policy = groups.policy_out(effective, [r.patch_id for r in relevant])
+        found = (policy, relevant, gone, policy_digest(group, policy, relevant, gone))
+        if len(catalogue.memo) < MEMO:
+            catalogue.memo[key] = found
+    return found
 
 
 def policy_digest(

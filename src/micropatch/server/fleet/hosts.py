@@ -127,8 +127,13 @@ def host_policy(
 ) -> tuple[p.Effective, list[s.RelevantPatch], list[s.RevokedPatch]]:
     """A host's effective policy, its relevant patches (each with its state and the
     group that decided it) and the revoked patches for its modules."""
-    effective = catalogue.policy(group_id)
-    live, revoked = catalogue.relevant(modules)
+    return decided(catalogue.policy(group_id), *catalogue.relevant(modules))
+
+
+def decided(
+    effective: p.Effective, live: Iterable[PatchRow], revoked: Iterable[PatchRow]
+) -> tuple[p.Effective, list[s.RelevantPatch], list[s.RevokedPatch]]:
+    """`host_policy` of a host whose relevant and revoked patches these are."""
     relevant = []
     for row in live:
         decision = effective.state(row.patch_id)
