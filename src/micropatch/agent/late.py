@@ -265,7 +265,10 @@ class LateWatch:
 
     def _missed(self, f: _Followed, module: ModuleFile | None, why: str) -> None:
         if f.reason == RUNNING:
-            return  # not a start: its failures are `failed` events, its exit no miss
+            # Not a start, so no late miss: a patch that failed is a `failed` event; the
+            # rest is said in the log, and the next pass tries again.
+            log.warning("pid %d (running when its patch was added): %s", f.pid, why)
+            return
         self.count("missed")
         self.patcher.event(
             "late", f.pid, module,
