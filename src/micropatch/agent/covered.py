@@ -16,6 +16,12 @@ Every patch a process is known to carry has a time (CLOCK_MONOTONIC
 nanoseconds, the connector's clock) from which it is known: an exec or exit
 event older than that is about an earlier image, or an earlier process that
 had the same pid, and does not touch it.
+
+A process that a pass or a counter read finds gone is *buried*, not dropped:
+its exit event, which carries the signal that killed it, may still be on its
+way, and a crash is counted only from that event. A buried entry is no longer
+listed as covered; it is dropped by its exit event, or `EXIT_GRACE_NS` later
+(no proc connector, or its event lost).
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+
+# How long a process found gone waits for its exit event before it is forgotten.
+EXIT_GRACE_NS = 30 * 10**9
 
 
 @dataclass
@@ -43,12 +52,13 @@ class Covered:
     # patch id (of patches or pending) -> monotonic ns from which it is known carried
     since: dict[str, int] = field(default_factory=dict)
     parent: int | None = None  # the patched process it was forked from, if that is how
+    buried: int | None = None  # monotonic ns at which it was found gone (see above)
 
     def copy(self) -> Covered:
         counters = None if self.counters is None else dict(self.counters)
         return Covered(
             self.pid, self.start, self.exe, dict(self.patches), dict(self.blocked), counters,
-            dict(self.pending), dict(self.since), self.parent,
+            dict(self.pending), dict(self.since), self.parent, self.buried,
         )  # fmt: skip
 
     def carried(self) -> list[str]:
@@ -77,13 +87,23 @@ class Carriers:
     # --- reading ----------------------------------------------------------------
 
     def all(self) -> dict[int, Covered]:
+        """The processes covered (those found gone are not)."""
         with self._lock:
-            return {pid: c.copy() for pid, c in self._by_pid.items()}
+            return {pid: c.copy() for pid, c in self._by_pid.items() if c.buried is None}
 
     def get(self, pid: int) -> Covered | None:
+        """What is known of pid, buried or not (its exit event reads it)."""
         with self._lock:
             c = self._by_pid.get(pid)
             return c.copy() if c else None
+
+    def _living(self, pid: int) -> Covered | None:
+        """pid's entry, unless it is of a process found gone (the pid is reused)."""
+        c = self._by_pid.get(pid)
+        if c is not None and c.buried is not None:
+            del self._by_pid[pid]
+            return None
+        return c
 
     # --- what the agent did or read -----------------------------------------------
 
@@ -91,7 +111,7 @@ class Carriers:
         """An applied, updated or removed event (whoever did it)."""
         now = time.monotonic_ns()
         with self._lock:
-            c = self._by_pid.get(pid)
+            c = self._living(pid)
             if kind in ("applied", "updated") and version is not None:
                 if c is None:
                     start = self._start_of(pid)
@@ -113,7 +133,7 @@ class Carriers:
     def pending(self, pid: int, exe: str, patch_id: str, version: int | None) -> None:
         """This version of a patch is being applied to pid (None: no longer)."""
         with self._lock:
-            c = self._by_pid.get(pid)
+            c = self._living(pid)
             if c is None:
                 if version is None:
                     return
@@ -136,7 +156,7 @@ class Carriers:
         """What pid's registries said, read from `read_ns` on: the whole truth about
         the patches it carries (what is pending stays pending)."""
         with self._lock:
-            c = self._by_pid.get(pid)
+            c = self._living(pid)
             if not patches and (c is None or not c.pending):
                 self._by_pid.pop(pid, None)
                 return
@@ -213,11 +233,22 @@ class Carriers:
             del self._by_pid[pid]
             return c
 
+    def bury(self, pid: int) -> None:
+        """pid was found gone (not by its exit event): buried, for its exit event."""
+        with self._lock:
+            c = self._by_pid.get(pid)
+            if c is not None and c.buried is None:
+                c.buried = time.monotonic_ns()
+
     def retain(self, keep: Callable[[Covered], bool]) -> None:
-        """Keep only the entries `keep` accepts (after a full pass: those alive)."""
+        """Bury the entries `keep` refuses (after a full pass: those not alive), and
+        drop those buried for longer than EXIT_GRACE_NS."""
+        now = time.monotonic_ns()
         with self._lock:
             for pid, c in list(self._by_pid.items()):
-                if not keep(c):
+                if c.buried is None and not keep(c):
+                    c.buried = now
+                elif c.buried is not None and now - c.buried > EXIT_GRACE_NS:
                     del self._by_pid[pid]
 
     def pids(self) -> Iterable[int]:

@@ -132,6 +132,12 @@ class Reconciler:
         native.patches.update(python.patches)
         return native
 
+    def gone(self, pid: int) -> None:
+        """A pass or a counter read found pid gone: buried until its exit event (which
+        says whether it crashed) or a grace time; its CPython patches forgotten."""
+        self.carriers.bury(pid)
+        self.python.forget(pid)
+
     def failure(self, pid: int, patch_id: str) -> str | None:
         """The last error of an operation of this patch on this process, if it failed."""
         with self._lock:
@@ -168,7 +174,7 @@ class Reconciler:
             try:
                 self._reconcile(pid, patches, view, result)
             except GONE:
-                self.forget(pid)
+                self.gone(pid)
             except MicropatchError as e:
                 log.debug("process %d: %s", pid, e)
             except Exception:
@@ -206,7 +212,7 @@ class Reconciler:
                 if not alive(pid, c.start):
                     raise ProcessNotFound(f"process {pid} is gone")
             except GONE:
-                self.forget(pid)
+                self.gone(pid)
                 continue
             except MicropatchError as e:
                 log.debug("process %d: cannot read its counters: %s", pid, e)

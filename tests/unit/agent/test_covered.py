@@ -4,6 +4,9 @@ image or process (the proc connector's CLOCK_MONOTONIC nanoseconds)."""
 
 from __future__ import annotations
 
+import pytest
+
+from micropatch.agent import covered
 from micropatch.agent.covered import Carriers
 
 
@@ -97,3 +100,25 @@ def test_retain() -> None:
         c.remember(pid, 1000 + pid, "/x", {"p": 1}, {}, read_ns=1)
     c.retain(lambda entry: entry.pid == 2)
     assert list(c.all()) == [2]
+    assert c.get(1) is not None  # buried: its exit event may still come, with its signal
+
+
+def test_a_process_found_gone_waits_for_its_exit_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass that finds a patched process gone must not take from its exit event (read
+    later by another thread) what it carried: the crash would go uncounted."""
+    c = carriers()
+    c.remember(10, 1010, "/bin/a", {"p1": 1}, {}, read_ns=1)
+    c.bury(10)
+    assert 10 not in c.all()  # no longer covered
+    dead = c.forget(10, exited_ns=2)  # its exit event, after the pass
+    assert dead is not None and dead.carried() == ["p1"]
+    c.remember(11, 1011, "/bin/a", {"p1": 1}, {}, read_ns=1)
+    c.bury(11)
+    c.pending(11, "/bin/b", "p2", 1)  # the pid reused by a new process: a new entry
+    got = c.get(11)
+    assert got is not None and (got.exe, got.carried(), got.buried) == ("/bin/b", ["p2"], None)
+    c.remember(12, 1012, "/bin/a", {"p1": 1}, {}, read_ns=1)
+    c.bury(12)
+    monkeypatch.setattr(covered, "EXIT_GRACE_NS", -1)
+    c.retain(lambda entry: True)  # no exit event within the grace time: forgotten
+    assert c.get(12) is None and c.get(11) is not None
