@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -86,6 +87,12 @@ async def change_policy(url: str, admin: str) -> int:
                     raise
                 await asyncio.sleep(1)
     return 0
+
+
+def _detail(answer: Any) -> str:
+    """What the server said of an error, its numbers masked: errors counted by cause."""
+    detail = answer.get("detail") if isinstance(answer, dict) else answer
+    return re.sub(r"[0-9]+", "N", str(detail))[:80]
 
 
 def open_files(server: Server) -> int:
@@ -156,7 +163,8 @@ async def held_phase(
                     holding -= 1
                 if status != 200:
                     if status:
-                        errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
+                        key = f"HTTP {status}: {_detail(answer)}"
+                        errors[key] = errors.get(key, 0) + 1
                     await asyncio.sleep(rng.uniform(HOLD, 2 * HOLD))
                     continue
                 resent += 1

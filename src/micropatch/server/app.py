@@ -34,6 +34,7 @@ from micropatch.server.database import POOL_SIZE
 from micropatch.server.fleet.patches import reconcile
 from micropatch.server.limits import BodyLimit
 from micropatch.server.push import follow
+from micropatch.server.seen import keep
 
 log = logging.getLogger(__name__)
 THREADS = POOL_SIZE  # requests served at once by one server process
@@ -114,12 +115,17 @@ def create_app(settings: Settings, *, server: Server | None = None) -> FastAPI:
             daemon=True,
         )  # fmt: skip
         follower.start()
+        seen = threading.Thread(
+            target=keep, args=(server.seen, server.database, stop), name="seen", daemon=True
+        )
+        seen.start()
         try:
             yield
         finally:
             stop.set()
             thread.join(timeout=5)
             follower.join(timeout=5)
+            seen.join(timeout=5)
 
     app = FastAPI(
         title="micropatch fleet server",

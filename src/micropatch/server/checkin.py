@@ -38,7 +38,8 @@ _events = cast(Table, m.Event.__table__)
 # Who is checking in, and what the server holds for them, in one statement.
 _HOST = (
     select(_hosts.c.id, _hosts.c.group_id, _hosts.c.inventory_digest, _groups.c.path,
-           REVISION.scalar_subquery(), _hosts.c.last_seen)
+           REVISION.scalar_subquery(), _hosts.c.last_seen, _hosts.c.name, _hosts.c.kernel,
+           _hosts.c.agent_version)
     .join(_groups, _hosts.c.group_id == _groups.c.id)
     .where(_hosts.c.credential_hash == bindparam("credential_hash"))
 )  # fmt: skip
@@ -93,7 +94,7 @@ def check_in(session: Session, credential: str, request: s.CheckinRequest) -> Ch
     found = db.execute(_HOST, {"credential_hash": secret_hash(credential)}).one_or_none()
     if found is None:
         raise Unauthorized("unknown or expired credentials")
-    host_id, group_id, digest, group_path, revision, last_seen = found
+    host_id, group_id, digest, group_path, revision, last_seen, *_ = found
     seen: dict[str, Any] = {
         "host_id": host_id, "now": now, "name": request.hostname or None,
         "kernel": request.kernel or None, "agent_version": request.agent_version or None,
@@ -108,6 +109,33 @@ def check_in(session: Session, credential: str, request: s.CheckinRequest) -> Ch
     elapsed = None if last_seen is None else now - last_seen
     accepted = _store_events(session, host_id, now, elapsed, request.events)
     return CheckedIn(host_id, revision or 0, group_id, group_path, modules, digest, accepted)
+
+
+def quiet(request: s.CheckinRequest) -> bool:
+    """Whether a check-in may have nothing to store but the time (`look_up`): no
+    inventory, no events."""
+    return request.modules is None and not request.events
+
+
+def look_up(session: Session, credential: str, request: s.CheckinRequest) -> CheckedIn | None:
+    """A check-in with nothing to store (`quiet`; its name, kernel and agent version
+    those stored), read without writing: what the server holds for the host. None
+    when there is something to store after all (then `check_in`); Unauthorized if no
+    host has this credential. Its time is the caller's to note (`server.seen`)."""
+    found = (
+        session.connection()
+        .execute(_HOST, {"credential_hash": secret_hash(credential)})
+        .one_or_none()
+    )
+    if found is None:
+        raise Unauthorized("unknown or expired credentials")
+    host_id, group_id, digest, group_path, revision, _, name, kernel, version = found
+    sent = (request.hostname, request.kernel, request.agent_version)
+    stored = (name, kernel, version)
+    if not quiet(request) or any(v and v != k for v, k in zip(sent, stored, strict=True)):
+        return None  # a new name, kernel or agent version: stored by `check_in`
+    modules = host_modules(session, host_id)
+    return CheckedIn(host_id, revision or 0, group_id, group_path, modules, digest, 0)
 
 
 def host_modules(session: Session, host_id: int) -> list[ModuleKey]:

@@ -17,6 +17,7 @@ from micropatch.server.catalogue import Catalogues
 from micropatch.server.database import Database, database_url
 from micropatch.server.push import Push, held_capacity
 from micropatch.server.repository import Repository
+from micropatch.server.seen import Seen
 from micropatch.server.throttle import LoginThrottle
 
 REPOSITORY_DIR = "repository"
@@ -60,6 +61,7 @@ class Server:
         self.catalogues = Catalogues()
         self.logins = LoginThrottle()
         self.push = Push(held_capacity())  # check-ins held until their answer changes
+        self.seen = Seen()  # when hosts whose check-ins stored nothing else were seen
 
     def repository_url(self, request: Request) -> str:
         if self.settings.repository_url:

@@ -2,7 +2,7 @@
 holds: sent at once with `wait` and the answer's digest; not sent to a server that
 does not offer holds; cut short by stop; a silent server noticed after the wait plus
 HOLD_MARGIN; the next check-in after `after`, or after the interval when not held;
-backoff with jitter. (Real agents and a real server: tests/integration/test_fleet_push.py.)"""
+backoff with jitter; after a 503, seconds (its Retry-After), not the interval. (Real agents and a real server: tests/integration/test_fleet_push.py.)"""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ from typing import Any
 
 import pytest
 
-from micropatch.agent.fleet import checkin
+from micropatch.agent.fleet import backoff, checkin
 from micropatch.agent.service import Agent
 
 from .test_fleet import make_agent
+
+
+BUSY_AFTER = "1"  # the Retry-After of the fake server's 503s
 
 
 class HoldingServer:
@@ -32,6 +35,7 @@ class HoldingServer:
         self.release = threading.Event()
         self.silent = False
         self.holding = threading.Event()
+        self.busy = 0  # check-ins to answer 503 with Retry-After: BUSY_AFTER
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -45,8 +49,18 @@ class HoldingServer:
                                              "group": "/", "checkin_interval": 60,
                                              "repository": "http://x/repository"}  # fmt: skip
                     status = 201
+                elif fake.busy > 0:
+                    fake.busy -= 1
+                    fake.checkins.append(body | {"refused": time.monotonic()})
+                    data = json.dumps({"detail": "the server is at work: retry"}).encode()
+                    self.send_response(503)
+                    self.send_header("Retry-After", BUSY_AFTER)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                    return
                 else:
-                    fake.checkins.append(body)
+                    fake.checkins.append(body | {"answered": time.monotonic()})
                     if body.get("wait"):
                         fake.holding.set()
                         if fake.silent:
@@ -154,7 +168,7 @@ def test_a_silent_held_check_in_is_dead_after_the_wait_and_the_margin(agent, ser
 def test_backoff_has_jitter(agent, server):
     agent.fleet.enroll(server.url, "mpe_good", None)
     delays = {agent.fleet._failed(OSError("down")) for _ in range(8)}
-    assert len(delays) > 1 and all(d <= checkin.MAX_BACKOFF for d in delays)
+    assert len(delays) > 1 and all(d <= backoff.MAX_BACKOFF for d in delays)
 
 
 def test_when_the_next_check_in_goes(agent, server):
@@ -175,3 +189,42 @@ def test_when_the_next_check_in_goes(agent, server):
     assert fleet._rehold  # the loop checks in again once they are done
     fleet._held(answer | {"policy_digest": "d2", "after": 100}, 30, 3.0)
     assert fleet._next_in == 60  # a change: after, at most the interval
+
+
+def test_busy_backoff_is_retry_after_plus_a_jitter_that_grows_to_seconds():
+    """After a 503 with Retry-After: that, plus a jitter doubled per busy answer in a
+    row, at most BUSY_SPREAD: seconds, never the interval (agent/fleet/backoff.py)."""
+    for streak, spread in ((1, 2.0), (2, 4.0), (3, 8.0), (6, backoff.BUSY_SPREAD)):
+        delays = [backoff.busy(2.0, streak) for _ in range(200)]
+        assert all(2.0 <= d <= 2.0 + spread for d in delays), (streak, max(delays))
+        assert max(delays) - min(delays) > spread / 4  # spread, not all at once
+    assert 0.0 <= backoff.busy(0, 1) <= 1.0  # no floor to wait, still up to a second
+    assert backoff.busy(10**9, 1) <= backoff.MAX_RETRY_AFTER + 30
+    assert [backoff.retry_after(v) for v in ("2", " 5 ", "x", "-1", "nan", None)] == [
+        2.0, 5.0, None, None, None, None,
+    ]  # fmt: skip
+
+
+def test_a_busy_server_is_retried_in_seconds_and_held_again(agent, server):
+    """Three 503s with Retry-After: 1 in a row: the agent's own loop comes back after
+    each within a few seconds (not the interval, 60 s, doubled), says it once, and
+    holds a check-in again once answered."""
+    agent.fleet.enroll(server.url, "mpe_good", None)
+    agent.fleet.check_in()  # the answer's digest and hold: d1, 30
+    server.busy = 3
+    agent.fleet.start()
+    assert server.holding.wait(30), "the agent did not come back after the 503s"
+    refused = [c["refused"] for c in server.checkins if "refused" in c]
+    held = [c for c in server.checkins if c.get("wait")]
+    assert len(refused) == 3 and held and held[-1]["policy_digest"] == "d1"
+    gaps = [b - a for a, b in zip(refused, [*refused[1:], held[-1]["answered"]], strict=True)]
+    # Retry-After 1 s plus a jitter of up to 1, 2 then 4 s (timing: a loaded machine).
+    assert all(1.0 <= g <= 1.0 + s + 1.0 for g, s in zip(gaps, (1, 2, 4), strict=True)), gaps
+    said = [e.message for e in agent.events.query() if "HTTP 503" in e.message]
+    assert len(said) == 1 and "the server is at work" in said[0]
+    server.release.set()  # the held one answered: the streak is over
+    deadline = time.monotonic() + 20
+    while agent.fleet.status()["failures"]:
+        assert time.monotonic() < deadline, agent.fleet.status()
+        time.sleep(0.05)
+    assert agent.fleet._busy == 0

@@ -259,7 +259,10 @@ def test_a_check_in_that_waits_too_long_for_its_turn_is_busy(api: Api) -> None:
             if session.bind is not None and session.bind.dialect.name == "postgresql":
                 # PostgreSQL lets writers run side by side: make this one stand in their way.
                 session.execute(text("LOCK TABLE hosts IN ACCESS EXCLUSIVE MODE"))
-            first = Held(client, api.tokens["web-5"], {"wait": 60, "policy_digest": "x"})
+            # Both have something to store (an inventory): a quiet one is only read.
+            first = Held(
+                client, api.tokens["web-5"], {"wait": 60, "policy_digest": "x"} | inventory
+            )
             deadline = time.monotonic() + 30
             while not api.server.push._turns.locked():  # the first has the one turn
                 assert time.monotonic() < deadline, "the first check-in never took the turn"

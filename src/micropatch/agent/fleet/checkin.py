@@ -31,14 +31,13 @@ import json
 import logging
 import os
 import platform
-import random
 import threading
 import time
 import urllib.error
 from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.events import Event
-from micropatch.agent.fleet import enrollment, report
+from micropatch.agent.fleet import backoff, enrollment, report
 from micropatch.agent.fleet.answer import Answer
 from micropatch.agent.fleet.enrollment import FLEET_FILE, MAX_FLEET_FILE, Enrollment
 from micropatch.agent.fleet.server_api import (
@@ -58,7 +57,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOT_NAME = "repository-root.json"  # the trusted TUF root, beside the trusted keys
-MAX_BACKOFF = 600.0
 HOLD_MARGIN = 15.0  # seconds past its wait a held check-in may stay silent: then it is dead
 NOT_HELD = 1.0  # a check-in sent with wait answered this fast, unchanged, was not held
 SERVER_EXTRA = ("tuf",)  # what the TUF client (server/updater.py) needs beyond the agent
@@ -84,6 +82,7 @@ class Fleet:
         self._started = False
         self._lock = threading.Lock()
         self.failures = 0
+        self._busy = 0  # busy answers (503 with Retry-After) in a row
         self.last_checkin: float | None = None
         self.last_error: str | None = None
         self._failure_said: str | None = None  # what the event of this streak said
@@ -217,7 +216,8 @@ class Fleet:
     def _failed(self, error: BaseException) -> float:
         """A failed check-in: said once per streak and kind of failure (unreachable;
         refused, with the server's message; failed on the server's side); the delay
-        before the next one (doubled at each failure, at most MAX_BACKOFF)."""
+        before the next one (agent/fleet/backoff.py: seconds after a busy answer, the
+        interval doubled at each other failure)."""
         assert self.enrollment is not None
         server = self.enrollment.server
         self.failures += 1
@@ -254,8 +254,17 @@ class Fleet:
             self.agent.report(Event("agent", time.time(), pid=os.getpid(), message=message,
                                     data=data))  # fmt: skip
         self._next_in = None
-        backoff = min(MAX_BACKOFF, self.interval() * 2 ** min(self.failures, 16))
-        return float(backoff * random.uniform(0.5, 1.0))  # jitter: a fleet comes back spread
+        if (
+            isinstance(error, HttpError)
+            and error.status in backoff.BUSY
+            and error.retry_after is not None
+        ):
+            # Up, and saying when to come back: seconds, so that a change pushed
+            # meanwhile is not missed by minutes (agent/fleet/backoff.py).
+            self._busy += 1
+            return backoff.busy(error.retry_after, self._busy)
+        self._busy = 0
+        return backoff.failed(self.interval(), self.failures)
 
     def check_in(self) -> dict[str, Any]:
         """One check-in: report, then apply the answer."""
@@ -299,6 +308,7 @@ class Fleet:
                 f"{self.failures} failed ones",
             ))  # fmt: skip
         self.failures, self.last_error, self.last_checkin = 0, None, time.time()
+        self._busy = 0
         self._failure_said = None
         ignored = answer.get("ignored")
         if isinstance(ignored, list) and ignored:

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from micropatch.agent.fleet import backoff
 from micropatch.errors import AgentError
 
 HTTP_TIMEOUT = 30.0
@@ -23,10 +24,13 @@ SHOWN_PROBLEMS = 3  # of a validation error's list, in a message
 class HttpError(AgentError):
     """The server answered with an error status; `detail` is what it said."""
 
-    def __init__(self, status: int, message: str, detail: str = "") -> None:
+    def __init__(
+        self, status: int, message: str, detail: str = "", retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.detail = detail
+        self.retry_after = retry_after  # seconds, from the answer's Retry-After
 
     @property
     def refused(self) -> bool:
@@ -130,7 +134,8 @@ def post_json(
         except (ValueError, OSError):
             detail = ""
         detail = detail or str(e.reason)
-        raise HttpError(e.code, f"{url}: HTTP {e.code}: {detail}", detail) from None
+        later = backoff.retry_after(e.headers.get("Retry-After") if e.headers else None)
+        raise HttpError(e.code, f"{url}: HTTP {e.code}: {detail}", detail, later) from None
     if not isinstance(answer, dict):
         raise HttpError(200, f"{url}: the answer is not a JSON object")
     return answer

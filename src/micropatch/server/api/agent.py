@@ -17,7 +17,7 @@ from micropatch.server.api import PREFIX
 from micropatch.server.api.deps import Secret, ServerDep, unauthorized
 from micropatch.server.auth import HOST_PREFIX
 from micropatch.server.catalogue import Catalogue, ModuleKey
-from micropatch.server.checkin import CheckedIn, check_in
+from micropatch.server.checkin import CheckedIn, check_in, look_up, quiet
 from micropatch.server.context import Server
 from micropatch.server.errors import Unauthorized
 from micropatch.server.fleet import groups, hosts, users
@@ -50,7 +50,12 @@ async def checkin(
     `wait` and the answer's digest, held until that answer changes (server/push.py)."""
     push, wait = server.push, body.wait or 0
     started = time.monotonic()
-    if wait and not push.full():  # an agent that waits: so may its check-in, for a turn
+    found = None
+    if wait and quiet(body) and secret.startswith(HOST_PREFIX):  # nothing new: read it
+        found = await anyio.to_thread.run_sync(_read, server, secret, body)
+    if found is not None:
+        done, catalogue = found
+    elif wait and not push.full():  # an agent that waits: so may its check-in, for a turn
         async with push.turn(wait * QUEUED):
             done, catalogue = await anyio.to_thread.run_sync(_store, server, secret, body)
     else:
@@ -90,6 +95,22 @@ def _store(server: Server, secret: str, body: s.CheckinRequest) -> tuple[Checked
             done = check_in(session, secret, body)
         except Unauthorized as exc:
             raise unauthorized(str(exc)) from None
+        return done, server.catalogues.current(session, done.revision)
+
+
+def _read(
+    server: Server, secret: str, body: s.CheckinRequest
+) -> tuple[CheckedIn, Catalogue] | None:
+    """A held check-in with nothing to store but the time (server/seen.py): read,
+    without a turn of the database's writer. None when it has something to store."""
+    with server.database.reading() as session:
+        try:
+            done = look_up(session, secret, body)
+        except Unauthorized as exc:
+            raise unauthorized(str(exc)) from None
+        if done is None:
+            return None
+        server.seen.saw(done.host_id, time.time())
         return done, server.catalogues.current(session, done.revision)
 
 
