@@ -2,7 +2,8 @@
 holds: sent at once with `wait` and the answer's digest; not sent to a server that
 does not offer holds; cut short by stop; a silent server noticed after the wait plus
 HOLD_MARGIN; the next check-in after `after`, or after the interval when not held;
-backoff with jitter; after a 503, seconds (its Retry-After), not the interval. (Real agents and a real server: tests/integration/test_fleet_push.py.)"""
+backoff with jitter; after a 503, seconds (its Retry-After), not the interval. (Real
+agents and a real server: tests/integration/test_fleet_push.py.)"""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from micropatch.agent.fleet import backoff, checkin
 from micropatch.agent.service import Agent
 
 from .test_fleet import make_agent
-
 
 BUSY_AFTER = "1"  # the Retry-After of the fake server's 503s
 

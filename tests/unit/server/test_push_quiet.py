@@ -87,9 +87,7 @@ def test_a_check_in_with_something_to_store_is_stored(api: Api, live: TestClient
     assert last_seen(api, "q-2-renamed") is not None
 
 
-def test_a_quiet_check_in_with_an_unknown_credential_is_refused(
-    api: Api, live: TestClient
-) -> None:
+def test_a_quiet_check_in_with_an_unknown_credential_is_refused(api: Api, live: TestClient) -> None:
     r = live.post("/api/v1/checkin", json={"wait": 60, "policy_digest": "x"},
                   headers={"Authorization": "Bearer mph_nobody"})  # fmt: skip
     assert r.status_code == 401 and "unknown or expired credentials" in r.json()["detail"]
