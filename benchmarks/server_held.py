@@ -7,8 +7,9 @@
 - **Held check-ins**: every agent holds a check-in as the agent does (`wait` and the
   answer's `policy_digest`: server/push.py), the first ones sent at the fleet's
   check-in rate (spread over the interval, as in steady state), each re-sent when
-  answered (after the answer's `after` seconds when it changed, as the agent does):
-  the fleet's own check-ins. While they are held, a probe of PROBE_RATE check-ins a
+  answered (after the answer's `after` seconds when it changed, as the agent does;
+  after a failure, the agent's backoff: agent/fleet/backoff.py): the fleet's own
+  check-ins. While they are held, a probe of PROBE_RATE check-ins a
   second without wait (server.py's check-in load) runs beside them (its p99, errors); the server's
   memory and file descriptors are read before and while they are held. Then the
   root group's policy changes, which changes every host's answer: how long until
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import re
 import time
@@ -31,6 +33,7 @@ import aiohttp
 from benchmarks.server_run import Server
 from benchmarks.simagents import HttpErrors, post, unchanged
 from benchmarks.stats import median, percentile
+from micropatch.agent.fleet import backoff
 
 BURST = 500  # connections at once
 HOLD = 60  # the `wait` an agent sends: the server's check-in interval
@@ -87,6 +90,19 @@ async def change_policy(url: str, admin: str) -> int:
                     raise
                 await asyncio.sleep(1)
     return 0
+
+
+async def _post(
+    c: aiohttp.ClientSession, body: dict[str, Any], headers: dict[str, str]
+) -> tuple[int, Any, float | None]:
+    """A check-in: its status, its JSON, its Retry-After (seconds, or None)."""
+    async with c.post("/api/v1/checkin", json=body, headers=headers) as r:
+        text = await r.text()
+        later = backoff.retry_after(r.headers.get("Retry-After"))
+        try:
+            return r.status, json.loads(text), later
+        except ValueError:
+            return r.status, text, later
 
 
 def _detail(answer: Any) -> str:
@@ -146,27 +162,37 @@ async def held_phase(
             """One agent: its first check-in at `due` (the fleet's check-ins spread over
             the interval, as in steady state), then as the agent does: held, sent
             again when answered, after `after` when it changed; after a failure, the
-            agent's backoff (the interval doubled, with jitter)."""
+            agent's backoff (agent/fleet/backoff.py: seconds after a 503)."""
             nonlocal resent, holding
             headers = {"Authorization": f"Bearer {credentials[i]}"}
             digest = start_digest
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            failures = busy = 0
             while not stop.is_set():
                 body = unchanged(i) | {"wait": HOLD, "policy_digest": digest}
                 holding += 1
                 try:
-                    status, answer = await post(c, "/api/v1/checkin", body, headers)
+                    status, answer, later = await _post(c, body, headers)
                 except HttpErrors as e:
                     errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
-                    status, answer = 0, None
+                    status, answer, later = 0, None, None
                 finally:
                     holding -= 1
                 if status != 200:
                     if status:
                         key = f"HTTP {status}: {_detail(answer)}"
                         errors[key] = errors.get(key, 0) + 1
-                    await asyncio.sleep(rng.uniform(HOLD, 2 * HOLD))
+                    # The agent's backoff (agent/fleet/backoff.py): after a 503 with
+                    # Retry-After, seconds; after any other failure, the interval doubled.
+                    failures += 1
+                    if status in backoff.BUSY and later is not None:
+                        busy += 1
+                        await asyncio.sleep(backoff.busy(later, busy, rng))
+                    else:
+                        busy = 0
+                        await asyncio.sleep(backoff.failed(HOLD, failures, rng))
                     continue
+                failures = busy = 0
                 resent += 1
                 if answer["policy_digest"] != digest:
                     digest = answer["policy_digest"]

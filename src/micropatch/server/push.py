@@ -51,6 +51,8 @@ WAKE_RATE = 250.0
 # Check-ins sent with `wait` are stored this many at a time (per process); the others
 # queue on the event loop for a turn (`Push.turn`), the other requests keep their threads.
 STORING = 4
+# Those with nothing to store are read (checkin.look_up) this many at a time, beside.
+READING = 8
 
 
 def held_capacity(wanted: int = MAX_HELD) -> int:
@@ -82,14 +84,16 @@ class Push:
     `turn`, `hold` and `publish` run on the event loop; `held` is read by the follower
     thread (a plain int: whether to read the revision at all)."""
 
-    def __init__(self, capacity: int, storing: int = STORING) -> None:
+    def __init__(self, capacity: int, storing: int = STORING, reading: int = READING) -> None:
         self.capacity = capacity
         self.storing = storing
+        self.reading = reading
         self.held = 0
-        self.queued = 0  # check-ins with `wait` waiting for their turn to be stored
+        self.queued = 0  # check-ins with `wait` waiting for their turn to be stored or read
         self._catalogue: Catalogue | None = None
         self._changed = asyncio.Event()
         self._turns = asyncio.Semaphore(storing)
+        self._reads = asyncio.Semaphore(reading)
         self.spread = 0.0  # seconds over which the check-ins the last change answered return
 
     def start(self) -> None:
@@ -100,6 +104,7 @@ class Push:
         self._catalogue = None
         self._changed = asyncio.Event()
         self._turns = asyncio.Semaphore(self.storing)
+        self._reads = asyncio.Semaphore(self.reading)
 
     def full(self) -> bool:
         return self.held + self.queued >= self.capacity
@@ -110,17 +115,18 @@ class Push:
         return 0 if self.full() else interval
 
     @contextlib.asynccontextmanager
-    async def turn(self, seconds: float) -> AsyncIterator[None]:
-        """A turn to store a check-in that will be held (STORING at a time), waited for
-        on the event loop: not a request at work (server/capacity.py), so a burst of
-        agents — a fleet's first check-ins, the check-ins a change answered — is taken
-        at the rate the database stores them (SQLite: one writer) instead of refused
-        with 503, which sends each agent into a backoff of an interval or more.
+    async def turn(self, seconds: float, *, read: bool = False) -> AsyncIterator[None]:
+        """A turn to store (STORING at a time) or, `read`, to read (READING at a time,
+        beside) a check-in that will be held, waited for on the event loop: not a
+        request at work (server/capacity.py), so a burst of agents — a fleet's first
+        check-ins, the check-ins a change answered — is taken at the rate the database
+        answers them (SQLite: one writer) instead of refused with 503.
         Busy (503) after `seconds` without one."""
+        turns = self._reads if read else self._turns
         self.queued += 1
         try:
             async with asyncio.timeout(seconds):
-                await self._turns.acquire()
+                await turns.acquire()
         except TimeoutError:
             raise Busy(
                 f"the database stayed busy with other check-ins for {seconds:g} s: "
@@ -131,7 +137,7 @@ class Push:
         try:
             yield
         finally:
-            self._turns.release()
+            turns.release()
 
     async def hold(
         self,

@@ -4,6 +4,7 @@ written with the others' a second later; one with something to store is stored."
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,7 @@ from sqlalchemy import select, text
 
 from micropatch.server import models as m
 from micropatch.server.errors import Busy
+from micropatch.server.push import Push
 from micropatch.server.seen import FLUSH, Seen
 
 from .conftest import Api
@@ -118,3 +120,31 @@ def test_times_that_cannot_be_written_are_kept_for_the_next_write(
     assert seen.write(api.server.database) == 1 and last_seen(api, "q-3") == 1000.0
     seen.saw(host_id, 500.0)  # older than the stored time: the stored one stays
     assert seen.write(api.server.database) == 1 and last_seen(api, "q-3") == 1000.0
+
+
+def test_reads_take_turns_of_their_own_queued_not_at_work() -> None:
+    """A check-in to read gets its turn while every turn to store is taken; past
+    READING of them, it queues (counted as queued, not at work), then Busy."""
+    push = Push(capacity=10, storing=1, reading=1)
+
+    async def scenario() -> None:
+        push.start()
+        release = asyncio.Event()
+
+        async def take(read: bool, seconds: float = 5.0) -> str:
+            async with push.turn(seconds, read=read):
+                await release.wait()
+                return "read" if read else "stored"
+
+        stored = asyncio.ensure_future(take(False))
+        await asyncio.sleep(0.01)
+        read = asyncio.ensure_future(take(True))
+        await asyncio.sleep(0.01)
+        assert push.queued == 0  # the read did not wait for the store's turn
+        with pytest.raises(Busy, match=r"busy with other check-ins for 0\.05 s"):
+            await take(True, 0.05)  # the one read turn is taken: queued, then Busy
+        assert push.queued == 0
+        release.set()
+        assert (await stored, await read) == ("stored", "read")
+
+    asyncio.run(scenario())

@@ -51,8 +51,9 @@ async def checkin(
     push, wait = server.push, body.wait or 0
     started = time.monotonic()
     found = None
-    if wait and quiet(body) and secret.startswith(HOST_PREFIX):  # nothing new: read it
-        found = await anyio.to_thread.run_sync(_read, server, secret, body)
+    if wait and quiet(body) and secret.startswith(HOST_PREFIX) and not push.full():
+        async with push.turn(wait * QUEUED, read=True):  # nothing new: read it
+            found = await anyio.to_thread.run_sync(_read, server, secret, body)
     if found is not None:
         done, catalogue = found
     elif wait and not push.full():  # an agent that waits: so may its check-in, for a turn
