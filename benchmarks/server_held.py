@@ -210,21 +210,23 @@ async def held_phase(
         held_files = open_files(server)
         rss_held = server.rss_kib("VmRSS")
         resent_before = resent
-        load_start = time.perf_counter()
+        load_start, cpu_start = time.perf_counter(), server.cpu_seconds()
         checkin = await load()
         load_seconds = time.perf_counter() - load_start
         resent_during_load = resent - resent_before
+        load_cpu = server.cpu_seconds() - cpu_start
         rss_end_of_load = server.rss_kib("VmRSS")
         holding_before_change = holding
 
         # The push: the root group's default state changes every host's answer.
-        changed = time.perf_counter()
+        changed, cpu_changed = time.perf_counter(), server.cpu_seconds()
         status = await change_policy(url, admin)
         if status != 200:
             errors[f"policy change: HTTP {status}"] = 1
         while len(woken_at) < n and time.perf_counter() - changed < WAKE_TIMEOUT:
             await asyncio.sleep(0.05)
         wake = [t - changed for t in woken_at.values()]
+        wake_cpu = server.cpu_seconds() - cpu_changed
         stop.set()
         for task in agents:
             task.cancel()
@@ -245,6 +247,13 @@ async def held_phase(
         "checkin": checkin,
         "resent_during_load": resent_during_load,
         "resent_per_second": resent_during_load / load_seconds,
+        # Server CPU (user + system) per check-in answered while held ones came back
+        # and the probe ran: less noisy than times on a shared machine.
+        "load_cpu_seconds": load_cpu,
+        "cpu_ms_per_checkin": (
+            1000 * load_cpu / max(1, resent_during_load + checkin["ok"] + checkin["errors"])
+        ),
+        "wake_cpu_seconds": wake_cpu,
         "errors": sum(errors.values()),
         "error_kinds": errors,
         "woken": len(wake),

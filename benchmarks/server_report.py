@@ -124,8 +124,12 @@ def held_rows(row: Any) -> str:
             f"{ms(r['held']['checkin']['latency']['p99'])}"),
         row("check-ins beside them: errors", lambda r: str(r["held"]["checkin"]["errors"])),
         row("held ones answered and sent again (/s)", lambda r: _f(r["held"]["resent_per_second"])),
+        row("server CPU per check-in beside them, held ones' included (ms)",
+            lambda r: _f(r["held"].get("cpu_ms_per_checkin"), "{:.2f}")),
         row("held errors", lambda r: json.dumps(r["held"]["error_kinds"]) or "-"),
         row("policy change → held answered: woken / p50 / p95 / max (s)",
             lambda r: f"{r['held']['woken']:,} / {_f(r['held']['wake_p50'], '{:.2f}')} / "
             f"{_f(r['held']['wake_p95'], '{:.2f}')} / {_f(r['held']['wake_max'], '{:.2f}')}"),
+        row("server CPU from the change until they were answered (s)",
+            lambda r: _f(r["held"].get("wake_cpu_seconds"), "{:.1f}")),
     ])  # fmt: skip

@@ -131,6 +131,12 @@ class Server:
         sizes = [rss_kib(pid, field) for pid in pids]
         return sum(x for x in sizes if x is not None) or None
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server's processes have used."""
+        if self.proc is None:
+            return 0.0
+        return sum(cpu_seconds(pid) for pid in (self.proc.pid, *children(self.proc.pid)))
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -159,3 +165,12 @@ def children(pid: int) -> list[int]:
         with contextlib.suppress(OSError):
             found += [int(x) for x in (task / "children").read_text().split()]
     return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (/proc/PID/stat), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
