@@ -148,3 +148,26 @@ def test_reads_take_turns_of_their_own_queued_not_at_work() -> None:
         assert (await stored, await read) == ("stored", "read")
 
     asyncio.run(scenario())
+
+
+def test_a_quiet_check_in_costs_one_thread_hop(
+    api: Api, live: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its read, and nothing else: no dependency runs in a thread (each waits for one
+    of the few, counted as at work, under load)."""
+    import anyio.to_thread
+
+    api.enroll("q-4")
+    hops: list[str] = []
+    real = anyio.to_thread.run_sync
+
+    async def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", None) or repr(func))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    for _ in range(3):
+        r = live.post("/api/v1/checkin", json={"wait": 60, "policy_digest": "stale"},
+                      headers=api.auth("q-4"))  # fmt: skip
+        assert r.status_code == 200
+    assert hops == ["_read"] * 3, hops
