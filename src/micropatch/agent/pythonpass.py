@@ -140,6 +140,26 @@ class PythonPass:
             merged[pid] = Covered(pid, start, info.exe, carried, blocked)
         return list(merged.values())
 
+    def note(self, pid: int, kind: str, patch_id: str, version: int | None) -> None:
+        """An applied, updated or removed event of a CPython patch (an operator's through
+        the socket, or this pass's own): `covered` says so before the next pass."""
+        if kind not in _KIND.values():
+            return
+        try:
+            start, info = start_time(pid), read_info(pid)
+        except MicropatchError:
+            return  # gone: nothing to cover
+        known = self._carrying.get(pid)
+        patches = dict(known[2]) if known is not None and known[0] == start else {}
+        if kind == "removed":
+            patches.pop(patch_id, None)
+        elif version is not None:
+            patches[patch_id] = version
+        if patches:
+            self._carrying[pid] = (start, info, patches)
+        else:
+            self._carrying.pop(pid, None)
+
     def forget(self, pid: int) -> Covered | None:
         """An interpreter exited: what it carried (for crash accounting), forgotten."""
         self._blocked.pop(pid, None)

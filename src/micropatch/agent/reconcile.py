@@ -117,6 +117,9 @@ class Reconciler:
         """Keep `covered` true when something else (new processes, the socket) patches."""
         if event.pid is None or event.patch_id is None:
             return
+        if event.data.get("runtime") == "cpython":  # an interpreter's page, not a cave
+            self.python.note(event.pid, event.kind, event.patch_id, event.version)
+            return
         self.carriers.note(event.pid, event.exe or "", event.kind, event.patch_id, event.version)
 
     def get(self, pid: int) -> Covered | None:

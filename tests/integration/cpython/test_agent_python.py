@@ -33,7 +33,7 @@ def _signed(shop: Path, python: str, key: Path, version: int = 1) -> Path:
         "at": "parse_header", "when": "len(line) > limit", "then": then,
     }], version=version))  # fmt: skip
     built = build(source, shop / "shop" / "parsers.py", python=python)
-    return built.signed(load_private_key(key)).write(shop / "out")
+    return built.signed(load_private_key(key)).write(shop / f"hdr-fix-v{version}.mpatch")
 
 
 def _interpreter(box: Sandbox, python: str, shop: Path, clib: Path, *args: str) -> NsTarget:
