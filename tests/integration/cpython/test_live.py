@@ -16,6 +16,7 @@ from micropatch.errors import (
     NotApplied,
 )
 from micropatch.runtimes.cpython import engine, states
+from micropatch.runtimes.cpython.page import MAPS_NAME
 
 from .conftest import GUARD, StartPy, make_py_patch
 
@@ -147,7 +148,10 @@ def test_module_not_imported_is_refused(start_py: StartPy, shop: Path, python: s
     with pytest.raises(ModuleNotImported, match=r"shop\.missing") as e:
         engine.apply(patch, target.pid)
     assert "not imported" in str(e.value) and "nothing was changed" in str(e.value)
+    assert (e.value.pid, e.value.module) == (target.pid, "shop.missing")
     assert states.status(target.pid) == []
+    # Read from its sys.modules: no page mapped, nothing run in it.
+    assert MAPS_NAME not in Path(f"/proc/{target.pid}/maps").read_text()
     assert target.call(LONG) == ORIGINAL_LONG
 
 

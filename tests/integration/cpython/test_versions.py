@@ -10,6 +10,7 @@ import pytest
 
 from micropatch.errors import InterpreterError
 from micropatch.runtimes.cpython import engine, states
+from micropatch.runtimes.cpython.page import MAPS_NAME
 
 from .conftest import StartPy, make_py_patch
 from .test_live import BLOCKED_LONG, LONG, ORIGINAL_LONG
@@ -46,6 +47,8 @@ def test_a_patch_for_another_version_is_refused(start_py: StartPy, shop: Path) -
         engine.apply(make_py_patch(shop, other), target.pid)
     assert "nothing was changed" in str(e.value)
     assert states.status(target.pid) == []
+    # Refused from its memory: no page mapped, nothing run in it.
+    assert MAPS_NAME not in Path(f"/proc/{target.pid}/maps").read_text()
     assert target.call(LONG) == ORIGINAL_LONG
 
 

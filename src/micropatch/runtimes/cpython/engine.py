@@ -43,6 +43,7 @@ from micropatch.runtimes.base import Outcome
 from micropatch.runtimes.cpython import arming
 from micropatch.runtimes.cpython import page as P
 from micropatch.runtimes.cpython.build import helper_text
+from micropatch.runtimes.cpython.imports import read_modules
 from micropatch.runtimes.cpython.interpreter import Interpreter, find_interpreter
 from micropatch.trust.admission import AdmittedPython
 
@@ -134,6 +135,7 @@ def _attempts(operation: _Operation, timeout: float, stop_timeout: float) -> Out
     mappings = read_maps(pid)
     with Memory(pid, writable=False) as memory:
         interpreter = find_interpreter(pid, mappings, memory)
+        _precheck(operation, interpreter, memory)
     start = time.perf_counter()
     deadline = time.monotonic() + timeout
     paused, attempts, sequence, entered = 0.0, 0, 0, ""
@@ -179,6 +181,36 @@ def _attempts(operation: _Operation, timeout: float, stop_timeout: float) -> Out
              operation.patch_id, waited * 1e3, entered, paused * 1e3)  # fmt: skip
     return Outcome(pid, operation.patch_id, action, operation.version, int(result.get("swaps", 0)),
                    attempts, paused, 0, entered, waited)  # fmt: skip
+
+
+def _precheck(operation: _Operation, interpreter: Interpreter, memory: Memory) -> None:
+    """What can be refused from the interpreter's memory, before anything is mapped
+    or run in it: a patch compiled for another Python version; on apply, a module not
+    imported (if sys.modules cannot be read, the runner checks, as it checks all)."""
+    patch = operation.request.get("patch")
+    if patch is None:
+        return
+    pid = operation.pid
+    if interpreter.minor != patch["python"]:
+        raise InterpreterError(
+            f"process {pid}: this is Python {interpreter.minor} ({interpreter.version}); the "
+            f"patch was compiled for {patch['python']}; nothing was changed",
+            pid=pid,
+        )
+    if operation.op != "apply":
+        return
+    try:
+        modules = read_modules(interpreter, memory, (patch["module"],))
+    except MicropatchError as e:
+        log.debug("process %d: sys.modules not read (%s): the runner checks", pid, e)
+        return
+    if patch["module"] not in modules:
+        raise ModuleNotImported(
+            f"process {pid}: module {patch['module']} is not imported (read from its "
+            "sys.modules); apply again once it is; nothing was changed",
+            pid=pid,
+            module=patch["module"],
+        )
 
 
 def _wait(pid: int, page: P.Page, until: float) -> int:
@@ -268,8 +300,7 @@ def _failure(operation: _Operation, state: int, result: dict[str, Any]) -> Micro
             f"interpreter ({message}): some functions may be changed; check `micropatch status`"
         )
     hints = {
-        "not-imported": f"; it is not imported in process {pid} yet, so nothing was changed: "
-        "apply again once it is",
+        "not-imported": "; apply again once it is",
         "already-applied": "; use `micropatch update` to replace it",
     }
     cls = _ERRORS.get(kind, PatchRefused)

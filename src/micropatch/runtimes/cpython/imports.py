@@ -65,17 +65,24 @@ def imported(pid: int, wanted: Collection[str] | None = None) -> Imports:
     mappings = read_maps(pid)
     with Memory(pid, writable=False) as memory:
         interpreter = find_interpreter(pid, mappings, memory)
-        reader = _Reader(interpreter, memory)
-        for attempt in range(READ_ATTEMPTS):
-            try:
-                return Imports(pid, interpreter.version, reader.modules(wanted))
-            except (_Torn, MemoryAccessError):
-                if attempt == READ_ATTEMPTS - 1:
-                    raise MemoryAccessError(
-                        f"process {pid}: its sys.modules kept changing while it was read "
-                        f"({READ_ATTEMPTS} attempts); try again",
-                        pid=pid,
-                    ) from None
+        return Imports(pid, interpreter.version, read_modules(interpreter, memory, wanted))
+
+
+def read_modules(
+    interpreter: Interpreter, memory: Memory, wanted: Collection[str] | None = None
+) -> dict[str, str | None]:
+    """`imported` of an interpreter already found: module name -> its __file__."""
+    reader = _Reader(interpreter, memory)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return reader.modules(wanted)
+        except (_Torn, MemoryAccessError):
+            if attempt == READ_ATTEMPTS - 1:
+                raise MemoryAccessError(
+                    f"process {interpreter.pid}: its sys.modules kept changing while it was "
+                    f"read ({READ_ATTEMPTS} attempts); try again",
+                    pid=interpreter.pid,
+                ) from None
     raise AssertionError("unreachable")
 
 
