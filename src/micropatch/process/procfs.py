@@ -75,6 +75,15 @@ def start_time(pid: int) -> int:
     return parse_start_time(read_proc_text(pid, "stat"))
 
 
+def started_at(pid: int) -> float:
+    """When the process started, in seconds since the epoch (the boot time in
+    /proc/stat plus its start time in clock ticks)."""
+    ticks = start_time(pid)
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def parse_start_time(stat: str) -> int:
     # Field 2 (comm) is in parentheses and may hold spaces and ')': split after the last ')'.
     # What follows starts at field 3, so field 22 is index 19.

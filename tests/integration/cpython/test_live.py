@@ -3,6 +3,7 @@ on return, for every reference to a function, whatever the threads are doing."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -136,9 +137,29 @@ def test_identity_mismatch_changes_nothing(start_py: StartPy, shop: Path, python
     with pytest.raises(CodeMismatch, match=r"shop\.parsers") as e:
         engine.apply(patch, changed.pid)
     assert "nothing was changed" in str(e.value) and e.value.pid == changed.pid
+    assert "after the process started" not in str(e.value)  # it was like that before
     assert states.status(changed.pid) == []
     assert changed.call(LONG)[:3] == [repr(("x" * 60, "1"))] * 3
     assert target.ask("code") == original
+
+
+def test_a_module_file_replaced_after_the_start_is_said(
+    start_py: StartPy, shop: Path, python: str
+) -> None:
+    """An upgrade on disk without a restart: the process runs the code it imported,
+    the file is another; the refusal says the file changed after the process started."""
+    patch = make_py_patch(shop, python)
+    target = start_py()
+    parsers = shop / "shop" / "parsers.py"
+    parsers.write_text(parsers.read_text() + "\n# 1.0.1\n")
+    later = time.time() + 2  # past the second the boot time is known to
+    os.utime(parsers, (later, later))
+    with pytest.raises(CodeMismatch, match=r"its source .*parsers\.py has SHA-256") as e:
+        engine.apply(patch, target.pid)
+    message = str(e.value)
+    assert "after the process started" in message and "restart the process" in message, message
+    assert "nothing was changed" in message and states.status(target.pid) == []
+    assert target.call(LONG) == ORIGINAL_LONG
 
 
 def test_module_not_imported_is_refused(start_py: StartPy, shop: Path, python: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import marshal
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from micropatch.faults import checkpoint
 from micropatch.live.lock import queued
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
-from micropatch.process.procfs import check_alive
+from micropatch.process.procfs import check_alive, started_at
 from micropatch.process.world import STOP_TIMEOUT, stop_world
 from micropatch.runtimes.base import Outcome
 from micropatch.runtimes.cpython import arming
@@ -302,9 +303,31 @@ def _failure(operation: _Operation, state: int, result: dict[str, Any]) -> Micro
     hints = {
         "not-imported": "; apply again once it is",
         "already-applied": "; use `micropatch update` to replace it",
+        "source-mismatch": _replaced(pid, result.get("path")),
     }
     cls = _ERRORS.get(kind, PatchRefused)
     return cls(f"process {pid}: {message}{hints.get(kind, '')}; nothing was changed", pid=pid)
+
+
+def _replaced(pid: int, path: object) -> str:
+    """Why a module's file may not be what the process runs: it changed after the
+    process started (an upgrade on disk without a restart). "" if not, or unknown."""
+    if not isinstance(path, str):
+        return ""
+    try:
+        changed = os.stat(f"/proc/{pid}/root{path}").st_mtime
+        started = started_at(pid)
+    except (OSError, MicropatchError):
+        return ""
+    if changed <= started + 1:  # the boot time is in whole seconds
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(changed))
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    return (
+        f"; the file changed at {when}, after the process started ({since}): the process "
+        "may run the code it imported before, but a patch is checked against the module's "
+        "file as it is now (build it for that file, or restart the process)"
+    )
 
 
 def repair(pid: int, *, stop_timeout: float = STOP_TIMEOUT) -> list[str]:
