@@ -117,9 +117,10 @@ class Reconciler:
         """Keep `covered` true when something else (new processes, the socket) patches."""
         if event.pid is None or event.patch_id is None:
             return
-        if event.data.get("runtime") == "cpython":  # an interpreter's page, not a cave
+        if event.data.get("runtime") == "cpython":  # `covered` before the next Python pass
             self.python.note(event.pid, event.kind, event.patch_id, event.version)
-            return
+        # Either runtime: what a process carried is known at its exit, crash or not,
+        # even once a pass has found it gone (buried, see covered.py).
         self.carriers.note(event.pid, event.exe or "", event.kind, event.patch_id, event.version)
 
     def get(self, pid: int) -> Covered | None:
