@@ -115,6 +115,15 @@ def test_cli_apply_remove_update_status_of_a_python_patch_go_through_the_agent(
         assert _carried(first.pid) == [("hdr-fix", 1)]
         operator = [e for e in _kinds(agent, "applied") if e["data"]["when"] == "operator"]
         assert len(operator) == 1
+
+        # --timeout reaches the agent's engine: a C call holding the GIL longer is refused
+        # after it (the message names it; the default, 5 s, would say 5 s).
+        first.send("hold 8")
+        assert first.readline(20) == "holding"
+        held = micropatch("remove", "hdr-fix", "--pid", first.ns_pid, "--timeout", "0.5", env=env)
+        assert held.returncode == 1 and "within 0.5 s" in held.stderr, held.stderr
+        assert first.readline(20) == "released"
+        assert _carried(first.pid) == [("hdr-fix", 1)]
     finally:
         first.close()
         second.close()
