@@ -1,15 +1,18 @@
 """Interpreters whose only thread waits where services wait: a child process
 (`subprocess.run`: glibc's `waitpid` jumps to `wait4`), an asyncio event loop
 (`epoll_wait`, which our stop interrupts with EINTR, not a restart code), a
-listening socket, an event. Apply is in force when it returns; the patch is
+listening socket, an event, `input()` on a terminal (C stdio's `fgets`). Apply is in force when it returns; the patch is
 seen by a call from a signal handler (the only code that runs there)."""
 
 from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +51,8 @@ elif kind == "accept":
     server.accept()
 elif kind == "event":
     threading.Event().wait()
+elif kind == "terminal":  # input() on a terminal: PyOS_StdioReadline, C stdio's fgets
+    input("> ")
 """
 # How a thread got to run the operation, by the wait.
 ENTERED = {
@@ -89,3 +94,46 @@ def test_the_only_thread_waiting_like_a_service(
     assert _ask(waiter, shop, LONG) == "ERR header too long"
     engine.remove("hdr-fix", waiter.pid)
     assert _ask(waiter, shop, LONG) == repr(("x" * 60, "1"))
+
+
+def test_the_only_thread_in_input_on_a_terminal(shop: Path, python: str) -> None:
+    """`input()` with a terminal on stdin and stdout reads with C stdio's fgets (from
+    CPython's PyOS_StdioReadline): the thread is parked in its read, and EINTR makes
+    CPython read again, as after a signal."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([python, "-c", WAITER, str(shop), "terminal"], stdin=slave,
+                            stdout=slave, stderr=slave, start_new_session=True)  # fmt: skip
+    os.close(slave)
+    output = b""
+
+    def line(match: bytes) -> bytes:
+        nonlocal output
+        deadline = time.monotonic() + 20
+        while match not in output:
+            ready, _, _ = select.select([master], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"no {match!r} in {output!r}"
+            output += os.read(master, 4096)
+        found, _, output = output.partition(match)
+        return found
+
+    def ask(text: str) -> str:
+        (shop / "ask").write_text(text)
+        os.kill(proc.pid, signal.SIGUSR1)
+        answer: str = json.loads(line(b"\r\n").decode())
+        return answer
+
+    try:
+        line(b"ready\r\n")
+        line(b"> ")  # in input()
+        outcome = engine.apply(make_py_patch(shop, python), proc.pid)
+        assert "parked in system call 0" in outcome.entered, outcome.entered
+        assert ask(LONG) == "ERR header too long"
+        engine.remove("hdr-fix", proc.pid)
+        assert ask(LONG) == repr(("x" * 60, "1"))
+        os.write(master, b"typed\n")  # input() still reads the terminal
+        assert line(b"typed\r\n") == b""
+        assert proc.wait(10) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(master)

@@ -10,7 +10,11 @@ A thread is *parked* when all of these hold, checked with every thread stopped:
   whose target (through the PLT or the GOT) is exactly the C library function
   the thread is in, or a wrapper that only sets registers and jumps there
   (glibc's `waitpid` is `xor ecx, ecx; jmp wait4`: no frame of its own), and
-  that function is one of the system call wrappers whitelisted here;
+  that function is one of the system call wrappers whitelisted here; or it is
+  in a `read` under C stdio's `fgets` called by CPython (`input()` on a
+  terminal), which holds only that stream's lock, recursive and taken by
+  nothing the runner does, and which returns the EINTR to CPython, who reads
+  again as after a signal;
 - it has a thread state in the main interpreter and does not hold the GIL;
 - it has room on its stack for the runner.
 Such a thread is in CPython's `Py_BEGIN_ALLOW_THREADS` region around that one
@@ -57,6 +61,10 @@ PARKING_FUNCTIONS = (
     "sendto", "sendmsg", "poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait",
     "clock_nanosleep", "nanosleep", "accept", "accept4", "wait4", "waitpid", "waitid",
 )  # fmt: skip
+# C stdio CPython reads a terminal with (`input()`: PyOS_StdioReadline's fgets), parked
+# only in a `read` (it holds that stream's lock, which nothing in the runner takes).
+STDIO_FUNCTIONS = ("fgets",)
+SYS_READ = 0
 LOCK_FUNCTIONS = ("sem_wait", "sem_clockwait", "sem_timedwait")
 STACK_ROOM = 256 * 1024  # bytes below rsp the runner may need (parser, compiler, frames)
 MAX_LIBC_FRAMES = 6
@@ -86,6 +94,7 @@ class Libc:
                        any(x.start == start and x.inode == m.inode for x in mappings)]  # fmt: skip
         self.parking = {a for n in PARKING_FUNCTIONS if (a := self.image.symbol(n)) is not None}
         self.locks = {a for n in LOCK_FUNCTIONS if (a := self.image.symbol(n)) is not None}
+        self.stdio = {a for n in STDIO_FUNCTIONS if (a := self.image.symbol(n)) is not None}
 
     def contains(self, address: int) -> bool:
         return any(start <= address < end for start, end in self.ranges)
@@ -122,7 +131,8 @@ def classify(
         return where(f"in system call {nr} called by code that is not CPython's")
     if nr == SYS_FUTEX:
         return where("waits on a lock", lock_wait=target in libc.locks)
-    if nr not in PARKING_SYSCALLS or target not in libc.parking:
+    stdio = nr == SYS_READ and target in libc.stdio
+    if not stdio and (nr not in PARKING_SYSCALLS or target not in libc.parking):
         return where(f"in system call {nr}, not one a thread is parked in")
     if stack_room(interpreter.pid, mappings, regs.rsp) < STACK_ROOM:
         return where("parked, with too little stack left")
