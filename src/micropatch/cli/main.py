@@ -149,10 +149,26 @@ ADDERS: dict[str, Callable[[typer.Typer], None]] = {
 }
 
 
+def _typer_suggests() -> bool:
+    """Whether typer should add "Did you mean …" to an unknown command: click 8.4+
+    says it itself (NoSuchCommand), and typer would say it a second time."""
+    import click.exceptions
+
+    return not hasattr(click.exceptions, "NoSuchCommand")
+
+
 def app_for(command: str | None = None) -> typer.Typer:
     """The app with `command` and the commands of its module; every command for
     None or a name that is not a command (then typer says so, with suggestions)."""
-    app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
+    app = typer.Typer(
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        # Help is Markdown: a docstring's paragraphs are reflowed to the width of the
+        # terminal (80 when piped), not broken where the source breaks its lines.
+        rich_markup_mode="markdown",
+        suggest_commands=_typer_suggests(),
+    )
     app.callback()(_options)
     register = ADDERS.get(command or "")
     for add in [register] if register is not None else dict.fromkeys(ADDERS.values()):

@@ -37,7 +37,7 @@ RepositoryUrlOption = Annotated[
     str | None,
     typer.Option(
         help="The URL agents fetch the TUF repository from (a web server or CDN serving "
-        "DATA_DIR/repository/public); default: this server's /repository."
+        "the directory repository/public of DATA_DIR); default: this server's /repository."
     ),
 ]
 WORKERS_HELP = (
