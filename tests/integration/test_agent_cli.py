@@ -122,6 +122,33 @@ def test_cli_apply_remove_status_go_through_the_agent(targets, nstart, tmp_path,
     assert again.returncode == 1 and "is not applied to process" in again.stderr
 
 
+def test_agent_status_lists_a_patch_applied_through_it_that_its_store_lacks(
+    targets, nstart, tmp_path, keys, agent
+):
+    t = nstart("vuln_pie")
+    agent.start()
+    env = {"MICROPATCH_AGENT_SOCKET": str(agent.socket)}
+    artifact = signed(tmp_path, targets.vuln_pie, [FIX], keys)
+    done = micropatch("apply", artifact, "--pid", t.ns_pid, env=env)
+    assert done.returncode == 0 and "(through the agent)" in done.stdout, done.stderr
+    [manual] = agent.status()["manual"]
+    assert manual["id"] == "agent-fix" and manual["version"] == 1 and manual["pid"] == t.ns_pid
+    assert manual["module"] == targets.vuln_pie.name
+    shown = agent.cli("status")  # piped: tab-separated rows, notes after '#'
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split("\t") for line in shown.stdout.splitlines() if not line.startswith("#")]
+    assert rows[1][:5] == ["agent-fix", "1", "manual", targets.vuln_pie.name, "1"], shown.stdout
+    assert f"# manual: agent-fix v1 in pid {t.ns_pid} (" in shown.stdout
+    assert "`micropatch agent add ARTIFACT`" in shown.stdout
+    # A pass of the agent keeps it listed (read back from the process); a remove drops it.
+    agent.client.call("rescan")
+    wait_for(lambda: agent.status()["passes"] >= 2, what="a second pass")
+    assert [m["pid"] for m in agent.status()["manual"]] == [t.ns_pid]
+    assert micropatch("remove", "agent-fix", "--pid", t.ns_pid, env=env).returncode == 0
+    assert agent.status()["manual"] == []
+    assert "manual" not in agent.cli("status").stdout
+
+
 def test_a_second_agent_on_the_same_socket_refuses_to_start(box, tmp_path, agent):
     agent.start()
     second = box.run("micropatch", "agent", "run", "--state-dir", tmp_path / "other", "--socket",

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.coverage import coverage
 from micropatch.agent.events import Event, EventFilter
+from micropatch.agent.manual import carried
 from micropatch.agent.policy import DISABLED, ENABLED, exclusion, reasons_against
 from micropatch.agent.store import AnyStored
 from micropatch.errors import AgentError, UnknownPatch
@@ -60,8 +61,9 @@ class Requests:
         view = self.view()
         stored_patches = self.store.patches()
         # Processes that carry a patch of the store (others may carry patches applied by hand).
+        everyone = self.reconciler.covered()
         covered = {
-            pid: c for pid, c in self.reconciler.covered().items()
+            pid: c for pid, c in everyone.items()
             if any(patch_id in stored_patches for patch_id in c.patches)
         }  # fmt: skip
         auto = self.state.auto_disabled()
@@ -82,6 +84,8 @@ class Requests:
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == stored.id],
             })  # fmt: skip
+        # Patches applied by the operator that the store does not hold: listed, never hidden.
+        manual = carried(everyone.values(), {*stored_patches, *self.store.python_patches()})
         # The interpreters carrying the store's CPython patches (agent/pythonpass.py) too.
         covered = {c.pid: c for c in self.reconciler.python.covered(covered.values())}
         for patch_id, admitted in sorted(self.store.python_patches().items()):
@@ -106,6 +110,7 @@ class Requests:
             "state_dir": str(self.paths.state_dir),
             "trust_dir": str(self.paths.trust_dir),
             "patches": patches,
+            "manual": manual,
             "exclusions": [asdict(e) for e in view.exclusions],
             "processes": [
                 {"pid": c.pid, "exe": c.exe, "patches": c.patches, "blocked": c.blocked}

@@ -149,13 +149,15 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
     if json_:
         print(json.dumps(snapshot, indent=2))
         return
-    rows = [
+    rows: list[tuple[str, ...]] = [
         (p["id"], str(p["version"]), p["state"], p["module"], str(p["processes"]),
          str(p["blocked"]), ",".join(a["exe"] for a in p["auto_disabled"]) or "-",
          "-" if p.get("copies") is None else str(len(p["copies"])))
         for p in snapshot["patches"]
     ]  # fmt: skip
-    notes = _coverage_notes(snapshot)
+    manual_rows, notes = _manual(snapshot.get("manual") or [])
+    rows += manual_rows
+    notes += _coverage_notes(snapshot)
     exclusions = [
         f"--{e['kind']} {e['pattern']}" + (f" --patch {e['patch_id']}" if e["patch_id"] else "")
         for e in snapshot["exclusions"]
@@ -204,6 +206,25 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
     if fleet_line:
         print(f"# {fleet_line}")
     print(f"# {summary}")
+
+
+def _manual(carried: list[dict[str, Any]]) -> tuple[list[tuple[str, ...]], list[str]]:
+    """Patches applied by the operator that the store does not hold: a row per patch
+    version (state "manual"), a note per process."""
+    by_version: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for m in carried:
+        by_version.setdefault((m["id"], m["version"]), []).append(m)
+    rows: list[tuple[str, ...]] = [
+        (i, str(v), "manual", ms[0]["module"] or "?", str(len(ms)),
+         str(sum(m["blocked"] for m in ms)), "-", "-")
+        for (i, v), ms in by_version.items()
+    ]  # fmt: skip
+    notes = [
+        f"manual: {m['id']} v{m['version']} in pid {m['pid']} ({m['exe']}), not in the store: "
+        f"new processes do not get it (`micropatch agent add ARTIFACT` to keep them patched)"
+        for m in carried
+    ]
+    return rows, notes
 
 
 def _coverage_notes(snapshot: dict[str, Any]) -> list[str]:
