@@ -140,13 +140,23 @@ def test_agent_status_lists_a_patch_applied_through_it_that_its_store_lacks(
     assert rows[1][:5] == ["agent-fix", "1", "manual", targets.vuln_pie.name, "1"], shown.stdout
     assert f"# manual: agent-fix v1 in pid {t.ns_pid} (" in shown.stdout
     assert "`micropatch agent add ARTIFACT`" in shown.stdout
-    # A pass of the agent keeps it listed (read back from the process); a remove drops it.
+    # A pass of the agent keeps it listed (read back from the process).
     agent.client.call("rescan")
     wait_for(lambda: agent.status()["passes"] >= 2, what="a second pass")
     assert [m["pid"] for m in agent.status()["manual"]] == [t.ns_pid]
+    # Added to the store, it is the store's; the operator's pin shows, and keeps it in
+    # the process when the patch is disabled.
+    assert agent.cli("add", artifact, "--wait").returncode == 0
+    [stored] = agent.status()["patches"]
+    assert agent.status()["manual"] == [] and stored["pins"] == [{"pid": t.ns_pid, "wanted": True}]
+    assert agent.cli("disable", "agent-fix").returncode == 0
+    shown = agent.cli("status").stdout
+    assert "\tdisabled\t" in shown and "\tmanual\t" not in shown, shown
+    assert f"# pinned: agent-fix kept in pid {t.ns_pid} by `micropatch apply`" in shown
+    assert applied(t.pid) == [("agent-fix", 1)]
     assert micropatch("remove", "agent-fix", "--pid", t.ns_pid, env=env).returncode == 0
-    assert agent.status()["manual"] == []
-    assert "manual" not in agent.cli("status").stdout
+    shown = agent.cli("status").stdout
+    assert f"# pinned: agent-fix kept off pid {t.ns_pid} by `micropatch remove`" in shown
 
 
 def test_a_second_agent_on_the_same_socket_refuses_to_start(box, tmp_path, agent):

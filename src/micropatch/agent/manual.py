@@ -92,10 +92,11 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
             exe = read_info(pid).exe
         except MicropatchError:
             exe = None
+        version = "" if outcome.version is None else f" v{outcome.version}"
         agent.report(Event(
             outcome.action, time.time(), pid, exe, patch_id, outcome.version,
             admitted.patch.target.module if admitted else None,
-            f"{outcome.action} {patch_id} in pid {pid} by the operator "
+            f"{outcome.action} {patch_id}{version} in pid {pid} by the operator "
             f"(`micropatch {verb}`); paused {outcome.paused * 1e3:.2f} ms",
             {"sites": outcome.sites, "when": "operator"},
         ))  # fmt: skip

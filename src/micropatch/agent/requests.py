@@ -20,6 +20,7 @@ from micropatch.agent.manual import carried
 from micropatch.agent.policy import DISABLED, ENABLED, exclusion, reasons_against
 from micropatch.agent.store import AnyStored
 from micropatch.errors import AgentError, UnknownPatch
+from micropatch.process.procfs import start_or_none
 from micropatch.process.select import ProcessInfo
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class Requests:
     def snapshot(self) -> dict[str, Any]:
         """`agent status`: patches, their state, processes covered, blocked counts."""
         view = self.view()
+        # Pins are read now: an operator's apply or remove writes one without a change of
+        # the policy (the cached view keeps what was pinned before).
+        pinned = self.state.view(start_or_none)
         stored_patches = self.store.patches()
         # Processes that carry a patch of the store (others may carry patches applied by hand).
         everyone = self.reconciler.covered()
@@ -83,6 +87,7 @@ class Requests:
                 "blocked": sum(c.blocked.get(stored.id, 0) for c in carriers),
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == stored.id],
+                "pins": _pins(pinned, stored.id),
             })  # fmt: skip
         # Patches applied by the operator that the store does not hold: listed, never hidden.
         manual = carried(everyone.values(), {*stored_patches, *self.store.python_patches()})
@@ -99,6 +104,7 @@ class Requests:
                 "blocked": sum(c.blocked.get(patch_id, 0) for c in carriers),
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == patch_id],
+                "pins": _pins(pinned, patch_id),
             })  # fmt: skip
         return {
             "ready": self.ready.is_set(),
@@ -238,3 +244,13 @@ class Requests:
             return data, str(args.get("name", "<artifact>"))
         except (KeyError, ValueError, TypeError) as e:
             raise AgentError(f"bad request: artifact must be base64 bytes ({e})") from None
+
+
+def _pins(view: PolicyView, patch_id: str) -> list[dict[str, Any]]:
+    """The processes an operator's `micropatch apply|remove --pid` pinned this patch on
+    (`wanted`) or off: they keep it so whatever its state."""
+    return [
+        {"pid": pid, "wanted": wanted}
+        for (pinned, pid), wanted in sorted(view.pins.items())
+        if pinned == patch_id
+    ]
