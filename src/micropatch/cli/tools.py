@@ -70,7 +70,7 @@ def functions(module: ModuleArgument, as_json: JsonOption = False) -> None:
             text += "  " + (" ".join(hint) if hint else "(no strings or imports)")
         print(f"{f.start:#10x} {f.end:#10x} {f.size:7d}  {f.source:<8}  {text}")
     unnamed = sum(e.function.name is None for e in entries)
-    print(f"{len(entries)} functions, {unnamed} unnamed", file=sys.stderr)
+    print(f"{_count(len(entries), 'function')}, {unnamed} unnamed", file=sys.stderr)
 
 
 @explore_app.command("show")
@@ -104,10 +104,13 @@ def show(
 def _print_shown(shown: Shown, context: int | None) -> None:
     f = shown.function
     print(f"{f.label}: {f.start:#x}-{f.end:#x}, {f.size} bytes (bounds from {f.source})")
-    callers = ", ".join(
-        f"{c.label} at {ip:#x}" + (f" (through {through})" if through else "")
-        for c, ip, through in shown.callers
-    ) or ("no direct call (called through a pointer, or not at all)")
+    callers = (
+        ", ".join(
+            f"{c.label} at {ip:#x}" + (f" (through {through})" if through else "")
+            for c, ip, through in shown.callers
+        )
+        or "none in this module (called from another module, through a pointer, or not at all)"
+    )
     print(f"callers: {callers}")
     seen: dict[str, None] = {}
     for r in shown.references:

@@ -92,3 +92,14 @@ def test_cli_show_and_xref_say_it(libraries: dict[str, Path]) -> None:
     }
     said = runner.invoke(app, ["explore", "xref", module, "handle"])
     assert "'handle' read as a function: 1 reference in 1 function" in said.stdout
+
+
+def test_cli_show_says_where_else_an_uncalled_function_is_called_from(
+    libraries: dict[str, Path],
+) -> None:
+    shown = CliRunner().invoke(app, ["explore", "show", str(libraries["plt"]), "by_pointer"])
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "callers: none in this module (called from another module, through a pointer, "
+        "or not at all)" in shown.stdout
+    )
