@@ -171,6 +171,7 @@ def test_a_second_agent_on_the_same_socket_refuses_to_start(box, tmp_path, agent
 def test_install_writes_a_unit_systemd_accepts(tmp_path):
     done = micropatch("agent", "install", "--root", tmp_path)
     assert done.returncode == 0, done.stderr
+    assert f"written under {tmp_path}: this host's systemd is left as it was" in done.stdout
     unit = tmp_path / "etc/systemd/system/micropatch-agent.service"
     text = unit.read_text()
     assert "Type=notify" in text and "Restart=on-failure" in text
