@@ -66,7 +66,7 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
     from micropatch.process.watchdog import watching
 
     pids = engines.patched_pids() if all_ else list(pid or [])
-    failures = 0
+    failures = repaired = 0
     for p in pids:
         try:
             with watching():
@@ -75,8 +75,14 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
             failures += 1
             say.failed(f"pid {p}: {e}")
             continue
-        for line in done or ["nothing to repair"]:
+        repaired += bool(done)
+        if not done and not all_:  # --all: only what was repaired, then a summary
+            done = ["nothing to repair"]
+        for line in done:
             say.plain(f"pid {p}: {line}")
+    if all_:
+        processes = f"{len(pids)} patched process{'' if len(pids) == 1 else 'es'}"
+        say.plain(f"repair: {processes}, {repaired} repaired, {failures} failed")
     if failures:
         raise typer.Exit(1)
 
