@@ -266,9 +266,11 @@ class ModuleAnalysis:
 
     def exported_names(self, function: Function) -> frozenset[str]:
         """The names of `function` its module also imports: code of the module calls
-        it through the PLT by these names."""
+        it through the PLT by these names (a relocation names `gzclose_w`, the symbol
+        `gzclose_w@@ZLIB_1.2.3.5`)."""
         imported = set(self.imports.slots.values())
-        return frozenset(n for n in (function.label, *function.aliases) if n in imported)
+        names = {n.split("@", 1)[0] for n in (function.label, *function.aliases)}  # versions
+        return frozenset(names & imported)
 
     def _classify(self, address: int) -> tuple[RefKind, str | None]:
         known = self._kinds.get(address)
