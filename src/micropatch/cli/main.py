@@ -38,6 +38,8 @@ def _options(
             "--verbose",
             "-v",
             count=True,
+            show_default=False,
+            metavar="",
             help="Log what the engine does: -v each operation, -vv every stop, write, "
             "move, retry and rollback.",
         ),

@@ -83,3 +83,10 @@ def test_a_mistyped_command_gets_one_suggestion(args: list[str], suggestion: str
     message = re.sub(r"[│\s]+", " ", run.stderr)
     assert message.count("Did you mean") == 1, run.stderr
     assert f"No such command '{args[-1]}'. Did you mean {suggestion}?" in message
+
+
+def test_verbose_is_a_flag_in_the_help() -> None:
+    """-v counts (-vv): the help shows no INTEGER to give it, nor a default."""
+    run = _micropatch(["--help"], 100)
+    [line] = [line for line in run.stdout.splitlines() if "--verbose" in line]
+    assert "INTEGER" not in line and "[default" not in run.stdout.split("--version")[0]
