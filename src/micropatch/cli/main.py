@@ -157,12 +157,18 @@ ADDERS: dict[str, Callable[[typer.Typer], None]] = {
 }
 
 
-def _typer_suggests() -> bool:
-    """Whether typer should add "Did you mean …" to an unknown command: click 8.4+
-    says it itself (NoSuchCommand), and typer would say it a second time."""
+def _one_suggestion() -> dict[str, Any]:
+    """What makes a mistyped command get one "Did you mean …": click 8.4+ says it
+    itself (NoSuchCommand), and typer 0.20 (suggest_commands) would say it again."""
+    import inspect
+
     import click.exceptions
 
-    return not hasattr(click.exceptions, "NoSuchCommand")
+    if hasattr(click.exceptions, "NoSuchCommand") and (
+        "suggest_commands" in inspect.signature(typer.Typer).parameters
+    ):
+        return {"suggest_commands": False}
+    return {}
 
 
 def app_for(command: str | None = None) -> typer.Typer:
@@ -175,7 +181,7 @@ def app_for(command: str | None = None) -> typer.Typer:
         # Help is Markdown: a docstring's paragraphs are reflowed to the width of the
         # terminal (80 when piped), not broken where the source breaks its lines.
         rich_markup_mode="markdown",
-        suggest_commands=_typer_suggests(),
+        **_one_suggestion(),
     )
     app.callback()(_options)
     register = ADDERS.get(command or "")
