@@ -1,6 +1,7 @@
 """`micropatch repair --all` in a sandbox (its own PID namespace: it sees only the
-processes started there, never the host's): it says what it repaired, process by
-process, and sums up, instead of a line for every patched process."""
+processes started there, never the host's): it stops only the processes a look
+without a stop cannot tell settled, says what it repaired, process by process, and
+sums up, instead of a line for every patched process."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 
 from micropatch import faults
+from micropatch.live.recovery import settled
 
 from .agentproc import FIX, NEEDS, applied, box, keys, nstart, signed  # noqa: F401 (fixtures)
 
@@ -30,13 +32,16 @@ def test_repair_all_says_what_it_repaired_and_sums_up(targets, box, nstart, tmp_
     at = faults.environment("intent-recorded")
     done = inside("apply", artifact, "--pid", killed.ns_pid, "--trust", pub, extra=at)
     assert done.returncode != 0
+    # Told without a stop: the clean one is settled (repair --all leaves it running).
+    assert settled(clean.pid) and not settled(killed.pid)
     done = inside("repair", "--all")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1] == "repair: 2 patched processes, 1 repaired, 0 failed", done.stdout
+    assert lines[-1] == "repair: 2 patched processes, 1 to look at, 1 repaired, 0 failed"
     assert all(line.startswith(f"pid {killed.ns_pid}: ") for line in lines[:-1]), done.stdout
     assert f"pid {clean.ns_pid}" not in done.stdout
     assert applied(clean.pid) == applied(killed.pid) == [("agent-fix", 1)]
+    assert settled(killed.pid)
     assert (clean.cmd("call 65"), killed.cmd("call 65")) == ("-1", "-1")
     # --pid says it of the one process named.
     done = inside("repair", "--pid", clean.ns_pid)

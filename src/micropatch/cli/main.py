@@ -67,7 +67,10 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
         raise say.fail("name the processes with --pid PID (repeatable), or use --all")
     from micropatch.process.watchdog import watching
 
-    pids = engines.patched_pids() if all_ else list(pid or [])
+    # --all: the patched processes a look without a stop cannot tell settled (each is
+    # stopped only if so); --pid: those named, each in its stop.
+    patched = engines.patched_pids() if all_ else []
+    pids = [p for p in patched if engines.needs_repair(p)] if all_ else list(pid or [])
     failures = repaired = 0
     for p in pids:
         try:
@@ -83,8 +86,10 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
         for line in done:
             say.plain(f"pid {p}: {line}")
     if all_:
-        processes = f"{len(pids)} patched process{'' if len(pids) == 1 else 'es'}"
-        say.plain(f"repair: {processes}, {repaired} repaired, {failures} failed")
+        processes = f"{len(patched)} patched process{'' if len(patched) == 1 else 'es'}"
+        say.plain(
+            f"repair: {processes}, {len(pids)} to look at, {repaired} repaired, {failures} failed"
+        )
     if failures:
         raise typer.Exit(1)
 
