@@ -4,7 +4,8 @@ The client sends the artifact's bytes (the agent may see another /tmp); the
 agent admits them with its own trust directory, runs the operation with its
 module cache, and answers one result per process. A successful apply or remove
 of a process pins that decision for the process's lifetime, so the agent's
-reconciliation does not undo what an operator just did.
+reconciliation does not undo what an operator just did. Such patches, when the
+store does not hold them, are listed in `agent status` as manual (`carried`).
 
 Both runtimes go this way: the artifact says which engine applies and updates
 it, and a process's registries which one removes it (`runtimes.engines`, as
@@ -13,7 +14,9 @@ for a direct run); the PythonPass honours the pins as the native passes do.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Container, Iterable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +28,7 @@ from micropatch.process.select import Filters, read_info
 from micropatch.runtimes import engines
 
 if TYPE_CHECKING:
+    from micropatch.agent.covered import Covered
     from micropatch.agent.service import Agent
 
 VERBS = ("apply", "remove", "update")
@@ -106,9 +110,10 @@ def _event(outcome: Any, verb: str, exe: str | None, module: str | None, runtime
     """The event of an operator's operation (`outcome`: either engine's Outcome), as
     the passes report theirs."""
     pid, patch_id = outcome.pid, outcome.patch_id
+    version = "" if outcome.version is None else f" v{outcome.version}"
     message = (
-        f"{outcome.action} {patch_id} in pid {pid} by the operator (`micropatch {verb}`); "
-        f"paused {outcome.paused * 1e3:.2f} ms"
+        f"{outcome.action} {patch_id}{version} in pid {pid} by the operator "
+        f"(`micropatch {verb}`); paused {outcome.paused * 1e3:.2f} ms"
     )
     data: dict[str, Any] = {"sites": outcome.sites, "when": "operator"}
     if runtime == "cpython":
@@ -129,3 +134,30 @@ def status(args: dict[str, Any]) -> dict[str, Any]:
         except MicropatchError as e:
             unread.append([pid, to_wire(e)])
     return {"states": rows, "unread": unread}
+
+
+def carried(covered: Iterable[Covered], stored: Container[str]) -> list[dict[str, Any]]:
+    """The patches processes carry that the store does not hold (applied by the
+    operator, `micropatch apply` through the agent or directly), one entry per process
+    and patch: what the agent has done to a process is in its status, whatever did it.
+
+    Module (its name, as a patch names it; and its path) and title are read from the
+    process's registry (None if it cannot be read)."""
+    rows = []
+    for c in sorted(covered, key=lambda c: c.pid):
+        manual = {p: v for p, v in c.patches.items() if p not in stored}
+        if not manual:
+            continue
+        try:  # either runtime's registry (a CPython patch's module is a dotted name)
+            states = {s["patch_id"]: s for s in engines.status(c.pid)}
+        except MicropatchError:
+            states = {}
+        for patch_id, version in sorted(manual.items()):
+            s = states.get(patch_id)
+            rows.append({
+                "id": patch_id, "version": version, "pid": c.pid, "exe": c.exe,
+                "module": os.path.basename(s["module"]) if s else None,
+                "module_path": s["module"] if s else None, "title": s["title"] if s else None,
+                "blocked": c.blocked.get(patch_id, 0),
+            })  # fmt: skip
+    return rows
