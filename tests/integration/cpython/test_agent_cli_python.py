@@ -64,6 +64,13 @@ def test_cli_apply_remove_update_status_of_a_python_patch_go_through_the_agent(
         [event] = _kinds(agent, "applied")
         assert (event["pid"], event["module"]) == (first.ns_pid, "shop.parsers")
         assert event["data"]["when"] == "operator" and event["data"]["runtime"] == "cpython"
+        # `agent status`: applied by hand, not in the store: listed as such, from the page.
+        [manual] = agent.status()["manual"]
+        assert (manual["id"], manual["pid"], manual["module"]) == (
+            "hdr-fix",
+            first.ns_pid,
+            "shop.parsers",
+        )
         # `status` through the agent reads the interpreter's page (agent's pids).
         shown = micropatch("status", "--pid", first.ns_pid, env=env)
         assert shown.returncode == 0, shown.stderr
