@@ -25,16 +25,15 @@ from micropatch.agent.events import Event, EventSink
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.pythonpass import PythonPass
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
+from micropatch.agent.verified import PassVerified
 from micropatch.agent.workers import in_own_thread
 from micropatch.errors import (
     AlreadyApplied,
-    ArtifactError,
     MicropatchError,
     ModuleError,
     NotApplied,
     ProcessExited,
     ProcessNotFound,
-    SignatureError,
 )
 from micropatch.live.lock import waiting
 from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module
@@ -166,13 +165,14 @@ class Reconciler:
         full = pids is None
         patches = self.store.patches()
         view = self.state.view(_start_or_none)
+        verified = PassVerified(self.store)  # each patch's signatures: once this pass
         me = os.getpid()
         todo = [pid for pid in (all_pids() if pids is None else pids) if pid != me]
         result.seen = len(todo)
 
         def one(pid: int) -> None:
             try:
-                self._reconcile(pid, patches, view, result)
+                self._reconcile(pid, patches, view, result, verified)
             except GONE:
                 self.gone(pid)
             except MicropatchError as e:
@@ -221,7 +221,12 @@ class Reconciler:
             self.carriers.set_counters(pid, {s.patch_id: s.counters for s in states if s.counters})
 
     def _reconcile(
-        self, pid: int, patches: dict[str, Stored], view: PolicyView, result: PassResult
+        self,
+        pid: int,
+        patches: dict[str, Stored],
+        view: PolicyView,
+        result: PassResult,
+        verified: PassVerified,
     ) -> None:
         text = read_proc_text(pid, "maps")
         # Most processes map no patched module and carry nothing: one look at the raw
@@ -267,15 +272,15 @@ class Reconciler:
                 (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
             if wanted:
                 if current is None:
-                    touched |= self._operate("apply", stored, info, result)
+                    touched |= self._operate("apply", stored, info, result, verified)
                 elif current.version < stored.version:
-                    touched |= self._operate("update", stored, info, result)
+                    touched |= self._operate("update", stored, info, result, verified)
         for patch_id, current in applied.items():
             carried = patches.get(patch_id)
             if carried is not None and not wants(patch_id, info, view):
                 with self._lock:
                     result.unwanted.setdefault(patch_id, set()).add(pid)
-                touched |= self._operate("remove", carried, info, result, current.version)
+                touched |= self._operate("remove", carried, info, result, verified, current.version)
         if touched:
             states = live.status(pid)
         self._remember(pid, start, info.exe, states, read_ns)
@@ -325,6 +330,7 @@ class Reconciler:
         stored: Stored,
         info: ProcessInfo,
         result: PassResult,
+        verified: PassVerified,
         old_version: int | None = None,
     ) -> bool:
         """One operation, reported as an event; whether it changed the process."""
@@ -339,7 +345,10 @@ class Reconciler:
                 if op == "remove":
                     outcome = live.remove(stored.id, info.pid)
                 else:
-                    admitted = self.store.recheck(stored.id)  # the keys trusted now
+                    admitted = verified.admitted(stored.id)  # the keys trusted this pass
+                    if admitted is None:  # rejected by the check, with its event
+                        self.carriers.pending(info.pid, info.exe, stored.id, None)
+                        return False
                     run = live.apply if op == "apply" else live.update
                     outcome = run(admitted, info.pid, modules=self.modules)
         except GONE:
@@ -347,9 +356,6 @@ class Reconciler:
         except (AlreadyApplied, NotApplied) as e:
             log.debug("process %d: %s", info.pid, e)  # changed meanwhile: next pass sees it
             return True
-        except (SignatureError, ArtifactError):
-            self.carriers.pending(info.pid, info.exe, stored.id, None)
-            return False  # rejected by recheck, with its event
         except MicropatchError as e:
             self.carriers.pending(info.pid, info.exe, stored.id, None)
             key = (info.pid, stored.id, stored.version, op)
