@@ -15,13 +15,15 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from micropatch import live
 from micropatch.agent.covered import Carriers, Covered
 from micropatch.agent.events import Event, EventSink
+from micropatch.agent.known import Carried, carried_after
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.pythonpass import PythonPass
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
@@ -37,10 +39,13 @@ from micropatch.errors import (
 )
 from micropatch.live.lock import waiting
 from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module
-from micropatch.live.states import PatchState, read_counters
+from micropatch.live.states import read_counters
 from micropatch.process.maps import parse_maps
 from micropatch.process.procfs import read_proc_text, start_time
 from micropatch.process.select import ProcessInfo, all_pids, read_info
+
+if TYPE_CHECKING:
+    from micropatch.live.engine import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -264,30 +269,37 @@ class Reconciler:
             except ModuleError:
                 continue  # another build of the module (or unmapped meanwhile)
             matching.append(stored)
-        touched = False
+        done: list[tuple[str, Stored, Outcome | bool]] = []
         for stored in matching:
             current = applied.get(stored.id)
             wanted = wants(stored.id, info, view)
             with self._lock:
                 (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
-            if wanted:
-                if current is None:
-                    touched |= self._operate("apply", stored, info, result, verified)
-                elif current.version < stored.version:
-                    touched |= self._operate("update", stored, info, result, verified)
+            if not wanted:
+                continue
+            if current is None:
+                op = "apply"
+            elif current.version < stored.version:
+                op = "update"
+            else:
+                continue  # carries this version already (or a newer one)
+            done.append((op, stored, self._operate(op, stored, info, result, verified)))
         for patch_id, current in applied.items():
             carried = patches.get(patch_id)
             if carried is not None and not wants(patch_id, info, view):
                 with self._lock:
                     result.unwanted.setdefault(patch_id, set()).add(pid)
-                touched |= self._operate("remove", carried, info, result, verified, current.version)
-        if touched:
-            states = live.status(pid)
-        self._remember(pid, start, info.exe, states, read_ns)
-        self._count(pid, start, info.exe, states)
+                outcome = self._operate("remove", carried, info, result, verified, current.version)
+                done.append(("remove", carried, outcome))
+        now: Sequence[Carried] = states
+        if any(outcome for _, _, outcome in done):  # changed: known from the outcomes
+            after = carried_after(applied, done)
+            now = live.status(pid) if after is None else after
+        self._remember(pid, start, info.exe, now, read_ns)
+        self._count(pid, start, info.exe, now)
 
     def _remember(
-        self, pid: int, start: int, exe: str, states: list[PatchState], read_ns: int
+        self, pid: int, start: int, exe: str, states: Sequence[Carried], read_ns: int
     ) -> None:
         self.carriers.remember(
             pid, start, exe, {s.patch_id: s.version for s in states},
@@ -305,7 +317,7 @@ class Reconciler:
         except MicropatchError:
             return True
 
-    def _count(self, pid: int, start: int, exe: str, states: list[PatchState]) -> None:
+    def _count(self, pid: int, start: int, exe: str, states: Sequence[Carried]) -> None:
         """Blocked counters that grew since last read become events (the delta)."""
         for s in states:
             if s.blocked is None:
@@ -332,8 +344,9 @@ class Reconciler:
         result: PassResult,
         verified: PassVerified,
         old_version: int | None = None,
-    ) -> bool:
-        """One operation, reported as an event; whether it changed the process."""
+    ) -> Outcome | bool:
+        """One operation, reported as an event: its outcome if it did what was asked;
+        True if the process changed meanwhile (read it again), False if nothing changed."""
         module = stored.admitted.patch.target.module
         if op != "remove":
             # Pending before the jumps are written: a process that crashes the instant
@@ -385,4 +398,4 @@ class Reconciler:
             {"sites": outcome.sites, "paused_ms": round(outcome.paused * 1e3, 3),
              "when": "running"},
         ))  # fmt: skip
-        return True
+        return outcome
