@@ -22,7 +22,12 @@ from micropatch.process.linux import (
 
 # The libc this interpreter runs with, by its handle (dlopen(NULL)): no search for it,
 # which `ctypes.util.find_library` does by running `ldconfig -p` in a child process.
-_libc = ctypes.CDLL(None, use_errno=True)
+# PyDLL: called with the interpreter lock held. No ptrace request blocks (a tracee
+# not in a ptrace stop answers ESRCH at once), and a stop makes dozens of them: with
+# the lock let go at each (CDLL), another thread (the agent's other worker) takes it
+# in between, and the thread holding a target stopped waits for it back, each time
+# (benchmarks/results/agent_pass.md).
+_libc = ctypes.PyDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _ptrace.restype = ctypes.c_long
