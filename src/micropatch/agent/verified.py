@@ -4,11 +4,11 @@ Before it applies or updates a stored patch the agent checks the artifact's
 signatures again against the keys trusted now (`ArtifactStore.recheck`): a key
 removed from the trust directory, or expired, stops its patches from being
 applied anywhere new. The answer is the same for every process of a pass (the
-artifact and the keys are), and an Ed25519 verification and a look at the trust
-directory per process are most of an apply's own CPU in a pass over hundreds of
-processes. A pass therefore checks each patch once, at its first use, and every
-process of the pass gets that answer; the next pass (any change of the keys or
-the store starts one) checks again.
+artifact and the keys are), and an Ed25519 verification with a look at the trust
+directory, per process, was a part of each apply's cost in a pass over hundreds
+of processes for no new answer. A pass therefore checks each patch once, at its
+first use, and every process of the pass gets that answer; the next pass (a policy
+or store change, SIGHUP, `rescan_interval`) checks again.
 """
 
 from __future__ import annotations
