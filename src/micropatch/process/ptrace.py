@@ -22,12 +22,13 @@ from micropatch.process.linux import (
 
 # The libc this interpreter runs with, by its handle (dlopen(NULL)): no search for it,
 # which `ctypes.util.find_library` does by running `ldconfig -p` in a child process.
-# PyDLL: called with the interpreter lock held. No ptrace request blocks (a tracee
-# not in a ptrace stop answers ESRCH at once), and a stop makes dozens of them: with
-# the lock let go at each (CDLL), another thread (the agent's other worker) takes it
-# in between, and the thread holding a target stopped waits for it back, each time
-# (benchmarks/results/agent_pass.md).
-_libc = ctypes.PyDLL(None, use_errno=True)
+# CDLL, not PyDLL: the interpreter lock is let go during each call. Holding it would
+# save a little CPU per stop (another thread may take the lock between requests), but
+# PTRACE_SEIZE waits for the target's cred_guard_mutex, which a thread inside execve
+# holds — on kernels before 6.8 also while fanotify holds its exec open for the agent.
+# With the lock held there, the agent's reader and hold watchdog could never run to
+# allow that open: the agent, the exec and every held open would wait forever.
+_libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
 _ptrace.restype = ctypes.c_long
