@@ -218,15 +218,20 @@ def recorded_patch(
         where = f"sites[{i}]"
         index = read.value(entry, where, "patchlet", int)
         original = read.hex(read.value(entry, where, "original", str), f"{where}.original")
+        resume = read.value(entry, where, "resume", int, None)
+        skip_red_zone = read.value(entry, where, "skip_red_zone", bool)
+        template = _template(read, entry, where, skip_red_zone)
+        if template is not None:
+            _check_template(read, template, original, resume, f"{where}.trampoline")
         sites.append(
             SiteFact(
                 index,
                 read.value(entry, where, "at", str),
                 original,
                 read.value(entry, where, "offset", int),
-                read.value(entry, where, "resume", int, None),
-                read.value(entry, where, "skip_red_zone", bool),
-                _template(read, entry, where),
+                resume,
+                skip_red_zone,
+                template,
             )
         )
         code = read.value(entry, where, "c_code", str, None)
@@ -246,7 +251,9 @@ def recorded_patch(
 _KINDS = ("rel8", "rel32", "imm32", "imm64")
 
 
-def _template(read: _Reader, site: dict[str, Any], where: str) -> TrampolineTemplate | None:
+def _template(
+    read: _Reader, site: dict[str, Any], where: str, skip_red_zone: bool
+) -> TrampolineTemplate | None:
     """A site's precomputed trampoline (`trust.payload.TrampolineFacts`), if recorded."""
     table = read.value(site, where, "trampoline", dict, None)
     if table is None:
@@ -276,9 +283,35 @@ def _template(read: _Reader, site: dict[str, Any], where: str) -> TrampolineTemp
         tuple(fields),
         (body[0], body[1]),
         tuple(read.ints(table, where, "copies")),
-        read.value(site, where.rpartition(".")[0], "skip_red_zone", bool),
+        skip_red_zone,
         tuple(read.ints(table, where, "starts")),
     )
+
+
+def _check_template(
+    read: _Reader, template: TrampolineTemplate, original: bytes, resume: int | None, where: str
+) -> None:
+    """What the engine relies on in a template, checked without a decoder: the displaced
+    instructions start at the site and inside it, one relocated copy each (and the jump
+    back) unless the patchlet resumes elsewhere, all within the trampoline."""
+    starts, copies, (start, end) = template.starts, template.copies, template.body
+    size = len(template.code)
+    if (
+        not starts
+        or starts[0] != 0
+        or list(starts) != sorted(set(starts))
+        or starts[-1] >= len(original)
+    ):
+        raise read.bad(f"{where}.starts", f"{list(starts)} are not instructions of the site")
+    expected = 0 if resume is not None else len(starts) + 1
+    if (
+        len(copies) != expected
+        or list(copies) != sorted(set(copies))
+        or any(c > size for c in copies)
+    ):
+        raise read.bad(f"{where}.copies", f"{list(copies)} do not match the site's instructions")
+    if not 0 <= start <= end <= size:
+        raise read.bad(f"{where}.body", f"[{start}, {end}] is not inside the trampoline")
 
 
 _FIELD_KEYS = (("offset", int), ("width", int), ("address", int), ("counter", int),
