@@ -54,10 +54,13 @@ def templates(
 
         try:
             template = derive(lay_out)
-            displaced = one.at(module, toolchain, _refuse)[0].site
+            placed = one.at(module, toolchain, _refuse)[0]
         except (_External, MicropatchError):
             template = None
+        if template is not None and template.counts != placed.needs_counter:
+            template = None  # applying reads whether it counts from the template
         if template is not None:
+            displaced = placed.site
             starts = tuple(s - displaced.address for s in displaced.starts)
             template = template._replace(starts=starts)
         found.append(template)

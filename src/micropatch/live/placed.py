@@ -14,57 +14,63 @@ cover (`TrampolineTemplate.place` returns None): same bytes, or same errors.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from micropatch import arch
 from micropatch.arch import Architecture, Site, TrampolineLayout
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # (a Protocol costs its definition at import, on every apply)
+    from typing import Protocol
+
     from micropatch.arch.x86_64.template import TrampolineTemplate
     from micropatch.build.plan import ExternalResolver
     from micropatch.live.mapped import LoadedModule, ModuleCache
     from micropatch.trust.admission import Admitted
 
+    class Placed(Protocol):
+        """One patchlet's site at its address (`build.plan.PlannedSite`, `TemplateSite`)."""
 
-class Placed(Protocol):
-    """One patchlet's site at its address (`build.plan.PlannedSite`, `TemplateSite`)."""
+        @property
+        def arch(self) -> Architecture: ...
+        @property
+        def index(self) -> int: ...
+        @property
+        def where(self) -> str: ...
+        @property
+        def site(self) -> Site: ...
+        @property
+        def resume(self) -> int | None: ...
+        @property
+        def skip_red_zone(self) -> bool: ...
+        @property
+        def needs_counter(self) -> bool: ...
+        @property
+        def expect(self) -> bytes: ...
 
-    @property
-    def arch(self) -> Architecture: ...
-    @property
-    def index(self) -> int: ...
-    @property
-    def where(self) -> str: ...
-    @property
-    def site(self) -> Site: ...
-    @property
-    def resume(self) -> int | None: ...
-    @property
-    def skip_red_zone(self) -> bool: ...
-    @property
-    def needs_counter(self) -> bool: ...
-    @property
-    def expect(self) -> bytes: ...
-
-    def trampoline(self, address: int, counter: int) -> TrampolineLayout: ...
+        def trampoline(self, address: int, counter: int) -> TrampolineLayout: ...
 
 
-@dataclass(frozen=True)
 class TemplateSite:
-    """A site whose trampoline the artifact carries precomputed."""
+    """A site whose trampoline the artifact carries precomputed. (A plain class: a
+    frozen dataclass costs a millisecond to define, on the path of every apply.)"""
 
-    arch: Architecture
-    index: int
-    where: str
-    site: Site
-    resume: int | None
-    skip_red_zone: bool
-    needs_counter: bool
-    expect: bytes
-    template: TrampolineTemplate
-    base: int  # the module's load address
-    planned: Callable[[], list[Placed]]  # the plan made the long way, on demand
+    def __init__(
+        self,
+        arch: Architecture,
+        index: int,
+        where: str,
+        site: Site,
+        resume: int | None,
+        skip_red_zone: bool,
+        needs_counter: bool,
+        expect: bytes,
+        template: TrampolineTemplate,
+        base: int,  # the module's load address
+        planned: Callable[[], list[Placed]],  # the plan made the long way, on demand
+    ) -> None:
+        self.arch, self.index, self.where, self.site = arch, index, where, site
+        self.resume, self.skip_red_zone, self.needs_counter = resume, skip_red_zone, needs_counter
+        self.expect, self.template, self.base, self.planned = expect, template, base, planned
 
     def trampoline(self, address: int, counter: int) -> TrampolineLayout:
         layout = self.template.place(address, counter, self.base)
@@ -112,7 +118,7 @@ def placed(
                 template.site(module.address(facts.offset), facts.original),
                 None if facts.resume is None else module.address(facts.resume),
                 facts.skip_red_zone,
-                patchlet.counts_blocked,
+                template.counts,  # as `patchlet.counts_blocked`, without parsing the body
                 patchlet.expect or facts.original,
                 template,
                 module.base,

@@ -106,6 +106,12 @@ class TrampolineTemplate(NamedTuple):
             self.skip_red_zone,
         )
 
+    @property
+    def counts(self) -> bool:
+        """The body counts blocked events: it refers to its counter (`derive` checks
+        that this is what the patchlet says)."""
+        return any(f.counter for f in self.fields)
+
     def site(self, address: int, original: bytes) -> RecordedSite:
         """The site this template's trampoline displaces, at `address`."""
         return RecordedSite(address, original, tuple(address + s for s in self.starts))
