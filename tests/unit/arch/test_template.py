@@ -74,3 +74,17 @@ def test_size_classes() -> None:
     assert size_class(0x7F, 4) == "rel8" and size_class(0xFFFF_FF80, 4) == "rel8"
     assert size_class(0x80, 4) == "rel32" and size_class(0x8000_0000, 4) is None
     assert size_class(0x40_0000, 8) == "imm32" and size_class(1 << 40, 8) == "imm64"
+
+
+def test_a_value_that_is_near_where_the_template_is_derived_gets_no_template() -> None:
+    """Only the far encodings are templated (rel32, a 64-bit address): a field within a
+    signed byte at the derivation places could be encoded short by an assembler."""
+    address0, counter0, _ = DERIVE_AT
+
+    def near(address: int, counter: int, base: int) -> TrampolineLayout:
+        layout = stand_in(address, counter, base)
+        value = counter - address - (counter0 - address0) + 5  # 5 at DERIVE_AT
+        code = layout.code + struct.pack("<i", value)
+        return TrampolineLayout(address, code, layout.body, (), False)
+
+    assert derive(near) is None

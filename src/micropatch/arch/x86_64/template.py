@@ -34,6 +34,9 @@ from micropatch.arch.base import TrampolineLayout
 # rel32 reach kept by the assembler and the relocator (bodies.assemble, relocate)
 _REL32_REACH = (1 << 31) - (1 << 16)
 _PARAMETERS = ("address", "counter", "base")
+# A template covers the encodings of far values only (a rel32 beyond a signed byte, a
+# 64-bit address beyond 32 bits): a nearer value at apply is left to the assembler.
+_FAR = ("rel32", "imm64")
 # One number changed at a time by this much: it changes every byte of a 4-byte field
 # (0x11 or 0x12 a byte, with the carry; 1 or 2 at the top), staying in reach.
 _STEP = 0x0111_1111
@@ -198,6 +201,6 @@ def _field(
     a, c, b = coefficients
     addend = (base_value - a * DERIVE_AT[0] - c * DERIVE_AT[1] - b * DERIVE_AT[2]) & mask
     kind = size_class(base_value, width)
-    if kind is None:
-        return None
+    if kind not in _FAR:
+        return None  # at the derivation places every value is far: something else varies
     return Field(offset, width, a, c, b, addend, kind)
