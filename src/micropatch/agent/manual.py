@@ -4,12 +4,15 @@ The client sends the artifact's bytes (the agent may see another /tmp); the
 agent admits them with its own trust directory, runs the operation with its
 module cache, and answers one result per process. A successful apply or remove
 of a process pins that decision for the process's lifetime, so the agent's
-reconciliation does not undo what an operator just did.
+reconciliation does not undo what an operator just did. Such patches, when the
+store does not hold them, are listed in `agent status` as manual (`carried`).
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Container, Iterable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,7 @@ from micropatch.process.procfs import start_time
 from micropatch.process.select import Filters, read_info
 
 if TYPE_CHECKING:
+    from micropatch.agent.covered import Covered
     from micropatch.agent.service import Agent
     from micropatch.live.selection import Selection
 
@@ -88,10 +92,11 @@ def run(agent: Agent, verb: str, args: dict[str, Any]) -> dict[str, Any]:
             exe = read_info(pid).exe
         except MicropatchError:
             exe = None
+        version = "" if outcome.version is None else f" v{outcome.version}"
         agent.report(Event(
             outcome.action, time.time(), pid, exe, patch_id, outcome.version,
             admitted.patch.target.module if admitted else None,
-            f"{outcome.action} {patch_id} in pid {pid} by the operator "
+            f"{outcome.action} {patch_id}{version} in pid {pid} by the operator "
             f"(`micropatch {verb}`); paused {outcome.paused * 1e3:.2f} ms",
             {"sites": outcome.sites, "when": "operator"},
         ))  # fmt: skip
@@ -108,3 +113,30 @@ def status(args: dict[str, Any]) -> dict[str, Any]:
         except MicropatchError as e:
             unread.append([pid, to_wire(e)])
     return {"states": rows, "unread": unread}
+
+
+def carried(covered: Iterable[Covered], stored: Container[str]) -> list[dict[str, Any]]:
+    """The patches processes carry that the store does not hold (applied by the
+    operator, `micropatch apply` through the agent or directly), one entry per process
+    and patch: what the agent has done to a process is in its status, whatever did it.
+
+    Module (its name, as a patch names it; and its path) and title are read from the
+    process's registry (None if it cannot be read)."""
+    rows = []
+    for c in sorted(covered, key=lambda c: c.pid):
+        manual = {p: v for p, v in c.patches.items() if p not in stored}
+        if not manual:
+            continue
+        try:
+            states = {s.patch_id: s for s in live.status(c.pid)}
+        except MicropatchError:
+            states = {}
+        for patch_id, version in sorted(manual.items()):
+            s = states.get(patch_id)
+            rows.append({
+                "id": patch_id, "version": version, "pid": c.pid, "exe": c.exe,
+                "module": os.path.basename(s.module) if s else None,
+                "module_path": s.module if s else None, "title": s.title if s else None,
+                "blocked": c.blocked.get(patch_id, 0),
+            })  # fmt: skip
+    return rows

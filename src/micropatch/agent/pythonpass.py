@@ -37,7 +37,7 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.live.lock import waiting
-from micropatch.process.procfs import start_time
+from micropatch.process.procfs import start_or_none, start_time
 from micropatch.process.select import ProcessInfo, read_info
 from micropatch.runtimes.base import PatchState
 from micropatch.runtimes.cpython import engine, states
@@ -93,7 +93,7 @@ class PythonPass:
         """One pass; how many operations of each kind were done, and failed."""
         done = {"applied": 0, "updated": 0, "removed": 0, "failed": 0}
         patches = self.patches()
-        view = self.state.view(_start_or_none)
+        view = self.state.view(start_or_none)
         needed = {p.artifact.payload.module.name for p in patches.values()}
         fresh = self.inventory.interpreters(pids, needed)
         if pids is None:
@@ -247,10 +247,3 @@ class PythonPass:
                     f"{s.patch_id} in pid {info.pid} ({s.blocked} in all)",
                     {"count": delta, "total": s.blocked, "runtime": "cpython"},
                 ))  # fmt: skip
-
-
-def _start_or_none(pid: int) -> int | None:
-    try:
-        return start_time(pid)
-    except MicropatchError:
-        return None

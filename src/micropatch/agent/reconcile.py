@@ -40,7 +40,7 @@ from micropatch.live.lock import waiting
 from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module
 from micropatch.live.states import PatchState, read_counters
 from micropatch.process.maps import parse_maps
-from micropatch.process.procfs import read_proc_text, start_time
+from micropatch.process.procfs import read_proc_text, start_or_none, start_time
 from micropatch.process.select import ProcessInfo, all_pids, read_info
 
 log = logging.getLogger(__name__)
@@ -70,13 +70,6 @@ def alive(pid: int, start: int) -> bool:
         return False
 
 
-def _start_or_none(pid: int) -> int | None:
-    try:
-        return start_time(pid)
-    except MicropatchError:
-        return None
-
-
 class Reconciler:
     """Passes over the running processes; at most `workers` operations at once, all of
     the agent's together (`ops`, shared with the socket's operations)."""
@@ -99,7 +92,7 @@ class Reconciler:
         self.ops = ops
         self.lock_timeout = lock_timeout
         self.workers = workers
-        self.carriers = Carriers(_start_or_none)
+        self.carriers = Carriers(start_or_none)
         # The store's CPython patches over the host's interpreters (agent/pythonpass.py).
         self.python = PythonPass(store.python_patches, store.recheck_python, state, report,
                                  ops=ops, lock_timeout=lock_timeout)  # fmt: skip
@@ -165,7 +158,7 @@ class Reconciler:
         result = PassResult(number=number)
         full = pids is None
         patches = self.store.patches()
-        view = self.state.view(_start_or_none)
+        view = self.state.view(start_or_none)
         me = os.getpid()
         todo = [pid for pid in (all_pids() if pids is None else pids) if pid != me]
         result.seen = len(todo)

@@ -76,11 +76,13 @@ def show(
 
 
 def outcome_line(o: dict[str, Any]) -> str:
-    """`applied fix v2 (1 site) in pid 42; paused 0.91 ms` from live.Outcome's fields."""
+    """`applied fix v2 (1 site) in pid 42; paused 0.91 ms` from live.Outcome's fields;
+    `(1 function)` from a CPython patch's (runtimes.base.Outcome: it has `entered`)."""
     version = f" v{o['version']}" if o["version"] is not None else ""
+    unit = "function" if "entered" in o else "site"
     return (
         f"{o['action']} {o['patch_id']}{version} "
-        f"({o['sites']} site{'s' if o['sites'] != 1 else ''}) in pid {o['pid']}; "
+        f"({o['sites']} {unit}{'s' if o['sites'] != 1 else ''}) in pid {o['pid']}; "
         f"paused {o['paused'] * 1e3:.2f} ms"
         + (f" after {o['attempts']} attempts" if o["attempts"] > 1 else "")
     )

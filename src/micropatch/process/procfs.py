@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from micropatch.errors import ProcessExited, ProcessNotFound, TracePermissionDenied
+from micropatch.errors import (
+    MicropatchError,
+    ProcessExited,
+    ProcessNotFound,
+    TracePermissionDenied,
+)
 
 YAMA_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
 
@@ -73,6 +78,14 @@ def start_time(pid: int) -> int:
 
     With the pid, it names a process for good: a pid is reused, the pair is not."""
     return parse_start_time(read_proc_text(pid, "stat"))
+
+
+def start_or_none(pid: int) -> int | None:
+    """`start_time`, or None if the process is gone (or cannot be read)."""
+    try:
+        return start_time(pid)
+    except MicropatchError:
+        return None
 
 
 def parse_start_time(stat: str) -> int:

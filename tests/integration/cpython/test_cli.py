@@ -56,7 +56,7 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     target = start_py()
     done = micropatch("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 0, done.stderr
-    assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in done.stdout + done.stderr
+    assert f"applied hdr-fix v1 (1 function) in pid {target.pid}" in done.stdout + done.stderr
     assert target.call(LONG) == BLOCKED_LONG
 
     done = micropatch("status", "--pid", target.pid)
@@ -96,7 +96,7 @@ def test_apply_all_passes_over_interpreters_without_the_module(
     bare = start_py("--bare", interpreter=str(own))  # never imports shop.parsers
     done = micropatch("apply", v1, "--all", "--exe", str(own), "--trust", shop / "dev.pub")
     text = done.stdout + done.stderr
-    assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in text, text
+    assert f"applied hdr-fix v1 (1 function) in pid {target.pid}" in text, text
     assert "1 done, 0 failed, 0 skipped" in text, text
     assert target.call(LONG) == BLOCKED_LONG
     # Read from memory that it lacks the module: never touched, no page mapped.
