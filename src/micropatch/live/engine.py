@@ -31,6 +31,7 @@ from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
 from micropatch.live.lock import queued
 from micropatch.live.mapped import LoadedModule, ModuleCache, find_module, symbol_address
+from micropatch.live.placed import placed
 from micropatch.live.prepare import Prepared, prepare, provided, stub_range
 from micropatch.live.provision import provision, release, unprovision
 from micropatch.live.recovery import Recovered, recover
@@ -50,8 +51,8 @@ from micropatch.process.world import (
 )
 
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
-    from micropatch.build.plan import PlannedSite
     from micropatch.elf.location import Location
+    from micropatch.live.placed import Placed
     from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def _attempts(change: Change, retries: int) -> Outcome:
 def _stops(
     change: Change,
     module: LoadedModule | None,
-    planned: list[PlannedSite] | None,
+    planned: list[Placed] | None,
     retries: int,
 ) -> Outcome:
     """The attempts: provision a cave if needed, stop, transact, resume (`_attempts`)."""
@@ -326,7 +327,7 @@ def _transact(
     proc: StoppedProcess,
     change: Change,
     module: LoadedModule | None,
-    planned: list[PlannedSite] | None,
+    planned: list[Placed] | None,
     prepared: Prepared | None,
     *,
     held: bool = False,
@@ -384,18 +385,17 @@ def _transact(
 
 def _plan(
     pid: int, mappings: list[Mapping], patch: Admitted, modules: ModuleCache
-) -> tuple[LoadedModule, list[PlannedSite]]:
-    """The patch's module in the process, and the patch planned at its address."""
+) -> tuple[LoadedModule, list[Placed]]:
+    """The patch's module in the process, and the patch placed at its address."""
     module = find_module(pid, mappings, patch.patch.target, modules)
 
     def external(location: Location) -> int:
         return symbol_address(pid, mappings, location, modules)
 
-    plan = modules.plan(patch, module, external)
-    return module, plan.at(module, patch.toolchain, external)
+    return module, placed(patch, module, modules, external)
 
 
-def _entering(planned: list[PlannedSite] | None) -> list[Entering]:
+def _entering(planned: list[Placed] | None) -> list[Entering]:
     return [Entering(p.site, p.resume is None, p.where) for p in planned or []]
 
 
@@ -404,7 +404,7 @@ def _first_cave(
     change: Change,
     caves: list[Cave],
     module: LoadedModule,
-    planned: list[PlannedSite] | None,
+    planned: list[Placed] | None,
 ) -> None:
     """Map the module's first cave inside the stop (a held stop, or a prepared one that
     no longer holds), once nothing else refuses the change: a refused change maps none."""
