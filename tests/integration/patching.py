@@ -57,6 +57,7 @@ def without_templates(artifact: Artifact) -> Artifact:
     payload = json.loads(artifact.canonical)
     for site in payload["sites"]:
         del site["trampoline"]
+    payload["format_version"] = 1
     return Artifact(Payload.model_validate(payload), canonical_json(payload), (), artifact.name)
 
 

@@ -24,7 +24,7 @@ from micropatch.files import read_bounded
 from micropatch.patch.model import Patch
 from micropatch.patch.source import MAX_SOURCE, parse_patch
 from micropatch.trust.artifact import Artifact, make
-from micropatch.trust.envelope import FORMAT, FORMAT_VERSION
+from micropatch.trust.envelope import FORMAT
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import (
     BuilderFacts,
@@ -34,6 +34,7 @@ from micropatch.trust.payload import (
     Payload,
     SiteFacts,
     TrampolineFacts,
+    format_version,
 )
 from micropatch.trust.recorded import full_expect
 
@@ -84,7 +85,7 @@ def build(
     moment = now or _build_time()
     payload = Payload(
         format=FORMAT,
-        format_version=FORMAT_VERSION,
+        format_version=format_version(sites),
         patch=PatchFacts(
             id=patch.id,
             version=patch.version,

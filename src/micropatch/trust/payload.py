@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from micropatch.trust.keys import parse_time
 
@@ -142,3 +142,16 @@ class Payload(_Strict):
     module: ModuleFacts
     sites: list[SiteFacts] = Field(min_length=1)
     builder: BuilderFacts
+
+    @model_validator(mode="after")
+    def _version(self) -> Payload:
+        """Trampolines came with version 2: a reader of version 1 would not see them."""
+        if self.format_version < 2 and any(s.trampoline is not None for s in self.sites):
+            raise ValueError("precomputed trampolines (sites[].trampoline) need format_version 2")
+        return self
+
+
+def format_version(sites: list[SiteFacts]) -> int:
+    """The oldest version that holds these sites: 2 with precomputed trampolines, else 1
+    (so that micropatch from before them still reads the artifact)."""
+    return 2 if any(s.trampoline is not None for s in sites) else 1
