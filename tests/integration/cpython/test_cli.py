@@ -41,7 +41,10 @@ def _build(shop: Path, python: str, version: int, then: str) -> Path:
     return artifact
 
 
-def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) -> None:
+def test_apply_status_update_remove(
+    start_py: StartPy, shop: Path, python: str, tmp_path: Path
+) -> None:
+    own = _own(python, tmp_path)
     write_key_pair(generate_key("dev"), shop / "dev")
     v1 = _build(shop, python, 1, GUARD["then"])
     v2 = _build(shop, python, 2, "return ('too-long', '')")
@@ -53,10 +56,13 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     assert done.returncode == 0
     assert "original bytecode" in done.stdout and "header too long" in done.stdout
 
-    target = start_py()
+    target = start_py(interpreter=str(own))
     done = micropatch("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 0, done.stderr
-    assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in done.stdout + done.stderr
+    assert (
+        f"applied hdr-fix v1 (1 function) in pid {target.pid}; in force after"
+        in done.stdout + done.stderr
+    )
     assert target.call(LONG) == BLOCKED_LONG
 
     done = micropatch("status", "--pid", target.pid)
@@ -70,7 +76,7 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     done = micropatch("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 1 and "already applied" in done.stdout + done.stderr
 
-    done = micropatch("update", v2, "--all", *trust)
+    done = micropatch("update", v2, "--all", "--exe", own, *trust)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 done" in done.stdout + done.stderr
     assert target.call(LONG)[:3] == [repr(("too-long", ""))] * 3
@@ -81,22 +87,29 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     assert "no micropatch applied" in micropatch("status", "--pid", target.pid).stdout
 
 
-def test_apply_all_passes_over_interpreters_without_the_module(
-    start_py: StartPy, shop: Path, python: str, tmp_path: Path
-) -> None:
-    # --all --exe: only the interpreters of this test, never another process of the host.
+def _own(python: str, tmp_path: Path) -> Path:
+    """A copy of the interpreter for `--all --exe`: only the interpreters of this test,
+    never another process of the host (other test sessions run interpreters carrying
+    patches of the same id)."""
     own = tmp_path / "bin" / Path(python).name
     own.parent.mkdir()
     shutil.copy2(python, own)
     if subprocess.run([own, "-c", "pass"], capture_output=True).returncode != 0:
         pytest.skip(f"a copy of {python} does not run (its libpython is found relative to it)")
+    return own
+
+
+def test_apply_all_passes_over_interpreters_without_the_module(
+    start_py: StartPy, shop: Path, python: str, tmp_path: Path
+) -> None:
+    own = _own(python, tmp_path)
     write_key_pair(generate_key("dev"), shop / "dev")
     v1 = _build(shop, python, 1, GUARD["then"])
     target = start_py(interpreter=str(own))
     bare = start_py("--bare", interpreter=str(own))  # never imports shop.parsers
     done = micropatch("apply", v1, "--all", "--exe", str(own), "--trust", shop / "dev.pub")
     text = done.stdout + done.stderr
-    assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in text, text
+    assert f"applied hdr-fix v1 (1 function) in pid {target.pid}; in force after" in text, text
     assert "1 done, 0 failed, 0 skipped" in text, text
     assert target.call(LONG) == BLOCKED_LONG
     # Read from memory that it lacks the module: never touched, no page mapped.
