@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from targets.isolation import Sandbox, available
 
 from micropatch.runtimes.cpython.page import MAPS_NAME
 from micropatch.trust.keys import generate_key, write_key_pair
@@ -18,9 +19,13 @@ from .conftest import GUARD, StartPy, patch_toml
 from .test_live import BLOCKED_LONG, LONG, ORIGINAL_LONG
 
 
-def micropatch(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def micropatch(
+    *args: object, cwd: Path | None = None, inside: Sandbox | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The command, on the host or `inside` a sandbox (its processes only)."""
     done = subprocess.run(
-        [sys.executable, "-m", "micropatch.cli.main", *map(str, args)],
+        [*(inside.enter() if inside else ()), sys.executable, "-m", "micropatch.cli.main",
+         *map(str, args)],
         capture_output=True, text=True, timeout=120, cwd=cwd,
         env={**os.environ, "MICROPATCH_NO_AGENT": "1", "COLUMNS": "250"},
     )  # fmt: skip
@@ -41,7 +46,13 @@ def _build(shop: Path, python: str, version: int, then: str) -> Path:
     return artifact
 
 
-def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) -> None:
+@pytest.mark.skipif(not available(), reason="needs root, unshare and nsenter")
+def test_apply_status_update_remove(
+    start_py: StartPy, shop: Path, python: str, box: Sandbox
+) -> None:
+    """In a sandbox (its own PID namespace), so that `update --all` meets this test's
+    interpreter only: on the host it read every patched process of the machine (other
+    tests', another micropatch's), and one it could not read failed the command."""
     write_key_pair(generate_key("dev"), shop / "dev")
     v1 = _build(shop, python, 1, GUARD["then"])
     v2 = _build(shop, python, 2, "return ('too-long', '')")
@@ -53,32 +64,37 @@ def test_apply_status_update_remove(start_py: StartPy, shop: Path, python: str) 
     assert done.returncode == 0
     assert "original bytecode" in done.stdout and "header too long" in done.stdout
 
-    target = start_py()
-    done = micropatch("apply", v1, "--pid", target.pid, *trust)
+    def inside(*args: object) -> subprocess.CompletedProcess[str]:
+        return micropatch(*args, inside=box)
+
+    target = start_py(prefix=box.enter())
+    done = inside("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 0, done.stderr
     assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in done.stdout + done.stderr
     assert target.call(LONG) == BLOCKED_LONG
 
-    done = micropatch("status", "--pid", target.pid)
+    done = inside("status", "--pid", target.pid)
     _header, row = done.stdout.splitlines()
     assert row.split("\t")[2:6] == ["shop.parsers (cpython)", "hdr-fix", "1", "parse_header"]
     assert row.split("\t")[7] == "3"  # the three blocked calls
-    assert str(target.pid) in micropatch("status").stdout
-    done = micropatch("inspect", v1, "--pid", target.pid)
+    assert [line.split("\t")[0] for line in inside("status").stdout.splitlines()[1:]] == [
+        str(target.pid)
+    ]
+    done = inside("inspect", v1, "--pid", target.pid)
     assert f"process {target.pid}: version 1 applied, 3 blocked" in done.stdout
 
-    done = micropatch("apply", v1, "--pid", target.pid, *trust)
+    done = inside("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 1 and "already applied" in done.stdout + done.stderr
 
-    done = micropatch("update", v2, "--all", *trust)
+    done = inside("update", v2, "--all", *trust)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 done" in done.stdout + done.stderr
     assert target.call(LONG)[:3] == [repr(("too-long", ""))] * 3
 
-    done = micropatch("remove", "hdr-fix", "--pid", target.pid)
+    done = inside("remove", "hdr-fix", "--pid", target.pid)
     assert done.returncode == 0, done.stdout + done.stderr
     assert target.call(LONG) == ORIGINAL_LONG
-    assert "no micropatch applied" in micropatch("status", "--pid", target.pid).stdout
+    assert "no micropatch applied" in inside("status", "--pid", target.pid).stdout
 
 
 def test_apply_all_passes_over_interpreters_without_the_module(
