@@ -113,7 +113,10 @@ def test_a_crash_of_a_patched_interpreter_counts_against_the_patch(
     try:
         agent.start()
         assert agent.cli("add", _signed(shop, python, keys)).returncode == 0
-        wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+        try:
+            wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; events: {agent.events()}; {agent.stderr()}") from None
         os.kill(target.pid, signal.SIGSEGV)
         [crashed] = wait_for(lambda: _kinds(agent, "crashed"), 30, "the crashed event")
         assert crashed["pid"] == target.ns_pid and crashed["data"]["patches"] == ["hdr-fix"]
