@@ -268,15 +268,17 @@ def test_a_burst_the_watchdog_released_is_patched_live_before_first_input(
     assert stats["released"] == BURST and stats["patched_exec"] == 0
     assert stats["late"] == BURST and stats["missed"] == 0
     assert all(e["data"]["reason"] == "released by the watchdog" for e in late)
-    # Within 1 s, but not counting the live patching of the others: the late watch
-    # patches one process at a time, so the last of 40 waits for 39 transactions, and
-    # those take longer on a loaded machine (the last 1.2 to 2.1 s after its release at
-    # a load average of 20 to 30 on 2 CPUs). What must not be there is idle waiting:
-    # each is patched within 1 s of its release or of the patch before it, the later.
+    # Not the last one's delay, which counts the 39 live patches before it (1.2 to 2.3 s
+    # at a load average of 13 to 30 on 2 CPUs: a bound of 1 s on it failed, or would
+    # have, 10 runs of 13): the wait each adds, from its release or the patch before it.
+    # After the first, 5 to 50 ms: no idle waiting between them. The first holds the
+    # one-time work of the first transaction, 0.2 to 1.0 s on that machine; 5 s is far
+    # from a process left unpatched until a later pass, which is what it guards.
     done = sorted(late, key=lambda e: e["time"])
     waits = [
         e["time"] - max(e["time"] - e["data"]["delay_ms"] / 1e3, before)
         for e, before in zip(done, [0.0, *(e["time"] for e in done)], strict=False)
     ]
     delays = sorted(e["data"]["delay_ms"] for e in late)
-    assert max(waits) < 1.0, f"waited {max(waits):.2f} s (last {delays[-1]:.0f} ms after its release)"  # fmt: skip
+    said = f"waits {[round(w, 3) for w in waits]} s; the last {delays[-1]:.0f} ms after its release"
+    assert waits[0] < 5.0 and max(waits[1:]) < 1.0, said
