@@ -12,6 +12,9 @@ from micropatch.elf.identity import identify
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
 from micropatch.trust.admission import Admitted, admit
+from micropatch.trust.artifact import Artifact
+from micropatch.trust.canonical import canonical_json
+from micropatch.trust.payload import Payload
 
 
 def build_id(path: Path) -> str:
@@ -46,6 +49,16 @@ def make_patch(module: Path, patchlets: list[dict[str, object]], **kw: object) -
     """A development patch for `module`, admitted as an unsigned source."""
     source = patch_source(module, patchlets, **kw)  # type: ignore[arg-type]
     return admit(source.encode(), name=f"{module.name}.toml", keys=None, allow_unsigned=True)
+
+
+def without_templates(artifact: Artifact) -> Artifact:
+    """`artifact` as the previous format built it: no precomputed trampolines
+    (`build.precompute`), so applying plans and assembles them. Unsigned."""
+    payload = json.loads(artifact.canonical)
+    for site in payload["sites"]:
+        del site["trampoline"]
+    payload["format_version"] = 1
+    return Artifact(Payload.model_validate(payload), canonical_json(payload), (), artifact.name)
 
 
 def assert_untouched(

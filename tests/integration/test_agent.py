@@ -216,3 +216,22 @@ def test_bad_artifacts_in_the_store_are_rejected(targets, nstart, tmp_path, keys
     assert applied(t.pid) == [] and t.cmd("call 65") == "-2"
     refused = agent.cli("add", foreign)
     assert refused.returncode == 1 and "trusted" in refused.stderr
+
+
+def test_a_withdrawn_key_stops_the_next_pass_once_for_every_process(targets, nstart, tmp_path, keys, agent):  # fmt: skip
+    # A pass checks each patch's signatures once (agent/verified.py), not per process:
+    # with the key gone, the pass that would apply rejects the patch once and touches
+    # none of the processes.
+    a, b = nstart("vuln_pie"), nstart("vuln_pie")
+    agent.start()
+    done = agent.cli("add", "--disabled", signed(tmp_path, targets.vuln_pie, [FIX], keys))
+    assert done.returncode == 0, done.stderr
+    (tmp_path / "trusted" / "dev.pub").unlink()
+    assert agent.cli("enable", "agent-fix").returncode == 0
+    [rejected] = wait_for(lambda: kinds(agent.events(), "rejected"), what="the rejection")
+    assert rejected["patch_id"] == "agent-fix" and "no trusted keys" in rejected["message"]
+    assert not kinds(agent.events(), "applied") and not kinds(agent.events(), "failed")
+    assert agent.status()["patches"] == []
+    for t in (a, b):
+        assert applied(t.pid) == [] and t.cmd("call 65") == "-2"
+        assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])

@@ -122,6 +122,43 @@ def test_cli_apply_remove_status_go_through_the_agent(targets, nstart, tmp_path,
     assert again.returncode == 1 and "is not applied to process" in again.stderr
 
 
+def test_agent_status_lists_a_patch_applied_through_it_that_its_store_lacks(
+    targets, nstart, tmp_path, keys, agent
+):
+    t = nstart("vuln_pie")
+    agent.start()
+    env = {"MICROPATCH_AGENT_SOCKET": str(agent.socket)}
+    artifact = signed(tmp_path, targets.vuln_pie, [FIX], keys)
+    done = micropatch("apply", artifact, "--pid", t.ns_pid, env=env)
+    assert done.returncode == 0 and "(through the agent)" in done.stdout, done.stderr
+    [manual] = agent.status()["manual"]
+    assert manual["id"] == "agent-fix" and manual["version"] == 1 and manual["pid"] == t.ns_pid
+    assert manual["module"] == targets.vuln_pie.name
+    shown = agent.cli("status")  # piped: tab-separated rows, notes after '#'
+    assert shown.returncode == 0, shown.stderr
+    rows = [line.split("\t") for line in shown.stdout.splitlines() if not line.startswith("#")]
+    assert rows[1][:5] == ["agent-fix", "1", "manual", targets.vuln_pie.name, "1"], shown.stdout
+    assert f"# manual: agent-fix v1 in pid {t.ns_pid} (" in shown.stdout
+    assert "`micropatch agent add ARTIFACT`" in shown.stdout
+    # A pass of the agent keeps it listed (read back from the process).
+    agent.client.call("rescan")
+    wait_for(lambda: agent.status()["passes"] >= 2, what="a second pass")
+    assert [m["pid"] for m in agent.status()["manual"]] == [t.ns_pid]
+    # Added to the store, it is the store's; the operator's pin shows, and keeps it in
+    # the process when the patch is disabled.
+    assert agent.cli("add", artifact, "--wait").returncode == 0
+    [stored] = agent.status()["patches"]
+    assert agent.status()["manual"] == [] and stored["pins"] == [{"pid": t.ns_pid, "wanted": True}]
+    assert agent.cli("disable", "agent-fix").returncode == 0
+    shown = agent.cli("status").stdout
+    assert "\tdisabled\t" in shown and "\tmanual\t" not in shown, shown
+    assert f"# pinned: agent-fix kept in pid {t.ns_pid} by `micropatch apply`" in shown
+    assert applied(t.pid) == [("agent-fix", 1)]
+    assert micropatch("remove", "agent-fix", "--pid", t.ns_pid, env=env).returncode == 0
+    shown = agent.cli("status").stdout
+    assert f"# pinned: agent-fix kept off pid {t.ns_pid} by `micropatch remove`" in shown
+
+
 def test_a_second_agent_on_the_same_socket_refuses_to_start(box, tmp_path, agent):
     agent.start()
     second = box.run("micropatch", "agent", "run", "--state-dir", tmp_path / "other", "--socket",
@@ -134,6 +171,7 @@ def test_a_second_agent_on_the_same_socket_refuses_to_start(box, tmp_path, agent
 def test_install_writes_a_unit_systemd_accepts(tmp_path):
     done = micropatch("agent", "install", "--root", tmp_path)
     assert done.returncode == 0, done.stderr
+    assert f"written under {tmp_path}: this host's systemd is left as it was" in done.stdout
     unit = tmp_path / "etc/systemd/system/micropatch-agent.service"
     text = unit.read_text()
     assert "Type=notify" in text and "Restart=on-failure" in text

@@ -374,3 +374,35 @@ def test_inspect_labels_counter_body_and_displaced_code(targets, start, tmp_path
         assert counted and all("lock inc" in line or "mov" in line for line in counted), text
         assert "body" in text and "displaced" in text and "back" in text, text
     micropatch("remove", "test-fix", "--pid", t.pid)
+
+
+def test_build_and_inspect_piped_print_whole_ids_and_rows(targets, tmp_path) -> None:
+    """Off a terminal (piped, COLUMNS unset) nothing is cut with `…` nor wrapped
+    mid-token: a program reads the hashes, key ids and table rows whole."""
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "TERMINAL_WIDTH")}
+
+    def piped(*args: object) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(["micropatch", *map(str, args)], capture_output=True, text=True,
+                              timeout=120, cwd=tmp_path, env=env)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "…" not in done.stdout, done.stdout
+        return done
+
+    generated = piped("keys", "generate", tmp_path / "dev")
+    keyid = json.loads((tmp_path / "dev.pub").read_text())["keyid"]
+    assert f"generated key 'dev' ({keyid})" in generated.stdout
+    source = tmp_path / "fix.toml"
+    source.write_text(patch_source(targets.vuln_pie, [FIX]))
+    done = piped("build", source, "--module", targets.vuln_pie, "--key", tmp_path / "dev.key")
+    sha256 = hashlib.sha256(targets.vuln_pie.read_bytes()).hexdigest()
+    assert f"sha256 {sha256})" in done.stdout and f"signed by key 'dev' ({keyid})" in done.stdout
+    [row] = [line for line in done.stdout.splitlines() if "copy_packet" in line]
+    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    [built] = tmp_path.glob("*.mpatch")
+    site = artifact.load(built).payload.sites[0]
+    assert cells == ["0", "copy_packet", f"{site.offset:#x}", f"{site.length} bytes",
+                     site.original_bytes.hex(" "), "untouched", "after the site"]  # fmt: skip
+    shown = piped("inspect", built)
+    assert f"signatures by key {keyid} (" in shown.stdout
+    shown = piped("inspect", built, "--module", targets.vuln_pie)
+    assert "copy_packet" in shown.stdout

@@ -189,9 +189,11 @@ def test_blocked_events_are_counted(targets, start, body):
     (the registry's, never executable)."""
     t = start("vuln_pie")
     patch = make_patch(targets.vuln_pie, [{"at": "copy_packet", **body}])
-    live.apply(patch, t.pid)
+    outcome = live.apply(patch, t.pid)
     [state] = live.status(t.pid)
     assert state.blocked == 0
+    # The counters the registry records, in the outcome: the agent keeps them from it.
+    assert outcome.counters == state.counters != ()
     assert [t.cmd("call 65"), t.cmd("call 100"), t.cmd("call 10")] == ["-1", "-1", "10"]
     [state] = live.status(t.pid)
     assert state.blocked == 2

@@ -45,6 +45,9 @@ NEVER = ("pydantic", "typer", "click", "rich", "micropatch.patch.model",
          "micropatch.patch.source", "micropatch.trust.payload", "micropatch.trust.artifact")  # fmt: skip
 NOT_FOR_READING = ("keystone", "elftools", "cryptography", "micropatch.bodies",
                    "micropatch.build", "iced_x86")  # fmt: skip
+# What applying a signed artifact whose trampolines are precomputed does not load
+# either: it checks the signature (cryptography) and fills the templates in.
+NOT_FOR_APPLYING = tuple(n for n in NOT_FOR_READING if n != "cryptography")
 
 
 class Run:
@@ -100,7 +103,7 @@ def test_apply_status_remove_load_only_what_they_use_and_start_only_their_watchd
     assert f"applied test-fix v1 (1 site) in pid {t.pid}" in applied.stdout
     assert f"verified {artifact}: test-fix v1 for vuln_pie" in applied.stdout
     assert t.cmd("call 65") == "-1"
-    assert applied.loaded(NEVER) == []
+    assert applied.loaded(NEVER + NOT_FOR_APPLYING) == []
     # no `ldconfig -p` (ctypes.util.find_library), no compiler: the stop watchdog alone
     assert applied.others() == [] and len(applied.spawned) == 1
 

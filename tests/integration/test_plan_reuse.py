@@ -1,8 +1,11 @@
 """One signed artifact applied to several processes through one ModuleCache: the
 plan it records is made once and placed at each process's load address; the
-module's symbol tables are never read."""
+module's symbol tables are never read. (An artifact with precomputed trampolines
+needs no plan at all: tests/integration/test_precomputed.py.)"""
 
 from __future__ import annotations
+
+import pytest
 
 from micropatch import live
 from micropatch.build.artifact import build
@@ -10,7 +13,7 @@ from micropatch.live.mapped import ModuleCache
 from micropatch.process.maps import read_maps
 from micropatch.trust.admission import admit
 
-from .patching import assert_untouched, patch_source
+from .patching import assert_untouched, patch_source, without_templates
 
 GUARD = {"at": "copy_packet", "when": "esi > 64", "then": "return -1"}
 FIX_INSIDE = {"at": "copy_packet+0x8", "code": "cmp esi, 64\njg {copy_packet+0xb6}"}
@@ -19,7 +22,7 @@ FIX_INSIDE = {"at": "copy_packet+0x8", "code": "cmp esi, 64\njg {copy_packet+0xb
 def test_one_plan_placed_in_every_process(targets, start, tmp_path):
     source = tmp_path / "fix.toml"
     source.write_text(patch_source(targets.vuln_pie, [GUARD]))
-    artifact = build(source, targets.vuln_pie)
+    artifact = without_templates(build(source, targets.vuln_pie))
     admitted = admit(artifact.to_bytes(), name="fix.mpatch", keys=None, allow_unsigned=True)
     processes = [start("vuln_pie") for _ in range(3)]
     bases = {
@@ -33,8 +36,8 @@ def test_one_plan_placed_in_every_process(targets, start, tmp_path):
         assert live.apply(admitted, t.pid, modules=cache).action == "applied"
     for t in processes:
         assert (t.cmd("call 65"), t.cmd("call 64"), t.cmd("call -3")) == ("-1", "64", "-1")
-    [(_, image)] = cache._entries.values()
-    assert "_tables" not in vars(image), "a symbol table was read"
+    [file] = cache._entries.values()
+    assert "_tables" not in vars(file.image), "a symbol table was read"
     assert list(cache._plans) == [artifact.id]
     assert "artifact" not in vars(admitted), "the whole payload was validated"
 
@@ -44,14 +47,18 @@ def test_one_plan_placed_in_every_process(targets, start, tmp_path):
         assert_untouched(targets, "vuln_pie", t.pid, ["copy_packet"])
 
 
-def test_a_code_body_inside_a_function_from_the_recorded_plan(targets, start, tmp_path):
-    """A jump to a module offset, assembled at each process's own load address."""
+@pytest.mark.parametrize("precomputed", [True, False], ids=["precomputed", "assembled"])
+def test_a_code_body_inside_a_function_from_the_recorded_plan(
+    targets, start, tmp_path, precomputed
+):
+    """A jump to a module offset, placed (or assembled) at each process's own load
+    address."""
     source = tmp_path / "fix.toml"
     source.write_text(patch_source(targets.vuln_pie, [FIX_INSIDE]))
-    admitted = admit(
-        build(source, targets.vuln_pie).to_bytes(), name="fix.mpatch", keys=None,
-        allow_unsigned=True,
-    )  # fmt: skip
+    artifact = build(source, targets.vuln_pie)
+    if not precomputed:
+        artifact = without_templates(artifact)
+    admitted = admit(artifact.to_bytes(), name="fix.mpatch", keys=None, allow_unsigned=True)
     cache = ModuleCache()
     processes = [start("vuln_pie") for _ in range(2)]
     for t in processes:

@@ -126,6 +126,8 @@ def install(root: Path = Path("/"), *, command: str | None = None) -> Installed:
         subprocess.run(["systemctl", "daemon-reload"], check=False)
         done.notes.append("systemd reloaded; start it with `systemctl enable --now "
                           f"{UNIT_NAME}`")  # fmt: skip
+    elif root != Path("/"):
+        done.notes.append(f"written under {root}: this host's systemd is left as it was")
     else:
         done.notes.append("systemd is not running here: start the agent with "
                           "`micropatch agent run`")  # fmt: skip

@@ -37,7 +37,7 @@ from micropatch.errors import (
     SignatureError,
 )
 from micropatch.live.lock import waiting
-from micropatch.process.procfs import start_time
+from micropatch.process.procfs import start_or_none, start_time
 from micropatch.process.select import ProcessInfo, read_info
 from micropatch.runtimes.base import PatchState
 from micropatch.runtimes.cpython import engine, states
@@ -93,7 +93,7 @@ class PythonPass:
         """One pass; how many operations of each kind were done, and failed."""
         done = {"applied": 0, "updated": 0, "removed": 0, "failed": 0}
         patches = self.patches()
-        view = self.state.view(_start_or_none)
+        view = self.state.view(start_or_none)
         needed = {p.artifact.payload.module.name for p in patches.values()}
         fresh = self.inventory.interpreters(pids, needed)
         if pids is None:
@@ -139,6 +139,26 @@ class PythonPass:
             blocked = {**(known.blocked if known else {}), **self._blocked.get(pid, {})}
             merged[pid] = Covered(pid, start, info.exe, carried, blocked)
         return list(merged.values())
+
+    def note(self, pid: int, kind: str, patch_id: str, version: int | None) -> None:
+        """An applied, updated or removed event of a CPython patch (an operator's through
+        the socket, or this pass's own): `covered` says so before the next pass."""
+        if kind not in _KIND.values():
+            return
+        try:
+            start, info = start_time(pid), read_info(pid)
+        except MicropatchError:
+            return  # gone: nothing to cover
+        known = self._carrying.get(pid)
+        patches = dict(known[2]) if known is not None and known[0] == start else {}
+        if kind == "removed":
+            patches.pop(patch_id, None)
+        elif version is not None:
+            patches[patch_id] = version
+        if patches:
+            self._carrying[pid] = (start, info, patches)
+        else:
+            self._carrying.pop(pid, None)
 
     def forget(self, pid: int) -> Covered | None:
         """An interpreter exited: what it carried (for crash accounting), forgotten."""
@@ -247,10 +267,3 @@ class PythonPass:
                     f"{s.patch_id} in pid {info.pid} ({s.blocked} in all)",
                     {"count": delta, "total": s.blocked, "runtime": "cpython"},
                 ))  # fmt: skip
-
-
-def _start_or_none(pid: int) -> int | None:
-    try:
-        return start_time(pid)
-    except MicropatchError:
-        return None

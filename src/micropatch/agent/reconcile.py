@@ -15,33 +15,37 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from micropatch import live
 from micropatch.agent.covered import Carriers, Covered
 from micropatch.agent.events import Event, EventSink
+from micropatch.agent.known import Carried, carried_after
 from micropatch.agent.policy import PolicyView, wants
 from micropatch.agent.pythonpass import PythonPass
 from micropatch.agent.store import ArtifactStore, PolicyState, Stored
+from micropatch.agent.verified import PassVerified
 from micropatch.agent.workers import in_own_thread
 from micropatch.errors import (
     AlreadyApplied,
-    ArtifactError,
     MicropatchError,
     ModuleError,
     NotApplied,
     ProcessExited,
     ProcessNotFound,
-    SignatureError,
 )
 from micropatch.live.lock import waiting
 from micropatch.live.mapped import CAVE_PREFIX, ModuleCache, find_module
-from micropatch.live.states import PatchState, read_counters
+from micropatch.live.states import read_counters
 from micropatch.process.maps import parse_maps
-from micropatch.process.procfs import read_proc_text, start_time
+from micropatch.process.procfs import read_proc_text, start_or_none, start_time
 from micropatch.process.select import ProcessInfo, all_pids, read_info
+
+if TYPE_CHECKING:
+    from micropatch.live.engine import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +74,6 @@ def alive(pid: int, start: int) -> bool:
         return False
 
 
-def _start_or_none(pid: int) -> int | None:
-    try:
-        return start_time(pid)
-    except MicropatchError:
-        return None
-
-
 class Reconciler:
     """Passes over the running processes; at most `workers` operations at once, all of
     the agent's together (`ops`, shared with the socket's operations)."""
@@ -99,7 +96,7 @@ class Reconciler:
         self.ops = ops
         self.lock_timeout = lock_timeout
         self.workers = workers
-        self.carriers = Carriers(_start_or_none)
+        self.carriers = Carriers(start_or_none)
         # The store's CPython patches over the host's interpreters (agent/pythonpass.py).
         self.python = PythonPass(store.python_patches, store.recheck_python, state, report,
                                  ops=ops, lock_timeout=lock_timeout)  # fmt: skip
@@ -117,6 +114,10 @@ class Reconciler:
         """Keep `covered` true when something else (new processes, the socket) patches."""
         if event.pid is None or event.patch_id is None:
             return
+        if event.data.get("runtime") == "cpython":  # `covered` before the next Python pass
+            self.python.note(event.pid, event.kind, event.patch_id, event.version)
+        # Either runtime: what a process carried is known at its exit, crash or not,
+        # even once a pass has found it gone (buried, see covered.py).
         self.carriers.note(event.pid, event.exe or "", event.kind, event.patch_id, event.version)
 
     def get(self, pid: int) -> Covered | None:
@@ -165,14 +166,15 @@ class Reconciler:
         result = PassResult(number=number)
         full = pids is None
         patches = self.store.patches()
-        view = self.state.view(_start_or_none)
+        view = self.state.view(start_or_none)
+        verified = PassVerified(self.store)  # each patch's signatures: once this pass
         me = os.getpid()
         todo = [pid for pid in (all_pids() if pids is None else pids) if pid != me]
         result.seen = len(todo)
 
         def one(pid: int) -> None:
             try:
-                self._reconcile(pid, patches, view, result)
+                self._reconcile(pid, patches, view, result, verified)
             except GONE:
                 self.gone(pid)
             except MicropatchError as e:
@@ -221,7 +223,12 @@ class Reconciler:
             self.carriers.set_counters(pid, {s.patch_id: s.counters for s in states if s.counters})
 
     def _reconcile(
-        self, pid: int, patches: dict[str, Stored], view: PolicyView, result: PassResult
+        self,
+        pid: int,
+        patches: dict[str, Stored],
+        view: PolicyView,
+        result: PassResult,
+        verified: PassVerified,
     ) -> None:
         text = read_proc_text(pid, "maps")
         # Most processes map no patched module and carry nothing: one look at the raw
@@ -259,30 +266,37 @@ class Reconciler:
             except ModuleError:
                 continue  # another build of the module (or unmapped meanwhile)
             matching.append(stored)
-        touched = False
+        done: list[tuple[str, Stored, Outcome | bool]] = []
         for stored in matching:
             current = applied.get(stored.id)
             wanted = wants(stored.id, info, view)
             with self._lock:
                 (result.wanted if wanted else result.unwanted).setdefault(stored.id, set()).add(pid)
-            if wanted:
-                if current is None:
-                    touched |= self._operate("apply", stored, info, result)
-                elif current.version < stored.version:
-                    touched |= self._operate("update", stored, info, result)
+            if not wanted:
+                continue
+            if current is None:
+                op = "apply"
+            elif current.version < stored.version:
+                op = "update"
+            else:
+                continue  # carries this version already (or a newer one)
+            done.append((op, stored, self._operate(op, stored, info, result, verified)))
         for patch_id, current in applied.items():
             carried = patches.get(patch_id)
             if carried is not None and not wants(patch_id, info, view):
                 with self._lock:
                     result.unwanted.setdefault(patch_id, set()).add(pid)
-                touched |= self._operate("remove", carried, info, result, current.version)
-        if touched:
-            states = live.status(pid)
-        self._remember(pid, start, info.exe, states, read_ns)
-        self._count(pid, start, info.exe, states)
+                outcome = self._operate("remove", carried, info, result, verified, current.version)
+                done.append(("remove", carried, outcome))
+        now: Sequence[Carried] = states
+        if any(outcome for _, _, outcome in done):  # changed: known from the outcomes
+            after = carried_after(applied, done)
+            now = live.status(pid) if after is None else after
+        self._remember(pid, start, info.exe, now, read_ns)
+        self._count(pid, start, info.exe, now)
 
     def _remember(
-        self, pid: int, start: int, exe: str, states: list[PatchState], read_ns: int
+        self, pid: int, start: int, exe: str, states: Sequence[Carried], read_ns: int
     ) -> None:
         self.carriers.remember(
             pid, start, exe, {s.patch_id: s.version for s in states},
@@ -300,7 +314,7 @@ class Reconciler:
         except MicropatchError:
             return True
 
-    def _count(self, pid: int, start: int, exe: str, states: list[PatchState]) -> None:
+    def _count(self, pid: int, start: int, exe: str, states: Sequence[Carried]) -> None:
         """Blocked counters that grew since last read become events (the delta)."""
         for s in states:
             if s.blocked is None:
@@ -325,9 +339,11 @@ class Reconciler:
         stored: Stored,
         info: ProcessInfo,
         result: PassResult,
+        verified: PassVerified,
         old_version: int | None = None,
-    ) -> bool:
-        """One operation, reported as an event; whether it changed the process."""
+    ) -> Outcome | bool:
+        """One operation, reported as an event: its outcome if it did what was asked;
+        True if the process changed meanwhile (read it again), False if nothing changed."""
         module = stored.admitted.patch.target.module
         if op != "remove":
             # Pending before the jumps are written: a process that crashes the instant
@@ -339,7 +355,10 @@ class Reconciler:
                 if op == "remove":
                     outcome = live.remove(stored.id, info.pid)
                 else:
-                    admitted = self.store.recheck(stored.id)  # the keys trusted now
+                    admitted = verified.admitted(stored.id)  # the keys trusted this pass
+                    if admitted is None:  # rejected by the check, with its event
+                        self.carriers.pending(info.pid, info.exe, stored.id, None)
+                        return False
                     run = live.apply if op == "apply" else live.update
                     outcome = run(admitted, info.pid, modules=self.modules)
         except GONE:
@@ -347,9 +366,6 @@ class Reconciler:
         except (AlreadyApplied, NotApplied) as e:
             log.debug("process %d: %s", info.pid, e)  # changed meanwhile: next pass sees it
             return True
-        except (SignatureError, ArtifactError):
-            self.carriers.pending(info.pid, info.exe, stored.id, None)
-            return False  # rejected by recheck, with its event
         except MicropatchError as e:
             self.carriers.pending(info.pid, info.exe, stored.id, None)
             key = (info.pid, stored.id, stored.version, op)
@@ -379,4 +395,4 @@ class Reconciler:
             {"sites": outcome.sites, "paused_ms": round(outcome.paused * 1e3, 3),
              "when": "running"},
         ))  # fmt: skip
-        return True
+        return outcome

@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 from micropatch.agent.coverage import coverage
 from micropatch.agent.events import Event, EventFilter
+from micropatch.agent.manual import carried
 from micropatch.agent.policy import DISABLED, ENABLED, exclusion, reasons_against
 from micropatch.agent.store import AnyStored
 from micropatch.errors import AgentError, UnknownPatch
+from micropatch.process.procfs import start_or_none
 from micropatch.process.select import ProcessInfo
 
 if TYPE_CHECKING:
@@ -58,10 +60,14 @@ class Requests:
     def snapshot(self) -> dict[str, Any]:
         """`agent status`: patches, their state, processes covered, blocked counts."""
         view = self.view()
+        # Pins are read now: an operator's apply or remove writes one without a change of
+        # the policy (the cached view keeps what was pinned before).
+        pinned = self.state.view(start_or_none)
         stored_patches = self.store.patches()
         # Processes that carry a patch of the store (others may carry patches applied by hand).
+        everyone = self.reconciler.covered()
         covered = {
-            pid: c for pid, c in self.reconciler.covered().items()
+            pid: c for pid, c in everyone.items()
             if any(patch_id in stored_patches for patch_id in c.patches)
         }  # fmt: skip
         auto = self.state.auto_disabled()
@@ -81,7 +87,12 @@ class Requests:
                 "blocked": sum(c.blocked.get(stored.id, 0) for c in carriers),
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == stored.id],
+                "pins": _pins(pinned, stored.id),
             })  # fmt: skip
+        # Patches applied by the operator that the store does not hold: listed, never hidden.
+        # (The interpreters the Python pass saw carrying CPython patches among them.)
+        everything = self.reconciler.python.covered(everyone.values())
+        manual = carried(everything, {*stored_patches, *self.store.python_patches()})
         # The interpreters carrying the store's CPython patches (agent/pythonpass.py) too.
         covered = {c.pid: c for c in self.reconciler.python.covered(covered.values())}
         for patch_id, admitted in sorted(self.store.python_patches().items()):
@@ -95,6 +106,7 @@ class Requests:
                 "blocked": sum(c.blocked.get(patch_id, 0) for c in carriers),
                 "auto_disabled": [{"exe": e, "since": t, "reason": r}
                                   for p, e, t, r in auto if p == patch_id],
+                "pins": _pins(pinned, patch_id),
             })  # fmt: skip
         return {
             "ready": self.ready.is_set(),
@@ -106,6 +118,7 @@ class Requests:
             "state_dir": str(self.paths.state_dir),
             "trust_dir": str(self.paths.trust_dir),
             "patches": patches,
+            "manual": manual,
             "exclusions": [asdict(e) for e in view.exclusions],
             "processes": [
                 {"pid": c.pid, "exe": c.exe, "patches": c.patches, "blocked": c.blocked}
@@ -233,3 +246,13 @@ class Requests:
             return data, str(args.get("name", "<artifact>"))
         except (KeyError, ValueError, TypeError) as e:
             raise AgentError(f"bad request: artifact must be base64 bytes ({e})") from None
+
+
+def _pins(view: PolicyView, patch_id: str) -> list[dict[str, Any]]:
+    """The processes an operator's `micropatch apply|remove --pid` pinned this patch on
+    (`wanted`) or off: they keep it so whatever its state."""
+    return [
+        {"pid": pid, "wanted": wanted}
+        for (pinned, pid), wanted in sorted(view.pins.items())
+        if pinned == patch_id
+    ]

@@ -49,7 +49,7 @@ from micropatch.agent.reconcile import PassResult, Reconciler
 from micropatch.agent.requests import Requests
 from micropatch.agent.store import ArtifactStore, PolicyState
 from micropatch.errors import FanotifyUnavailable, MicropatchError
-from micropatch.live.mapped import LoadedModule, ModuleCache
+from micropatch.live.mapped import LoadedModule, ModuleCache, ModuleFile
 from micropatch.patch.view import TargetView
 from micropatch.process.connector import ConnectorError
 from micropatch.process.select import ProcessInfo
@@ -58,8 +58,6 @@ from micropatch.trust.admission import Admitted
 if TYPE_CHECKING:
     from micropatch.agent.metrics import Metrics
     from micropatch.build.plan import ExternalResolver, ModulePlan
-    from micropatch.elf.identity import ModuleIdentity
-    from micropatch.elf.image import ElfImage
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +98,7 @@ class SharedModuleCache(ModuleCache):
         super().__init__(max_entries)
         self._lock = threading.Lock()
 
-    def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
+    def get(self, file: BinaryIO) -> ModuleFile:
         with self._lock:
             return super().get(file)
 

@@ -14,17 +14,28 @@ import os
 from pathlib import Path
 
 from micropatch import __version__
+from micropatch.arch.x86_64.template import TrampolineTemplate
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.build.modulefile import check_identity, elsewhere, open_module, placeholder_cave
-from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
+from micropatch.build.plan import ModuleView, PlannedSite, plan_module
+from micropatch.build.precompute import templates
 from micropatch.errors import ArtifactError, MicropatchError, ModuleError
 from micropatch.files import read_bounded
 from micropatch.patch.model import Patch
 from micropatch.patch.source import MAX_SOURCE, parse_patch
 from micropatch.trust.artifact import Artifact, make
-from micropatch.trust.envelope import FORMAT, FORMAT_VERSION
+from micropatch.trust.envelope import FORMAT
 from micropatch.trust.keys import format_time, utc_now
-from micropatch.trust.payload import BuilderFacts, ModuleFacts, PatchFacts, Payload, SiteFacts
+from micropatch.trust.payload import (
+    BuilderFacts,
+    FieldFacts,
+    ModuleFacts,
+    PatchFacts,
+    Payload,
+    SiteFacts,
+    TrampolineFacts,
+    format_version,
+)
 from micropatch.trust.recorded import full_expect
 
 
@@ -54,11 +65,15 @@ def build(
     module = open_module(module_file)
     check_identity(patch, module, str(source))
     _check_name(patch, Path(module_file), module)
-    planned = plan_patch(patch, module, toolchain, elsewhere)
+    plan = plan_module(patch, module, toolchain, elsewhere)
+    planned = plan.at(module, toolchain, elsewhere)
     cave = placeholder_cave(module)
     for p in planned:
         _check_trampoline(patch, p, cave)
-    sites = [_facts(toolchain, patch, p, module) for p in planned]
+    precomputed = templates(plan, module, toolchain)
+    sites = [
+        _facts(toolchain, patch, p, module, t) for p, t in zip(planned, precomputed, strict=True)
+    ]
     filled = patch.model_copy(
         update={
             "patchlets": tuple(
@@ -70,7 +85,7 @@ def build(
     moment = now or _build_time()
     payload = Payload(
         format=FORMAT,
-        format_version=FORMAT_VERSION,
+        format_version=format_version(sites),
         patch=PatchFacts(
             id=patch.id,
             version=patch.version,
@@ -146,7 +161,11 @@ def _check_trampoline(patch: Patch, planned: PlannedSite, cave: int) -> None:
 
 
 def _facts(
-    toolchain: Toolchain, patch: Patch, planned: PlannedSite, module: ModuleView
+    toolchain: Toolchain,
+    patch: Patch,
+    planned: PlannedSite,
+    module: ModuleView,
+    template: TrampolineTemplate | None,
 ) -> SiteFacts:
     patchlet = patch.patchlets[planned.index]
     compiled = toolchain.compile_c(patchlet.c) if patchlet.c is not None else None
@@ -160,4 +179,15 @@ def _facts(
         skip_red_zone=planned.skip_red_zone,
         c_code=compiled.text.hex() if compiled else None,
         c_entry=compiled.entry if compiled else None,
+        trampoline=None if template is None else _trampoline(template),
+    )
+
+
+def _trampoline(template: TrampolineTemplate) -> TrampolineFacts:
+    return TrampolineFacts(
+        code=template.code.hex(),
+        fields=[FieldFacts(**f._asdict()) for f in template.fields],
+        body=list(template.body),
+        copies=list(template.copies),
+        starts=list(template.starts),
     )

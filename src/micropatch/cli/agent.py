@@ -137,11 +137,6 @@ def uninstall(
         out.print(f"· kept {escape(path)}")
 
 
-PATCH_COLUMNS = (
-    "patch", "version", "state", "module", "processes", "blocked", "auto-disabled", "copies",
-)  # fmt: skip
-
-
 @app.command()
 def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
     """Patches, their state, processes covered and blocked counts."""
@@ -149,89 +144,9 @@ def status(socket: SocketOption = None, json_: JsonOption = False) -> None:
     if json_:
         print(json.dumps(snapshot, indent=2))
         return
-    rows = [
-        (p["id"], str(p["version"]), p["state"], p["module"], str(p["processes"]),
-         str(p["blocked"]), ",".join(a["exe"] for a in p["auto_disabled"]) or "-",
-         "-" if p.get("copies") is None else str(len(p["copies"])))
-        for p in snapshot["patches"]
-    ]  # fmt: skip
-    notes = _coverage_notes(snapshot)
-    exclusions = [
-        f"--{e['kind']} {e['pattern']}" + (f" --patch {e['patch_id']}" if e["patch_id"] else "")
-        for e in snapshot["exclusions"]
-    ]
-    covered = len(snapshot["processes"])
-    fleet = snapshot.get("fleet")
-    if fleet:
-        seen = fleet["last_checkin"]
-        fleet_line = (
-            f"fleet: {fleet['server']} as host {fleet['host_id']} (group {fleet['group']}), "
-            + (f"checked in {_ago(seen)}" if seen else "not checked in yet")
-            + (f", {fleet['failures']} failed check-ins: {fleet['last_error']}"
-               if fleet["failures"] else "")
-        )  # fmt: skip
-    else:
-        fleet_line = None
-    summary = (
-        f"agent pid {snapshot['pid']}{'' if snapshot['ready'] else ' (starting)'}: "
-        f"{len(rows)} patch{'es' if len(rows) != 1 else ''}, {covered} process"
-        f"{'es' if covered != 1 else ''} covered, new patches {snapshot['default_state']}"
-    )
-    if out.is_terminal:
-        from rich.markup import escape
-        from rich.table import Table
+    from micropatch.cli.agentstatus import show
 
-        out.print(escape(summary))
-        if rows:
-            table = Table(*PATCH_COLUMNS)
-            for row in rows:
-                table.add_row(*map(escape, row))
-            out.print(table)
-        for e in exclusions:
-            out.print(f"excluded: {escape(e)}")
-        for note in notes:
-            out.print(escape(note))
-        if fleet_line:
-            out.print(escape(fleet_line))
-        return
-    print("\t".join(PATCH_COLUMNS))
-    for row in rows:
-        print("\t".join(row))
-    for e in exclusions:
-        print(f"# excluded: {e}")
-    for note in notes:
-        print(f"# {note}")
-    if fleet_line:
-        print(f"# {fleet_line}")
-    print(f"# {summary}")
-
-
-def _coverage_notes(snapshot: dict[str, Any]) -> list[str]:
-    """Where each patch's module was found, warnings, and the new-process counts."""
-    notes = []
-    for p in snapshot["patches"]:
-        if p.get("warning"):
-            notes.append(f"warning: {p['id']}: {p['warning']}")
-        for path in p.get("copies") or []:
-            notes.append(f"copy of {p['id']}: {path}")
-    new = snapshot.get("new_processes")
-    if new:
-        index = new.get("index") or {}
-        skipped = ", ".join(f"{s['point']} ({s['fstype']})" for s in index.get("skipped", [])
-                            if s["reason"] != "pseudo filesystem")  # fmt: skip
-        notes.append(
-            f"new processes: {new['patched_exec']} patched at exec, {new['patched_load']} at "
-            f"load, {new['late']} late, {new['missed']} missed; index {index.get('state')}: "
-            f"{index.get('copies', 0)} copies on {len(index.get('filesystems', []))} filesystems"
-            + (f", not indexed: {skipped}" if skipped else "")
-        )
-    return notes
-
-
-def _ago(when: float) -> str:
-    import time
-
-    return f"{max(0.0, time.time() - when):.0f} s ago"
+    show(snapshot)
 
 
 def _settle(socket: Path | None, patch_id: str, timeout: float) -> None:

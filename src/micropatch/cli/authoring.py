@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from micropatch.cli.options import TrustOption, escape, fail, out, warn
+from micropatch.cli.options import (
+    TrustOption,
+    escape,
+    fail,
+    key_text,
+    out,
+    short,
+    table_console,
+    warn,
+)
 from micropatch.errors import ArtifactError, MicropatchError
 
 if TYPE_CHECKING:
@@ -99,11 +108,11 @@ def build(
             s.original_bytes.hex(" "), "stepped over" if s.skip_red_zone else "untouched",
             "after the site" if s.resume is None else f"{s.resume:#x}",
         )  # fmt: skip
-    out.print(table)
+    table_console().print(table)
     identity = f"build-id {p.module.build_id}" if p.module.build_id else "no build-id"
     out.print(
         f"[green]✓[/] built {p.patch.id} v{p.patch.version} for {escape(p.module.name)} "
-        f"({identity}, sha256 {p.module.sha256[:16]}…): {escape(written)}",
+        f"({identity}, sha256 {short(p.module.sha256)}): {escape(written)}",
         highlight=False,
     )
     say_signed(built.id, written, signer)
@@ -119,7 +128,7 @@ def say_signed(artifact_id: str, written: Path, signer: PrivateKey | None) -> No
             f"`micropatch sign {written} --key KEY.key`"
         )
     else:
-        out.print(f"  signed by {escape(signer.public.describe())}", highlight=False)
+        out.print(f"  signed by {escape(key_text(signer.public))}", highlight=False)
 
 
 def sign(
@@ -152,7 +161,7 @@ def sign(
     except MicropatchError as e:
         raise fail(str(e)) from None
     out.print(
-        f"[green]✓[/] signed {escape(written)} with {escape(signer.public.describe())}",
+        f"[green]✓[/] signed {escape(written)} with {escape(key_text(signer.public))}",
         highlight=False,
     )
 
@@ -226,7 +235,7 @@ def keys_generate(
     except MicropatchError as e:
         raise fail(str(e)) from None
     until = "never" if key.public.expires is None else keys.format_time(key.public.expires)
-    out.print(f"[green]✓[/] generated {escape(key.public.describe())}", highlight=False)
+    out.print(f"[green]✓[/] generated {escape(key_text(key.public))}", highlight=False)
     for label, value in (
         ("private key", f"{private} (mode 0600: keep it on the signing machine)"),
         ("public key", f"{public} (for verifiers: --trust, or their trust directory)"),

@@ -13,8 +13,8 @@ if TYPE_CHECKING:
     from micropatch.cli.spec import Values
 
 THROUGH_AGENT = (
-    "Through the host agent when one runs (docs/agent.md); CPython patches "
-    "(docs/python-patches.md) always directly."
+    "Through the host agent when one runs (docs/agent.md), native and CPython patches "
+    "alike; MICROPATCH_NO_AGENT=1 runs directly."
 )
 
 
@@ -71,7 +71,6 @@ def change(verb: str, subject: str, values: Values) -> None:
     except ValueError as e:
         raise say.fail(str(e)) from None
     direct = bool(values.get("trust") or values.get("allow_unsigned") or scope.dry_run)
-    direct = direct or _python(verb, subject, scope)
     try:
         client = transport.agent(direct=direct)
         if client is not None:
@@ -92,15 +91,3 @@ def change(verb: str, subject: str, values: Values) -> None:
     status = report.show(verb, run, selected=scope.filters is not None, hint=hint)
     if status:
         raise SystemExit(status)
-
-
-def _python(verb: str, subject: str, scope: Scope) -> bool:
-    """A CPython patch, which the agent does not carry yet: the artifact says so
-    (apply, update), or a process's interpreter page records the id (remove)."""
-    if verb == "remove":
-        from micropatch.runtimes.cpython.states import carriers
-
-        return bool(carriers(subject, scope.pids or None))
-    from micropatch.trust.admission import runtime_of_file
-
-    return runtime_of_file(subject) == "cpython"

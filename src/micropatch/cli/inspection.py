@@ -13,7 +13,6 @@ from pathlib import Path
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 from rich import box
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -22,7 +21,7 @@ from micropatch.arch import Architecture, TrampolineLayout
 from micropatch.bodies.toolchain import Toolchain
 from micropatch.build.modulefile import check_identity, open_module, placeholder_cave
 from micropatch.build.plan import ModuleView, PlannedSite, plan_patch
-from micropatch.cli.options import escape, fail, out
+from micropatch.cli.options import escape, fail, out, short, table_console
 from micropatch.errors import MicropatchError
 from micropatch.live.cave import read_caves
 from micropatch.live.mapped import LoadedModule, find_module, symbol_address
@@ -219,7 +218,7 @@ def _print_header(patch: Patch, built: Artifact | None) -> None:
         ),
         highlight=False,
     )
-    keyids = ", ".join(s.keyid[:16] + "…" for s in built.signatures) or "none"
+    keyids = ", ".join(short(s.keyid) for s in built.signatures) or "none"
     out.print(
         f"  signatures by key {keyids} (not checked here: `micropatch verify`)", highlight=False
     )
@@ -364,7 +363,7 @@ def show(artifact_file: Path, module: Path | None, pid: int | None) -> None:
     except MicropatchError as e:
         raise fail(str(e)) from None
     # Side by side needs room: when the output is not a terminal, do not squeeze it.
-    console = out if out.is_terminal else Console(width=1000, soft_wrap=True)
+    console = table_console()
     for view in views:
         console.print()
         console.print(Text(view.title, style="bold"))

@@ -38,6 +38,8 @@ def _options(
             "--verbose",
             "-v",
             count=True,
+            show_default=False,
+            metavar="",
             help="Log what the engine does: -v each operation, -vv every stop, write, "
             "move, retry and rollback.",
         ),
@@ -65,8 +67,11 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
         raise say.fail("name the processes with --pid PID (repeatable), or use --all")
     from micropatch.process.watchdog import watching
 
-    pids = engines.patched_pids() if all_ else list(pid or [])
-    failures = 0
+    # --all: the patched processes a look without a stop cannot tell settled (each is
+    # stopped only if so); --pid: those named, each in its stop.
+    patched = engines.patched_pids() if all_ else []
+    pids = [p for p in patched if engines.needs_repair(p)] if all_ else list(pid or [])
+    failures = repaired = 0
     for p in pids:
         try:
             with watching():
@@ -75,8 +80,16 @@ def repair(pid: PidOption = None, all_: AllOption = False) -> None:
             failures += 1
             say.failed(f"pid {p}: {e}")
             continue
-        for line in done or ["nothing to repair"]:
+        repaired += bool(done)
+        if not done and not all_:  # --all: only what was repaired, then a summary
+            done = ["nothing to repair"]
+        for line in done:
             say.plain(f"pid {p}: {line}")
+    if all_:
+        processes = f"{len(patched)} patched process{'' if len(patched) == 1 else 'es'}"
+        say.plain(
+            f"repair: {processes}, {len(pids)} to look at, {repaired} repaired, {failures} failed"
+        )
     if failures:
         raise typer.Exit(1)
 
@@ -149,10 +162,32 @@ ADDERS: dict[str, Callable[[typer.Typer], None]] = {
 }
 
 
+def _one_suggestion() -> dict[str, Any]:
+    """What makes a mistyped command get one "Did you mean …": click 8.4+ says it
+    itself (NoSuchCommand), and typer 0.20 (suggest_commands) would say it again."""
+    import inspect
+
+    import click.exceptions
+
+    if hasattr(click.exceptions, "NoSuchCommand") and (
+        "suggest_commands" in inspect.signature(typer.Typer).parameters
+    ):
+        return {"suggest_commands": False}
+    return {}
+
+
 def app_for(command: str | None = None) -> typer.Typer:
     """The app with `command` and the commands of its module; every command for
     None or a name that is not a command (then typer says so, with suggestions)."""
-    app = typer.Typer(help=HELP, no_args_is_help=True, add_completion=False)
+    app = typer.Typer(
+        help=HELP,
+        no_args_is_help=True,
+        add_completion=False,
+        # Help is Markdown: a docstring's paragraphs are reflowed to the width of the
+        # terminal (80 when piped), not broken where the source breaks its lines.
+        rich_markup_mode="markdown",
+        **_one_suggestion(),
+    )
     app.callback()(_options)
     register = ADDERS.get(command or "")
     for add in [register] if register is not None else dict.fromkeys(ADDERS.values()):

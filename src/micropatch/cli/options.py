@@ -17,6 +17,8 @@ from micropatch.cli import scope
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from micropatch.trust.keys import PublicKey
+
 
 class _LazyConsole:
     """A rich Console made on first use: importing rich.console costs ~40 ms,
@@ -65,6 +67,27 @@ def stdout_console() -> Console:
 def stderr_console() -> Console:
     """The real Console behind `err`, for rich objects that take a console."""
     return _err.get()
+
+
+def short(text: str, keep: int = 16) -> str:
+    """A hash or key id as printed: its first `keep` characters and `…` on a terminal,
+    whole when the output goes to a program (piped, redirected), which matches it."""
+    return text[:keep] + "…" if _out.get().is_terminal and len(text) > keep else text
+
+
+def key_text(public: PublicKey) -> str:
+    """A key as printed: its name and id (`short`)."""
+    return f"key {public.name!r} ({short(public.keyid)})"
+
+
+def table_console() -> Console:
+    """The console a table is printed on: the terminal's; when the output is not a
+    terminal, one wide enough that no cell is cut with `…` or wrapped mid-token."""
+    if _out.get().is_terminal:
+        return _out.get()
+    from rich.console import Console
+
+    return Console(width=1000, soft_wrap=True, highlight=False)
 
 
 # The options other commands share with the process commands: one help text (scope.py).

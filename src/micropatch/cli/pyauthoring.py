@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from micropatch.cli.options import fail, out, warn
+from micropatch.cli.options import fail, out, short, table_console, warn
 from micropatch.errors import MicropatchError
 from micropatch.trust.admission import AdmittedPython
 from micropatch.trust.artifact import PythonArtifact
@@ -39,13 +39,11 @@ def build_python(
     p = built.payload
     table = Table("patchlet", "function", "kind", "original code", "patched code")
     for f in p.functions:
-        table.add_row(
-            str(f.patchlet), f.signature, f.kind, f.expect[:16] + "…", f.patched[:16] + "…"
-        )
-    out.print(table)
+        table.add_row(str(f.patchlet), f.signature, f.kind, short(f.expect), short(f.patched))
+    table_console().print(table)
     out.print(
         f"[green]✓[/] built {p.patch.id} v{p.patch.version} for {escape(p.module.name)} (sha256 "
-        f"{p.module.sha256[:16]}…), CPython {p.python.version}: {escape(str(written))}",
+        f"{short(p.module.sha256)}), CPython {p.python.version}: {escape(str(written))}",
         highlight=False,
     )
     say_signed(built.id, written, signer)

@@ -76,12 +76,17 @@ def show(
 
 
 def outcome_line(o: dict[str, Any]) -> str:
-    """`applied fix v2 (1 site) in pid 42; paused 0.91 ms` from live.Outcome's fields."""
+    """`applied fix v2 (1 site) in pid 42; paused 0.91 ms` from live.Outcome's fields; a
+    CPython patch's (runtimes.base.Outcome: `waited`) counts functions, and says when
+    it was in force."""
     version = f" v{o['version']}" if o["version"] is not None else ""
+    python = "waited" in o
+    what = "function" if python else "site"
+    in_force = f"in force after {o['waited'] * 1e3:.1f} ms, " if python else ""
     return (
         f"{o['action']} {o['patch_id']}{version} "
-        f"({o['sites']} site{'s' if o['sites'] != 1 else ''}) in pid {o['pid']}; "
-        f"paused {o['paused'] * 1e3:.2f} ms"
+        f"({o['sites']} {what}{'s' if o['sites'] != 1 else ''}) in pid {o['pid']}; "
+        f"{in_force}paused {o['paused'] * 1e3:.2f} ms"
         + (f" after {o['attempts']} attempts" if o["attempts"] > 1 else "")
     )
 

@@ -37,7 +37,7 @@ RepositoryUrlOption = Annotated[
     str | None,
     typer.Option(
         help="The URL agents fetch the TUF repository from (a web server or CDN serving "
-        "DATA_DIR/repository/public); default: this server's /repository."
+        "the directory repository/public of DATA_DIR); default: this server's /repository."
     ),
 ]
 WORKERS_HELP = (
@@ -85,6 +85,18 @@ def publish(
             f"(micropatch build {artifact} --module MODULE_FILE --key KEY.key writes "
             "ID-vVERSION-HASH.mpatch)"
         )
+    from micropatch.errors import MicropatchError
+    from micropatch.trust.envelope import read_envelope
+
+    try:  # what the server would refuse, said here with the file's own name
+        envelope = read_envelope(data, str(artifact))
+    except MicropatchError as e:
+        raise fail(str(e)) from None
+    if not envelope.signatures:
+        raise fail(
+            f"{artifact}: is not signed, and a fleet server takes only signed artifacts: sign "
+            f"it with `micropatch sign {artifact} --key KEY.key` (or build it with --key)"
+        )
     try:
         response = httpx.post(
             f"{server.rstrip('/')}/api/v1/patches",
@@ -92,6 +104,8 @@ def publish(
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
             timeout=60,
         )
+    except httpx.ConnectError as e:
+        raise fail(f"{server}: cannot connect ({e}): is a fleet server listening there?") from None
     except httpx.HTTPError as e:
         raise fail(f"{server}: {e}") from None
     if response.status_code >= 400:

@@ -32,9 +32,20 @@ NameArgument = Annotated[str, typer.Argument(help="The user name.")]
 
 
 def _in_session(data_dir: Path, database: str | None, work: Callable[[Session], T]) -> T:
-    """`work` in a writing transaction of the data directory's database; its error, said."""
+    """`work` in a writing transaction of the data directory's database; its error, said.
+
+    Its database in the data directory (SQLite) is used only where a repository is
+    (`repo init` first, as `server run` requires): a mistyped --data-dir would
+    otherwise get a new database of its own, and its users and tokens nowhere."""
     from micropatch.errors import MicropatchError
 
+    if database is None:
+        from micropatch.server.install import check_repository
+
+        try:
+            check_repository(data_dir)
+        except MicropatchError as e:
+            raise fail(f"{e} (is {data_dir} the server's --data-dir?)") from None
     try:
         db = open_database(data_dir, database)
         try:

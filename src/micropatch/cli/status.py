@@ -28,9 +28,6 @@ def run(values: Values) -> None:
             answer = client.call("process-status", pids=named)
             states = answer["states"]
             unread = [(pid, from_wire(fields)) for pid, fields in answer["unread"]]
-            python, python_unread = _read_python(named)  # the agent carries none yet
-            states += python
-            unread += [(p, e) for p, e in python_unread if p not in {q for q, _ in unread}]
         else:
             states, unread = _read(named)
     except MicropatchError as e:
@@ -78,24 +75,6 @@ def _read(named: list[int]) -> tuple[list[dict[str, Any]], list[tuple[int, Micro
             states += status(pid)
         except MicropatchError as e:
             unread.append((pid, e))
-    return states, unread
-
-
-def _read_python(
-    named: list[int],
-) -> tuple[list[dict[str, Any]], list[tuple[int, MicropatchError]]]:
-    """The CPython patches, read here (from each interpreter's page)."""
-    from dataclasses import asdict
-
-    from micropatch.runtimes.cpython.states import patched_pids, status
-
-    states, unread = [], []
-    for pid in named or patched_pids():
-        try:
-            states += [asdict(s) for s in status(pid)]
-        except MicropatchError as e:
-            if named:
-                unread.append((pid, e))
     return states, unread
 
 

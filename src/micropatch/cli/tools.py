@@ -70,7 +70,7 @@ def functions(module: ModuleArgument, as_json: JsonOption = False) -> None:
             text += "  " + (" ".join(hint) if hint else "(no strings or imports)")
         print(f"{f.start:#10x} {f.end:#10x} {f.size:7d}  {f.source:<8}  {text}")
     unnamed = sum(e.function.name is None for e in entries)
-    print(f"{len(entries)} functions, {unnamed} unnamed", file=sys.stderr)
+    print(f"{_count(len(entries), 'function')}, {unnamed} unnamed", file=sys.stderr)
 
 
 @explore_app.command("show")
@@ -104,8 +104,12 @@ def show(
 def _print_shown(shown: Shown, context: int | None) -> None:
     f = shown.function
     print(f"{f.label}: {f.start:#x}-{f.end:#x}, {f.size} bytes (bounds from {f.source})")
-    callers = ", ".join(f"{c.label} at {ip:#x}" for c, ip in shown.callers) or (
-        "no direct call (called through a pointer, or not at all)"
+    callers = (
+        ", ".join(
+            f"{c.label} at {ip:#x}" + (f" (through {through})" if through else "")
+            for c, ip, through in shown.callers
+        )
+        or "none in this module (called from another module, through a pointer, or not at all)"
     )
     print(f"callers: {callers}")
     seen: dict[str, None] = {}
@@ -194,7 +198,8 @@ def xref(
         _dump({"query": query, "kind": used, "references": [h.as_json() for h in hits]})
         return
     functions = {h.function.start for h in hits}
-    print(f"{query!r} read as a {used}: {len(hits)} references in {len(functions)} functions")
+    references = _count(len(hits), "reference")
+    print(f"{query!r} read as a {used}: {references} in {_count(len(functions), 'function')}")
     for hit in hits:
         f, r = hit.function, hit.reference
         what = _quote(r.name) if r.kind == "string" and r.name else (r.name or r.kind)
@@ -277,3 +282,7 @@ def register(app: typer.Typer) -> None:
     """Add `explore` and `diff` to the `micropatch` app."""
     app.add_typer(explore_app, name="explore")
     app.command()(diff)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"

@@ -70,7 +70,7 @@ def through_agent(
     arguments: dict[str, Any] = {
         "pids": scope.pids,
         "filters": scope.filters,
-        **{k: values[k] for k in ("retries", "stop_timeout", "lock_timeout")},
+        **{k: values.get(k) for k in ("retries", "stop_timeout", "lock_timeout", "timeout")},
     }
     if verb == "remove":
         arguments["patch_id"] = subject

@@ -25,7 +25,8 @@ _R_X86_64_GLOB_DAT = 6
 _R_X86_64_JUMP_SLOT = 7
 # An executable's copy of imported data (stderr) is named by its R_X86_64_COPY.
 _NAMED_SLOTS = (_R_X86_64_JUMP_SLOT, _R_X86_64_GLOB_DAT, _R_X86_64_COPY)
-_PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
+# The sections of PLT stubs: code that jumps to an import, not a function of the module.
+PLT_SECTIONS = (".plt", ".plt.sec", ".plt.got")
 _JMP_RIP = b"\xff\x25"  # jmp qword ptr [rip+rel32], possibly after a bnd (f2) prefix
 _DEFAULT_ENTRY = 16
 
@@ -46,7 +47,7 @@ def read_imports(image: ElfImage, sections: SectionMap) -> Imports:
     """Read the import slots from the relocations and name the PLT stubs after them."""
     slots = _slots(image)
     stubs: dict[int, str] = {}
-    for name in _PLT_SECTIONS:
+    for name in PLT_SECTIONS:
         section = sections.named(name)
         if section is None or not section.file_backed:
             continue

@@ -30,7 +30,7 @@ from micropatch.live.safety import Entering
 from micropatch.process.world import STOP_TIMEOUT
 
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
-    from micropatch.build.plan import PlannedSite
+    from micropatch.live.placed import Placed
     from micropatch.patch.view import PatchView
     from micropatch.trust.admission import Admitted
 
@@ -126,7 +126,7 @@ def refuse(change: Change, process: str, caves: list[Cave], old: AppliedPatch | 
         )
 
 
-def expected_sites(planned: list[PlannedSite], replacing: AppliedPatch | None) -> list[SiteCheck]:
+def expected_sites(planned: list[Placed], replacing: AppliedPatch | None) -> list[SiteCheck]:
     """What every site must hold: the module file's bytes, or, where the patch being
     replaced has a site, its jump. `expect` may reach past the site (up to `resume`):
     all of it must match."""
@@ -146,7 +146,7 @@ def decide(
     caves: list[Cave],
     process: str,
     module: LoadedModule | None = None,
-    planned: list[PlannedSite] | None = None,
+    planned: list[Placed] | None = None,
 ) -> Commit:
     """The commit of `change` against `caves`, which it updates to the state it leaves.
     Adding needs the module's cave among `caves` (the engine makes it first)."""
@@ -188,7 +188,7 @@ def record(cave: Cave) -> list[tuple[int, bytes]]:
 
 
 def _trampolines(
-    cave: Cave, patch: PatchView, planned: list[PlannedSite]
+    cave: Cave, patch: PatchView, planned: list[Placed]
 ) -> tuple[AppliedPatch, list[TrampolineLayout], list[tuple[int, bytes]]]:
     sites, layouts, writes = [], [], []
     for p, layout, counter in layout_all(cave, planned):
@@ -217,9 +217,7 @@ def _trampolines(
     return new, layouts, writes
 
 
-def layout_all(
-    cave: Cave, planned: list[PlannedSite]
-) -> list[tuple[PlannedSite, TrampolineLayout, int]]:
+def layout_all(cave: Cave, planned: list[Placed]) -> list[tuple[Placed, TrampolineLayout, int]]:
     """Where each trampoline (and blocked-event counter, 0 if none) goes in the cave,
     and the trampoline laid out for that place."""
     taken = cave.registry.used_ranges()
@@ -245,7 +243,7 @@ def layout_all(
 
 
 def _first_free(
-    p: PlannedSite,
+    p: Placed,
     taken: list[tuple[int, int]],
     cave: Cave,
     code_end: int,

@@ -31,6 +31,7 @@ from micropatch.live.cave import Cave, cave_of, read_caves
 from micropatch.live.decide import Change, Commit, decide, expected_sites, find_applied, refuse
 from micropatch.live.lock import queued
 from micropatch.live.mapped import LoadedModule, ModuleCache, find_module, symbol_address
+from micropatch.live.placed import placed
 from micropatch.live.prepare import Prepared, prepare, provided, stub_range
 from micropatch.live.provision import provision, release, unprovision
 from micropatch.live.recovery import Recovered, recover
@@ -50,8 +51,8 @@ from micropatch.process.world import (
 )
 
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
-    from micropatch.build.plan import PlannedSite
     from micropatch.elf.location import Location
+    from micropatch.live.placed import Placed
     from micropatch.trust.admission import Admitted
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,10 @@ class Outcome:
     # cave (`live.provision`); the other threads ran meanwhile. 0: no cave was made.
     borrowed: float = 0.0
     recovered: tuple[str, ...] = ()  # what a killed patcher left, completed or rolled back
+    # The addresses of the blocked-event counters of the patch now applied, as its
+    # registry records them (for a caller that keeps them, the agent, without reading
+    # the registry again); None: not known (removed, or completed by recovery).
+    counters: tuple[int, ...] | None = None
 
 
 def apply(
@@ -172,7 +177,7 @@ def apply_held(
         module, planned = _plan(proc.pid, mappings, patch, modules or ModuleCache())
         _forget_remapped(proc, mappings, module)
         try:
-            sites, moved, _, _ = _transact(proc, change, module, planned, None, held=True)
+            sites, moved, _, _, counters = _transact(proc, change, module, planned, None, held=True)
         except Unsafe as e:
             raise UnsafeToPatch(
                 f"process {proc.pid}: not safe now: {e}; nothing was changed"
@@ -187,7 +192,9 @@ def apply_held(
         "process %d: applied %s in a held stop (%d sites, %d threads moved)",
         proc.pid, patch.id, sites, moved,
     )  # fmt: skip
-    return Outcome(proc.pid, patch.id, "applied", patch.version, sites, 1, paused, moved)
+    return Outcome(
+        proc.pid, patch.id, "applied", patch.version, sites, 1, paused, moved, counters=counters
+    )
 
 
 def _forget_remapped(proc: StoppedProcess, mappings: list[Mapping], module: LoadedModule) -> None:
@@ -254,7 +261,7 @@ def _attempts(change: Change, retries: int) -> Outcome:
 def _stops(
     change: Change,
     module: LoadedModule | None,
-    planned: list[PlannedSite] | None,
+    planned: list[Placed] | None,
     retries: int,
 ) -> Outcome:
     """The attempts: provision a cave if needed, stop, transact, resume (`_attempts`)."""
@@ -274,7 +281,7 @@ def _stops(
                     borrowed += held
                     prepared = provided(change, module, planned, prepared, provisioned)
                 with stop_world(change.pid, timeout=change.stop_timeout) as proc:
-                    sites, moved, recovered, emptied = _transact(
+                    sites, moved, recovered, emptied, counters = _transact(
                         proc, change, module, planned, prepared
                     )
             except ProcessNotFound:
@@ -300,7 +307,7 @@ def _stops(
             version = change.add.version if change.add else None
             return Outcome(
                 change.pid, change.patch_id, change.action, version, sites, attempt,
-                proc.paused, moved, borrowed, tuple(recovered.done),
+                proc.paused, moved, borrowed, tuple(recovered.done), counters,
             )  # fmt: skip
     except BaseException as e:
         if provisioned is not None and not isinstance(e, ProcessExited):
@@ -320,14 +327,15 @@ def _transact(
     proc: StoppedProcess,
     change: Change,
     module: LoadedModule | None,
-    planned: list[PlannedSite] | None,
+    planned: list[Placed] | None,
     prepared: Prepared | None,
     *,
     held: bool = False,
-) -> tuple[int, int, Recovered, list[Cave]]:
+) -> tuple[int, int, Recovered, list[Cave], tuple[int, ...] | None]:
     """One attempt inside the stop: the number of sites now patched (or restored), the
-    number of threads moved, what recovery did, and the caves left empty, for the
-    caller to unmap after the stop (`held`: unmapped here, the caller's stop goes on).
+    number of threads moved, what recovery did, the caves left empty, for the
+    caller to unmap after the stop (`held`: unmapped here, the caller's stop goes on),
+    and the blocked-event counters of the patch applied (None: none was written here).
 
     Fast path: the decision `prepared` made before the stop, once its registries are
     proved unchanged. Otherwise everything is read and decided here, after
@@ -353,7 +361,7 @@ def _transact(
             caves = read_caves(proc.memory, mappings)
             settled = _settled(change, caves, recovered)
             if settled is not None:
-                return settled, 0, recovered, []
+                return settled, 0, recovered, [], None
             if module is not None and cave_of(caves, module) is None:
                 _first_cave(tx, change, caves, module, planned)
             made = decide(change, caves, proc.status.name, module, planned)
@@ -371,23 +379,23 @@ def _transact(
         raise
     finally:
         tx.close()
-    return made.sites, len(placement.pending), recovered, emptied
+    counters = None if made.new is None else tuple(s.counter for s in made.new.sites if s.counter)
+    return made.sites, len(placement.pending), recovered, emptied, counters
 
 
 def _plan(
     pid: int, mappings: list[Mapping], patch: Admitted, modules: ModuleCache
-) -> tuple[LoadedModule, list[PlannedSite]]:
-    """The patch's module in the process, and the patch planned at its address."""
+) -> tuple[LoadedModule, list[Placed]]:
+    """The patch's module in the process, and the patch placed at its address."""
     module = find_module(pid, mappings, patch.patch.target, modules)
 
     def external(location: Location) -> int:
         return symbol_address(pid, mappings, location, modules)
 
-    plan = modules.plan(patch, module, external)
-    return module, plan.at(module, patch.toolchain, external)
+    return module, placed(patch, module, modules, external)
 
 
-def _entering(planned: list[PlannedSite] | None) -> list[Entering]:
+def _entering(planned: list[Placed] | None) -> list[Entering]:
     return [Entering(p.site, p.resume is None, p.where) for p in planned or []]
 
 
@@ -396,7 +404,7 @@ def _first_cave(
     change: Change,
     caves: list[Cave],
     module: LoadedModule,
-    planned: list[PlannedSite] | None,
+    planned: list[Placed] | None,
 ) -> None:
     """Map the module's first cave inside the stop (a held stop, or a prepared one that
     no longer holds), once nothing else refuses the change: a refused change maps none."""

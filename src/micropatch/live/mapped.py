@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from micropatch.errors import ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
+from micropatch.errors import ElfError, ModuleMismatch, ModuleNotLoaded, TracePermissionDenied
 from micropatch.process.maps import Mapping
 from micropatch.process.procfs import process_name
 
@@ -28,14 +30,39 @@ if TYPE_CHECKING:  # at run time only the functions that read a module load the 
 CAVE_PREFIX = "/memfd:micropatch"
 
 
+class ModuleFile:
+    """A module file as a process maps it, read once: its identity at once, its parsed
+    ELF image (pyelftools) on first use. Applying an artifact whose trampolines are
+    precomputed needs only the identity (`live.placed`); planning a source, or
+    resolving another module's symbol, reads the image."""
+
+    def __init__(self, data: bytes, name: str, identity: ModuleIdentity) -> None:
+        self.data = data
+        self.name = name
+        self.identity = identity
+
+    @cached_property
+    def image(self) -> ElfImage:
+        from micropatch.elf.image import ElfImage
+
+        return ElfImage(self.data, self.name)
+
+
 @dataclass(frozen=True)
 class LoadedModule:
     pid: int
     path: str
     base: int  # address of the module's file offset 0: module offset 0
     mappings: tuple[Mapping, ...]
-    identity: ModuleIdentity
-    image: ElfImage
+    file: ModuleFile
+
+    @property
+    def identity(self) -> ModuleIdentity:
+        return self.file.identity
+
+    @property
+    def image(self) -> ElfImage:
+        return self.file.image
 
     @property
     def name(self) -> str:
@@ -63,8 +90,7 @@ class ModuleCache:
     def __init__(self, max_entries: int = 8, max_plans: int = 64) -> None:
         self.max_entries = max_entries
         self.max_plans = max_plans
-        self._entries: OrderedDict[tuple[int, int, int, int], tuple[ModuleIdentity, ElfImage]]
-        self._entries = OrderedDict()
+        self._entries: OrderedDict[tuple[int, int, int, int], ModuleFile] = OrderedDict()
         self._plans: OrderedDict[str, ModulePlan] = OrderedDict()  # by artifact id
 
     def plan(
@@ -83,7 +109,7 @@ class ModuleCache:
             not isinstance(patch, RecordedPatch)
             or patch.module is None
             or envelope is None
-            or not _built_for(patch.module, module.identity)
+            or not built_for(patch.module, module.identity)
         ):
             # Recorded offsets hold for the build they were recorded on; `find_module`
             # refuses any other build first, and here it would be planned afresh.
@@ -98,7 +124,7 @@ class ModuleCache:
         self._plans.move_to_end(key)
         return plan
 
-    def get(self, file: BinaryIO) -> tuple[ModuleIdentity, ElfImage]:
+    def get(self, file: BinaryIO) -> ModuleFile:
         with file:
             st = os.fstat(file.fileno())
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
@@ -107,18 +133,22 @@ class ModuleCache:
                 self._entries.move_to_end(key)
                 return entry
             from micropatch.elf.identity import identify
-            from micropatch.elf.image import ElfImage
 
             identity = identify(file)
-            file.seek(0)
-            entry = (identity, ElfImage.from_file(file))
+            name = Path(file.name).name if isinstance(file.name, str) else "module"
+            try:
+                file.seek(0)
+                data = file.read()
+            except OSError as exc:
+                raise ElfError(f"cannot read module file {name}: {exc.strerror}") from exc
+            entry = ModuleFile(data, name, identity)
         self._entries[key] = entry
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return entry
 
 
-def _built_for(recorded: ModuleFact, identity: ModuleIdentity) -> bool:
+def built_for(recorded: ModuleFact, identity: ModuleIdentity) -> bool:
     """`identity` is the build an artifact recorded: the same file, or the same
     build-id (the same link, stripped or not: code at the same offsets)."""
     if identity.sha256 == recorded.sha256.lower():
@@ -168,7 +198,7 @@ def symbol_address(
             f"{location.module}; nothing was changed"
         )
     first = groups[0][0]
-    _, image = (cache or ModuleCache(1)).get(_open_mapped_file(pid, first))
+    image = (cache or ModuleCache(1)).get(_open_mapped_file(pid, first)).image
     base = next((m.start for m in groups[0] if m.offset == 0), first.start)
     symbol = f"{location.symbol}+{location.addend:#x}" if location.addend else str(location.symbol)
     return base + image.resolve(symbol)
@@ -193,7 +223,8 @@ def find_module(
     mismatches = []
     for group in groups:
         file = _open_mapped_file(pid, group[0])
-        identity, image = cache.get(file)
+        module_file = cache.get(file)
+        identity = module_file.identity
         problems = []
         if target.build_id and identity.build_id != target.build_id.lower():
             problems.append(f"build-id {identity.build_id or 'none'} (patch: {target.build_id})")
@@ -201,7 +232,7 @@ def find_module(
             problems.append(f"sha256 {identity.sha256} (patch: {target.sha256})")
         if not problems:
             base = next((m.start for m in group if m.offset == 0), group[0].start)
-            return LoadedModule(pid, group[0].file_path, base, tuple(group), identity, image)
+            return LoadedModule(pid, group[0].file_path, base, tuple(group), module_file)
         mismatches.append(f"{group[0].path} has " + " and ".join(problems))
     raise ModuleMismatch(
         f"process {pid} ({process_name(pid)}) maps another build of {target.module}: "

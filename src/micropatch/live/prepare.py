@@ -32,7 +32,7 @@ from micropatch.process.procfs import process_name
 from micropatch.process.stub import slack
 
 if TYPE_CHECKING:  # the planner, the assembler and the patch models load only where used
-    from micropatch.build.plan import PlannedSite
+    from micropatch.live.placed import Placed
 
 
 @dataclass
@@ -67,7 +67,7 @@ def stub_range(memory: Memory, mappings: list[Mapping]) -> range:
 def prepare(
     change: Change,
     module: LoadedModule | None = None,
-    planned: list[PlannedSite] | None = None,
+    planned: list[Placed] | None = None,
 ) -> Prepared:
     """Read the process as it runs and decide the change from that reading, if it can
     be: nothing to recover, a cave to put the patch in, no error. Never raises for the
@@ -108,7 +108,7 @@ def prepare(
 def provided(
     change: Change,
     module: LoadedModule,
-    planned: list[PlannedSite],
+    planned: list[Placed],
     first: Prepared,
     cave: int,
 ) -> Prepared:

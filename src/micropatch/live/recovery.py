@@ -36,6 +36,7 @@ import zlib
 from dataclasses import dataclass, field
 
 from micropatch.arch.x86_64.abi import SYS_CLOSE, SYS_MUNMAP
+from micropatch.errors import MicropatchError
 from micropatch.live.cave import CAVE_SIZE, orphan_caves, read_caves
 from micropatch.live.commit import finish, move_thread, store
 from micropatch.live.mapped import CAVE_PREFIX
@@ -69,12 +70,30 @@ class Recovered:
 def needs_recovery(proc: StoppedProcess, mappings: list[Mapping], *, retired: bool = False) -> bool:
     """Whether anything is left to resolve (with `retired`, trampolines to free and
     empty caves to unmap too)."""
-    caves = read_caves(proc.memory, mappings)
+    return _left(proc.memory, proc.pid, mappings, retired=retired)
+
+
+def settled(pid: int) -> bool:
+    """True if `repair` would find nothing to do in process `pid` (`retired` included),
+    read without stopping it, as `status` reads; False when that cannot be told (a
+    registry read half written, a process that cannot be read): the caller repairs it
+    in a stop then. A patcher at work meanwhile is no concern: what it may leave, the
+    next command on the process resolves."""
+    try:
+        mappings = read_maps(pid)
+        with Memory(pid, writable=False) as memory:
+            return not _left(memory, pid, mappings, retired=True)
+    except (MicropatchError, OSError):
+        return False
+
+
+def _left(memory: Memory, pid: int, mappings: list[Mapping], *, retired: bool) -> bool:
+    caves = read_caves(memory, mappings)
     return bool(
         any(p.state != APPLIED for c in caves for p in c.registry.patches)
         or (retired and any(c.registry.retired or not c.registry.patches for c in caves))
-        or orphan_caves(proc.memory, mappings, caves)
-        or leaked_fds(proc.pid)
+        or orphan_caves(memory, mappings, caves)
+        or leaked_fds(pid)
     )
 
 

@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from micropatch.errors import ProcessExited, ProcessNotFound, TracePermissionDenied
+from micropatch.errors import (
+    MicropatchError,
+    ProcessExited,
+    ProcessNotFound,
+    TracePermissionDenied,
+)
 
 YAMA_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
 
@@ -73,6 +78,23 @@ def start_time(pid: int) -> int:
 
     With the pid, it names a process for good: a pid is reused, the pair is not."""
     return parse_start_time(read_proc_text(pid, "stat"))
+
+
+def started_at(pid: int) -> float:
+    """When the process started, in seconds since the epoch (the boot time in
+    /proc/stat plus its start time in clock ticks)."""
+    ticks = start_time(pid)
+    with open("/proc/stat") as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def start_or_none(pid: int) -> int | None:
+    """`start_time`, or None if the process is gone (or cannot be read)."""
+    try:
+        return start_time(pid)
+    except MicropatchError:
+        return None
 
 
 def parse_start_time(stat: str) -> int:

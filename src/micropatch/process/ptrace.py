@@ -22,6 +22,12 @@ from micropatch.process.linux import (
 
 # The libc this interpreter runs with, by its handle (dlopen(NULL)): no search for it,
 # which `ctypes.util.find_library` does by running `ldconfig -p` in a child process.
+# CDLL, not PyDLL: the interpreter lock is let go during each call. Holding it would
+# save a little CPU per stop (another thread may take the lock between requests), but
+# PTRACE_SEIZE waits for the target's cred_guard_mutex, which a thread inside execve
+# holds — on kernels before 6.8 also while fanotify holds its exec open for the agent.
+# With the lock held there, the agent's reader and hold watchdog could never run to
+# allow that open: the agent, the exec and every held open would wait forever.
 _libc = ctypes.CDLL(None, use_errno=True)
 _ptrace = _libc.ptrace
 _ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]

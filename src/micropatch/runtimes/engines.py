@@ -110,6 +110,22 @@ def _in_flight(pid: int, state: str) -> dict[str, Any]:
     return asdict(PatchState(pid, process_name(pid), "?", "?", 0, "", 0.0, (), None, state))
 
 
+def needs_repair(pid: int) -> bool:
+    """Whether `repair(pid)` may have something to do, told without stopping the
+    process where it can be (its native caves read as `status` reads them); a process
+    with a CPython page is repaired in any case."""
+    from micropatch.live.recovery import settled
+    from micropatch.runtimes.cpython.page import MAPS_NAME
+
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            if MAPS_NAME in f.read():
+                return True
+    except OSError:
+        return True  # gone, or unreadable: `repair` says which
+    return not settled(pid)
+
+
 def repair(pid: int) -> list[str]:
     """Settle what killed patchers left in `pid`, in either runtime; what was done."""
     from micropatch import live

@@ -55,6 +55,16 @@ class Reference(NamedTuple):
     name: str | None
 
 
+class Caller(NamedTuple):
+    """A call to a function at `ip` in `function`; `through` is the import it goes
+    through (`name@plt`: its PLT stub, `name@got`: its GOT slot, -fno-plt), None
+    for a direct call."""
+
+    function: Function
+    ip: int
+    through: str | None
+
+
 @dataclass(frozen=True)
 class Analysis:
     """The facts of one function the tools need, from one sweep of its code.
@@ -238,14 +248,29 @@ class ModuleAnalysis:
         """The analyses of every function, in address order."""
         return [self.analyse(f) for f in self.functions]
 
-    def callers(self, start: int) -> list[tuple[Function, int]]:
-        """(function, call site) of every call or tail call to `start` in the module."""
-        return [
-            (a.function, r.ip)
-            for a in self.analyses()
-            for r in a.references
-            if r.kind in ("call", "tailcall") and r.target == start
-        ]
+    def callers(self, start: int) -> list[Caller]:
+        """Every call or tail call to the function at `start` in the module: direct,
+        or through the PLT stub (or GOT slot) of a name it exports, the way a library
+        calls its own interposable functions (`call parse@plt`)."""
+        function = self._by_start.get(start)
+        names = self.exported_names(function) if function is not None else frozenset()
+        found = []
+        for analysis in self.analyses():
+            for r in analysis.references:
+                if r.kind in ("call", "tailcall") and r.target == start:
+                    found.append(Caller(analysis.function, r.ip, None))
+                elif r.kind == "import" and r.name in names:
+                    via = "plt" if r.target in self.imports.stubs else "got"
+                    found.append(Caller(analysis.function, r.ip, f"{r.name}@{via}"))
+        return found
+
+    def exported_names(self, function: Function) -> frozenset[str]:
+        """The names of `function` its module also imports: code of the module calls
+        it through the PLT by these names (a relocation names `gzclose_w`, the symbol
+        `gzclose_w@@ZLIB_1.2.3.5`)."""
+        imported = set(self.imports.slots.values())
+        names = {n.split("@", 1)[0] for n in (function.label, *function.aliases)}  # versions
+        return frozenset(names & imported)
 
     def _classify(self, address: int) -> tuple[RefKind, str | None]:
         known = self._kinds.get(address)

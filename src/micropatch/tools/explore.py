@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from micropatch.errors import SiteError
-from micropatch.tools.analysis import CALL_KINDS, ModuleAnalysis, Reference
+from micropatch.tools.analysis import CALL_KINDS, Caller, ModuleAnalysis, Reference
 from micropatch.tools.functions import Function
 from micropatch.tools.insn import near_branch_target, plan_site
 
@@ -122,7 +122,7 @@ class Shown:
 
     function: Function
     asked: int
-    callers: list[tuple[Function, int]]
+    callers: list[Caller]
     references: tuple[Reference, ...]
     lines: list[Line] = field(default_factory=list)
 
@@ -131,7 +131,8 @@ class Shown:
             "function": FunctionEntry(self.function).as_json(),
             "asked": self.asked,
             "callers": [
-                {"function": f.start, "name": f.name, "call_site": ip} for f, ip in self.callers
+                {"function": f.start, "name": f.name, "call_site": ip, "through": through}
+                for f, ip, through in self.callers
             ],
             "callees": [_reference_json(r) for r in self.references if r.kind in CALL_KINDS],
             "strings": [_reference_json(r) for r in self.references if r.kind == "string"],

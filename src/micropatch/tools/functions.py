@@ -6,6 +6,7 @@ import bisect
 from dataclasses import dataclass
 
 from micropatch.elf.image import ElfImage
+from micropatch.elf.plt import PLT_SECTIONS
 from micropatch.elf.sections import SectionMap
 
 
@@ -39,7 +40,9 @@ def list_functions(image: ElfImage, sections: SectionMap) -> list[Function]:
     Sized function symbols come first (.symtab, then .dynsym; aliases at one
     address become one function, its largest size winning). Then every
     .eh_frame FDE that starts outside all of them: the unwinder needs an FDE
-    for every function gcc emits, and strip keeps .eh_frame.
+    for every function gcc emits, and strip keeps .eh_frame. The PLT's FDEs
+    are left out: its stubs jump to imports, they are not the module's functions
+    (nor callers of the function whose stub they are).
     """
     by_start: dict[int, tuple[int, list[str], str]] = {}
     for symbol in image.function_symbols():
@@ -55,6 +58,8 @@ def list_functions(image: ElfImage, sections: SectionMap) -> list[Function]:
     for start, end in image.fde_ranges():
         section = sections.containing(start)
         if end <= start or start in by_start or section is None or not section.executable:
+            continue
+        if section.name in PLT_SECTIONS:
             continue
         if _covered(named, start):
             continue

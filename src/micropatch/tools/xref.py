@@ -100,16 +100,16 @@ def _matches_string(text: str) -> _Predicate:
 
 
 def _matches_function(index: ModuleAnalysis, query: str) -> _Predicate:
+    """Calls and jumps to the function, and its address taken; for an imported name,
+    calls through its PLT stub or GOT slot. A library that exports a function and
+    calls it through the PLT (interposable) has both, under one name."""
     imported = set(index.imports.slots.values()) | set(index.imports.stubs.values())
-    if query in imported:
-
-        def imported_wanted(reference: Reference) -> bool:
-            return reference.kind in ("import", "import-data") and reference.name == query
-
-        return imported_wanted
-    start = index.find(query).start
+    local = index.named(query) if query in imported else [index.find(query)]
+    start = local[0].start if len(local) == 1 else None
 
     def wanted(reference: Reference) -> bool:
+        if reference.kind in ("import", "import-data"):
+            return reference.name == query
         return reference.kind in ("call", "tailcall", "function") and reference.target == start
 
     return wanted

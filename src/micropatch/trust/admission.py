@@ -22,13 +22,12 @@ The rules:
 from __future__ import annotations
 
 import datetime
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from micropatch.bodies.toolchain import Toolchain
 from micropatch.errors import MicropatchError, NotAdmitted
 from micropatch.trust.envelope import Envelope, read, read_envelope
 from micropatch.trust.keys import PublicKey
@@ -36,6 +35,8 @@ from micropatch.trust.recorded import recorded_patch
 from micropatch.trust.signatures import Verification, verify_signatures
 
 if TYPE_CHECKING:
+    from micropatch.bodies.cbody import CompiledC
+    from micropatch.bodies.toolchain import Toolchain
     from micropatch.patch.python import PythonPatch
     from micropatch.patch.view import PatchView
     from micropatch.trust.artifact import Artifact, PythonArtifact
@@ -74,11 +75,23 @@ class Admitted(_Admission):
     """A patch admission lets through, with the toolchain that compiles its bodies."""
 
     patch: PatchView
-    toolchain: Toolchain
     envelope: Envelope | None = None  # None: an unsigned TOML source
     verification: Verification | None = None  # None: signatures were not checked
     warnings: tuple[str, ...] = ()
+    compiled: Mapping[str, CompiledC] = field(default_factory=dict)  # signed C bodies
+    source_toolchain: Toolchain | None = None  # an unsigned source's (the caller's)
     runtime = "native"
+
+    @cached_property
+    def toolchain(self) -> Toolchain:
+        """What compiles and assembles the bodies: for a signed artifact, one that runs
+        only its signed C code. Made on first use: a trampoline the artifact carries
+        precomputed is placed without it (`live.placed`), and the assembler never loads."""
+        if self.source_toolchain is not None:
+            return self.source_toolchain
+        from micropatch.bodies.toolchain import Toolchain
+
+        return Toolchain.signed(self.compiled)
 
     @cached_property
     def artifact(self) -> Artifact | None:
@@ -174,7 +187,11 @@ def admit_any(
                 "[--python PYTHON]); --allow-unsigned then applies the unsigned .mpatch"
             )
         warning = f"applying the unsigned patch source {name} (--allow-unsigned: development only)"
-        return Admitted(patch, toolchain or Toolchain(), warnings=(warning,))
+        if toolchain is None:
+            from micropatch.bodies.toolchain import Toolchain
+
+            toolchain = Toolchain()
+        return Admitted(patch, warnings=(warning,), source_toolchain=toolchain)
     envelope = read_envelope(data, name)  # read once: the bytes verified are the bytes applied
     verification = None
     warnings: tuple[str, ...] = ()
@@ -201,7 +218,7 @@ def admit_any(
         patch_py = python_patch_of(artifact.payload, artifact.name)
         return AdmittedPython(patch_py, artifact, verification, warnings)
     recorded, compiled = recorded_patch(envelope.payload, name)
-    return Admitted(recorded, Toolchain.signed(compiled), envelope, verification, warnings)
+    return Admitted(recorded, envelope, verification, warnings, compiled)
 
 
 def admit_file(
@@ -239,13 +256,14 @@ def runtime_of_file(path: str | Path) -> str | None:
     """The runtime a patch file declares ("cpython"; "native" when it says none), read
     without checking anything else; None if it cannot be read as a patch."""
     import json
-    import tomllib
 
     try:
         data = read(path)
         if not is_source(data, str(path)):
             runtime = json.loads(data)["payload"].get("runtime")
         else:
+            import tomllib  # only for a source: an artifact is JSON
+
             runtime = tomllib.loads(data.decode("utf-8")).get("target", {}).get("runtime")
     except (MicropatchError, ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
         return None

@@ -26,7 +26,10 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 FORMAT = "micropatch-artifact"
-FORMAT_VERSION = 1
+# Version 2 adds precomputed trampolines (`payload.sites[].trampoline`); an artifact
+# without them is written as version 1, which micropatch before them still reads.
+FORMAT_VERSION = 2  # the newest this micropatch reads and writes
+FORMAT_VERSIONS = (1, 2)
 SUFFIX = ".mpatch"
 MAX_SIZE = 64 << 20  # no real artifact comes near; refuse before parsing a huge file
 
@@ -134,9 +137,10 @@ def _check_format(raw: dict[str, Any], bad: Callable[[str], ArtifactError]) -> N
         raise bad(f"payload.format: {kind!r} is not {FORMAT!r}; not a micropatch artifact")
     if type(version) is not int:
         raise bad(f"payload.format_version: must be an integer, got {version!r}")
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS:
         newer = " it was built by a newer micropatch: upgrade" if version > FORMAT_VERSION else ""
+        readable = " and ".join(str(v) for v in FORMAT_VERSIONS)
         raise bad(
             f"payload.format_version: version {version} is not supported (this micropatch "
-            f"{__version__} reads version {FORMAT_VERSION});{newer or ' rebuild it'}"
+            f"{__version__} reads versions {readable});{newer or ' rebuild it'}"
         )

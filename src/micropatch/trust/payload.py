@@ -7,9 +7,9 @@ dumps back to exactly what was hashed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from micropatch.trust.keys import parse_time
 
@@ -59,6 +59,36 @@ class ModuleFacts(_Strict):
         return _hex(value, 32)
 
 
+class FieldFacts(_Strict):
+    """One field of a precomputed trampoline (`arch.x86_64.template.Field`): `width`
+    bytes at `offset` hold address * `address` + counter * `counter` + module base *
+    `base` + `addend`, whose size class at build was `kind`."""
+
+    offset: int = Field(ge=0)
+    width: Literal[4, 8]
+    address: Literal[-1, 0, 1]
+    counter: Literal[-1, 0, 1]
+    base: Literal[-1, 0, 1]
+    addend: int = Field(ge=0, lt=1 << 64)
+    kind: Literal["rel8", "rel32", "imm32", "imm64"]
+
+
+class TrampolineFacts(_Strict):
+    """A site's trampoline, precomputed at build (`build.precompute`): applying fills
+    in its fields instead of assembling it."""
+
+    code: str  # hex, as laid out at the template's derivation place
+    fields: list[FieldFacts]
+    body: list[int] = Field(min_length=2, max_length=2)  # from the trampoline's start
+    copies: list[int]  # each relocated copy, then the jump back; empty: resumes elsewhere
+    starts: list[int] = Field(min_length=1)  # each displaced instruction, from the site
+
+    @field_validator("code")
+    @classmethod
+    def _code(cls, value: str) -> str:
+        return _hex(value)
+
+
 class SiteFacts(_Strict):
     """What `build` proved about one patchlet's site."""
 
@@ -73,6 +103,8 @@ class SiteFacts(_Strict):
     # applies the artifact runs these signed bytes, and needs no compiler.
     c_code: str | None = None
     c_entry: int | None = Field(default=None, ge=0)
+    # Absent from artifacts built before it: their trampolines are laid out at apply.
+    trampoline: TrampolineFacts | None = None
 
     @field_validator("original")
     @classmethod
@@ -110,3 +142,16 @@ class Payload(_Strict):
     module: ModuleFacts
     sites: list[SiteFacts] = Field(min_length=1)
     builder: BuilderFacts
+
+    @model_validator(mode="after")
+    def _version(self) -> Payload:
+        """Trampolines came with version 2: a reader of version 1 would not see them."""
+        if self.format_version < 2 and any(s.trampoline is not None for s in self.sites):
+            raise ValueError("precomputed trampolines (sites[].trampoline) need format_version 2")
+        return self
+
+
+def format_version(sites: list[SiteFacts]) -> int:
+    """The oldest version that holds these sites: 2 with precomputed trampolines, else 1
+    (so that micropatch from before them still reads the artifact)."""
+    return 2 if any(s.trampoline is not None for s in sites) else 1

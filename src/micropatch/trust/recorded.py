@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from micropatch.arch.x86_64.template import Field, TrampolineTemplate
 from micropatch.errors import ArtifactError
 from micropatch.patch.view import BodyKind, body_kind, counts_blocked
 
@@ -92,6 +93,8 @@ class SiteFact(NamedTuple):
     offset: int = 0
     resume: int | None = None  # None: after the site
     skip_red_zone: bool = False
+    # The trampoline precomputed at build (`build.precompute`); None: lay it out.
+    trampoline: TrampolineTemplate | None = None
 
 
 class ModuleFact(NamedTuple):
@@ -164,8 +167,6 @@ def recorded_patch(
     """The patch an artifact's payload records, its expected bytes filled from the
     sites, and its compiled C bodies by source text. ArtifactError naming the field
     that is missing or of the wrong type, or what disagrees with the facts."""
-    from micropatch.bodies.cbody import CompiledC
-
     read = _Reader(name)
     facts = read.table(payload, "payload", "patch")
     model = read.table(facts, "payload.patch", "model")
@@ -217,14 +218,20 @@ def recorded_patch(
         where = f"sites[{i}]"
         index = read.value(entry, where, "patchlet", int)
         original = read.hex(read.value(entry, where, "original", str), f"{where}.original")
+        resume = read.value(entry, where, "resume", int, None)
+        skip_red_zone = read.value(entry, where, "skip_red_zone", bool)
+        template = _template(read, entry, where, skip_red_zone)
+        if template is not None:
+            _check_template(read, template, original, resume, f"{where}.trampoline")
         sites.append(
             SiteFact(
                 index,
                 read.value(entry, where, "at", str),
                 original,
                 read.value(entry, where, "offset", int),
-                read.value(entry, where, "resume", int, None),
-                read.value(entry, where, "skip_red_zone", bool),
+                resume,
+                skip_red_zone,
+                template,
             )
         )
         code = read.value(entry, where, "c_code", str, None)
@@ -232,11 +239,83 @@ def recorded_patch(
         if 0 <= index < len(patchlets) and code is not None and entry_offset is not None:
             source = patchlets[index].c
             if source is not None:
+                from micropatch.bodies.cbody import CompiledC  # only for C bodies
+
                 compiled[source] = CompiledC(read.hex(code, f"{where}.c_code"), entry_offset)
     patch = RecordedPatch(info, target, tuple(patchlets))
     expects = check_facts(patch, module, sites, name)
     filled = tuple(p._replace(expect=e) for p, e in zip(patchlets, expects, strict=True))
     return RecordedPatch(info, target, filled, module, tuple(sites)), compiled
+
+
+_KINDS = ("rel8", "rel32", "imm32", "imm64")
+
+
+def _template(
+    read: _Reader, site: dict[str, Any], where: str, skip_red_zone: bool
+) -> TrampolineTemplate | None:
+    """A site's precomputed trampoline (`trust.payload.TrampolineFacts`), if recorded."""
+    table = read.value(site, where, "trampoline", dict, None)
+    if table is None:
+        return None
+    where = f"{where}.trampoline"
+    code = read.hex(read.value(table, where, "code", str), f"{where}.code")
+    fields = []
+    for i, entry in enumerate(read.value(table, where, "fields", list)):
+        at = f"{where}.fields[{i}]"
+        if not isinstance(entry, dict):
+            raise read.bad(at, "expected an object")
+        field = Field(*(read.value(entry, at, key, kind) for key, kind in _FIELD_KEYS))
+        if (
+            field.width not in (4, 8)
+            or not {field.address, field.counter, field.base} <= {-1, 0, 1}
+            or field.kind not in _KINDS
+            or not 0 <= field.addend < 1 << 64
+            or not 0 <= field.offset <= len(code) - field.width
+        ):
+            raise read.bad(at, f"not a field of this {len(code)}-byte trampoline: {entry}")
+        fields.append(field)
+    body = tuple(read.ints(table, where, "body"))
+    if len(body) != 2:
+        raise read.bad(f"{where}.body", "expected [start, end]")
+    return TrampolineTemplate(
+        code,
+        tuple(fields),
+        (body[0], body[1]),
+        tuple(read.ints(table, where, "copies")),
+        skip_red_zone,
+        tuple(read.ints(table, where, "starts")),
+    )
+
+
+def _check_template(
+    read: _Reader, template: TrampolineTemplate, original: bytes, resume: int | None, where: str
+) -> None:
+    """What the engine relies on in a template, checked without a decoder: the displaced
+    instructions start at the site and inside it, one relocated copy each (and the jump
+    back) unless the patchlet resumes elsewhere, all within the trampoline."""
+    starts, copies, (start, end) = template.starts, template.copies, template.body
+    size = len(template.code)
+    if (
+        not starts
+        or starts[0] != 0
+        or list(starts) != sorted(set(starts))
+        or starts[-1] >= len(original)
+    ):
+        raise read.bad(f"{where}.starts", f"{list(starts)} are not instructions of the site")
+    expected = 0 if resume is not None else len(starts) + 1
+    if (
+        len(copies) != expected
+        or list(copies) != sorted(set(copies))
+        or any(c > size for c in copies)
+    ):
+        raise read.bad(f"{where}.copies", f"{list(copies)} do not match the site's instructions")
+    if not 0 <= start <= end <= size:
+        raise read.bad(f"{where}.body", f"[{start}, {end}] is not inside the trampoline")
+
+
+_FIELD_KEYS = (("offset", int), ("width", int), ("address", int), ("counter", int),
+               ("base", int), ("addend", int), ("kind", str))  # fmt: skip
 
 
 class _Reader:
@@ -276,6 +355,12 @@ class _Reader:
         items = self.value(table, where, key, list, [])
         if not all(isinstance(item, str) for item in items):
             raise self.bad(f"{where}.{key}", "expected a list of strings")
+        return items  # type: ignore[no-any-return]
+
+    def ints(self, table: dict[str, Any], where: str, key: str) -> list[int]:
+        items = self.value(table, where, key, list)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in items):
+            raise self.bad(f"{where}.{key}", "expected a list of offsets")
         return items  # type: ignore[no-any-return]
 
     def hex(self, text: str, where: str) -> bytes:

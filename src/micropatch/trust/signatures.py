@@ -36,8 +36,11 @@ def verify_signatures(
     problems: list[str] = []
     signatures = list(signatures)
     if not signatures:
+        # `what` is a file's name, or a description ("the uploaded artifact": the server)
+        # that is no argument of a command.
+        file = what if what.split() == [what] else "ARTIFACT.mpatch"
         raise SignatureError(
-            f"{what}: is not signed; sign it with `micropatch sign {what} --key KEY.key` "
+            f"{what}: is not signed; sign it with `micropatch sign {file} --key KEY.key` "
             "(or build it with --key)"
         )
     for signature in signatures:

@@ -10,7 +10,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -118,14 +118,11 @@ def start_py(python: str, shop: Path, clib: Path) -> Iterator[StartPy]:
     started: list[subprocess.Popen[str]] = []
 
     def _start(
-        *args: str, module_dir: Path | None = None, interpreter: str | None = None,
-        prefix: Sequence[str] = (),
-    ) -> PyTarget:  # fmt: skip
-        """`prefix`: a command that runs it, e.g. a sandbox's `enter()` (then its pid
-        is the one inside, and the pipes are nsenter's)."""
+        *args: str, module_dir: Path | None = None, interpreter: str | None = None
+    ) -> PyTarget:
         directory = module_dir or shop
         proc = subprocess.Popen(
-            [*prefix, interpreter or python, "-u", str(HERE / "pyshop.py"), str(directory), "--clib", str(clib), *args],
+            [interpreter or python, "-u", str(HERE / "pyshop.py"), str(directory), "--clib", str(clib), *args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         started.append(proc)

@@ -33,7 +33,7 @@ def _signed(shop: Path, python: str, key: Path, version: int = 1) -> Path:
         "at": "parse_header", "when": "len(line) > limit", "then": then,
     }], version=version))  # fmt: skip
     built = build(source, shop / "shop" / "parsers.py", python=python)
-    return built.signed(load_private_key(key)).write(shop / "out")
+    return built.signed(load_private_key(key)).write(shop / f"hdr-fix-v{version}.mpatch")
 
 
 def _interpreter(box: Sandbox, python: str, shop: Path, clib: Path, *args: str) -> NsTarget:
@@ -106,6 +106,8 @@ def test_a_crash_of_a_patched_interpreter_counts_against_the_patch(
 ) -> None:
     # In the host's PID namespace (its own mount namespace and tmpfs): the kernel serves
     # the proc connector's exit events only there (as tests/integration/test_agent_crashes).
+    # The agent sees every interpreter of the host there: `shop`'s source is this
+    # test's own (its SHA-256), so it patches none of other test sessions on the machine.
     box = Sandbox(tmp_path / "host", pid=False)
     agent = AgentProcess(box, tmp_path, tmp_path / "agent.sock",
                          "blocked_interval = 0.2\ncrash_limit = 1\n")  # fmt: skip
@@ -114,9 +116,10 @@ def test_a_crash_of_a_patched_interpreter_counts_against_the_patch(
         agent.start()
         assert agent.cli("add", _signed(shop, python, keys)).returncode == 0
         try:
-            wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+            [applied] = wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
         except AssertionError as e:
             raise AssertionError(f"{e}; events: {agent.events()}; {agent.stderr()}") from None
+        assert applied["pid"] == target.pid
         os.kill(target.pid, signal.SIGSEGV)
         [crashed] = wait_for(lambda: _kinds(agent, "crashed"), 30, "the crashed event")
         assert crashed["pid"] == target.ns_pid and crashed["data"]["patches"] == ["hdr-fix"]

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from targets.isolation import Sandbox, available
 
 from micropatch.runtimes.cpython.page import MAPS_NAME
 from micropatch.trust.keys import generate_key, write_key_pair
@@ -19,13 +18,9 @@ from .conftest import GUARD, StartPy, patch_toml
 from .test_live import BLOCKED_LONG, LONG, ORIGINAL_LONG
 
 
-def micropatch(
-    *args: object, cwd: Path | None = None, inside: Sandbox | None = None
-) -> subprocess.CompletedProcess[str]:
-    """The command, on the host or `inside` a sandbox (its processes only)."""
+def micropatch(*args: object, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(
-        [*(inside.enter() if inside else ()), sys.executable, "-m", "micropatch.cli.main",
-         *map(str, args)],
+        [sys.executable, "-m", "micropatch.cli.main", *map(str, args)],
         capture_output=True, text=True, timeout=120, cwd=cwd,
         env={**os.environ, "MICROPATCH_NO_AGENT": "1", "COLUMNS": "250"},
     )  # fmt: skip
@@ -46,13 +41,10 @@ def _build(shop: Path, python: str, version: int, then: str) -> Path:
     return artifact
 
 
-@pytest.mark.skipif(not available(), reason="needs root, unshare and nsenter")
 def test_apply_status_update_remove(
-    start_py: StartPy, shop: Path, python: str, box: Sandbox
+    start_py: StartPy, shop: Path, python: str, tmp_path: Path
 ) -> None:
-    """In a sandbox (its own PID namespace), so that `update --all` meets this test's
-    interpreter only: on the host it read every patched process of the machine (other
-    tests', another micropatch's), and one it could not read failed the command."""
+    own = _own(python, tmp_path)
     write_key_pair(generate_key("dev"), shop / "dev")
     v1 = _build(shop, python, 1, GUARD["then"])
     v2 = _build(shop, python, 2, "return ('too-long', '')")
@@ -64,55 +56,60 @@ def test_apply_status_update_remove(
     assert done.returncode == 0
     assert "original bytecode" in done.stdout and "header too long" in done.stdout
 
-    def inside(*args: object) -> subprocess.CompletedProcess[str]:
-        return micropatch(*args, inside=box)
-
-    target = start_py(prefix=box.enter())
-    done = inside("apply", v1, "--pid", target.pid, *trust)
+    target = start_py(interpreter=str(own))
+    done = micropatch("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 0, done.stderr
-    assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in done.stdout + done.stderr
+    assert (
+        f"applied hdr-fix v1 (1 function) in pid {target.pid}; in force after"
+        in done.stdout + done.stderr
+    )
     assert target.call(LONG) == BLOCKED_LONG
 
-    done = inside("status", "--pid", target.pid)
+    done = micropatch("status", "--pid", target.pid)
     _header, row = done.stdout.splitlines()
     assert row.split("\t")[2:6] == ["shop.parsers (cpython)", "hdr-fix", "1", "parse_header"]
     assert row.split("\t")[7] == "3"  # the three blocked calls
-    assert [line.split("\t")[0] for line in inside("status").stdout.splitlines()[1:]] == [
-        str(target.pid)
-    ]
-    done = inside("inspect", v1, "--pid", target.pid)
+    assert str(target.pid) in micropatch("status").stdout
+    done = micropatch("inspect", v1, "--pid", target.pid)
     assert f"process {target.pid}: version 1 applied, 3 blocked" in done.stdout
 
-    done = inside("apply", v1, "--pid", target.pid, *trust)
+    done = micropatch("apply", v1, "--pid", target.pid, *trust)
     assert done.returncode == 1 and "already applied" in done.stdout + done.stderr
 
-    done = inside("update", v2, "--all", *trust)
+    done = micropatch("update", v2, "--all", "--exe", own, *trust)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "1 done" in done.stdout + done.stderr
     assert target.call(LONG)[:3] == [repr(("too-long", ""))] * 3
 
-    done = inside("remove", "hdr-fix", "--pid", target.pid)
+    done = micropatch("remove", "hdr-fix", "--pid", target.pid)
     assert done.returncode == 0, done.stdout + done.stderr
     assert target.call(LONG) == ORIGINAL_LONG
-    assert "no micropatch applied" in inside("status", "--pid", target.pid).stdout
+    assert "no micropatch applied" in micropatch("status", "--pid", target.pid).stdout
 
 
-def test_apply_all_passes_over_interpreters_without_the_module(
-    start_py: StartPy, shop: Path, python: str, tmp_path: Path
-) -> None:
-    # --all --exe: only the interpreters of this test, never another process of the host.
+def _own(python: str, tmp_path: Path) -> Path:
+    """A copy of the interpreter for `--all --exe`: only the interpreters of this test,
+    never another process of the host (other test sessions run interpreters carrying
+    patches of the same id)."""
     own = tmp_path / "bin" / Path(python).name
     own.parent.mkdir()
     shutil.copy2(python, own)
     if subprocess.run([own, "-c", "pass"], capture_output=True).returncode != 0:
         pytest.skip(f"a copy of {python} does not run (its libpython is found relative to it)")
+    return own
+
+
+def test_apply_all_passes_over_interpreters_without_the_module(
+    start_py: StartPy, shop: Path, python: str, tmp_path: Path
+) -> None:
+    own = _own(python, tmp_path)
     write_key_pair(generate_key("dev"), shop / "dev")
     v1 = _build(shop, python, 1, GUARD["then"])
     target = start_py(interpreter=str(own))
     bare = start_py("--bare", interpreter=str(own))  # never imports shop.parsers
     done = micropatch("apply", v1, "--all", "--exe", str(own), "--trust", shop / "dev.pub")
     text = done.stdout + done.stderr
-    assert f"applied hdr-fix v1 (1 site) in pid {target.pid}" in text, text
+    assert f"applied hdr-fix v1 (1 function) in pid {target.pid}; in force after" in text, text
     assert "1 done, 0 failed, 0 skipped" in text, text
     assert target.call(LONG) == BLOCKED_LONG
     # Read from memory that it lacks the module: never touched, no page mapped.

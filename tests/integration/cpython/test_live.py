@@ -3,6 +3,7 @@ on return, for every reference to a function, whatever the threads are doing."""
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from micropatch.errors import (
     NotApplied,
 )
 from micropatch.runtimes.cpython import engine, states
+from micropatch.runtimes.cpython.page import MAPS_NAME
 
 from .conftest import GUARD, StartPy, make_py_patch
 
@@ -135,9 +137,29 @@ def test_identity_mismatch_changes_nothing(start_py: StartPy, shop: Path, python
     with pytest.raises(CodeMismatch, match=r"shop\.parsers") as e:
         engine.apply(patch, changed.pid)
     assert "nothing was changed" in str(e.value) and e.value.pid == changed.pid
+    assert "after the process started" not in str(e.value)  # it was like that before
     assert states.status(changed.pid) == []
     assert changed.call(LONG)[:3] == [repr(("x" * 60, "1"))] * 3
     assert target.ask("code") == original
+
+
+def test_a_module_file_replaced_after_the_start_is_said(
+    start_py: StartPy, shop: Path, python: str
+) -> None:
+    """An upgrade on disk without a restart: the process runs the code it imported,
+    the file is another; the refusal says the file changed after the process started."""
+    patch = make_py_patch(shop, python)
+    target = start_py()
+    parsers = shop / "shop" / "parsers.py"
+    parsers.write_text(parsers.read_text() + "\n# 1.0.1\n")
+    later = time.time() + 2  # past the second the boot time is known to
+    os.utime(parsers, (later, later))
+    with pytest.raises(CodeMismatch, match=r"its source .*parsers\.py has SHA-256") as e:
+        engine.apply(patch, target.pid)
+    message = str(e.value)
+    assert "after the process started" in message and "restart the process" in message, message
+    assert "nothing was changed" in message and states.status(target.pid) == []
+    assert target.call(LONG) == ORIGINAL_LONG
 
 
 def test_module_not_imported_is_refused(start_py: StartPy, shop: Path, python: str) -> None:
@@ -147,7 +169,10 @@ def test_module_not_imported_is_refused(start_py: StartPy, shop: Path, python: s
     with pytest.raises(ModuleNotImported, match=r"shop\.missing") as e:
         engine.apply(patch, target.pid)
     assert "not imported" in str(e.value) and "nothing was changed" in str(e.value)
+    assert (e.value.pid, e.value.module) == (target.pid, "shop.missing")
     assert states.status(target.pid) == []
+    # Read from its sys.modules: no page mapped, nothing run in it.
+    assert MAPS_NAME not in Path(f"/proc/{target.pid}/maps").read_text()
     assert target.call(LONG) == ORIGINAL_LONG
 
 

@@ -6,7 +6,8 @@ import pytest
 from iced_x86 import Code, Instruction
 
 from micropatch.arch.x86_64.decode import decode, format_instruction
-from micropatch.arch.x86_64.relocate import jump, relocate
+from micropatch.arch.x86_64.jumps import jump
+from micropatch.arch.x86_64.relocate import relocate
 from micropatch.errors import RelocationError
 
 from .emulator import PAGE, Outcome, asm, run

@@ -6,13 +6,10 @@ import pytest
 
 from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.arch.x86_64.decode import decode, format_instruction
-from micropatch.arch.x86_64.relocate import jump, relocate
+from micropatch.arch.x86_64.jumps import jump, site_jump
+from micropatch.arch.x86_64.relocate import relocate
 from micropatch.arch.x86_64.site import Site, site_unchecked
-from micropatch.arch.x86_64.trampoline import (
-    build_trampoline,
-    site_jump,
-    writes_stack,
-)
+from micropatch.arch.x86_64.trampoline import build_trampoline, writes_stack
 from micropatch.errors import SiteError
 
 from .emulator import PAGE, asm, run

@@ -21,7 +21,7 @@ from micropatch.errors import (
 )
 from micropatch.trust.artifact import Artifact, canonical_json, loads, patch_of
 
-from .artifacts import FIX, identity_of, source, write_source
+from .artifacts import FIX, NOW, identity_of, source, write_source
 
 # --- canonical form and id -------------------------------------------------------
 
@@ -49,7 +49,9 @@ def test_id_is_the_hash_of_the_canonical_payload(built: Artifact) -> None:
 def test_build_records_the_verified_facts(built: Artifact, targets) -> None:
     payload = built.payload
     build_id, sha256 = identity_of(targets.vuln_pie)
-    assert (payload.format, payload.format_version) == ("micropatch-artifact", 1)
+    # Version 2: its site carries a precomputed trampoline (version 1 has none).
+    assert payload.sites[0].trampoline is not None
+    assert (payload.format, payload.format_version) == ("micropatch-artifact", 2)
     assert (payload.module.name, payload.module.build_id, payload.module.sha256) == (
         "vuln_pie",
         build_id,
@@ -217,3 +219,12 @@ def test_unreadable_inputs(targets, tmp_path) -> None:
         build(path, tmp_path / "nothing")
     with pytest.raises(PatchFormatError, match=r"fix\.toml: .*TOML"):
         build(write_source(tmp_path, "[patch"), targets.vuln_pie)
+
+
+def test_an_artifact_without_precomputed_trampolines_is_version_1(targets, tmp_path) -> None:
+    """No trampoline can be precomputed for a non-PIE module: the artifact is written as
+    version 1, which micropatch from before precomputed trampolines still reads."""
+    path = write_source(tmp_path, source(targets.vuln_nopie, [FIX]))
+    payload = build(path, targets.vuln_nopie, now=NOW).payload
+    assert [s.trampoline for s in payload.sites] == [None]
+    assert payload.format_version == 1

@@ -102,10 +102,15 @@ def test_malformed_files(built: Artifact, mangle, problem) -> None:
     [
         (
             ("payload", "format_version"),
-            2,
-            r"version 2 is not supported .* reads version 1\); it was built by a newer micropatch",
+            3,
+            r"version 3 is not supported .* reads versions 1 and 2\); it was built by a newer micropatch",
         ),
         (("payload", "format_version"), "1", "format_version: must be an integer"),
+        (
+            ("payload", "format_version"),
+            1,
+            r"trampolines \(sites\[\]\.trampoline\) need format_version 2",
+        ),
         (("payload", "format"), "zip", "'zip' is not 'micropatch-artifact'"),
         (("payload", "module"), DELETE, r"payload\.module: required field is missing"),
         (

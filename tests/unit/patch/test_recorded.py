@@ -142,6 +142,33 @@ def test_malformed_records_name_the_field(built: Artifact, path, value, problem)
         _admit(resealed(document))
 
 
+TRAMPOLINE = ("payload", "sites", 0, "trampoline")
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "problem"),
+    [
+        ((*TRAMPOLINE, "code"), "zz", r"sites\[0\]\.trampoline\.code: 'zz' is not hex bytes"),
+        ((*TRAMPOLINE, "fields"), [1], r"trampoline\.fields\[0\]: expected an object"),
+        ((*TRAMPOLINE, "fields", 0, "width"), 5, r"fields\[0\]: not a field of this \d+-byte"),
+        ((*TRAMPOLINE, "fields", 0, "offset"), 10**6, r"fields\[0\]: not a field of this"),
+        ((*TRAMPOLINE, "starts"), [1], r"trampoline\.starts: \[1\] are not instructions of"),
+        ((*TRAMPOLINE, "starts"), [0, 64], r"trampoline\.starts: \[0, 64\] are not"),
+        ((*TRAMPOLINE, "copies"), [0], r"trampoline\.copies: \[0\] do not match the site"),
+        ((*TRAMPOLINE, "body"), [0, 10**6], r"trampoline\.body: \[0, 1000000\] is not inside"),
+        ((*TRAMPOLINE, "body"), [0], r"trampoline\.body: expected \[start, end\]"),
+    ],
+)  # fmt: skip
+def test_a_malformed_precomputed_trampoline_is_refused(built: Artifact, path, value, problem):
+    """What the engine relies on in a template (`build.precompute`) is checked when the
+    artifact is read: a thread is moved by its starts and copies."""
+    assert document_of(built)["payload"]["sites"][0]["trampoline"]["fields"]
+    document = set_at(document_of(built), path, value)
+    with pytest.raises(ArtifactError, match=problem) as info:
+        _admit(resealed(document))
+    assert str(info.value).startswith("x.mpatch: ")
+
+
 def test_a_missing_optional_field_takes_the_models_default(built: Artifact) -> None:
     document = document_of(built)
     del document["payload"]["patch"]["model"]["patchlet"][0]["check_branches"]

@@ -45,6 +45,8 @@ def test_host_names_are_unique(api: Api) -> None:
     assert clash.status_code == 409, clash.text
     assert f"host {first} is enrolled under the name 'web'" in clash.json()["detail"]
     assert f"DELETE /api/v1/hosts/{first}" in clash.json()["detail"]
+    assert "Retire on its page in the console" in clash.json()["detail"]
+    assert "(hostnamectl set-hostname NAME)" in clash.json()["detail"]
     ok = api.client.post("/api/v1/enroll", json={"token": token, "hostname": "db"})
     assert ok.status_code == 201, ok.text
     api.tokens["db"] = ok.json()["credential"]

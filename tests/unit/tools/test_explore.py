@@ -73,7 +73,7 @@ def test_show_names_callers_callees_and_strings(
 
     log = show(index, hex(log_start))
     assert {"puts", "strlen"} <= {r.name for r in log.references if r.kind == "import"}
-    assert dispatch_start in {f.start for f, _ in log.callers}
+    assert dispatch_start in {c.function.start for c in log.callers}
 
     check = show(index, hex(check_start))
     assert 0x5A17 in {r.target for r in check.references if r.kind == "constant"}

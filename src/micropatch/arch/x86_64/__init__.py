@@ -16,11 +16,11 @@ from micropatch.arch.x86_64.constants import JUMP_LENGTH, JUMP_REACH, NAME, PAGE
 if TYPE_CHECKING:
     from micropatch.arch.x86_64.disasm import instruction_starts as instruction_starts
     from micropatch.arch.x86_64.disasm import listing as listing
+    from micropatch.arch.x86_64.jumps import site_jump as site_jump
     from micropatch.arch.x86_64.site import Site as Site
     from micropatch.arch.x86_64.site import plan_site as plan_site
     from micropatch.arch.x86_64.site import site_unchecked as site_unchecked
     from micropatch.arch.x86_64.trampoline import build_trampoline as build_trampoline
-    from micropatch.arch.x86_64.trampoline import site_jump as site_jump
     from micropatch.arch.x86_64.trampoline import writes_stack as writes_stack
 
 _WHERE = {
@@ -30,7 +30,7 @@ _WHERE = {
     "plan_site": "site",
     "site_unchecked": "site",
     "build_trampoline": "trampoline",
-    "site_jump": "trampoline",
+    "site_jump": "jumps",
     "writes_stack": "trampoline",
 }
 

@@ -21,11 +21,11 @@ from iced_x86 import (
     RegisterExt,
 )
 
-from micropatch.arch.x86_64.constants import JUMP_LENGTH, JUMP_REACH
+from micropatch.arch.x86_64.constants import JUMP_REACH
 from micropatch.arch.x86_64.decode import format_instruction, is_call, near_branch_target
+from micropatch.arch.x86_64.jumps import jump
 from micropatch.errors import RelocationError
 
-_JMP_REL32 = b"\xe9"
 _JMP_RIP_INDIRECT = b"\xff\x25\x00\x00\x00\x00"  # jmp [rip+0]; the 8-byte target follows
 # A relocated instruction's rel32 is measured from less than 16 bytes past its
 # start (an instruction is at most 15 bytes, a rewritten loop 10), so checking
@@ -33,17 +33,6 @@ _JMP_RIP_INDIRECT = b"\xff\x25\x00\x00\x00\x00"  # jmp [rip+0]; the 8-byte targe
 # BlockEncoder from silently falling back to absolute forms.
 _REACH = JUMP_REACH - 32
 _MASK64 = 2**64 - 1
-
-
-def jump(from_address: int, to_address: int) -> bytes:
-    """A 5-byte ``jmp rel32`` placed at ``from_address`` that lands on ``to_address``."""
-    displacement = to_address - (from_address + JUMP_LENGTH)
-    if not -(2**31) <= displacement < 2**31:
-        raise RelocationError(
-            f"cannot jump from {from_address:#x} to {to_address:#x}: they are more than "
-            "2 GiB apart; the cave must be mapped within 2 GiB of the module"
-        )
-    return _JMP_REL32 + displacement.to_bytes(4, "little", signed=True)
 
 
 def relocate(instructions: Sequence[Instruction], new_address: int, *, return_to: int) -> bytes:

@@ -31,12 +31,12 @@ from iced_x86 import (
 
 from micropatch.arch.base import Site as BaseSite
 from micropatch.arch.base import TrampolineLayout
-from micropatch.arch.x86_64.constants import INT3, JUMP_LENGTH, RED_ZONE
+from micropatch.arch.x86_64.constants import RED_ZONE
 from micropatch.arch.x86_64.decode import decode, is_invalid
-from micropatch.arch.x86_64.relocate import jump, relocate, relocated_addresses
+from micropatch.arch.x86_64.jumps import jump
+from micropatch.arch.x86_64.relocate import relocate, relocated_addresses
 from micropatch.arch.x86_64.site import Site
 from micropatch.arch.x86_64.stack import trace
-from micropatch.errors import SiteError
 
 _WRITES = frozenset(
     {OpAccess.WRITE, OpAccess.COND_WRITE, OpAccess.READ_WRITE, OpAccess.READ_COND_WRITE}
@@ -57,19 +57,6 @@ def _move_rsp(delta: int) -> bytes:
 
 _SKIP_RED_ZONE = _move_rsp(-RED_ZONE)
 _RESTORE_RED_ZONE = _move_rsp(RED_ZONE)
-
-
-def site_jump(site: BaseSite, trampoline_address: int) -> bytes:
-    """The bytes that replace the site: ``jmp trampoline``, then int3 to its end.
-
-    The int3 padding traps loudly if anything ever lands past the jump.
-    """
-    if site.length < JUMP_LENGTH:
-        raise SiteError(
-            f"site {site.address:#x} is {site.length} bytes long, too short for the "
-            f"{JUMP_LENGTH}-byte jump; plan it with min_length={JUMP_LENGTH}"
-        )
-    return jump(site.address, trampoline_address) + INT3 * (site.length - JUMP_LENGTH)
 
 
 def build_trampoline(

@@ -35,7 +35,7 @@ from micropatch.patch.python import PythonPatch
 from micropatch.patch.source import parse_source
 from micropatch.runtimes.cpython.versions import SUPPORTED, supported
 from micropatch.trust.artifact import PythonArtifact, make_python
-from micropatch.trust.envelope import FORMAT, FORMAT_VERSION
+from micropatch.trust.envelope import FORMAT
 from micropatch.trust.keys import format_time, utc_now
 from micropatch.trust.payload import BuilderFacts, PatchFacts
 from micropatch.trust.pypayload import (
@@ -103,7 +103,7 @@ def build(
     moment = now or _build_time()
     payload = PythonPayload(
         format=FORMAT,
-        format_version=FORMAT_VERSION,
+        format_version=1,  # nothing of version 2 (native trampolines) in it
         runtime="cpython",
         patch=PatchFacts(
             id=patch.id,

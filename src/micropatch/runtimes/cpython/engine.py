@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import marshal
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,12 +38,13 @@ from micropatch.faults import checkpoint
 from micropatch.live.lock import queued
 from micropatch.process.maps import read_maps
 from micropatch.process.memory import Memory
-from micropatch.process.procfs import check_alive
+from micropatch.process.procfs import check_alive, started_at
 from micropatch.process.world import STOP_TIMEOUT, stop_world
 from micropatch.runtimes.base import Outcome
 from micropatch.runtimes.cpython import arming
 from micropatch.runtimes.cpython import page as P
 from micropatch.runtimes.cpython.build import helper_text
+from micropatch.runtimes.cpython.imports import read_modules
 from micropatch.runtimes.cpython.interpreter import Interpreter, find_interpreter
 from micropatch.trust.admission import AdmittedPython
 
@@ -134,6 +136,7 @@ def _attempts(operation: _Operation, timeout: float, stop_timeout: float) -> Out
     mappings = read_maps(pid)
     with Memory(pid, writable=False) as memory:
         interpreter = find_interpreter(pid, mappings, memory)
+        _precheck(operation, interpreter, memory)
     start = time.perf_counter()
     deadline = time.monotonic() + timeout
     paused, attempts, sequence, entered = 0.0, 0, 0, ""
@@ -179,6 +182,36 @@ def _attempts(operation: _Operation, timeout: float, stop_timeout: float) -> Out
              operation.patch_id, waited * 1e3, entered, paused * 1e3)  # fmt: skip
     return Outcome(pid, operation.patch_id, action, operation.version, int(result.get("swaps", 0)),
                    attempts, paused, 0, entered, waited)  # fmt: skip
+
+
+def _precheck(operation: _Operation, interpreter: Interpreter, memory: Memory) -> None:
+    """What can be refused from the interpreter's memory, before anything is mapped
+    or run in it: a patch compiled for another Python version; on apply, a module not
+    imported (if sys.modules cannot be read, the runner checks, as it checks all)."""
+    patch = operation.request.get("patch")
+    if patch is None:
+        return
+    pid = operation.pid
+    if interpreter.minor != patch["python"]:
+        raise InterpreterError(
+            f"process {pid}: this is Python {interpreter.minor} ({interpreter.version}); the "
+            f"patch was compiled for {patch['python']}; nothing was changed",
+            pid=pid,
+        )
+    if operation.op != "apply":
+        return
+    try:
+        modules = read_modules(interpreter, memory, (patch["module"],))
+    except MicropatchError as e:
+        log.debug("process %d: sys.modules not read (%s): the runner checks", pid, e)
+        return
+    if patch["module"] not in modules:
+        raise ModuleNotImported(
+            f"process {pid}: module {patch['module']} is not imported (read from its "
+            "sys.modules); apply again once it is; nothing was changed",
+            pid=pid,
+            module=patch["module"],
+        )
 
 
 def _wait(pid: int, page: P.Page, until: float) -> int:
@@ -268,12 +301,33 @@ def _failure(operation: _Operation, state: int, result: dict[str, Any]) -> Micro
             f"interpreter ({message}): some functions may be changed; check `micropatch status`"
         )
     hints = {
-        "not-imported": f"; it is not imported in process {pid} yet, so nothing was changed: "
-        "apply again once it is",
+        "not-imported": "; apply again once it is",
         "already-applied": "; use `micropatch update` to replace it",
+        "source-mismatch": _replaced(pid, result.get("path")),
     }
     cls = _ERRORS.get(kind, PatchRefused)
     return cls(f"process {pid}: {message}{hints.get(kind, '')}; nothing was changed", pid=pid)
+
+
+def _replaced(pid: int, path: object) -> str:
+    """Why a module's file may not be what the process runs: it changed after the
+    process started (an upgrade on disk without a restart). "" if not, or unknown."""
+    if not isinstance(path, str):
+        return ""
+    try:
+        changed = os.stat(f"/proc/{pid}/root{path}").st_mtime
+        started = started_at(pid)
+    except (OSError, MicropatchError):
+        return ""
+    if changed <= started + 1:  # the boot time is in whole seconds
+        return ""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(changed))
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))
+    return (
+        f"; the file changed at {when}, after the process started ({since}): the process "
+        "may run the code it imported before, but a patch is checked against the module's "
+        "file as it is now (build it for that file, or restart the process)"
+    )
 
 
 def repair(pid: int, *, stop_timeout: float = STOP_TIMEOUT) -> list[str]:

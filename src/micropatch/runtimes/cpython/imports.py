@@ -18,7 +18,9 @@ table (`ma_version_tag` moves with every change of a dict) the same after its
 entries were read as before; a read that fails any is tried again, and after
 `READ_ATTEMPTS` the process is reported unreadable. A name whose value is
 None (an import that is blocked) is not imported, as the runner's
-`sys.modules.get` sees it.
+`sys.modules.get` sees it; nor is anything in an interpreter not initialized yet
+(a program that embeds libpython and has not called `Py_Initialize`) or without
+a `sys.modules`.
 """
 
 from __future__ import annotations
@@ -65,17 +67,24 @@ def imported(pid: int, wanted: Collection[str] | None = None) -> Imports:
     mappings = read_maps(pid)
     with Memory(pid, writable=False) as memory:
         interpreter = find_interpreter(pid, mappings, memory)
-        reader = _Reader(interpreter, memory)
-        for attempt in range(READ_ATTEMPTS):
-            try:
-                return Imports(pid, interpreter.version, reader.modules(wanted))
-            except (_Torn, MemoryAccessError):
-                if attempt == READ_ATTEMPTS - 1:
-                    raise MemoryAccessError(
-                        f"process {pid}: its sys.modules kept changing while it was read "
-                        f"({READ_ATTEMPTS} attempts); try again",
-                        pid=pid,
-                    ) from None
+        return Imports(pid, interpreter.version, read_modules(interpreter, memory, wanted))
+
+
+def read_modules(
+    interpreter: Interpreter, memory: Memory, wanted: Collection[str] | None = None
+) -> dict[str, str | None]:
+    """`imported` of an interpreter already found: module name -> its __file__."""
+    reader = _Reader(interpreter, memory)
+    for attempt in range(READ_ATTEMPTS):
+        try:
+            return reader.modules(wanted)
+        except (_Torn, MemoryAccessError):
+            if attempt == READ_ATTEMPTS - 1:
+                raise MemoryAccessError(
+                    f"process {interpreter.pid}: its sys.modules kept changing while it was "
+                    f"read ({READ_ATTEMPTS} attempts); try again",
+                    pid=interpreter.pid,
+                ) from None
     raise AssertionError("unreachable")
 
 
@@ -101,8 +110,13 @@ class _Reader:
         return value
 
     def modules(self, wanted: Collection[str] | None) -> dict[str, str | None]:
-        interp = self.interpreter.main_interpreter(self.memory)
-        modules = self._pointer(interp + self.interpreter.layout.interp_modules)
+        interpreter = self.interpreter
+        if not self._pointer(interpreter.runtime + interpreter.layout.runtime_interp_main):
+            return {}  # Python not initialized (yet: a program embedding it): none imported
+        interp = interpreter.main_interpreter(self.memory)
+        modules = self._pointer(interp + interpreter.layout.interp_modules)
+        if not modules:
+            return {}  # no sys.modules yet (or any longer, while it finalizes)
         found = {}
         stamp = self._stamp(modules)
         for key, value in self._items(modules):

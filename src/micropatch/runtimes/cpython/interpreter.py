@@ -35,7 +35,7 @@ MAX_THREADS = 100_000
 class ThreadState:
     address: int
     thread_id: int  # pthread_self() of the thread
-    native_id: int  # its kernel thread id
+    native_id: int  # its kernel thread id, as this process sees it (0: not a thread of it)
 
 
 @dataclass
@@ -84,7 +84,7 @@ class Interpreter:
     def threads(self, memory: Memory, interp: int) -> list[ThreadState]:
         """The thread states of an interpreter, checked against the process's threads."""
         lay = self.layout
-        tasks = set(_tasks(self.pid))
+        tasks = _tasks(self.pid)
         found: list[ThreadState] = []
         address = self.pointer(memory, interp + lay.interp_threads_head)
         while address and len(found) < MAX_THREADS:
@@ -95,9 +95,9 @@ class Interpreter:
                 )
             native = self.pointer(memory, address + lay.tstate_native_thread_id)
             thread_id = self.pointer(memory, address + lay.tstate_thread_id)
-            found.append(ThreadState(address, thread_id, native))
+            found.append(ThreadState(address, thread_id, tasks.get(native, 0)))
             address = self.pointer(memory, address + lay.tstate_next)
-        if tasks and found and not any(t.native_id in tasks for t in found):
+        if tasks and found and not any(t.native_id for t in found):
             raise InterpreterError(
                 f"process {self.pid}: no thread state of CPython {self.version} names a thread "
                 "of the process: unexpected layout; nothing was changed"
@@ -119,11 +119,35 @@ class Interpreter:
         return self.pointer(memory, base + lay.gil_last_holder) if locked else None
 
 
-def _tasks(pid: int) -> list[int]:
+def _tasks(pid: int) -> dict[int, int]:
+    """The process's threads: the id CPython records for each (`gettid()` in the
+    process's own PID namespace: a container's) → the id this process sees. Ours when
+    the process is in our namespace; else read from each thread's `NSpid` line."""
     try:
-        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+        ours = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
     except OSError:
-        return []
+        return {}
+    if len(_nspid(f"/proc/{pid}/status")) <= 1:
+        return {t: t for t in ours}
+    tasks = {}
+    for t in ours:
+        ids = _nspid(f"/proc/{pid}/task/{t}/status")
+        if ids:
+            tasks[ids[-1]] = t
+    return tasks
+
+
+def _nspid(path: str) -> list[int]:
+    """The `NSpid` ids of a status file, ours first, the innermost namespace's last
+    ([] if unreadable: a thread that exited)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return [int(x) for x in line.split()[1:]]
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 def find_interpreter(pid: int, mappings: list[Mapping], memory: Memory) -> Interpreter:

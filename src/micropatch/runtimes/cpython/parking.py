@@ -3,12 +3,18 @@
 A thread is *parked* when all of these hold, checked with every thread stopped:
 - it is blocked in one of a few system calls that wait for I/O or time
   (read, poll, select, clock_nanosleep, accept4, recvfrom, wait4, ...), and
-  the call has not transferred anything yet (its result is a restart code);
+  the call has not transferred anything yet (its result is a restart code, or
+  EINTR: `epoll_wait` is never restarted, and our stop interrupts it);
 - it is in one frame of the C library: unwinding it once with the library's
   call frame information (`elf.cfi`) lands in CPython's own code, at a `call`
   whose target (through the PLT or the GOT) is exactly the C library function
-  the thread is in, and that function is one of the system call wrappers
-  whitelisted here;
+  the thread is in, or a wrapper that only sets registers and jumps there
+  (glibc's `waitpid` is `xor ecx, ecx; jmp wait4`: no frame of its own), and
+  that function is one of the system call wrappers whitelisted here; or it is
+  in a `read` under C stdio's `fgets` called by CPython (`input()` on a
+  terminal), which holds only that stream's lock, recursive and taken by
+  nothing the runner does, and which returns the EINTR to CPython, who reads
+  again as after a signal;
 - it has a thread state in the main interpreter and does not hold the GIL;
 - it has room on its stack for the runner.
 Such a thread is in CPython's `Py_BEGIN_ALLOW_THREADS` region around that one
@@ -27,7 +33,10 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from iced_x86 import FlowControl, OpKind
+
 from micropatch.arch.x86_64.abi import UserRegs, signed64
+from micropatch.arch.x86_64.decode import decode, is_invalid, near_branch_target
 from micropatch.elf.cfi import CfiUnsupported, caller, frame_rule
 from micropatch.elf.loaded import LoadedImage
 from micropatch.errors import ElfError, MemoryAccessError
@@ -39,6 +48,8 @@ from micropatch.runtimes.cpython.interpreter import Interpreter, ThreadState
 # -ERESTARTSYS, -ERESTARTNOINTR, -ERESTARTNOHAND, -ERESTART_RESTARTBLOCK.
 RESTARTS = frozenset({-512, -513, -514, -516})
 EINTR = 4
+# ... or EINTR, which calls never restarted (epoll_wait) return when our stop interrupts them.
+NOTHING_DONE = RESTARTS | {-EINTR}
 SYS_FUTEX = 202
 # Blocking system calls a parked thread may be in (x86-64 numbers).
 PARKING_SYSCALLS = frozenset({
@@ -50,9 +61,14 @@ PARKING_FUNCTIONS = (
     "sendto", "sendmsg", "poll", "ppoll", "select", "pselect", "epoll_wait", "epoll_pwait",
     "clock_nanosleep", "nanosleep", "accept", "accept4", "wait4", "waitpid", "waitid",
 )  # fmt: skip
+# C stdio CPython reads a terminal with (`input()`: PyOS_StdioReadline's fgets), parked
+# only in a `read` (it holds that stream's lock, which nothing in the runner takes).
+STDIO_FUNCTIONS = ("fgets",)
+SYS_READ = 0
 LOCK_FUNCTIONS = ("sem_wait", "sem_clockwait", "sem_timedwait")
 STACK_ROOM = 256 * 1024  # bytes below rsp the runner may need (parser, compiler, frames)
 MAX_LIBC_FRAMES = 6
+TAIL_INSTRUCTIONS = 4  # what a wrapper that jumps to another may do first
 _CALLEE_SAVED = ("rip", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15")
 
 
@@ -78,6 +94,7 @@ class Libc:
                        any(x.start == start and x.inode == m.inode for x in mappings)]  # fmt: skip
         self.parking = {a for n in PARKING_FUNCTIONS if (a := self.image.symbol(n)) is not None}
         self.locks = {a for n in LOCK_FUNCTIONS if (a := self.image.symbol(n)) is not None}
+        self.stdio = {a for n in STDIO_FUNCTIONS if (a := self.image.symbol(n)) is not None}
 
     def contains(self, address: int) -> bool:
         return any(start <= address < end for start, end in self.ranges)
@@ -102,7 +119,7 @@ def classify(
         return where("no Python thread state")
     if gil_holder == tstate.address:
         return where("holds the GIL")
-    if nr < 0 or result not in RESTARTS:
+    if nr < 0 or result not in NOTHING_DONE:
         return where("not blocked in a system call")
     if not libc.contains(regs.rip):
         return where(f"in system call {nr} outside the C library")
@@ -114,7 +131,8 @@ def classify(
         return where(f"in system call {nr} called by code that is not CPython's")
     if nr == SYS_FUTEX:
         return where("waits on a lock", lock_wait=target in libc.locks)
-    if nr not in PARKING_SYSCALLS or target not in libc.parking:
+    stdio = nr == SYS_READ and target in libc.stdio
+    if not stdio and (nr not in PARKING_SYSCALLS or target not in libc.parking):
         return where(f"in system call {nr}, not one a thread is parked in")
     if stack_room(interpreter.pid, mappings, regs.rsp) < STACK_ROOM:
         return where("parked, with too little stack left")
@@ -160,9 +178,29 @@ def _libc_caller(memory: Memory, libc: Libc, regs: UserRegs) -> tuple[int | None
         if not libc.contains(state["rip"]):
             target = call_target(memory, state["rip"])
             if depth == 0 and target != innermost:
-                return None, state["rip"]
+                direct = target in libc.parking and _jumps_to(memory, target, innermost)
+                return (target if direct else None), state["rip"]
             return target, state["rip"]
     raise CfiUnsupported("too many C library frames")
+
+
+def _jumps_to(memory: Memory, start: int | None, destination: int) -> bool:
+    """The function at `start` only sets registers, then jumps to `destination` (a
+    few instructions, no memory operand, no stack change): a thread in `destination`
+    that it reached is as if called directly."""
+    if start is None:
+        return False
+    for instruction in decode(memory.read(start, 32), start)[:TAIL_INSTRUCTIONS]:
+        if instruction.flow_control == FlowControl.UNCONDITIONAL_BRANCH:
+            return near_branch_target(instruction) == destination
+        if (
+            is_invalid(instruction)
+            or instruction.flow_control != FlowControl.NEXT
+            or instruction.stack_pointer_increment
+            or any(instruction.op_kind(i) == OpKind.MEMORY for i in range(instruction.op_count))
+        ):
+            return False
+    return False
 
 
 def call_target(memory: Memory, return_address: int) -> int | None:

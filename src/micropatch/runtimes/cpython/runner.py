@@ -87,9 +87,12 @@ def _registry(page: memoryview, o: Doc) -> tuple[int, bytes]:
     return selector, bytes(page[slot + 36 : slot + 36 + length])
 
 
-def _resolve(module: object, qualname: str) -> Any:
-    """The function object at `qualname`: read from __dict__s (no descriptor, no
-    property runs), through staticmethod/classmethod and functools.wraps."""
+def _resolve(module: object, qualname: str) -> list[Any]:
+    """The Python functions at `qualname`, outermost first: read from __dict__s (no
+    descriptor, no property runs), through staticmethod/classmethod, then along
+    `__wrapped__` (functools.wraps wrappers, lru_cache, contextmanager: a decorated
+    function's name holds its wrapper); the caller takes the one whose code the
+    patch expects."""
     obj = module
     for part in qualname.split("."):
         namespace = getattr(obj, "__dict__", None)  # a module's dict, a class's mappingproxy
@@ -99,14 +102,21 @@ def _resolve(module: object, qualname: str) -> Any:
             raise Refusal("not-found", f"{qualname}: no {part} in {obj!r}", at=qualname) from None
         if isinstance(obj, staticmethod | classmethod):
             obj = obj.__func__
-    seen = 0
-    while getattr(obj, "__qualname__", qualname) != qualname and seen < 16:
-        obj, seen = getattr(obj, "__wrapped__", None), seen + 1
-    if type(obj).__name__ != "function":
-        kind = type(obj).__name__
-        raise Refusal("not-a-function", f"{qualname} is a {kind}, not a Python function",
+    functions, first = [], type(obj).__name__
+    for _ in range(16):
+        if type(obj).__name__ == "function":
+            functions.append(obj)
+        try:  # the instance's own dict, where update_wrapper puts it: no __getattr__ runs
+            namespace = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            break
+        obj = namespace.get("__wrapped__") if isinstance(namespace, dict) else None
+        if obj is None:
+            break
+    if not functions:
+        raise Refusal("not-a-function", f"{qualname} is a {first}, not a Python function",
                       at=qualname)  # fmt: skip
-    return obj
+    return functions
 
 
 def _check_interpreter(patch: Doc) -> None:
@@ -192,17 +202,7 @@ def _prepare(request: Doc, state: Any, page: memoryview) -> tuple[list[list[Any]
         record["applied_at"] = request["now"]
         record["functions"] = []
         for fact in patch["functions"]:
-            function = _resolve(module, fact["at"])
-            pending = swaps.get(id(function))
-            original = pending[2] if pending else function.__code__
-            found = code_identity(original)
-            if found != fact["expect"]:
-                raise Refusal(
-                    "code-mismatch",
-                    f"{fact['at']} has code {found}, the patch expects {fact['expect']}",
-                    at=fact["at"],
-                    found=found,
-                )
+            function, original = _expected(_resolve(module, fact["at"]), fact, swaps)
             code = _new_code(function, fact)
             swaps[id(function)] = [function, function.__code__, code]
             record["functions"].append((fact["at"], function, original, code))
@@ -210,6 +210,25 @@ def _prepare(request: Doc, state: Any, page: memoryview) -> tuple[list[list[Any]
         if any(f["blocked"] for f in patch["functions"]):
             counters[patch["id"]] = _free_counter(request["offsets"], counters.values(), page)
     return list(swaps.values()), patches, counters
+
+
+def _expected(functions: list[Any], fact: Doc, swaps: dict[int, list[Any]]) -> tuple[Any, Any]:
+    """Of the functions at one name (a wrapper, what it wraps), the one whose code
+    (before a patch being replaced, if any) is what the patch expects; with that code."""
+    found = None
+    for function in functions:
+        pending = swaps.get(id(function))
+        original = pending[2] if pending else function.__code__
+        identity = code_identity(original)
+        if identity == fact["expect"]:
+            return function, original
+        found = found or identity
+    raise Refusal(
+        "code-mismatch",
+        f"{fact['at']} has code {found}, the patch expects {fact['expect']}",
+        at=fact["at"],
+        found=found,
+    )
 
 
 def _free_counter(o: Doc, taken: Any, page: memoryview) -> int:

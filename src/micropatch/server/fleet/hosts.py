@@ -107,11 +107,13 @@ def enroll(session: Session, request: s.EnrollRequest) -> tuple[m.Host, str]:
 
 def _name_taken(name: str, host_id: int | None) -> Conflict:
     which = "another host" if host_id is None else f"host {host_id}"
-    forget = f"DELETE /api/v1/hosts/{host_id or 'ID'}"
+    ident = host_id or "ID"
+    forget = f"Retire on its page in the console, or DELETE /api/v1/hosts/{ident} as an admin"
     return Conflict(
         f"{which} is enrolled under the name {name!r}: host names are unique; if it was "
         f"this machine before a reinstall, forget the old one ({forget}) and enroll "
-        "again with a new token; otherwise give this machine another host name"
+        "again with a new token; otherwise give this machine another host name "
+        "(hostnamectl set-hostname NAME)"
     )
 
 
