@@ -6,6 +6,7 @@ cannot have real-time priority says so at start."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -14,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from targets.fleet import wait_for
+from targets.isolation import Sandbox, children
 
 from micropatch.agent.client import AgentClient
 from micropatch.errors import ControlError
 
-from .agentproc import micropatch
+from .agentproc import NEEDS, micropatch
 
 needs_analyze = pytest.mark.skipif(
     not shutil.which("systemd-analyze"), reason="needs systemd-analyze"
@@ -100,23 +102,25 @@ def test_the_unit_is_ordered_before_every_service_it_protects(tmp_path: Path) ->
     assert "micropatch-agent.service" in cycle.stderr
 
 
-def test_an_agent_without_real_time_priority_says_so_at_start(tmp_path: Path) -> None:
+@NEEDS
+def test_an_agent_without_real_time_priority_says_so_at_start(tmp_path: Path, box: Sandbox) -> None:
     """Run as root but with CAP_SYS_NICE out of its bounding set (as under a unit that
     drops it) and RLIMIT_RTPRIO 0: the agent runs, and its first events say why
-    stop windows may stretch. With the capability, not a word of it."""
+    stop windows may stretch. With the capability, not a word of it. In a sandbox,
+    as every agent of the tests: it sees none of the host's processes."""
     if not shutil.which("setpriv"):
         pytest.skip("needs setpriv")
     (tmp_path / "trusted").mkdir()
     config = tmp_path / "agent.toml"
-    config.write_text("new_processes = false\n")
+    config.write_text(f"new_processes = false\nfilesystems = [{json.dumps(str(box.root))}]\n")
 
     def run(prefix: list[str], name: str) -> list[dict[str, object]]:
         socket = tmp_path / f"{name}.sock"
         out = tmp_path / f"{name}.out"
         with open(out, "wb") as stdout:
             proc = subprocess.Popen(
-                [*prefix, "micropatch", "agent", "run", "--state-dir", str(tmp_path / name),
-                 "--socket", str(socket), "--trust-dir", str(tmp_path / "trusted"),
+                [*box.enter(), *prefix, shutil.which("micropatch") or "micropatch", "agent",
+                 "run", "--state-dir", str(tmp_path / name), "--socket", str(socket), "--trust-dir", str(tmp_path / "trusted"),
                  "--config", str(config)], stdout=stdout, stderr=subprocess.PIPE,
             )  # fmt: skip
         client = AgentClient(socket, timeout=30)
@@ -132,7 +136,8 @@ def test_an_agent_without_real_time_priority_says_so_at_start(tmp_path: Path) ->
         try:
             wait_for(ready, 60, "the agent ready")
         finally:
-            proc.send_signal(signal.SIGTERM)
+            for pid in children(proc.pid):  # the agent: nsenter forked it
+                os.kill(pid, signal.SIGTERM)
             proc.wait(60)
         return [json.loads(line) for line in out.read_text().splitlines() if line]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -13,6 +12,7 @@ import pytest
 from micropatch import live
 from micropatch.process.maps import read_maps
 
+from .agentproc import NEEDS
 from .patching import assert_untouched, make_patch
 
 # copy_packet: `call 65` answers -2 ("would have overflowed"); the fix makes it -1.
@@ -372,40 +372,36 @@ def test_thousands_of_threads(targets, start):
     assert outcome.paused < 10
 
 
-def test_cli_all_processes(targets, start, tmp_path):
+@NEEDS
+def test_cli_all_processes(targets, box, nstart, tmp_path):
+    """`--all` without a filter, run in a sandbox (its own PID namespace): it meets
+    every process there, and no other test's nor the host's. (Run on the host, it
+    patched other tests' vuln_pie, e.g. test_fleet_e2e's hosts, and its `remove
+    fleet-fix --all` removed the fleet's patch of the same id from them.)"""
     from .patching import patch_source
 
-    # A name of its own, so that --all cannot meet another test run's processes.
-    program = tmp_path / f"vuln_all_{os.getpid()}"
-    shutil.copy(targets.vuln_pie, program)
-    many = [start(program) for _ in range(3)]
+    many = [nstart("vuln_pie") for _ in range(3)]
     source = tmp_path / "fix.toml"
-    source.write_text(patch_source(program, [FIX_AT_ENTRY], id="fleet-fix"))
+    source.write_text(patch_source(targets.vuln_pie, [FIX_AT_ENTRY], id="all-fix"))
+    inside = {**os.environ, "MICROPATCH_TRUST_DIR": str(tmp_path)}  # holds fleet.pub
 
     def run(*a):
-        return subprocess.run(["micropatch", *a], capture_output=True, text=True, timeout=120)
+        return box.run("micropatch", *a, timeout=120, env=inside)
 
-    assert run("keys", "generate", str(tmp_path / "fleet")).returncode == 0
-    artifact = tmp_path / "fleet-fix.mpatch"
-    built = run("build", str(source), "--module", str(program), "--key", str(tmp_path / "fleet.key"), "-o", str(artifact))  # fmt: skip
+    assert run("keys", "generate", tmp_path / "fleet").returncode == 0
+    artifact = tmp_path / "all-fix.mpatch"
+    built = run("build", source, "--module", targets.vuln_pie, "--key", tmp_path / "fleet.key", "-o", artifact)  # fmt: skip
     assert built.returncode == 0, built.stderr
-    trust = {**os.environ, "MICROPATCH_TRUST_DIR": str(tmp_path)}  # holds fleet.pub
-    applied = subprocess.run(
-        ["micropatch", "apply", str(artifact), "--all"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=trust,
-    )
+    applied = run("apply", artifact, "--all")
     assert applied.returncode == 0, applied.stderr
     assert "apply: 3 done, 0 failed" in applied.stdout
     assert all(t.cmd("call 65") == "-1" for t in many)
-    shown = run("status")
-    assert sum(str(t.pid) in shown.stdout for t in many) == 3
-    removed = run("remove", "fleet-fix", "--all")
+    shown = run("status").stdout.splitlines()
+    assert sorted(int(line.split("\t")[0]) for line in shown[1:]) == sorted(t.ns_pid for t in many)
+    removed = run("remove", "all-fix", "--all")
     assert removed.returncode == 0, removed.stderr
     assert all(t.cmd("call 65") == "-2" for t in many)
-    nothing = run("apply", str(artifact), "--trust", str(tmp_path / "fleet.pub"))
+    nothing = run("apply", artifact, "--trust", tmp_path / "fleet.pub")
     assert nothing.returncode == 1 and "--pid PID" in nothing.stderr
 
 

@@ -35,6 +35,7 @@ from unit.server.conftest import (  # noqa: F401 (fixtures)
 )
 
 from micropatch.cli.server import GRACE
+from micropatch.server.app import THREADS
 from micropatch.server.database import database_url, make_engine
 
 from .test_server import ENV, data_dir, database, free_port, micropatch  # noqa: F401 (fixtures)
@@ -144,37 +145,53 @@ def load(server: Running, credentials: list[str], stop: threading.Event, events:
         t.join(timeout=60)
 
 
+def events_bodies(first: int, n: int) -> list[bytes]:
+    """n check-in bodies of 2,000 events each never sent before (about 0.1 s of work a
+    request on a quiet machine), encoded beforehand so that they are sent at once."""
+    return [
+        json.dumps({"events": [{"kind": "blocked", "time": i * 10_000.0 + e, "pid": 7,
+                                "message": f"m{e}"} for e in range(2000)]}).encode()
+        for i in range(first, first + n)
+    ]  # fmt: skip
+
+
+async def post_at_once(server: Running, credentials: list[str], bodies: list[bytes],
+                       answered: list[int]) -> None:  # fmt: skip
+    """Every body as a check-in at once; the status of each answer into `answered`."""
+    limits = httpx.Limits(max_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=server.url, timeout=120, limits=limits) as c:
+
+        async def one(i: int, body: bytes) -> None:
+            headers = {"Authorization": f"Bearer {credentials[i % len(credentials)]}",
+                       "Content-Type": "application/json"}  # fmt: skip
+            try:
+                r = await c.post("/api/v1/checkin", content=body, headers=headers)
+                answered.append(r.status_code)
+            except httpx.HTTPError:
+                pass
+
+        await asyncio.gather(*(one(i, body) for i, body in enumerate(bodies)))
+
+
 def test_sigterm_under_load_ends_within_the_grace_time(running: Running) -> None:
     """Hundreds of slow check-ins queued (2,000 events each, tens of seconds of work):
     stopped, the server gives the requests under way GRACE seconds, not the whole
     queue; those past its concurrency limit were refused at once (503)."""
     credentials = enroll(running, 4)
+    # What finishing the requests under way costs on this machine now: as many at once
+    # as the server has threads (after the grace those run to their end; the others
+    # are cancelled). Measured in this run, as the stop is: a loaded machine slows both.
+    batch: list[int] = []
+    start = time.monotonic()
+    asyncio.run(post_at_once(running, credentials, events_bodies(400, THREADS), batch))
+    under_way = time.monotonic() - start
+    assert batch == [200] * THREADS, batch
 
-    # Encoded beforehand, so that the flood is sent at once. Events never sent before:
-    # each one is stored (about 0.1 s of work a request).
-    bodies = [
-        json.dumps({"events": [{"kind": "blocked", "time": i * 10_000.0 + n, "pid": 7,
-                                "message": f"m{n}"} for n in range(2000)]}).encode()
-        for i in range(400)
-    ]  # fmt: skip
     answered: list[int] = []
-
-    async def flood() -> None:
-        limits = httpx.Limits(max_connections=400)
-        async with httpx.AsyncClient(base_url=running.url, timeout=120, limits=limits) as c:
-
-            async def one(i: int) -> None:
-                headers = {"Authorization": f"Bearer {credentials[i % 4]}",
-                           "Content-Type": "application/json"}  # fmt: skip
-                try:
-                    r = await c.post("/api/v1/checkin", content=bodies[i], headers=headers)
-                    answered.append(r.status_code)
-                except httpx.HTTPError:
-                    pass
-
-            await asyncio.gather(*(one(i) for i in range(400)))
-
-    flooding = threading.Thread(target=asyncio.run, args=(flood(),))
+    bodies = events_bodies(0, 400)
+    flooding = threading.Thread(
+        target=asyncio.run, args=(post_at_once(running, credentials, bodies, answered),)
+    )
     flooding.start()
     # A 503 says the server holds LIMIT_CONCURRENCY connections: a queue of far more
     # than GRACE seconds of work.
@@ -185,10 +202,13 @@ def test_sigterm_under_load_ends_within_the_grace_time(running: Running) -> None
     took = running.stop(signal.SIGTERM)
     flooding.join(timeout=180)
     # The grace ran out with work queued (the log says so), and the stop took GRACE and
-    # the time to cancel the queue and finish the requests in threads (18.8 s seen
-    # with both CPUs also taken by other work), not the queue's minutes.
+    # the time to finish the requests in threads and cancel the queue, not the queue's
+    # time: 256 requests at work are 16 times `under_way`. Under load the part after
+    # the grace grows with the machine (18.8 s seen with both CPUs also taken; 26 s past
+    # GRACE at a load average of 18 with 2 CPUs, 1.3 to 2.3 times `under_way`), hence
+    # a bound that grows with `under_way` too, and far from 16 times.
     assert "timeout graceful shutdown exceeded" in running.log.read_text()
-    assert took < GRACE + 25, f"{took:.1f} s to stop"
+    assert took < GRACE + max(25, 5 * under_way), f"{took:.1f} s to stop ({under_way:.1f})"
     # uvicorn ends by re-raising the signal: a clean stop, as systemd counts it.
     assert running.process is not None and running.process.returncode in (0, -signal.SIGTERM)
     seen = collections.Counter(answered)

@@ -157,7 +157,8 @@ def main(argv: list[str]) -> int:
     def report(event: Any) -> None:
         line = json.dumps({"kind": event.kind, "pid": event.pid, "patch_id": event.patch_id,
                            "module": event.module, "message": event.message,
-                           "when": event.data.get("when"), "data": event.data})  # fmt: skip
+                           "when": event.data.get("when"), "data": event.data,
+                           "time": event.time})  # fmt: skip
         with lock:
             print(line, flush=True)
 

@@ -102,10 +102,14 @@ def clib(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def shop(tmp_path: Path) -> Path:
-    """The directory holding the package `shop` (its parsers.py: PARSERS)."""
+    """The directory holding the package `shop` (its parsers.py: PARSERS, and a last
+    line naming this directory). A file of this test's own (its SHA-256 is the
+    module's identity): an agent of another test run on the machine, in the host's
+    PID namespace (test_agent_python's crash test), never takes this test's
+    interpreters for its own, nor this test's agent theirs."""
     (tmp_path / "shop").mkdir()
     (tmp_path / "shop" / "__init__.py").write_text("")
-    (tmp_path / "shop" / "parsers.py").write_text(PARSERS)
+    (tmp_path / "shop" / "parsers.py").write_text(f"{PARSERS}\n# {tmp_path}\n")
     return tmp_path
 
 

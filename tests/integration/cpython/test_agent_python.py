@@ -106,10 +106,8 @@ def test_a_crash_of_a_patched_interpreter_counts_against_the_patch(
 ) -> None:
     # In the host's PID namespace (its own mount namespace and tmpfs): the kernel serves
     # the proc connector's exit events only there (as tests/integration/test_agent_crashes).
-    # The agent sees every interpreter of the host there: a source of this test's own
-    # (its SHA-256) keeps it from patching those of other test sessions on the machine.
-    parsers = shop / "shop" / "parsers.py"
-    parsers.write_text(f"{parsers.read_text()}# {tmp_path}\n")
+    # The agent sees every interpreter of the host there: `shop`'s source is this
+    # test's own (its SHA-256), so it patches none of other test sessions on the machine.
     box = Sandbox(tmp_path / "host", pid=False)
     agent = AgentProcess(box, tmp_path, tmp_path / "agent.sock",
                          "blocked_interval = 0.2\ncrash_limit = 1\n")  # fmt: skip
@@ -117,7 +115,10 @@ def test_a_crash_of_a_patched_interpreter_counts_against_the_patch(
     try:
         agent.start()
         assert agent.cli("add", _signed(shop, python, keys)).returncode == 0
-        [applied] = wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+        try:
+            [applied] = wait_for(lambda: _kinds(agent, "applied"), 30, "the applied event")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; events: {agent.events()}; {agent.stderr()}") from None
         assert applied["pid"] == target.pid
         os.kill(target.pid, signal.SIGSEGV)
         [crashed] = wait_for(lambda: _kinds(agent, "crashed"), 30, "the crashed event")
