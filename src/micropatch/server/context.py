@@ -75,6 +75,14 @@ def server_of(request: Request) -> Server:
     return server
 
 
+async def reached(request: Request) -> Server:
+    """`server_of` as a route dependency, on the event loop: FastAPI runs a plain function
+    dependency in a thread, which cost every request a thread hop of its own — under
+    load a wait for one of the few threads, counted as at work (server/capacity.py),
+    check-ins that would be held among them."""
+    return server_of(request)
+
+
 def client_address(request: Request) -> str:
     """The address a request came from (of the proxy, behind one)."""
     return request.client.host if request.client else "unknown"

@@ -7,26 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException
 from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from micropatch.server import schemas as s
 from micropatch.server.auth import ADMIN, PUBLISH, READ, Principal
-from micropatch.server.context import Server, server_of
+from micropatch.server.context import Server, reached
 from micropatch.server.errors import Unauthorized
 from micropatch.server.fleet import users
 
-
-async def _server(request: Request) -> Server:
-    """The server a request reached, on the event loop: FastAPI runs a plain function
-    dependency in a thread, which cost every request a thread hop of its own — under
-    load a wait for one of the few threads, counted as at work (server/capacity.py),
-    check-ins that would be held among them."""
-    return server_of(request)
-
-
-ServerDep = Annotated[Server, Depends(_server)]
+ServerDep = Annotated[Server, Depends(reached)]
 HostId = Annotated[int, PathParam(ge=1, le=s.INT_MAX)]
 _bearer = HTTPBearer(auto_error=False)
 

@@ -33,7 +33,7 @@ from micropatch.errors import ServerError
 from micropatch.server import models as m
 from micropatch.server import schemas as s
 from micropatch.server.auth import ADMIN, PUBLISH, READ, USER_PREFIX, Principal
-from micropatch.server.context import Server, server_of
+from micropatch.server.context import Server, reached, server_of
 from micropatch.server.errors import Invalid, NotFound, Unauthorized
 from micropatch.server.fleet import users
 
@@ -172,7 +172,7 @@ def failed(request: Request, viewer: Viewer, exc: ServerError) -> HTMLResponse:
     return render(request, "error.html", viewer, status, title="Not done", message=str(exc))
 
 
-ServerDep = Annotated[Server, Depends(server_of)]
+ServerDep = Annotated[Server, Depends(reached)]
 
 
 def find_viewer(request: Request) -> Viewer | None:
