@@ -19,6 +19,7 @@ fails there rather than leaving positions untested.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -355,8 +356,14 @@ def test_positions_cover_every_step(targets, start, scenario):
 
 
 def pc(pid: int, tid: int) -> int:
-    """The user-space pc of a thread blocked in a system call (/proc/PID/task/TID/syscall)."""
-    fields = Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split()
+    """The user-space pc of a thread blocked in a system call (/proc/PID/task/TID/syscall).
+
+    Right after a stop lets it go, the thread is "running" until its interrupted read
+    is restarted and blocks again (on a loaded machine, until it gets a CPU): waited for."""
+    deadline = time.monotonic() + 10
+    while (fields := Path(f"/proc/{pid}/task/{tid}/syscall").read_text().split())[0] == "running":
+        assert time.monotonic() < deadline, "the thread never blocked in its read again"
+        time.sleep(0.001)
     assert fields[0] == "0", fields  # read
     return int(fields[-1], 16)
 
