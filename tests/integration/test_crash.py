@@ -75,6 +75,16 @@ def _no_thread_stopped(pid: int) -> None:
         time.sleep(0.01)
 
 
+def _settled(t) -> None:
+    """Every thread runs again, and the target has answered a command. A patcher killed
+    with a thread's registers set for a remote system call (syscall-borrowed, -entered)
+    leaves that thread to make the call on its own once it runs — the munmap of a
+    released cave, say: until the target answers, a maps read may list a cave that is
+    gone when its pages are read (EIO: failed once in CI). twofuncs has one thread."""
+    _no_thread_stopped(t.pid)
+    t.cmd("a 5")
+
+
 def _behaviour(t) -> tuple[str, str]:
     return t.cmd("a 5"), t.cmd("b 5")
 
@@ -126,7 +136,7 @@ def test_apply_killed(targets, start, tmp_path, point):
     source = _write(tmp_path, "fix.toml", patch_source(targets.twofuncs, [FIX_A, FIX_B]))
     assert _kill_at(point, "apply", t.pid, source) == -signal.SIGKILL
     assert t.proc.poll() is None
-    _no_thread_stopped(t.pid)
+    _settled(t)
     said = _registry_agrees(t.pid)
     assert _behaviour(t) in (UNPATCHED, PATCHED, ("1006", UNPATCHED[1]))
     live.repair(t.pid)
@@ -158,7 +168,7 @@ def test_apply_into_a_cave_killed(targets, start, tmp_path, point):
     live.apply(first, t.pid)
     source = _write(tmp_path, "b.toml", patch_source(targets.twofuncs, [FIX_B], id="fix-b"))
     assert _kill_at(point, "apply", t.pid, source) == -signal.SIGKILL
-    _no_thread_stopped(t.pid)
+    _settled(t)
     _registry_agrees(t.pid)
     live.repair(t.pid)
     ids = {s.patch_id for s in live.status(t.pid)}
@@ -186,7 +196,7 @@ def test_remove_killed(targets, start, point):
     patch = make_patch(targets.twofuncs, [FIX_A, FIX_B])
     live.apply(patch, t.pid)
     assert _kill_at(point, "remove", t.pid, patch.id) == -signal.SIGKILL
-    _no_thread_stopped(t.pid)
+    _settled(t)
     _registry_agrees(t.pid)
     assert _behaviour(t) in (UNPATCHED, PATCHED, (UNPATCHED[0], PATCHED[1]))
     live.repair(t.pid)
@@ -214,7 +224,7 @@ def test_update_killed(targets, start, tmp_path, point):
     live.apply(v1, t.pid)
     source = _write(tmp_path, "v2.toml", patch_source(targets.twofuncs, [FIX_A2, FIX_B], version=2))
     assert _kill_at(point, "update", t.pid, source) == -signal.SIGKILL
-    _no_thread_stopped(t.pid)
+    _settled(t)
     _registry_agrees(t.pid)
     live.repair(t.pid)
     [state] = live.status(t.pid) or [None]
@@ -266,7 +276,7 @@ def test_the_same_command_after_a_kill_completes_it(targets, start, tmp_path, op
         live.apply(make_patch(targets.twofuncs, [FIX_A, FIX_B]), t.pid)
     arg = {"apply": v1, "update": v2, "remove": "test-fix"}[op]
     assert _kill_at(point, op, t.pid, arg) == -signal.SIGKILL
-    _no_thread_stopped(t.pid)
+    _settled(t)
     _registry_agrees(t.pid)
     unsigned = [] if op == "remove" else ["--allow-unsigned"]
     done = subprocess.run(
