@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 # How long a process found gone waits for its exit event before it is forgotten.
@@ -250,7 +250,3 @@ class Carriers:
                     c.buried = now
                 elif c.buried is not None and now - c.buried > EXIT_GRACE_NS:
                     del self._by_pid[pid]
-
-    def pids(self) -> Iterable[int]:
-        with self._lock:
-            return list(self._by_pid)
